@@ -330,6 +330,27 @@ impl IdentityPattern {
         (self.wildcard == Wildcard::None).then(|| self.as_str())
     }
 
+    /// Whether every identity `other` matches is also matched by `self`.
+    pub fn covers(&self, other: &IdentityPattern) -> bool {
+        if self.trust_domain_name() != other.trust_domain_name() {
+            return false;
+        }
+        if other.wildcard == Wildcard::None {
+            return SpiffeId::parse(other.as_str()).is_ok_and(|id| self.matches(&id));
+        }
+        let (mine, theirs) = (self.prefix(), other.prefix());
+        match self.wildcard {
+            Wildcard::None => false,
+            Wildcard::One => other.wildcard == Wildcard::One && mine == theirs,
+            Wildcard::Many => {
+                mine == theirs
+                    || theirs
+                        .strip_prefix(mine)
+                        .is_some_and(|rest| rest.starts_with('/'))
+            }
+        }
+    }
+
     /// Whether `id` matches, on whole segments and within the pattern's trust domain.
     pub fn matches(&self, id: &SpiffeId) -> bool {
         let id = id.as_str();

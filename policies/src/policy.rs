@@ -518,6 +518,23 @@ impl PolicySet {
         self.policies.iter().map(|p| p.rules.len()).sum()
     }
 
+    /// The targets of audit policies that no enforce policy fully covers: audit mode leaves
+    /// them open (traffic to them is allowed and only recorded). Sorted, without repeats.
+    pub fn audit_only_targets(&self) -> Vec<&IdentityPattern> {
+        let (audit, enforce): (Vec<&Policy>, Vec<&Policy>) = self
+            .policies
+            .iter()
+            .partition(|p| p.mode == Mode::Audit);
+        let mut open: Vec<&IdentityPattern> = audit
+            .iter()
+            .map(|p| &p.target)
+            .filter(|target| !enforce.iter().any(|e| e.target.covers(target)))
+            .collect();
+        open.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        open.dedup();
+        open
+    }
+
     /// The policy with this name.
     pub fn get(&self, name: &str) -> Option<&Policy> {
         self.policies

@@ -154,3 +154,26 @@ fn serde_round_trip_and_errors_name_the_value() {
     let err = serde_json::from_str::<SpiffeId>("\"spiffe://example.org/a/\"").unwrap_err();
     assert!(err.to_string().contains("invalid SPIFFE ID \"spiffe://example.org/a/\": trailing '/'"), "{err}");
 }
+
+#[test]
+fn coverage_between_patterns() {
+    let cases = [
+        ("spiffe://td/ns/a/**", "spiffe://td/ns/a/svc/x", true),
+        ("spiffe://td/ns/a/**", "spiffe://td/ns/a/*", true),
+        ("spiffe://td/ns/a/**", "spiffe://td/ns/a/b/**", true),
+        ("spiffe://td/ns/a/**", "spiffe://td/ns/a/**", true),
+        ("spiffe://td/ns/a/**", "spiffe://td/ns/ab/**", false),
+        ("spiffe://td/ns/a/**", "spiffe://td/ns/a", false),
+        ("spiffe://td/**", "spiffe://td/ns/a/*", true),
+        ("spiffe://td/**", "spiffe://other/ns/a", false),
+        ("spiffe://td/ns/a/*", "spiffe://td/ns/a/x", true),
+        ("spiffe://td/ns/a/*", "spiffe://td/ns/a/*", true),
+        ("spiffe://td/ns/a/*", "spiffe://td/ns/a/**", false),
+        ("spiffe://td/ns/a/*", "spiffe://td/ns/a/x/y", false),
+        ("spiffe://td/ns/a", "spiffe://td/ns/a", true),
+        ("spiffe://td/ns/a", "spiffe://td/ns/a/*", false),
+    ];
+    for (wide, narrow, expected) in cases {
+        assert_eq!(pattern(wide).covers(&pattern(narrow)), expected, "{wide} covers {narrow}");
+    }
+}

@@ -1,0 +1,3 @@
+//! One module per `sidewall` subcommand.
+
+pub(crate) mod policy;
