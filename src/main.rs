@@ -1,8 +1,9 @@
 //! The `sidewall` command: argument parsing and wiring only; the logic lives in the crates.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
 
@@ -10,8 +11,44 @@ mod commands;
 #[derive(Parser)]
 #[command(name = "sidewall", version, about, long_about = None)]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the CLI finds the control plane: its data directory (operator credential, trust
+/// bundle, the API address it recorded) and an optional URL override.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ControlPlaneAccess {
+    /// The control plane's data directory.
+    #[arg(
+        long,
+        env = "SIDEWALL_DATA_DIR",
+        default_value = "sidewall-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// The control plane API (default: the address it recorded in its data directory).
+    #[arg(long = "control-plane", value_name = "URL", global = true)]
+    control_plane: Option<String>,
+    /// Which operator credential (in <data-dir>/operators/) to use.
+    #[arg(
+        long,
+        env = "SIDEWALL_OPERATOR",
+        default_value = "admin",
+        global = true
+    )]
+    operator: String,
 }
 
 #[derive(Subcommand)]
@@ -19,11 +56,47 @@ enum Command {
     /// Validate policies, ask what they decide, and run their expectation tests.
     #[command(subcommand)]
     Policy(commands::policy::PolicyCommand),
+    /// Run the control plane: the CA, attestation and the API.
+    ControlPlane(commands::control_plane::Args),
+    /// Create, list and revoke join tokens (needs an operator credential).
+    Token {
+        #[command(subcommand)]
+        command: commands::token::TokenCommand,
+        #[command(flatten)]
+        access: ControlPlaneAccess,
+    },
+    /// Issue operator credentials (needs an operator credential).
+    Operator {
+        #[command(subcommand)]
+        command: commands::operator::OperatorCommand,
+        #[command(flatten)]
+        access: ControlPlaneAccess,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIDEWALL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for the whole process (aws-lc-rs); failure means one is installed.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {
         Command::Policy(command) => commands::policy::run(command),
+        Command::ControlPlane(args) => {
+            init_logging(cli.log_format);
+            commands::control_plane::run(args)
+        }
+        Command::Token { command, access } => commands::token::run(command, &access),
+        Command::Operator { command, access } => commands::operator::run(command, &access),
     }
 }

@@ -1,15 +1,31 @@
 //! The Sidewall control plane: the root of trust of the mesh.
 //!
-//! This crate is not filled in yet. It will own, as `ARCHITECTURE.md` lays out:
+//! - [`config`]: the strict YAML configuration and its defaults.
+//! - [`ca`]: the certificate authority (root → intermediate → X.509-SVIDs built from scratch,
+//!   taking only the public key from a CSR) and [`ca::csr`], the CSR checks.
+//! - [`attestation`]: single-use join tokens bound to an identity, stored only as hashes.
+//! - [`store`]: the `Store` trait and the embedded single-file store (redb).
+//! - [`api`]: the mTLS HTTP API (`/v1/certificates`, tokens, operators, revocations), with
+//!   every error mapped to a JSON answer in one place.
+//! - [`tls`]: the control plane's own rotating certificate and its rustls configuration.
+//! - [`server`]: [`server::prepare`] (everything that can fail before a port is bound) and
+//!   [`server::run`] (listeners and shutdown passed in).
+//! - [`admin`]: `/live`, `/ready`, `/metrics`.
+//! - [`client`]: the operator's client for the API (used by the `sidewall` CLI).
 //!
-//! - `ca`: the certificate authority (root → intermediate → workload X.509-SVIDs built from
-//!   scratch with rcgen, taking only the public key from a CSR);
-//! - `attestation`: single-use join tokens bound to an identity, stored only as hashes;
-//! - `store`: the `Store` trait with an embedded single-file store (default) and etcd;
-//! - `api`: the mTLS HTTP API (`/v1/certificates`, `/v1/snapshots/watch`, `/v1/acks`, operator
-//!   routes) and the admin listener (`/live`, `/ready`, `/metrics`);
-//! - `distribution`: versioned [`sidewall_policies::snapshot::Snapshot`]s per workload, acks and
-//!   the fleet view.
-//!
-//! It depends on `sidewall-policies` for identities, policies and the snapshot contract, and
-//! never on the proxy.
+//! Policy distribution, acks and the fleet view are planned (issue "Control plane, part 2").
+//! It depends on `sidewall-policies` for identities and SVID checks, and never on the proxy.
+
+pub mod admin;
+pub mod api;
+pub mod attestation;
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod random;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+#[cfg(feature = "test-util")]
+pub mod testing;
+pub mod tls;

@@ -26,7 +26,9 @@ pub enum PatternError {
     #[error("path contains '#'; fragments never reach the server, so remove it")]
     PathFragment,
     /// An empty segment (`//`) other than a single trailing slash.
-    #[error("path has an empty segment ('//'); paths are matched after repeated slashes are merged")]
+    #[error(
+        "path has an empty segment ('//'); paths are matched after repeated slashes are merged"
+    )]
     PathEmptySegment,
     /// A `.` or `..` segment; paths are matched after dot segments are resolved.
     #[error("path has a '.' or '..' segment; paths are matched after dot segments are resolved")]
@@ -41,7 +43,9 @@ pub enum PatternError {
     #[error("path contains {0:?}, which never appears in a normalized request path")]
     PathChar(char),
     /// A percent-encoding the normalizer would have decoded or refused (`%41`, `%2F`), or a bad one.
-    #[error("path has percent-encoding {0:?} that never appears in a normalized request path (write unreserved characters plainly; '/', '\\\\' and '.' cannot be encoded)")]
+    #[error(
+        "path has percent-encoding {0:?} that never appears in a normalized request path (write unreserved characters plainly; '/', '\\\\' and '.' cannot be encoded)"
+    )]
     PathPercent(String),
     /// The host pattern is empty.
     #[error("empty host")]
@@ -168,7 +172,12 @@ impl PathPattern {
     }
 }
 
-crate::text_type!(PathPattern, PathPattern::parse, PatternError, "path pattern");
+crate::text_type!(
+    PathPattern,
+    PathPattern::parse,
+    PatternError,
+    "path pattern"
+);
 
 fn check_path_literal(segment: &str) -> Result<(), PatternError> {
     if segment.contains('*') {
@@ -428,7 +437,12 @@ impl HostPattern {
     }
 }
 
-crate::text_type!(HostPattern, HostPattern::parse, PatternError, "host pattern");
+crate::text_type!(
+    HostPattern,
+    HostPattern::parse,
+    PatternError,
+    "host pattern"
+);
 
 /// Splits `host[:port]` or `[v6][:port]`; `None` if the port is not a valid non-zero port.
 fn split_host_port(value: &str) -> Option<(&str, Option<u16>)> {

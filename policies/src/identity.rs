@@ -373,7 +373,12 @@ impl IdentityPattern {
 
 crate::text_type!(TrustDomain, TrustDomain::new, IdentityError, "trust domain");
 crate::text_type!(SpiffeId, SpiffeId::parse, IdentityError, "SPIFFE ID");
-crate::text_type!(IdentityPattern, IdentityPattern::parse, IdentityError, "identity pattern");
+crate::text_type!(
+    IdentityPattern,
+    IdentityPattern::parse,
+    IdentityError,
+    "identity pattern"
+);
 
 #[cfg(test)]
 mod tests;

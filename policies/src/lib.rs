@@ -14,6 +14,8 @@
 //!   [`engine::Engine::explain`] for humans.
 //! - [`testing`]: `PolicyTest` expectation documents and their runner.
 //! - [`snapshot`]: the versioned snapshot the control plane sends each proxy (JSON).
+//! - `svid` (feature `x509`): the X.509-SVID rules and the strict rustls verifiers built on
+//!   them, shared by the sidecar and the control plane.
 
 /// Implements `Display`, `Debug`, `FromStr`, `Serialize` and a validating `Deserialize` for a
 /// type that is written as one string.
@@ -59,7 +61,10 @@ macro_rules! text_type {
                     }
                     fn visit_str<E: ::serde::de::Error>(self, v: &str) -> Result<$type, E> {
                         $parse(v).map_err(|e| {
-                            E::custom(format_args!(concat!("invalid ", $expecting, " {:?}: {}"), v, e))
+                            E::custom(format_args!(
+                                concat!("invalid ", $expecting, " {:?}: {}"),
+                                v, e
+                            ))
                         })
                     }
                 }
@@ -76,6 +81,8 @@ pub mod identity;
 pub mod load;
 pub mod policy;
 pub mod snapshot;
+#[cfg(feature = "x509")]
+pub mod svid;
 pub mod testing;
 
 pub use engine::{Decision, Engine, Outcome};

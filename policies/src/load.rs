@@ -150,20 +150,53 @@ impl LoadErrorKind {
 /// Hints for parser messages, by what the message says.
 fn hint_for(message: &str) -> &'static str {
     let table: [(&str, &str); 18] = [
-        ("invalid path pattern", "paths start with '/'; '*' is one segment, a final '**' the rest"),
-        ("invalid host pattern", "hosts look like api.shop, *.shop or api.shop:8443"),
-        ("invalid HTTP method", "methods are uppercase tokens such as GET or POST"),
-        ("invalid policy name", "names use a-z A-Z 0-9 . _ - and start with a letter or digit"),
-        ("drain duration", "write drain:30s, drain:500ms, drain:5m or drain:1h"),
-        ("from: empty list", "list at least one identity or pattern that may connect"),
-        ("unknown field", "check the spelling; the fields allowed here are listed"),
-        ("duplicate field", "each key may appear only once in a mapping"),
-        ("duplicate entry", "each key may appear only once in a mapping"),
+        (
+            "invalid path pattern",
+            "paths start with '/'; '*' is one segment, a final '**' the rest",
+        ),
+        (
+            "invalid host pattern",
+            "hosts look like api.shop, *.shop or api.shop:8443",
+        ),
+        (
+            "invalid HTTP method",
+            "methods are uppercase tokens such as GET or POST",
+        ),
+        (
+            "invalid policy name",
+            "names use a-z A-Z 0-9 . _ - and start with a letter or digit",
+        ),
+        ("duration", "write e.g. 500ms, 30s, 5m, 1h or 7d"),
+        (
+            "from: empty list",
+            "list at least one identity or pattern that may connect",
+        ),
+        (
+            "unknown field",
+            "check the spelling; the fields allowed here are listed",
+        ),
+        (
+            "duplicate field",
+            "each key may appear only once in a mapping",
+        ),
+        (
+            "duplicate entry",
+            "each key may appear only once in a mapping",
+        ),
         ("missing field", "add the required field"),
         ("unknown variant", "use one of the values listed"),
-        ("invalid SPIFFE ID", "identities look like spiffe://example.org/ns/NS/svc/NAME"),
-        ("invalid identity pattern", "use an exact ID, or end it with /* or /**"),
-        ("invalid type", "check the value's type against docs/policy.md"),
+        (
+            "invalid SPIFFE ID",
+            "identities look like spiffe://example.org/ns/NS/svc/NAME",
+        ),
+        (
+            "invalid identity pattern",
+            "use an exact ID, or end it with /* or /**",
+        ),
+        (
+            "invalid type",
+            "check the value's type against docs/policy.md",
+        ),
         ("apiVersion", "use apiVersion: sidewall.dev/v1"),
         ("kind", "use kind: Policy (or PolicyTest)"),
         ("empty list", "omit the field to mean 'any'"),
@@ -242,7 +275,11 @@ pub fn load_paths<P: AsRef<Path>>(
             continue;
         }
         if files.is_empty() {
-            errors.push(error_at(&path.display().to_string(), None, LoadErrorKind::NoFiles));
+            errors.push(error_at(
+                &path.display().to_string(),
+                None,
+                LoadErrorKind::NoFiles,
+            ));
         }
         for file in files {
             match read_capped(&file, options.max_file_bytes) {
@@ -350,9 +387,9 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
             let parsed = match documents::parse(document.text, options.tests) {
                 Ok(parsed) => parsed,
                 Err(error) => {
-                    let position = error.position.map(|(line, column)| {
-                        (line + document.line_offset, column)
-                    });
+                    let position = error
+                        .position
+                        .map(|(line, column)| (line + document.line_offset, column));
                     errors.push(error_at(
                         &source.name,
                         position,
@@ -416,6 +453,27 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
         )])
     })?;
     Ok(loaded)
+}
+
+/// Parses one YAML configuration file strictly into `T` (which should refuse unknown fields),
+/// with the same `file:line:column: message (hint: ...)` errors as policy files. The sidecar
+/// and control-plane configurations are read this way, so serde_yaml stays in this module.
+pub fn config_from_yaml<T: serde::de::DeserializeOwned>(
+    name: &str,
+    text: &str,
+) -> Result<T, LoadError> {
+    if text.len() as u64 > DEFAULT_MAX_FILE_BYTES {
+        return Err(error_at(
+            name,
+            None,
+            LoadErrorKind::TooLarge {
+                size: text.len() as u64,
+                max: DEFAULT_MAX_FILE_BYTES,
+            },
+        ));
+    }
+    documents::parse_config(text)
+        .map_err(|e| error_at(name, e.position, LoadErrorKind::Invalid(e.message)))
 }
 
 /// Loads one file's text (a convenience for tests and tools).

@@ -19,7 +19,9 @@ use crate::identity::IdentityPattern;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     /// The name is empty, too long, or has characters outside `[a-zA-Z0-9._-]`.
-    #[error("policy name {0:?} must be 1 to 253 characters of a-z A-Z 0-9 . _ - starting with a letter or digit")]
+    #[error(
+        "policy name {0:?} must be 1 to 253 characters of a-z A-Z 0-9 . _ - starting with a letter or digit"
+    )]
     Name(String),
     /// Port 0, or a port above 65535.
     #[error("port {0} is out of range (1 to 65535)")]
@@ -34,7 +36,9 @@ pub enum PolicyError {
     #[error("onRevoke {0:?} must be terminate, keep or drain:<duration> (e.g. drain:30s)")]
     OnRevoke(String),
     /// A drain duration that does not parse or is out of bounds.
-    #[error("drain duration {0:?} must be a number with ms, s, m or h, from 1ms to 24h")]
+    #[error(
+        "duration {0:?} must be a whole number with ms, s, m, h or d, within its bounds (drain: 1ms to 24h)"
+    )]
     Duration(String),
     /// A list that must not be empty is empty.
     #[error("empty list; it must have at least one entry")]
@@ -185,20 +189,28 @@ impl<'de> Deserialize<'de> for OnRevoke {
 /// Longest drain grace period.
 const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, from 1 ms to 24 h.
+/// Parses `500ms`, `30s`, `5m`, `1h`, from 1 ms to 24 h (a drain grace period).
 pub fn parse_duration(text: &str) -> Result<Duration, PolicyError> {
+    parse_duration_within(text, MAX_DRAIN)
+}
+
+/// Parses a whole number followed by `ms`, `s`, `m`, `h` or `d`, from 1 ms to `max`.
+pub fn parse_duration_within(text: &str, max: Duration) -> Result<Duration, PolicyError> {
     let bad = || PolicyError::Duration(text.to_owned());
     let digits = text.bytes().take_while(u8::is_ascii_digit).count();
     let (number, unit) = text.split_at(digits);
     let number: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = |factor: u64| number.checked_mul(factor).map(Duration::from_secs);
     let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.checked_mul(60).ok_or_else(bad)?),
-        "h" => Duration::from_secs(number.checked_mul(3600).ok_or_else(bad)?),
-        _ => return Err(bad()),
-    };
-    if duration.is_zero() || duration > MAX_DRAIN {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if duration.is_zero() || duration > max {
         return Err(bad());
     }
     Ok(duration)
@@ -521,10 +533,8 @@ impl PolicySet {
     /// The targets of audit policies that no enforce policy fully covers: audit mode leaves
     /// them open (traffic to them is allowed and only recorded). Sorted, without repeats.
     pub fn audit_only_targets(&self) -> Vec<&IdentityPattern> {
-        let (audit, enforce): (Vec<&Policy>, Vec<&Policy>) = self
-            .policies
-            .iter()
-            .partition(|p| p.mode == Mode::Audit);
+        let (audit, enforce): (Vec<&Policy>, Vec<&Policy>) =
+            self.policies.iter().partition(|p| p.mode == Mode::Audit);
         let mut open: Vec<&IdentityPattern> = audit
             .iter()
             .map(|p| &p.target)
@@ -557,13 +567,28 @@ mod tests {
 
     #[test]
     fn port_ranges_parse_and_refuse() {
-        assert_eq!(PortRange::parse("8080").unwrap(), PortRange::single(8080).unwrap());
-        assert_eq!(PortRange::parse("9000-9010").unwrap().to_string(), "9000-9010");
+        assert_eq!(
+            PortRange::parse("8080").unwrap(),
+            PortRange::single(8080).unwrap()
+        );
+        assert_eq!(
+            PortRange::parse("9000-9010").unwrap().to_string(),
+            "9000-9010"
+        );
         assert_eq!(PortRange::parse("0"), Err(PolicyError::Port(0)));
         assert_eq!(PortRange::parse("70000"), Err(PolicyError::Port(70000)));
-        assert_eq!(PortRange::parse("9010-9000"), Err(PolicyError::RangeOrder(9010, 9000)));
-        assert_eq!(PortRange::parse("http"), Err(PolicyError::RangeSyntax("http".into())));
-        assert_eq!(PortRange::parse("1-2-3"), Err(PolicyError::RangeSyntax("1-2-3".into())));
+        assert_eq!(
+            PortRange::parse("9010-9000"),
+            Err(PolicyError::RangeOrder(9010, 9000))
+        );
+        assert_eq!(
+            PortRange::parse("http"),
+            Err(PolicyError::RangeSyntax("http".into()))
+        );
+        assert_eq!(
+            PortRange::parse("1-2-3"),
+            Err(PolicyError::RangeSyntax("1-2-3".into()))
+        );
         assert!(PortRange::parse("9000-9010").unwrap().contains(9010));
         assert!(!PortRange::parse("9000-9010").unwrap().contains(9011));
     }
@@ -572,14 +597,40 @@ mod tests {
     fn on_revoke_and_durations() {
         assert_eq!(OnRevoke::parse("terminate"), Ok(OnRevoke::Terminate));
         assert_eq!(OnRevoke::parse("keep"), Ok(OnRevoke::Keep));
-        assert_eq!(OnRevoke::parse("drain:30s"), Ok(OnRevoke::Drain(Duration::from_secs(30))));
-        assert_eq!(OnRevoke::parse("drain:1500ms").unwrap().to_string(), "drain:1500ms");
-        assert_eq!(OnRevoke::parse("drain:90m").unwrap().to_string(), "drain:90m");
-        assert_eq!(OnRevoke::parse("drain:120s").unwrap().to_string(), "drain:2m");
-        for bad in ["drain:0s", "drain:25h", "drain:", "drain:5", "drain:5d", "drain:-1s"] {
-            assert!(matches!(OnRevoke::parse(bad), Err(PolicyError::Duration(_))), "{bad}");
+        assert_eq!(
+            OnRevoke::parse("drain:30s"),
+            Ok(OnRevoke::Drain(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            OnRevoke::parse("drain:1500ms").unwrap().to_string(),
+            "drain:1500ms"
+        );
+        assert_eq!(
+            OnRevoke::parse("drain:90m").unwrap().to_string(),
+            "drain:90m"
+        );
+        assert_eq!(
+            OnRevoke::parse("drain:120s").unwrap().to_string(),
+            "drain:2m"
+        );
+        for bad in [
+            "drain:0s",
+            "drain:25h",
+            "drain:",
+            "drain:5",
+            "drain:5w",
+            "drain:2d",
+            "drain:-1s",
+        ] {
+            assert!(
+                matches!(OnRevoke::parse(bad), Err(PolicyError::Duration(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(OnRevoke::parse("close"), Err(PolicyError::OnRevoke(_))));
+        assert!(matches!(
+            OnRevoke::parse("close"),
+            Err(PolicyError::OnRevoke(_))
+        ));
     }
 
     #[test]

@@ -195,7 +195,10 @@ mod tests {
             },
             workload: td.id("/ns/shop/svc/db").unwrap(),
             policies: loaded.policies,
-            trust_bundles: BTreeMap::from([(td.clone(), vec!["-----BEGIN CERTIFICATE-----\n".into()])]),
+            trust_bundles: BTreeMap::from([(
+                td.clone(),
+                vec!["-----BEGIN CERTIFICATE-----\n".into()],
+            )]),
             revocations: Revocations {
                 identities: vec![td.id("/ns/shop/svc/old").unwrap()],
                 serials: vec!["0a1b".into()],
@@ -219,7 +222,10 @@ mod tests {
         assert_eq!(Snapshot::from_json(&json).unwrap(), snapshot);
         let text = String::from_utf8(json).unwrap();
         assert!(text.contains("\"on_revoke\":\"drain:30s\""), "{text}");
-        assert!(text.contains("\"trust_bundles\":{\"example.org\""), "{text}");
+        assert!(
+            text.contains("\"trust_bundles\":{\"example.org\""),
+            "{text}"
+        );
     }
 
     #[test]

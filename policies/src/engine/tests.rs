@@ -241,7 +241,11 @@ fn decision_table() {
 fn candidates_are_only_matching_targets() {
     let engine = engine();
     let names = |target: &str| -> Vec<String> {
-        engine.policies_for(&id(target)).iter().map(|p| p.name.to_string()).collect()
+        engine
+            .policies_for(&id(target))
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect()
     };
     assert_eq!(names("api"), ["api", "shop-quarantine"]);
     assert_eq!(names("ns/data/svc/db"), ["db", "db-audit"]);
@@ -271,7 +275,10 @@ fn explain_traces_each_rule() {
         "  policy shop-quarantine (target spiffe://example.org/ns/shop/svc/*, enforce)",
         "  decision: DENY policy=api rule=4",
     ] {
-        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
     }
     let nothing = engine.explain(&Query {
         peer: &peer,
@@ -279,7 +286,11 @@ fn explain_traces_each_rule() {
         port: 1,
         subject: Subject::Connection(Protocol::Tcp),
     });
-    assert!(nothing.to_string().contains("no policy targets this identity: default deny"));
+    assert!(
+        nothing
+            .to_string()
+            .contains("no policy targets this identity: default deny")
+    );
 }
 
 #[test]

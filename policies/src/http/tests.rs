@@ -52,7 +52,10 @@ fn normalization_table() {
 
 #[test]
 fn unchanged_paths_are_borrowed() {
-    assert!(matches!(normalize_path("/v1/orders/7"), Ok(Cow::Borrowed(_))));
+    assert!(matches!(
+        normalize_path("/v1/orders/7"),
+        Ok(Cow::Borrowed(_))
+    ));
     assert!(matches!(normalize_path("/v1//orders"), Ok(Cow::Owned(_))));
 }
 
@@ -117,7 +120,10 @@ fn methods_are_uppercase_tokens() {
         Method::parse("get"),
         Err(PatternError::MethodLowercase("get".into(), "GET".into()))
     );
-    assert_eq!(Method::parse("G ET"), Err(PatternError::MethodToken("G ET".into())));
+    assert_eq!(
+        Method::parse("G ET"),
+        Err(PatternError::MethodToken("G ET".into()))
+    );
     assert_eq!(Method::parse(""), Err(PatternError::MethodToken("".into())));
 }
 
@@ -151,7 +157,10 @@ fn host_patterns() {
         let p = HostPattern::parse(pattern).unwrap();
         assert_eq!(p.matches(host), expected, "{pattern} vs {host}");
     }
-    assert_eq!(HostPattern::parse("API.Shop.:443").unwrap().as_str(), "api.shop:443");
+    assert_eq!(
+        HostPattern::parse("API.Shop.:443").unwrap().as_str(),
+        "api.shop:443"
+    );
     use PatternError as E;
     for (input, expected) in [
         ("", E::HostEmpty),

@@ -82,12 +82,24 @@ fn invalid_ids_are_rejected_with_their_own_error() {
 
 #[test]
 fn trust_domain_new_validates_bare_names() {
-    assert_eq!(TrustDomain::new("example.org").unwrap().as_str(), "example.org");
-    assert_eq!(TrustDomain::new("Example.org"), Err(IdentityError::TrustDomainUppercase('E')));
+    assert_eq!(
+        TrustDomain::new("example.org").unwrap().as_str(),
+        "example.org"
+    );
+    assert_eq!(
+        TrustDomain::new("Example.org"),
+        Err(IdentityError::TrustDomainUppercase('E'))
+    );
     assert_eq!(TrustDomain::new(""), Err(IdentityError::MissingTrustDomain));
-    assert_eq!(TrustDomain::new("a/b"), Err(IdentityError::TrustDomainChar('/')));
+    assert_eq!(
+        TrustDomain::new("a/b"),
+        Err(IdentityError::TrustDomainChar('/'))
+    );
     let td = TrustDomain::new("example.org").unwrap();
-    assert_eq!(td.id("/ns/a/svc/b").unwrap().as_str(), "spiffe://example.org/ns/a/svc/b");
+    assert_eq!(
+        td.id("/ns/a/svc/b").unwrap().as_str(),
+        "spiffe://example.org/ns/a/svc/b"
+    );
 }
 
 #[test]
@@ -103,24 +115,80 @@ fn reserved_paths_are_recognized() {
 fn patterns_match_whole_segments() {
     let cases = [
         // (pattern, id, matches)
-        ("spiffe://example.org/ns/prod/*", "spiffe://example.org/ns/prod/a", true),
-        ("spiffe://example.org/ns/prod/*", "spiffe://example.org/ns/prod/a/b", false),
-        ("spiffe://example.org/ns/prod/*", "spiffe://example.org/ns/prod", false),
-        ("spiffe://example.org/ns/prod/*", "spiffe://example.org/ns/prod-evil/svc/x", false),
-        ("spiffe://example.org/ns/prod/*", "spiffe://example.org/ns/prodx", false),
-        ("spiffe://example.org/ns/prod/**", "spiffe://example.org/ns/prod/a", true),
-        ("spiffe://example.org/ns/prod/**", "spiffe://example.org/ns/prod/a/b/c", true),
-        ("spiffe://example.org/ns/prod/**", "spiffe://example.org/ns/prod", false),
-        ("spiffe://example.org/ns/prod/**", "spiffe://example.org/ns/prod-evil/svc/x", false),
+        (
+            "spiffe://example.org/ns/prod/*",
+            "spiffe://example.org/ns/prod/a",
+            true,
+        ),
+        (
+            "spiffe://example.org/ns/prod/*",
+            "spiffe://example.org/ns/prod/a/b",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/prod/*",
+            "spiffe://example.org/ns/prod",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/prod/*",
+            "spiffe://example.org/ns/prod-evil/svc/x",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/prod/*",
+            "spiffe://example.org/ns/prodx",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/prod/**",
+            "spiffe://example.org/ns/prod/a",
+            true,
+        ),
+        (
+            "spiffe://example.org/ns/prod/**",
+            "spiffe://example.org/ns/prod/a/b/c",
+            true,
+        ),
+        (
+            "spiffe://example.org/ns/prod/**",
+            "spiffe://example.org/ns/prod",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/prod/**",
+            "spiffe://example.org/ns/prod-evil/svc/x",
+            false,
+        ),
         ("spiffe://example.org/**", "spiffe://example.org/x", true),
         ("spiffe://example.org/**", "spiffe://example.org", false),
-        ("spiffe://example.org/**", "spiffe://example.org.evil/x", false),
+        (
+            "spiffe://example.org/**",
+            "spiffe://example.org.evil/x",
+            false,
+        ),
         ("spiffe://a.org/**", "spiffe://b.org/x", false),
         ("spiffe://example.org/*", "spiffe://example.org/x", true),
-        ("spiffe://example.org/ns/a", "spiffe://example.org/ns/a", true),
-        ("spiffe://example.org/ns/a", "spiffe://example.org/ns/a/b", false),
-        ("spiffe://example.org/ns/a", "spiffe://example.org/ns/ab", false),
-        ("spiffe://example.org/ns/A", "spiffe://example.org/ns/a", false),
+        (
+            "spiffe://example.org/ns/a",
+            "spiffe://example.org/ns/a",
+            true,
+        ),
+        (
+            "spiffe://example.org/ns/a",
+            "spiffe://example.org/ns/a/b",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/a",
+            "spiffe://example.org/ns/ab",
+            false,
+        ),
+        (
+            "spiffe://example.org/ns/A",
+            "spiffe://example.org/ns/a",
+            false,
+        ),
     ];
     for (p, i, expected) in cases {
         assert_eq!(pattern(p).matches(&id(i)), expected, "{p} vs {i}");
@@ -141,18 +209,35 @@ fn invalid_patterns_name_their_defect() {
         ("http://example.org/**", E::WrongScheme("http".into())),
     ];
     for (input, expected) in cases {
-        assert_eq!(IdentityPattern::parse(input).err(), Some(expected), "{input}");
+        assert_eq!(
+            IdentityPattern::parse(input).err(),
+            Some(expected),
+            "{input}"
+        );
     }
-    assert_eq!(pattern("spiffe://example.org/ns/a/**").prefix(), "spiffe://example.org/ns/a");
-    assert_eq!(pattern("spiffe://example.org/ns/a").exact(), Some("spiffe://example.org/ns/a"));
+    assert_eq!(
+        pattern("spiffe://example.org/ns/a/**").prefix(),
+        "spiffe://example.org/ns/a"
+    );
+    assert_eq!(
+        pattern("spiffe://example.org/ns/a").exact(),
+        Some("spiffe://example.org/ns/a")
+    );
 }
 
 #[test]
 fn serde_round_trip_and_errors_name_the_value() {
     let parsed: SpiffeId = serde_json::from_str("\"spiffe://example.org/a\"").unwrap();
-    assert_eq!(serde_json::to_string(&parsed).unwrap(), "\"spiffe://example.org/a\"");
+    assert_eq!(
+        serde_json::to_string(&parsed).unwrap(),
+        "\"spiffe://example.org/a\""
+    );
     let err = serde_json::from_str::<SpiffeId>("\"spiffe://example.org/a/\"").unwrap_err();
-    assert!(err.to_string().contains("invalid SPIFFE ID \"spiffe://example.org/a/\": trailing '/'"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("invalid SPIFFE ID \"spiffe://example.org/a/\": trailing '/'"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -174,6 +259,10 @@ fn coverage_between_patterns() {
         ("spiffe://td/ns/a", "spiffe://td/ns/a/*", false),
     ];
     for (wide, narrow, expected) in cases {
-        assert_eq!(pattern(wide).covers(&pattern(narrow)), expected, "{wide} covers {narrow}");
+        assert_eq!(
+            pattern(wide).covers(&pattern(narrow)),
+            expected,
+            "{wide} covers {narrow}"
+        );
     }
 }

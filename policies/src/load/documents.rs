@@ -326,6 +326,11 @@ pub(super) fn parse(text: &str, tests: bool) -> Result<Parsed, DocumentError> {
     }
 }
 
+/// Parses a configuration document (one document, strict by the type's own attributes).
+pub(super) fn parse_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, DocumentError> {
+    Ok(T::deserialize(serde_yaml::Deserializer::from_str(text))?)
+}
+
 /// The position of `metadata.name` in a document that is known to parse.
 ///
 /// serde_yaml reports positions only for errors, so this parses the document once more with a

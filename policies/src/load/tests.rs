@@ -57,7 +57,7 @@ fn invalid_policy_files_report_line_column_and_message() {
         // 20. unknown mode
         (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n  mode: enforced\n  rules: []\n"), 7, 9, "unknown variant `enforced`, expected `enforce` or `audit`"),
         // 21. bad onRevoke
-        (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n  onRevoke: drain:forever\n  rules: []\n"), 7, 13, "drain duration \"forever\""),
+        (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n  onRevoke: drain:forever\n  rules: []\n"), 7, 13, "duration \"forever\""),
         // 22. invalid policy name
         ("apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata:\n  name: \"bad name\"\nspec: {target: spiffe://example.org/a, rules: []}\n".into(), 4, 9, "policy name \"bad name\""),
         // 23. YAML syntax error
@@ -86,8 +86,15 @@ fn invalid_policy_files_report_line_column_and_message() {
         );
         let shown = error.to_string();
         assert!(shown.contains(message), "case {}: {shown}", i + 1);
-        assert!(shown.starts_with(&format!("f.yaml:{line}:{column}: ")), "{shown}");
-        assert!(shown.contains("(hint: "), "case {}: no hint in {shown}", i + 1);
+        assert!(
+            shown.starts_with(&format!("f.yaml:{line}:{column}: ")),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("(hint: "),
+            "case {}: no hint in {shown}",
+            i + 1
+        );
     }
 }
 
@@ -105,8 +112,14 @@ fn every_error_is_reported_and_nothing_half_loads() {
 
 #[test]
 fn duplicate_names_across_files_point_at_both() {
-    let a = Source { name: "a.yaml".into(), text: format!("{HEAD}{SPEC}{RULE}") };
-    let b = Source { name: "b.yaml".into(), text: format!("# comment\n---\n{HEAD}{SPEC}{RULE}") };
+    let a = Source {
+        name: "a.yaml".into(),
+        text: format!("{HEAD}{SPEC}{RULE}"),
+    };
+    let b = Source {
+        name: "b.yaml".into(),
+        text: format!("# comment\n---\n{HEAD}{SPEC}{RULE}"),
+    };
     let errors = load_sources(&[a, b], &LoadOptions::default()).unwrap_err();
     assert_eq!(
         errors.to_string(),
@@ -116,18 +129,32 @@ fn duplicate_names_across_files_point_at_both() {
 
 #[test]
 fn rule_cap_and_size_cap() {
-    let options = LoadOptions { max_rules: 2, ..LoadOptions::default() };
+    let options = LoadOptions {
+        max_rules: 2,
+        ..LoadOptions::default()
+    };
     let text = format!("{HEAD}{SPEC}{RULE}{RULE}{RULE}");
     let errors = load_str("f.yaml", &text, &options).unwrap_err();
     assert_eq!(errors.0.len(), 1);
-    assert!(errors.to_string().starts_with("f.yaml:4:9: the policy set has more than 2 rules"));
+    assert!(
+        errors
+            .to_string()
+            .starts_with("f.yaml:4:9: the policy set has more than 2 rules")
+    );
     assert!(load_str("f.yaml", &format!("{HEAD}{SPEC}{RULE}{RULE}"), &options).is_ok());
 
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big.yaml");
-    fs::write(&big, format!("{HEAD}{SPEC}{RULE}# {}\n", "x".repeat(1024 * 1024))).unwrap();
+    fs::write(
+        &big,
+        format!("{HEAD}{SPEC}{RULE}# {}\n", "x".repeat(1024 * 1024)),
+    )
+    .unwrap();
     let errors = load_paths(&[&big], &LoadOptions::default()).unwrap_err();
-    assert!(errors.to_string().contains("over the 1048576-byte limit"), "{errors}");
+    assert!(
+        errors.to_string().contains("over the 1048576-byte limit"),
+        "{errors}"
+    );
 }
 
 #[test]
@@ -146,12 +173,24 @@ fn files_are_found_recursively_and_others_skipped() {
     fs::write(root.join(".git/x.yaml"), "garbage: [").unwrap();
     let loaded = load_paths(&[root], &LoadOptions::default()).unwrap();
     assert_eq!(loaded.files, 2);
-    let names: Vec<_> = loaded.policies.policies().iter().map(|p| p.name.to_string()).collect();
+    let names: Vec<_> = loaded
+        .policies
+        .policies()
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
     assert_eq!(names, ["b", "p"]);
     assert_eq!(loaded.skipped.get("PolicyTest"), Some(&1));
     assert!(loaded.tests.is_empty());
 
-    let with_tests = load_paths(&[root], &LoadOptions { tests: true, ..LoadOptions::default() }).unwrap();
+    let with_tests = load_paths(
+        &[root],
+        &LoadOptions {
+            tests: true,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
     assert_eq!(with_tests.tests.len(), 1);
     assert!(with_tests.skipped.is_empty());
 }
@@ -161,11 +200,18 @@ fn missing_paths_empty_dirs_and_binary_files() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope");
     let err = load_paths(&[&missing], &LoadOptions::default()).unwrap_err();
-    assert!(err.to_string().ends_with("nope: no such file or directory (hint: check the path)"), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("nope: no such file or directory (hint: check the path)"),
+        "{err}"
+    );
     let empty = dir.path().join("empty");
     fs::create_dir(&empty).unwrap();
     let err = load_paths(&[&empty], &LoadOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("no *.yaml or *.yml files found"), "{err}");
+    assert!(
+        err.to_string().contains("no *.yaml or *.yml files found"),
+        "{err}"
+    );
     let binary = dir.path().join("b.yaml");
     fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
     let err = load_paths(&[&binary], &LoadOptions::default()).unwrap_err();

@@ -1,0 +1,369 @@
+//! The certificate authority: a root, an intermediate that signs, and X.509-SVIDs built from
+//! scratch.
+//!
+//! On first start the control plane generates an ECDSA P-256 root (10 years) and an
+//! intermediate (5 years) in `<data-dir>/ca/`, keys written 0600; later starts load them. An
+//! operator may plug in their own root and intermediate instead (the root's key can then stay
+//! offline). Every certificate issued here takes only a public key from its request; the
+//! identity is whatever the caller authenticated, never what the request asked for.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use sidewall_policies::{SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+
+pub mod csr;
+
+/// Lifetime of a generated root.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Lifetime of a generated intermediate.
+const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+/// Certificates start this long before "now", to tolerate clock skew between machines.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+/// Why the CA cannot start or sign.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// Reading or writing CA files failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A PEM file does not hold what it should.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rcgen refused to build or sign a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// The public key from a request is not usable.
+    #[error("unusable public key: {0}")]
+    PublicKey(String),
+    /// A key file is readable by others.
+    #[error("{0}: private key is readable by group or others (chmod 600)")]
+    KeyPermissions(PathBuf),
+}
+
+/// Where a plugged-in CA's PEM files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlugIn {
+    /// The root certificate (its key is not needed).
+    pub root_cert: PathBuf,
+    /// The intermediate certificate, signed by the root.
+    pub intermediate_cert: PathBuf,
+    /// The intermediate's private key.
+    pub intermediate_key: PathBuf,
+}
+
+/// A certificate issued by the CA.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The identity it certifies.
+    pub identity: SpiffeId,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// The leaf, PEM.
+    pub leaf_pem: String,
+    /// Leaf then intermediate, PEM.
+    pub chain_pem: String,
+    /// Not valid after.
+    pub not_after: SystemTime,
+}
+
+/// The CA: signs with the intermediate, publishes the root as the trust bundle.
+pub struct Authority {
+    trust_domain: TrustDomain,
+    root_pem: String,
+    root_der: CertificateDer<'static>,
+    intermediate_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a file atomically (temporary file, fsync, rename) with the given mode.
+pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
+    let temporary = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temporary)
+        .map_err(io_error(&temporary))?;
+    file.write_all(contents).map_err(io_error(&temporary))?;
+    file.sync_all().map_err(io_error(&temporary))?;
+    fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
+        .map_err(io_error(&temporary))?;
+    fs::rename(&temporary, path).map_err(io_error(path))
+}
+
+fn read_key(path: &Path) -> Result<KeyPair, CaError> {
+    let metadata = fs::metadata(path).map_err(io_error(path))?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        return Err(CaError::KeyPermissions(path.to_path_buf()));
+    }
+    let pem = fs::read_to_string(path).map_err(io_error(path))?;
+    KeyPair::from_pem(&pem).map_err(|e| CaError::Pem {
+        path: path.to_path_buf(),
+        message: format!("not a usable private key: {e}"),
+    })
+}
+
+fn read_cert(path: &Path) -> Result<(String, CertificateDer<'static>), CaError> {
+    let pem = fs::read_to_string(path).map_err(io_error(path))?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::Pem {
+        path: path.to_path_buf(),
+        message: format!("no PEM certificate: {e}"),
+    })?;
+    Ok((pem, der))
+}
+
+fn ca_params(
+    trust_domain: &TrustDomain,
+    name: &str,
+    lifetime: Duration,
+    path_len: Option<u8>,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Sidewall");
+    dn.push(
+        DnType::CommonName,
+        format!("Sidewall {name} CA {trust_domain}"),
+    );
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    params.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = path_len.is_some();
+    set_validity(&mut params, lifetime);
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + lifetime;
+}
+
+/// A random positive, non-zero 128-bit serial number.
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    crate::random::fill(&mut bytes);
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+impl Authority {
+    /// Loads the CA from `dir` (or the plug-in files), or creates one there on first start.
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        plug_in: Option<&PlugIn>,
+    ) -> Result<Self, CaError> {
+        if let Some(plug_in) = plug_in {
+            let (root_pem, root_der) = read_cert(&plug_in.root_cert)?;
+            let (intermediate_pem, intermediate_der) = read_cert(&plug_in.intermediate_cert)?;
+            let key = read_key(&plug_in.intermediate_key)?;
+            return Self::from_parts(
+                trust_domain,
+                root_pem,
+                root_der,
+                intermediate_pem,
+                &intermediate_der,
+                key,
+            );
+        }
+        fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let root_cert = dir.join("root.pem");
+        let intermediate_cert = dir.join("intermediate.pem");
+        let intermediate_key = dir.join("intermediate.key");
+        if !root_cert.exists() {
+            Self::generate(dir, trust_domain)?;
+        }
+        let (root_pem, root_der) = read_cert(&root_cert)?;
+        let (intermediate_pem, intermediate_der) = read_cert(&intermediate_cert)?;
+        let key = read_key(&intermediate_key)?;
+        Self::from_parts(
+            trust_domain,
+            root_pem,
+            root_der,
+            intermediate_pem,
+            &intermediate_der,
+            key,
+        )
+    }
+
+    fn from_parts(
+        trust_domain: &TrustDomain,
+        root_pem: String,
+        root_der: CertificateDer<'static>,
+        intermediate_pem: String,
+        intermediate_der: &CertificateDer<'_>,
+        key: KeyPair,
+    ) -> Result<Self, CaError> {
+        let issuer = Issuer::from_ca_cert_der(intermediate_der, key)?;
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            root_pem,
+            root_der,
+            intermediate_pem,
+            issuer,
+        })
+    }
+
+    /// Generates a root and an intermediate into `dir`. The root key is kept (0600) so the
+    /// intermediate can be re-issued later.
+    fn generate(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
+        let root_key = KeyPair::generate()?;
+        let root_params = ca_params(trust_domain, "root", ROOT_LIFETIME, None)?;
+        let root = root_params.self_signed(&root_key)?;
+        let root_issuer = Issuer::new(root_params, &root_key);
+        let intermediate_key = KeyPair::generate()?;
+        let intermediate = ca_params(trust_domain, "intermediate", INTERMEDIATE_LIFETIME, Some(0))?
+            .signed_by(&intermediate_key, &root_issuer)?;
+        write_private(
+            &dir.join("root.key"),
+            root_key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_private(
+            &dir.join("intermediate.key"),
+            intermediate_key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        write_private(
+            &dir.join("intermediate.pem"),
+            intermediate.pem().as_bytes(),
+            0o644,
+        )?;
+        // The root is written last: its presence marks a complete CA.
+        write_private(&dir.join("root.pem"), root.pem().as_bytes(), 0o644)
+    }
+
+    /// The trust domain this CA serves.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The trust bundle: the root(s), PEM.
+    pub fn trust_bundle_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// The root certificate, DER.
+    pub fn root_der(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+
+    /// SHA-256 of the root certificate, lowercase hex: what a join token pins.
+    pub fn root_fingerprint(&self) -> String {
+        crate::random::sha256_hex(&self.root_der)
+    }
+
+    /// Issues an X.509-SVID for `identity` to the holder of `spki` (DER SubjectPublicKeyInfo),
+    /// valid for `lifetime`. Built from scratch: exactly one URI SAN, cA=false, key usage
+    /// digitalSignature (critical), EKU serverAuth + clientAuth, key identifiers, a random
+    /// 128-bit serial.
+    pub fn issue(
+        &self,
+        identity: &SpiffeId,
+        spki: &[u8],
+        lifetime: Duration,
+    ) -> Result<Issued, CaError> {
+        self.issue_with_names(identity, spki, lifetime, &[])
+    }
+
+    /// Like [`Authority::issue`], with DNS names or IP addresses added beside the one URI SAN
+    /// (the X.509-SVID spec allows other SAN types). Used only for the control plane's own
+    /// serving certificate, never for workloads.
+    pub fn issue_with_names(
+        &self,
+        identity: &SpiffeId,
+        spki: &[u8],
+        lifetime: Duration,
+        names: &[String],
+    ) -> Result<Issued, CaError> {
+        let public_key =
+            SubjectPublicKeyInfo::from_der(spki).map_err(|e| CaError::PublicKey(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "SPIFFE");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
+        for name in names {
+            params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(name.as_str().try_into()?),
+                });
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial();
+        let serial_hex = sidewall_policies::svid::serial_hex(&serial.to_bytes());
+        params.serial_number = Some(serial);
+        set_validity(&mut params, lifetime);
+        let not_after: SystemTime = params.not_after.into();
+        let leaf = params.signed_by(&public_key, &self.issuer)?;
+        let leaf_pem = leaf.pem();
+        Ok(Issued {
+            identity: identity.clone(),
+            serial: serial_hex,
+            chain_pem: format!("{leaf_pem}{}", self.intermediate_pem),
+            leaf_pem,
+            not_after,
+        })
+    }
+}
+
+/// Paths of the CA files inside a data directory.
+pub fn ca_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("ca")
+}

@@ -1,0 +1,353 @@
+//! Starting and running the control plane: everything that can fail because of configuration
+//! happens in [`prepare`], before any port is bound; [`run`] takes bound listeners and a
+//! shutdown future, so tests bind `127.0.0.1:0` and stop it when they like.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin;
+use crate::api::{Api, Peer, handle};
+use crate::ca::{Authority, CaError, ca_dir, write_private};
+use crate::config::Config;
+use crate::ratelimit::RateLimiter;
+use crate::store::StoreError;
+use crate::store::embedded::EmbeddedStore;
+use crate::tls::{ServingCertificate, TlsError, server_config};
+
+/// Most API connections at once.
+pub const MAX_CONNECTIONS: usize = 20_000;
+
+/// Why the control plane cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// CA files unusable.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Writing a file into the data directory failed.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// What the control plane records in its data directory so the CLI can find it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// `https://host:port` of the API.
+    pub api_url: String,
+    /// The trust domain.
+    pub trust_domain: String,
+    /// The process id.
+    pub pid: u32,
+}
+
+/// The file the control plane records itself in.
+pub fn record_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control-plane.json")
+}
+
+/// The operator credential files for `name`.
+pub fn operator_paths(data_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let dir = data_dir.join("operators");
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
+/// The trust bundle file the CLI uses to verify the control plane.
+pub fn bundle_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("trust-bundle.pem")
+}
+
+/// A control plane ready to bind: CA loaded, store open, files written.
+pub struct Prepared {
+    api: Arc<Api>,
+    certificate: Arc<ServingCertificate>,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+/// Loads or creates the CA, opens the store, issues the serving certificate and, on first
+/// start (or when it nears expiry), the `admin` operator credential.
+pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|e| StartError::Io(data_dir.clone(), e))?;
+    let ca = Authority::load_or_create(
+        &ca_dir(&data_dir),
+        &config.trust_domain,
+        config.plug_in.as_ref(),
+    )?;
+    let store = EmbeddedStore::open(&data_dir.join("store.redb"))?;
+    write_private(
+        &bundle_path(&data_dir),
+        ca.trust_bundle_pem().as_bytes(),
+        0o644,
+    )?;
+    ensure_operator(&ca, &data_dir, config.operator_lifetime)?;
+    let (certificate, _) =
+        ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
+    let certificate = Arc::new(certificate);
+    let tls = Arc::new(server_config(&ca, certificate.clone())?);
+    let api = Arc::new(Api {
+        limiter: RateLimiter::new(config.issuance_per_minute),
+        store: Arc::new(store),
+        ca,
+        config,
+    });
+    Ok(Prepared {
+        api,
+        certificate,
+        tls,
+    })
+}
+
+/// The DNS names and IPs on the serving certificate: `localhost`, the listen IP (when it is
+/// specific) and the configured names.
+fn server_names(config: &Config) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        advertised(config.listen).ip().to_string(),
+    ];
+    names.extend(config.server_names.iter().cloned());
+    names.dedup();
+    names
+}
+
+/// Writes `operators/admin.{pem,key}` unless a credential with more than a third of its
+/// lifetime left is there already.
+fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Result<(), StartError> {
+    let (cert_path, key_path) = operator_paths(data_dir, "admin");
+    if let Ok(pem) = std::fs::read(&cert_path)
+        && let Ok(der) =
+            <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::from_pem_slice(
+                &pem,
+            )
+        && let Ok(svid) =
+            sidewall_policies::svid::Svid::from_der(&der, sidewall_policies::svid::Usage::Client)
+    {
+        let left = svid.not_after - now_unix();
+        if left > i64::try_from(lifetime.as_secs() / 3).unwrap_or(i64::MAX) {
+            return Ok(());
+        }
+    }
+    let dir = data_dir.join("operators");
+    std::fs::create_dir_all(&dir).map_err(|e| StartError::Io(dir.clone(), e))?;
+    let id = ca
+        .trust_domain()
+        .id("/sidewall/operator/admin")
+        .map_err(|e| StartError::Io(cert_path.clone(), std::io::Error::other(e)))?;
+    let key = rcgen::KeyPair::generate().map_err(CaError::from)?;
+    let issued = ca.issue(
+        &id,
+        &rcgen::PublicKeyData::subject_public_key_info(&key),
+        lifetime,
+    )?;
+    write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_private(&cert_path, issued.chain_pem.as_bytes(), 0o644)?;
+    tracing::info!(path = %cert_path.display(), "wrote the admin operator credential");
+    Ok(())
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The bound sockets.
+pub struct Listeners {
+    /// The mTLS API.
+    pub api: TcpListener,
+    /// `/live`, `/ready`, `/metrics`.
+    pub admin: TcpListener,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and gives open requests a few
+/// seconds to finish.
+pub async fn run(
+    prepared: Prepared,
+    listeners: Listeners,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let Prepared {
+        api,
+        certificate,
+        tls,
+    } = prepared;
+    let api_addr = listeners
+        .api
+        .local_addr()
+        .map_err(|e| StartError::Io("api listener".into(), e))?;
+    let data_dir = api.config.data_dir.clone();
+    let record = Record {
+        api_url: format!("https://{}", advertised(api_addr)),
+        trust_domain: api.ca.trust_domain().to_string(),
+        pid: std::process::id(),
+    };
+    let record_json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    write_private(&record_path(&data_dir), &record_json, 0o644)?;
+    tracing::info!(api = %api_addr, admin = ?listeners.admin.local_addr().ok(), "control plane serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let renewal = tokio::spawn(renew_serving_certificate(
+        api.clone(),
+        certificate,
+        stop_rx.clone(),
+    ));
+    let admin_task = tokio::spawn(admin::serve(listeners.admin, metrics, stop_rx.clone()));
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listeners.api.accept() => accepted,
+        };
+        let (stream, remote) = match accepted {
+            Ok(pair) => pair,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "limit").increment(1);
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let api = api.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let timeout = api.config.request_timeout;
+            let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    let reason = handshake_reason(&error);
+                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => reason).increment(1);
+                    tracing::info!(%remote, reason, %error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+                    return;
+                }
+            };
+            let peer = Arc::new(Peer {
+                svid: sidewall_policies::svid::peer_svid(
+                    tls.get_ref().1.peer_certificates(),
+                    sidewall_policies::svid::Usage::Client,
+                ),
+            });
+            let service = service_fn(move |request| handle(api.clone(), peer.clone(), request));
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(100)
+                .max_header_list_size(32 * 1024);
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%remote, %error, "connection ended with an error");
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open requests did not finish within 5 s");
+    }
+    renewal.abort();
+    let _ = admin_task.await;
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+/// The address to advertise: a wildcard bind is advertised as loopback.
+fn advertised(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        let ip = if addr.is_ipv4() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        };
+        SocketAddr::new(ip, addr.port())
+    } else {
+        addr
+    }
+}
+
+fn handshake_reason(error: &std::io::Error) -> &'static str {
+    let Some(inner) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    if let Some(svid) = sidewall_policies::svid::svid_error(inner) {
+        return svid.label();
+    }
+    match inner {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => {
+            "certificate_expired"
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
+            "unknown_issuer"
+        }
+        rustls::Error::InvalidCertificate(_) => "invalid_certificate",
+        rustls::Error::InvalidMessage(_) => "not_tls",
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        _ => "tls_error",
+    }
+}
+
+/// Re-issues the serving certificate at 70 % of its lifetime.
+async fn renew_serving_certificate(
+    api: Arc<Api>,
+    certificate: Arc<ServingCertificate>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let lifetime = api.config.server_lifetime;
+    loop {
+        let wait = lifetime.mul_f64(0.7);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        match ServingCertificate::issue(&api.ca, lifetime, &server_names(&api.config)) {
+            Ok((key, issued)) => {
+                certificate.replace(key);
+                tracing::info!(serial = %issued.serial, "renewed the control plane's certificate");
+            }
+            Err(error) => {
+                tracing::error!(%error, "renewing the control plane's certificate failed")
+            }
+        }
+    }
+}

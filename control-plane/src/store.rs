@@ -1,0 +1,126 @@
+//! The control plane's state behind one trait: join tokens, issued certificates, revocations.
+//!
+//! The embedded store ([`embedded::EmbeddedStore`], one redb file) is the default: crash-safe,
+//! no service to run. The trait is shaped for a replicated store too: every operation that
+//! must be atomic across replicas (redeeming a token) is one method, and methods are async.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+pub mod embedded;
+
+/// A boxed future returned by store methods (dyn-compatible for a runtime choice of store).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing database failed.
+    #[error("store: {0}")]
+    Backend(String),
+    /// A stored record does not decode.
+    #[error("store: corrupt record {key}: {message}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A join token as stored: the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public identifier (also the lookup key).
+    pub id: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    /// The identity the token attests.
+    pub identity: String,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
+    /// How many distinct keys may redeem it.
+    pub uses: u32,
+    /// SHA-256 of each public key that redeemed it (redeeming again with one is idempotent).
+    #[serde(default)]
+    pub redeemed_keys: Vec<String>,
+    /// Set when revoked, Unix seconds.
+    #[serde(default)]
+    pub revoked_at: Option<i64>,
+    /// The operator who created it.
+    #[serde(default)]
+    pub created_by: String,
+}
+
+/// What redeeming a token did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redemption {
+    /// A use was recorded for this key (or it had been already: idempotent).
+    Redeemed,
+    /// No such token.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Revoked by an operator.
+    Revoked,
+    /// Every use is taken by other keys.
+    UsedUp,
+}
+
+/// A certificate the CA issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRecord {
+    /// Serial, lowercase hex (the key).
+    pub serial: String,
+    /// Identity.
+    pub identity: String,
+    /// Issued at, Unix seconds.
+    pub issued_at: i64,
+    /// Expires at, Unix seconds.
+    pub not_after: i64,
+    /// How the caller authenticated: `token:<id>`, `renewal:<serial>` or `operator:<id>`.
+    pub authenticated_by: String,
+}
+
+/// A revoked identity or serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    /// `identity` or `serial`.
+    pub kind: String,
+    /// The identity or serial.
+    pub value: String,
+    /// When, Unix seconds.
+    pub at: i64,
+    /// Who.
+    #[serde(default)]
+    pub by: String,
+}
+
+/// The control plane's persistent state.
+pub trait Store: Send + Sync + 'static {
+    /// Adds a token.
+    fn put_token(&self, token: TokenRecord) -> StoreFuture<'_, ()>;
+    /// Looks a token up.
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>>;
+    /// Every token.
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
+    /// Atomically records a redemption of token `id` by the key with hash `key_sha256` at
+    /// `now`, if the token allows it. The secret is checked by the caller beforehand.
+    fn redeem_token(&self, id: &str, key_sha256: &str, now: i64) -> StoreFuture<'_, Redemption>;
+    /// Marks a token revoked; false if there is no such token.
+    fn revoke_token(&self, id: &str, now: i64) -> StoreFuture<'_, bool>;
+    /// Records an issued certificate.
+    fn put_certificate(&self, record: CertificateRecord) -> StoreFuture<'_, ()>;
+    /// Looks a certificate up by serial.
+    fn certificate(&self, serial: &str) -> StoreFuture<'_, Option<CertificateRecord>>;
+    /// Adds a revocation (idempotent).
+    fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()>;
+    /// Every revocation.
+    fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>>;
+    /// The store's epoch: a random value fixed when the store was created.
+    fn epoch(&self) -> StoreFuture<'_, String>;
+}

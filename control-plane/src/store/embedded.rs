@@ -1,0 +1,236 @@
+//! The embedded store: one redb file in the data directory. Every write is a transaction that
+//! commits durably, so a crash loses nothing that was acknowledged.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    CertificateRecord, Redemption, RevocationRecord, Store, StoreError, StoreFuture, TokenRecord,
+};
+
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
+const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+fn backend(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(backend)
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// The default store.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EmbeddedStore")
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file, creating its tables and epoch on first use.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(backend)?;
+        {
+            tx.open_table(TOKENS).map_err(backend)?;
+            tx.open_table(CERTIFICATES).map_err(backend)?;
+            tx.open_table(REVOCATIONS).map_err(backend)?;
+            let mut meta = tx.open_table(META).map_err(backend)?;
+            if meta.get("epoch").map_err(backend)?.is_none() {
+                meta.insert("epoch", crate::random::hex_token(8).as_str())
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Runs blocking database work off the async workers.
+    fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || work(&db))
+                .await
+                .map_err(backend)?
+        })
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: String,
+        value: &T,
+    ) -> StoreFuture<'_, ()> {
+        let bytes = encode(value);
+        self.blocking(move |db| {
+            let bytes = bytes?;
+            let tx = db.begin_write().map_err(backend)?;
+            tx.open_table(table)
+                .map_err(backend)?
+                .insert(key.as_str(), bytes.as_slice())
+                .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
+    }
+
+    fn get<T: DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+        key: String,
+    ) -> StoreFuture<'_, Option<T>> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(table).map_err(backend)?;
+            match table.get(key.as_str()).map_err(backend)? {
+                Some(value) => Ok(Some(decode(&key, value.value())?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn all<T: DeserializeOwned + Send + 'static>(
+        &self,
+        table: TableDefinition<'static, &'static str, &'static [u8]>,
+    ) -> StoreFuture<'_, Vec<T>> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(table).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                out.push(decode(key.value(), value.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Reads, changes and writes one token in a single write transaction.
+    fn update_token<T: Send + 'static>(
+        &self,
+        id: &str,
+        change: impl FnOnce(Option<&mut TokenRecord>) -> (T, bool) + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let result = {
+                let mut table = tx.open_table(TOKENS).map_err(backend)?;
+                let mut token: Option<TokenRecord> =
+                    match table.get(id.as_str()).map_err(backend)? {
+                        Some(value) => Some(decode(&id, value.value())?),
+                        None => None,
+                    };
+                let (result, changed) = change(token.as_mut());
+                if let (true, Some(token)) = (changed, token) {
+                    table
+                        .insert(id.as_str(), encode(&token)?.as_slice())
+                        .map_err(backend)?;
+                }
+                result
+            };
+            tx.commit().map_err(backend)?;
+            Ok(result)
+        })
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn put_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
+        self.put(TOKENS, token.id.clone(), &token)
+    }
+
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>> {
+        self.get(TOKENS, id.to_owned())
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        self.all(TOKENS)
+    }
+
+    fn redeem_token(&self, id: &str, key_sha256: &str, now: i64) -> StoreFuture<'_, Redemption> {
+        let key = key_sha256.to_owned();
+        self.update_token(id, move |token| match token {
+            None => (Redemption::Unknown, false),
+            Some(token) => {
+                let outcome = redemption(token, &key, now);
+                (outcome, outcome == Redemption::Redeemed)
+            }
+        })
+    }
+
+    fn revoke_token(&self, id: &str, now: i64) -> StoreFuture<'_, bool> {
+        self.update_token(id, move |token| match token {
+            None => (false, false),
+            Some(token) => {
+                token.revoked_at.get_or_insert(now);
+                (true, true)
+            }
+        })
+    }
+
+    fn put_certificate(&self, record: CertificateRecord) -> StoreFuture<'_, ()> {
+        self.put(CERTIFICATES, record.serial.clone(), &record)
+    }
+
+    fn certificate(&self, serial: &str) -> StoreFuture<'_, Option<CertificateRecord>> {
+        self.get(CERTIFICATES, serial.to_owned())
+    }
+
+    fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()> {
+        self.put(
+            REVOCATIONS,
+            format!("{}:{}", record.kind, record.value),
+            &record,
+        )
+    }
+
+    fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>> {
+        self.all(REVOCATIONS)
+    }
+
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let meta = tx.open_table(META).map_err(backend)?;
+            let epoch = meta.get("epoch").map_err(backend)?;
+            Ok(epoch.map(|e| e.value().to_owned()).unwrap_or_default())
+        })
+    }
+}
+
+/// The token rules, shared by every store: revoked, expired, idempotent per key, then uses.
+pub(crate) fn redemption(token: &mut TokenRecord, key_sha256: &str, now: i64) -> Redemption {
+    if token.revoked_at.is_some() {
+        Redemption::Revoked
+    } else if now >= token.expires_at {
+        Redemption::Expired
+    } else if token.redeemed_keys.iter().any(|k| k == key_sha256) {
+        Redemption::Redeemed
+    } else if token.redeemed_keys.len() >= token.uses as usize {
+        Redemption::UsedUp
+    } else {
+        token.redeemed_keys.push(key_sha256.to_owned());
+        Redemption::Redeemed
+    }
+}

@@ -1,0 +1,116 @@
+//! `sidewall control-plane`: load and check the configuration, then bind and serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use sidewall_control_plane::config::{Config, Overrides};
+use sidewall_control_plane::server::{self, Listeners};
+use sidewall_policies::TrustDomain;
+
+/// Flags of `sidewall control-plane`; each overrides the same setting in the file.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// YAML configuration file (docs/control-plane.md describes every field).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory: CA, store, operator credentials. [default: ./sidewall-data]
+    #[arg(long, value_name = "DIR", env = "SIDEWALL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// mTLS API address. [default: 127.0.0.1:4600]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Probe and metrics address (/live, /ready, /metrics). [default: 127.0.0.1:4690]
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
+    /// Trust domain. [default: sidewall.local]
+    #[arg(long, value_name = "TD", value_parser = parse_trust_domain)]
+    trust_domain: Option<TrustDomain>,
+}
+
+fn parse_trust_domain(text: &str) -> Result<TrustDomain, String> {
+    TrustDomain::new(text).map_err(|e| e.to_string())
+}
+
+pub(crate) fn run(args: Args) -> ExitCode {
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        trust_domain: args.trust_domain,
+    };
+    // Configuration errors end here, before any port is bound.
+    let config = match Config::load(args.config.as_deref(), overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            eprintln!("warning: metrics disabled: {error}");
+            None
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(serve(config, metrics)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(
+    config: Config,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<()> {
+    tracing::info!("starting: {}", config.summary());
+    let (listen, admin_listen) = (config.listen, config.admin_listen);
+    let prepared = server::prepare(config).await.context("cannot start")?;
+    let api = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let admin = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {admin_listen}"))?;
+    server::run(
+        prepared,
+        Listeners { api, admin },
+        metrics,
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,60 @@
+//! `sidewall operator issue NAME`: a new operator credential, its key generated here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use hyper::Method;
+use serde_json::json;
+use sidewall_control_plane::ca::write_private;
+use sidewall_control_plane::client::key_and_csr;
+use sidewall_control_plane::server::operator_paths;
+
+use super::{block_on, client, expect_success};
+use crate::ControlPlaneAccess;
+
+/// The `operator` subcommands.
+#[derive(clap::Subcommand)]
+pub(crate) enum OperatorCommand {
+    /// Issue a credential for spiffe://<td>/sidewall/operator/NAME. The key is generated
+    /// here and written 0600; only a CSR is sent.
+    Issue {
+        /// The operator's name (one path segment).
+        name: String,
+        /// Where to write NAME.pem and NAME.key [default: <data-dir>/operators].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+pub(crate) fn run(command: OperatorCommand, access: &ControlPlaneAccess) -> ExitCode {
+    block_on(async move {
+        let OperatorCommand::Issue { name, out } = command;
+        let client = client(access)?;
+        let (key, csr) = key_and_csr().context("generating a key")?;
+        let body = json!({"name": name, "csr": csr});
+        let (status, answer) = client
+            .call(Method::POST, "/v1/operators", Some(&body))
+            .await?;
+        expect_success(status, &answer)?;
+        let (mut cert_path, mut key_path) = operator_paths(&access.data_dir, &name);
+        if let Some(dir) = out {
+            cert_path = dir.join(format!("{name}.pem"));
+            key_path = dir.join(format!("{name}.key"));
+        }
+        if let Some(dir) = cert_path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+        let chain = answer["certificate_chain"].as_str().unwrap_or_default();
+        write_private(&cert_path, chain.as_bytes(), 0o644)?;
+        println!(
+            "{} (expires {}): {} and {}",
+            answer["identity"].as_str().unwrap_or("?"),
+            answer["expires_at"].as_str().unwrap_or("?"),
+            cert_path.display(),
+            key_path.display()
+        );
+        Ok(())
+    })
+}
