@@ -1,6 +1,7 @@
 //! The documentation's examples are checked: every `yaml` block in docs/policy.md is a
 //! complete policy set whose PolicyTest expectations pass, and every `sidewall policy check`
 //! command in a `sh` block that is followed by `# ALLOW|DENY|AUDIT ...` prints that line.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
 
 mod support;
 
@@ -15,7 +16,9 @@ fn blocks(markdown: &str, info: &str) -> Vec<(usize, String)> {
     let mut current: Option<(usize, String)> = None;
     for (i, line) in markdown.lines().enumerate() {
         match &mut current {
-            None if line.trim_end() == format!("```{info}") => current = Some((i + 2, String::new())),
+            None if line.trim_end() == format!("```{info}") => {
+                current = Some((i + 2, String::new()))
+            }
             None => {}
             Some(_) if line.trim_end() == "```" => found.extend(current.take()),
             Some((_, text)) => {
@@ -39,11 +42,19 @@ fn every_yaml_block_in_the_policy_reference_loads_and_its_tests_pass() {
         fs::write(&file, &text).unwrap();
         let file = file.display().to_string();
         let validate = sidewall(["policy", "validate", &file]);
-        assert_eq!(validate.code, 0, "docs/policy.md block at line {line}:\n{}", validate.stderr);
+        assert_eq!(
+            validate.code, 0,
+            "docs/policy.md block at line {line}:\n{}",
+            validate.stderr
+        );
         if text.contains("kind: PolicyTest") {
             with_tests += 1;
             let run = sidewall(["policy", "test", &file]);
-            assert_eq!(run.code, 0, "docs/policy.md block at line {line}:\n{}{}", run.stdout, run.stderr);
+            assert_eq!(
+                run.code, 0,
+                "docs/policy.md block at line {line}:\n{}{}",
+                run.stdout, run.stderr
+            );
         }
     }
     assert!(with_tests >= 5, "only {with_tests} blocks state outcomes");
@@ -63,10 +74,12 @@ fn check_commands(markdown: &str) -> Vec<(String, String)> {
                 command.pop();
                 command.push_str(lines.next().unwrap_or_default().trim_start());
             }
-            if let Some(expected) = lines.peek().and_then(|l| l.strip_prefix("# ")) {
-                if ["ALLOW", "DENY", "AUDIT"].iter().any(|o| expected.starts_with(o)) {
-                    pairs.push((command, expected.to_owned()));
-                }
+            if let Some(expected) = lines.peek().and_then(|l| l.strip_prefix("# "))
+                && ["ALLOW", "DENY", "AUDIT"]
+                    .iter()
+                    .any(|o| expected.starts_with(o))
+            {
+                pairs.push((command, expected.to_owned()));
             }
         }
     }
@@ -76,7 +89,11 @@ fn check_commands(markdown: &str) -> Vec<(String, String)> {
 #[test]
 fn check_commands_in_the_docs_print_what_they_say() {
     let mut checked = 0;
-    for doc in ["README.md", "examples/three-tier/README.md", "docs/policy.md"] {
+    for doc in [
+        "README.md",
+        "examples/three-tier/README.md",
+        "docs/policy.md",
+    ] {
         let path = repo_root().join(doc);
         if !Path::new(&path).exists() {
             continue;
@@ -86,7 +103,11 @@ fn check_commands_in_the_docs_print_what_they_say() {
             let args: Vec<&str> = command.split_whitespace().skip(1).collect();
             let run = sidewall(&args);
             assert_eq!(run.code, 0, "{doc}: {command}\n{}", run.stderr);
-            assert_eq!(run.stdout.lines().next(), Some(expected.as_str()), "{doc}: {command}");
+            assert_eq!(
+                run.stdout.lines().next(),
+                Some(expected.as_str()),
+                "{doc}: {command}"
+            );
             checked += 1;
         }
     }

@@ -1,4 +1,5 @@
 //! `sidewall policy validate | check | test`, run as a user runs them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
 
 mod support;
 
@@ -18,7 +19,11 @@ fn validate_summarizes_and_lists_audit_only_targets() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines[0], "3 policies, 4 rules OK");
-    assert!(lines.contains(&format!("  {REPORTS}").as_str()), "{}", run.stdout);
+    assert!(
+        lines.contains(&format!("  {REPORTS}").as_str()),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
@@ -34,35 +39,116 @@ fn validate_reports_every_error_with_position_and_exits_1() {
         "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec:\n  target: spiffe://example.org/x\n  rules: []\n  colour: blue\n",
     )
     .unwrap();
-    let run = sidewall(["policy".as_ref(), "validate".as_ref(), dir.path().as_os_str()]);
+    let run = sidewall([
+        "policy".as_ref(),
+        "validate".as_ref(),
+        dir.path().as_os_str(),
+    ]);
     assert_eq!(run.code, 1);
     assert_eq!(run.stdout, "");
     let a = dir.path().join("a.yaml").display().to_string();
     let b = dir.path().join("b.yml").display().to_string();
     let lines: Vec<&str> = run.stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{}", run.stderr);
-    assert!(lines[0].starts_with(&format!("{a}:9:15: spec.rules[0].ports[0]: port range 20-10 is out of order")), "{}", lines[0]);
-    assert!(lines[1].starts_with(&format!("{b}:7:3: spec: unknown field `colour`")), "{}", lines[1]);
+    assert!(
+        lines[0].starts_with(&format!(
+            "{a}:9:15: spec.rules[0].ports[0]: port range 20-10 is out of order"
+        )),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with(&format!("{b}:7:3: spec: unknown field `colour`")),
+        "{}",
+        lines[1]
+    );
     assert_eq!(lines[2], "2 errors");
 }
 
 #[test]
 fn check_prints_the_decision_first() {
-    let run = sidewall(["policy", "check", "--from", API, "--to", DB, "--port", "5432", "examples/three-tier/policies"]);
-    assert_eq!((run.code, run.stdout.as_str()), (0, "ALLOW policy=db-from-api rule=1\n"));
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        API,
+        "--to",
+        DB,
+        "--port",
+        "5432",
+        "examples/three-tier/policies",
+    ]);
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "ALLOW policy=db-from-api rule=1\n")
+    );
 
-    let run = sidewall(["policy", "check", "--from", FRONTEND, "--to", DB, "--port", "5432", "examples/three-tier/policies"]);
-    assert_eq!((run.code, run.stdout.as_str()), (0, "DENY policy=- rule=-\n"));
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        FRONTEND,
+        "--to",
+        DB,
+        "--port",
+        "5432",
+        "examples/three-tier/policies",
+    ]);
+    assert_eq!(
+        (run.code, run.stdout.as_str()),
+        (0, "DENY policy=- rule=-\n")
+    );
 
     // An HTTP rule admits the connection on an HTTP port but never raw TCP.
-    let run = sidewall(["policy", "check", "--from", FRONTEND, "--to", API, "--port", "8080", "--http", "examples/three-tier/policies"]);
-    assert_eq!(run.stdout.lines().next(), Some("ALLOW policy=api-from-frontend rule=1"));
-    let run = sidewall(["policy", "check", "--from", FRONTEND, "--to", API, "--port", "8080", "examples/three-tier/policies"]);
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        FRONTEND,
+        "--to",
+        API,
+        "--port",
+        "8080",
+        "--http",
+        "examples/three-tier/policies",
+    ]);
+    assert_eq!(
+        run.stdout.lines().next(),
+        Some("ALLOW policy=api-from-frontend rule=1")
+    );
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        FRONTEND,
+        "--to",
+        API,
+        "--port",
+        "8080",
+        "examples/three-tier/policies",
+    ]);
     assert_eq!(run.stdout.lines().next(), Some("DENY policy=- rule=-"));
 
     // The path is normalized as the sidecar normalizes it before matching.
-    let run = sidewall(["policy", "check", "--from", FRONTEND, "--to", API, "--port", "8080", "--method", "POST", "--path", "/v2/..//v1/./orders", "examples/three-tier/policies"]);
-    assert_eq!(run.stdout.lines().next(), Some("ALLOW policy=api-from-frontend rule=2"));
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        FRONTEND,
+        "--to",
+        API,
+        "--port",
+        "8080",
+        "--method",
+        "POST",
+        "--path",
+        "/v2/..//v1/./orders",
+        "examples/three-tier/policies",
+    ]);
+    assert_eq!(
+        run.stdout.lines().next(),
+        Some("ALLOW policy=api-from-frontend rule=2")
+    );
 }
 
 #[test]
@@ -74,23 +160,73 @@ fn check_explain_and_audit_lines() {
     )
     .unwrap();
     let path = dir.path().display().to_string();
-    let run = sidewall(["policy", "check", "--from", "spiffe://e.org/api", "--to", "spiffe://e.org/db", "--port", "5432", "--explain", &path]);
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        "spiffe://e.org/api",
+        "--to",
+        "spiffe://e.org/db",
+        "--port",
+        "5432",
+        "--explain",
+        &path,
+    ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines[0], "ALLOW policy=db rule=1");
     assert_eq!(lines[1], "audit: would deny policy=db-next rule=1");
-    assert!(lines.contains(&"  policy db-next (target spiffe://e.org/db, audit)"), "{}", run.stdout);
-    assert!(lines.contains(&"    rule 1 deny: matches"), "{}", run.stdout);
+    assert!(
+        lines.contains(&"  policy db-next (target spiffe://e.org/db, audit)"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        lines.contains(&"    rule 1 deny: matches"),
+        "{}",
+        run.stdout
+    );
 }
 
 #[test]
 fn check_refuses_bad_input_with_exit_2() {
     let cases: &[(&[&str], &str)] = &[
-        (&["--from", "spiffe://Sidewall.local/x", "--to", API, "--port", "1"], "--from \"spiffe://Sidewall.local/x\": trust domain contains uppercase 'S'"),
-        (&["--from", API, "--to", "api", "--port", "1"], "--to \"api\": missing scheme"),
-        (&["--from", API, "--to", DB, "--port", "0"], "0 is not in 1..=65535"),
-        (&["--from", API, "--to", DB, "--port", "1", "--path", "/%2e%2e/admin"], "refuses this path with 400 before any policy: percent-encoded '.' (%2E) is refused"),
-        (&["--from", API, "--to", DB, "--port", "1", "--method", "G ET"], "\"G ET\" is not an HTTP method"),
+        (
+            &[
+                "--from",
+                "spiffe://Sidewall.local/x",
+                "--to",
+                API,
+                "--port",
+                "1",
+            ],
+            "--from \"spiffe://Sidewall.local/x\": trust domain contains uppercase 'S'",
+        ),
+        (
+            &["--from", API, "--to", "api", "--port", "1"],
+            "--to \"api\": missing scheme",
+        ),
+        (
+            &["--from", API, "--to", DB, "--port", "0"],
+            "0 is not in 1..=65535",
+        ),
+        (
+            &[
+                "--from",
+                API,
+                "--to",
+                DB,
+                "--port",
+                "1",
+                "--path",
+                "/%2e%2e/admin",
+            ],
+            "refuses this path with 400 before any policy: percent-encoded '.' (%2E) is refused",
+        ),
+        (
+            &["--from", API, "--to", DB, "--port", "1", "--method", "G ET"],
+            "\"G ET\" is not an HTTP method",
+        ),
     ];
     for (args, message) in cases {
         let mut all = vec!["policy", "check"];
@@ -101,16 +237,39 @@ fn check_refuses_bad_input_with_exit_2() {
         assert!(run.stderr.contains(message), "{all:?}: {}", run.stderr);
         assert_eq!(run.stdout, "");
     }
-    let run = sidewall(["policy", "check", "--from", API, "--to", DB, "--port", "1", "no/such/dir"]);
+    let run = sidewall([
+        "policy",
+        "check",
+        "--from",
+        API,
+        "--to",
+        DB,
+        "--port",
+        "1",
+        "no/such/dir",
+    ]);
     assert_eq!(run.code, 2);
-    assert!(run.stderr.contains("no/such/dir: no such file or directory"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("no/such/dir: no such file or directory"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn test_command_passes_the_example_and_reports_failures() {
     let run = sidewall(["policy", "test", THREE_TIER]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    assert!(run.stdout.lines().last().unwrap().starts_with("18 passed, 0 failed"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("18 passed, 0 failed"),
+        "{}",
+        run.stdout
+    );
 
     let dir = tempfile::tempdir().unwrap();
     fs::write(
@@ -118,7 +277,12 @@ fn test_command_passes_the_example_and_reports_failures() {
         format!("apiVersion: sidewall.dev/v1\nkind: PolicyTest\nmetadata: {{name: wrong}}\nspec:\n  cases:\n    - {{from: {API}, to: {DB}, port: 5432, expect: allow}}\n    - {{from: {FRONTEND}, to: {DB}, port: 5432, expect: allow}}\n"),
     )
     .unwrap();
-    let run = sidewall(["policy".as_ref(), "test".as_ref(), "examples/three-tier/policies".as_ref(), dir.path().as_os_str()]);
+    let run = sidewall([
+        "policy".as_ref(),
+        "test".as_ref(),
+        "examples/three-tier/policies".as_ref(),
+        dir.path().as_os_str(),
+    ]);
     assert_eq!(run.code, 1);
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{}", run.stdout);

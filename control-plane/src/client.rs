@@ -158,6 +158,11 @@ impl Client {
         &self.url
     }
 
+    /// The TLS client configuration (for callers that speak to the API themselves).
+    pub fn tls(&self) -> Arc<ClientConfig> {
+        self.tls.clone()
+    }
+
     /// Calls the API; returns the status and the JSON (or text) body.
     pub async fn call(
         &self,

@@ -314,9 +314,13 @@ fn handshake_reason(error: &std::io::Error) -> &'static str {
         return svid.label();
     }
     match inner {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => {
-            "certificate_expired"
-        }
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        ) => "certificate_expired",
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidYet
+            | rustls::CertificateError::NotValidYetContext { .. },
+        ) => "certificate_not_yet_valid",
         rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
             "unknown_issuer"
         }

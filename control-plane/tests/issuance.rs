@@ -1,5 +1,6 @@
 //! Issuance end to end against an in-process control plane on loopback: every certificate is
 //! checked by an independent parser and by `openssl verify`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
 
 use std::process::Command;
 use std::time::Duration;

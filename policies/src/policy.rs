@@ -133,7 +133,29 @@ pub enum OnRevoke {
     /// Leave them open until they end on their own (or their peer certificate expires).
     Keep,
     /// Let them finish within this grace period, then close them.
-    Drain(Duration),
+    Drain(DrainPeriod),
+}
+
+/// A drain grace period: whole milliseconds from 1 ms to 24 h.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DrainPeriod(Duration);
+
+impl DrainPeriod {
+    /// A period, refused unless it is whole milliseconds from 1 ms to 24 h.
+    pub fn new(duration: Duration) -> Result<Self, PolicyError> {
+        if duration.is_zero()
+            || duration > MAX_DRAIN
+            || !duration.subsec_nanos().is_multiple_of(1_000_000)
+        {
+            return Err(PolicyError::Duration(format!("{duration:?}")));
+        }
+        Ok(Self(duration))
+    }
+
+    /// The period.
+    pub fn duration(&self) -> Duration {
+        self.0
+    }
 }
 
 impl OnRevoke {
@@ -143,7 +165,7 @@ impl OnRevoke {
             "terminate" => Ok(Self::Terminate),
             "keep" => Ok(Self::Keep),
             _ => match text.strip_prefix("drain:") {
-                Some(duration) => parse_duration(duration).map(Self::Drain),
+                Some(duration) => parse_duration(duration).map(|d| Self::Drain(DrainPeriod(d))),
                 None => Err(PolicyError::OnRevoke(text.to_owned())),
             },
         }
@@ -153,7 +175,7 @@ impl OnRevoke {
         match self {
             Self::Terminate => "terminate".to_owned(),
             Self::Keep => "keep".to_owned(),
-            Self::Drain(duration) => format!("drain:{}", format_duration(*duration)),
+            Self::Drain(period) => format!("drain:{}", format_duration(period.0)),
         }
     }
 }
@@ -219,11 +241,11 @@ pub fn parse_duration_within(text: &str, max: Duration) -> Result<Duration, Poli
 /// Formats a duration in the largest unit that divides it exactly (`90s`, `2m`, `1500ms`).
 pub fn format_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
-    if ms % 3_600_000 == 0 {
+    if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -428,13 +450,11 @@ impl HttpMatch {
     /// Checks a request's method, normalized path and host against this rule.
     pub fn check(&self, method: &str, path: &str, host: Option<&str>) -> Result<(), HttpMismatch> {
         match &self.methods {
-            Some(methods) => {
-                if !methods.iter().any(|m| m.as_str() == method) {
-                    return Err(HttpMismatch::Method);
-                }
+            Some(methods) if !methods.iter().any(|m| m.as_str() == method) => {
+                return Err(HttpMismatch::Method);
             }
             None if method == "CONNECT" => return Err(HttpMismatch::ConnectNotNamed),
-            None => {}
+            _ => {}
         }
         if let Some(paths) = &self.paths
             && !paths.iter().any(|p| p.matches(path))
@@ -599,8 +619,13 @@ mod tests {
         assert_eq!(OnRevoke::parse("keep"), Ok(OnRevoke::Keep));
         assert_eq!(
             OnRevoke::parse("drain:30s"),
-            Ok(OnRevoke::Drain(Duration::from_secs(30)))
+            Ok(OnRevoke::Drain(
+                DrainPeriod::new(Duration::from_secs(30)).unwrap()
+            ))
         );
+        assert!(DrainPeriod::new(Duration::ZERO).is_err());
+        assert!(DrainPeriod::new(Duration::from_micros(1500)).is_err());
+        assert!(DrainPeriod::new(Duration::from_secs(86_401)).is_err());
         assert_eq!(
             OnRevoke::parse("drain:1500ms").unwrap().to_string(),
             "drain:1500ms"

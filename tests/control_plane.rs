@@ -1,0 +1,321 @@
+//! The control plane as a user runs it: the real binary, the `sidewall` CLI, and clients no
+//! one here wrote (`openssl req`, `curl`, `openssl verify`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use sidewall_control_plane::testing::assert_svid;
+use support::{ControlPlaneProcess, free_port, sidewall};
+
+fn sh(dir: &std::path::Path, program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_workload_bootstraps_with_openssl_and_curl() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cp = ControlPlaneProcess::start(&data, &[]);
+    let identity = "spiffe://sidewall.local/ns/shop/svc/api";
+
+    // 1. The operator creates a token: it is alone on the last line of stdout.
+    let run = cp.cli(&["token", "create", "--identity", identity, "--ttl", "10m"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let token = run.stdout.lines().last().unwrap().to_owned();
+    assert!(token.starts_with("swt1."), "{}", run.stdout);
+
+    // 2. The workload makes its key and CSR with openssl; the subject is ignored.
+    let work = dir.path();
+    sh(
+        work,
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key.pem",
+            "-subj",
+            "/CN=ignored",
+            "-out",
+            "req.csr",
+        ],
+    );
+    let csr = std::fs::read_to_string(work.join("req.csr")).unwrap();
+    let body = serde_json::json!({"csr": csr, "token": token}).to_string();
+
+    // 3. curl posts it, verifying the control plane against the bundle.
+    let bundle = data.join("trust-bundle.pem").display().to_string();
+    let url = format!("https://127.0.0.1:{}/v1/certificates", cp.api_port);
+    let answer = sh(
+        work,
+        "curl",
+        &[
+            "-sS",
+            "--fail-with-body",
+            "--cacert",
+            &bundle,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &url,
+        ],
+    );
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let chain = answer["certificate_chain"].as_str().unwrap();
+    assert_svid(chain, identity, Duration::from_secs(86_400));
+    let mut parts = chain.split_inclusive("-----END CERTIFICATE-----\n");
+    std::fs::write(work.join("leaf.pem"), parts.next().unwrap()).unwrap();
+    std::fs::write(work.join("intermediate.pem"), parts.next().unwrap()).unwrap();
+    let verified = sh(
+        work,
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            &bundle,
+            "-untrusted",
+            "intermediate.pem",
+            "leaf.pem",
+        ],
+    );
+    assert_eq!(verified.trim(), "leaf.pem: OK");
+    // The leaf's key is the one openssl generated: the private key never left the workload.
+    let leaf_key = sh(
+        work,
+        "openssl",
+        &["x509", "-in", "leaf.pem", "-noout", "-pubkey"],
+    );
+    let own_key = sh(work, "openssl", &["pkey", "-in", "key.pem", "-pubout"]);
+    assert_eq!(leaf_key, own_key);
+
+    // The same token a second time, with another key: refused, with a JSON reason.
+    sh(
+        work,
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "key2.pem",
+            "-subj",
+            "/CN=x",
+            "-out",
+            "req2.csr",
+        ],
+    );
+    let body = serde_json::json!({"csr": std::fs::read_to_string(work.join("req2.csr")).unwrap(), "token": token}).to_string();
+    let output = Command::new("curl")
+        .args([
+            "-sS",
+            "--cacert",
+            &bundle,
+            "-d",
+            &body,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.ends_with("\n401"), "{text}");
+    assert!(text.contains("\"error\":\"token_used\""), "{text}");
+
+    // The admin port answers probes and metrics only.
+    let admin = |path: &str| {
+        let output = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://127.0.0.1:{}{path}", cp.admin_port),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(admin("/live").ends_with("200"));
+    assert!(admin("/ready").ends_with("200"));
+    let metrics = admin("/metrics");
+    assert!(
+        metrics.contains("sidewall_control_plane_certificates_issued_total{kind=\"workload\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"token_used\"} 1"), "{metrics}");
+    assert!(admin("/v1/tokens").ends_with("404"));
+
+    // The token list shows it used; SIGTERM stops the control plane cleanly.
+    let list = cp.cli(&["token", "list"]);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.contains("used") && l.contains(identity)),
+        "{}",
+        list.stdout
+    );
+    assert_eq!(cp.stop(), Some(0));
+}
+
+#[test]
+fn bad_configuration_exits_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cp.yaml");
+    std::fs::write(
+        &config,
+        "trustDomain: sidewall.local\ncertificates:\n  workloadLifetim: 1h\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let run = sidewall([
+        "control-plane",
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        dir.path().join("d").to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains(&format!(
+            "{}:3:3: certificates: unknown field `workloadLifetim`",
+            config.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(
+        !dir.path().join("d").exists(),
+        "nothing written for a bad config"
+    );
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "port was never bound"
+    );
+
+    let run = sidewall(["control-plane", "--trust-domain", "Bad.Domain"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("trust domain contains uppercase 'B'"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn operators_and_tokens_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cp = ControlPlaneProcess::start(&data, &[]);
+    let key = data.join("operators/admin.key");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(data.join("ca/intermediate.key"))
+                .unwrap()
+                .permissions()
+        ) & 0o777,
+        0o600
+    );
+
+    let run = cp.cli(&["operator", "issue", "alice"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .starts_with("spiffe://sidewall.local/sidewall/operator/alice"),
+        "{}",
+        run.stdout
+    );
+    let run = cp.cli(&[
+        "token",
+        "create",
+        "--identity",
+        "spiffe://sidewall.local/ns/a/svc/b",
+        "--uses",
+        "3",
+        "--operator",
+        "alice",
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let id = run
+        .stdout
+        .lines()
+        .last()
+        .unwrap()
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let run = cp.cli(&["token", "revoke", &id]);
+    assert_eq!(
+        (run.code, run.stdout.trim()),
+        (0, format!("revoked token {id}").as_str())
+    );
+    let run = cp.cli(&["token", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(list[0]["state"], "revoked");
+    assert_eq!(
+        list[0]["created_by"],
+        "spiffe://sidewall.local/sidewall/operator/alice"
+    );
+
+    let run = cp.cli(&[
+        "token",
+        "create",
+        "--identity",
+        "spiffe://sidewall.local/sidewall/operator/eve",
+    ]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("never issued to workloads"),
+        "{}",
+        run.stderr
+    );
+    let run = cp.cli(&[
+        "token",
+        "create",
+        "--identity",
+        "spiffe://sidewall.local/ns/a/svc/b",
+        "--ttl",
+        "forever",
+    ]);
+    assert_eq!(run.code, 2, "clap refuses the flag: {}", run.stderr);
+
+    let missing = dir.path().join("nowhere");
+    let run = sidewall(["token", "list", "--data-dir", missing.to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains(
+            "control-plane.json: not found; start the control plane or pass --control-plane URL"
+        ),
+        "{}",
+        run.stderr
+    );
+}
