@@ -3,6 +3,7 @@
 pub(crate) mod control_plane;
 pub(crate) mod operator;
 pub(crate) mod policy;
+pub(crate) mod proxy;
 pub(crate) mod token;
 
 use std::process::ExitCode;

@@ -58,6 +58,8 @@ enum Command {
     Policy(commands::policy::PolicyCommand),
     /// Run the control plane: the CA, attestation and the API.
     ControlPlane(commands::control_plane::Args),
+    /// Run a sidecar beside a service: mTLS in and out, policy enforced before any byte.
+    Proxy(commands::proxy::Args),
     /// Create, list and revoke join tokens (needs an operator credential).
     Token {
         #[command(subcommand)]
@@ -79,6 +81,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -95,6 +98,10 @@ fn main() -> ExitCode {
         Command::ControlPlane(args) => {
             init_logging(cli.log_format);
             commands::control_plane::run(args)
+        }
+        Command::Proxy(args) => {
+            init_logging(cli.log_format);
+            commands::proxy::run(args)
         }
         Command::Token { command, access } => commands::token::run(command, &access),
         Command::Operator { command, access } => commands::operator::run(command, &access),

@@ -108,3 +108,154 @@ impl Drop for ControlPlaneProcess {
         }
     }
 }
+
+/// A plain HTTP GET on loopback (for admin endpoints): (status, body).
+pub(crate) fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let _ = write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The sum of a Prometheus metric's samples whose labels include all of `labels`.
+pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Waits until `check` holds, polling every 50 ms, or panics with `what` after `seconds`.
+pub(crate) fn eventually(seconds: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A TCP echo app on loopback that counts the connections it accepts.
+pub(crate) struct EchoApp {
+    pub(crate) port: u16,
+    pub(crate) accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl EchoApp {
+    pub(crate) fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut reader = stream.try_clone().unwrap();
+                    let _ = std::io::copy(&mut reader, &mut stream);
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        Self { port, accepted }
+    }
+
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Sends `payload` on a new connection to `port`, half-closes, and returns what came back
+/// (`None` if the connection failed or was closed without an answer).
+pub(crate) fn exchange(port: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    stream.write_all(payload).ok()?;
+    stream.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    (!answer.is_empty()).then_some(answer)
+}
+
+/// A `sidewall proxy` process, killed when dropped.
+pub(crate) struct ProxyProcess {
+    pub(crate) child: std::process::Child,
+    pub(crate) admin_port: u16,
+    pub(crate) log: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Writes `config` to `<dir>/<name>.yaml` and starts a sidecar with it.
+    pub(crate) fn start(dir: &Path, name: &str, config: &str, admin_port: u16) -> Self {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, config).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+            .args(["proxy", "--config"])
+            .arg(&file)
+            .env("SIDEWALL_LOG", "info,sidewall_proxy=debug")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start the sidecar");
+        Self {
+            child,
+            admin_port,
+            log,
+        }
+    }
+
+    pub(crate) fn wait_ready(&self) {
+        eventually(30, "the sidecar to be ready", || {
+            http_get(self.admin_port, "/ready").0 == 200
+        });
+    }
+
+    pub(crate) fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics").1
+    }
+
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub(crate) fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -242,7 +242,7 @@ pub async fn run(
             let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
-                    let reason = handshake_reason(&error);
+                    let reason = sidewall_policies::svid::io_failure_label(&error);
                     metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => reason).increment(1);
                     tracing::info!(%remote, reason, %error, "TLS handshake refused");
                     return;
@@ -300,34 +300,6 @@ fn advertised(addr: SocketAddr) -> SocketAddr {
         SocketAddr::new(ip, addr.port())
     } else {
         addr
-    }
-}
-
-fn handshake_reason(error: &std::io::Error) -> &'static str {
-    let Some(inner) = error
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
-        return "io";
-    };
-    if let Some(svid) = sidewall_policies::svid::svid_error(inner) {
-        return svid.label();
-    }
-    match inner {
-        rustls::Error::InvalidCertificate(
-            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
-        ) => "certificate_expired",
-        rustls::Error::InvalidCertificate(
-            rustls::CertificateError::NotValidYet
-            | rustls::CertificateError::NotValidYetContext { .. },
-        ) => "certificate_not_yet_valid",
-        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {
-            "unknown_issuer"
-        }
-        rustls::Error::InvalidCertificate(_) => "invalid_certificate",
-        rustls::Error::InvalidMessage(_) => "not_tls",
-        rustls::Error::NoCertificatesPresented => "no_certificate",
-        _ => "tls_error",
     }
 }
 

@@ -107,6 +107,38 @@ pub fn svid_error(error: &rustls::Error) -> Option<&SvidError> {
     }
 }
 
+/// A short, stable label for why a TLS handshake failed, for metrics and logs: the SVID rule
+/// that was broken, or the kind of TLS failure.
+pub fn failure_label(error: &rustls::Error) -> &'static str {
+    if let Some(svid) = svid_error(error) {
+        return svid.label();
+    }
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "certificate_expired",
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "certificate_not_yet_valid",
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        rustls::Error::InvalidCertificate(CertificateError::Revoked) => "revoked",
+        rustls::Error::InvalidCertificate(_) => "invalid_certificate",
+        rustls::Error::InvalidMessage(_) => "not_tls",
+        rustls::Error::NoCertificatesPresented => "no_certificate",
+        rustls::Error::AlertReceived(_) => "peer_alert",
+        rustls::Error::NoApplicationProtocol => "no_application_protocol",
+        _ => "tls_error",
+    }
+}
+
+/// [`failure_label`] for the `std::io::Error` tokio-rustls returns (`io` when it is not TLS).
+pub fn io_failure_label(error: &std::io::Error) -> &'static str {
+    error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .map_or("io", failure_label)
+}
+
 /// How a certificate will be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {

@@ -1,15 +1,223 @@
 //! The Sidewall sidecar: the only way into and out of a service.
 //!
-//! This crate is not filled in yet. It will own, as `ARCHITECTURE.md` lays out:
+//! - [`config`]: the strict YAML configuration.
+//! - [`identity`]: the key pair generated here (only a CSR leaves), joining with a token
+//!   (pinning the CA), renewal at 70 % with a new key each time, the state directory.
+//! - [`snapshot`]: the snapshot enforced (from local files until distribution exists).
+//! - [`tls`]: rustls configurations from the credential and the snapshot; strict SVID checks.
+//! - [`inbound`]: the mTLS listener; a decision before any byte reaches the app.
+//! - [`outbound`]: explicit routes to other services, verifying the expected identity.
+//! - [`transport`]: the port header between sidecars and the forwarding copy.
+//! - [`connections`]: open connections, re-checked when the snapshot changes (`onRevoke`).
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
 //!
-//! - `inbound`: the mTLS listener; strict SPIFFE X.509-SVID verification of the peer, then a
-//!   connection decision from [`sidewall_policies::engine::Engine`] before a byte reaches the app;
-//! - `outbound`: local routes (explicit or transparent) to other services over mTLS, checking
-//!   that the server presents the identity expected for that service;
-//! - `identity`: the key pair generated here (only a CSR leaves), renewal at 70 % of the
-//!   lifetime, and the watch channel that swaps rustls configs;
-//! - `transport`: the forwarding copy loop behind one small interface (the fast path);
-//! - `admin`: `/live`, `/ready`, `/metrics`, `/config`.
-//!
-//! It depends on `sidewall-policies` for the decision engine and the snapshot contract, and
-//! never on the control plane.
+//! [`run`] takes bound listeners and a shutdown future. It depends on `sidewall-policies` for
+//! the engine, the snapshot and the SVID rules, and never on the control plane.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+pub mod admin;
+pub mod config;
+pub mod connections;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod snapshot;
+pub mod tls;
+pub mod transport;
+
+use config::Config;
+use connections::{CloseReason, Table};
+use identity::Credential;
+use snapshot::Active;
+use tls::TlsSet;
+
+/// Shared by every task of one sidecar.
+pub struct Context {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The current TLS configurations (`None` until there is a certificate).
+    pub tls: watch::Receiver<Option<Arc<TlsSet>>>,
+    /// The current snapshot.
+    pub snapshot: watch::Receiver<Option<Arc<Active>>>,
+    /// Open inbound connections.
+    pub connections: Table,
+    /// The connection limit.
+    pub permits: Arc<Semaphore>,
+    /// True once shutdown has begun.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// The bound sockets, in the order of the configuration.
+pub struct Listeners {
+    /// `inbound.listen`.
+    pub inbound: TcpListener,
+    /// One per `outbound.routes` entry, same order.
+    pub routes: Vec<TcpListener>,
+    /// `admin.listen`.
+    pub admin: TcpListener,
+}
+
+/// Binds every listener of `config`.
+pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+    let with = |addr: std::net::SocketAddr| {
+        move |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+        }
+    };
+    let inbound = TcpListener::bind(config.inbound.listen)
+        .await
+        .map_err(with(config.inbound.listen))?;
+    let mut routes = Vec::new();
+    for route in &config.outbound.routes {
+        routes.push(
+            TcpListener::bind(route.listen)
+                .await
+                .map_err(with(route.listen))?,
+        );
+    }
+    let admin = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(with(config.admin.listen))?;
+    Ok(Listeners {
+        inbound,
+        routes,
+        admin,
+    })
+}
+
+/// Rebuilds the TLS configurations whenever the credential or the snapshot changes, and
+/// re-checks open connections when the snapshot changes.
+async fn follow(
+    context: Arc<Context>,
+    mut credential: watch::Receiver<Option<Arc<Credential>>>,
+    mut snapshot: watch::Receiver<Option<Arc<Active>>>,
+    tls: watch::Sender<Option<Arc<TlsSet>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let current = credential.borrow_and_update().clone();
+        let active = snapshot.borrow_and_update().clone();
+        if let Some(current) = current {
+            let revocations = active
+                .as_ref()
+                .map(|a| a.snapshot.revocations.clone())
+                .unwrap_or_default();
+            match TlsSet::new(current, revocations, context.config.tls.allow_tls12) {
+                Ok(set) => {
+                    let _ = tls.send(Some(Arc::new(set)));
+                }
+                Err(error) => tracing::error!(%error, "cannot build the TLS configuration"),
+            }
+        }
+        tokio::select! {
+            changed = credential.changed() => if changed.is_err() { return },
+            changed = snapshot.changed() => {
+                if changed.is_err() { return }
+                if let Some(active) = snapshot.borrow().clone() {
+                    let closed = context.connections.reevaluate(&context.config.identity, &active);
+                    if closed > 0 {
+                        tracing::info!(connections = closed, "open connections no longer allowed: onRevoke applied");
+                    }
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Runs the sidecar until `shutdown` resolves; then stops accepting, lets open connections
+/// finish for up to `limits.drainTimeout`, and closes the rest.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = Arc::new(config);
+    for port in &config.inbound.ports {
+        if !port.app.ip().is_loopback() {
+            tracing::warn!(app = %port.app, "app address is not loopback: the app may be reachable without the sidecar");
+        }
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (credential_tx, credential_rx) =
+        watch::channel(identity::load_saved(&config).map(Arc::new));
+    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let (tls_tx, tls_rx) = watch::channel(None);
+    let context = Arc::new(Context {
+        config: config.clone(),
+        tls: tls_rx,
+        snapshot: snapshot_rx.clone(),
+        connections: Table::default(),
+        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        stopping: stop_rx.clone(),
+    });
+    if let Some(local) = config.local.clone() {
+        tokio::spawn(snapshot::watch_local(
+            local,
+            config.identity.clone(),
+            snapshot_tx,
+            stop_rx.clone(),
+        ));
+    }
+    tokio::spawn(identity::maintain(
+        config.clone(),
+        credential_tx,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(follow(
+        context.clone(),
+        credential_rx,
+        snapshot_rx,
+        tls_tx,
+        stop_rx.clone(),
+    ));
+    let mut tasks = vec![tokio::spawn(inbound::serve(
+        context.clone(),
+        listeners.inbound,
+        stop_rx.clone(),
+    ))];
+    for (route, listener) in config.outbound.routes.iter().zip(listeners.routes) {
+        tasks.push(tokio::spawn(outbound::serve(
+            context.clone(),
+            route.clone(),
+            listener,
+            stop_rx.clone(),
+        )));
+    }
+    let admin = tokio::spawn(admin::serve(
+        context.clone(),
+        listeners.admin,
+        metrics,
+        stop_rx.clone(),
+    ));
+    tracing::info!(identity = %config.identity, inbound = %config.inbound.listen, routes = config.outbound.routes.len(), "sidecar started");
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let drain = config.limits.drain_timeout.0;
+    let deadline = tokio::time::Instant::now() + drain;
+    while !context.connections.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !context.connections.is_empty() {
+        tracing::warn!(
+            open = context.connections.len(),
+            "drain period over: closing the remaining connections"
+        );
+        context.connections.close_all(CloseReason::Shutdown);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    admin.abort();
+    tracing::info!("sidecar stopped");
+}

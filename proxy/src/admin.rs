@@ -1,0 +1,131 @@
+//! The sidecar's admin listener: `/live`, `/ready` (a valid certificate and a snapshot),
+//! `/metrics` (Prometheus) and `/config` (identity, certificate, snapshot version, listeners).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::Context;
+use crate::outbound::describe;
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+/// Why the sidecar is not ready, if it is not.
+pub(crate) fn not_ready(context: &Context) -> Option<&'static str> {
+    let tls = context.tls.borrow().clone();
+    match tls {
+        None => return Some("no certificate yet"),
+        Some(tls) if tls.credential().seconds_left() <= 0 => return Some("certificate expired"),
+        Some(_) => {}
+    }
+    if context.snapshot.borrow().is_none() {
+        return Some("no policy snapshot yet");
+    }
+    if *context.stopping.borrow() {
+        return Some("shutting down");
+    }
+    None
+}
+
+fn config_view(context: &Context) -> serde_json::Value {
+    let config = &context.config;
+    let credential = context
+        .tls
+        .borrow()
+        .as_ref()
+        .map(|tls| tls.credential().clone());
+    let snapshot = context.snapshot.borrow().clone();
+    json!({
+        "identity": config.identity.to_string(),
+        "certificate": credential.map(|c| json!({
+            "serial": c.svid.serial,
+            "not_after": c.svid.not_after,
+            "expires_in_seconds": c.seconds_left(),
+        })),
+        "snapshot_version": snapshot.as_ref().map(|s| s.snapshot.version.to_string()),
+        "policies": snapshot.as_ref().map(|s| s.snapshot.policies.policies().iter().map(|p| p.name.to_string()).collect::<Vec<_>>()),
+        "inbound": {
+            "listen": config.inbound.listen.to_string(),
+            "ports": config.inbound.ports.iter().map(|p| json!({"port": p.port, "protocol": p.protocol.to_string(), "app": p.app.to_string()})).collect::<Vec<_>>(),
+        },
+        "outbound": config.outbound.routes.iter().map(describe).collect::<Vec<_>>(),
+        "open_inbound_connections": context.connections.len(),
+    })
+}
+
+/// Serves until `stop` turns true.
+pub(crate) async fn serve(
+    context: Arc<Context>,
+    listener: TcpListener,
+    metrics: Option<PrometheusHandle>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+            _ = stop.changed() => return,
+        };
+        let (context, metrics) = (context.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let (context, metrics) = (context.clone(), metrics.clone());
+                async move {
+                    if let Some(tls) = context.tls.borrow().as_ref() {
+                        metrics::gauge!("sidewall_proxy_certificate_expiry_seconds")
+                            .set(tls.credential().seconds_left() as f64);
+                    }
+                    Ok::<_, Infallible>(match request.uri().path() {
+                        "/live" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+                        "/ready" => match not_ready(&context) {
+                            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+                            Some(why) => reply(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "text/plain",
+                                format!("not ready: {why}\n"),
+                            ),
+                        },
+                        "/metrics" => match &metrics {
+                            Some(handle) => {
+                                reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+                            }
+                            None => reply(
+                                StatusCode::NOT_FOUND,
+                                "text/plain",
+                                "metrics are not enabled\n".into(),
+                            ),
+                        },
+                        "/config" => reply(
+                            StatusCode::OK,
+                            "application/json",
+                            format!("{:#}\n", config_view(&context)),
+                        ),
+                        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                    })
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,374 @@
+//! The sidecar's configuration: one strict YAML file (`sidewall proxy --config FILE`).
+//!
+//! ```yaml
+//! identity: spiffe://example.org/ns/shop/svc/api
+//! controlPlane:
+//!   urls: [https://127.0.0.1:4600]  # tried in order
+//!   tokenFile: ./api.token          # used until the first certificate is saved
+//! stateDir: ./state/api             # certificate, key (0600), trust bundle
+//! inbound:
+//!   listen: 0.0.0.0:4643            # mTLS from peer sidecars
+//!   ports:                          # the app ports behind this sidecar
+//!     - {port: 8080, protocol: tcp, app: 127.0.0.1:8080}
+//! outbound:
+//!   routes:                         # local ports that lead to other services
+//!     - {listen: 127.0.0.1:7001, service: spiffe://example.org/ns/shop/svc/db, port: 5432}
+//! admin:
+//!   listen: 127.0.0.1:4691
+//! local:                            # the snapshot from local files (re-read when they change)
+//!   policies: [./policies]
+//!   directory:
+//!     - {identity: spiffe://example.org/ns/shop/svc/db, endpoints: [127.0.0.1:5643], ports: [{port: 5432, protocol: tcp}]}
+//! workerThreads: 2
+//! limits: {maxConnections: 10000, handshakeTimeout: 10s, connectTimeout: 5s, idleTimeout: 1h, drainTimeout: 30s}
+//! tls: {allowTls12: false}
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Visitor};
+use sidewall_policies::policy::parse_duration_within;
+use sidewall_policies::{Protocol, SpiffeId};
+
+/// A duration written like `10s`, validated where it stands (1 ms to 30 days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = ConfigDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as 10s")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConfigDuration, E> {
+                parse_duration_within(v, Duration::from_secs(30 * 86_400))
+                    .map(ConfigDuration)
+                    .map_err(|_| {
+                        E::custom(format_args!(
+                            "duration {v:?} must be like 500ms, 10s, 5m or 1h"
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
+/// Where the control plane is and how to join it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ControlPlaneConfig {
+    /// API URLs, `https://host:port`, tried in order.
+    pub urls: Vec<String>,
+    /// A file holding the join token, used until the first certificate is saved.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// One app port behind the sidecar.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundPort {
+    /// The service port peers ask for.
+    pub port: u16,
+    /// How the port is served. Default is `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Where the app listens (normally loopback).
+    pub app: SocketAddr,
+}
+
+/// The inbound side.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InboundConfig {
+    /// The mTLS listener. Default is `0.0.0.0:4643`.
+    #[serde(default = "default_inbound")]
+    pub listen: SocketAddr,
+    /// The app ports.
+    #[serde(default)]
+    pub ports: Vec<InboundPort>,
+}
+
+fn default_inbound() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4643))
+}
+
+/// One explicit outbound route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Route {
+    /// The local address the app connects to.
+    pub listen: SocketAddr,
+    /// The service it leads to.
+    pub service: SpiffeId,
+    /// The service port.
+    pub port: u16,
+}
+
+/// The outbound side.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutboundConfig {
+    /// Explicit routes.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdminConfig {
+    /// Address of `/live`, `/ready`, `/metrics`, `/config`. Default is `127.0.0.1:4691`.
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4691))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin(),
+        }
+    }
+}
+
+/// A directory entry in a local snapshot.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalService {
+    /// The service identity.
+    pub identity: SpiffeId,
+    /// Its sidecars' inbound endpoints, `host:port`.
+    pub endpoints: Vec<String>,
+    /// Its ports and protocols.
+    #[serde(default)]
+    pub ports: Vec<LocalPort>,
+}
+
+/// A port of a service in a local directory.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalPort {
+    /// The port.
+    pub port: u16,
+    /// Its protocol. Default is `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// A snapshot built from local files instead of the control plane's distribution.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LocalConfig {
+    /// Policy files or directories (re-read when they change).
+    pub policies: Vec<PathBuf>,
+    /// The services this sidecar may call.
+    #[serde(default)]
+    pub directory: Vec<LocalService>,
+}
+
+/// Limits and timeouts.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Limits {
+    /// Open connections at most, inbound and outbound together. Default is 10,000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TLS handshake plus the port header. Default is 10 s.
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout: ConfigDuration,
+    /// Connecting to an app or a peer sidecar. Default is 5 s.
+    #[serde(default = "default_connect")]
+    pub connect_timeout: ConfigDuration,
+    /// A connection with no bytes either way for this long is closed. Default is 1 h.
+    #[serde(default = "default_idle")]
+    pub idle_timeout: ConfigDuration,
+    /// On SIGTERM, open connections get this long to finish. Default is 30 s.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: ConfigDuration,
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_handshake() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+fn default_connect() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(5))
+}
+fn default_idle() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(3600))
+}
+fn default_drain() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30))
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            handshake_timeout: default_handshake(),
+            connect_timeout: default_connect(),
+            idle_timeout: default_idle(),
+            drain_timeout: default_drain(),
+        }
+    }
+}
+
+/// TLS options.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsOptions {
+    /// Also accept and offer TLS 1.2 (TLS 1.3 only by default).
+    #[serde(default)]
+    pub allow_tls12: bool,
+}
+
+/// The whole sidecar configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    /// This workload's identity.
+    pub identity: SpiffeId,
+    /// The control plane.
+    pub control_plane: ControlPlaneConfig,
+    /// Where the certificate, key and trust bundle are kept.
+    pub state_dir: PathBuf,
+    /// Inbound mTLS.
+    pub inbound: InboundConfig,
+    /// Outbound routes.
+    #[serde(default)]
+    pub outbound: OutboundConfig,
+    /// Admin listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The snapshot from local files.
+    #[serde(default)]
+    pub local: Option<LocalConfig>,
+    /// Runtime worker threads. Default is 2.
+    #[serde(default = "default_workers")]
+    pub worker_threads: usize,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+    /// TLS options.
+    #[serde(default)]
+    pub tls: TlsOptions,
+}
+
+fn default_workers() -> usize {
+    2
+}
+
+/// Why a configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("{0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// It does not parse.
+    #[error("{0}")]
+    Invalid(#[from] sidewall_policies::load::LoadError),
+    /// A value is out of range or inconsistent.
+    #[error("{file}: {message}")]
+    Value {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a file. Relative paths in it are taken relative to the
+    /// file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let name = path.display().to_string();
+        let mut config: Config = sidewall_policies::load::config_from_yaml(&name, &text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|message| ConfigError::Value {
+            file: name,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.state_dir);
+        if let Some(token) = &mut self.control_plane.token_file {
+            fix(token);
+        }
+        if let Some(local) = &mut self.local {
+            local.policies.iter_mut().for_each(fix);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.identity.is_reserved() {
+            return Err(format!(
+                "identity {} is reserved for the system",
+                self.identity
+            ));
+        }
+        if self.control_plane.urls.is_empty() {
+            return Err("controlPlane.urls: give at least one https:// URL".into());
+        }
+        for url in &self.control_plane.urls {
+            if !url.starts_with("https://") {
+                return Err(format!(
+                    "controlPlane.urls: {url:?} must start with https://"
+                ));
+            }
+        }
+        let mut ports = std::collections::HashSet::new();
+        for port in &self.inbound.ports {
+            if port.port == 0 || !ports.insert(port.port) {
+                return Err(format!(
+                    "inbound.ports: port {} is zero or listed twice",
+                    port.port
+                ));
+            }
+            // Forwarding an HTTP port as raw TCP would skip per-request authorization: refuse
+            // it rather than fail open.
+            if port.protocol == Protocol::Http {
+                return Err(format!(
+                    "inbound.ports: port {} is declared http, but per-request HTTP authorization is not built yet; declare it tcp",
+                    port.port
+                ));
+            }
+        }
+        if self.local.is_none() {
+            return Err("local: set the policy files (policy distribution from the control plane is not built yet)".into());
+        }
+        if !(1..=64).contains(&self.worker_threads) {
+            return Err("workerThreads must be from 1 to 64".into());
+        }
+        if self.limits.max_connections == 0 {
+            return Err("limits.maxConnections must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The inbound port entry for a service port.
+    pub fn inbound_port(&self, port: u16) -> Option<&InboundPort> {
+        self.inbound.ports.iter().find(|p| p.port == port)
+    }
+}

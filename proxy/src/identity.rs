@@ -1,0 +1,260 @@
+//! The sidecar's identity: its key pair is generated here and never leaves; only a CSR does.
+//!
+//! On start the sidecar loads its last certificate, key and trust bundle from `stateDir`. If
+//! there is none, or it has expired, it joins with the token from `tokenFile`: it fetches the
+//! trust bundle, checks it against the CA fingerprint the token carries (pinning), and posts
+//! a CSR with the token. It then renews at 70 % of the lifetime, over mTLS with its current
+//! certificate and a **new key pair every time**, retrying with capped backoff while the old
+//! certificate is still valid. Each new credential is published on a watch channel; listeners
+//! build new TLS configurations from it, so open connections are untouched.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sidewall_policies::SpiffeId;
+use sidewall_policies::svid::{Svid, TrustBundles, Usage};
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+mod control_plane;
+mod state;
+
+pub use control_plane::JoinError;
+
+/// The earliest and latest wait between renewal attempts after a failure.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// A certificate, its key and the trust bundle, as one unit.
+pub struct Credential {
+    /// Leaf then intermediates, PEM.
+    pub chain_pem: String,
+    /// The private key, PEM (kept in memory and in the 0600 state file only).
+    key_pem: String,
+    /// The trust bundle, PEM.
+    pub bundle_pem: String,
+    /// The leaf's SVID facts.
+    pub svid: Svid,
+    /// The rustls form of chain and key.
+    pub certified_key: Arc<CertifiedKey>,
+    /// The roots per trust domain (this trust domain only, for now).
+    pub bundles: TrustBundles,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("identity", &self.svid.id)
+            .field("serial", &self.svid.serial)
+            .field("not_after", &self.svid.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a credential is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// The PEM or the certificate is unusable.
+    #[error("credential: {0}")]
+    Invalid(String),
+    /// The certificate is not for this sidecar's identity.
+    #[error("certificate is for {0}, expected {1}")]
+    WrongIdentity(String, String),
+}
+
+fn invalid(e: impl std::fmt::Display) -> CredentialError {
+    CredentialError::Invalid(e.to_string())
+}
+
+impl Credential {
+    /// Builds a credential from PEM text, checking that the leaf is an SVID for `identity`.
+    pub fn from_pem(
+        identity: &SpiffeId,
+        chain_pem: String,
+        key_pem: String,
+        bundle_pem: String,
+    ) -> Result<Self, CredentialError> {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| invalid("no certificate in the chain"))?;
+        let svid = Svid::from_der(leaf, Usage::Client).map_err(invalid)?;
+        if &svid.id != identity {
+            return Err(CredentialError::WrongIdentity(
+                svid.id.to_string(),
+                identity.to_string(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(invalid)?;
+        let signing = crate::tls::provider()
+            .key_provider
+            .load_private_key(key)
+            .map_err(invalid)?;
+        let certified_key = Arc::new(CertifiedKey::new(chain, signing));
+        certified_key
+            .keys_match()
+            .map_err(|_| invalid("the key does not match the certificate"))?;
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(invalid)?;
+        if roots.is_empty() {
+            return Err(invalid("empty trust bundle"));
+        }
+        let mut bundles = TrustBundles::default();
+        bundles
+            .add(identity.trust_domain(), roots)
+            .map_err(invalid)?;
+        Ok(Self {
+            chain_pem,
+            key_pem,
+            bundle_pem,
+            svid,
+            certified_key,
+            bundles,
+        })
+    }
+
+    /// Seconds until the certificate expires (negative once expired).
+    pub fn seconds_left(&self) -> i64 {
+        self.svid.not_after - now_unix()
+    }
+
+    /// When to renew: at 70 % of the lifetime.
+    fn renew_at(&self) -> i64 {
+        let lifetime = self.svid.not_after - self.svid.not_before;
+        self.svid.not_before + lifetime * 7 / 10
+    }
+}
+
+/// Unix seconds now.
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The current credential, `None` until the first one is obtained.
+pub type CredentialWatch = watch::Receiver<Option<Arc<Credential>>>;
+
+/// Loads the saved credential, if it is valid and for this identity.
+pub fn load_saved(config: &Config) -> Option<Credential> {
+    match state::load(&config.state_dir, &config.identity) {
+        Ok(Some(credential)) if credential.seconds_left() > 0 => Some(credential),
+        Ok(Some(credential)) => {
+            tracing::warn!(serial = %credential.svid.serial, "saved certificate has expired; joining again");
+            None
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(%error, "saved credential unusable; joining again");
+            None
+        }
+    }
+}
+
+/// Keeps the credential current: joins if there is none, then renews at 70 % of the lifetime.
+/// Runs until `stop` turns true.
+pub async fn maintain(
+    config: Arc<Config>,
+    sender: watch::Sender<Option<Arc<Credential>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF.0;
+    loop {
+        let current = sender.borrow().clone();
+        let wait = match &current {
+            Some(credential) => {
+                Duration::from_secs(u64::try_from(credential.renew_at() - now_unix()).unwrap_or(0))
+            }
+            None => Duration::ZERO,
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        let result = match &current {
+            Some(credential) if credential.seconds_left() > 0 => renew(&config, credential).await,
+            _ => join(&config).await,
+        };
+        match result {
+            Ok(credential) => {
+                backoff = BACKOFF.0;
+                if let Err(error) = state::save(&config.state_dir, &credential) {
+                    tracing::error!(%error, "cannot save the credential; it is used but not persisted");
+                }
+                tracing::info!(serial = %credential.svid.serial, expires_in_s = credential.seconds_left(), "certificate obtained");
+                metrics::counter!("sidewall_proxy_certificates_obtained_total").increment(1);
+                let _ = sender.send(Some(Arc::new(credential)));
+            }
+            Err(error) => {
+                let left = current.as_ref().map_or(0, |c| c.seconds_left());
+                metrics::counter!("sidewall_proxy_certificate_failures_total").increment(1);
+                if left > 0 {
+                    tracing::warn!(%error, retry_in_s = backoff.as_secs(), certificate_left_s = left, "renewal failed; keeping the current certificate");
+                } else {
+                    tracing::error!(%error, retry_in_s = backoff.as_secs(), "no valid certificate: handshakes fail closed until one is obtained");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
+        }
+    }
+}
+
+/// A fresh ECDSA P-256 key and a CSR for it.
+fn key_and_csr() -> Result<(String, String), JoinError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Key(e.to_string()))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| JoinError::Key(e.to_string()))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+async fn join(config: &Config) -> Result<Credential, JoinError> {
+    let path = config
+        .control_plane
+        .token_file
+        .as_deref()
+        .ok_or(JoinError::NoToken)?;
+    let token = read_token(path)?;
+    let (key_pem, csr) = key_and_csr()?;
+    let response =
+        control_plane::join(&config.control_plane.urls, &config.identity, &token, &csr).await?;
+    Credential::from_pem(
+        &config.identity,
+        response.certificate_chain,
+        key_pem,
+        response.trust_bundle,
+    )
+    .map_err(|e| JoinError::Answer(e.to_string()))
+}
+
+async fn renew(config: &Config, current: &Credential) -> Result<Credential, JoinError> {
+    let (key_pem, csr) = key_and_csr()?;
+    let response = control_plane::renew(&config.control_plane.urls, current, &csr).await?;
+    Credential::from_pem(
+        &config.identity,
+        response.certificate_chain,
+        key_pem,
+        response.trust_bundle,
+    )
+    .map_err(|e| JoinError::Answer(e.to_string()))
+}
+
+fn read_token(path: &Path) -> Result<String, JoinError> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| JoinError::TokenFile(path.display().to_string(), e.to_string()))
+}

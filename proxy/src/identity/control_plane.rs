@@ -1,0 +1,304 @@
+//! Talking to the control plane for certificates (the routes documented in docs/api.md).
+//!
+//! First contact pins the CA: the trust bundle is fetched without verifying the server (no
+//! secret is sent on that connection), and accepted only if its root's SHA-256 equals the
+//! fingerprint in the join token. From then on the control plane must present exactly
+//! `spiffe://<td>/sidewall/control-plane`, chained to that root.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::Deserialize;
+use sidewall_policies::SpiffeId;
+use sidewall_policies::svid::{SpiffeServerVerifier, TrustBundles};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::Credential;
+use crate::tls::provider;
+
+/// How long one call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why joining or renewing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// No `controlPlane.tokenFile` and no saved certificate.
+    #[error("no valid certificate saved and no controlPlane.tokenFile to join with")]
+    NoToken,
+    /// The token file cannot be read.
+    #[error("token file {0}: {1}")]
+    TokenFile(String, String),
+    /// The token is not a Sidewall join token.
+    #[error("the join token is malformed (expected swt1.<id>.<secret>.<ca-sha256>)")]
+    Token,
+    /// The trust bundle does not match the token's CA fingerprint.
+    #[error(
+        "the control plane at {0} is not the one the token was made for (CA fingerprint differs)"
+    )]
+    Pin(String),
+    /// Generating the key or CSR failed.
+    #[error("key generation: {0}")]
+    Key(String),
+    /// No control plane could be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The control plane refused.
+    #[error("control plane refused ({0}): {1}")]
+    Refused(u16, String),
+    /// The answer is unusable.
+    #[error("unusable answer from the control plane: {0}")]
+    Answer(String),
+}
+
+/// The certificate response.
+#[derive(Debug, Deserialize)]
+pub(super) struct CertificateResponse {
+    pub(super) certificate_chain: String,
+    pub(super) trust_bundle: String,
+}
+
+/// Accepts any server certificate: used only to fetch the public trust bundle, whose content
+/// is then checked against the token's fingerprint. Nothing secret is sent on such a
+/// connection.
+#[derive(Debug)]
+struct FetchOnly(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for FetchOnly {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+fn authority(url: &str) -> Result<(String, String), JoinError> {
+    let authority = url
+        .strip_prefix("https://")
+        .map(|rest| rest.trim_end_matches('/'))
+        .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+        .ok_or_else(|| JoinError::Unreachable(format!("bad control plane URL {url:?}")))?;
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+        .trim_matches(['[', ']']);
+    Ok((authority.to_owned(), host.to_owned()))
+}
+
+async fn call(
+    url: &str,
+    tls: Arc<ClientConfig>,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, Bytes), JoinError> {
+    let work = async {
+        let (authority, host) = authority(url)?;
+        let fail = |e: &dyn std::fmt::Display| JoinError::Unreachable(format!("{url}: {e}"));
+        let tcp = TcpStream::connect(&authority).await.map_err(|e| fail(&e))?;
+        let name = ServerName::try_from(host).map_err(|e| fail(&e))?;
+        let stream = TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(&e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(&e))?;
+        tokio::spawn(connection);
+        let payload = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(payload)))
+            .map_err(|e| fail(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| fail(&e))?
+            .to_bytes();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(CALL_TIMEOUT, work)
+        .await
+        .map_err(|_| JoinError::Unreachable(format!("{url}: timed out")))?
+}
+
+fn verified_config(
+    identity: &SpiffeId,
+    bundle_pem: &str,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, JoinError> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| JoinError::Answer(e.to_string()))?;
+    let mut bundles = TrustBundles::default();
+    bundles
+        .add(identity.trust_domain(), roots)
+        .map_err(|e| JoinError::Answer(e.to_string()))?;
+    let expected = identity
+        .trust_domain()
+        .id("/sidewall/control-plane")
+        .map_err(|e| JoinError::Answer(e.to_string()))?;
+    let provider = provider();
+    let verifier = SpiffeServerVerifier::new(expected, bundles, &provider, None);
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| JoinError::Answer(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let config = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| JoinError::Answer(e.to_string()))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Fetches the trust bundle from `url` and checks it against the pinned fingerprint.
+async fn pinned_bundle(url: &str, fingerprint: &str) -> Result<String, JoinError> {
+    let provider = provider();
+    let config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| JoinError::Answer(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FetchOnly(
+            provider.signature_verification_algorithms,
+        )))
+        .with_no_client_auth();
+    let (status, body) = call(url, Arc::new(config), Method::GET, "/v1/trust-bundle", None).await?;
+    if status != 200 {
+        return Err(JoinError::Refused(status, "trust bundle".into()));
+    }
+    let pem = String::from_utf8(body.to_vec()).map_err(|e| JoinError::Answer(e.to_string()))?;
+    let pinned = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .any(|root| hex(digest::digest(&digest::SHA256, &root).as_ref()) == fingerprint);
+    if pinned {
+        Ok(pem)
+    } else {
+        Err(JoinError::Pin(url.to_owned()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn certificate_answer(status: u16, body: &Bytes) -> Result<CertificateResponse, JoinError> {
+    if status == 200 {
+        return serde_json::from_slice(body).map_err(|e| JoinError::Answer(e.to_string()));
+    }
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    Err(JoinError::Refused(status, message))
+}
+
+/// Tries each URL in turn; the last error is returned if none works. A refusal is final (the
+/// next replica would refuse too).
+async fn each_url<T, F, Fut>(urls: &[String], mut attempt: F) -> Result<T, JoinError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, JoinError>>,
+{
+    let mut last = JoinError::Unreachable("no control plane URL".into());
+    for url in urls {
+        match attempt(url.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(error @ JoinError::Refused(..)) => return Err(error),
+            Err(error) => {
+                tracing::warn!(url = %url, %error, "control plane attempt failed");
+                last = error;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// First contact: pin the CA from the token, then exchange the token and CSR.
+pub(super) async fn join(
+    urls: &[String],
+    identity: &SpiffeId,
+    token: &str,
+    csr: &str,
+) -> Result<CertificateResponse, JoinError> {
+    let mut parts = token.split('.');
+    let fingerprint = match (parts.next(), parts.nth(2), parts.next()) {
+        (Some("swt1"), Some(fp), None) if fp.len() == 64 => fp.to_owned(),
+        _ => return Err(JoinError::Token),
+    };
+    each_url(urls, |url| {
+        let fingerprint = fingerprint.clone();
+        async move {
+            let bundle = pinned_bundle(&url, &fingerprint).await?;
+            let tls = verified_config(identity, &bundle, None)?;
+            let body = serde_json::json!({"csr": csr, "token": token});
+            let (status, answer) =
+                call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;
+            certificate_answer(status, &answer)
+        }
+    })
+    .await
+}
+
+/// Renewal over mTLS with the current certificate.
+pub(super) async fn renew(
+    urls: &[String],
+    current: &Credential,
+    csr: &str,
+) -> Result<CertificateResponse, JoinError> {
+    let chain: Vec<CertificateDer<'static>> = current.certified_key.cert.clone();
+    let key = PrivateKeyDer::from_pem_slice(current.key_pem.as_bytes())
+        .map_err(|e| JoinError::Answer(e.to_string()))?;
+    let tls = verified_config(&current.svid.id, &current.bundle_pem, Some((chain, key)))?;
+    each_url(urls, |url| {
+        let tls = tls.clone();
+        async move {
+            let body = serde_json::json!({"csr": csr});
+            let (status, answer) =
+                call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;
+            certificate_answer(status, &answer)
+        }
+    })
+    .await
+}

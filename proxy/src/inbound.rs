@@ -1,0 +1,202 @@
+//! The inbound listener: mTLS from peer sidecars, a decision before a single byte reaches the
+//! app, then forwarding.
+//!
+//! ```text
+//! accept (permit) → TLS (client SVID required, strict) → port header → port in inbound.ports?
+//!   → Engine::decide_connection(peer, self, port, protocol from OUR config) → Deny: status, log,
+//!   metric, close │ Allow/Audit: connect the app, status Allowed, forward until EOF, idle,
+//!   revocation (onRevoke) or the peer certificate's expiry
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sidewall_policies::svid::{Usage, peer_svid};
+use sidewall_policies::{Decision, Outcome};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::Context;
+use crate::connections::CloseReason;
+use crate::identity::now_unix;
+use crate::transport::{Status, forward, read_header, write_status};
+
+/// Accepts until `stop` turns true.
+pub(crate) async fn serve(
+    context: Arc<Context>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = context.permits.clone().try_acquire_owned() else {
+            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "inbound", "reason" => "limit").increment(1);
+            continue;
+        };
+        let context = context.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => "inbound")
+                .increment(1);
+            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "inbound")
+                .increment(1.0);
+            handle(&context, stream, remote).await;
+            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "inbound")
+                .decrement(1.0);
+        });
+    }
+}
+
+fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {
+    metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
+    tracing::info!(%remote, reason, %detail, "inbound connection refused");
+}
+
+fn record(decision: &Decision) {
+    let outcome = match decision.outcome {
+        Outcome::Allow => "allow",
+        Outcome::Deny => "deny",
+        Outcome::Audit => "audit",
+    };
+    let policy = decision
+        .reason
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |r| r.policy.to_string());
+    metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => outcome, "policy" => policy).increment(1);
+}
+
+async fn handle(context: &Context, stream: TcpStream, remote: SocketAddr) {
+    let config = &context.config;
+    let Some(tls) = context.tls.borrow().clone() else {
+        // No certificate yet: fail closed.
+        refused(
+            "no_local_certificate",
+            remote,
+            &"the sidecar has no certificate yet",
+        );
+        return;
+    };
+    let Some(active) = context.snapshot.borrow().clone() else {
+        refused(
+            "no_snapshot",
+            remote,
+            &"the sidecar has no policy snapshot yet",
+        );
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let timeout = config.limits.handshake_timeout.0;
+    let acceptor = TlsAcceptor::from(tls.server.clone());
+    let handshake = async {
+        let mut stream = acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| (sidewall_policies::svid::io_failure_label(&e), e.to_string()))?;
+        let port = read_header(&mut stream)
+            .await
+            .map_err(|e| ("bad_header", e.to_string()))?;
+        Ok::<_, (&'static str, String)>((stream, port))
+    };
+    let (mut stream, port) = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err((reason, detail))) => return refused(reason, remote, &detail),
+        Err(_) => return refused("timeout", remote, &"handshake or port header too slow"),
+    };
+    let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
+        return refused("no_certificate", remote, &"no client SVID");
+    };
+    // A resumed session skips certificate verification: expiry is checked here every time.
+    if peer.not_after <= now_unix() {
+        return refused("certificate_expired", remote, &peer.id);
+    }
+    let Some(entry) = config.inbound_port(port) else {
+        metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "unknown_port", "policy" => "-").increment(1);
+        tracing::warn!(peer = %peer.id, port, "peer asked for a port this sidecar does not serve");
+        let _ = write_status(&mut stream, Status::UnknownPort).await;
+        return;
+    };
+    let decision =
+        active
+            .engine
+            .decide_connection(&peer.id, &config.identity, port, entry.protocol);
+    record(&decision);
+    let rule = decision.reason.as_ref().map_or_else(
+        || "default deny".to_owned(),
+        |r| format!("policy={} rule={}", r.policy, r.rule),
+    );
+    if !decision.permits() {
+        tracing::warn!(peer = %peer.id, target = %config.identity, port, %rule, "connection denied");
+        let _ = write_status(&mut stream, Status::Denied).await;
+        return;
+    }
+    if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
+        tracing::info!(peer = %peer.id, port, decision = %decision.to_string().replace('\n', "; "), "audit");
+    }
+    let app = match tokio::time::timeout(
+        config.limits.connect_timeout.0,
+        TcpStream::connect(entry.app),
+    )
+    .await
+    {
+        Ok(Ok(app)) => app,
+        Ok(Err(error)) => {
+            tracing::warn!(app = %entry.app, %error, "app unreachable");
+            let _ = write_status(&mut stream, Status::AppUnavailable).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(app = %entry.app, "app connect timed out");
+            let _ = write_status(&mut stream, Status::AppUnavailable).await;
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    if write_status(&mut stream, Status::Allowed).await.is_err() {
+        return;
+    }
+    tracing::debug!(peer = %peer.id, port, %rule, "connection allowed");
+    let on_revoke = decision
+        .reason
+        .as_ref()
+        .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
+        .map(|p| p.on_revoke)
+        .unwrap_or_default();
+    let mut registration = context.connections.register(
+        peer.id.clone(),
+        peer.serial.clone(),
+        port,
+        entry.protocol,
+        on_revoke,
+    );
+    let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
+    tokio::select! {
+        result = forward(stream, app, config.limits.idle_timeout.0) => match result {
+            Ok(counts) => {
+                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound").increment(counts.a_to_b + counts.b_to_a);
+                tracing::debug!(peer = %peer.id, port, to_app = counts.a_to_b, from_app = counts.b_to_a, idle = counts.idle, "connection closed");
+            }
+            Err(error) => tracing::debug!(peer = %peer.id, %error, "connection ended with an error"),
+        },
+        reason = registration.closed.wait_for(Option::is_some) => {
+            let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
+            metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
+            tracing::info!(peer = %peer.id, port, reason = label, "connection closed by the sidecar");
+        }
+        () = tokio::time::sleep(expiry) => {
+            metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "peer_certificate_expired").increment(1);
+            tracing::info!(peer = %peer.id, port, "peer certificate expired: connection closed");
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Outbound routes: the app connects to a local port; the sidecar opens mTLS to one of the
+//! service's sidecars from the snapshot's directory, requires the server to be exactly the
+//! service's SPIFFE ID, names the service port in the header, and forwards.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use sidewall_policies::svid::{Usage, peer_svid};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+use crate::Context;
+use crate::config::Route;
+use crate::identity::now_unix;
+use crate::transport::{Status, forward, request_port};
+
+/// Accepts app connections on one route until `stop` turns true.
+pub(crate) async fn serve(
+    context: Arc<Context>,
+    route: Route,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let route = Arc::new(route);
+    loop {
+        let (app, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = context.permits.clone().try_acquire_owned() else {
+            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "outbound", "reason" => "limit").increment(1);
+            continue;
+        };
+        let (context, route) = (context.clone(), route.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => "outbound")
+                .increment(1);
+            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "outbound")
+                .increment(1.0);
+            if let Err(reason) = handle(&context, &route, app).await {
+                metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
+                    .increment(1);
+            }
+            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "outbound")
+                .decrement(1.0);
+        });
+    }
+}
+
+fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
+    let host = endpoint
+        .rsplit_once(':')
+        .map_or(endpoint, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    ServerName::try_from(host.to_owned()).ok()
+}
+
+async fn handle(context: &Context, route: &Route, app: TcpStream) -> Result<(), &'static str> {
+    let config = &context.config;
+    let _ = app.set_nodelay(true);
+    let tls = context.tls.borrow().clone().ok_or_else(|| {
+        tracing::warn!(service = %route.service, "no certificate yet: outbound refused");
+        "no_local_certificate"
+    })?;
+    let active = context.snapshot.borrow().clone().ok_or("no_snapshot")?;
+    let Some(entry) = active.snapshot.service(&route.service) else {
+        tracing::warn!(service = %route.service, "service is not in the directory");
+        return Err("unknown_service");
+    };
+    let client = tls.client(&route.service).map_err(|_| "tls_config")?;
+    let connector = TlsConnector::from(client);
+    let timeout = config.limits.handshake_timeout.0;
+    let mut last = "no_endpoint";
+    for endpoint in &entry.endpoints {
+        let Ok(address) = tokio::net::lookup_host(endpoint.as_str())
+            .await
+            .map(|mut a| a.next())
+        else {
+            last = "endpoint_unresolvable";
+            continue;
+        };
+        let (Some(address), Some(name)) = (address, server_name(endpoint)) else {
+            last = "endpoint_unresolvable";
+            continue;
+        };
+        let tcp = match tokio::time::timeout(
+            config.limits.connect_timeout.0,
+            TcpStream::connect(address),
+        )
+        .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            _ => {
+                tracing::warn!(%endpoint, service = %route.service, "peer sidecar unreachable; trying the next endpoint");
+                last = "peer_unreachable";
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                let reason = sidewall_policies::svid::io_failure_label(&error);
+                metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "outbound", "reason" => reason).increment(1);
+                tracing::warn!(%endpoint, expected = %route.service, reason, %error, "peer sidecar refused or is not who it should be");
+                return Err(reason);
+            }
+            Err(_) => return Err("handshake_timeout"),
+        };
+        let server_expiry = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Server)
+            .map_or(0, |svid| svid.not_after);
+        match request_port(&mut stream, route.port, timeout).await {
+            Ok(Some(Status::Allowed)) => {}
+            Ok(Some(status)) => {
+                tracing::warn!(service = %route.service, port = route.port, status = status.label(), "peer sidecar refused the connection");
+                return Err(status.label());
+            }
+            Ok(None) | Err(_) => return Err("bad_status"),
+        }
+        let expiry = Duration::from_secs(u64::try_from(server_expiry - now_unix()).unwrap_or(0));
+        tokio::select! {
+            result = forward(app, stream, config.limits.idle_timeout.0) => {
+                if let Ok(counts) = result {
+                    metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
+                }
+            }
+            () = tokio::time::sleep(expiry) => {
+                tracing::info!(service = %route.service, "peer certificate expired: connection closed");
+            }
+        }
+        return Ok(());
+    }
+    tracing::warn!(service = %route.service, reason = last, "no endpoint of the service could be reached");
+    Err(last)
+}
+
+/// The local address of a route (for logs).
+pub(crate) fn describe(route: &Route) -> String {
+    let listen: SocketAddr = route.listen;
+    format!("{listen} -> {}:{}", route.service, route.port)
+}

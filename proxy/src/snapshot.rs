@@ -1,0 +1,146 @@
+//! The snapshot the sidecar enforces, and where it comes from.
+//!
+//! Until policy distribution from the control plane exists, the snapshot is built from local
+//! files (`local:` in the config): the policy files are loaded with the same strict loader as
+//! `sidewall policy validate`, re-read when they change, and a set that does not load never
+//! replaces the last good one. The trust bundle and revocations come with the credential.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sidewall_policies::load::{LoadOptions, load_paths};
+use sidewall_policies::snapshot::{
+    Revocations, Schema, ServiceEntry, ServicePort, Snapshot, SnapshotVersion,
+};
+use sidewall_policies::{Engine, PolicySet, SpiffeId};
+use tokio::sync::watch;
+
+use crate::config::LocalConfig;
+
+/// How often local files are checked for changes.
+const POLL: Duration = Duration::from_millis(500);
+
+/// A snapshot and the engine compiled from it.
+#[derive(Debug)]
+pub struct Active {
+    /// The snapshot.
+    pub snapshot: Snapshot,
+    /// Its policies, compiled.
+    pub engine: Engine,
+}
+
+/// The current snapshot, `None` until the first one loads.
+pub type SnapshotWatch = watch::Receiver<Option<Arc<Active>>>;
+
+/// The policies that apply to `workload`.
+fn for_workload(set: PolicySet, workload: &SpiffeId) -> PolicySet {
+    let engine = Engine::new(set);
+    let mine: Vec<_> = engine.policies_for(workload).into_iter().cloned().collect();
+    // A subset of a valid set has unique names.
+    PolicySet::new(mine).unwrap_or_default()
+}
+
+fn build(local: &LocalConfig, workload: &SpiffeId, counter: u64) -> Result<Active, String> {
+    let loaded = load_paths(&local.policies, &LoadOptions::default()).map_err(|e| e.to_string())?;
+    let policies = for_workload(loaded.policies, workload);
+    let directory = local
+        .directory
+        .iter()
+        .map(|service| ServiceEntry {
+            identity: service.identity.clone(),
+            endpoints: service.endpoints.clone(),
+            ports: service
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    port: p.port,
+                    protocol: p.protocol,
+                })
+                .collect(),
+            addresses: Vec::new(),
+        })
+        .collect();
+    let snapshot = Snapshot {
+        schema: Schema::default(),
+        version: SnapshotVersion {
+            epoch: "local".into(),
+            counter,
+        },
+        workload: workload.clone(),
+        policies: policies.clone(),
+        trust_bundles: BTreeMap::new(),
+        revocations: Revocations::default(),
+        directory,
+    };
+    Ok(Active {
+        engine: Engine::new(policies),
+        snapshot,
+    })
+}
+
+/// Sizes and modification times of the files under the policy paths.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(path: &std::path::Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+        let Ok(metadata) = std::fs::metadata(path) else {
+            out.push((path.to_path_buf(), 0, None));
+            return;
+        };
+        if metadata.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(path) {
+                let mut entries: Vec<_> =
+                    entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                entries.sort();
+                for entry in entries {
+                    walk(&entry, out);
+                }
+            }
+        } else {
+            out.push((path.to_path_buf(), metadata.len(), metadata.modified().ok()));
+        }
+    }
+    let mut out = Vec::new();
+    for path in paths {
+        walk(path, &mut out);
+    }
+    out
+}
+
+/// Loads the local snapshot, then reloads it whenever the files change, until `stop`.
+pub async fn watch_local(
+    local: LocalConfig,
+    workload: SpiffeId,
+    sender: watch::Sender<Option<Arc<Active>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = Vec::new();
+    let mut counter = 0;
+    loop {
+        let now = fingerprint(&local.policies);
+        if now != seen {
+            seen = now;
+            match build(&local, &workload, counter + 1) {
+                Ok(active) => {
+                    counter += 1;
+                    tracing::info!(
+                        version = counter,
+                        policies = active.snapshot.policies.policies().len(),
+                        "snapshot applied"
+                    );
+                    metrics::gauge!("sidewall_proxy_snapshot_version").set(counter as f64);
+                    metrics::counter!("sidewall_proxy_snapshots_applied_total").increment(1);
+                    let _ = sender.send(Some(Arc::new(active)));
+                }
+                Err(errors) => {
+                    metrics::counter!("sidewall_proxy_snapshots_rejected_total").increment(1);
+                    tracing::error!(%errors, "policy files do not load; keeping the last good snapshot");
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! rustls configurations built from the current credential and snapshot.
+//!
+//! Inbound: TLS 1.3 (1.2 only if configured), a client SVID required and verified strictly
+//! (exactly one URI SAN, no CA bits on the leaf, EKU clientAuth, chained to a root of the
+//! peer's own trust domain, not reserved, not revoked). Outbound: the server must present
+//! exactly the SPIFFE ID expected for the service. Both are rebuilt whenever the certificate
+//! or the snapshot changes; connections keep the configuration they started with.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+use rustls::version::{TLS12, TLS13};
+use rustls::{ClientConfig, ServerConfig, SupportedProtocolVersion};
+use sidewall_policies::SpiffeId;
+use sidewall_policies::snapshot::Revocations;
+use sidewall_policies::svid::{Acceptor, SpiffeClientVerifier, SpiffeServerVerifier, SvidError};
+
+use crate::identity::Credential;
+
+/// ALPN of the sidecar-to-sidecar L4 protocol (port header, then raw bytes).
+pub const ALPN_L4: &[u8] = b"sidewall-l4/1";
+
+/// The crypto provider used everywhere (aws-lc-rs).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+static TLS13_ONLY: [&SupportedProtocolVersion; 1] = [&TLS13];
+static TLS13_AND_12: [&SupportedProtocolVersion; 2] = [&TLS13, &TLS12];
+
+fn versions(tls12: bool) -> &'static [&'static SupportedProtocolVersion] {
+    if tls12 { &TLS13_AND_12 } else { &TLS13_ONLY }
+}
+
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+#[derive(Debug)]
+struct ClientCertificate(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientCertificate {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Refuses reserved identities (the control plane and operators are not workloads) and
+/// revoked identities or serials.
+fn acceptor(revocations: Revocations) -> Acceptor {
+    Arc::new(move |svid| {
+        if svid.id.is_reserved() {
+            return Err(SvidError::Refused(svid.id.to_string(), "reserved_identity"));
+        }
+        if revocations.is_revoked(&svid.id, &svid.serial) {
+            return Err(SvidError::Refused(svid.id.to_string(), "revoked"));
+        }
+        Ok(())
+    })
+}
+
+/// The TLS configurations for one (credential, snapshot) pair.
+pub struct TlsSet {
+    /// The inbound server configuration.
+    pub server: Arc<ServerConfig>,
+    credential: Arc<Credential>,
+    revocations: Revocations,
+    tls12: bool,
+    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl std::fmt::Debug for TlsSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSet")
+            .field("credential", &self.credential)
+            .finish()
+    }
+}
+
+impl TlsSet {
+    /// Builds the server configuration; client configurations are made per expected peer on
+    /// first use and kept (so TLS sessions resume).
+    pub fn new(
+        credential: Arc<Credential>,
+        revocations: Revocations,
+        tls12: bool,
+    ) -> Result<Self, rustls::Error> {
+        let verifier = SpiffeClientVerifier::new(
+            &credential.bundles,
+            provider(),
+            acceptor(revocations.clone()),
+            true,
+        )?;
+        let mut server = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions(tls12))?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(Arc::new(Fixed(credential.certified_key.clone())));
+        server.alpn_protocols = vec![ALPN_L4.to_vec()];
+        Ok(Self {
+            server: Arc::new(server),
+            credential,
+            revocations,
+            tls12,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The credential these configurations present.
+    pub fn credential(&self) -> &Arc<Credential> {
+        &self.credential
+    }
+
+    /// A client configuration that accepts only `expected` as the server.
+    pub fn client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = clients.get(expected) {
+            return Ok(config.clone());
+        }
+        let provider = provider();
+        let verifier = SpiffeServerVerifier::new(
+            expected.clone(),
+            self.credential.bundles.clone(),
+            &provider,
+            Some(acceptor(self.revocations.clone())),
+        );
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions(self.tls12))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(ClientCertificate(
+                self.credential.certified_key.clone(),
+            )));
+        config.alpn_protocols = vec![ALPN_L4.to_vec()];
+        let config = Arc::new(config);
+        clients.insert(expected.clone(), config.clone());
+        Ok(config)
+    }
+}

@@ -1,0 +1,124 @@
+//! Between sidecars, and the copy loop.
+//!
+//! **The port header.** After the mTLS handshake the client sidecar names the target *port
+//! only*, never an address: 5 bytes, `53 57 01 <port: u16 big-endian>` ("SW", version 1). The
+//! server maps the port through its own `inbound.ports`, decides, and answers one status
+//! byte ([`Status`]) before any app byte flows back. A denied connection is closed right after
+//! the status byte; nothing the client sent reaches the app.
+//!
+//! **The copy.** [`forward`] is the one place bytes are moved between two streams: both
+//! directions at once, half-close propagated each way, one buffer per direction reused for the
+//! whole connection, an idle timeout, and the byte counts returned. The benchmark issue
+//! replaces its inside without touching callers.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+mod copy;
+
+pub use copy::{Forwarded, forward};
+
+/// The header's fixed prefix: "SW" and version 1.
+pub const MAGIC: [u8; 3] = [0x53, 0x57, 0x01];
+
+/// The server's answer to a port header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Authorized and connected to the app: bytes flow.
+    Allowed = 0,
+    /// Policy denies this peer on this port.
+    Denied = 1,
+    /// The server has no such port.
+    UnknownPort = 2,
+    /// The header was malformed.
+    BadHeader = 3,
+    /// Authorized, but the app could not be reached.
+    AppUnavailable = 4,
+}
+
+impl Status {
+    /// Decodes a status byte.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0 => Status::Allowed,
+            1 => Status::Denied,
+            2 => Status::UnknownPort,
+            3 => Status::BadHeader,
+            4 => Status::AppUnavailable,
+            _ => return None,
+        })
+    }
+
+    /// A short label for logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Allowed => "allowed",
+            Status::Denied => "denied",
+            Status::UnknownPort => "unknown_port",
+            Status::BadHeader => "bad_header",
+            Status::AppUnavailable => "app_unavailable",
+        }
+    }
+}
+
+/// Why a header could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeaderError {
+    /// Not the Sidewall header (or another version).
+    #[error("not a Sidewall port header")]
+    Magic,
+    /// Port 0.
+    #[error("port 0 is not a port")]
+    Port,
+    /// The stream ended or failed first.
+    #[error("reading the port header: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes the header for `port`.
+pub fn encode_header(port: u16) -> [u8; 5] {
+    let [high, low] = port.to_be_bytes();
+    [MAGIC[0], MAGIC[1], MAGIC[2], high, low]
+}
+
+/// Reads a header and returns the port.
+pub async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<u16, HeaderError> {
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await?;
+    if header[..3] != MAGIC {
+        return Err(HeaderError::Magic);
+    }
+    match u16::from_be_bytes([header[3], header[4]]) {
+        0 => Err(HeaderError::Port),
+        port => Ok(port),
+    }
+}
+
+/// Writes a status byte.
+pub async fn write_status<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: Status,
+) -> std::io::Result<()> {
+    stream.write_all(&[status as u8]).await?;
+    stream.flush().await
+}
+
+/// Sends the header and waits for the status, within `timeout`.
+pub async fn request_port<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    port: u16,
+    timeout: Duration,
+) -> std::io::Result<Option<Status>> {
+    let exchange = async {
+        stream.write_all(&encode_header(port)).await?;
+        stream.flush().await?;
+        let mut status = [0u8; 1];
+        stream.read_exact(&mut status).await?;
+        Ok(Status::from_byte(status[0]))
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer to the port header")
+    })?
+}

@@ -1,0 +1,131 @@
+//! The bidirectional copy: half-close both ways, reused buffers, idle timeout, byte counts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Size of each direction's buffer, allocated once per connection. 64 KiB lets a TLS writer
+/// fill whole 16 KiB records from one read.
+const BUFFER: usize = 64 * 1024;
+
+/// What a finished copy moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forwarded {
+    /// Bytes from the first stream to the second.
+    pub a_to_b: u64,
+    /// Bytes from the second stream to the first.
+    pub b_to_a: u64,
+    /// Whether it ended because nothing moved for the idle timeout.
+    pub idle: bool,
+}
+
+/// One direction: read into the buffer, write it all, until EOF; then shut the writer down
+/// (half-close). Backpressure is natural: nothing is read until the last chunk is written.
+async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    activity: Arc<AtomicU64>,
+    start: Instant,
+) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0u8; BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = from.read(&mut buffer).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        to.write_all(&buffer[..n]).await?;
+        to.flush().await?;
+        total += n as u64;
+        let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.store(elapsed, Ordering::Relaxed);
+    }
+}
+
+/// Copies both ways between `a` and `b` until both directions have ended, either side
+/// fails, or nothing moves for `idle_timeout`.
+pub async fn forward<A, B>(a: A, b: B, idle_timeout: Duration) -> std::io::Result<Forwarded>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (a_read, a_write) = tokio::io::split(a);
+    let (b_read, b_write) = tokio::io::split(b);
+    let start = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let both = async {
+        tokio::try_join!(
+            pump(a_read, b_write, activity.clone(), start),
+            pump(b_read, a_write, activity.clone(), start),
+        )
+    };
+    tokio::pin!(both);
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let deadline = start + last + idle_timeout;
+        tokio::select! {
+            result = &mut both => {
+                let (a_to_b, b_to_a) = result?;
+                return Ok(Forwarded { a_to_b, b_to_a, idle: false });
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                let now_last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if now_last == last {
+                    return Ok(Forwarded { idle: true, ..Forwarded::default() });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_both_ways_and_propagates_half_close() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let forwarding = tokio::spawn(forward(proxy_a, proxy_b, Duration::from_secs(5)));
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let (mut server_read, mut server_write) = tokio::io::split(server);
+        let payload = vec![7u8; 300_000];
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            client_write.write_all(&sent).await.unwrap();
+            client_write.shutdown().await.unwrap();
+        });
+        let mut received = Vec::new();
+        server_read.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, payload, "all bytes arrive, then EOF (half-close)");
+        writer.await.unwrap();
+        // The other direction still works after the first one closed.
+        server_write.write_all(b"reply").await.unwrap();
+        server_write.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client_read.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply");
+        let counts = forwarding.await.unwrap().unwrap();
+        assert_eq!(
+            (counts.a_to_b, counts.b_to_a, counts.idle),
+            (300_000, 5, false)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_closed() {
+        let (_client, proxy_a) = tokio::io::duplex(64);
+        let (proxy_b, _server) = tokio::io::duplex(64);
+        let counts = forward(proxy_a, proxy_b, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(counts.idle);
+    }
+}

@@ -1,0 +1,57 @@
+//! `sidewall proxy --config FILE`: check the configuration, bind, run the sidecar.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use sidewall_proxy::config::Config;
+
+/// Flags of `sidewall proxy`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The sidecar's YAML configuration (docs/proxy.md describes every field).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+pub(crate) fn run(args: Args) -> ExitCode {
+    // Configuration errors end here, before any port is bound.
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|error| eprintln!("warning: metrics disabled: {error}"))
+        .ok();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let listeners = match sidewall_proxy::bind(&config).await {
+            Ok(listeners) => listeners,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(1);
+            }
+        };
+        sidewall_proxy::run(
+            config,
+            listeners,
+            metrics,
+            super::control_plane::shutdown_signal(),
+        )
+        .await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,463 @@
+//! The sidecar as users run it: real control plane, real sidecars, real certificates, and
+//! clients no one here wrote (`openssl s_client`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test helpers panic to report; blocking waits are fine here
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{
+    ControlPlaneProcess, EchoApp, ProxyProcess, eventually, exchange, free_port, metric,
+};
+
+const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
+
+/// A control plane, a policy directory and an echo app behind the `api` sidecar.
+struct Mesh {
+    dir: tempfile::TempDir,
+    cp: ControlPlaneProcess,
+    app: EchoApp,
+    api_inbound: u16,
+}
+
+impl Mesh {
+    fn new(cp_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        let cp = ControlPlaneProcess::start(&dir.path().join("cp"), cp_args);
+        Self {
+            dir,
+            cp,
+            app: EchoApp::start(),
+            api_inbound: free_port(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn policy(&self, name: &str, yaml: &str) {
+        std::fs::write(
+            self.path().join("policies").join(format!("{name}.yaml")),
+            yaml,
+        )
+        .unwrap();
+    }
+
+    fn token(&self, name: &str) -> PathBuf {
+        let run = self
+            .cp
+            .cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let path = self.path().join(format!("{name}.token"));
+        std::fs::write(&path, run.stdout.lines().last().unwrap()).unwrap();
+        path
+    }
+
+    /// A sidecar for `name`; `api` serves the echo app on service port 8080, others get a
+    /// route to api:8080 on `route_port` (and `extra` directory entries).
+    fn sidecar(&self, name: &str, route_port: u16, extra_directory: &str) -> ProxyProcess {
+        self.token(name);
+        let (inbound, ports) = if name == "api" {
+            (
+                self.api_inbound,
+                format!(
+                    "{{port: 8080, protocol: tcp, app: 127.0.0.1:{}}}",
+                    self.app.port
+                ),
+            )
+        } else {
+            (free_port(), String::new())
+        };
+        let routes = if name == "api" {
+            String::new()
+        } else {
+            format!("{{listen: 127.0.0.1:{route_port}, service: {TD}/api, port: 8080}}")
+        };
+        let admin = free_port();
+        let config = format!(
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{cp}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api}], ports: [{{port: 8080}}]}}\n{extra_directory}workerThreads: 1\nlimits: {{drainTimeout: 2s}}\n",
+            cp = self.cp.api_port,
+            api = self.api_inbound,
+        );
+        let proxy = ProxyProcess::start(self.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    }
+}
+
+const ALLOW_WEB: &str = "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: api-from-web}\nspec:\n  target: spiffe://sidewall.local/ns/demo/svc/api\n  onRevoke: terminate\n  rules:\n    - {action: allow, from: [spiffe://sidewall.local/ns/demo/svc/web], ports: [8080]}\n";
+
+#[test]
+fn allowed_peers_reach_the_app_and_denied_peers_never_do() {
+    let mesh = Mesh::new(&[]);
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let (web_route, batch_route) = (free_port(), free_port());
+    let web = mesh.sidecar("web", web_route, "");
+    let batch = mesh.sidecar("batch", batch_route, "");
+
+    assert_eq!(
+        exchange(web_route, b"hello through two sidecars").as_deref(),
+        Some(&b"hello through two sidecars"[..])
+    );
+    assert_eq!(mesh.app.accepted(), 1);
+    let big = vec![42u8; 3 * 1024 * 1024];
+    assert_eq!(exchange(web_route, &big).map(|b| b.len()), Some(big.len()));
+
+    let before = mesh.app.accepted();
+    assert_eq!(
+        exchange(batch_route, b"let me in"),
+        None,
+        "denied peer gets nothing back"
+    );
+    assert_eq!(
+        mesh.app.accepted(),
+        before,
+        "the app never saw the denied peer"
+    );
+    let metrics = api.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "sidewall_proxy_authorizations_total",
+            &[("outcome", "deny"), ("policy", "-")]
+        ),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "sidewall_proxy_authorizations_total",
+            &[("outcome", "allow"), ("policy", "api-from-web")]
+        ),
+        2
+    );
+    assert!(api.log().contains("connection denied"), "{}", api.log());
+    assert!(
+        batch.log().contains("status=\"denied\"") || batch.log().contains("status=denied"),
+        "{}",
+        batch.log()
+    );
+    let (_, config) = support::http_get(web.admin_port, "/config");
+    assert!(
+        config.contains(&format!("\"identity\": \"{TD}/web\"")),
+        "{config}"
+    );
+    assert!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(mesh.path().join("state/web/key.pem"))
+                .unwrap()
+                .permissions()
+        ) & 0o077
+            == 0
+    );
+}
+
+#[test]
+fn a_server_with_the_wrong_identity_is_refused() {
+    let mesh = Mesh::new(&[]);
+    mesh.policy("api", ALLOW_WEB);
+    let _api = mesh.sidecar("api", 0, "");
+    // The directory claims the db lives at the api's address: the api presents its own
+    // identity, not the db's, so the web sidecar must refuse it.
+    let db_route = free_port();
+    let extra = format!(
+        "    - {{identity: {TD}/db, endpoints: [127.0.0.1:{}], ports: [{{port: 8080}}]}}\n",
+        mesh.api_inbound
+    );
+    let web_route = free_port();
+    let web = mesh.sidecar("web", web_route, &extra);
+    let config = std::fs::read_to_string(mesh.path().join("web.yaml")).unwrap();
+    let config = config.replace(
+        "  routes: [",
+        &format!("  routes: [{{listen: 127.0.0.1:{db_route}, service: {TD}/db, port: 8080}}, "),
+    );
+    drop(web);
+    let web = ProxyProcess::start(mesh.path(), "web2", &config, free_port_from(&config));
+    web.wait_ready();
+    let before = mesh.app.accepted();
+    assert_eq!(exchange(db_route, b"secret"), None);
+    assert_eq!(mesh.app.accepted(), before);
+    let metrics = web.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "sidewall_proxy_handshake_failures_total",
+            &[("direction", "outbound"), ("reason", "unexpected_identity")]
+        ),
+        1,
+        "{metrics}"
+    );
+    assert!(
+        web.log()
+            .contains("expected=spiffe://sidewall.local/ns/demo/svc/db"),
+        "{}",
+        web.log()
+    );
+    assert!(
+        exchange(web_route, b"ok").is_some(),
+        "the right identity still works"
+    );
+}
+
+/// The admin port written in a sidecar config.
+fn free_port_from(config: &str) -> u16 {
+    let admin = config.split("admin:\n  listen: 127.0.0.1:").nth(1).unwrap();
+    admin.lines().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_policy_change_closes_open_connections_per_on_revoke() {
+    use std::io::{Read, Write};
+    let mesh = Mesh::new(&[]);
+    mesh.policy("api", ALLOW_WEB);
+    let _api = mesh.sidecar("api", 0, "");
+    let web_route = free_port();
+    let _web = mesh.sidecar("web", web_route, "");
+    let mut open = std::net::TcpStream::connect(("127.0.0.1", web_route)).unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    open.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    open.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+
+    let started = Instant::now();
+    mesh.policy("api", &ALLOW_WEB.replace("svc/web]", "svc/someone-else]"));
+    // The open connection is cut (terminate): the read ends.
+    let n = open.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the connection was closed");
+    eprintln!(
+        "policy change to closed connection: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        exchange(web_route, b"again"),
+        None,
+        "new connections are denied too"
+    );
+}
+
+#[test]
+fn bad_client_certificates_are_refused_each_with_its_reason() {
+    let mesh = Mesh::new(&[]);
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let cp_dir = mesh.path().join("cp");
+    let intermediate_pem = std::fs::read_to_string(cp_dir.join("ca/intermediate.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &intermediate_pem,
+        rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(cp_dir.join("ca/intermediate.key")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let web = format!("{TD}/web");
+    let now = time::OffsetDateTime::now_utc();
+    let leaf = |tweak: &dyn Fn(&mut rcgen::CertificateParams)| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(web.as_str().try_into().unwrap())];
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        params.not_before = now - Duration::from_secs(60);
+        params.not_after = now + Duration::from_secs(3600);
+        tweak(&mut params);
+        let chain = format!(
+            "{}{intermediate_pem}",
+            params.signed_by(&key, &issuer).unwrap().pem()
+        );
+        (chain, key.serialize_pem())
+    };
+    let other_ca = rcgen::Issuer::new(
+        {
+            let mut p = rcgen::CertificateParams::default();
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p
+        },
+        rcgen::KeyPair::generate().unwrap(),
+    );
+    let foreign = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(web.as_str().try_into().unwrap())];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        (
+            params.signed_by(&key, &other_ca).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let cases: Vec<(&str, Option<(String, String)>, &str)> = vec![
+        (
+            "two URI SANs",
+            Some(leaf(&|p| {
+                p.subject_alt_names.push(rcgen::SanType::URI(
+                    format!("{TD}/other").as_str().try_into().unwrap(),
+                ))
+            })),
+            "multiple_uri_sans",
+        ),
+        (
+            "CA:true leaf",
+            Some(leaf(&|p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained)
+            })),
+            "ca_leaf",
+        ),
+        (
+            "keyCertSign leaf",
+            Some(leaf(&|p| {
+                p.key_usages.push(rcgen::KeyUsagePurpose::KeyCertSign)
+            })),
+            "key_cert_sign_leaf",
+        ),
+        (
+            "no URI SAN",
+            Some(leaf(&|p| {
+                p.subject_alt_names = vec![rcgen::SanType::DnsName("web.demo".try_into().unwrap())]
+            })),
+            "no_uri_san",
+        ),
+        (
+            "server-only EKU",
+            Some(leaf(&|p| {
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth]
+            })),
+            "wrong_extended_key_usage",
+        ),
+        (
+            "expired certificate",
+            Some(leaf(&|p| {
+                p.not_before = now - Duration::from_secs(7200);
+                p.not_after = now - Duration::from_secs(3600);
+            })),
+            "certificate_expired",
+        ),
+        ("another CA's certificate", Some(foreign), "unknown_issuer"),
+        (
+            "reserved identity",
+            Some(leaf(&|p| {
+                p.subject_alt_names = vec![rcgen::SanType::URI(
+                    "spiffe://sidewall.local/sidewall/operator/admin"
+                        .try_into()
+                        .unwrap(),
+                )]
+            })),
+            "reserved_identity",
+        ),
+        ("no client certificate", None, "no_certificate"),
+    ];
+    let bundle = std::fs::read_to_string(cp_dir.join("trust-bundle.pem")).unwrap();
+    let before = mesh.app.accepted();
+    for (name, identity, reason) in &cases {
+        let answered = tls_exchange(mesh.api_inbound, &bundle, identity.as_ref(), 8080);
+        assert!(answered.is_err(), "{name}: accepted: {answered:?}");
+        let metrics = api.metrics();
+        let counted = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            metric(
+                &api.metrics(),
+                "sidewall_proxy_handshake_failures_total",
+                &[("direction", "inbound"), ("reason", reason)],
+            ) >= 1
+        });
+        assert!(
+            counted,
+            "{name}: not counted as {reason}:\n{}",
+            api.metrics()
+        );
+        let _ = metrics;
+    }
+    // Non-TLS bytes.
+    let _ = exchange(mesh.api_inbound, b"GET / HTTP/1.1\r\nHost: api\r\n\r\n");
+    eventually(5, "plaintext counted", || {
+        metric(
+            &api.metrics(),
+            "sidewall_proxy_handshake_failures_total",
+            &[("reason", "not_tls")],
+        ) >= 1
+    });
+    assert_eq!(mesh.app.accepted(), before, "the app saw none of them");
+
+    // The same client with a valid certificate for web gets through: the refusals above
+    // were about the certificates.
+    let good = leaf(&|_| {});
+    assert_eq!(
+        tls_exchange(mesh.api_inbound, &bundle, Some(&good), 8080).unwrap(),
+        b"\x00ping"
+    );
+}
+
+/// A TLS client from this test: presents `identity`, sends the port header and "ping", and
+/// returns what came back.
+fn tls_exchange(
+    port: u16,
+    bundle: &str,
+    identity: Option<&(String, String)>,
+    service_port: u16,
+) -> Result<Vec<u8>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let roots: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(bundle.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let mut bundles = sidewall_policies::svid::TrustBundles::default();
+    bundles
+        .add(
+            sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
+            roots,
+        )
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let expected = sidewall_policies::SpiffeId::parse(&format!("{TD}/api")).unwrap();
+    let verifier =
+        sidewall_policies::svid::SpiffeServerVerifier::new(expected, bundles, &provider, None);
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier));
+    let config = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let mut connection = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        "api.invalid".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+    let [high, low] = service_port.to_be_bytes();
+    tls.write_all(&[0x53, 0x57, 0x01, high, low])
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"ping").map_err(|e| e.to_string())?;
+    tls.conn.send_close_notify();
+    tls.flush().map_err(|e| e.to_string())?;
+    let _ = tls.sock.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    match tls.read_to_end(&mut answer) {
+        Ok(_) if !answer.is_empty() => Ok(answer),
+        Ok(_) => Err("closed without an answer".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
