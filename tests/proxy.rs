@@ -23,10 +23,15 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn new(cp_args: &[&str]) -> Self {
+    fn new(cp_config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
-        let cp = ControlPlaneProcess::start(&dir.path().join("cp"), cp_args);
+        let config = dir.path().join("cp.yaml");
+        std::fs::write(&config, cp_config).unwrap();
+        let cp = ControlPlaneProcess::start(
+            &dir.path().join("cp"),
+            &["--config", config.to_str().unwrap()],
+        );
         Self {
             dir,
             cp,
@@ -93,7 +98,7 @@ const ALLOW_WEB: &str = "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {n
 
 #[test]
 fn allowed_peers_reach_the_app_and_denied_peers_never_do() {
-    let mesh = Mesh::new(&[]);
+    let mesh = Mesh::new("{}");
     mesh.policy("api", ALLOW_WEB);
     let api = mesh.sidecar("api", 0, "");
     let (web_route, batch_route) = (free_port(), free_port());
@@ -160,7 +165,7 @@ fn allowed_peers_reach_the_app_and_denied_peers_never_do() {
 
 #[test]
 fn a_server_with_the_wrong_identity_is_refused() {
-    let mesh = Mesh::new(&[]);
+    let mesh = Mesh::new("{}");
     mesh.policy("api", ALLOW_WEB);
     let _api = mesh.sidecar("api", 0, "");
     // The directory claims the db lives at the api's address: the api presents its own
@@ -214,7 +219,7 @@ fn free_port_from(config: &str) -> u16 {
 #[test]
 fn a_policy_change_closes_open_connections_per_on_revoke() {
     use std::io::{Read, Write};
-    let mesh = Mesh::new(&[]);
+    let mesh = Mesh::new("{}");
     mesh.policy("api", ALLOW_WEB);
     let _api = mesh.sidecar("api", 0, "");
     let web_route = free_port();
@@ -245,7 +250,7 @@ fn a_policy_change_closes_open_connections_per_on_revoke() {
 
 #[test]
 fn bad_client_certificates_are_refused_each_with_its_reason() {
-    let mesh = Mesh::new(&[]);
+    let mesh = Mesh::new("{}");
     mesh.policy("api", ALLOW_WEB);
     let api = mesh.sidecar("api", 0, "");
     let cp_dir = mesh.path().join("cp");
@@ -298,7 +303,8 @@ fn bad_client_certificates_are_refused_each_with_its_reason() {
             key.serialize_pem(),
         )
     };
-    let cases: Vec<(&str, Option<(String, String)>, &str)> = vec![
+    type Credential = Option<(String, String)>;
+    let cases: Vec<(&str, Credential, &str)> = vec![
         (
             "two URI SANs",
             Some(leaf(&|p| {
@@ -460,4 +466,133 @@ fn tls_exchange(
         Ok(_) => Err("closed without an answer".into()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+#[test]
+fn certificates_rotate_under_traffic_without_a_failed_exchange() {
+    let mesh = Mesh::new("certificates: {workloadLifetime: 5s}\n");
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let web_route = free_port();
+    let web = mesh.sidecar("web", web_route, "");
+    // A connection opened now is authorized with certificates that expire within 5 s: it must
+    // not outlive them, however busy it is.
+    let mut long_lived = std::net::TcpStream::connect(("127.0.0.1", web_route)).unwrap();
+    std::io::Write::write_all(&mut long_lived, b"held").unwrap();
+    let started = Instant::now();
+    let (mut exchanges, mut failures) = (0, 0);
+    while started.elapsed() < Duration::from_secs(14) {
+        let payload = format!("exchange {exchanges}");
+        if exchange(web_route, payload.as_bytes()).as_deref() != Some(payload.as_bytes()) {
+            failures += 1;
+        }
+        exchanges += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let renewed = |p: &ProxyProcess| {
+        metric(
+            &p.metrics(),
+            "sidewall_proxy_certificates_obtained_total",
+            &[],
+        )
+    };
+    eprintln!(
+        "{exchanges} exchanges, {failures} failed; certificates: api {}, web {}",
+        renewed(&api),
+        renewed(&web)
+    );
+    assert_eq!(failures, 0, "{exchanges} exchanges");
+    assert!(exchanges > 100);
+    assert!(
+        renewed(&api) >= 3 && renewed(&web) >= 3,
+        "each sidecar renewed at least twice"
+    );
+    assert!(web.log().contains("certificate obtained"));
+    long_lived
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut echoed = Vec::new();
+    let read = std::io::Read::read_to_end(&mut long_lived, &mut echoed);
+    assert!(
+        read.is_ok(),
+        "closed by the sidecar, not by a timeout: {read:?}"
+    );
+    assert_eq!(echoed, b"held");
+    assert!(
+        api.log()
+            .contains("peer certificate expired: connection closed")
+            || web
+                .log()
+                .contains("peer certificate expired: connection closed")
+    );
+}
+
+#[test]
+fn sidecars_keep_serving_while_the_control_plane_is_down_and_restart_from_their_state() {
+    let mut mesh = Mesh::new("{}");
+    mesh.policy("api", ALLOW_WEB);
+    let mut api = mesh.sidecar("api", 0, "");
+    let web_route = free_port();
+    let _web = mesh.sidecar("web", web_route, "");
+    assert!(exchange(web_route, b"before").is_some());
+    assert_eq!(mesh.cp.stop(), Some(0));
+    assert_eq!(
+        exchange(web_route, b"while down").as_deref(),
+        Some(&b"while down"[..])
+    );
+
+    // The api sidecar restarts with the control plane still down: it serves from its state.
+    api.stop();
+    let config = std::fs::read_to_string(mesh.path().join("api.yaml")).unwrap();
+    std::fs::remove_file(mesh.path().join("api.token")).unwrap();
+    let api = ProxyProcess::start(mesh.path(), "api", &config, free_port_from(&config));
+    api.wait_ready();
+    assert_eq!(
+        exchange(web_route, b"after restart").as_deref(),
+        Some(&b"after restart"[..])
+    );
+    assert!(
+        !api.log().contains("certificate obtained"),
+        "it used the saved certificate"
+    );
+}
+
+#[test]
+fn openssl_s_client_is_accepted_or_refused_as_policy_says() {
+    let mesh = Mesh::new("{}");
+    mesh.policy("api", ALLOW_WEB);
+    let _api = mesh.sidecar("api", 0, "");
+    let _web = mesh.sidecar("web", free_port(), "");
+    let _batch = mesh.sidecar("batch", free_port(), "");
+    let bundle = mesh.path().join("cp/trust-bundle.pem");
+    let s_client = |name: &str| {
+        let state = mesh.path().join("state").join(name);
+        let cert = state.join("certificate.pem");
+        let script = format!(
+            "(printf '\\123\\127\\001\\037\\220ping'; sleep 2) | timeout 5 openssl s_client -quiet -connect 127.0.0.1:{} -cert {} -cert_chain {} -key {} -CAfile {} -verify_return_error",
+            mesh.api_inbound,
+            cert.display(),
+            cert.display(),
+            state.join("key.pem").display(),
+            bundle.display()
+        );
+        let output = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        output.stdout
+    };
+    let before = mesh.app.accepted();
+    assert_eq!(
+        s_client("web"),
+        b"\x00ping",
+        "web is allowed: status 0, then the echo"
+    );
+    assert_eq!(mesh.app.accepted(), before + 1);
+    assert_eq!(
+        s_client("batch"),
+        b"\x01",
+        "batch is denied: status 1, then close"
+    );
+    assert_eq!(mesh.app.accepted(), before + 1);
 }

@@ -28,7 +28,8 @@ pub mod csr;
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Lifetime of a generated intermediate.
 const INTERMEDIATE_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
-/// Certificates start this long before "now", to tolerate clock skew between machines.
+/// Certificates start up to this long before "now", to tolerate clock skew between machines
+/// (a tenth of the lifetime at most, so short lifetimes stay short).
 const BACKDATE: Duration = Duration::from_secs(60);
 
 /// Why the CA cannot start or sign.
@@ -181,7 +182,7 @@ fn ca_params(
 
 fn set_validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - BACKDATE.min(lifetime / 10);
     params.not_after = now + lifetime;
 }
 

@@ -285,6 +285,13 @@ pub async fn run(
     }
     renewal.abort();
     let _ = admin_task.await;
+    // Connection tasks still finishing hold the API (and through it the store's file lock);
+    // wait for them so that a restart in the same process can open the store again.
+    let deadline =
+        tokio::time::Instant::now() + api.config.request_timeout + Duration::from_secs(1);
+    while Arc::strong_count(&api) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     tracing::info!("control plane stopped");
     Ok(())
 }
