@@ -3,8 +3,11 @@
 pub(crate) mod control_plane;
 pub(crate) mod operator;
 pub(crate) mod policy;
+pub(crate) mod policy_remote;
 pub(crate) mod proxy;
+pub(crate) mod status;
 pub(crate) mod token;
+pub(crate) mod workload;
 
 use std::process::ExitCode;
 
@@ -31,6 +34,16 @@ pub(crate) fn block_on(action: impl std::future::Future<Output = anyhow::Result<
             ExitCode::from(1)
         }
     }
+}
+
+/// Runs an async action on a small runtime and returns its value.
+pub(crate) fn block_on_value<T>(
+    action: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(action)
 }
 
 /// The operator client for the control plane named by `access`.

@@ -67,6 +67,15 @@ enum Command {
         #[command(flatten)]
         access: ControlPlaneAccess,
     },
+    /// Revoke workloads and list registered ones (needs an operator credential).
+    Workload {
+        #[command(subcommand)]
+        command: commands::workload::WorkloadCommand,
+        #[command(flatten)]
+        access: ControlPlaneAccess,
+    },
+    /// The fleet: each sidecar's connection, versions, acks and certificate expiry.
+    Status(commands::status::Args),
     /// Issue operator credentials (needs an operator credential).
     Operator {
         #[command(subcommand)]
@@ -104,6 +113,8 @@ fn main() -> ExitCode {
             commands::proxy::run(args)
         }
         Command::Token { command, access } => commands::token::run(command, &access),
+        Command::Workload { command, access } => commands::workload::run(command, &access),
+        Command::Status(args) => commands::status::run(args),
         Command::Operator { command, access } => commands::operator::run(command, &access),
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
@@ -36,6 +37,8 @@ pub struct Api {
     pub limiter: RateLimiter,
     /// The configuration.
     pub config: Config,
+    /// Policy distribution and the fleet view.
+    pub distribution: Arc<crate::distribution::Distribution>,
 }
 
 /// An error answered to a client: status, stable code, human message (no internals).
@@ -47,7 +50,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -55,11 +58,11 @@ impl ApiError {
         }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }
 }
@@ -95,10 +98,26 @@ impl From<csr::CsrError> for ApiError {
     }
 }
 
-type HttpResponse = Response<Full<Bytes>>;
+/// Every response body: whole (JSON, PEM) or streamed (snapshot watches).
+pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
-fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+mod distribution;
+mod policies;
+
+/// Applies a policy set that came from the policy directory (see [`crate::gitops`]).
+pub async fn apply_from_source(
+    api: &Api,
+    files: Vec<crate::store::PolicyFile>,
+    set: sidewall_policies::PolicySet,
+    applied_by: String,
+) -> Result<u64, String> {
+    policies::store_and_apply(api, files, set, applied_by)
+        .await
+        .map_err(|e| e.message)
+}
+
+pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -106,7 +125,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
     response
 }
 
-fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -118,7 +137,7 @@ fn rfc3339(time: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-fn unix_rfc3339(seconds: i64) -> String {
+pub(crate) fn unix_rfc3339(seconds: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(seconds)
         .ok()
         .and_then(|t| {
@@ -129,7 +148,7 @@ fn unix_rfc3339(seconds: i64) -> String {
 }
 
 /// Reads a JSON body within [`MAX_BODY_BYTES`] and the configured request timeout.
-async fn read_json<T: DeserializeOwned>(
+pub(crate) async fn read_json<T: DeserializeOwned>(
     api: &Api,
     request: Request<Incoming>,
 ) -> Result<T, ApiError> {
@@ -224,6 +243,8 @@ struct RevocationRequest {
 pub struct Peer {
     /// The client's SVID, if it presented one (already verified by the handshake).
     pub svid: Option<Svid>,
+    /// The client's address as this control plane sees it.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// Serves one request; never fails (errors become JSON responses).
@@ -246,6 +267,21 @@ pub async fn handle(
         (&Method::POST, "/v1/operators") => issue_operator(&api, &peer, request).await,
         (&Method::POST, "/v1/revocations") => revoke(&api, &peer, request).await,
         (&Method::GET, "/v1/revocations") => list_revocations(&api, &peer).await,
+        (&Method::GET, "/v1/snapshots/watch") => distribution::watch(&api, &peer, &request),
+        (&Method::POST, "/v1/registrations") => distribution::register(&api, &peer, request).await,
+        (&Method::DELETE, p) if p.starts_with("/v1/registrations/") => {
+            distribution::deregister(&api, &peer, &p["/v1/registrations/".len()..]).await
+        }
+        (&Method::POST, "/v1/acks") => distribution::ack(&api, &peer, request).await,
+        (&Method::POST, "/v1/flows") => distribution::flows(&api, &peer, request).await,
+        (&Method::POST, "/v1/policies") => policies::apply(&api, &peer, request).await,
+        (&Method::GET, "/v1/policies") => policies::history(&api, &peer).await,
+        (&Method::POST, "/v1/policies/impact") => policies::impact(&api, &peer, request).await,
+        (&Method::GET, p) if p.starts_with("/v1/policies/") => {
+            policies::version(&api, &peer, &p["/v1/policies/".len()..]).await
+        }
+        (&Method::GET, "/v1/directory") => policies::directory(&api, &peer).await,
+        (&Method::GET, "/v1/fleet") => policies::fleet(&api, &peer).await,
         (
             _,
             "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
@@ -285,12 +321,20 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (_, p) if p.starts_with("/v1/tokens") => "tokens",
         (_, "/v1/operators") => "operators",
         (_, "/v1/revocations") => "revocations",
+        (_, "/v1/snapshots/watch") => "watch",
+        (_, p) if p.starts_with("/v1/registrations") => "registrations",
+        (_, "/v1/acks") => "acks",
+        (_, "/v1/flows") => "flows",
+        (_, p) if p.starts_with("/v1/policies") => "policies",
+        (_, "/v1/directory") => "directory",
+        (_, "/v1/fleet") => "fleet",
         _ => "other",
     }
 }
 
 fn trust_bundle(api: &Api) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(api.ca.trust_bundle_pem().to_owned())));
+    let mut response =
+        Response::new(Full::new(Bytes::from(api.ca.trust_bundle_pem().to_owned())).boxed_unsync());
     response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/x-pem-file"),
@@ -298,7 +342,7 @@ fn trust_bundle(api: &Api) -> HttpResponse {
     response
 }
 
-fn require_operator(api: &Api, peer: &Peer) -> Result<String, ApiError> {
+pub(crate) fn require_operator(api: &Api, peer: &Peer) -> Result<String, ApiError> {
     let Some(svid) = &peer.svid else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -651,6 +695,8 @@ async fn revoke(
             by: operator.clone(),
         })
         .await?;
+    api.distribution
+        .set_revocations(&api.store.revocations().await?);
     tracing::warn!(kind, value, operator, "revoked");
     Ok(json_response(
         StatusCode::OK,

@@ -12,6 +12,7 @@
 //!   maxTtl: 24h                    # cap on `token create --ttl`; default 24h, at most 30d
 //! limits:
 //!   requestTimeout: 10s            # TLS handshake, request headers, body: each; default 10s
+//! policiesDir: ./policies          # optional: watch this directory and apply it (GitOps)
 //! serverNames: [cp.example.org]    # extra DNS names on the API certificate (for curl & co.)
 //! ca:                              # optional: plug in your own CA (root key stays offline)
 //!   rootCert: /etc/sidewall/root.pem
@@ -77,6 +78,7 @@ pub struct FileConfig {
     limits: LimitsSection,
     #[serde(default)]
     server_names: Vec<String>,
+    policies_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +119,8 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     /// `--trust-domain`.
     pub trust_domain: Option<TrustDomain>,
+    /// `--policies-dir`.
+    pub policies_dir: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -148,6 +152,8 @@ pub struct Config {
     /// DNS names added to the serving certificate beside its SPIFFE ID, so that ordinary
     /// HTTPS clients (curl) can verify it too. `localhost` and the listen IP are always added.
     pub server_names: Vec<String>,
+    /// A directory of policy files to watch and apply (GitOps), if any.
+    pub policies_dir: Option<PathBuf>,
 }
 
 /// Why the configuration is unusable.
@@ -223,6 +229,7 @@ impl Config {
                 .request_timeout
                 .map_or(Duration::from_secs(10), |d| d.0),
             server_names: file.server_names,
+            policies_dir: overrides.policies_dir.or(file.policies_dir),
             plug_in: file.ca.map(|ca| PlugIn {
                 root_cert: ca.root_cert,
                 intermediate_cert: ca.intermediate_cert,

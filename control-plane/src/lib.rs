@@ -10,10 +10,11 @@
 //! - [`tls`]: the control plane's own rotating certificate and its rustls configuration.
 //! - [`server`]: [`server::prepare`] (everything that can fail before a port is bound) and
 //!   [`server::run`] (listeners and shutdown passed in).
+//! - [`distribution`]: the policy set in force, per-workload snapshots, acks, the fleet view,
+//!   observed flows; [`gitops`] watches a policy directory.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`client`]: the operator's client for the API (used by the `sidewall` CLI).
 //!
-//! Policy distribution, acks and the fleet view are planned (issue "Control plane, part 2").
 //! It depends on `sidewall-policies` for identities and SVID checks, and never on the proxy.
 
 pub mod admin;
@@ -22,6 +23,8 @@ pub mod attestation;
 pub mod ca;
 pub mod client;
 pub mod config;
+pub mod distribution;
+pub mod gitops;
 pub mod random;
 pub mod ratelimit;
 pub mod server;

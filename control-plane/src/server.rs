@@ -21,9 +21,10 @@ use crate::admin;
 use crate::api::{Api, Peer, handle};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
 use crate::config::Config;
+use crate::distribution::Distribution;
 use crate::ratelimit::RateLimiter;
-use crate::store::StoreError;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, StoreError};
 use crate::tls::{ServingCertificate, TlsError, server_config};
 
 /// Most API connections at once.
@@ -104,11 +105,21 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
     let certificate = Arc::new(certificate);
     let tls = Arc::new(server_config(&ca, certificate.clone())?);
+    let latest = store.policy_versions().await?.pop();
+    let distribution = Arc::new(Distribution::new(
+        store.epoch().await?,
+        ca.trust_domain().clone(),
+        ca.trust_bundle_pem().to_owned(),
+        latest,
+        store.registrations().await?,
+        &store.revocations().await?,
+    ));
     let api = Arc::new(Api {
         limiter: RateLimiter::new(config.issuance_per_minute),
         store: Arc::new(store),
         ca,
         config,
+        distribution,
     });
     Ok(Prepared {
         api,
@@ -201,6 +212,7 @@ pub async fn run(
         trust_domain: api.ca.trust_domain().to_string(),
         pid: std::process::id(),
     };
+    api.distribution.set_replica(record.api_url.clone());
     let record_json = serde_json::to_vec_pretty(&record).unwrap_or_default();
     write_private(&record_path(&data_dir), &record_json, 0o644)?;
     tracing::info!(api = %api_addr, admin = ?listeners.admin.local_addr().ok(), "control plane serving");
@@ -212,6 +224,11 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let admin_task = tokio::spawn(admin::serve(listeners.admin, metrics, stop_rx.clone()));
+    let policies_task = api
+        .config
+        .policies_dir
+        .clone()
+        .map(|dir| tokio::spawn(crate::gitops::watch(api.clone(), dir, stop_rx.clone())));
     let acceptor = TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -253,6 +270,7 @@ pub async fn run(
                 }
             };
             let peer = Arc::new(Peer {
+                remote: Some(remote),
                 svid: sidewall_policies::svid::peer_svid(
                     tls.get_ref().1.peer_certificates(),
                     sidewall_policies::svid::Usage::Client,
@@ -285,6 +303,9 @@ pub async fn run(
     }
     renewal.abort();
     let _ = admin_task.await;
+    if let Some(task) = policies_task {
+        let _ = task.await;
+    }
     // Connection tasks still finishing hold the API (and through it the store's file lock);
     // wait for them so that a restart in the same process can open the store again.
     let deadline =

@@ -100,8 +100,61 @@ pub struct RevocationRecord {
     pub by: String,
 }
 
+/// One policy file as applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyFile {
+    /// The file name as the operator had it.
+    pub name: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// An accepted policy set: its version, who applied it, and the files themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    /// Assigned by the store, 1, 2, 3, …
+    pub version: u64,
+    /// The operator (or `gitops:<dir>`).
+    pub applied_by: String,
+    /// When, Unix seconds.
+    pub applied_at: i64,
+    /// The files, as applied.
+    pub files: Vec<PolicyFile>,
+}
+
+/// A sidecar's registration: the endpoint it advertises and what it serves there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationRecord {
+    /// The sidecar process (a random id per process start).
+    pub instance: String,
+    /// Its identity (from its certificate).
+    pub identity: String,
+    /// `host:port` of its inbound listener.
+    pub endpoint: String,
+    /// Service ports and protocols.
+    pub ports: Vec<sidewall_policies::snapshot::ServicePort>,
+    /// Extra addresses clients may dial for the service.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// When, Unix seconds.
+    pub registered_at: i64,
+}
+
 /// The control plane's persistent state.
 pub trait Store: Send + Sync + 'static {
+    /// Stores a new policy version: assigns `version` (last + 1) atomically and returns it.
+    fn put_policy_version(&self, record: PolicyVersion) -> StoreFuture<'_, u64>;
+    /// One policy version.
+    fn policy_version(&self, version: u64) -> StoreFuture<'_, Option<PolicyVersion>>;
+    /// Every policy version, oldest first.
+    fn policy_versions(&self) -> StoreFuture<'_, Vec<PolicyVersion>>;
+    /// Adds or replaces a registration, keyed by endpoint. Refused (returns the holder's
+    /// identity) when another identity holds the endpoint.
+    fn put_registration(&self, record: RegistrationRecord) -> StoreFuture<'_, Result<(), String>>;
+    /// Removes a sidecar instance's registration.
+    fn remove_registration(&self, instance: &str) -> StoreFuture<'_, ()>;
+    /// Every registration.
+    fn registrations(&self) -> StoreFuture<'_, Vec<RegistrationRecord>>;
     /// Adds a token.
     fn put_token(&self, token: TokenRecord) -> StoreFuture<'_, ()>;
     /// Looks a token up.

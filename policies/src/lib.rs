@@ -13,6 +13,7 @@
 //! - [`engine`]: the decision engine compiled from a policy set, indexed by target, with
 //!   [`engine::Engine::explain`] for humans.
 //! - [`testing`]: `PolicyTest` expectation documents and their runner.
+//! - [`diff`]: what changed between two policy sets, policy by policy.
 //! - [`snapshot`]: the versioned snapshot the control plane sends each proxy (JSON).
 //! - `svid` (feature `x509`): the X.509-SVID rules and the strict rustls verifiers built on
 //!   them, shared by the sidecar and the control plane.
@@ -75,6 +76,7 @@ macro_rules! text_type {
 }
 pub(crate) use text_type;
 
+pub mod diff;
 pub mod engine;
 pub mod http;
 pub mod identity;

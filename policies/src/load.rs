@@ -265,6 +265,35 @@ pub fn load_paths<P: AsRef<Path>>(
     paths: &[P],
     options: &LoadOptions,
 ) -> Result<Loaded, LoadErrors> {
+    let (sources, mut errors) = collect_sources(paths, options);
+    match load_sources(&sources, options) {
+        Ok(loaded) if errors.is_empty() => Ok(loaded),
+        Ok(_) => Err(LoadErrors(errors)),
+        Err(LoadErrors(more)) => {
+            errors.extend(more);
+            Err(LoadErrors(errors))
+        }
+    }
+}
+
+/// Finds and reads the policy files under `paths` without parsing them (to send them to the
+/// control plane as they are). Every file that cannot be found or read is an error.
+pub fn read_sources<P: AsRef<Path>>(
+    paths: &[P],
+    options: &LoadOptions,
+) -> Result<Vec<Source>, LoadErrors> {
+    let (sources, errors) = collect_sources(paths, options);
+    if errors.is_empty() {
+        Ok(sources)
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
+fn collect_sources<P: AsRef<Path>>(
+    paths: &[P],
+    options: &LoadOptions,
+) -> (Vec<Source>, Vec<LoadError>) {
     let mut errors = Vec::new();
     let mut sources = Vec::new();
     for path in paths {
@@ -291,14 +320,7 @@ pub fn load_paths<P: AsRef<Path>>(
             }
         }
     }
-    match load_sources(&sources, options) {
-        Ok(loaded) if errors.is_empty() => Ok(loaded),
-        Ok(_) => Err(LoadErrors(errors)),
-        Err(LoadErrors(more)) => {
-            errors.extend(more);
-            Err(LoadErrors(errors))
-        }
-    }
+    (sources, errors)
 }
 
 /// Collects policy files under `path`, sorted so loads are reproducible. Hidden entries and

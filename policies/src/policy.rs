@@ -105,7 +105,9 @@ impl fmt::Display for Action {
 
 /// The protocol a sidecar serves on one of its ports. Decided by the target's own sidecar
 /// configuration, never by the peer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Raw TCP: only connection decisions. The default.

@@ -76,7 +76,7 @@ pub struct Revocations {
     /// Revoked identities: no certificate for them is accepted.
     #[serde(default)]
     pub identities: Vec<SpiffeId>,
-    /// Revoked certificate serial numbers, lowercase hex without separators.
+    /// Revoked certificate serial numbers, hex without separators (compared as numbers).
     #[serde(default)]
     pub serials: Vec<String>,
 }
@@ -84,11 +84,13 @@ pub struct Revocations {
 impl Revocations {
     /// Whether a peer with this identity and certificate serial is revoked.
     pub fn is_revoked(&self, id: &SpiffeId, serial_hex: &str) -> bool {
+        // Serials compare as numbers: case and leading zeros do not matter.
+        let serial = serial_hex.trim_start_matches('0');
         self.identities.contains(id)
             || self
                 .serials
                 .iter()
-                .any(|s| s.eq_ignore_ascii_case(serial_hex))
+                .any(|s| s.trim_start_matches('0').eq_ignore_ascii_case(serial))
     }
 }
 

@@ -67,6 +67,8 @@ fn config_view(context: &Context) -> serde_json::Value {
         },
         "outbound": config.outbound.routes.iter().map(describe).collect::<Vec<_>>(),
         "open_inbound_connections": context.connections.len(),
+        "instance": context.instance,
+        "control_plane": context.control_plane.lock().unwrap_or_else(|p| p.into_inner()).clone(),
     })
 }
 

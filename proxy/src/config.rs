@@ -8,6 +8,8 @@
 //! stateDir: ./state/api             # certificate, key (0600), trust bundle
 //! inbound:
 //!   listen: 0.0.0.0:4643            # mTLS from peer sidecars
+//!   advertise: 10.0.0.7:4643        # what other sidecars dial (default: listen, if specific)
+//!   addresses: [10.96.0.10:8080]    # extra addresses clients may dial for this service
 //!   ports:                          # the app ports behind this sidecar
 //!     - {port: 8080, protocol: tcp, app: 127.0.0.1:8080}
 //! outbound:
@@ -15,7 +17,8 @@
 //!     - {listen: 127.0.0.1:7001, service: spiffe://example.org/ns/shop/svc/db, port: 5432}
 //! admin:
 //!   listen: 127.0.0.1:4691
-//! local:                            # the snapshot from local files (re-read when they change)
+//! # Without `local`, snapshots come from the control plane. With it, from local files:
+//! local:                            # (re-read when they change)
 //!   policies: [./policies]
 //!   directory:
 //!     - {identity: spiffe://example.org/ns/shop/svc/db, endpoints: [127.0.0.1:5643], ports: [{port: 5432, protocol: tcp}]}
@@ -93,6 +96,13 @@ pub struct InboundConfig {
     /// The app ports.
     #[serde(default)]
     pub ports: Vec<InboundPort>,
+    /// The address other sidecars dial, registered with the control plane. Default: `listen`
+    /// when it is a specific address.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Extra addresses clients may dial for this service (a virtual IP), registered as well.
+    #[serde(default)]
+    pub addresses: Vec<String>,
 }
 
 fn default_inbound() -> SocketAddr {
@@ -355,8 +365,14 @@ impl Config {
                 ));
             }
         }
-        if self.local.is_none() {
-            return Err("local: set the policy files (policy distribution from the control plane is not built yet)".into());
+        if self.local.is_none()
+            && self.inbound.advertise.is_none()
+            && self.inbound.listen.ip().is_unspecified()
+        {
+            return Err(format!(
+                "inbound.advertise: the inbound listener {} is a wildcard address; say which address other sidecars should dial",
+                self.inbound.listen
+            ));
         }
         if !(1..=64).contains(&self.worker_threads) {
             return Err("workerThreads must be from 1 to 64".into());

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 
-mod control_plane;
-mod state;
+pub(crate) mod control_plane;
+pub(crate) mod state;
 
 pub use control_plane::JoinError;
 
@@ -34,7 +34,7 @@ pub struct Credential {
     /// Leaf then intermediates, PEM.
     pub chain_pem: String,
     /// The private key, PEM (kept in memory and in the 0600 state file only).
-    key_pem: String,
+    pub(crate) key_pem: String,
     /// The trust bundle, PEM.
     pub bundle_pem: String,
     /// The leaf's SVID facts.

@@ -3,7 +3,8 @@
 //! - [`config`]: the strict YAML configuration.
 //! - [`identity`]: the key pair generated here (only a CSR leaves), joining with a token
 //!   (pinning the CA), renewal at 70 % with a new key each time, the state directory.
-//! - [`snapshot`]: the snapshot enforced (from local files until distribution exists).
+//! - [`distribution`]: snapshots from the control plane (register, watch, ack, flows).
+//! - [`snapshot`]: the snapshot enforced, or built from local files (`local:`).
 //! - [`tls`]: rustls configurations from the credential and the snapshot; strict SVID checks.
 //! - [`inbound`]: the mTLS listener; a decision before any byte reaches the app.
 //! - [`outbound`]: explicit routes to other services, verifying the expected identity.
@@ -25,6 +26,7 @@ use tokio::sync::{Semaphore, watch};
 pub mod admin;
 pub mod config;
 pub mod connections;
+pub mod distribution;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
@@ -52,6 +54,12 @@ pub struct Context {
     pub permits: Arc<Semaphore>,
     /// True once shutdown has begun.
     pub stopping: watch::Receiver<bool>,
+    /// This sidecar process's id in the control plane's fleet view.
+    pub instance: String,
+    /// Decision counts since the last report to the control plane.
+    pub flows: distribution::Flows,
+    /// The control plane URL the snapshot stream is open to, if any.
+    pub control_plane: std::sync::Mutex<Option<String>>,
 }
 
 /// The bound sockets, in the order of the configuration.
@@ -92,6 +100,13 @@ pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
     })
 }
 
+/// A random id for this sidecar process.
+fn instance_id() -> String {
+    let mut bytes = [0u8; 8];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Rebuilds the TLS configurations whenever the credential or the snapshot changes, and
 /// re-checks open connections when the snapshot changes.
 async fn follow(
@@ -109,7 +124,16 @@ async fn follow(
                 .as_ref()
                 .map(|a| a.snapshot.revocations.clone())
                 .unwrap_or_default();
-            match TlsSet::new(current, revocations, context.config.tls.allow_tls12) {
+            let bundles = active
+                .as_ref()
+                .map(|a| a.snapshot.trust_bundles.clone())
+                .unwrap_or_default();
+            match TlsSet::new(
+                current,
+                revocations,
+                &bundles,
+                context.config.tls.allow_tls12,
+            ) {
                 Ok(set) => {
                     let _ = tls.send(Some(Arc::new(set)));
                 }
@@ -149,7 +173,11 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (credential_tx, credential_rx) =
         watch::channel(identity::load_saved(&config).map(Arc::new));
-    let (snapshot_tx, snapshot_rx) = watch::channel(None);
+    let saved = match config.local {
+        Some(_) => None,
+        None => distribution::load_saved(&config.state_dir, &config.identity).map(Arc::new),
+    };
+    let (snapshot_tx, snapshot_rx) = watch::channel(saved);
     let (tls_tx, tls_rx) = watch::channel(None);
     let context = Arc::new(Context {
         config: config.clone(),
@@ -158,15 +186,27 @@ pub async fn run(
         connections: Table::default(),
         permits: Arc::new(Semaphore::new(config.limits.max_connections)),
         stopping: stop_rx.clone(),
+        instance: instance_id(),
+        flows: distribution::Flows::default(),
+        control_plane: std::sync::Mutex::new(None),
     });
-    if let Some(local) = config.local.clone() {
-        tokio::spawn(snapshot::watch_local(
-            local,
-            config.identity.clone(),
+    let distributor = match config.local.clone() {
+        Some(local) => {
+            tokio::spawn(snapshot::watch_local(
+                local,
+                config.identity.clone(),
+                snapshot_tx,
+                stop_rx.clone(),
+            ));
+            None
+        }
+        None => Some(tokio::spawn(distribution::run(
+            context.clone(),
+            credential_rx.clone(),
             snapshot_tx,
             stop_rx.clone(),
-        ));
-    }
+        ))),
+    };
     tokio::spawn(identity::maintain(
         config.clone(),
         credential_tx,
@@ -217,6 +257,9 @@ pub async fn run(
         );
         context.connections.close_all(CloseReason::Shutdown);
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(task) = distributor {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     admin.abort();
     tracing::info!("sidecar stopped");

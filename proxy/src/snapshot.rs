@@ -1,9 +1,9 @@
 //! The snapshot the sidecar enforces, and where it comes from.
 //!
-//! Until policy distribution from the control plane exists, the snapshot is built from local
-//! files (`local:` in the config): the policy files are loaded with the same strict loader as
-//! `sidewall policy validate`, re-read when they change, and a set that does not load never
-//! replaces the last good one. The trust bundle and revocations come with the credential.
+//! Normally snapshots come from the control plane ([`crate::distribution`]). With `local:` in
+//! the config they are built from local files instead: the policy files are loaded with the
+//! same strict loader as `sidewall policy validate`, re-read when they change, and a set that
+//! does not load never replaces the last good one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,6 +29,16 @@ pub struct Active {
     pub snapshot: Snapshot,
     /// Its policies, compiled.
     pub engine: Engine,
+}
+
+impl Active {
+    /// Compiles a snapshot's policies.
+    pub fn new(snapshot: Snapshot) -> Self {
+        Self {
+            engine: Engine::new(snapshot.policies.clone()),
+            snapshot,
+        }
+    }
 }
 
 /// The current snapshot, `None` until the first one loads.
@@ -69,15 +79,12 @@ fn build(local: &LocalConfig, workload: &SpiffeId, counter: u64) -> Result<Activ
             counter,
         },
         workload: workload.clone(),
-        policies: policies.clone(),
+        policies,
         trust_bundles: BTreeMap::new(),
         revocations: Revocations::default(),
         directory,
     };
-    Ok(Active {
-        engine: Engine::new(policies),
-        snapshot,
-    })
+    Ok(Active::new(snapshot))
 }
 
 /// Sizes and modification times of the files under the policy paths.

@@ -16,7 +16,9 @@ use rustls::version::{TLS12, TLS13};
 use rustls::{ClientConfig, ServerConfig, SupportedProtocolVersion};
 use sidewall_policies::SpiffeId;
 use sidewall_policies::snapshot::Revocations;
-use sidewall_policies::svid::{Acceptor, SpiffeClientVerifier, SpiffeServerVerifier, SvidError};
+use sidewall_policies::svid::{
+    Acceptor, SpiffeClientVerifier, SpiffeServerVerifier, SvidError, TrustBundles,
+};
 
 use crate::identity::Credential;
 
@@ -76,9 +78,31 @@ pub struct TlsSet {
     /// The inbound server configuration.
     pub server: Arc<ServerConfig>,
     credential: Arc<Credential>,
+    bundles: TrustBundles,
     revocations: Revocations,
     tls12: bool,
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+/// The credential's own roots plus the snapshot's per trust domain (several during a CA
+/// rotation, and other trust domains when federated).
+fn merge_bundles(
+    credential: &Credential,
+    snapshot: &std::collections::BTreeMap<sidewall_policies::TrustDomain, Vec<String>>,
+) -> TrustBundles {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut bundles = credential.bundles.clone();
+    for (td, pems) in snapshot {
+        let roots: Vec<CertificateDer<'static>> = pems
+            .iter()
+            .flat_map(|pem| CertificateDer::pem_slice_iter(pem.as_bytes()).filter_map(Result::ok))
+            .collect();
+        if let Err(error) = bundles.add(td.clone(), roots) {
+            tracing::warn!(trust_domain = %td, %error, "trust bundle from the snapshot ignored");
+        }
+    }
+    bundles
 }
 
 impl std::fmt::Debug for TlsSet {
@@ -95,14 +119,12 @@ impl TlsSet {
     pub fn new(
         credential: Arc<Credential>,
         revocations: Revocations,
+        snapshot_bundles: &std::collections::BTreeMap<sidewall_policies::TrustDomain, Vec<String>>,
         tls12: bool,
     ) -> Result<Self, rustls::Error> {
-        let verifier = SpiffeClientVerifier::new(
-            &credential.bundles,
-            provider(),
-            acceptor(revocations.clone()),
-            true,
-        )?;
+        let bundles = merge_bundles(&credential, snapshot_bundles);
+        let verifier =
+            SpiffeClientVerifier::new(&bundles, provider(), acceptor(revocations.clone()), true)?;
         let mut server = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(versions(tls12))?
             .with_client_cert_verifier(Arc::new(verifier))
@@ -110,6 +132,7 @@ impl TlsSet {
         server.alpn_protocols = vec![ALPN_L4.to_vec()];
         Ok(Self {
             server: Arc::new(server),
+            bundles,
             credential,
             revocations,
             tls12,
@@ -131,7 +154,7 @@ impl TlsSet {
         let provider = provider();
         let verifier = SpiffeServerVerifier::new(
             expected.clone(),
-            self.credential.bundles.clone(),
+            self.bundles.clone(),
             &provider,
             Some(acceptor(self.revocations.clone())),
         );

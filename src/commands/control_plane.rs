@@ -27,6 +27,9 @@ pub(crate) struct Args {
     /// Trust domain. [default: sidewall.local]
     #[arg(long, value_name = "TD", value_parser = parse_trust_domain)]
     trust_domain: Option<TrustDomain>,
+    /// Watch this directory of policy files and apply it whenever it is valid as a whole.
+    #[arg(long, value_name = "DIR")]
+    policies_dir: Option<PathBuf>,
 }
 
 fn parse_trust_domain(text: &str) -> Result<TrustDomain, String> {
@@ -39,6 +42,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         listen: args.listen,
         admin_listen: args.admin_listen,
         trust_domain: args.trust_domain,
+        policies_dir: args.policies_dir,
     };
     // Configuration errors end here, before any port is bound.
     let config = match Config::load(args.config.as_deref(), overrides) {

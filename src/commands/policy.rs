@@ -38,6 +38,14 @@ pub(crate) enum PolicyCommand {
     /// (`policy=- rule=-` for the default deny), then `audit: would ...` when audit policies
     /// would decide differently.
     Check(CheckArgs),
+    /// Send a policy set to the control plane; it becomes a new version and is distributed.
+    Apply(super::policy_remote::ApplyArgs),
+    /// List the policy versions the control plane has stored, and who applied each.
+    History(super::policy_remote::HistoryArgs),
+    /// Show what changed between two stored versions, policy by policy.
+    Diff(super::policy_remote::DiffArgs),
+    /// Which recently observed flows a candidate set would flip (nothing is applied).
+    Impact(super::policy_remote::ImpactArgs),
     /// Run the PolicyTest documents found under PATH against the policies found there.
     Test {
         /// Files or directories holding policies and PolicyTest documents.
@@ -82,17 +90,27 @@ pub(crate) struct CheckArgs {
     /// Also print which policies and rules were considered and why each matched or not.
     #[arg(long)]
     explain: bool,
-    /// Policy files or directories.
-    #[arg(required = true)]
+    /// Ask the running system: the set in force on the control plane, and the port's real
+    /// protocol from its directory (unless --http or request facts say otherwise).
+    #[arg(long)]
+    live: bool,
+    /// Policy files or directories (not with --live).
+    #[arg(required_unless_present = "live", conflicts_with = "live")]
     paths: Vec<PathBuf>,
     #[command(flatten)]
     limits: Limits,
+    #[command(flatten)]
+    access: crate::ControlPlaneAccess,
 }
 
 pub(crate) fn run(command: PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Validate { paths, limits } => validate(&paths, &limits),
         PolicyCommand::Check(args) => check(&args),
+        PolicyCommand::Apply(args) => super::policy_remote::apply(args),
+        PolicyCommand::History(args) => super::policy_remote::history(args),
+        PolicyCommand::Diff(args) => super::policy_remote::diff(args),
+        PolicyCommand::Impact(args) => super::policy_remote::impact(args),
         PolicyCommand::Test { paths, limits } => test(&paths, &limits),
     }
 }
@@ -153,11 +171,37 @@ fn check(args: &CheckArgs) -> ExitCode {
         Ok(id) => id,
         Err(e) => return bad_input(format_args!("--to {:?}: {e}", args.to)),
     };
+    let live = if args.live {
+        let target = target.to_string();
+        let port = args.port;
+        let request_facts = args.method.is_some() || args.path.is_some() || args.host.is_some();
+        let result = super::block_on_value(async move {
+            let client = super::client(&args.access)?;
+            let (version, engine) = super::policy_remote::live_engine(&client).await?;
+            let protocol = if request_facts {
+                None
+            } else {
+                super::policy_remote::live_protocol(&client, &target, port).await?
+            };
+            Ok((version, engine, protocol))
+        });
+        match result {
+            Ok(live) => Some(live),
+            Err(error) => return bad_input(format_args!("{error:#}")),
+        }
+    } else {
+        None
+    };
+    let protocol = match (&live, args.http) {
+        (_, true) => Some(Protocol::Http),
+        (Some((_, _, Some(protocol))), false) => Some(*protocol),
+        _ => None,
+    };
     let case = match testing::TestCase::new(
         peer,
         target,
         args.port,
-        args.http.then_some(Protocol::Http),
+        protocol,
         args.method.clone(),
         args.path.clone(),
         args.host.clone(),
@@ -186,10 +230,18 @@ fn check(args: &CheckArgs) -> ExitCode {
             })
         }
     };
-    let Ok(loaded) = load(&args.paths, &args.limits, false) else {
-        return ExitCode::from(2);
+    let engine = match live {
+        Some((version, engine, _)) => {
+            eprintln!("(live: policy version {version} in force on the control plane)");
+            engine
+        }
+        None => {
+            let Ok(loaded) = load(&args.paths, &args.limits, false) else {
+                return ExitCode::from(2);
+            };
+            Engine::new(loaded.policies)
+        }
     };
-    let engine = Engine::new(loaded.policies);
     let query = Query {
         peer: &case.from,
         target: &case.to,

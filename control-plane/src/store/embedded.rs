@@ -9,13 +9,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CertificateRecord, Redemption, RevocationRecord, Store, StoreError, StoreFuture, TokenRecord,
+    CertificateRecord, PolicyVersion, Redemption, RegistrationRecord, RevocationRecord, Store,
+    StoreError, StoreFuture, TokenRecord,
 };
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocations");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const POLICIES: TableDefinition<u64, &[u8]> = TableDefinition::new("policy_versions");
+const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
 
 fn backend(error: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(error.to_string())
@@ -53,6 +56,8 @@ impl EmbeddedStore {
             tx.open_table(TOKENS).map_err(backend)?;
             tx.open_table(CERTIFICATES).map_err(backend)?;
             tx.open_table(REVOCATIONS).map_err(backend)?;
+            tx.open_table(POLICIES).map_err(backend)?;
+            tx.open_table(REGISTRATIONS).map_err(backend)?;
             let mut meta = tx.open_table(META).map_err(backend)?;
             if meta.get("epoch").map_err(backend)?.is_none() {
                 meta.insert("epoch", crate::random::hex_token(8).as_str())
@@ -156,6 +161,98 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
+    fn put_policy_version(&self, mut record: PolicyVersion) -> StoreFuture<'_, u64> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let version = {
+                let mut table = tx.open_table(POLICIES).map_err(backend)?;
+                let last = table.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+                record.version = last + 1;
+                table
+                    .insert(record.version, encode(&record)?.as_slice())
+                    .map_err(backend)?;
+                record.version
+            };
+            tx.commit().map_err(backend)?;
+            Ok(version)
+        })
+    }
+
+    fn policy_version(&self, version: u64) -> StoreFuture<'_, Option<PolicyVersion>> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(POLICIES).map_err(backend)?;
+            match table.get(version).map_err(backend)? {
+                Some(value) => Ok(Some(decode(&version.to_string(), value.value())?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn policy_versions(&self) -> StoreFuture<'_, Vec<PolicyVersion>> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(POLICIES).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                out.push(decode(&key.value().to_string(), value.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn put_registration(&self, record: RegistrationRecord) -> StoreFuture<'_, Result<(), String>> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let outcome = {
+                let mut table = tx.open_table(REGISTRATIONS).map_err(backend)?;
+                let holder: Option<RegistrationRecord> =
+                    match table.get(record.endpoint.as_str()).map_err(backend)? {
+                        Some(value) => Some(decode(&record.endpoint, value.value())?),
+                        None => None,
+                    };
+                match holder {
+                    Some(holder) if holder.identity != record.identity => Err(holder.identity),
+                    _ => {
+                        table
+                            .insert(record.endpoint.as_str(), encode(&record)?.as_slice())
+                            .map_err(backend)?;
+                        Ok(())
+                    }
+                }
+            };
+            tx.commit().map_err(backend)?;
+            Ok(outcome)
+        })
+    }
+
+    fn remove_registration(&self, instance: &str) -> StoreFuture<'_, ()> {
+        let instance = instance.to_owned();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            {
+                let mut table = tx.open_table(REGISTRATIONS).map_err(backend)?;
+                let mut mine = Vec::new();
+                for entry in table.iter().map_err(backend)? {
+                    let (key, value) = entry.map_err(backend)?;
+                    let record: RegistrationRecord = decode(key.value(), value.value())?;
+                    if record.instance == instance {
+                        mine.push(key.value().to_owned());
+                    }
+                }
+                for key in mine {
+                    table.remove(key.as_str()).map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
+        })
+    }
+
+    fn registrations(&self) -> StoreFuture<'_, Vec<RegistrationRecord>> {
+        self.all(REGISTRATIONS)
+    }
+
     fn put_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
         self.put(TOKENS, token.id.clone(), &token)
     }

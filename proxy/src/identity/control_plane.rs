@@ -105,7 +105,8 @@ impl ServerCertVerifier for FetchOnly {
     }
 }
 
-fn authority(url: &str) -> Result<(String, String), JoinError> {
+/// `host:port` and host of an `https://host:port` URL.
+pub(crate) fn authority(url: &str) -> Result<(String, String), JoinError> {
     let authority = url
         .strip_prefix("https://")
         .map(|rest| rest.trim_end_matches('/'))
@@ -161,7 +162,8 @@ async fn call(
         .map_err(|_| JoinError::Unreachable(format!("{url}: timed out")))?
 }
 
-fn verified_config(
+/// A client configuration that accepts only the control plane of `identity`'s trust domain.
+pub(crate) fn verified_config(
     identity: &SpiffeId,
     bundle_pem: &str,
     client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,

@@ -1,0 +1,349 @@
+//! The routes sidecars use with their own certificate: register, watch snapshots, ack,
+//! report flows.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use sidewall_policies::SpiffeId;
+use sidewall_policies::snapshot::{ServicePort, SnapshotVersion};
+use tokio::sync::mpsc;
+
+use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json};
+use crate::attestation::workload_identity;
+use crate::distribution::FlowKey;
+use crate::store::RegistrationRecord;
+
+/// How often an idle watch stream sends a keep-alive line.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The workload identity of the caller, or why it may not use these routes.
+fn workload(peer: &Peer) -> Result<SpiffeId, ApiError> {
+    let svid = peer.svid.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "workload_credential_required",
+            "this route needs the workload's certificate (mTLS)",
+        )
+    })?;
+    workload_identity(&svid.id).map_err(|why| ApiError::forbidden("not_a_workload", why))?;
+    Ok(svid.id.clone())
+}
+
+/// A body fed by a channel: one frame per snapshot line.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|item| item.map(|bytes| Ok(Frame::data(bytes))))
+    }
+}
+
+fn query_value<'a>(request: &'a Request<Incoming>, key: &str) -> Option<&'a str> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == key).then_some(v)
+    })
+}
+
+fn valid_instance(instance: &str) -> bool {
+    (1..=64).contains(&instance.len())
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `GET /v1/snapshots/watch?instance=ID`: newline-delimited JSON snapshots for the caller's
+/// workload, one whenever its content changes, keep-alive blank lines in between.
+pub(super) fn watch(
+    api: &Api,
+    peer: &Peer,
+    request: &Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let identity = workload(peer)?;
+    let instance = query_value(request, "instance")
+        .filter(|i| valid_instance(i))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "instance_missing",
+                "give ?instance=<id> (1-64 of a-z A-Z 0-9 -)",
+            )
+        })?
+        .to_owned();
+    let distribution = api.distribution.clone();
+    let (sender, receiver) = mpsc::channel::<Bytes>(4);
+    let mut changes = distribution.subscribe();
+    distribution.fleet_update(&instance, |entry| {
+        entry.identity = identity.to_string();
+        entry.connected = true;
+        entry.since = now_unix();
+        entry.replica = distribution.replica().to_owned();
+    });
+    tracing::info!(%identity, instance, "snapshot watch opened");
+    tokio::spawn(async move {
+        let mut last_hash = None;
+        loop {
+            let generation = *changes.borrow_and_update();
+            let (snapshot, hash) = distribution.snapshot_for(&identity);
+            if last_hash != Some(hash) {
+                let counter = snapshot.version.counter;
+                let mut line = snapshot.to_json();
+                line.push(b'\n');
+                if sender.send(Bytes::from(line)).await.is_err() {
+                    break;
+                }
+                last_hash = Some(hash);
+                distribution.fleet_update(&instance, |entry| entry.sent = Some(counter));
+            }
+            distribution.fleet_update(&instance, |entry| entry.processed = generation);
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep(KEEPALIVE) => {
+                    if sender.send(Bytes::from_static(b"\n")).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        distribution.fleet_update(&instance, |entry| {
+            entry.connected = false;
+            entry.since = now_unix();
+        });
+        tracing::info!(%identity, instance, "snapshot watch closed");
+    });
+    let mut response = Response::new(ChannelBody(receiver).boxed_unsync());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+struct RegistrationRequest {
+    instance: String,
+    endpoint: String,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+    #[serde(default)]
+    addresses: Vec<String>,
+}
+
+/// `POST /v1/registrations`: the endpoint a sidecar advertises and the ports it serves.
+pub(super) async fn register(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let identity = workload(peer)?;
+    let body: RegistrationRequest = read_json(api, request).await?;
+    if !valid_instance(&body.instance) {
+        return Err(ApiError::bad_request(
+            "instance_invalid",
+            "instance must be 1-64 of a-z A-Z 0-9 -",
+        ));
+    }
+    let endpoint: std::net::SocketAddr = body.endpoint.parse().map_err(|_| {
+        ApiError::bad_request(
+            "endpoint_invalid",
+            format!("endpoint {:?} must be IP:port", body.endpoint),
+        )
+    })?;
+    // A sidecar may only advertise the address it connects from: it cannot claim another
+    // machine's address to capture its traffic.
+    if let Some(remote) = peer.remote
+        && remote.ip() != endpoint.ip()
+    {
+        return Err(ApiError::forbidden(
+            "endpoint_not_yours",
+            format!(
+                "endpoint {endpoint} is not the address this connection comes from ({})",
+                remote.ip()
+            ),
+        ));
+    }
+    if body.ports.iter().any(|p| p.port == 0)
+        || body.ports.len() > 1024
+        || body.addresses.len() > 64
+    {
+        return Err(ApiError::bad_request(
+            "ports_invalid",
+            "ports must be 1-65535, at most 1024 of them and 64 addresses",
+        ));
+    }
+    let record = RegistrationRecord {
+        instance: body.instance.clone(),
+        identity: identity.to_string(),
+        endpoint: endpoint.to_string(),
+        ports: body.ports,
+        addresses: body.addresses,
+        registered_at: now_unix(),
+    };
+    if let Err(holder) = api.store.put_registration(record).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "endpoint_taken",
+            format!("endpoint {endpoint} is registered to {holder}"),
+        ));
+    }
+    api.distribution
+        .set_registrations(api.store.registrations().await?);
+    api.distribution.fleet_update(&body.instance, |entry| {
+        entry.identity = identity.to_string();
+        entry.endpoint = Some(endpoint.to_string());
+    });
+    tracing::info!(%identity, %endpoint, instance = body.instance, "registered");
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"endpoint": endpoint.to_string()}),
+    ))
+}
+
+/// `DELETE /v1/registrations/{instance}`: a sidecar shutting down.
+pub(super) async fn deregister(
+    api: &Api,
+    peer: &Peer,
+    instance: &str,
+) -> Result<HttpResponse, ApiError> {
+    let identity = workload(peer)?;
+    let mine = api
+        .store
+        .registrations()
+        .await?
+        .into_iter()
+        .any(|r| r.instance == instance && r.identity == identity.as_str());
+    if !mine {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "registration_not_found",
+            format!("no registration {instance} for {identity}"),
+        ));
+    }
+    api.store.remove_registration(instance).await?;
+    api.distribution
+        .set_registrations(api.store.registrations().await?);
+    Ok(json_response(StatusCode::OK, &json!({"removed": instance})))
+}
+
+#[derive(Debug, Deserialize)]
+struct AckRequest {
+    instance: String,
+    version: SnapshotVersion,
+    status: String,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    certificate_expires_at: Option<i64>,
+}
+
+/// `POST /v1/acks`: the version a sidecar applied, or why it rejected one.
+pub(super) async fn ack(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let identity = workload(peer)?;
+    let body: AckRequest = read_json(api, request).await?;
+    if !valid_instance(&body.instance) {
+        return Err(ApiError::bad_request(
+            "instance_invalid",
+            "instance must be 1-64 of a-z A-Z 0-9 -",
+        ));
+    }
+    let rejection = match body.status.as_str() {
+        "applied" => None,
+        "rejected" => Some(
+            body.reason
+                .unwrap_or_else(|| "no reason given".into())
+                .chars()
+                .take(500)
+                .collect(),
+        ),
+        other => {
+            return Err(ApiError::bad_request(
+                "status_invalid",
+                format!("status {other:?} must be applied or rejected"),
+            ));
+        }
+    };
+    if let Some(reason) = &rejection {
+        tracing::warn!(%identity, instance = body.instance, version = %body.version, reason, "snapshot rejected by a sidecar");
+    }
+    api.distribution.ack(
+        &body.instance,
+        &identity,
+        body.version.counter,
+        rejection,
+        body.certificate_expires_at,
+    );
+    Ok(json_response(StatusCode::OK, &json!({"ok": true})))
+}
+
+#[derive(Debug, Deserialize)]
+struct FlowReport {
+    flows: Vec<FlowRecord>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FlowRecord {
+    peer: String,
+    port: u16,
+    #[serde(default)]
+    protocol: sidewall_policies::Protocol,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    count: u64,
+}
+
+/// `POST /v1/flows`: decision counts a sidecar observed (for `policy impact`).
+pub(super) async fn flows(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let identity = workload(peer)?;
+    let body: FlowReport = read_json(api, request).await?;
+    if body.flows.len() > 10_000 {
+        return Err(ApiError::bad_request(
+            "too_many_flows",
+            "at most 10000 flows per report",
+        ));
+    }
+    let flows = body
+        .flows
+        .into_iter()
+        .filter(|f| SpiffeId::parse(&f.peer).is_ok())
+        .map(|f| {
+            (
+                FlowKey {
+                    peer: f.peer,
+                    target: identity.to_string(),
+                    port: f.port,
+                    protocol: f.protocol,
+                    method: f.method.filter(|m| m.len() <= 32),
+                    path: f.path.filter(|p| p.len() <= 256),
+                },
+                f.count,
+            )
+        })
+        .collect();
+    api.distribution.report_flows(flows);
+    Ok(json_response(StatusCode::OK, &json!({"ok": true})))
+}

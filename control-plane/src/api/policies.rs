@@ -1,0 +1,232 @@
+//! Operator routes for policy: apply, history, one version, propagation status, impact, the
+//! directory and the fleet.
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use sidewall_policies::Engine;
+use sidewall_policies::load::to_yaml;
+
+use super::{
+    Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
+    unix_rfc3339,
+};
+use crate::distribution::compile;
+use crate::store::{PolicyFile, PolicyVersion};
+
+/// Most files in one policy set.
+const MAX_FILES: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+struct PolicySetRequest {
+    files: Vec<PolicyFile>,
+}
+
+fn refused(errors: &sidewall_policies::load::LoadErrors) -> ApiError {
+    let lines: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    ApiError::bad_request("policy_invalid", lines.join("\n"))
+}
+
+async fn candidate(
+    api: &Api,
+    request: Request<Incoming>,
+) -> Result<(Vec<PolicyFile>, sidewall_policies::PolicySet), ApiError> {
+    let body: PolicySetRequest = read_json(api, request).await?;
+    if body.files.len() > MAX_FILES {
+        return Err(ApiError::bad_request(
+            "too_many_files",
+            format!("at most {MAX_FILES} files"),
+        ));
+    }
+    let set = compile(&body.files).map_err(|e| refused(&e.0))?;
+    Ok((body.files, set))
+}
+
+/// Applies a policy set from an operator or the policy directory: stored as a new version
+/// (history), then put in force. Used by `POST /v1/policies` and the directory watcher.
+pub(crate) async fn store_and_apply(
+    api: &Api,
+    files: Vec<PolicyFile>,
+    set: sidewall_policies::PolicySet,
+    applied_by: String,
+) -> Result<u64, ApiError> {
+    let version = api
+        .store
+        .put_policy_version(PolicyVersion {
+            version: 0,
+            applied_by: applied_by.clone(),
+            applied_at: now_unix(),
+            files: files.clone(),
+        })
+        .await?;
+    let summary = (set.policies().len(), set.rule_count());
+    api.distribution
+        .apply(version, applied_by.clone(), files, set);
+    tracing::info!(
+        version,
+        policies = summary.0,
+        rules = summary.1,
+        applied_by,
+        "policy set applied"
+    );
+    Ok(version)
+}
+
+/// `POST /v1/policies`: validate with the same engine, store a new version, distribute.
+pub(super) async fn apply(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let operator = require_operator(api, peer)?;
+    let (files, set) = candidate(api, request).await?;
+    let open: Vec<String> = set
+        .audit_only_targets()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let (policies, rules) = (set.policies().len(), set.rule_count());
+    let version = store_and_apply(api, files, set, operator).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"version": version, "policies": policies, "rules": rules, "audit_only_targets": open}),
+    ))
+}
+
+/// `GET /v1/policies`: the history, newest last.
+pub(super) async fn history(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
+    require_operator(api, peer)?;
+    let (current, ..) = api.distribution.current();
+    let versions: Vec<_> = api
+        .store
+        .policy_versions()
+        .await?
+        .into_iter()
+        .map(|v| {
+            let summary = compile(&v.files)
+                .ok()
+                .map(|s| (s.policies().len(), s.rule_count()));
+            json!({
+                "version": v.version,
+                "applied_by": v.applied_by,
+                "applied_at": unix_rfc3339(v.applied_at),
+                "files": v.files.len(),
+                "policies": summary.map(|s| s.0),
+                "rules": summary.map(|s| s.1),
+                "in_force": v.version == current,
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"versions": versions, "source_error": api.distribution.source_error()}),
+    ))
+}
+
+/// `GET /v1/policies/{v}` (`current` for the set in force) and `GET /v1/policies/{v}/status`.
+pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpResponse, ApiError> {
+    require_operator(api, peer)?;
+    let (which, status) = match rest.strip_suffix("/status") {
+        Some(which) => (which, true),
+        None => (rest, false),
+    };
+    let (current, ..) = api.distribution.current();
+    let number = if which == "current" {
+        current
+    } else {
+        which.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("version_invalid", format!("{which:?} is not a version"))
+        })?
+    };
+    if status {
+        let Some(pending) = api.distribution.pending(number) else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "version_unknown",
+                format!(
+                    "version {number} has not been applied by this control plane since it started"
+                ),
+            ));
+        };
+        let rows: Vec<_> = pending
+            .iter()
+            .map(|e| json!({"instance": e.instance, "identity": e.identity, "connected": e.connected, "sent": e.sent, "applied": e.applied, "last_rejection": e.last_rejection}))
+            .collect();
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"version": number, "in_force": number == current, "done": rows.is_empty(), "pending": rows}),
+        ));
+    }
+    if number == 0 {
+        return Ok(json_response(
+            StatusCode::OK,
+            &json!({"version": 0, "files": [], "yaml": ""}),
+        ));
+    }
+    let Some(record) = api.store.policy_version(number).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "version_unknown",
+            format!("no policy version {number}"),
+        ));
+    };
+    let yaml = compile(&record.files)
+        .map(|s| to_yaml(&s))
+        .unwrap_or_default();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"version": record.version, "applied_by": record.applied_by, "applied_at": unix_rfc3339(record.applied_at), "files": record.files, "yaml": yaml}),
+    ))
+}
+
+/// `POST /v1/policies/impact`: which recently observed flows the candidate set would flip.
+pub(super) async fn impact(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    require_operator(api, peer)?;
+    let (_, set) = candidate(api, request).await?;
+    let open: Vec<String> = set
+        .audit_only_targets()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let engine = Engine::new(set);
+    let flips: Vec<_> = api
+        .distribution
+        .impact(&engine)
+        .into_iter()
+        .map(|(key, count, before, after)| {
+            json!({"peer": key.peer, "target": key.target, "port": key.port, "protocol": key.protocol,
+                   "method": key.method, "path": key.path, "count": count,
+                   "before": before.to_string(), "after": after.to_string()})
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"flips": flips, "audit_only_targets": open}),
+    ))
+}
+
+/// `GET /v1/directory`: every registration (for `policy check --live` and `workload list`).
+pub(super) async fn directory(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
+    require_operator(api, peer)?;
+    let registrations = api.store.registrations().await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"registrations": registrations}),
+    ))
+}
+
+/// `GET /v1/fleet`: one row per sidecar process.
+pub(super) async fn fleet(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
+    require_operator(api, peer)?;
+    let (version, ..) = api.distribution.current();
+    let rows = api.distribution.fleet();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"policy_version": version, "replica": api.distribution.replica(), "source_error": api.distribution.source_error(), "proxies": rows}),
+    ))
+}

@@ -1,0 +1,481 @@
+//! Policy distribution: the policy set in force, the directory built from registrations, one
+//! snapshot per workload, and what each sidecar has received and acknowledged.
+//!
+//! Every change (a policy version, a registration, a revocation) bumps a generation counter;
+//! each watch stream rebuilds its workload's snapshot and sends it only if its content
+//! changed, so a change reaches only the workloads it concerns. Snapshot versions are
+//! `(store epoch, counter)`; the counter continues from the start time in milliseconds, so it
+//! keeps growing across restarts of the control plane without a write per change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sidewall_policies::engine::{Query, Request, Subject};
+use sidewall_policies::load::{LoadErrors, LoadOptions, Source, load_sources};
+use sidewall_policies::policy::Action;
+use sidewall_policies::snapshot::{
+    Revocations, Schema, ServiceEntry, ServicePort, Snapshot, SnapshotVersion,
+};
+use sidewall_policies::{Engine, Outcome, PolicySet, Protocol, SpiffeId, TrustDomain};
+use tokio::sync::watch;
+
+use crate::store::{PolicyFile, RegistrationRecord, RevocationRecord};
+
+/// Most distinct flows kept for `policy impact`.
+pub const MAX_FLOWS: usize = 10_000;
+
+/// What the fleet view shows for one sidecar process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetEntry {
+    /// The sidecar process.
+    pub instance: String,
+    /// Its identity.
+    pub identity: String,
+    /// The endpoint it registered, if any.
+    pub endpoint: Option<String>,
+    /// Whether its watch stream is open now.
+    pub connected: bool,
+    /// Since when (connected or disconnected), Unix seconds.
+    pub since: i64,
+    /// The control plane replica it is connected to.
+    pub replica: String,
+    /// The counter of the last snapshot sent to it.
+    pub sent: Option<u64>,
+    /// The counter it last acknowledged as applied.
+    pub applied: Option<u64>,
+    /// When it last acknowledged, Unix seconds.
+    pub last_ack_at: Option<i64>,
+    /// Why it last rejected a snapshot, if it did.
+    pub last_rejection: Option<String>,
+    /// When its certificate expires, Unix seconds (as it reported).
+    pub certificate_expires_at: Option<i64>,
+    /// The last generation its stream has processed (internal).
+    #[serde(skip)]
+    pub processed: u64,
+}
+
+/// One observed flow, as sidecars report them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct FlowKey {
+    /// The peer identity.
+    pub peer: String,
+    /// The target identity (the reporting sidecar).
+    pub target: String,
+    /// The service port.
+    pub port: u16,
+    /// The port's protocol.
+    pub protocol: Protocol,
+    /// For HTTP: the method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// For HTTP: the first path segments.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// Why a policy set was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub LoadErrors);
+
+struct State {
+    policy_version: u64,
+    applied_by: String,
+    engine: Arc<Engine>,
+    files: Vec<PolicyFile>,
+    registrations: Vec<RegistrationRecord>,
+    revocations: Revocations,
+    generation: u64,
+    /// Generation at which each policy version took effect (this process's lifetime).
+    version_generation: HashMap<u64, (u64, Instant)>,
+}
+
+/// Distribution state shared by the API handlers and the watch streams.
+pub struct Distribution {
+    epoch: String,
+    trust_domain: TrustDomain,
+    bundle_pem: String,
+    replica: std::sync::OnceLock<String>,
+    state: RwLock<State>,
+    changes: watch::Sender<u64>,
+    fleet: Mutex<BTreeMap<String, FleetEntry>>,
+    flows: Mutex<BTreeMap<FlowKey, u64>>,
+    source_error: Mutex<Option<String>>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Loads policy files with the same engine as `sidewall policy validate`.
+pub fn compile(files: &[PolicyFile]) -> Result<PolicySet, Refused> {
+    let sources: Vec<Source> = files
+        .iter()
+        .map(|f| Source {
+            name: f.name.clone(),
+            text: f.text.clone(),
+        })
+        .collect();
+    load_sources(&sources, &LoadOptions::default())
+        .map(|loaded| loaded.policies)
+        .map_err(Refused)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Distribution {
+    /// Starts from the stored state: the latest policy version, registrations, revocations.
+    pub fn new(
+        epoch: String,
+        trust_domain: TrustDomain,
+        bundle_pem: String,
+        latest: Option<crate::store::PolicyVersion>,
+        registrations: Vec<RegistrationRecord>,
+        revocations: &[RevocationRecord],
+    ) -> Self {
+        let generation = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+        )
+        .unwrap_or(0);
+        let (policy_version, applied_by, files) = match latest {
+            Some(v) => (v.version, v.applied_by, v.files),
+            None => (0, String::new(), Vec::new()),
+        };
+        // A stored version was valid when applied; if this release cannot load it, start
+        // with no policies (default deny) and say so.
+        let set = compile(&files).unwrap_or_else(|e| {
+            tracing::error!(errors = %e, "the stored policy set does not load: enforcing default deny");
+            PolicySet::default()
+        });
+        let (changes, _) = watch::channel(generation);
+        let mut version_generation = HashMap::new();
+        version_generation.insert(policy_version, (generation, Instant::now()));
+        Self {
+            epoch,
+            trust_domain,
+            bundle_pem,
+            replica: std::sync::OnceLock::new(),
+            state: RwLock::new(State {
+                policy_version,
+                applied_by,
+                engine: Arc::new(Engine::new(set)),
+                files,
+                registrations,
+                revocations: to_revocations(revocations),
+                generation,
+                version_generation,
+            }),
+            changes,
+            fleet: Mutex::new(BTreeMap::new()),
+            flows: Mutex::new(BTreeMap::new()),
+            source_error: Mutex::new(None),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self, state: &mut State) -> u64 {
+        state.generation += 1;
+        let generation = state.generation;
+        self.changes.send_replace(generation);
+        generation
+    }
+
+    /// Subscribes to changes (the current generation).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The policy set in force: version, who applied it, the engine, the files.
+    pub fn current(&self) -> (u64, String, Arc<Engine>, Vec<PolicyFile>) {
+        let state = self.read();
+        (
+            state.policy_version,
+            state.applied_by.clone(),
+            state.engine.clone(),
+            state.files.clone(),
+        )
+    }
+
+    /// Puts a stored policy version in force.
+    pub fn apply(&self, version: u64, applied_by: String, files: Vec<PolicyFile>, set: PolicySet) {
+        let mut state = self.write();
+        state.policy_version = version;
+        state.applied_by = applied_by;
+        state.engine = Arc::new(Engine::new(set));
+        state.files = files;
+        let generation = self.bump(&mut state);
+        state
+            .version_generation
+            .insert(version, (generation, Instant::now()));
+        metrics::gauge!("sidewall_control_plane_policy_version").set(version as f64);
+    }
+
+    /// Replaces the registrations (after a store change).
+    pub fn set_registrations(&self, registrations: Vec<RegistrationRecord>) {
+        let mut state = self.write();
+        if state.registrations != registrations {
+            state.registrations = registrations;
+            self.bump(&mut state);
+        }
+    }
+
+    /// Replaces the revocations (after a store change).
+    pub fn set_revocations(&self, revocations: &[RevocationRecord]) {
+        let mut state = self.write();
+        state.revocations = to_revocations(revocations);
+        self.bump(&mut state);
+    }
+
+    /// Records (or clears) a problem with the policy source directory.
+    pub fn set_source_error(&self, error: Option<String>) {
+        *lock(&self.source_error) = error;
+    }
+
+    /// The current problem with the policy source directory, if any.
+    pub fn source_error(&self) -> Option<String> {
+        lock(&self.source_error).clone()
+    }
+
+    /// The services `workload` may call: those with an allow rule whose `from` matches it.
+    fn callable(engine: &Engine, workload: &SpiffeId, service: &SpiffeId) -> bool {
+        engine.policies_for(service).iter().any(|policy| {
+            policy.rules.iter().any(|rule| {
+                rule.action == Action::Allow && rule.from.iter().any(|p| p.matches(workload))
+            })
+        })
+    }
+
+    /// The snapshot for `workload` now, and a hash of its content (version excluded).
+    pub fn snapshot_for(&self, workload: &SpiffeId) -> (Snapshot, u64) {
+        let state = self.read();
+        let policies: Vec<_> = state
+            .engine
+            .policies_for(workload)
+            .into_iter()
+            .cloned()
+            .collect();
+        let mut by_service: BTreeMap<String, ServiceEntry> = BTreeMap::new();
+        for registration in &state.registrations {
+            let Ok(service) = SpiffeId::parse(&registration.identity) else {
+                continue;
+            };
+            if !Self::callable(&state.engine, workload, &service) {
+                continue;
+            }
+            let entry = by_service
+                .entry(registration.identity.clone())
+                .or_insert_with(|| ServiceEntry {
+                    identity: service,
+                    endpoints: Vec::new(),
+                    ports: Vec::new(),
+                    addresses: Vec::new(),
+                });
+            entry.endpoints.push(registration.endpoint.clone());
+            for port in &registration.ports {
+                if !entry
+                    .ports
+                    .iter()
+                    .any(|p: &ServicePort| p.port == port.port)
+                {
+                    entry.ports.push(*port);
+                }
+            }
+            for address in &registration.addresses {
+                if !entry.addresses.contains(address) {
+                    entry.addresses.push(address.clone());
+                }
+            }
+        }
+        let mut snapshot = Snapshot {
+            schema: Schema::default(),
+            version: SnapshotVersion {
+                epoch: self.epoch.clone(),
+                counter: 0,
+            },
+            workload: workload.clone(),
+            policies: PolicySet::new(policies).unwrap_or_default(),
+            trust_bundles: BTreeMap::from([(
+                self.trust_domain.clone(),
+                vec![self.bundle_pem.clone()],
+            )]),
+            revocations: state.revocations.clone(),
+            directory: by_service.into_values().collect(),
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        snapshot.to_json().hash(&mut hasher);
+        snapshot.version.counter = state.generation;
+        (snapshot, hasher.finish())
+    }
+
+    /// The replica's own URL (set once the API is bound).
+    pub fn replica(&self) -> &str {
+        self.replica.get().map_or("", String::as_str)
+    }
+
+    /// Records the replica's own URL.
+    pub fn set_replica(&self, url: String) {
+        let _ = self.replica.set(url);
+    }
+
+    /// Records a watch stream opening or closing, and what it has sent.
+    pub fn fleet_update(&self, instance: &str, update: impl FnOnce(&mut FleetEntry)) {
+        let mut fleet = lock(&self.fleet);
+        let entry = fleet
+            .entry(instance.to_owned())
+            .or_insert_with(|| FleetEntry {
+                instance: instance.to_owned(),
+                identity: String::new(),
+                endpoint: None,
+                connected: false,
+                since: now_unix(),
+                replica: self.replica().to_owned(),
+                sent: None,
+                applied: None,
+                last_ack_at: None,
+                last_rejection: None,
+                certificate_expires_at: None,
+                processed: 0,
+            });
+        update(entry);
+        let connected = fleet.values().filter(|e| e.connected).count();
+        metrics::gauge!("sidewall_control_plane_proxies_connected").set(connected as f64);
+    }
+
+    /// Records an acknowledgement.
+    pub fn ack(
+        &self,
+        instance: &str,
+        identity: &SpiffeId,
+        counter: u64,
+        rejection: Option<String>,
+        expires_at: Option<i64>,
+    ) {
+        self.fleet_update(instance, |entry| {
+            entry.identity = identity.to_string();
+            entry.last_ack_at = Some(now_unix());
+            if expires_at.is_some() {
+                entry.certificate_expires_at = expires_at;
+            }
+            match rejection {
+                None => entry.applied = Some(counter),
+                Some(reason) => entry.last_rejection = Some(reason),
+            }
+        });
+        let state = self.read();
+        if let Some((generation, at)) = state.version_generation.get(&state.policy_version)
+            && counter >= *generation
+        {
+            metrics::gauge!("sidewall_control_plane_propagation_seconds")
+                .set(at.elapsed().as_secs_f64());
+        }
+        let behind = lock(&self.fleet)
+            .values()
+            .filter(|e| e.connected && e.sent.is_some() && e.applied < e.sent)
+            .count();
+        metrics::gauge!("sidewall_control_plane_proxies_behind").set(behind as f64);
+    }
+
+    /// The fleet view, one row per sidecar process.
+    pub fn fleet(&self) -> Vec<FleetEntry> {
+        lock(&self.fleet).values().cloned().collect()
+    }
+
+    /// Whether every sidecar has received and applied what policy `version` changed for it:
+    /// `None` if the version is unknown, otherwise the instances still pending.
+    pub fn pending(&self, version: u64) -> Option<Vec<FleetEntry>> {
+        let generation = self.read().version_generation.get(&version)?.0;
+        let fleet = lock(&self.fleet);
+        Some(
+            fleet
+                .values()
+                .filter(|e| {
+                    !e.connected
+                        || e.processed < generation
+                        || e.sent
+                            .is_some_and(|sent| sent >= generation && e.applied < Some(sent))
+                })
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Adds reported flow counts, within [`MAX_FLOWS`] distinct flows.
+    pub fn report_flows(&self, flows: Vec<(FlowKey, u64)>) {
+        let mut table = lock(&self.flows);
+        for (key, count) in flows {
+            if let Some(existing) = table.get_mut(&key) {
+                *existing = existing.saturating_add(count);
+            } else if table.len() < MAX_FLOWS {
+                table.insert(key, count);
+            } else {
+                metrics::counter!("sidewall_control_plane_flows_dropped_total").increment(1);
+            }
+        }
+    }
+
+    /// The observed flows whose outcome differs between the set in force and `candidate`.
+    pub fn impact(&self, candidate: &Engine) -> Vec<(FlowKey, u64, Outcome, Outcome)> {
+        let current = self.read().engine.clone();
+        let flows = lock(&self.flows).clone();
+        let mut flips = Vec::new();
+        for (key, count) in flows {
+            let (Ok(peer), Ok(target)) = (SpiffeId::parse(&key.peer), SpiffeId::parse(&key.target))
+            else {
+                continue;
+            };
+            let path = key.path.clone().unwrap_or_else(|| "/".into());
+            let subject = match (&key.method, key.protocol) {
+                (Some(method), Protocol::Http) => Subject::Request(Request {
+                    method,
+                    path: &path,
+                    host: None,
+                }),
+                _ => Subject::Connection(key.protocol),
+            };
+            let query = Query {
+                peer: &peer,
+                target: &target,
+                port: key.port,
+                subject,
+            };
+            let before = current.decide(&query).outcome;
+            let after = candidate.decide(&query).outcome;
+            if before != after {
+                flips.push((key, count, before, after));
+            }
+        }
+        flips
+    }
+}
+
+fn to_revocations(records: &[RevocationRecord]) -> Revocations {
+    let mut revocations = Revocations::default();
+    for record in records {
+        match record.kind.as_str() {
+            "identity" => {
+                if let Ok(id) = SpiffeId::parse(&record.value) {
+                    revocations.identities.push(id);
+                }
+            }
+            "serial" => revocations.serials.push(record.value.clone()),
+            _ => {}
+        }
+    }
+    revocations
+}

@@ -1,0 +1,378 @@
+//! Snapshots from the control plane: register, watch, apply, ack, report flows.
+//!
+//! One HTTP/2 connection (mTLS with the sidecar's own certificate; the control plane must be
+//! `spiffe://<td>/sidewall/control-plane`) carries the registration, the long-lived watch
+//! stream of newline-delimited JSON snapshots, the acks and the flow reports. A snapshot that
+//! does not parse or is not for this workload is rejected (and the rejection acked); the last
+//! good one stays in force and on disk. The connection is re-made with capped, jittered
+//! backoff, over every URL in turn, and after each certificate renewal.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivateKeyDer, ServerName};
+use serde_json::json;
+use sidewall_policies::Protocol;
+use sidewall_policies::snapshot::Snapshot;
+use tokio::sync::watch;
+
+use crate::Context;
+use crate::identity::control_plane::{authority, verified_config};
+use crate::identity::state::write_atomic;
+use crate::identity::{Credential, CredentialWatch};
+use crate::snapshot::Active;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often observed flows are reported.
+const FLOW_REPORT: Duration = Duration::from_secs(5);
+/// Most distinct flows counted between reports.
+const MAX_FLOWS: usize = 10_000;
+/// The file the last good snapshot is kept in.
+const SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// Flow counts since the last report: (peer, port, protocol) → decisions.
+#[derive(Default)]
+pub struct Flows(std::sync::Mutex<HashMap<(String, u16, Protocol), u64>>);
+
+impl Flows {
+    /// Counts one decision, within [`MAX_FLOWS`] distinct flows.
+    pub fn count(&self, peer: &str, port: u16, protocol: Protocol) {
+        let mut flows = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (peer.to_owned(), port, protocol);
+        if let Some(count) = flows.get_mut(&key) {
+            *count += 1;
+        } else if flows.len() < MAX_FLOWS {
+            flows.insert(key, 1);
+        }
+    }
+
+    fn take(&self) -> HashMap<(String, u16, Protocol), u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Loads the last good snapshot from the state directory.
+pub fn load_saved(dir: &Path, workload: &sidewall_policies::SpiffeId) -> Option<Active> {
+    let bytes = std::fs::read(dir.join(SNAPSHOT_FILE)).ok()?;
+    match Snapshot::from_json(&bytes) {
+        Ok(snapshot) if &snapshot.workload == workload => {
+            tracing::info!(version = %snapshot.version, "enforcing the saved snapshot until the control plane answers");
+            Some(Active::new(snapshot))
+        }
+        Ok(_) => None,
+        Err(error) => {
+            tracing::warn!(%error, "saved snapshot unusable");
+            None
+        }
+    }
+}
+
+/// A little jitter (0–25 %) so that many sidecars do not reconnect in step.
+fn jitter(base: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    base + base.mul_f64(f64::from(byte[0]) / 1024.0)
+}
+
+/// Keeps a watch open until `stop` turns true.
+pub async fn run(
+    context: Arc<Context>,
+    mut credential: CredentialWatch,
+    snapshot: watch::Sender<Option<Arc<Active>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(250);
+    let mut attempt = 0usize;
+    loop {
+        let current = credential.borrow_and_update().clone();
+        let Some(current) = current else {
+            tokio::select! {
+                _ = credential.changed() => continue,
+                _ = stop.changed() => return,
+            }
+        };
+        let urls = &context.config.control_plane.urls;
+        let url = urls[attempt % urls.len()].clone();
+        let session = session(&context, &url, &current, &snapshot);
+        let ended = tokio::select! {
+            result = session => result,
+            _ = credential.changed() => Ok(()),
+            _ = stop.changed() => {
+                deregister(&context, &url, &current).await;
+                return;
+            }
+        };
+        match ended {
+            Ok(()) => backoff = Duration::from_millis(250),
+            Err(error) => {
+                tracing::warn!(url, %error, retry_in_ms = backoff.as_millis() as u64, "control plane stream lost; enforcing the last good snapshot");
+                attempt += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(jitter(backoff)) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        *context
+            .control_plane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+async fn connect(url: &str, credential: &Credential, alpn_h2: bool) -> Result<Sender, String> {
+    let key =
+        PrivateKeyDer::from_pem_slice(credential.key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let tls = verified_config(
+        &credential.svid.id,
+        &credential.bundle_pem,
+        Some((credential.certified_key.cert.clone(), key)),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut tls = (*tls).clone();
+    if alpn_h2 {
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+    }
+    let (authority, host) = authority(url).map_err(|e| e.to_string())?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(&authority),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+async fn post(
+    sender: &mut Sender,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<(u16, Bytes), String> {
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .map_err(|_| "request timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, body))
+}
+
+fn registration(context: &Context) -> Option<serde_json::Value> {
+    let config = &context.config;
+    let endpoint = config.inbound.advertise.or_else(|| {
+        let listen = config.inbound.listen;
+        (!listen.ip().is_unspecified()).then_some(listen)
+    })?;
+    let ports: Vec<_> = config
+        .inbound
+        .ports
+        .iter()
+        .map(|p| json!({"port": p.port, "protocol": p.protocol}))
+        .collect();
+    Some(
+        json!({"instance": context.instance, "endpoint": endpoint.to_string(), "ports": ports, "addresses": config.inbound.addresses}),
+    )
+}
+
+async fn session(
+    context: &Arc<Context>,
+    url: &str,
+    credential: &Arc<Credential>,
+    snapshot: &watch::Sender<Option<Arc<Active>>>,
+) -> Result<(), String> {
+    let mut sender = connect(url, credential, true).await?;
+    if let Some(body) = registration(context) {
+        let (status, answer) = post(&mut sender, "/v1/registrations", body).await?;
+        if status != 200 {
+            // Not fatal for enforcement: log loudly and keep watching.
+            tracing::error!(status, answer = %String::from_utf8_lossy(&answer), "registration refused");
+        }
+    }
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(format!("/v1/snapshots/watch?instance={}", context.instance))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    if response.status() != 200 {
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(format!(
+            "watch refused ({status}): {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    *context
+        .control_plane
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(url.to_owned());
+    tracing::info!(url, "watching snapshots");
+    let mut body = response.into_body();
+    let mut buffer = BytesMut::new();
+    let mut reports = tokio::time::interval(FLOW_REPORT);
+    loop {
+        tokio::select! {
+            frame = body.frame() => {
+                let Some(frame) = frame else { return Err("stream ended".into()) };
+                let frame = frame.map_err(|e| e.to_string())?;
+                let Ok(data) = frame.into_data() else { continue };
+                buffer.extend_from_slice(&data);
+                if buffer.len() > 64 * 1024 * 1024 {
+                    return Err("snapshot line over 64 MiB".into());
+                }
+                while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+                    let line = buffer.split_to(end + 1);
+                    if line.len() > 1 {
+                        apply_line(context, &mut sender, &line[..line.len() - 1], credential, snapshot).await;
+                    }
+                }
+            }
+            _ = reports.tick() => report_flows(context, &mut sender).await,
+        }
+    }
+}
+
+async fn apply_line(
+    context: &Context,
+    sender: &mut Sender,
+    line: &[u8],
+    credential: &Credential,
+    snapshot: &watch::Sender<Option<Arc<Active>>>,
+) {
+    let workload = &context.config.identity;
+    let parsed = Snapshot::from_json(line)
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            if &s.workload == workload {
+                Ok(s)
+            } else {
+                Err(format!("snapshot is for {}, not {workload}", s.workload))
+            }
+        });
+    let (version, outcome) = match parsed {
+        Ok(next) => {
+            let version = next.version.clone();
+            let current = snapshot
+                .borrow()
+                .as_ref()
+                .map(|a| a.snapshot.version.clone());
+            if current
+                .as_ref()
+                .is_none_or(|c| c.is_superseded_by(&version))
+            {
+                if let Err(error) =
+                    write_atomic(&context.config.state_dir.join(SNAPSHOT_FILE), line, 0o644)
+                {
+                    tracing::error!(%error, "cannot save the snapshot");
+                }
+                tracing::info!(%version, policies = next.policies.policies().len(), directory = next.directory.len(), "snapshot applied");
+                metrics::gauge!("sidewall_proxy_snapshot_version").set(version.counter as f64);
+                metrics::counter!("sidewall_proxy_snapshots_applied_total").increment(1);
+                snapshot.send_replace(Some(Arc::new(Active::new(next))));
+            }
+            (version, None)
+        }
+        Err(reason) => {
+            metrics::counter!("sidewall_proxy_snapshots_rejected_total").increment(1);
+            tracing::error!(reason, "snapshot rejected; keeping the last good one");
+            let version = serde_json::from_slice::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| serde_json::from_value(v["version"].clone()).ok())
+                .unwrap_or(sidewall_policies::snapshot::SnapshotVersion {
+                    epoch: String::new(),
+                    counter: 0,
+                });
+            (version, Some(reason))
+        }
+    };
+    let body = json!({
+        "instance": context.instance,
+        "version": version,
+        "status": if outcome.is_none() { "applied" } else { "rejected" },
+        "reason": outcome,
+        "certificate_expires_at": credential.svid.not_after,
+    });
+    if let Err(error) = post(sender, "/v1/acks", body).await {
+        tracing::warn!(%error, "ack not delivered");
+    }
+}
+
+async fn report_flows(context: &Context, sender: &mut Sender) {
+    let flows = context.flows.take();
+    if flows.is_empty() {
+        return;
+    }
+    let list: Vec<_> = flows
+        .into_iter()
+        .map(|((peer, port, protocol), count)| json!({"peer": peer, "port": port, "protocol": protocol, "count": count}))
+        .collect();
+    if let Err(error) = post(sender, "/v1/flows", json!({"flows": list})).await {
+        tracing::debug!(%error, "flow report not delivered");
+    }
+}
+
+async fn deregister(context: &Context, url: &str, credential: &Credential) {
+    if registration(context).is_none() {
+        return;
+    }
+    let attempt = async {
+        let mut sender = connect(url, credential, true).await?;
+        let request = Request::builder()
+            .method(Method::DELETE)
+            .uri(format!("/v1/registrations/{}", context.instance))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(())
+    };
+    if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        tracing::debug!(%error, "deregistration not delivered");
+    }
+}
