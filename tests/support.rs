@@ -53,7 +53,18 @@ pub(crate) struct ControlPlaneProcess {
 
 impl ControlPlaneProcess {
     pub(crate) fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        let (api_port, admin_port) = (free_port(), free_port());
+        Self::start_on(data_dir, extra, free_port(), free_port())
+    }
+
+    /// Starts again on the same ports and data directory (after [`Self::stop`]).
+    pub(crate) fn restart(&mut self, extra: &[&str]) {
+        let _ = std::fs::remove_file(self.data_dir.join("control-plane.json"));
+        let fresh = Self::start_on(&self.data_dir, extra, self.api_port, self.admin_port);
+        let mut old = std::mem::replace(self, fresh);
+        let _ = old.child.wait();
+    }
+
+    fn start_on(data_dir: &Path, extra: &[&str], api_port: u16, admin_port: u16) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
             .arg("control-plane")
             .arg("--data-dir")

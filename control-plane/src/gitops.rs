@@ -16,7 +16,7 @@ use crate::store::PolicyFile;
 const POLL: Duration = Duration::from_secs(1);
 
 /// The files under `dir` (recursively, *.yaml/*.yml), as (name relative to dir, text).
-fn read_files(dir: &PathBuf) -> std::io::Result<Vec<PolicyFile>> {
+fn read_files(dir: &std::path::Path) -> std::io::Result<Vec<PolicyFile>> {
     fn walk(
         base: &std::path::Path,
         path: &std::path::Path,

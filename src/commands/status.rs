@@ -59,7 +59,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
             println!("policy directory is invalid (last good set in force): {error}");
         }
         println!(
-            "{:<44} {:<21} {:<18} {:>14} {:>14} {:<10} {:<12} {}",
+            "{:<44} {:<21} {:<18} {:>14} {:>14} {:<10} {:<12} LAST REJECTION",
             "IDENTITY",
             "ENDPOINT",
             "CONNECTED",
@@ -67,7 +67,6 @@ pub(crate) fn run(args: Args) -> ExitCode {
             "LATEST",
             "LAST ACK",
             "CERT EXPIRY",
-            "LAST REJECTION"
         );
         for p in body["proxies"].as_array().into_iter().flatten() {
             let connected = if p["connected"] == true {

@@ -1,0 +1,573 @@
+//! Policy distribution end to end: the control plane and sidecars as processes, policy applied
+//! with the CLI, traffic through the sidecars.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test helpers panic to report; blocking waits are fine here
+
+mod support;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::{
+    ControlPlaneProcess, EchoApp, ProxyProcess, Run, eventually, exchange, free_port, http_get,
+};
+
+const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    cp: ControlPlaneProcess,
+    app: EchoApp,
+    api_inbound: u16,
+    routes: std::collections::HashMap<String, u16>,
+}
+
+fn policy(name: &str, on_revoke: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n  target: {TD}/api\n  onRevoke: {on_revoke}\n  rules:\n{rules}"
+    )
+}
+
+fn allow(who: &str, port: u16) -> String {
+    format!("    - {{action: allow, from: [{TD}/{who}], ports: [{port}]}}\n")
+}
+
+impl Mesh {
+    fn new(cp_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlaneProcess::start(&dir.path().join("cp"), cp_args);
+        Self {
+            dir,
+            cp,
+            app: EchoApp::start(),
+            api_inbound: free_port(),
+            routes: Default::default(),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn cli(&self, args: &[&str]) -> Run {
+        self.cp.cli(args)
+    }
+
+    /// Writes a policy set into `<dir>/<name>/` and applies it with `--wait`.
+    fn apply(&self, name: &str, files: &[(&str, String)]) -> Run {
+        let dir = self.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        self.cli(&[
+            "policy",
+            "apply",
+            dir.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "20s",
+        ])
+    }
+
+    fn sidecar(&mut self, name: &str) -> ProxyProcess {
+        let run = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        std::fs::write(
+            self.path().join(format!("{name}.token")),
+            run.stdout.lines().last().unwrap(),
+        )
+        .unwrap();
+        let (inbound, ports, routes) = if name == "api" {
+            (
+                self.api_inbound,
+                format!("{{port: 8080, app: 127.0.0.1:{}}}", self.app.port),
+                String::new(),
+            )
+        } else {
+            let route = *self.routes.entry(name.to_owned()).or_insert_with(free_port);
+            (
+                free_port(),
+                String::new(),
+                format!("{{listen: 127.0.0.1:{route}, service: {TD}/api, port: 8080}}"),
+            )
+        };
+        let admin = free_port();
+        let config = format!(
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s}}\n",
+            self.cp.api_port
+        );
+        let proxy = ProxyProcess::start(self.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    }
+
+    fn route(&self, name: &str) -> u16 {
+        self.routes[name]
+    }
+
+    fn restart_sidecar(&self, name: &str, old: &mut ProxyProcess) -> ProxyProcess {
+        old.stop();
+        let config = std::fs::read_to_string(self.path().join(format!("{name}.yaml"))).unwrap();
+        let admin = config
+            .split("admin:\n  listen: 127.0.0.1:")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let proxy = ProxyProcess::start(self.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    }
+}
+
+fn open_connection(port: u16) -> std::net::TcpStream {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    stream
+}
+
+/// Whether the connection is still usable: an echo comes back.
+fn still_open(stream: &mut std::net::TcpStream) -> bool {
+    if stream.write_all(b"pong").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"pong"
+}
+
+#[test]
+fn an_applied_set_reaches_every_sidecar_and_is_enforced() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let _batch = mesh.sidecar("batch");
+    assert_eq!(
+        exchange(mesh.route("web"), b"hi"),
+        None,
+        "default deny before any policy"
+    );
+
+    // batch may call api on another port only: it learns where api is, and api refuses 8080.
+    let run = mesh.apply(
+        "v1",
+        &[(
+            "api.yaml",
+            policy(
+                "api-access",
+                "terminate",
+                &(allow("web", 8080) + &allow("batch", 9999)),
+            ),
+        )],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .starts_with("applied version 1: 1 policies, 2 rules"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("every affected sidecar applied version 1"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        exchange(mesh.route("web"), b"hello").as_deref(),
+        Some(&b"hello"[..])
+    );
+    let before = mesh.app.accepted();
+    assert_eq!(exchange(mesh.route("batch"), b"hello"), None);
+    assert_eq!(
+        mesh.app.accepted(),
+        before,
+        "api refused batch before the app saw it"
+    );
+
+    let status = mesh.cli(&["status", "--json"]);
+    let fleet: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let proxies = fleet["proxies"].as_array().unwrap();
+    assert_eq!(
+        proxies.iter().filter(|p| p["connected"] == true).count(),
+        3,
+        "{fleet}"
+    );
+    assert!(proxies.iter().all(|p| p["applied"] == p["sent"] && p["certificate_expires_at"].as_i64().unwrap() > 0), "{fleet}");
+    let api_row = proxies
+        .iter()
+        .find(|p| p["identity"] == format!("{TD}/api"))
+        .unwrap();
+    assert_eq!(
+        api_row["endpoint"],
+        format!("127.0.0.1:{}", mesh.api_inbound)
+    );
+    let table = mesh.cli(&["status"]);
+    assert!(
+        table.stdout.contains(&format!("{TD}/web")),
+        "{}",
+        table.stdout
+    );
+
+    // A second version: history and diff show it.
+    let run = mesh.apply(
+        "v2",
+        &[(
+            "api.yaml",
+            policy("api-access", "terminate", &allow("web", 8080)),
+        )],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let history = mesh.cli(&["policy", "history"]);
+    assert!(
+        history
+            .stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("2 ")
+                && l.contains("(in force)")
+                && l.contains("operator/admin")),
+        "{}",
+        history.stdout
+    );
+    let diff = mesh.cli(&["policy", "diff", "1", "2"]);
+    assert!(
+        diff.stdout.starts_with("~ policy api-access (changed)"),
+        "{}",
+        diff.stdout
+    );
+    assert!(
+        diff.stdout
+            .contains("    -     - spiffe://sidewall.local/ns/demo/svc/batch"),
+        "{}",
+        diff.stdout
+    );
+
+    // What-if, against the running system.
+    let check = mesh.cli(&[
+        "policy",
+        "check",
+        "--live",
+        "--from",
+        &format!("{TD}/web"),
+        "--to",
+        &format!("{TD}/api"),
+        "--port",
+        "8080",
+    ]);
+    assert_eq!(
+        check.stdout.lines().next(),
+        Some("ALLOW policy=api-access rule=1"),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
+    // Flows are reported every 5 s; then impact names the one a candidate would flip.
+    let candidate = mesh.path().join("candidate");
+    std::fs::create_dir_all(&candidate).unwrap();
+    std::fs::write(
+        candidate.join("api.yaml"),
+        policy("api-access", "terminate", &allow("batch", 8080)),
+    )
+    .unwrap();
+    let mut impact = mesh.cli(&["policy", "impact", candidate.to_str().unwrap()]);
+    eventually(15, "the web flow in policy impact", || {
+        impact = mesh.cli(&["policy", "impact", candidate.to_str().unwrap()]);
+        impact
+            .stdout
+            .contains(&format!("{TD}/web -> {TD}/api port 8080: ALLOW -> DENY"))
+    });
+    assert_eq!(impact.code, 0);
+}
+
+#[test]
+fn revoking_an_allow_rule_closes_or_keeps_open_connections_per_on_revoke() {
+    let mut mesh = Mesh::new(&[]);
+    let api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    assert_eq!(
+        mesh.apply(
+            "keep1",
+            &[("p.yaml", policy("api-access", "keep", &allow("web", 8080)))]
+        )
+        .code,
+        0
+    );
+    let mut kept = open_connection(mesh.route("web"));
+    assert_eq!(
+        mesh.apply(
+            "keep2",
+            &[("p.yaml", policy("api-access", "keep", &allow("web", 9)))]
+        )
+        .code,
+        0
+    );
+    assert_eq!(
+        exchange(mesh.route("web"), b"new"),
+        None,
+        "new connections are denied"
+    );
+    assert!(
+        still_open(&mut kept),
+        "onRevoke: keep leaves the open connection alone"
+    );
+
+    assert_eq!(
+        mesh.apply(
+            "term1",
+            &[(
+                "p.yaml",
+                policy("api-access", "terminate", &allow("web", 8080))
+            )]
+        )
+        .code,
+        0
+    );
+    let mut cut = open_connection(mesh.route("web"));
+    let started = Instant::now();
+    assert_eq!(
+        mesh.apply(
+            "term2",
+            &[(
+                "p.yaml",
+                policy("api-access", "terminate", &allow("web", 9))
+            )]
+        )
+        .code,
+        0
+    );
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        cut.read(&mut buf).unwrap_or(0),
+        0,
+        "onRevoke: terminate closes it"
+    );
+    eprintln!(
+        "apply (with --wait) to connection closed: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert!(api.log().contains("policy_revoked"), "{}", api.log());
+}
+
+#[test]
+fn a_revoked_workload_is_cut_off_and_cannot_renew() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    assert_eq!(
+        mesh.apply(
+            "v1",
+            &[("p.yaml", policy("api-access", "keep", &allow("web", 8080)))]
+        )
+        .code,
+        0
+    );
+    let mut open = open_connection(mesh.route("web"));
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/web")]);
+    assert_eq!(
+        (run.code, run.stdout.trim()),
+        (0, format!("revoked identity {TD}/web").as_str()),
+        "{}",
+        run.stderr
+    );
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        open.read(&mut buf).unwrap_or(0),
+        0,
+        "revocation closes open connections even with onRevoke: keep"
+    );
+    assert_eq!(exchange(mesh.route("web"), b"again"), None);
+
+    // Renewal with web's current certificate is refused.
+    let state = mesh.path().join("state/web");
+    let csr = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=x",
+        ])
+        .output()
+        .unwrap();
+    let body = serde_json::json!({"csr": String::from_utf8_lossy(&csr.stdout)}).to_string();
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--cacert",
+            mesh.path().join("cp/trust-bundle.pem").to_str().unwrap(),
+        ])
+        .args([
+            "--cert",
+            state.join("certificate.pem").to_str().unwrap(),
+            "--key",
+            state.join("key.pem").to_str().unwrap(),
+        ])
+        .args([
+            "-d",
+            &body,
+            &format!("https://127.0.0.1:{}/v1/certificates", mesh.cp.api_port),
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&output.stdout);
+    assert!(answer.contains("\"error\":\"revoked\""), "{answer}");
+    let list = mesh.cli(&["workload", "list"]);
+    assert!(
+        list.stdout.contains(&format!("identity {TD}/web at ")),
+        "{}",
+        list.stdout
+    );
+}
+
+#[test]
+fn an_invalid_set_is_refused_and_the_old_one_stays_in_force() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    assert_eq!(
+        mesh.apply(
+            "good",
+            &[(
+                "p.yaml",
+                policy("api-access", "terminate", &allow("web", 8080))
+            )]
+        )
+        .code,
+        0
+    );
+    let run = mesh.apply(
+        "bad",
+        &[(
+            "p.yaml",
+            policy("api-access", "terminat", &allow("web", 8080)),
+        )],
+    );
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("the policy set is invalid; nothing was sent"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("p.yaml:6:13: spec.onRevoke"),
+        "{}",
+        run.stderr
+    );
+    let history = mesh.cli(&["policy", "history", "--json"]);
+    let versions: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 1);
+    assert!(exchange(mesh.route("web"), b"still allowed").is_some());
+}
+
+#[test]
+fn traffic_survives_a_control_plane_restart_and_sidecars_restart_from_disk() {
+    let mut mesh = Mesh::new(&[]);
+    let mut api = mesh.sidecar("api");
+    let mut web = mesh.sidecar("web");
+    assert_eq!(
+        mesh.apply(
+            "v1",
+            &[(
+                "p.yaml",
+                policy("api-access", "terminate", &allow("web", 8080))
+            )]
+        )
+        .code,
+        0
+    );
+    let route = mesh.route("web");
+    let traffic = std::thread::spawn(move || {
+        let (mut sent, mut failed) = (0, 0);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(8) {
+            if exchange(route, b"steady").as_deref() != Some(&b"steady"[..]) {
+                failed += 1;
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (sent, failed)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(mesh.cp.stop(), Some(0));
+    std::thread::sleep(Duration::from_secs(2));
+    mesh.cp.restart(&[]);
+    let (sent, failed) = traffic.join().unwrap();
+    eprintln!("{sent} exchanges across the control plane restart, {failed} failed");
+    assert_eq!(failed, 0);
+    eventually(20, "both sidecars to resume their streams", || {
+        let status = mesh.cli(&["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&status.stdout).is_ok_and(|v| {
+            v["proxies"]
+                .as_array()
+                .is_some_and(|p| p.iter().filter(|p| p["connected"] == true).count() == 2)
+        })
+    });
+
+    // The control plane goes down again; both sidecars restart and enforce from disk.
+    assert_eq!(mesh.cp.stop(), Some(0));
+    api = mesh.restart_sidecar("api", &mut api);
+    web = mesh.restart_sidecar("web", &mut web);
+    assert_eq!(
+        exchange(mesh.route("web"), b"from disk").as_deref(),
+        Some(&b"from disk"[..])
+    );
+    assert!(
+        web.log().contains("enforcing the saved snapshot"),
+        "{}",
+        web.log()
+    );
+    let (_, config) = http_get(api.admin_port, "/config");
+    assert!(config.contains("\"snapshot_version\""), "{config}");
+}
+
+#[test]
+fn a_policy_directory_is_applied_when_valid_and_kept_when_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies: PathBuf = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        policy("api-access", "terminate", &allow("web", 8080)),
+    )
+    .unwrap();
+    let mut mesh = Mesh::new(&["--policies-dir", policies.to_str().unwrap()]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    eventually(10, "the directory applied", || {
+        exchange(mesh.route("web"), b"x").is_some()
+    });
+    std::fs::write(
+        policies.join("p.yaml"),
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: broken\n",
+    )
+    .unwrap();
+    eventually(10, "the invalid directory reported", || {
+        mesh.cli(&["status"])
+            .stdout
+            .contains("policy directory is invalid")
+    });
+    assert!(
+        exchange(mesh.route("web"), b"still").is_some(),
+        "the last good set stays in force"
+    );
+    let history = mesh.cli(&["policy", "history"]);
+    assert!(history.stdout.contains("gitops:"), "{}", history.stdout);
+}
