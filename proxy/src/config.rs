@@ -356,14 +356,6 @@ impl Config {
                     port.port
                 ));
             }
-            // Forwarding an HTTP port as raw TCP would skip per-request authorization: refuse
-            // it rather than fail open.
-            if port.protocol == Protocol::Http {
-                return Err(format!(
-                    "inbound.ports: port {} is declared http, but per-request HTTP authorization is not built yet; declare it tcp",
-                    port.port
-                ));
-            }
         }
         if self.local.is_none()
             && self.inbound.advertise.is_none()

@@ -77,7 +77,7 @@ fn record(decision: &Decision) {
     metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => outcome, "policy" => policy).increment(1);
 }
 
-async fn handle(context: &Context, stream: TcpStream, remote: SocketAddr) {
+async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
     let config = &context.config;
     let Some(tls) = context.tls.borrow().clone() else {
         // No certificate yet: fail closed.
@@ -145,6 +145,38 @@ async fn handle(context: &Context, stream: TcpStream, remote: SocketAddr) {
     if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
         tracing::info!(peer = %peer.id, port, decision = %decision.to_string().replace('\n', "; "), "audit");
     }
+    let on_revoke = decision
+        .reason
+        .as_ref()
+        .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
+        .map(|p| p.on_revoke)
+        .unwrap_or_default();
+    if entry.protocol == sidewall_policies::Protocol::Http {
+        // The connection may carry requests: each is decided on its own from here on.
+        if write_status(&mut stream, Status::Allowed).await.is_err() {
+            return;
+        }
+        let mut registration = context.connections.register(
+            peer.id.clone(),
+            peer.serial.clone(),
+            port,
+            entry.protocol,
+            on_revoke,
+        );
+        let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
+        tokio::select! {
+            () = crate::http::serve(context.clone(), stream, peer.id.clone(), *entry, remote) => {}
+            reason = registration.closed.wait_for(Option::is_some) => {
+                let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
+                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
+                tracing::info!(peer = %peer.id, port, reason = label, "connection closed by the sidecar");
+            }
+            () = tokio::time::sleep(expiry) => {
+                tracing::info!(peer = %peer.id, port, "peer certificate expired: connection closed");
+            }
+        }
+        return;
+    }
     let app = match tokio::time::timeout(
         config.limits.connect_timeout.0,
         TcpStream::connect(entry.app),
@@ -168,12 +200,6 @@ async fn handle(context: &Context, stream: TcpStream, remote: SocketAddr) {
         return;
     }
     tracing::debug!(peer = %peer.id, port, %rule, "connection allowed");
-    let on_revoke = decision
-        .reason
-        .as_ref()
-        .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
-        .map(|p| p.on_revoke)
-        .unwrap_or_default();
     let mut registration = context.connections.register(
         peer.id.clone(),
         peer.serial.clone(),

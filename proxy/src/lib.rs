@@ -7,6 +7,7 @@
 //! - [`snapshot`]: the snapshot enforced, or built from local files (`local:`).
 //! - [`tls`]: rustls configurations from the credential and the snapshot; strict SVID checks.
 //! - [`inbound`]: the mTLS listener; a decision before any byte reaches the app.
+//! - [`http`]: HTTP ports: request checks, normalization, a decision per request.
 //! - [`outbound`]: explicit routes to other services, verifying the expected identity.
 //! - [`transport`]: the port header between sidecars and the forwarding copy.
 //! - [`connections`]: open connections, re-checked when the snapshot changes (`onRevoke`).
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod config;
 pub mod connections;
 pub mod distribution;
+pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
@@ -60,6 +62,8 @@ pub struct Context {
     pub flows: distribution::Flows,
     /// The control plane URL the snapshot stream is open to, if any.
     pub control_plane: std::sync::Mutex<Option<String>>,
+    /// The pooled client to the apps behind HTTP ports.
+    pub app_client: http::AppClient,
 }
 
 /// The bound sockets, in the order of the configuration.
@@ -189,6 +193,7 @@ pub async fn run(
         instance: instance_id(),
         flows: distribution::Flows::default(),
         control_plane: std::sync::Mutex::new(None),
+        app_client: http::app_client(false),
     });
     let distributor = match config.local.clone() {
         Some(local) => {

@@ -60,13 +60,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         }
         println!(
             "{:<44} {:<21} {:<18} {:>14} {:>14} {:<10} {:<12} LAST REJECTION",
-            "IDENTITY",
-            "ENDPOINT",
-            "CONNECTED",
-            "APPLIED",
-            "LATEST",
-            "LAST ACK",
-            "CERT EXPIRY",
+            "IDENTITY", "ENDPOINT", "CONNECTED", "APPLIED", "LATEST", "LAST ACK", "CERT EXPIRY",
         );
         for p in body["proxies"].as_array().into_iter().flatten() {
             let connected = if p["connected"] == true {

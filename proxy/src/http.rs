@@ -1,0 +1,255 @@
+//! HTTP ports: per-request authorization that cannot be bypassed.
+//!
+//! A port declared `protocol: http` is served with hyper (HTTP/1.1, or HTTP/2 when the client
+//! speaks it) after the connection-level check. Every request is then, in order:
+//!
+//! 1. checked for the smuggling and confusion classes refused with `400` ([`request`]): two
+//!    Host headers, Host and `:authority` disagreeing, `Content-Length` with
+//!    `Transfer-Encoding`, upgrades other than WebSocket (`h2c` included); hyper itself refuses
+//!    NUL, bare CR/LF and obsolete line folding, and oversize headers (`431`);
+//! 2. normalized (`sidewall_policies::http::normalize_path`; encoded `/`, `\` and `.`, and
+//!    control characters refused with `400`) — the **normalized** path is what is matched and
+//!    what the app receives;
+//! 3. decided with the engine on (peer, method, normalized path, host) from the snapshot in
+//!    force *now*; `403` with a short body on deny, `405` for an unallowed `CONNECT`;
+//! 4. forwarded to the app over a keep-alive connection pool, with `x-sidewall-peer-identity`
+//!    set to the peer's SPIFFE ID (any such header from elsewhere removed); a WebSocket
+//!    upgrade switches to raw forwarding only after the app answers `101`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sidewall_policies::engine::Request as Facts;
+use sidewall_policies::{Outcome, SpiffeId};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Context;
+use crate::config::InboundPort;
+
+mod request;
+
+/// The header that carries the authenticated peer to the app.
+pub const PEER_HEADER: &str = "x-sidewall-peer-identity";
+/// Request headers allowed in all, per request, before `431`. Default is 32 KiB.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// HTTP/2 streams open at once per connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// HTTP/2 streams a client may reset before being accepted before the connection is closed
+/// (rapid-reset protection).
+pub const MAX_PENDING_RESETS: usize = 20;
+
+/// The body type of every response.
+pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A pooled client to the apps (keep-alive, connection reuse).
+pub type AppClient = Client<HttpConnector, Incoming>;
+
+/// Builds the app client: HTTP/1.1 with keep-alive by default.
+pub fn app_client(http2: bool) -> AppClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(Duration::from_secs(60))
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new());
+    if http2 {
+        builder.http2_only(true);
+    }
+    builder.build(connector)
+}
+
+fn short(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
+/// Serves one authorized HTTP connection from `peer` until it ends.
+pub async fn serve<S>(
+    context: Arc<Context>,
+    stream: S,
+    peer: SpiffeId,
+    port: InboundPort,
+    remote: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer_value = HeaderValue::from_str(peer.as_str()).ok();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let context = context.clone();
+        let peer = peer.clone();
+        let peer_value = peer_value.clone();
+        async move { Ok::<_, Infallible>(handle(&context, &peer, peer_value, port, request).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // A client that half-closes after its request still gets the response.
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(1024);
+    if let Err(error) = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%remote, %error, "HTTP connection ended with an error");
+    }
+}
+
+fn record(outcome: &'static str, policy: String, started: Instant) {
+    metrics::counter!("sidewall_proxy_http_requests_total", "outcome" => outcome, "policy" => policy).increment(1);
+    metrics::histogram!("sidewall_proxy_http_request_seconds")
+        .record(started.elapsed().as_secs_f64());
+}
+
+async fn handle(
+    context: &Context,
+    peer: &SpiffeId,
+    peer_value: Option<HeaderValue>,
+    port: InboundPort,
+    mut request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let checked = match request::check(&request) {
+        Ok(checked) => checked,
+        Err(refusal) => {
+            tracing::warn!(%peer, method = %request.method(), path = request.uri().path(), reason = refusal.reason, "request refused");
+            record("bad_request", "-".into(), started);
+            return short(refusal.status, refusal.body);
+        }
+    };
+    let Some(active) = context.snapshot.borrow().clone() else {
+        return short(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n");
+    };
+    let decision = active.engine.decide_request(
+        peer,
+        &context.config.identity,
+        port.port,
+        Facts {
+            method: request.method().as_str(),
+            path: &checked.path,
+            host: checked.host.as_deref(),
+        },
+    );
+    let policy = decision
+        .reason
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |r| r.policy.to_string());
+    let rule = decision.reason.as_ref().map_or_else(
+        || "default deny".to_owned(),
+        |r| format!("policy={} rule={}", r.policy, r.rule),
+    );
+    if !decision.permits() {
+        tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %rule, "request denied");
+        record("deny", policy, started);
+        if request.method() == hyper::Method::CONNECT {
+            return short(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        }
+        return short(StatusCode::FORBIDDEN, "forbidden\n");
+    }
+    if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
+        tracing::info!(%peer, method = %request.method(), path = %checked.path, decision = %decision.to_string().replace('\n', "; "), "audit");
+    }
+    // Rewrite: the normalized path (query kept), the peer header set by us alone.
+    let target = match checked.query {
+        Some(query) => format!("http://{}{}?{query}", port.app, checked.path),
+        None => format!("http://{}{}", port.app, checked.path),
+    };
+    let Ok(uri) = target.parse::<hyper::Uri>() else {
+        record("bad_request", policy, started);
+        return short(StatusCode::BAD_REQUEST, "bad request\n");
+    };
+    let upgrade = checked.websocket.then(|| hyper::upgrade::on(&mut request));
+    let (mut parts, body) = request.into_parts();
+    parts.uri = uri;
+    parts.version = hyper::Version::HTTP_11;
+    let headers = &mut parts.headers;
+    headers.remove(PEER_HEADER);
+    for name in request::HOP_BY_HOP {
+        if !(checked.websocket && (*name == "connection" || *name == "upgrade")) {
+            headers.remove(*name);
+        }
+    }
+    if let Some(value) = peer_value {
+        headers.insert(HeaderName::from_static(PEER_HEADER), value);
+    }
+    // HTTP/2 carries the host as :authority; the app (HTTP/1.1) needs a Host header.
+    if let (Some(host), false) = (
+        checked.host.as_deref(),
+        headers.contains_key(hyper::header::HOST),
+    ) && let Ok(value) = HeaderValue::from_str(host)
+    {
+        headers.insert(hyper::header::HOST, value);
+    }
+    let outcome = if decision.outcome == Outcome::Audit {
+        "audit"
+    } else {
+        "allow"
+    };
+    let app = match context
+        .app_client
+        .request(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(app = %port.app, %error, "app request failed");
+            record("app_error", policy, started);
+            return short(StatusCode::BAD_GATEWAY, "bad gateway\n");
+        }
+    };
+    record(outcome, policy, started);
+    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, app.status()) {
+        let (parts, body) = app.into_parts();
+        let mut from_app = Response::from_parts(parts.clone(), body);
+        let app_side = hyper::upgrade::on(&mut from_app);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
+                let _ = crate::transport::forward(
+                    TokioIo::new(client),
+                    TokioIo::new(app),
+                    Duration::from_secs(3600),
+                )
+                .await;
+            }
+        });
+        let mut response = Response::from_parts(
+            parts,
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        return response;
+    }
+    app.map(|body| body.boxed_unsync())
+}

@@ -1,0 +1,509 @@
+//! HTTP ports: the bypass matrix (each crafted request gets the outcome it must get, and the
+//! app never sees a refused one), keep-alive with mixed outcomes, HTTP/2 with 100 concurrent
+//! streams and rapid resets, a 1 GiB streamed body, and a WebSocket upgrade.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test helpers panic to report; blocking waits are fine here
+
+mod support;
+
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{ControlPlaneProcess, ProxyProcess, free_port};
+
+const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
+
+/// What the app received: "METHOD path?query peer-header".
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// An HTTP app (hyper) that records each request and answers 200 with what it saw; it echoes
+/// after a WebSocket upgrade and counts the bytes of a POST body to /v1/orders/upload.
+fn start_app(runtime: &tokio::runtime::Runtime) -> (u16, Seen) {
+    let seen: Seen = Arc::default();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let record = seen.clone();
+    runtime.spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |mut request: Request<hyper::body::Incoming>| {
+                        let record = record.clone();
+                        async move {
+                            let peer = request
+                                .headers()
+                                .get_all("x-sidewall-peer-identity")
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                .collect::<Vec<_>>()
+                                .join(",");
+                            let line = format!("{} {} {peer}", request.method(), request.uri());
+                            record.lock().unwrap().push(line.clone());
+                            if request.headers().contains_key(hyper::header::UPGRADE) {
+                                let upgrade = hyper::upgrade::on(&mut request);
+                                tokio::spawn(async move {
+                                    let mut io = TokioIo::new(upgrade.await.unwrap());
+                                    let mut buf = [0u8; 64];
+                                    let n = tokio::io::AsyncReadExt::read(&mut io, &mut buf)
+                                        .await
+                                        .unwrap();
+                                    tokio::io::AsyncWriteExt::write_all(&mut io, &buf[..n])
+                                        .await
+                                        .unwrap();
+                                });
+                                let mut response = Response::new(Full::new(Bytes::new()));
+                                *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                                response
+                                    .headers_mut()
+                                    .insert(hyper::header::UPGRADE, "websocket".parse().unwrap());
+                                response
+                                    .headers_mut()
+                                    .insert(hyper::header::CONNECTION, "Upgrade".parse().unwrap());
+                                return Ok::<_, hyper::Error>(response);
+                            }
+                            let mut total = 0usize;
+                            let mut body = request.into_body();
+                            while let Some(frame) = body.frame().await {
+                                total += frame?.data_ref().map_or(0, |d| d.len());
+                            }
+                            Ok(Response::new(Full::new(Bytes::from(format!(
+                                "{line} body={total}"
+                            )))))
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+const POLICY: &str = r#"apiVersion: sidewall.dev/v1
+kind: Policy
+metadata: {name: api-http}
+spec:
+  target: spiffe://sidewall.local/ns/demo/svc/api
+  rules:
+    - action: allow
+      from: [spiffe://sidewall.local/ns/demo/svc/web]
+      ports: [8080]
+      http:
+        methods: [GET, POST]
+        paths: [/v1/orders, "/v1/orders/*", "/static/**"]
+        hosts: [api.shop]
+    - action: deny
+      from: [spiffe://sidewall.local/ns/demo/svc/web]
+      http: {paths: ["/admin/**"]}
+"#;
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    _cp: ControlPlaneProcess,
+    _api: ProxyProcess,
+    _web: ProxyProcess,
+    route: u16,
+    seen: Seen,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn mesh() -> Mesh {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (app, seen) = start_app(&runtime);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/api.yaml"), POLICY).unwrap();
+    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    let api_inbound = free_port();
+    let route = free_port();
+    let sidecar = |name: &str, ports: String, routes: String| {
+        let run = cp.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
+        std::fs::write(
+            dir.path().join(format!("{name}.token")),
+            run.stdout.lines().last().unwrap(),
+        )
+        .unwrap();
+        let admin = free_port();
+        let inbound = if name == "api" {
+            api_inbound
+        } else {
+            free_port()
+        };
+        let config = format!(
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api_inbound}], ports: [{{port: 8080, protocol: http}}]}}\nworkerThreads: 1\n",
+            cp.api_port
+        );
+        let proxy = ProxyProcess::start(dir.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    };
+    let api = sidecar(
+        "api",
+        format!("{{port: 8080, protocol: http, app: 127.0.0.1:{app}}}"),
+        String::new(),
+    );
+    let web = sidecar(
+        "web",
+        String::new(),
+        format!("{{listen: 127.0.0.1:{route}, service: {TD}/api, port: 8080}}"),
+    );
+    Mesh {
+        _dir: dir,
+        _cp: cp,
+        _api: api,
+        _web: web,
+        route,
+        seen,
+        runtime,
+    }
+}
+
+/// Sends raw bytes on a new connection through the web sidecar; returns the response text.
+fn raw(port: u16, request: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn bypass_matrix() {
+    let mesh = mesh();
+    let web = format!("{TD}/web");
+    let get = |target: &str, host: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    let allowed: Vec<(String, &str)> = vec![
+        (get("/v1/orders", "api.shop"), "GET /v1/orders"),
+        (get("/v1/orders?x=1", "api.shop"), "GET /v1/orders?x=1"),
+        (get("/v1//orders", "api.shop"), "GET /v1/orders "),
+        (get("/v1/./orders", "api.shop"), "GET /v1/orders "),
+        (get("/%761/orders", "api.shop"), "GET /v1/orders "),
+        (get("/v1/orders/7", "API.SHOP."), "GET /v1/orders/7 "),
+        (get("/static/app.js", "api.shop:80"), "GET /static/app.js "),
+        (
+            "GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nx-sidewall-peer-identity: spiffe://sidewall.local/ns/demo/svc/admin\r\nConnection: close\r\n\r\n".to_owned(),
+            "GET /v1/orders ",
+        ),
+    ];
+    for (request, expected) in &allowed {
+        let response = raw(mesh.route, request.as_bytes());
+        assert_eq!(status(&response), 200, "{request:?}\n{response}");
+        assert!(response.contains(expected), "{request:?}\n{response}");
+        assert!(
+            response.contains(&format!(" {web} body=")),
+            "the app sees exactly the authenticated peer: {response}"
+        );
+    }
+    let big_header = format!(
+        "GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    let refused: Vec<(String, u16)> = vec![
+        (get("/admin", "api.shop"), 403),
+        (get("/a/../admin/x", "api.shop"), 403),
+        (get("/./admin/x", "api.shop"), 403),
+        (get("//admin/x", "api.shop"), 403),
+        (get("/%2Fadmin", "api.shop"), 400),
+        (get("/%2e%2e/admin", "api.shop"), 400),
+        (get("/admin%00", "api.shop"), 400),
+        (get("\\admin", "api.shop"), 400),
+        (get("/ADMIN", "api.shop"), 403),
+        (get("/V1/orders", "api.shop"), 403),
+        (get("/admin#x", "api.shop"), 403),
+        (get("/admin?x", "api.shop"), 403),
+        (get("/v1/orders/../../admin/x", "api.shop"), 403),
+        (get("/static/../admin/x", "api.shop"), 403),
+        (get("/v1/orders%2F..%2Fadmin", "api.shop"), 400),
+        (get("/v1/orders/%2e%2e/admin", "api.shop"), 400),
+        (get("/v1/orders/..%2fadmin", "api.shop"), 400),
+        (get("/v1/orders%5cadmin", "api.shop"), 400),
+        (get("/%61dmin/x", "api.shop"), 403),
+        (get("/v1/orders/1/2", "api.shop"), 403),
+        (get("/static", "api.shop"), 403),
+        (get("/v1/orders%0d%0aX:%20y", "api.shop"), 400),
+        (get("/v1/orders", "evil.com"), 403),
+        (get("/v1/orders", "api.shop.evil.com"), 403),
+        (get("/v1/orders", "user@api.shop"), 400),
+        (get("/v1/orders", "api.shop/../admin"), 400),
+        ("GET /v1/orders HTTP/1.1\r\nConnection: close\r\n\r\n".into(), 400),
+        ("GET /v1/orders HTTP/1.0\r\n\r\n".into(), 403),
+        ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nHost: evil.com\r\n\r\n".into(), 400),
+        ("POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".into(), 400),
+        ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-A: a\r\n b\r\n\r\n".into(), 400),
+        ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-A: a\0b\r\n\r\n".into(), 400),
+        ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-A: a\rb\r\n\r\n".into(), 400),
+        (big_header, 431),
+        ("DELETE /v1/orders HTTP/1.1\r\nHost: api.shop\r\n\r\n".into(), 403),
+        ("PUT /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 0\r\n\r\n".into(), 403),
+        ("get /v1/orders HTTP/1.1\r\nHost: api.shop\r\n\r\n".into(), 403),
+        ("CONNECT api.shop:443 HTTP/1.1\r\nHost: api.shop:443\r\n\r\n".into(), 405),
+        ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".into(), 400),
+        ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n".into(), 400),
+        ("GET http://api.shop/admin/x HTTP/1.1\r\nHost: api.shop\r\n\r\n".into(), 400),
+        ("GET /admin/x HTTP/1.1\r\nHost: api.shop\r\n\r\n".into(), 403),
+    ];
+    assert!(refused.len() >= 40, "{} cases", refused.len());
+    let before = mesh.seen.lock().unwrap().len();
+    for (request, expected) in &refused {
+        let response = raw(mesh.route, request.as_bytes());
+        assert_eq!(status(&response), *expected, "{request:?}\n{response}");
+        if *expected == 403 {
+            assert!(
+                response.ends_with("forbidden\n"),
+                "short body naming no internals: {response}"
+            );
+        }
+    }
+    let seen = mesh.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.len(),
+        before,
+        "the app saw a refused request: {:?}",
+        &seen[before..]
+    );
+
+    // Content-Length with Transfer-Encoding: hyper discards the length, decodes chunked and
+    // closes the connection after the response, so bytes after the chunked body can never be
+    // taken for a second request; the app gets one request, re-framed by the sidecar.
+    let smuggle = "POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/orders/smuggled HTTP/1.1\r\nHost: api.shop\r\n\r\n";
+    let response = raw(mesh.route, smuggle.as_bytes());
+    assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "{response}");
+    assert!(response.contains("connection: close"), "{response}");
+    let seen = mesh.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some(&*format!("POST /v1/orders {web}")),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|s| !s.contains("smuggled")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .all(|s| !s.to_ascii_lowercase().contains("admin")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn keep_alive_with_mixed_outcomes_on_one_connection() {
+    let mesh = mesh();
+    let request = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: api.shop\r\n\r\n");
+    let pipelined = format!(
+        "{}{}{}",
+        request("/v1/orders"),
+        request("/admin/x"),
+        request("/v1/orders/9")
+    );
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(pipelined.as_bytes()).unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while text.matches("HTTP/1.1 ").count() < 3 {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "403", "200"], "{text}");
+}
+
+#[test]
+fn http2_streams_resets_large_bodies_and_websockets() {
+    let mesh = mesh();
+    let route = mesh.route;
+    mesh.runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", route))
+            .await
+            .unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        let request = |path: &str| {
+            Request::get(format!("http://api.shop{path}"))
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        };
+        // 100 concurrent streams on one connection, allowed and denied mixed.
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let mut sender = sender.clone();
+            let path = if i % 10 == 0 {
+                "/admin/x".to_owned()
+            } else {
+                format!("/v1/orders/{i}")
+            };
+            tasks.push(tokio::spawn(async move {
+                sender
+                    .send_request(request(&path))
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+        let mut statuses = Vec::new();
+        for task in tasks {
+            statuses.push(task.await.unwrap());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 90);
+        assert_eq!(statuses.iter().filter(|s| **s == 403).count(), 10);
+        // :authority and Host disagreeing.
+        let mut mismatch = request("/v1/orders");
+        mismatch
+            .headers_mut()
+            .insert(hyper::header::HOST, "evil.com".parse().unwrap());
+        assert_eq!(
+            sender
+                .clone()
+                .send_request(mismatch)
+                .await
+                .unwrap()
+                .status(),
+            400
+        );
+        // Rapid reset: many streams opened and cancelled at once.
+        for _ in 0..300 {
+            let mut sender = sender.clone();
+            let future =
+                tokio::spawn(async move { sender.send_request(request("/v1/orders")).await });
+            future.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The sidecar survives and serves new connections.
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", route))
+            .await
+            .unwrap();
+        let (mut fresh, connection) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+            TokioExecutor::new(),
+            TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        assert_eq!(
+            fresh
+                .send_request(request("/v1/orders"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    });
+
+    // A 1 GiB body streamed through both sidecars (HTTP/1.1, chunked).
+    let answer = mesh.runtime.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", route))
+            .await
+            .unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
+        let stream = futures_stream(chunk, 1024);
+        let request = Request::post("/v1/orders/upload")
+            .header("host", "api.shop")
+            .body(stream)
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        String::from_utf8(
+            response
+                .into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+    });
+    assert!(
+        answer.ends_with(&format!("body={}", 1024 * 1024 * 1024)),
+        "{answer}"
+    );
+
+    // A WebSocket upgrade switches to raw forwarding after the app's 101.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream.write_all(b"raw frames").unwrap();
+    let mut echoed = [0u8; 10];
+    stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"raw frames");
+}
+
+/// A body of `count` copies of `chunk`, produced as it is sent.
+fn futures_stream(chunk: Bytes, count: usize) -> http_body_util::StreamBody<ChunkStream> {
+    http_body_util::StreamBody::new(ChunkStream { chunk, left: count })
+}
+
+struct ChunkStream {
+    chunk: Bytes,
+    left: usize,
+}
+
+impl futures_core::Stream for ChunkStream {
+    type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.chunk.clone()))))
+    }
+}
