@@ -274,6 +274,7 @@ pub async fn handle(
         }
         (&Method::POST, "/v1/acks") => distribution::ack(&api, &peer, request).await,
         (&Method::POST, "/v1/flows") => distribution::flows(&api, &peer, request).await,
+        (&Method::GET, "/v1/flows") => distribution::list_flows(&api, &peer).await,
         (&Method::POST, "/v1/policies") => policies::apply(&api, &peer, request).await,
         (&Method::GET, "/v1/policies") => policies::history(&api, &peer).await,
         (&Method::POST, "/v1/policies/impact") => policies::impact(&api, &peer, request).await,

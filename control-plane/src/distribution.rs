@@ -76,6 +76,23 @@ pub struct FlowKey {
     pub path: Option<String>,
 }
 
+/// What was observed on one flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowStats {
+    /// Decisions in all.
+    pub count: u64,
+    /// Allowed.
+    pub allow: u64,
+    /// Denied.
+    pub deny: u64,
+    /// Allowed but recorded as "would deny" (audit mode).
+    pub audit: u64,
+    /// The rule (or "default deny") behind the last denial.
+    pub last_denial: Option<String>,
+    /// When the flow was last reported, Unix seconds.
+    pub last_seen: i64,
+}
+
 /// Why a policy set was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -102,7 +119,7 @@ pub struct Distribution {
     state: RwLock<State>,
     changes: watch::Sender<u64>,
     fleet: Mutex<BTreeMap<String, FleetEntry>>,
-    flows: Mutex<BTreeMap<FlowKey, u64>>,
+    flows: Mutex<BTreeMap<FlowKey, FlowStats>>,
     source_error: Mutex<Option<String>>,
 }
 
@@ -416,17 +433,29 @@ impl Distribution {
     }
 
     /// Adds reported flow counts, within [`MAX_FLOWS`] distinct flows.
-    pub fn report_flows(&self, flows: Vec<(FlowKey, u64)>) {
+    pub fn report_flows(&self, flows: Vec<(FlowKey, FlowStats)>) {
         let mut table = lock(&self.flows);
-        for (key, count) in flows {
-            if let Some(existing) = table.get_mut(&key) {
-                *existing = existing.saturating_add(count);
-            } else if table.len() < MAX_FLOWS {
-                table.insert(key, count);
-            } else {
+        let now = now_unix();
+        for (key, stats) in flows {
+            if !table.contains_key(&key) && table.len() >= MAX_FLOWS {
                 metrics::counter!("sidewall_control_plane_flows_dropped_total").increment(1);
+                continue;
             }
+            let entry = table.entry(key).or_default();
+            entry.count = entry.count.saturating_add(stats.count);
+            entry.allow = entry.allow.saturating_add(stats.allow);
+            entry.deny = entry.deny.saturating_add(stats.deny);
+            entry.audit = entry.audit.saturating_add(stats.audit);
+            if stats.last_denial.is_some() {
+                entry.last_denial = stats.last_denial;
+            }
+            entry.last_seen = now;
         }
+    }
+
+    /// Every observed flow.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
+        lock(&self.flows).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// The observed flows whose outcome differs between the set in force and `candidate`.
@@ -434,7 +463,8 @@ impl Distribution {
         let current = self.read().engine.clone();
         let flows = lock(&self.flows).clone();
         let mut flips = Vec::new();
-        for (key, count) in flows {
+        for (key, stats) in flows {
+            let count = stats.count;
             let (Ok(peer), Ok(target)) = (SpiffeId::parse(&key.peer), SpiffeId::parse(&key.target))
             else {
                 continue;

@@ -38,23 +38,75 @@ const MAX_FLOWS: usize = 10_000;
 /// The file the last good snapshot is kept in.
 const SNAPSHOT_FILE: &str = "snapshot.json";
 
-/// Flow counts since the last report: (peer, port, protocol) → decisions.
+/// What a flow is: who, which port, and for HTTP the method and the first path segments.
+type FlowKey = (String, u16, Protocol, Option<String>, Option<String>);
+
+/// Decisions on one flow since the last report.
+#[derive(Debug, Default, Clone)]
+struct FlowCounts {
+    allow: u64,
+    deny: u64,
+    audit: u64,
+    last_denial: Option<String>,
+}
+
+/// Flow counts since the last report, bounded to [`MAX_FLOWS`] distinct flows.
 #[derive(Default)]
-pub struct Flows(std::sync::Mutex<HashMap<(String, u16, Protocol), u64>>);
+pub struct Flows(std::sync::Mutex<HashMap<FlowKey, FlowCounts>>);
+
+/// The first two segments of a normalized path (`/v1/orders/7/items` → `/v1/orders`), so
+/// that flow tables stay bounded whatever paths clients send.
+pub fn path_prefix(path: &str) -> String {
+    let mut end = path.len();
+    let mut slashes = 0;
+    for (i, b) in path.bytes().enumerate() {
+        if b == b'/' {
+            slashes += 1;
+            if slashes == 3 {
+                end = i;
+                break;
+            }
+        }
+    }
+    path[..end].to_owned()
+}
 
 impl Flows {
     /// Counts one decision, within [`MAX_FLOWS`] distinct flows.
-    pub fn count(&self, peer: &str, port: u16, protocol: Protocol) {
+    pub fn count(
+        &self,
+        peer: &str,
+        port: u16,
+        protocol: Protocol,
+        request: Option<(&str, &str)>,
+        decision: &sidewall_policies::Decision,
+    ) {
         let mut flows = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (peer.to_owned(), port, protocol);
-        if let Some(count) = flows.get_mut(&key) {
-            *count += 1;
-        } else if flows.len() < MAX_FLOWS {
-            flows.insert(key, 1);
+        let key = (
+            peer.to_owned(),
+            port,
+            protocol,
+            request.map(|(method, _)| method.to_owned()),
+            request.map(|(_, path)| path_prefix(path)),
+        );
+        if !flows.contains_key(&key) && flows.len() >= MAX_FLOWS {
+            return;
+        }
+        let counts = flows.entry(key).or_default();
+        match decision.outcome {
+            sidewall_policies::Outcome::Allow => counts.allow += 1,
+            sidewall_policies::Outcome::Audit => counts.audit += 1,
+            sidewall_policies::Outcome::Deny => {
+                counts.deny += 1;
+                counts.last_denial = Some(match &decision.reason {
+                    Some(r) => format!("policy={} rule={}", r.policy, r.rule),
+                    None => "default deny".to_owned(),
+                });
+            }
         }
     }
 
-    fn take(&self) -> HashMap<(String, u16, Protocol), u64> {
+    fn take(&self) -> HashMap<FlowKey, FlowCounts> {
         std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -348,7 +400,11 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
     }
     let list: Vec<_> = flows
         .into_iter()
-        .map(|((peer, port, protocol), count)| json!({"peer": peer, "port": port, "protocol": protocol, "count": count}))
+        .map(|((peer, port, protocol, method, path), c)| {
+            json!({"peer": peer, "port": port, "protocol": protocol, "method": method, "path": path,
+                   "count": c.allow + c.deny + c.audit, "allow": c.allow, "deny": c.deny, "audit": c.audit,
+                   "last_denial": c.last_denial})
+        })
         .collect();
     if let Err(error) = post(sender, "/v1/flows", json!({"flows": list})).await {
         tracing::debug!(%error, "flow report not delivered");

@@ -160,6 +160,13 @@ async fn handle(
             host: checked.host.as_deref(),
         },
     );
+    context.flows.count(
+        peer.as_str(),
+        port.port,
+        sidewall_policies::Protocol::Http,
+        Some((request.method().as_str(), &checked.path)),
+        &decision,
+    );
     let policy = decision
         .reason
         .as_ref()

@@ -132,7 +132,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             .engine
             .decide_connection(&peer.id, &config.identity, port, entry.protocol);
     record(&decision);
-    context.flows.count(peer.id.as_str(), port, entry.protocol);
+    context.flows.count(peer.id.as_str(), port, entry.protocol, None, &decision);
     let rule = decision.reason.as_ref().map_or_else(
         || "default deny".to_owned(),
         |r| format!("policy={} rule={}", r.policy, r.rule),

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json};
 use crate::attestation::workload_identity;
-use crate::distribution::FlowKey;
+use crate::distribution::{FlowKey, FlowStats};
 use crate::store::RegistrationRecord;
 
 /// How often an idle watch stream sends a keep-alive line.
@@ -310,6 +310,14 @@ struct FlowRecord {
     #[serde(default)]
     path: Option<String>,
     count: u64,
+    #[serde(default)]
+    allow: u64,
+    #[serde(default)]
+    deny: u64,
+    #[serde(default)]
+    audit: u64,
+    #[serde(default)]
+    last_denial: Option<String>,
 }
 
 /// `POST /v1/flows`: decision counts a sidecar observed (for `policy impact`).
@@ -340,10 +348,29 @@ pub(super) async fn flows(
                     method: f.method.filter(|m| m.len() <= 32),
                     path: f.path.filter(|p| p.len() <= 256),
                 },
-                f.count,
+                FlowStats {
+                    count: f.count,
+                    allow: f.allow,
+                    deny: f.deny,
+                    audit: f.audit,
+                    last_denial: f.last_denial.map(|d| d.chars().take(200).collect()),
+                    last_seen: 0,
+                },
             )
         })
         .collect();
     api.distribution.report_flows(flows);
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
+}
+
+/// `GET /v1/flows` (operator): every observed flow with its counts by outcome.
+pub(super) async fn list_flows(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
+    super::require_operator(api, peer)?;
+    let flows: Vec<_> = api
+        .distribution
+        .flows()
+        .into_iter()
+        .map(|(key, stats)| json!({"flow": key, "stats": stats}))
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"flows": flows})))
 }
