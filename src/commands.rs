@@ -1,12 +1,15 @@
 //! One module per `sidewall` subcommand.
 
 pub(crate) mod control_plane;
+pub(crate) mod demo_app;
+pub(crate) mod iptables;
 pub(crate) mod operator;
 pub(crate) mod policy;
 pub(crate) mod policy_remote;
 pub(crate) mod proxy;
 pub(crate) mod status;
 pub(crate) mod token;
+pub(crate) mod up;
 pub(crate) mod workload;
 
 use std::process::ExitCode;

@@ -60,6 +60,9 @@ enum Command {
     ControlPlane(commands::control_plane::Args),
     /// Run a sidecar beside a service: mTLS in and out, policy enforced before any byte.
     Proxy(commands::proxy::Args),
+    /// Send an app's TCP through its sidecar in this network namespace (transparent mode).
+    #[command(subcommand)]
+    Iptables(commands::iptables::IptablesCommand),
     /// Create, list and revoke join tokens (needs an operator credential).
     Token {
         #[command(subcommand)]
@@ -76,6 +79,11 @@ enum Command {
     },
     /// The fleet: each sidecar's connection, versions, acks and certificate expiry.
     Status(commands::status::Args),
+    /// Run a whole mesh on loopback (control plane, demo apps, sidecars) with a live view.
+    Up(commands::up::Args),
+    /// The small demo app `sidewall up` runs behind each sidecar.
+    #[command(hide = true)]
+    DemoApp(commands::demo_app::Args),
     /// Issue operator credentials (needs an operator credential).
     Operator {
         #[command(subcommand)]
@@ -115,6 +123,9 @@ fn main() -> ExitCode {
         Command::Token { command, access } => commands::token::run(command, &access),
         Command::Workload { command, access } => commands::workload::run(command, &access),
         Command::Status(args) => commands::status::run(args),
+        Command::Up(args) => commands::up::run(args),
+        Command::DemoApp(args) => commands::demo_app::run(args),
+        Command::Iptables(command) => commands::iptables::run(command),
         Command::Operator { command, access } => commands::operator::run(command, &access),
     }
 }

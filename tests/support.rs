@@ -49,6 +49,9 @@ pub(crate) struct ControlPlaneProcess {
     pub(crate) data_dir: PathBuf,
     pub(crate) api_port: u16,
     pub(crate) admin_port: u16,
+    /// The dashboard (`--ui-listen`); a fresh port on every start, so that parallel tests
+    /// never contend for the default 4680.
+    pub(crate) ui_port: u16,
 }
 
 impl ControlPlaneProcess {
@@ -65,12 +68,14 @@ impl ControlPlaneProcess {
     }
 
     fn start_on(data_dir: &Path, extra: &[&str], api_port: u16, admin_port: u16) -> Self {
+        let ui_port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
             .arg("control-plane")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{api_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--ui-listen", &format!("127.0.0.1:{ui_port}")])
             .args(extra)
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -80,6 +85,7 @@ impl ControlPlaneProcess {
             data_dir: data_dir.to_path_buf(),
             api_port,
             admin_port,
+            ui_port,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err()

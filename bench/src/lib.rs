@@ -1,7 +1,23 @@
-//! `sidewall-bench`: the side-by-side benchmark of the forwarding path.
+//! `sidewall-bench`: the side-by-side benchmark of Sidewall's forwarding path against direct
+//! connections and peer proxies (issue 8). Run it with
+//! `cargo run --release -p sidewall-bench -- [--quick] [--only CONTENDER] [--out DIR] [--rounds N]`.
 //!
-//! This crate is not filled in yet. It will own the load generator (open- and closed-loop,
-//! HDR histograms), the runner that starts `direct`, `copy-baseline`, `haproxy`, `nginx`,
-//! `stunnel`, `sidewall-l4` and `sidewall-http` in interleaved rounds, and the report
-//! (`report.md`, `report.json`, SVG plots) in which every figure is a ratio against the direct
-//! baseline measured in the same run. Timings are never asserted in tests.
+//! The library holds what has no processes or sockets in it, so it can be unit-tested and used by
+//! the criterion benchmark; the binary (`src/main.rs`) holds the runner, the contenders and the
+//! load generator.
+//!
+//! - [`model`]: the names issue 8 fixes (contenders, modes, workloads, metrics) and their units.
+//! - [`pki`]: a fresh root → intermediate → leaf chain per run (rcgen, ECDSA P-256); SVIDs
+//!   seeded into sidecar state directories, peer certificates with the DNS name they check.
+//! - [`report`]: rows `{contender, mode, workload, metric, value, unit, round}`, the summary
+//!   (median, min, max), the machine, `report.json` and `report.md` with ratios to `direct`.
+//! - [`goals`]: Sidewall's goals from the issue, judged on a summary.
+//! - [`plot`]: one SVG bar chart per (workload, metric).
+//!
+//! Timings are never asserted in tests: a test checks the arithmetic and the shapes.
+
+pub mod goals;
+pub mod model;
+pub mod pki;
+pub mod plot;
+pub mod report;

@@ -352,6 +352,12 @@ pub(crate) fn require_operator(api: &Api, peer: &Peer) -> Result<String, ApiErro
         ));
     };
     let prefix = format!("spiffe://{}/sidewall/operator/", api.ca.trust_domain());
+    if api.distribution.is_revoked(&svid.id, &svid.serial) {
+        return Err(ApiError::forbidden(
+            "revoked",
+            format!("{} (serial {}) is revoked", svid.id, svid.serial),
+        ));
+    }
     match svid.id.as_str().strip_prefix(&prefix) {
         Some(name) if !name.is_empty() && !name.contains('/') => Ok(svid.id.to_string()),
         _ => Err(ApiError::forbidden(
@@ -535,6 +541,12 @@ async fn create_token(
         ));
     }
     workload_identity(&identity).map_err(|why| ApiError::bad_request("not_a_workload", why))?;
+    if api.distribution.is_revoked(&identity, "") {
+        return Err(ApiError::bad_request(
+            "revoked",
+            format!("{identity} is revoked; no token can be made for it"),
+        ));
+    }
     let ttl = Duration::from_secs(body.ttl_seconds.unwrap_or(3600));
     if ttl.is_zero() || ttl > api.config.token_max_ttl {
         return Err(ApiError::bad_request(

@@ -223,6 +223,7 @@ impl Authority {
             Self::generate(dir, trust_domain)?;
         }
         let (root_pem, root_der) = read_cert(&root_cert)?;
+        check_trust_domain(&root_cert, &root_der, trust_domain)?;
         let (intermediate_pem, intermediate_der) = read_cert(&intermediate_cert)?;
         let key = read_key(&intermediate_key)?;
         Self::from_parts(
@@ -362,6 +363,42 @@ impl Authority {
             not_after,
         })
     }
+}
+
+/// Refuses a generated root made for another trust domain (its URI SAN names it): starting an
+/// existing data directory with a different `--trust-domain` would issue identities no
+/// sidecar of that trust domain could verify.
+fn check_trust_domain(
+    path: &Path,
+    root: &CertificateDer<'_>,
+    trust_domain: &TrustDomain,
+) -> Result<(), CaError> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let Ok((_, cert)) = X509Certificate::from_der(root) else {
+        return Err(CaError::Pem {
+            path: path.to_path_buf(),
+            message: "root does not parse".into(),
+        });
+    };
+    let expected = format!("spiffe://{trust_domain}");
+    for extension in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension.parsed_extension() {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name
+                    && *uri != expected
+                {
+                    return Err(CaError::Pem {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "this data directory's CA is for {uri}, not {expected}; use that trust domain or another data directory"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Paths of the CA files inside a data directory.

@@ -5,6 +5,7 @@
 //! dataDir: ./sidewall-data         # default ./sidewall-data
 //! listen: 127.0.0.1:4600           # mTLS API for proxies and operators
 //! adminListen: 127.0.0.1:4690      # /live, /ready, /metrics only
+//! uiListen: 127.0.0.1:4680         # read-only dashboard: shows policy and fleet data
 //! certificates:
 //!   workloadLifetime: 24h          # default 24h, at most 30d
 //!   issuancePerMinute: 60          # per identity; default 60
@@ -69,6 +70,7 @@ pub struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    ui_listen: Option<SocketAddr>,
     #[serde(default)]
     certificates: CertificatesSection,
     #[serde(default)]
@@ -117,6 +119,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--admin-listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// `--ui-listen`.
+    pub ui_listen: Option<SocketAddr>,
     /// `--trust-domain`.
     pub trust_domain: Option<TrustDomain>,
     /// `--policies-dir`.
@@ -134,6 +138,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The probe and metrics address. Default is `127.0.0.1:4690`.
     pub admin_listen: SocketAddr,
+    /// The read-only dashboard and its JSON (policy and fleet data: keep it on loopback or
+    /// behind an authenticating proxy). Never the same as the admin or API address.
+    /// Default is `127.0.0.1:4680`.
+    pub ui_listen: SocketAddr,
     /// Lifetime of workload certificates. Default is 24 h, at most 30 days.
     pub workload_lifetime: Duration,
     /// Certificates issued per identity per minute before `429`. Default is 60.
@@ -196,6 +204,30 @@ impl Config {
                 "certificates.issuancePerMinute must be at least 1".into(),
             ));
         }
+        let listen = overrides
+            .listen
+            .or(file.listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 4600)));
+        let admin_listen = overrides
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 4690)));
+        let ui_listen = overrides
+            .ui_listen
+            .or(file.ui_listen)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 4680)));
+        // The dashboard shows policy and fleet data; the admin address may be exposed to
+        // probes, so the two must never share a socket (port 0 asks for a fresh port each).
+        for (other, name) in [(admin_listen, "adminListen"), (listen, "listen")] {
+            let same_ip = ui_listen.ip() == other.ip()
+                || ui_listen.ip().is_unspecified()
+                || other.ip().is_unspecified();
+            if same_ip && ui_listen.port() == other.port() && ui_listen.port() != 0 {
+                return Err(ConfigError::Value(format!(
+                    "uiListen {ui_listen} must differ from {name}"
+                )));
+            }
+        }
         Ok(Self {
             trust_domain: overrides
                 .trust_domain
@@ -205,14 +237,9 @@ impl Config {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("sidewall-data")),
-            listen: overrides
-                .listen
-                .or(file.listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 4600))),
-            admin_listen: overrides
-                .admin_listen
-                .or(file.admin_listen)
-                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 4690))),
+            listen,
+            admin_listen,
+            ui_listen,
             workload_lifetime: file
                 .certificates
                 .workload_lifetime
@@ -241,11 +268,12 @@ impl Config {
     /// A one-line summary for the startup log.
     pub fn summary(&self) -> String {
         format!(
-            "trust domain {}, data dir {}, api {}, admin {}, workload certificates {}",
+            "trust domain {}, data dir {}, api {}, admin {}, dashboard {}, workload certificates {}",
             self.trust_domain,
             self.data_dir.display(),
             self.listen,
             self.admin_listen,
+            self.ui_listen,
             format_duration(self.workload_lifetime)
         )
     }
@@ -266,6 +294,9 @@ mod tests {
         assert_eq!(config.trust_domain.as_str(), "sidewall.local");
         assert_eq!(config.listen.to_string(), "127.0.0.1:4600");
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:4690");
+        assert_eq!(config.ui_listen.to_string(), "127.0.0.1:4680");
+        let config = parse("uiListen: 127.0.0.1:9000\n").unwrap();
+        assert_eq!(config.ui_listen.to_string(), "127.0.0.1:9000");
         assert_eq!(config.workload_lifetime, Duration::from_secs(86_400));
         let config =
             parse("trustDomain: example.org\ncertificates:\n  workloadLifetime: 1h\n").unwrap();
@@ -289,6 +320,18 @@ mod tests {
                 "cp.yaml:2:21: certificates.workloadLifetime: duration \"31d\"",
             ),
             ("lissen: 1.2.3.4:5\n", "cp.yaml:1:1: unknown field `lissen`"),
+            (
+                "uiListen: localhost\n",
+                "cp.yaml:1:11: uiListen: invalid socket address syntax",
+            ),
+            (
+                "uiListen: 0.0.0.0:4690\n",
+                "uiListen 0.0.0.0:4690 must differ from adminListen",
+            ),
+            (
+                "listen: 127.0.0.1:7000\nuiListen: 127.0.0.1:7000\n",
+                "uiListen 127.0.0.1:7000 must differ from listen",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse(text).unwrap_err().to_string();

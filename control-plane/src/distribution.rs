@@ -57,6 +57,19 @@ pub struct FleetEntry {
     pub processed: u64,
 }
 
+/// The fleet view as `GET /v1/fleet` and the dashboard serve it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FleetView {
+    /// The policy version in force.
+    pub policy_version: u64,
+    /// This control plane replica's API URL.
+    pub replica: String,
+    /// The current problem with the policy directory, if any.
+    pub source_error: Option<String>,
+    /// One row per sidecar process.
+    pub proxies: Vec<FleetEntry>,
+}
+
 /// One observed flow, as sidecars report them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FlowKey {
@@ -243,6 +256,11 @@ impl Distribution {
         metrics::gauge!("sidewall_control_plane_policy_version").set(version as f64);
     }
 
+    /// The registrations in force (one per sidecar instance).
+    pub fn registrations(&self) -> Vec<RegistrationRecord> {
+        self.read().registrations.clone()
+    }
+
     /// Replaces the registrations (after a store change).
     pub fn set_registrations(&self, registrations: Vec<RegistrationRecord>) {
         let mut state = self.write();
@@ -259,6 +277,11 @@ impl Distribution {
         self.bump(&mut state);
     }
 
+    /// Whether an identity or certificate serial is on the revocation list.
+    pub fn is_revoked(&self, id: &SpiffeId, serial: &str) -> bool {
+        self.read().revocations.is_revoked(id, serial)
+    }
+
     /// Records (or clears) a problem with the policy source directory.
     pub fn set_source_error(&self, error: Option<String>) {
         *lock(&self.source_error) = error;
@@ -269,13 +292,20 @@ impl Distribution {
         lock(&self.source_error).clone()
     }
 
-    /// The services `workload` may call: those with an allow rule whose `from` matches it.
+    /// Whether `workload` may call `service`: some allow rule's `from` matches it, or the
+    /// service is covered only by audit policies (not enforced yet, so anyone may reach it).
     fn callable(engine: &Engine, workload: &SpiffeId, service: &SpiffeId) -> bool {
-        engine.policies_for(service).iter().any(|policy| {
-            policy.rules.iter().any(|rule| {
-                rule.action == Action::Allow && rule.from.iter().any(|p| p.matches(workload))
+        let policies = engine.policies_for(service);
+        let audit_only = !policies.is_empty()
+            && policies
+                .iter()
+                .all(|p| p.mode == sidewall_policies::policy::Mode::Audit);
+        audit_only
+            || policies.iter().any(|policy| {
+                policy.rules.iter().any(|rule| {
+                    rule.action == Action::Allow && rule.from.iter().any(|p| p.matches(workload))
+                })
             })
-        })
     }
 
     /// The snapshot for `workload` now, and a hash of its content (version excluded).
@@ -413,6 +443,16 @@ impl Distribution {
         lock(&self.fleet).values().cloned().collect()
     }
 
+    /// The fleet with the policy version in force, this replica and the source error.
+    pub fn fleet_view(&self) -> FleetView {
+        FleetView {
+            policy_version: self.read().policy_version,
+            replica: self.replica().to_owned(),
+            source_error: self.source_error(),
+            proxies: self.fleet(),
+        }
+    }
+
     /// Whether every sidecar has received and applied what policy `version` changed for it:
     /// `None` if the version is unknown, otherwise the instances still pending.
     pub fn pending(&self, version: u64) -> Option<Vec<FleetEntry>> {
@@ -455,7 +495,10 @@ impl Distribution {
 
     /// Every observed flow.
     pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
-        lock(&self.flows).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        lock(&self.flows)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The observed flows whose outcome differs between the set in force and `candidate`.

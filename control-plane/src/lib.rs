@@ -13,6 +13,8 @@
 //! - [`distribution`]: the policy set in force, per-workload snapshots, acks, the fleet view,
 //!   observed flows; [`gitops`] watches a policy directory.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
+//! - [`ui`]: the read-only dashboard (service graph, fleet, policies) and its JSON, on its own
+//!   address.
 //! - [`client`]: the operator's client for the API (used by the `sidewall` CLI).
 //!
 //! It depends on `sidewall-policies` for identities and SVID checks, and never on the proxy.
@@ -32,3 +34,4 @@ pub mod store;
 #[cfg(feature = "test-util")]
 pub mod testing;
 pub mod tls;
+pub mod ui;

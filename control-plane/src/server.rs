@@ -17,7 +17,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::admin;
 use crate::api::{Api, Peer, handle};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
 use crate::config::Config;
@@ -26,6 +25,7 @@ use crate::ratelimit::RateLimiter;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
 use crate::tls::{ServingCertificate, TlsError, server_config};
+use crate::{admin, ui};
 
 /// Most API connections at once.
 pub const MAX_CONNECTIONS: usize = 20_000;
@@ -187,6 +187,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// `/live`, `/ready`, `/metrics`.
     pub admin: TcpListener,
+    /// The read-only dashboard and its JSON ([`crate::ui`]).
+    pub ui: TcpListener,
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and gives open requests a few
@@ -215,7 +217,7 @@ pub async fn run(
     api.distribution.set_replica(record.api_url.clone());
     let record_json = serde_json::to_vec_pretty(&record).unwrap_or_default();
     write_private(&record_path(&data_dir), &record_json, 0o644)?;
-    tracing::info!(api = %api_addr, admin = ?listeners.admin.local_addr().ok(), "control plane serving");
+    tracing::info!(api = %api_addr, admin = ?listeners.admin.local_addr().ok(), dashboard = ?listeners.ui.local_addr().ok(), "control plane serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let renewal = tokio::spawn(renew_serving_certificate(
@@ -224,6 +226,13 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let admin_task = tokio::spawn(admin::serve(listeners.admin, metrics, stop_rx.clone()));
+    // The dashboard gets the distribution state only (never the store, the CA or the API),
+    // so nothing it serves can reach a token or a key.
+    let ui_task = tokio::spawn(ui::serve(
+        listeners.ui,
+        ui::Dashboard::new(api.distribution.clone(), api.config.server_names.clone()),
+        stop_rx.clone(),
+    ));
     let policies_task = api
         .config
         .policies_dir
@@ -303,6 +312,7 @@ pub async fn run(
     }
     renewal.abort();
     let _ = admin_task.await;
+    let _ = ui_task.await;
     if let Some(task) = policies_task {
         let _ = task.await;
     }

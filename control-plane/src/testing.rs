@@ -23,6 +23,8 @@ use crate::server::{self, Listeners};
 pub struct TestControlPlane {
     pub api: SocketAddr,
     pub admin: SocketAddr,
+    /// The dashboard (plain HTTP).
+    pub ui: SocketAddr,
     pub data_dir: PathBuf,
     pub trust_domain: TrustDomain,
     stop: Option<oneshot::Sender<()>>,
@@ -45,10 +47,12 @@ impl TestControlPlane {
         let prepared = server::prepare(config).await.unwrap();
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ui = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (api_addr, admin_addr) = (api.local_addr().unwrap(), admin.local_addr().unwrap());
+        let ui_addr = ui.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            server::run(prepared, Listeners { api, admin }, None, async {
+            server::run(prepared, Listeners { api, admin, ui }, None, async {
                 let _ = stopped.await;
             })
             .await
@@ -57,6 +61,7 @@ impl TestControlPlane {
         Self {
             api: api_addr,
             admin: admin_addr,
+            ui: ui_addr,
             data_dir: data_dir.to_path_buf(),
             trust_domain,
             stop: Some(stop),
@@ -96,6 +101,11 @@ impl TestControlPlane {
         .unwrap()
     }
 
+    /// Enrolls a workload with a join token, as a sidecar does on first start.
+    pub async fn workload(&self, identity: &str) -> Workload {
+        enroll(&self.data_dir, &self.url(), &self.trust_domain, identity).await
+    }
+
     /// The admin operator.
     pub fn operator(&self) -> Client {
         Client::operator(&self.data_dir, "admin", Some(&self.url())).unwrap()
@@ -121,6 +131,211 @@ impl Drop for TestControlPlane {
             let _ = stop.send(());
         }
     }
+}
+
+/// A workload enrolled as sidecars do: a join token created by the `admin` operator, a fresh
+/// key, a certificate for it, and a client presenting that certificate.
+pub struct Workload {
+    pub identity: String,
+    pub client: Client,
+    /// When its certificate expires, Unix seconds.
+    pub expires_at: i64,
+}
+
+impl Workload {
+    /// The service name (the last segment of the identity).
+    pub fn name(&self) -> &str {
+        self.identity.rsplit('/').next().unwrap()
+    }
+
+    /// The sidecar instance these helpers use: `<name>-1`.
+    pub fn instance(&self) -> String {
+        format!("{}-1", self.name())
+    }
+
+    /// POSTs `body` to `path` with the workload's certificate and expects `200`.
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let (status, answer) = self
+            .client
+            .call(hyper::Method::POST, path, Some(&body))
+            .await
+            .unwrap();
+        assert_eq!(status, hyper::StatusCode::OK, "{path}: {answer}");
+        answer
+    }
+
+    /// Registers sidecar [`Self::instance`] at `127.0.0.1:<port>`, serving `port` over
+    /// `protocol` (`tcp` or `http`).
+    pub async fn register(&self, port: u16, protocol: &str) {
+        self.post(
+            "/v1/registrations",
+            serde_json::json!({"instance": self.instance(), "endpoint": format!("127.0.0.1:{port}"),
+                               "ports": [{"port": port, "protocol": protocol}]}),
+        )
+        .await;
+    }
+
+    /// Opens the snapshot watch of [`Self::instance`] and acknowledges the first snapshot with
+    /// the certificate's expiry, as a sidecar does. Call it once every registration is in, so
+    /// that no later change makes a newer snapshot this one never acknowledges.
+    pub async fn watch_and_ack(&self) -> Watch {
+        let stream = watch(&self.client, &self.instance()).await;
+        self.post(
+            "/v1/acks",
+            serde_json::json!({"instance": self.instance(), "version": stream.snapshot["version"],
+                               "status": "applied", "certificate_expires_at": self.expires_at}),
+        )
+        .await;
+        stream
+    }
+
+    /// Reports flows (`POST /v1/flows`) as this workload's sidecar, the target of each.
+    pub async fn report_flows(&self, flows: serde_json::Value) {
+        self.post("/v1/flows", serde_json::json!({ "flows": flows }))
+            .await;
+    }
+}
+
+/// Enrolls `identity` with the control plane at `url` whose data directory is `data_dir`
+/// (for the operator credential and the trust bundle).
+pub async fn enroll(
+    data_dir: &Path,
+    url: &str,
+    trust_domain: &TrustDomain,
+    identity: &str,
+) -> Workload {
+    let operator = Client::operator(data_dir, "admin", Some(url)).unwrap();
+    let (status, body) = operator
+        .call(
+            hyper::Method::POST,
+            "/v1/tokens",
+            Some(&serde_json::json!({"identity": identity, "uses": 1})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, hyper::StatusCode::CREATED, "{body}");
+    let pem = std::fs::read(server::bundle_path(data_dir)).unwrap();
+    let roots: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .map(Result::unwrap)
+        .collect();
+    let anonymous = Client::new(url, trust_domain, roots.clone(), None).unwrap();
+    let (key, csr) = crate::client::key_and_csr().unwrap();
+    let (status, issued) = anonymous
+        .call(
+            hyper::Method::POST,
+            "/v1/certificates",
+            Some(&serde_json::json!({"csr": csr, "token": body["token"]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, hyper::StatusCode::OK, "{issued}");
+    let chain_pem = issued["certificate_chain"].as_str().unwrap();
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let svid =
+        sidewall_policies::svid::Svid::from_der(&chain[0], sidewall_policies::svid::Usage::Client)
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    Workload {
+        identity: identity.to_owned(),
+        client: Client::new(url, trust_domain, roots, Some((chain, key))).unwrap(),
+        expires_at: svid.not_after,
+    }
+}
+
+/// An open `GET /v1/snapshots/watch` stream (closed when dropped), with the first snapshot.
+pub struct Watch {
+    pub snapshot: serde_json::Value,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens the snapshot watch of `client`'s workload as sidecar `instance` and waits for the
+/// first snapshot; the stream stays open (so the fleet shows it connected) until dropped.
+pub async fn watch(client: &Client, instance: &str) -> Watch {
+    use http_body_util::BodyExt;
+    let authority = client.url().strip_prefix("https://").unwrap().to_owned();
+    let host = authority
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .trim_matches(['[', ']']);
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(&authority).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client.tls())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let request = hyper::Request::get(format!("/v1/snapshots/watch?instance={instance}"))
+        .header(hyper::header::HOST, &authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), hyper::StatusCode::OK);
+    let mut body = response.into_body();
+    let mut buffer = Vec::new();
+    let snapshot = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("a snapshot within 10 s")
+            .expect("the stream stays open")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            buffer.extend_from_slice(&data);
+        }
+        let line_end = buffer.iter().position(|b| *b == b'\n');
+        if let Some(end) = line_end {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            if line.len() > 1 {
+                break serde_json::from_slice(&line).unwrap();
+            }
+        }
+    };
+    let task = tokio::spawn(async move {
+        let _sender = sender;
+        while let Some(Ok(_)) = body.frame().await {}
+        connection.abort();
+    });
+    Watch { snapshot, task }
+}
+
+/// One plain-HTTP/1.1 request (for the admin and dashboard listeners): the status, the
+/// response head (lowercase) and the body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut text = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 /// Checks, with x509-parser and independently of the code that built it, that `leaf_pem` is

@@ -86,6 +86,14 @@ pub enum IdentityError {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TrustDomain(Arc<str>);
 
+/// `sidewall.local`, the trust domain a fresh control plane serves.
+impl Default for TrustDomain {
+    fn default() -> Self {
+        // Valid by inspection: lowercase letters and a dot.
+        Self("sidewall.local".into())
+    }
+}
+
 impl TrustDomain {
     /// Parses a bare trust domain name (`example.org`, no scheme).
     pub fn new(name: &str) -> Result<Self, IdentityError> {

@@ -14,6 +14,7 @@
 //!   [`engine::Engine::explain`] for humans.
 //! - [`testing`]: `PolicyTest` expectation documents and their runner.
 //! - [`diff`]: what changed between two policy sets, policy by policy.
+//! - [`mesh`]: the mesh description `sidewall up` runs.
 //! - [`snapshot`]: the versioned snapshot the control plane sends each proxy (JSON).
 //! - `svid` (feature `x509`): the X.509-SVID rules and the strict rustls verifiers built on
 //!   them, shared by the sidecar and the control plane.
@@ -81,6 +82,7 @@ pub mod engine;
 pub mod http;
 pub mod identity;
 pub mod load;
+pub mod mesh;
 pub mod policy;
 pub mod snapshot;
 #[cfg(feature = "x509")]

@@ -37,7 +37,7 @@ pub enum PolicyError {
     OnRevoke(String),
     /// A drain duration that does not parse or is out of bounds.
     #[error(
-        "duration {0:?} must be a whole number with ms, s, m, h or d, within its bounds (drain: 1ms to 24h)"
+        "duration {0:?} must be a whole number with ms, s, m, h or d (e.g. 30s, 5m, 1h), within the allowed range"
     )]
     Duration(String),
     /// A list that must not be empty is empty.

@@ -13,6 +13,8 @@
 //!   ports:                          # the app ports behind this sidecar
 //!     - {port: 8080, protocol: tcp, app: 127.0.0.1:8080}
 //! outbound:
+//!   transparent: {listen: 127.0.0.1:4640}   # transparent mode (with `sidewall iptables`)
+//!   egress: [203.0.113.7:443]       # plaintext destinations outside the mesh, allowed through
 //!   routes:                         # local ports that lead to other services
 //!     - {listen: 127.0.0.1:7001, service: spiffe://example.org/ns/shop/svc/db, port: 5432}
 //! admin:
@@ -84,6 +86,11 @@ pub struct InboundPort {
     pub protocol: Protocol,
     /// Where the app listens (normally loopback).
     pub app: SocketAddr,
+    /// Also accept plaintext from workloads without a sidecar on this port (transparent mode
+    /// only): unauthenticated, not authorized, logged and counted; the peer identity header is
+    /// still stripped. Default is false: plaintext is refused.
+    #[serde(default)]
+    pub permissive: bool,
 }
 
 /// The inbound side.
@@ -128,6 +135,31 @@ pub struct OutboundConfig {
     /// Explicit routes.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// Transparent mode: the listener `sidewall iptables install` redirects the app's
+    /// outbound TCP to. Off unless set.
+    #[serde(default)]
+    pub transparent: Option<TransparentConfig>,
+    /// Plaintext destinations outside the mesh the app may reach in transparent mode
+    /// (`IP:PORT`, or `IP` for any port). Everything else outside the mesh is refused.
+    #[serde(default)]
+    pub egress: Vec<String>,
+    /// A socket mark (SO_MARK) set on every connection the sidecar opens, so that
+    /// `sidewall iptables install --proxy-mark MARK` exempts them. Needs CAP_NET_ADMIN.
+    #[serde(default)]
+    pub mark: Option<u32>,
+}
+
+/// The transparent outbound listener.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TransparentConfig {
+    /// Where redirected connections arrive. Default is `127.0.0.1:4640`.
+    #[serde(default = "default_transparent")]
+    pub listen: SocketAddr,
+}
+
+fn default_transparent() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4640))
 }
 
 /// The admin listener.
@@ -365,6 +397,18 @@ impl Config {
                 "inbound.advertise: the inbound listener {} is a wildcard address; say which address other sidecars should dial",
                 self.inbound.listen
             ));
+        }
+        for entry in &self.outbound.egress {
+            let valid =
+                entry.parse::<SocketAddr>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok();
+            if !valid {
+                return Err(format!("outbound.egress: {entry:?} must be IP:PORT or IP"));
+            }
+        }
+        if self.inbound.ports.iter().any(|p| p.permissive) {
+            tracing::warn!(
+                "inbound ports marked permissive accept plaintext without authentication"
+            );
         }
         if !(1..=64).contains(&self.worker_threads) {
             return Err("workerThreads must be from 1 to 64".into());

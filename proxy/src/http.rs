@@ -89,18 +89,22 @@ fn short(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
 pub async fn serve<S>(
     context: Arc<Context>,
     stream: S,
-    peer: SpiffeId,
+    peer: Option<SpiffeId>,
     port: InboundPort,
     remote: SocketAddr,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let peer_value = HeaderValue::from_str(peer.as_str()).ok();
+    let peer_value = peer
+        .as_ref()
+        .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
         let peer = peer.clone();
         let peer_value = peer_value.clone();
-        async move { Ok::<_, Infallible>(handle(&context, &peer, peer_value, port, request).await) }
+        async move {
+            Ok::<_, Infallible>(handle(&context, peer.as_ref(), peer_value, port, request).await)
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -125,30 +129,16 @@ pub async fn serve<S>(
     }
 }
 
-fn record(outcome: &'static str, policy: String, started: Instant) {
-    metrics::counter!("sidewall_proxy_http_requests_total", "outcome" => outcome, "policy" => policy).increment(1);
-    metrics::histogram!("sidewall_proxy_http_request_seconds")
-        .record(started.elapsed().as_secs_f64());
-}
-
-async fn handle(
+/// The engine's decision for one request; `Err` is the response for a denied one.
+fn authorize(
     context: &Context,
     peer: &SpiffeId,
-    peer_value: Option<HeaderValue>,
     port: InboundPort,
-    mut request: Request<Incoming>,
-) -> Response<ResponseBody> {
-    let started = Instant::now();
-    let checked = match request::check(&request) {
-        Ok(checked) => checked,
-        Err(refusal) => {
-            tracing::warn!(%peer, method = %request.method(), path = request.uri().path(), reason = refusal.reason, "request refused");
-            record("bad_request", "-".into(), started);
-            return short(refusal.status, refusal.body);
-        }
-    };
+    request: &Request<Incoming>,
+    checked: &request::Checked,
+) -> Result<(&'static str, String), (StatusCode, &'static str)> {
     let Some(active) = context.snapshot.borrow().clone() else {
-        return short(StatusCode::SERVICE_UNAVAILABLE, "unavailable\n");
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "unavailable\n"));
     };
     let decision = active.engine.decide_request(
         peer,
@@ -177,15 +167,58 @@ async fn handle(
     );
     if !decision.permits() {
         tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %rule, "request denied");
-        record("deny", policy, started);
+        metrics::counter!("sidewall_proxy_http_denials_total", "policy" => policy).increment(1);
         if request.method() == hyper::Method::CONNECT {
-            return short(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            return Err((StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
         }
-        return short(StatusCode::FORBIDDEN, "forbidden\n");
+        return Err((StatusCode::FORBIDDEN, "forbidden\n"));
     }
     if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
         tracing::info!(%peer, method = %request.method(), path = %checked.path, decision = %decision.to_string().replace('\n', "; "), "audit");
     }
+    let outcome = if decision.outcome == Outcome::Audit {
+        "audit"
+    } else {
+        "allow"
+    };
+    Ok((outcome, policy))
+}
+
+fn record(outcome: &'static str, policy: String, started: Instant) {
+    metrics::counter!("sidewall_proxy_http_requests_total", "outcome" => outcome, "policy" => policy).increment(1);
+    metrics::histogram!("sidewall_proxy_http_request_seconds")
+        .record(started.elapsed().as_secs_f64());
+}
+
+async fn handle(
+    context: &Context,
+    peer: Option<&SpiffeId>,
+    peer_value: Option<HeaderValue>,
+    port: InboundPort,
+    mut request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let who = peer.map_or("plaintext (permissive port)", SpiffeId::as_str);
+    let checked = match request::check(&request) {
+        Ok(checked) => checked,
+        Err(refusal) => {
+            tracing::warn!(peer = who, method = %request.method(), path = request.uri().path(), reason = refusal.reason, "request refused");
+            record("bad_request", "-".into(), started);
+            return short(refusal.status, refusal.body);
+        }
+    };
+    let (outcome, policy) = match peer {
+        Some(peer) => match authorize(context, peer, port, &request, &checked) {
+            Ok(pair) => pair,
+            Err((status, body)) => {
+                record("deny", "-".into(), started);
+                return short(status, body);
+            }
+        },
+        // A permissive port lets plaintext through unauthenticated (logged at startup and
+        // counted here); the peer header is still stripped below.
+        None => ("permissive", "-".to_owned()),
+    };
     // Rewrite: the normalized path (query kept), the peer header set by us alone.
     let target = match checked.query {
         Some(query) => format!("http://{}{}?{query}", port.app, checked.path),
@@ -217,11 +250,7 @@ async fn handle(
     {
         headers.insert(hyper::header::HOST, value);
     }
-    let outcome = if decision.outcome == Outcome::Audit {
-        "audit"
-    } else {
-        "allow"
-    };
+
     let app = match context
         .app_client
         .request(Request::from_parts(parts, body))

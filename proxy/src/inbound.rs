@@ -98,6 +98,15 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
     };
     let _ = stream.set_nodelay(true);
     let timeout = config.limits.handshake_timeout.0;
+    // Transparent mode: a connection redirected from an app port carries that port as its
+    // original destination.
+    let redirected_port = crate::transport::original_destination(&stream)
+        .ok()
+        .filter(|d| d.port() != config.inbound.listen.port())
+        .map(|d| d.port());
+    if !starts_with_tls(&stream, timeout).await {
+        return plaintext(context, stream, remote, redirected_port).await;
+    }
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let handshake = async {
         let mut stream = acceptor
@@ -114,6 +123,13 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         Ok(Err((reason, detail))) => return refused(reason, remote, &detail),
         Err(_) => return refused("timeout", remote, &"handshake or port header too slow"),
     };
+    if redirected_port.is_some_and(|original| original != port) {
+        return refused(
+            "port_mismatch",
+            remote,
+            &"the port header differs from the port the connection was sent to",
+        );
+    }
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return refused("no_certificate", remote, &"no client SVID");
     };
@@ -132,7 +148,9 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             .engine
             .decide_connection(&peer.id, &config.identity, port, entry.protocol);
     record(&decision);
-    context.flows.count(peer.id.as_str(), port, entry.protocol, None, &decision);
+    context
+        .flows
+        .count(peer.id.as_str(), port, entry.protocol, None, &decision);
     let rule = decision.reason.as_ref().map_or_else(
         || "default deny".to_owned(),
         |r| format!("policy={} rule={}", r.policy, r.rule),
@@ -165,7 +183,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         );
         let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
         tokio::select! {
-            () = crate::http::serve(context.clone(), stream, peer.id.clone(), *entry, remote) => {}
+            () = crate::http::serve(context.clone(), stream, Some(peer.id.clone()), *entry, remote) => {}
             reason = registration.closed.wait_for(Option::is_some) => {
                 let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
                 metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
@@ -226,4 +244,52 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             tracing::info!(peer = %peer.id, port, "peer certificate expired: connection closed");
         }
     }
+}
+
+/// Whether the first byte is a TLS handshake record (waits up to `timeout` for it).
+async fn starts_with_tls(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == 0x16,
+        // Nothing sent yet (a server-speaks-first protocol) or closed: not a TLS client.
+        _ => false,
+    }
+}
+
+/// A connection that is not TLS: refused, unless it was redirected from an app port the
+/// config marks `permissive` (transparent mode, during a migration).
+async fn plaintext(
+    context: &Arc<Context>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    port: Option<u16>,
+) {
+    let config = &context.config;
+    let Some(entry) = port
+        .and_then(|p| config.inbound_port(p))
+        .filter(|e| e.permissive)
+    else {
+        return refused(
+            "not_tls",
+            remote,
+            &"plaintext on an mTLS port (not permissive)",
+        );
+    };
+    metrics::counter!("sidewall_proxy_plaintext_accepted_total", "port" => entry.port.to_string())
+        .increment(1);
+    tracing::info!(%remote, port = entry.port, "plaintext accepted on a permissive port (no identity, no policy)");
+    if entry.protocol == sidewall_policies::Protocol::Http {
+        crate::http::serve(context.clone(), stream, None, *entry, remote).await;
+        return;
+    }
+    let Ok(Ok(app)) = tokio::time::timeout(
+        config.limits.connect_timeout.0,
+        TcpStream::connect(entry.app),
+    )
+    .await
+    else {
+        tracing::warn!(app = %entry.app, "app unreachable");
+        return;
+    };
+    let _ = forward(stream, app, config.limits.idle_timeout.0).await;
 }

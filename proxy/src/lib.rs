@@ -12,6 +12,7 @@
 //! - [`transport`]: the port header between sidecars and the forwarding copy.
 //! - [`connections`]: open connections, re-checked when the snapshot changes (`onRevoke`).
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
+//! - [`redirect`]: the iptables rules of transparent mode (`sidewall iptables install`).
 //!
 //! [`run`] takes bound listeners and a shutdown future. It depends on `sidewall-policies` for
 //! the engine, the snapshot and the SVID rules, and never on the control plane.
@@ -32,6 +33,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod redirect;
 pub mod snapshot;
 pub mod tls;
 pub mod transport;
@@ -74,6 +76,8 @@ pub struct Listeners {
     pub routes: Vec<TcpListener>,
     /// `admin.listen`.
     pub admin: TcpListener,
+    /// `outbound.transparent.listen`, when transparent mode is on.
+    pub transparent: Option<TcpListener>,
 }
 
 /// Binds every listener of `config`.
@@ -97,10 +101,19 @@ pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
     let admin = TcpListener::bind(config.admin.listen)
         .await
         .map_err(with(config.admin.listen))?;
+    let transparent = match config.outbound.transparent {
+        Some(transparent) => Some(
+            TcpListener::bind(transparent.listen)
+                .await
+                .map_err(with(transparent.listen))?,
+        ),
+        None => None,
+    };
     Ok(Listeners {
         inbound,
         routes,
         admin,
+        transparent,
     })
 }
 
@@ -233,6 +246,13 @@ pub async fn run(
         tasks.push(tokio::spawn(outbound::serve(
             context.clone(),
             route.clone(),
+            listener,
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(listener) = listeners.transparent {
+        tasks.push(tokio::spawn(outbound::serve_transparent(
+            context.clone(),
             listener,
             stop_rx.clone(),
         )));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::ServerName;
+use sidewall_policies::SpiffeId;
 use sidewall_policies::svid::{Usage, peer_svid};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -67,6 +68,22 @@ fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
 }
 
 async fn handle(context: &Context, route: &Route, app: TcpStream) -> Result<(), &'static str> {
+    dial(context, &route.service, route.port, app).await
+}
+
+/// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`), names `port`
+/// in the header, and forwards `app` through it.
+async fn dial(
+    context: &Context,
+    service: &SpiffeId,
+    port: u16,
+    app: TcpStream,
+) -> Result<(), &'static str> {
+    let route = Route {
+        listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+        service: service.clone(),
+        port,
+    };
     let config = &context.config;
     let _ = app.set_nodelay(true);
     let tls = context.tls.borrow().clone().ok_or_else(|| {
@@ -96,7 +113,7 @@ async fn handle(context: &Context, route: &Route, app: TcpStream) -> Result<(), 
         };
         let tcp = match tokio::time::timeout(
             config.limits.connect_timeout.0,
-            TcpStream::connect(address),
+            crate::transport::connect(address, config.outbound.mark),
         )
         .await
         {
@@ -149,4 +166,103 @@ async fn handle(context: &Context, route: &Route, app: TcpStream) -> Result<(), 
 pub(crate) fn describe(route: &Route) -> String {
     let listen: SocketAddr = route.listen;
     format!("{listen} -> {}:{}", route.service, route.port)
+}
+
+/// Transparent mode: accepts the app's connections that iptables redirected here, finds where
+/// each was headed (`SO_ORIGINAL_DST`), and sends it to that service over mTLS, through as
+/// plaintext if the destination is on the egress list, or refuses it.
+pub(crate) async fn serve_transparent(
+    context: Arc<Context>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
+    let own = listener.local_addr().ok();
+    loop {
+        let (app, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "transparent accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = context.permits.clone().try_acquire_owned() else {
+            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "outbound", "reason" => "limit").increment(1);
+            continue;
+        };
+        let context = context.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => "outbound")
+                .increment(1);
+            let result = match crate::transport::original_destination(&app) {
+                Ok(destination) if Some(destination) != own => {
+                    transparent(&context, destination, app).await
+                }
+                Ok(_) => Err("not_redirected"),
+                Err(error) => {
+                    tracing::warn!(%error, "no original destination: was the connection redirected by iptables?");
+                    Err("no_original_destination")
+                }
+            };
+            if let Err(reason) = result {
+                metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
+                    .increment(1);
+            }
+        });
+    }
+}
+
+/// The mesh service a destination belongs to: a sidecar endpoint's host with one of the
+/// service's ports, or one of the extra addresses registered for it (a virtual IP).
+fn resolve(active: &crate::snapshot::Active, destination: SocketAddr) -> Option<SpiffeId> {
+    active.snapshot.directory.iter().find_map(|entry| {
+        let serves = entry.ports.iter().any(|p| p.port == destination.port());
+        let on_host = entry.endpoints.iter().any(|e| {
+            e.parse::<SocketAddr>()
+                .is_ok_and(|a| a.ip() == destination.ip())
+        });
+        let listed = entry
+            .addresses
+            .iter()
+            .any(|a| a.parse::<SocketAddr>().is_ok_and(|a| a == destination));
+        ((serves && on_host) || listed).then(|| entry.identity.clone())
+    })
+}
+
+async fn transparent(
+    context: &Context,
+    destination: SocketAddr,
+    app: TcpStream,
+) -> Result<(), &'static str> {
+    let active = context.snapshot.borrow().clone().ok_or("no_snapshot")?;
+    if let Some(service) = resolve(&active, destination) {
+        return dial(context, &service, destination.port(), app).await;
+    }
+    let config = &context.config;
+    let allowed = config.outbound.egress.iter().any(|entry| {
+        entry.parse::<SocketAddr>().is_ok_and(|a| a == destination)
+            || entry
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip == destination.ip())
+    });
+    if !allowed {
+        tracing::warn!(%destination, "destination is not in the mesh and not on the egress list: refused");
+        return Err("not_in_mesh");
+    }
+    metrics::counter!("sidewall_proxy_egress_connections_total").increment(1);
+    let upstream = tokio::time::timeout(
+        config.limits.connect_timeout.0,
+        crate::transport::connect(destination, config.outbound.mark),
+    )
+    .await
+    .map_err(|_| "egress_timeout")?
+    .map_err(|_| "egress_unreachable")?;
+    forward(app, upstream, config.limits.idle_timeout.0)
+        .await
+        .map_err(|_| "egress_error")?;
+    Ok(())
 }

@@ -22,21 +22,35 @@
 //!   over UDP keeps working; an app speaking UDP (QUIC, DNS to a peer) reaches it directly.
 //!   Block UDP elsewhere (host firewall, network policy) where that matters.
 //!
+//! # What the sidecar must do
+//! - Listen for redirected outbound connections on loopback, both families: `REDIRECT` from
+//!   `OUTPUT` rewrites the destination to `127.0.0.1` or `::1`. Loopback only: the outbound
+//!   port is deliberately not excluded from inbound redirection, so a remote peer dialing it
+//!   lands on the inbound listener (mTLS), never on the outbound one.
+//! - Listen for inbound on the wildcard addresses (`0.0.0.0`, `[::]`): `REDIRECT` from
+//!   `PREROUTING` rewrites the destination to the receiving interface's first address.
+//! - Read `SO_ORIGINAL_DST` (`SOL_IP`/`SOL_IPV6`, option 80) on each accepted socket. A
+//!   connection that was not redirected has no conntrack entry (`ENOENT`) or its original
+//!   destination is the listener itself: treat it as not redirected, never as a destination.
+//! - Run as the UID given to `--proxy-uid` (no other process may), or set the `--proxy-mark`
+//!   mark with `SO_MARK` on every socket it connects from, before `connect`. Otherwise its own
+//!   connections come back to it, in a loop.
+//!
 //! # Why iptables (nft backend) rather than nftables
-//! The `iptables` command with its nf_tables backend is what every distribution and container
-//! base image ships (Debian 11+, RHEL 8+, Alpine), and what the tools that share a pod's
-//! namespace already use (Istio's and Linkerd's init containers, CNI plugins, kube-proxy), so
-//! the rules sit beside theirs and read the same way. `iptables-restore --noflush` rewrites our
-//! chains atomically, and `REDIRECT`, `-m owner` and `-m mark` are the well-trodden pieces. The
-//! `nft` command is rarer in images, and a native nftables table of ours would coexist with
-//! iptables-nft rules only by hook priority, which is harder to reason about than one chain
-//! order.
+//! The `iptables` command is what init containers and CNI plugins already use (Istio's and
+//! Linkerd's, kube-proxy), packaged everywhere with the nf_tables backend as the default
+//! (Debian 11+, RHEL 8+), so our rules sit beside theirs and read the same way; whichever
+//! backend `iptables` is set to, the rules are the same. `iptables-restore --noflush` rewrites
+//! our chains atomically, and `REDIRECT`, `-m owner` and `-m mark` are well-trodden. The `nft`
+//! command is rarer in images, and a native nftables table of ours would order against
+//! iptables-nft rules only by hook priority, harder to reason about than one chain order.
 //!
 //! # Limits
 //! The exemption holds against an app that cannot become the sidecar: an app with
-//! `CAP_SETUID` can take the sidecar's UID, and one with `CAP_NET_RAW` or `CAP_NET_ADMIN` can
-//! set the sidecar's mark (and `CAP_NET_ADMIN` can rewrite the rules). Run apps without those
-//! capabilities, as containers do for `CAP_NET_ADMIN`.
+//! `CAP_SETUID` can take the sidecar's UID, and one with `CAP_NET_ADMIN` (or `CAP_NET_RAW`,
+//! since Linux 5.17) can set the sidecar's mark; `CAP_NET_ADMIN` can also rewrite the rules.
+//! Containers run without `CAP_NET_ADMIN` by default but with `CAP_NET_RAW`, so prefer
+//! `--proxy-uid`, and drop `CAP_SETUID` from apps that do not need it.
 //!
 //! [`RedirectPlan`] is pure rule generation; [`install`] and [`uninstall`] apply it through a
 //! [`Netfilter`], which is [`SystemNetfilter`] (the commands, via `std::process::Command`) or a
@@ -217,9 +231,9 @@ impl ListenerPorts {
             outbound,
             admin: port(config.admin.listen, defaults.admin),
         };
-        ports.check().map_err(|message| {
-            RedirectError::Listeners(format!("{name}: {message}"))
-        })?;
+        ports
+            .check()
+            .map_err(|message| RedirectError::Listeners(format!("{name}: {message}")))?;
         Ok(ports)
     }
 
@@ -236,7 +250,9 @@ impl ListenerPorts {
                 ));
             }
             if let Some((other, _)) = named[i + 1..].iter().find(|(_, p)| p == port) {
-                return Err(format!("the {name} and {other} listeners share port {port}"));
+                return Err(format!(
+                    "the {name} and {other} listeners share port {port}"
+                ));
             }
         }
         Ok(())
@@ -450,85 +466,93 @@ impl RedirectPlan {
 
     /// The rules for one IP version and treatment.
     pub fn rules(&self, family: Family, treatment: Treatment) -> Ruleset {
-        let mut rules = Vec::new();
-        let mut add = |chain: &'static str, spec: Vec<String>| rules.push(Rule { chain, spec });
-        let (catch, tail): (&[&str], Vec<String>) = match treatment {
-            Treatment::Redirect => (
-                &[],
-                args(&[
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    &self.listeners.inbound.to_string(),
-                ]),
-            ),
-            // Only new connections: replies on excluded ports and to the sidecar pass.
-            Treatment::Refuse => (
-                &["--syn"],
-                args(&["-j", "REJECT", "--reject-with", "tcp-reset"]),
-            ),
-        };
-
-        // Inbound. (In `nat PREROUTING` loopback never shows up; in `filter INPUT` it does.)
-        if treatment == Treatment::Refuse {
-            add(INBOUND_CHAIN, args(&["-i", "lo", "-j", "RETURN"]));
-        }
-        let own = [self.listeners.inbound, self.listeners.admin].map(PortRange::single);
-        for range in own.iter().flatten().chain(&self.exclude_inbound_ports) {
-            add(INBOUND_CHAIN, dport(*range, &["-j", "RETURN"]));
-        }
-        match &self.inbound_ports {
-            None => add(INBOUND_CHAIN, [&args(&["-p", "tcp"]), &args(catch), &tail].concat()),
-            Some(ports) => {
-                for range in ports {
-                    add(INBOUND_CHAIN, [dport(*range, catch), tail.clone()].concat());
-                }
-            }
-        }
-
-        // Outbound: the sidecar's sockets first, then what stays in the namespace.
-        add(
-            OUTBOUND_CHAIN,
-            [self.exemption.matcher(), args(&["-j", "RETURN"])].concat(),
-        );
-        add(OUTBOUND_CHAIN, args(&["-o", "lo", "-j", "RETURN"]));
-        for range in &self.exclude_outbound_ports {
-            add(OUTBOUND_CHAIN, dport(*range, &["-j", "RETURN"]));
-        }
-        let mut chains = vec![INBOUND_CHAIN, OUTBOUND_CHAIN];
-        match treatment {
-            Treatment::Redirect => {
-                chains.push(REDIRECT_CHAIN);
-                add(OUTBOUND_CHAIN, args(&["-j", REDIRECT_CHAIN]));
-                let to = self.listeners.outbound.to_string();
-                add(
-                    REDIRECT_CHAIN,
-                    args(&["-p", "tcp", "-j", "REDIRECT", "--to-ports", &to]),
-                );
-            }
-            Treatment::Refuse => add(
-                OUTBOUND_CHAIN,
-                [&args(&["-p", "tcp"]), &args(catch), &tail].concat(),
-            ),
-        }
-
+        let mut rules = self.inbound_rules(treatment);
+        rules.extend(self.outbound_rules(treatment));
         let (inbound_hook, outbound_hook) = treatment.hooks();
+        let jump = |chain, to| Rule {
+            chain,
+            spec: args(&["-p", "tcp", "-j", to]),
+        };
         Ruleset {
             family,
             treatment,
-            chains,
+            chains: match treatment {
+                Treatment::Redirect => CHAINS.to_vec(),
+                Treatment::Refuse => vec![INBOUND_CHAIN, OUTBOUND_CHAIN],
+            },
             rules,
             jumps: vec![
-                Rule {
-                    chain: inbound_hook,
-                    spec: args(&["-p", "tcp", "-j", INBOUND_CHAIN]),
-                },
-                Rule {
-                    chain: outbound_hook,
-                    spec: args(&["-p", "tcp", "-j", OUTBOUND_CHAIN]),
-                },
+                jump(inbound_hook, INBOUND_CHAIN),
+                jump(outbound_hook, OUTBOUND_CHAIN),
             ],
         }
+    }
+
+    /// [`INBOUND_CHAIN`]: the sidecar's own ports and the excluded ones pass, the app's ports
+    /// are caught.
+    fn inbound_rules(&self, treatment: Treatment) -> Vec<Rule> {
+        let rule = |spec| Rule {
+            chain: INBOUND_CHAIN,
+            spec,
+        };
+        let mut rules = Vec::new();
+        // `filter INPUT` sees loopback traffic (the sidecar → app hop); `nat PREROUTING` never
+        // does.
+        if treatment == Treatment::Refuse {
+            rules.push(rule(args(&["-i", "lo", "-j", "RETURN"])));
+        }
+        let own = [self.listeners.inbound, self.listeners.admin].map(PortRange::single);
+        for range in own.iter().flatten().chain(&self.exclude_inbound_ports) {
+            rules.push(rule(dport(*range, &["-j", "RETURN"])));
+        }
+        let caught = catch(treatment, self.listeners.inbound);
+        match &self.inbound_ports {
+            None => rules.push(rule([args(&["-p", "tcp"]), caught].concat())),
+            Some(ports) => {
+                for range in ports {
+                    rules.push(rule([dport(*range, &[]), caught.clone()].concat()));
+                }
+            }
+        }
+        rules
+    }
+
+    /// [`OUTBOUND_CHAIN`] (and [`REDIRECT_CHAIN`]): the sidecar's sockets pass first, then
+    /// what stays in the namespace and the excluded ports; the rest is caught.
+    fn outbound_rules(&self, treatment: Treatment) -> Vec<Rule> {
+        let rule = |spec| Rule {
+            chain: OUTBOUND_CHAIN,
+            spec,
+        };
+        let mut rules = vec![
+            rule([self.exemption.matcher(), args(&["-j", "RETURN"])].concat()),
+            rule(args(&["-o", "lo", "-j", "RETURN"])),
+        ];
+        for range in &self.exclude_outbound_ports {
+            rules.push(rule(dport(*range, &["-j", "RETURN"])));
+        }
+        let caught = catch(treatment, self.listeners.outbound);
+        match treatment {
+            Treatment::Redirect => {
+                rules.push(rule(args(&["-j", REDIRECT_CHAIN])));
+                rules.push(Rule {
+                    chain: REDIRECT_CHAIN,
+                    spec: [args(&["-p", "tcp"]), caught].concat(),
+                });
+            }
+            Treatment::Refuse => rules.push(rule([args(&["-p", "tcp"]), caught].concat())),
+        }
+        rules
+    }
+}
+
+/// The end of a rule that catches a connection: redirect it to `port`, or refuse it. Only new
+/// connections are refused, so replies on excluded ports and to the sidecar pass (`nat` sees
+/// only the first packet of a connection anyway).
+fn catch(treatment: Treatment, port: u16) -> Vec<String> {
+    match treatment {
+        Treatment::Redirect => args(&["-j", "REDIRECT", "--to-ports", &port.to_string()]),
+        Treatment::Refuse => args(&["--syn", "-j", "REJECT", "--reject-with", "tcp-reset"]),
     }
 }
 

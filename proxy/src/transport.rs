@@ -19,6 +19,50 @@ mod copy;
 
 pub use copy::{Forwarded, forward};
 
+/// Where a connection redirected by iptables `REDIRECT` was headed (`SO_ORIGINAL_DST`).
+pub fn original_destination(
+    stream: &tokio::net::TcpStream,
+) -> std::io::Result<std::net::SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = stream.local_addr()?;
+    let error = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+    if local.is_ipv4() {
+        let address = getsockopt(stream, sockopt::OriginalDst).map_err(error)?;
+        let ip = std::net::Ipv4Addr::from(u32::from_be(address.sin_addr.s_addr));
+        Ok(std::net::SocketAddr::from((
+            ip,
+            u16::from_be(address.sin_port),
+        )))
+    } else {
+        let address = getsockopt(stream, sockopt::Ip6tOriginalDst).map_err(error)?;
+        let ip = std::net::Ipv6Addr::from(address.sin6_addr.s6_addr);
+        Ok(std::net::SocketAddr::from((
+            ip,
+            u16::from_be(address.sin6_port),
+        )))
+    }
+}
+
+/// Connects to `address`, with SO_MARK set first when `mark` is given (so iptables rules can
+/// tell the sidecar's own connections from the app's).
+pub async fn connect(
+    address: std::net::SocketAddr,
+    mark: Option<u32>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(mark) = mark {
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark)
+            .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+    }
+    let stream = socket.connect(address).await?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 /// The header's fixed prefix: "SW" and version 1.
 pub const MAGIC: [u8; 3] = [0x53, 0x57, 0x01];
 

@@ -24,6 +24,10 @@ pub(crate) struct Args {
     /// Probe and metrics address (/live, /ready, /metrics). [default: 127.0.0.1:4690]
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Read-only dashboard address (shows policy and fleet data; keep it on loopback or
+    /// behind an authenticating proxy). [default: 127.0.0.1:4680]
+    #[arg(long, value_name = "ADDR")]
+    ui_listen: Option<SocketAddr>,
     /// Trust domain. [default: sidewall.local]
     #[arg(long, value_name = "TD", value_parser = parse_trust_domain)]
     trust_domain: Option<TrustDomain>,
@@ -41,6 +45,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         data_dir: args.data_dir,
         listen: args.listen,
         admin_listen: args.admin_listen,
+        ui_listen: args.ui_listen,
         trust_domain: args.trust_domain,
         policies_dir: args.policies_dir,
     };
@@ -84,7 +89,7 @@ async fn serve(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
-    let (listen, admin_listen) = (config.listen, config.admin_listen);
+    let (listen, admin_listen, ui_listen) = (config.listen, config.admin_listen, config.ui_listen);
     let prepared = server::prepare(config).await.context("cannot start")?;
     let api = tokio::net::TcpListener::bind(listen)
         .await
@@ -92,9 +97,12 @@ async fn serve(
     let admin = tokio::net::TcpListener::bind(admin_listen)
         .await
         .with_context(|| format!("cannot listen on {admin_listen}"))?;
+    let ui = tokio::net::TcpListener::bind(ui_listen)
+        .await
+        .with_context(|| format!("cannot listen on {ui_listen}"))?;
     server::run(
         prepared,
-        Listeners { api, admin },
+        Listeners { api, admin, ui },
         metrics,
         shutdown_signal(),
     )

@@ -223,10 +223,8 @@ pub(super) async fn directory(api: &Api, peer: &Peer) -> Result<HttpResponse, Ap
 /// `GET /v1/fleet`: one row per sidecar process.
 pub(super) async fn fleet(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
-    let (version, ..) = api.distribution.current();
-    let rows = api.distribution.fleet();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"policy_version": version, "replica": api.distribution.replica(), "source_error": api.distribution.source_error(), "proxies": rows}),
+        &json!(api.distribution.fleet_view()),
     ))
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use super::{CHAINS, Family, RedirectError, RedirectPlan, Rule, Ruleset, Treatment};
+use super::{CHAINS, Family, RedirectError, RedirectPlan, Ruleset, Treatment};
 
 /// What a finished command printed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -127,7 +127,11 @@ pub fn install(
     net: &mut impl Netfilter,
 ) -> Result<Vec<String>, RedirectError> {
     let mut report = Vec::new();
-    apply(&plan.rules(Family::Ipv4, Treatment::Redirect), net, &mut report)?;
+    apply(
+        &plan.rules(Family::Ipv4, Treatment::Redirect),
+        net,
+        &mut report,
+    )?;
 
     if !net.has_ipv6() {
         report.push("IPv6: not available in this kernel; nothing to intercept".to_owned());
@@ -144,8 +148,8 @@ pub fn install(
         match ipv6 {
             Ipv6Choice::Redirect => apply(&redirect, net, &mut report)?,
             Ipv6Choice::Refuse => apply(&refuse, net, &mut report).map_err(unguarded)?,
-            Ipv6Choice::Auto => match apply(&redirect, net, &mut report) {
-                Ok(()) => {}
+            Ipv6Choice::Auto => match write(&redirect, net, &mut report) {
+                Ok(()) => remove_other(&redirect, net, &mut report)?,
                 Err(RedirectError::Failed { stderr, .. }) => {
                     report.push(format!(
                         "IPv6: the nat table is unavailable ({stderr}); refusing new IPv6 TCP connections instead of redirecting them"
@@ -163,9 +167,18 @@ pub fn install(
     Ok(report)
 }
 
-/// Writes one ruleset, then removes our chains from the other table of its family (left by
-/// an install with another IPv6 treatment).
+/// Writes one ruleset, then removes our chains from the other table of its family.
 fn apply(
+    ruleset: &Ruleset,
+    net: &mut impl Netfilter,
+    report: &mut Vec<String>,
+) -> Result<(), RedirectError> {
+    write(ruleset, net, report)?;
+    remove_other(ruleset, net, report)
+}
+
+/// Rewrites our chains in the ruleset's table and adds the missing jumps, in one transaction.
+fn write(
     ruleset: &Ruleset,
     net: &mut impl Netfilter,
     report: &mut Vec<String>,
@@ -202,11 +215,21 @@ fn apply(
         };
         format!("  {jump} ({state})")
     }));
+    Ok(())
+}
+
+/// Removes our chains from the table of the family that `ruleset` does not use (left by an
+/// install with the other IPv6 treatment).
+fn remove_other(
+    ruleset: &Ruleset,
+    net: &mut impl Netfilter,
+    report: &mut Vec<String>,
+) -> Result<(), RedirectError> {
     let other = match ruleset.treatment {
         Treatment::Redirect => Treatment::Refuse,
         Treatment::Refuse => Treatment::Redirect,
     };
-    remove(net, family, other.table(), report)
+    remove(net, ruleset.family, other.table(), report)
 }
 
 /// Removes every jump to our chains and our chains themselves, IPv4 and IPv6, `nat` and
@@ -226,7 +249,9 @@ pub fn uninstall(net: &mut impl Netfilter) -> Result<Vec<String>, RedirectError>
             }
         }
         if report.len() == before {
-            report.push(format!("{family}: no Sidewall rules installed; nothing to remove"));
+            report.push(format!(
+                "{family}: no Sidewall rules installed; nothing to remove"
+            ));
         }
     }
     Ok(report)
@@ -268,7 +293,12 @@ fn remove(
     // Flush all before deleting any: one of our chains jumps to another.
     for flag in ["-F", "-X"] {
         for chain in &chains {
-            run_checked(net, family.program(), &["-w", "-t", table, flag, chain], None)?;
+            run_checked(
+                net,
+                family.program(),
+                &["-w", "-t", table, flag, chain],
+                None,
+            )?;
         }
     }
     if !chains.is_empty() {
@@ -297,7 +327,3 @@ fn run_checked(
         })
     }
 }
-
-// Keeps `Rule` in this module's vocabulary for readers of `apply`.
-#[allow(dead_code)]
-type Jump = Rule;

@@ -1,0 +1,175 @@
+//! `sidewall-bench`: Sidewall's forwarding path side by side with direct connections, a copy
+//! baseline and peer proxies, in one run, every figure a ratio to `direct` (issue 8).
+//!
+//! ```text
+//! cargo run --release -p sidewall-bench -- [--quick] [--only CONTENDER] [--out DIR]
+//!                                          [--rounds N] [--sidewall PATH] [--workloads W]
+//! ```
+//!
+//! - [`runner`]: rounds of (start contender → every workload → stop), then the report.
+//! - [`contenders`]: each contender as a two-hop chain (`peers`, `sidewall` inside), whether
+//!   it can run here, readiness; the copy-baseline relay (this binary's hidden `relay`).
+//! - [`load`]: the load generator: bulk, closed and open loop, connection rate, idle.
+//! - [`http1`]: the little HTTP/1.1 the `sidewall-http` chain needs, both ends.
+//! - [`server`]: the in-process echo/sink server at the end of every chain.
+//! - [`procs`]: child processes in their own groups, CPU and RSS from `/proc`, stopping.
+//! - [`progress`]: the progress line.
+//!
+//! The library (`src/lib.rs`) holds the names, the certificates, the report and the plots.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sidewall_bench::model::{Contender, Workload};
+
+mod contenders;
+mod http1;
+mod load;
+mod procs;
+mod progress;
+mod runner;
+mod server;
+
+/// Benchmark Sidewall's data path against direct connections and peer proxies.
+#[derive(Parser)]
+#[command(name = "sidewall-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Hidden>,
+    /// A short run (1 round, 1 s per workload, 1,000 idle connections): the CI smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these contenders (repeat or separate with commas); `direct` always runs,
+    /// because every figure is a ratio to it. Names: direct, copy-baseline, haproxy, nginx,
+    /// stunnel, sidewall-l4, sidewall-http.
+    #[arg(long, value_name = "CONTENDER", value_delimiter = ',')]
+    only: Vec<String>,
+    /// Where report.md, report.json and plots/ go. Default: bench/results/<timestamp>/.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Rounds; contenders are interleaved within each. Default: 3 (1 with --quick).
+    #[arg(long, value_name = "N")]
+    rounds: Option<u32>,
+    /// The sidewall binary. Default: next to this executable, built there if missing.
+    #[arg(long, value_name = "PATH")]
+    sidewall: Option<PathBuf>,
+    /// Run only these workloads (for profiling one path; the report says so). Names:
+    /// throughput-1, throughput-8, rr-c1, rr-c16, rr-c64, rr-fixed-rate, connect-rate, idle-10k.
+    #[arg(long, value_name = "WORKLOAD", value_delimiter = ',')]
+    workloads: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Hidden {
+    /// The copy-baseline hop (started by the harness itself).
+    #[command(hide = true)]
+    Relay {
+        /// Where to accept.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Where to connect.
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+/// The command line as a user would type it again.
+fn command_line() -> String {
+    let release = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.file_name()?.to_str()? == "release"))
+        .unwrap_or(false);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!(
+        "cargo run {}-p sidewall-bench{}{}",
+        if release { "--release " } else { "" },
+        if args.is_empty() { "" } else { " -- " },
+        args.join(" ")
+    )
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Hidden::Relay { listen, to }) = cli.command {
+        return match contenders::relay(listen, to) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("relay: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut only = Vec::new();
+    for name in &cli.only {
+        match Contender::from_name(name) {
+            Some(contender) => only.push(contender),
+            None => {
+                eprintln!("error: --only {name}: no such contender");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut workloads = Vec::new();
+    for name in &cli.workloads {
+        match Workload::from_name(name) {
+            Some(workload) => workloads.push(workload),
+            None => {
+                eprintln!("error: --workloads {name}: no such workload");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let options = runner::Options {
+        workloads,
+        quick: cli.quick,
+        only,
+        out: cli.out,
+        rounds: cli.rounds,
+        sidewall: cli.sidewall,
+        command: command_line(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, usize::from))
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    eprintln!("error: cannot watch SIGTERM: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        // Dropping the run (on a signal) drops every started process group: SIGKILL to each.
+        tokio::select! {
+            result = runner::run(options) => match result {
+                Ok(out) => {
+                    eprintln!("report: {}", out.join("report.md").display());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("\ninterrupted: stopped every process this run started");
+                ExitCode::from(130)
+            }
+            _ = terminate.recv() => {
+                eprintln!("terminated: stopped every process this run started");
+                ExitCode::from(143)
+            }
+        }
+    })
+}

@@ -1,0 +1,191 @@
+//! `report.md`: the machine, the contenders, Sidewall's goals, then one table per workload in
+//! which every median carries its range and its ratio to `direct` (and, on Sidewall's rows, to
+//! the best peer).
+
+use std::fmt::Write as _;
+
+use super::{Report, Summary, best_peer, find, ratio};
+use crate::model::{Contender, Metric, Workload};
+
+/// A value with as many digits as it deserves.
+pub(crate) fn number(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn times(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "–".to_owned(), |r| format!("×{}", number(r)))
+}
+
+/// The ratio of a summary to `direct`'s figure for the same workload and metric.
+fn to_direct(report: &Report, s: &Summary) -> Option<f64> {
+    let workload = Workload::from_name(&s.workload)?;
+    let metric = Metric::from_name(&s.metric)?;
+    let direct = find(&report.summary, Contender::Direct, workload, metric)?;
+    ratio(s.median, direct.median)
+}
+
+/// The ratio of a Sidewall summary to the best peer's, and that peer's name.
+fn to_best_peer(report: &Report, s: &Summary) -> Option<(f64, String)> {
+    let contender = Contender::from_name(&s.contender)?;
+    if !contender.is_sidewall() {
+        return None;
+    }
+    let workload = Workload::from_name(&s.workload)?;
+    let metric = Metric::from_name(&s.metric)?;
+    let best = best_peer(&report.summary, workload, metric)?;
+    Some((ratio(s.median, best.median)?, best.contender.clone()))
+}
+
+fn header(out: &mut String, report: &Report) {
+    let m = &report.machine;
+    let s = &report.settings;
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# Sidewall benchmark report\n");
+    let _ = writeln!(
+        out,
+        "Started {} (UTC). Command: `{}`\n",
+        report.started, s.command
+    );
+    let _ = writeln!(
+        out,
+        "Machine: {} CPUs ({}), {} MiB memory, Linux {}.\n",
+        m.nproc, m.cpu_model, m.memory_mib, m.kernel
+    );
+    let _ = writeln!(
+        out,
+        "Settings: {} round(s), contenders interleaved within each round and restarted for each; \
+         {} s warm-up and {} s measured per timed workload; `rr-fixed-rate` at {} requests/s over \
+         {} connections; `connect-rate` with {} concurrent loops; `idle-10k` with {} idle \
+         connections{}.\n",
+        s.rounds,
+        s.warmup_s,
+        s.duration_s,
+        s.fixed_rate_rps,
+        s.fixed_rate_connections,
+        s.connect_workers,
+        s.idle_connections,
+        if s.quick {
+            " (`--quick`: fewer than 10,000; short durations; one round)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out, "## Contenders\n");
+    let _ = writeln!(out, "| contender | mode | status | version or reason |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for c in &report.contenders {
+        let detail = c.reason.as_deref().or(c.version.as_deref()).unwrap_or("");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            c.contender,
+            c.mode,
+            c.status,
+            detail.replace('|', "/")
+        );
+    }
+}
+
+fn goals(out: &mut String, report: &Report) {
+    let _ = writeln!(out, "\n## Sidewall's goals (issue 8)\n");
+    let _ = writeln!(
+        out,
+        "| goal | sidewall-l4 | compared with | ratio | verdict |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for g in &report.goals {
+        let value = g.sidewall.map_or_else(|| "–".to_owned(), number);
+        let reference = match g.reference {
+            Some(v) => format!("{} {}", g.reference_name, number(v)),
+            None => g.reference_name.clone(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} {} | {} | {} | {} |",
+            g.goal,
+            value,
+            g.unit,
+            reference,
+            times(g.ratio),
+            g.verdict.label()
+        );
+    }
+}
+
+fn figures(out: &mut String, report: &Report) {
+    let _ = writeln!(out, "\n## Figures\n");
+    let _ = writeln!(
+        out,
+        "Median over the rounds, the range (min–max), the ratio to `direct` in this run, and on \
+         Sidewall's rows the ratio to the best peer (highest for rates, lowest for latency and \
+         cost). `cpu_s_per_gb` counts both proxies (children included) per 10^9 bytes \
+         delivered; `rss_mib` is per proxy (the pair's RSS / 2) before any load; \
+         `rss_kib_per_conn` is the pair's RSS growth per idle connection. `direct` has no proxy, \
+         so these have no ratio to it.\n"
+    );
+    for workload in Workload::ALL {
+        let rows: Vec<&Summary> = report
+            .summary
+            .iter()
+            .filter(|s| s.workload == workload.name())
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "### {}\n", workload.name());
+        let _ = writeln!(
+            out,
+            "| contender | mode | metric | median | min–max | × direct | × best peer |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for s in rows {
+            let peer = to_best_peer(report, s).map_or_else(
+                || "".to_owned(),
+                |(r, name)| format!("{} ({name})", times(Some(r))),
+            );
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} {} | {}–{} | {} | {} |",
+                s.contender,
+                s.mode,
+                s.metric,
+                number(s.median),
+                s.unit,
+                number(s.min),
+                number(s.max),
+                times(to_direct(report, s)),
+                peer
+            );
+        }
+        let _ = writeln!(out);
+    }
+}
+
+/// Renders the report as Markdown; `plots` are file names under `plots/`.
+pub fn markdown(report: &Report, plots: &[String]) -> String {
+    let mut out = String::new();
+    header(&mut out, report);
+    goals(&mut out, report);
+    figures(&mut out, report);
+    if !report.notes.is_empty() {
+        let _ = writeln!(out, "## Notes\n");
+        for note in &report.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        let _ = writeln!(out);
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(out, "## Plots\n");
+        for plot in plots {
+            let _ = writeln!(out, "![{plot}](plots/{plot})");
+        }
+    }
+    out
+}

@@ -1,0 +1,275 @@
+use super::*;
+use crate::goals::{Verdict, evaluate};
+
+fn row(contender: Contender, workload: Workload, metric: Metric, value: f64, round: u32) -> Row {
+    Row::new(contender, workload, metric, value, round)
+}
+
+#[test]
+fn median_of_odd_even_and_empty_sets() {
+    assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+    assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    assert_eq!(median(&[7.0]), Some(7.0));
+    assert_eq!(median(&[]), None);
+    assert_eq!(median(&[f64::NAN, 5.0]), Some(5.0), "NaN is ignored");
+}
+
+#[test]
+fn a_row_serializes_to_the_shape_the_issue_names() {
+    let json = serde_json::to_value(row(
+        Contender::SidewallL4,
+        Workload::RrC64,
+        Metric::P99Us,
+        812.5,
+        2,
+    ))
+    .unwrap();
+    let object = json.as_object().unwrap();
+    let mut keys: Vec<_> = object.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "contender",
+            "metric",
+            "mode",
+            "round",
+            "unit",
+            "value",
+            "workload"
+        ]
+    );
+    assert_eq!(json["contender"], "sidewall-l4");
+    assert_eq!(json["mode"], "mtls");
+    assert_eq!(json["workload"], "rr-c64");
+    assert_eq!(json["metric"], "p99_us");
+    assert_eq!(json["unit"], "us");
+    assert_eq!(json["value"], 812.5);
+    assert_eq!(json["round"], 2);
+}
+
+#[test]
+fn summary_groups_by_contender_workload_metric_in_report_order() {
+    let rows = vec![
+        row(
+            Contender::SidewallL4,
+            Workload::Throughput1,
+            Metric::Gbps,
+            4.0,
+            1,
+        ),
+        row(
+            Contender::Direct,
+            Workload::Throughput1,
+            Metric::Gbps,
+            15.0,
+            1,
+        ),
+        row(
+            Contender::SidewallL4,
+            Workload::Throughput1,
+            Metric::Gbps,
+            6.0,
+            2,
+        ),
+        row(
+            Contender::Direct,
+            Workload::Throughput1,
+            Metric::Gbps,
+            13.0,
+            2,
+        ),
+        row(
+            Contender::SidewallL4,
+            Workload::Throughput1,
+            Metric::Gbps,
+            5.0,
+            3,
+        ),
+        row(
+            Contender::Direct,
+            Workload::Throughput1,
+            Metric::Gbps,
+            14.0,
+            3,
+        ),
+    ];
+    let summary = summarize(&rows);
+    assert_eq!(summary.len(), 2);
+    assert_eq!(
+        summary[0].contender, "direct",
+        "direct first, as in the model"
+    );
+    assert_eq!(
+        (
+            summary[0].median,
+            summary[0].min,
+            summary[0].max,
+            summary[0].rounds
+        ),
+        (14.0, 13.0, 15.0, 3)
+    );
+    assert_eq!(
+        (summary[1].median, summary[1].min, summary[1].max),
+        (5.0, 4.0, 6.0)
+    );
+    assert_eq!(summary[1].mode, "mtls");
+}
+
+#[test]
+fn best_peer_is_the_highest_rate_and_the_lowest_cost() {
+    let rows = vec![
+        row(
+            Contender::Haproxy,
+            Workload::Throughput1,
+            Metric::Gbps,
+            3.65,
+            1,
+        ),
+        row(
+            Contender::Nginx,
+            Workload::Throughput1,
+            Metric::Gbps,
+            3.48,
+            1,
+        ),
+        row(
+            Contender::Haproxy,
+            Workload::RrC64,
+            Metric::P99Us,
+            78_000.0,
+            1,
+        ),
+        row(
+            Contender::Nginx,
+            Workload::RrC64,
+            Metric::P99Us,
+            37_000.0,
+            1,
+        ),
+        // Not a peer: never the best peer.
+        row(
+            Contender::SidewallL4,
+            Workload::RrC64,
+            Metric::P99Us,
+            1.0,
+            1,
+        ),
+    ];
+    let summary = summarize(&rows);
+    let fastest = best_peer(&summary, Workload::Throughput1, Metric::Gbps).unwrap();
+    assert_eq!(fastest.contender, "haproxy");
+    let lowest = best_peer(&summary, Workload::RrC64, Metric::P99Us).unwrap();
+    assert_eq!(lowest.contender, "nginx");
+    assert!(best_peer(&summary, Workload::ConnectRate, Metric::Rps).is_none());
+}
+
+#[test]
+fn ratios_refuse_a_zero_reference() {
+    assert_eq!(ratio(3.0, 1.5), Some(2.0));
+    assert_eq!(ratio(3.0, 0.0), None);
+}
+
+#[test]
+fn goals_compare_with_the_best_peer_direct_or_a_budget() {
+    let rows = vec![
+        row(
+            Contender::Haproxy,
+            Workload::Throughput1,
+            Metric::Gbps,
+            3.0,
+            1,
+        ),
+        row(
+            Contender::SidewallL4,
+            Workload::Throughput1,
+            Metric::Gbps,
+            7.0,
+            1,
+        ),
+        row(Contender::Direct, Workload::RrC64, Metric::P99Us, 1000.0, 1),
+        row(
+            Contender::SidewallL4,
+            Workload::RrC64,
+            Metric::P99Us,
+            3500.0,
+            1,
+        ),
+        row(
+            Contender::SidewallL4,
+            Workload::Idle10k,
+            Metric::RssKibPerConn,
+            19.0,
+            1,
+        ),
+    ];
+    let goals = evaluate(&summarize(&rows));
+    let verdict = |metric: &str| {
+        // Each goal is judged on a different metric.
+        goals.iter().find(|g| g.metric == metric).unwrap().verdict
+    };
+    assert_eq!(verdict("gbps"), Verdict::Met, "7 ≥ 2 × 3");
+    assert_eq!(verdict("p99_us"), Verdict::NotMet, "3500 > 3 × 1000");
+    assert_eq!(verdict("rss_kib_per_conn"), Verdict::Met, "19 ≤ 20");
+    assert_eq!(verdict("rps"), Verdict::Unknown, "no peer measured");
+    assert_eq!(verdict("rss_mib"), Verdict::Unknown, "not measured");
+}
+
+#[test]
+fn the_markdown_shows_every_figure_with_its_ratio_to_direct() {
+    let rows = vec![
+        row(
+            Contender::Direct,
+            Workload::Throughput1,
+            Metric::Gbps,
+            10.0,
+            1,
+        ),
+        row(
+            Contender::Haproxy,
+            Workload::Throughput1,
+            Metric::Gbps,
+            4.0,
+            1,
+        ),
+        row(
+            Contender::SidewallL4,
+            Workload::Throughput1,
+            Metric::Gbps,
+            5.0,
+            1,
+        ),
+    ];
+    let summary = summarize(&rows);
+    let report = Report {
+        started: "2026-01-01T000000Z".into(),
+        machine: Machine::describe(),
+        settings: Settings {
+            command: "sidewall-bench --quick".into(),
+            quick: true,
+            rounds: 1,
+            warmup_s: 0.2,
+            duration_s: 1.0,
+            idle_connections: 1000,
+            fixed_rate_rps: 2000,
+            fixed_rate_connections: 16,
+            connect_workers: 8,
+        },
+        contenders: Vec::new(),
+        notes: vec!["a note".into()],
+        goals: evaluate(&summary),
+        rows,
+        summary,
+    };
+    let text = markdown(&report, &["throughput-1_gbps.svg".to_owned()]);
+    assert!(text.contains("| haproxy | mtls | gbps | 4.00 Gbit/s | 4.00–4.00 | ×0.40 |  |"));
+    assert!(
+        text.contains(
+            "| sidewall-l4 | mtls | gbps | 5.00 Gbit/s | 5.00–5.00 | ×0.50 | ×1.25 (haproxy) |"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("fewer than 10,000"));
+    assert!(text.contains("- a note"));
+    assert!(text.contains("](plots/throughput-1_gbps.svg)"));
+}

@@ -1,0 +1,507 @@
+//! `sidewall up [MESH]`: a whole mesh on loopback — the control plane, a demo app and a sidecar
+//! per service — with the mesh's policies applied and a live view of every flow. `--check`
+//! runs until every expectation has been observed and exits 0, or 1 with what failed.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hyper::Method;
+use serde_json::{Value, json};
+use sidewall_control_plane::client::Client;
+use sidewall_policies::Protocol;
+use sidewall_policies::load::{LoadOptions, read_sources};
+use sidewall_policies::mesh::{ExpectedOutcome, Mesh};
+
+/// Flags of `sidewall up`.
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The mesh description (a file, or a directory holding mesh.yaml).
+    #[arg(default_value = "examples/three-tier")]
+    mesh: PathBuf,
+    /// Run until every expectation is observed, print the table, exit 0 (or 1 with what
+    /// failed) instead of showing the live view.
+    #[arg(long)]
+    check: bool,
+    /// How long --check waits for the expectations.
+    #[arg(long, default_value = "90")]
+    timeout_seconds: u64,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Everything `up` started; stopped and removed on drop.
+struct Running {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Running {
+    fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// The last lines of a child's log.
+    fn tail(&self, name: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.children {
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                // Drop is synchronous: a short blocking wait is the only way to let children
+                // exit cleanly before the forced kill.
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Per service: its sidecar's admin port, its app's stats file, and its route ports.
+struct Layout {
+    cp_api: u16,
+    cp_admin: u16,
+    admin: BTreeMap<String, u16>,
+    /// (caller, callee, port) → the caller's local route port.
+    routes: BTreeMap<(String, String, u16), u16>,
+}
+
+pub(crate) fn run(args: Args) -> ExitCode {
+    super::block_on(async move {
+        let file = if args.mesh.is_dir() {
+            args.mesh.join("mesh.yaml")
+        } else {
+            args.mesh.clone()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let mesh = Mesh::parse(&file.display().to_string(), &text)?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let policies = read_sources(&[base.join(&mesh.policies)], &LoadOptions::default())?;
+        let binary = std::env::current_exe().context("finding the sidewall binary")?;
+        let dir = std::env::temp_dir().join(format!("sidewall-up-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut running = Running {
+            dir: dir.clone(),
+            children: Vec::new(),
+        };
+        let layout = start(&mesh, &binary, &mut running, &policies).await?;
+        let client = Client::operator(
+            &dir.join("cp"),
+            "admin",
+            Some(&format!("https://127.0.0.1:{}", layout.cp_api)),
+        )?;
+        if args.check {
+            check(
+                &mesh,
+                &layout,
+                &client,
+                &running,
+                Duration::from_secs(args.timeout_seconds),
+            )
+            .await
+        } else {
+            live(&mesh, &layout, &client, &running).await
+        }
+    })
+}
+
+async fn start(
+    mesh: &Mesh,
+    binary: &Path,
+    running: &mut Running,
+    policies: &[sidewall_policies::load::Source],
+) -> anyhow::Result<Layout> {
+    let dir = running.dir.clone();
+    let (cp_api, cp_admin) = (free_port()?, free_port()?);
+    running.spawn(
+        "control-plane",
+        Command::new(binary)
+            .args(["control-plane", "--data-dir"])
+            .arg(dir.join("cp"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{cp_api}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{cp_admin}"),
+            ])
+            .args(["--trust-domain", mesh.trust_domain.as_str()]),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dir.join("cp/control-plane.json").exists() {
+        if Instant::now() > deadline {
+            bail!(
+                "the control plane did not start:\n{}",
+                running.tail("control-plane")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let client = Client::operator(
+        &dir.join("cp"),
+        "admin",
+        Some(&format!("https://127.0.0.1:{cp_api}")),
+    )?;
+    let files: Vec<Value> = policies
+        .iter()
+        .map(|s| json!({"name": s.name, "text": s.text}))
+        .collect();
+    let (status, body) = client
+        .call(Method::POST, "/v1/policies", Some(&json!({"files": files})))
+        .await?;
+    super::expect_success(status, &body)?;
+
+    let mut layout = Layout {
+        cp_api,
+        cp_admin,
+        admin: BTreeMap::new(),
+        routes: BTreeMap::new(),
+    };
+    let inbound: BTreeMap<&str, u16> = mesh
+        .services
+        .iter()
+        .map(|s| Ok((s.name.as_str(), free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    for service in &mesh.services {
+        let identity = mesh.identity(&service.name)?;
+        let (status, body) = client
+            .call(
+                Method::POST,
+                "/v1/tokens",
+                Some(&json!({"identity": identity.to_string(), "ttl_seconds": 600})),
+            )
+            .await?;
+        super::expect_success(status, &body)?;
+        std::fs::write(
+            dir.join(format!("{}.token", service.name)),
+            body["token"].as_str().unwrap_or_default(),
+        )?;
+        let mut ports = Vec::new();
+        let mut serve = Vec::new();
+        for port in &service.ports {
+            let app = free_port()?;
+            ports.push(format!(
+                "{{port: {}, protocol: {}, app: 127.0.0.1:{app}}}",
+                port.port, port.protocol
+            ));
+            serve.push(format!(
+                "{}:127.0.0.1:{app}",
+                if port.protocol == Protocol::Http {
+                    "http"
+                } else {
+                    "tcp"
+                }
+            ));
+        }
+        let mut routes = Vec::new();
+        let mut calls = Vec::new();
+        for call in &service.calls {
+            let key = (service.name.clone(), call.to.clone(), call.port);
+            let route = match layout.routes.get(&key) {
+                Some(route) => *route,
+                None => {
+                    let route = free_port()?;
+                    routes.push(format!(
+                        "{{listen: 127.0.0.1:{route}, service: {}, port: {}}}",
+                        mesh.identity(&call.to)?,
+                        call.port
+                    ));
+                    layout.routes.insert(key, route);
+                    route
+                }
+            };
+            let http = mesh
+                .service(&call.to)
+                .and_then(|s| s.ports.iter().find(|p| p.port == call.port))
+                .is_some_and(|p| p.protocol == Protocol::Http);
+            let label = format!("{}:{}", call.to, call.port);
+            let every = format!("{}ms", call.interval().as_millis());
+            calls.push(if http {
+                let method = call.method.as_ref().map_or("GET", |m| m.as_str());
+                let path = call.path.as_deref().unwrap_or("/").trim_start_matches('/');
+                format!("{label} {method} /{path}=http://127.0.0.1:{route}/{path}@{method}@{every}")
+            } else {
+                format!("{label}=tcp://127.0.0.1:{route}@{every}")
+            });
+        }
+        let admin = free_port()?;
+        layout.admin.insert(service.name.clone(), admin);
+        let config = format!(
+            "identity: {identity}\ncontrolPlane:\n  urls: [https://127.0.0.1:{cp_api}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s}}\n",
+            name = service.name,
+            inbound = inbound[service.name.as_str()],
+            ports = ports.join(", "),
+            routes = routes.join(", "),
+        );
+        let config_file = dir.join(format!("{}.yaml", service.name));
+        std::fs::write(&config_file, config)?;
+        running.spawn(
+            &format!("{}-sidecar", service.name),
+            Command::new(binary)
+                .args(["proxy", "--config"])
+                .arg(&config_file),
+        )?;
+        let mut app = Command::new(binary);
+        app.args(["demo-app", "--name", &service.name, "--stats"])
+            .arg(dir.join(format!("{}.stats.json", service.name)));
+        for spec in &serve {
+            app.args(["--serve", spec]);
+        }
+        for spec in &calls {
+            app.args(["--call", spec]);
+        }
+        running.spawn(&format!("{}-app", service.name), &mut app)?;
+    }
+    Ok(layout)
+}
+
+/// What was observed for one caller → callee:port flow.
+#[derive(Default)]
+struct Observed {
+    ok: u64,
+    denied: u64,
+    refused: u64,
+    allow: u64,
+    deny: u64,
+    audit: u64,
+    last: String,
+    reason: String,
+}
+
+async fn observe(
+    mesh: &Mesh,
+    running: &Running,
+    client: &Client,
+) -> BTreeMap<(String, String, u16), Observed> {
+    let mut table: BTreeMap<(String, String, u16), Observed> = BTreeMap::new();
+    for service in &mesh.services {
+        let stats: Value = std::fs::read(running.dir.join(format!("{}.stats.json", service.name)))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for (label, s) in stats["calls"].as_object().into_iter().flatten() {
+            let target = label.split(' ').next().unwrap_or_default();
+            let Some((to, port)) = target.split_once(':') else {
+                continue;
+            };
+            let entry = table
+                .entry((
+                    service.name.clone(),
+                    to.to_owned(),
+                    port.parse().unwrap_or(0),
+                ))
+                .or_default();
+            entry.ok += s["ok"].as_u64().unwrap_or(0);
+            entry.denied += s["denied"].as_u64().unwrap_or(0);
+            entry.refused += s["refused"].as_u64().unwrap_or(0);
+            if s["denied"].as_u64().unwrap_or(0) + s["refused"].as_u64().unwrap_or(0) > 0 {
+                entry.last = format!("{label}: {}", s["last"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    let name_of = |id: &str| id.rsplit('/').next().unwrap_or(id).to_owned();
+    if let Ok((status, flows)) = client.call(Method::GET, "/v1/flows", None).await
+        && status.is_success()
+    {
+        for flow in flows["flows"].as_array().into_iter().flatten() {
+            let key = (
+                name_of(flow["flow"]["peer"].as_str().unwrap_or("")),
+                name_of(flow["flow"]["target"].as_str().unwrap_or("")),
+                flow["flow"]["port"].as_u64().unwrap_or(0) as u16,
+            );
+            let entry = table.entry(key).or_default();
+            let stats = &flow["stats"];
+            entry.allow += stats["allow"].as_u64().unwrap_or(0);
+            entry.deny += stats["deny"].as_u64().unwrap_or(0);
+            entry.audit += stats["audit"].as_u64().unwrap_or(0);
+            if let Some(reason) = stats["last_denial"].as_str() {
+                let request = match (
+                    flow["flow"]["method"].as_str(),
+                    flow["flow"]["path"].as_str(),
+                ) {
+                    (Some(m), Some(p)) => format!("{m} {p}: "),
+                    _ => String::new(),
+                };
+                entry.reason = format!("{request}{reason}");
+            }
+        }
+    }
+    for entry in table.values_mut() {
+        if entry.reason.is_empty() && entry.refused > 0 && entry.deny == 0 && entry.ok == 0 {
+            entry.reason =
+                "refused by the caller's sidecar: no policy lets it call this service".into();
+        }
+    }
+    table
+}
+
+fn render(table: &BTreeMap<(String, String, u16), Observed>) -> String {
+    let mut out = format!(
+        "{:<30} {:>6} {:>7} {:>8}  {:>6} {:>5} {:>6}  LAST DENIAL\n",
+        "FLOW", "OK", "DENIED", "REFUSED", "ALLOW", "DENY", "AUDIT"
+    );
+    for ((from, to, port), o) in table {
+        out.push_str(&format!(
+            "{:<30} {:>6} {:>7} {:>8}  {:>6} {:>5} {:>6}  {}\n",
+            format!("{from} -> {to}:{port}"),
+            o.ok,
+            o.denied,
+            o.refused,
+            o.allow,
+            o.deny,
+            o.audit,
+            if o.reason.is_empty() { "-" } else { &o.reason }
+        ));
+    }
+    out
+}
+
+async fn fleet_lines(client: &Client) -> String {
+    let Ok((status, fleet)) = client.call(Method::GET, "/v1/fleet", None).await else {
+        return "control plane unreachable\n".into();
+    };
+    if !status.is_success() {
+        return format!("fleet: {status}\n");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut out = format!("policy version {} in force\n", fleet["policy_version"]);
+    for p in fleet["proxies"].as_array().into_iter().flatten() {
+        let expiry = p["certificate_expires_at"]
+            .as_i64()
+            .map_or("-".into(), |t| {
+                format!("{}h{:02}m", (t - now) / 3600, ((t - now) % 3600) / 60)
+            });
+        out.push_str(&format!(
+            "  {:<44} snapshot {:<14} {}  certificate expires in {expiry}\n",
+            p["identity"].as_str().unwrap_or("?"),
+            p["applied"].as_u64().map_or("-".into(), |v| v.to_string()),
+            if p["connected"] == true {
+                "connected"
+            } else {
+                "disconnected"
+            },
+        ));
+    }
+    out
+}
+
+async fn live(
+    mesh: &Mesh,
+    layout: &Layout,
+    client: &Client,
+    running: &Running,
+) -> anyhow::Result<()> {
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
+    loop {
+        let table = observe(mesh, running, client).await;
+        let mut screen = String::from("\x1b[2J\x1b[H");
+        screen.push_str("Sidewall: a mesh on loopback, every hop mutual TLS, deny by default. Ctrl-C stops it.\n\n");
+        screen.push_str(&render(&table));
+        screen.push('\n');
+        screen.push_str(&fleet_lines(client).await);
+        screen.push_str(&format!(
+            "\ncontrol plane metrics: http://127.0.0.1:{}/metrics   sidecar metrics: {}\nfiles and logs: {}\n",
+            layout.cp_admin,
+            layout.admin.iter().map(|(n, p)| format!("{n} http://127.0.0.1:{p}/metrics")).collect::<Vec<_>>().join("  "),
+            running.dir.display(),
+        ));
+        print!("{screen}");
+        tokio::select! {
+            _ = &mut stop => {
+                println!("\nstopping everything `sidewall up` started…");
+                return Ok(());
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+fn satisfied(expect: ExpectedOutcome, o: &Observed) -> bool {
+    match expect {
+        ExpectedOutcome::Allow => o.ok > 0 && o.allow > 0,
+        ExpectedOutcome::Deny => {
+            o.ok == 0 && o.allow == 0 && o.audit == 0 && (o.refused + o.denied) > 0
+        }
+        ExpectedOutcome::Audit => o.ok > 0 && o.audit > 0,
+    }
+}
+
+async fn check(
+    mesh: &Mesh,
+    _layout: &Layout,
+    client: &Client,
+    running: &Running,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let table = observe(mesh, running, client).await;
+        let failing: Vec<String> = mesh
+            .expectations
+            .iter()
+            .filter(|e| {
+                let empty = Observed::default();
+                let observed = table
+                    .get(&(e.from.clone(), e.to.clone(), e.port))
+                    .unwrap_or(&empty);
+                !satisfied(e.expect, observed)
+            })
+            .map(|e| format!("{} -> {}:{} expected {:?}", e.from, e.to, e.port, e.expect))
+            .collect();
+        if failing.is_empty() {
+            print!("{}", render(&table));
+            println!(
+                "\nall {} expectations observed in {} s",
+                mesh.expectations.len(),
+                started.elapsed().as_secs()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            print!("{}", render(&table));
+            let logs: Vec<String> = running
+                .children
+                .iter()
+                .map(|(n, _)| format!("--- {n}\n{}", running.tail(n)))
+                .collect();
+            bail!(
+                "not observed within {} s:\n  {}\n\nlast log lines:\n{}",
+                timeout.as_secs(),
+                failing.join("\n  "),
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
