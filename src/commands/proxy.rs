@@ -11,6 +11,9 @@ pub(crate) struct Args {
     /// The sidecar's YAML configuration (docs/proxy.md describes every field).
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
+    /// Only check the configuration: print a summary and exit 0, or the error and exit 2.
+    #[arg(long)]
+    check: bool,
 }
 
 pub(crate) fn run(args: Args) -> ExitCode {
@@ -22,6 +25,18 @@ pub(crate) fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        println!(
+            "{}: OK: {} with {} inbound port(s), {} route(s){}{}",
+            args.config.display(),
+            config.identity,
+            config.inbound.ports.len(),
+            config.outbound.routes.len(),
+            if config.outbound.transparent.is_some() { ", transparent mode" } else { "" },
+            if config.local.is_some() { ", local snapshot" } else { "" },
+        );
+        return ExitCode::SUCCESS;
+    }
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|error| eprintln!("warning: metrics disabled: {error}"))
