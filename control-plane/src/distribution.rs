@@ -134,6 +134,7 @@ pub struct Distribution {
     fleet: Mutex<BTreeMap<String, FleetEntry>>,
     flows: Mutex<BTreeMap<FlowKey, FlowStats>>,
     source_error: Mutex<Option<String>>,
+    closing: watch::Sender<bool>,
 }
 
 fn now_unix() -> i64 {
@@ -208,6 +209,7 @@ impl Distribution {
             fleet: Mutex::new(BTreeMap::new()),
             flows: Mutex::new(BTreeMap::new()),
             source_error: Mutex::new(None),
+            closing: watch::channel(false).0,
         }
     }
 
@@ -224,6 +226,16 @@ impl Distribution {
         let generation = state.generation;
         self.changes.send_replace(generation);
         generation
+    }
+
+    /// Ends every open watch stream (the control plane is stopping; sidecars reconnect).
+    pub fn close_watches(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves when the control plane starts stopping.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// Subscribes to changes (the current generation).

@@ -304,6 +304,9 @@ pub async fn run(
         });
     }
     let _ = stop_tx.send(true);
+    // Long-lived snapshot watches would hold the graceful shutdown open: end them now (the
+    // sidecars reconnect, to this replica when it is back or to another one).
+    api.distribution.close_watches();
     if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
         .await
         .is_err()

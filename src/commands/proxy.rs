@@ -32,8 +32,16 @@ pub(crate) fn run(args: Args) -> ExitCode {
             config.identity,
             config.inbound.ports.len(),
             config.outbound.routes.len(),
-            if config.outbound.transparent.is_some() { ", transparent mode" } else { "" },
-            if config.local.is_some() { ", local snapshot" } else { "" },
+            if config.outbound.transparent.is_some() {
+                ", transparent mode"
+            } else {
+                ""
+            },
+            if config.local.is_some() {
+                ", local snapshot"
+            } else {
+                ""
+            },
         );
         return ExitCode::SUCCESS;
     }

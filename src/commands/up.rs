@@ -89,6 +89,7 @@ impl Drop for Running {
 struct Layout {
     cp_api: u16,
     cp_admin: u16,
+    cp_ui: u16,
     admin: BTreeMap<String, u16>,
     /// (caller, callee, port) → the caller's local route port.
     routes: BTreeMap<(String, String, u16), u16>,
@@ -141,7 +142,7 @@ async fn start(
     policies: &[sidewall_policies::load::Source],
 ) -> anyhow::Result<Layout> {
     let dir = running.dir.clone();
-    let (cp_api, cp_admin) = (free_port()?, free_port()?);
+    let (cp_api, cp_admin, cp_ui) = (free_port()?, free_port()?, free_port()?);
     running.spawn(
         "control-plane",
         Command::new(binary)
@@ -152,6 +153,8 @@ async fn start(
                 &format!("127.0.0.1:{cp_api}"),
                 "--admin-listen",
                 &format!("127.0.0.1:{cp_admin}"),
+                "--ui-listen",
+                &format!("127.0.0.1:{cp_ui}"),
             ])
             .args(["--trust-domain", mesh.trust_domain.as_str()]),
     )?;
@@ -182,6 +185,7 @@ async fn start(
     let mut layout = Layout {
         cp_api,
         cp_admin,
+        cp_ui,
         admin: BTreeMap::new(),
         routes: BTreeMap::new(),
     };
@@ -431,7 +435,8 @@ async fn live(
         screen.push('\n');
         screen.push_str(&fleet_lines(client).await);
         screen.push_str(&format!(
-            "\ncontrol plane metrics: http://127.0.0.1:{}/metrics   sidecar metrics: {}\nfiles and logs: {}\n",
+            "\ndashboard: http://127.0.0.1:{}/\ncontrol plane metrics: http://127.0.0.1:{}/metrics   sidecar metrics: {}\nfiles and logs: {}\n",
+            layout.cp_ui,
             layout.cp_admin,
             layout.admin.iter().map(|(n, p)| format!("{n} http://127.0.0.1:{p}/metrics")).collect::<Vec<_>>().join("  "),
             running.dir.display(),

@@ -95,6 +95,7 @@ pub(super) fn watch(
         entry.replica = distribution.replica().to_owned();
     });
     tracing::info!(%identity, instance, "snapshot watch opened");
+    let mut closing = distribution.closing();
     tokio::spawn(async move {
         let mut last_hash = None;
         loop {
@@ -112,6 +113,7 @@ pub(super) fn watch(
             }
             distribution.fleet_update(&instance, |entry| entry.processed = generation);
             tokio::select! {
+                _ = closing.changed() => break,
                 changed = changes.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(KEEPALIVE) => {
                     if sender.send(Bytes::from_static(b"\n")).await.is_err() {
