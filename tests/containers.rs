@@ -95,13 +95,13 @@ impl Mesh {
     }
 
     /// A sidecar for `name` in `host`, in transparent mode, running as `uid`; iptables installed.
-    fn sidecar(&mut self, host: &Host, name: &str, ports: &str, uid: u32) {
+    fn sidecar(&mut self, host: &Host, name: &str, ports: &str, egress: &str, uid: u32) {
         let dir = self.net.dir().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let token = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
         std::fs::write(dir.join("token"), token.lines().last().unwrap()).unwrap();
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://{}:4600]\n  tokenFile: token\nstateDir: state\ninbound:\n  listen: 0.0.0.0:4643\n  advertise: {}:4643\n  ports: [{ports}]\noutbound:\n  transparent: {{listen: 127.0.0.1:4640}}\nadmin:\n  listen: 127.0.0.1:4691\nworkerThreads: 1\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://{}:4600]\n  tokenFile: token\nstateDir: state\ninbound:\n  listen: 0.0.0.0:4643\n  advertise: {}:4643\n  ports: [{ports}]\noutbound:\n  transparent: {{listen: 127.0.0.1:4640}}\n  egress: [{egress}]\nadmin:\n  listen: 127.0.0.1:4691\nworkerThreads: 1\n",
             self.cp.ipv4, host.ipv4
         );
         std::fs::write(dir.join("sidecar.yaml"), config).unwrap();
@@ -231,19 +231,31 @@ fn mesh() -> Option<Mesh> {
 
     let uid = netns::unused_uid();
     let frontend = mesh.frontend.clone();
+    // An app port still open to plaintext during a migration (permissive), and a plaintext
+    // destination outside the mesh the frontend may reach (egress).
+    let mut command = mesh.net.command(&api, User::Root, python());
+    command.args(["-c", COUNTING_ECHO, "9090"]);
+    mesh.net.spawn("api-legacy", command);
+    mesh.net.wait_listening(&api, 9090);
+    let outsider = mesh.outsider.clone();
+    mesh.net.echo_server(&outsider, 7);
+    mesh.net.echo_server(&outsider, 8);
+    let egress = format!("\"{}:7\"", outsider.ipv4);
     mesh.sidecar(
         &db,
         "db",
         "{port: 5432, protocol: tcp, app: 127.0.0.1:5432}",
+        "",
         uid,
     );
     mesh.sidecar(
         &api,
         "api",
-        "{port: 8080, protocol: http, app: 127.0.0.1:8080}",
+        "{port: 8080, protocol: http, app: 127.0.0.1:8080}, {port: 9090, protocol: tcp, app: 127.0.0.1:9090, permissive: true}",
+        "",
         uid,
     );
-    mesh.sidecar(&frontend, "frontend", "", uid);
+    mesh.sidecar(&frontend, "frontend", "", &egress, uid);
     Some(mesh)
 }
 
@@ -386,6 +398,32 @@ fn containers() {
     assert_ne!(flush.code, 0, "the app cannot remove the rules");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(mesh.net.log("db-app").lines().count(), before);
+
+    // 8. Outside the mesh, only what `outbound.egress` names is reachable, in plaintext.
+    assert_eq!(
+        mesh.net
+            .call(&frontend, User::Root, outsider.ip(false), 7, "out"),
+        Ok("out".to_owned()),
+        "egress allowed"
+    );
+    assert!(
+        mesh.net
+            .call(&frontend, User::Root, outsider.ip(false), 8, "out")
+            .is_err(),
+        "egress not listed"
+    );
+
+    // 9. A permissive port takes plaintext from a workload without a sidecar; the others do not.
+    assert_eq!(
+        mesh.net
+            .call(&outsider, User::Root, api.ip(false), 9090, "legacy"),
+        Ok("legacy".to_owned()),
+        "permissive port"
+    );
+    assert!(
+        mesh.curl(&outsider, User::Root, &api_url).is_err(),
+        "the HTTP port stays mTLS-only"
+    );
     let _ = &mut mesh;
 }
 

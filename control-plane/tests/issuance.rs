@@ -282,3 +282,112 @@ async fn operators_can_issue_operators_and_workloads_cannot() {
     let (status, _) = alice.call(Method::GET, "/v1/tokens", None).await.unwrap();
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugged_in_ca_signs_and_its_root_key_stays_out() {
+    // The operator's own root (its key never given to Sidewall) and an intermediate.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = |name: &str, path_len: Option<u8>| {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.subject_alt_names =
+            vec![SanType::URI("spiffe://sidewall.local".try_into().unwrap())];
+        params.is_ca = IsCa::Ca(path_len.map_or(
+            BasicConstraints::Unconstrained,
+            BasicConstraints::Constrained,
+        ));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca("My root", None);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = rcgen::Issuer::new(root_params, &root_key);
+    let intermediate_key = KeyPair::generate().unwrap();
+    let intermediate = ca("My intermediate", Some(0))
+        .signed_by(&intermediate_key, &root_issuer)
+        .unwrap();
+    let files = dir.path().join("pki");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("root.pem"), root.pem()).unwrap();
+    std::fs::write(files.join("intermediate.pem"), intermediate.pem()).unwrap();
+    std::fs::write(
+        files.join("intermediate.key"),
+        intermediate_key.serialize_pem(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        files.join("intermediate.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+
+    let data = dir.path().join("data");
+    let plug_in = sidewall_control_plane::ca::PlugIn {
+        root_cert: files.join("root.pem"),
+        intermediate_cert: files.join("intermediate.pem"),
+        intermediate_key: files.join("intermediate.key"),
+    };
+    let cp = TestControlPlane::start(&data, |c| c.plug_in = Some(plug_in)).await;
+    assert_eq!(
+        std::fs::read_to_string(data.join("trust-bundle.pem")).unwrap(),
+        root.pem(),
+        "the bundle is the plugged-in root"
+    );
+    assert!(
+        !data.join("ca/root.key").exists() && !data.join("ca/root.pem").exists(),
+        "no CA of its own was generated"
+    );
+    let identity = "spiffe://sidewall.local/ns/shop/svc/pay";
+    let token = token(&cp, identity, 1).await;
+    let key = KeyPair::generate().unwrap();
+    let (status, body) = redeem(
+        &cp.anonymous(),
+        &csr_for(&key, CertificateParams::default()),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let chain = body["certificate_chain"].as_str().unwrap();
+    assert_svid(chain, identity, DAY);
+    let work = tempfile::tempdir().unwrap();
+    openssl_verify(work.path(), chain, &root.pem());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_readable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = TestControlPlane::start(dir.path(), |_| {}).await;
+    cp.stop().await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.path().join("ca/intermediate.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let config = sidewall_control_plane::config::Config::load(
+        None,
+        sidewall_control_plane::config::Overrides {
+            data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let error = sidewall_control_plane::server::prepare(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("private key is readable by group or others"),
+        "{error}"
+    );
+}
