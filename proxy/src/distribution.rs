@@ -199,7 +199,7 @@ async fn connect(url: &str, credential: &Credential, alpn_h2: bool) -> Result<Se
     let (authority, host) = authority(url).map_err(|e| e.to_string())?;
     let tcp = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&authority),
+        crate::transport::connect_authority(&authority),
     )
     .await
     .map_err(|_| "connect timed out".to_owned())?

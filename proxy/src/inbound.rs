@@ -148,9 +148,12 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             .engine
             .decide_connection(&peer.id, &config.identity, port, entry.protocol);
     record(&decision);
-    context
-        .flows
-        .count(peer.id.as_str(), port, entry.protocol, None, &decision);
+    // HTTP ports count each request instead (crate::http); a denied connection counts here.
+    if entry.protocol == sidewall_policies::Protocol::Tcp || !decision.permits() {
+        context
+            .flows
+            .count(peer.id.as_str(), port, entry.protocol, None, &decision);
+    }
     let rule = decision.reason.as_ref().map_or_else(
         || "default deny".to_owned(),
         |r| format!("policy={} rule={}", r.policy, r.rule),

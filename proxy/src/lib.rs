@@ -182,6 +182,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let config = Arc::new(config);
+    transport::set_mark(config.outbound.mark);
     for port in &config.inbound.ports {
         if !port.app.ip().is_loopback() {
             tracing::warn!(app = %port.app, "app address is not loopback: the app may be reachable without the sidecar");

@@ -43,6 +43,30 @@ pub fn original_destination(
     }
 }
 
+/// The socket mark of this sidecar process (`outbound.mark`), set once at start.
+static MARK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// Records the process's socket mark; every connection the sidecar opens carries it.
+pub fn set_mark(mark: Option<u32>) {
+    let _ = MARK.set(mark);
+}
+
+/// Connects to `host:port` (the control plane), with the process's socket mark so that
+/// iptables lets the sidecar's own connection through.
+pub async fn connect_authority(authority: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{authority}: no address"),
+    );
+    for address in tokio::net::lookup_host(authority).await? {
+        match connect(address, MARK.get().copied().flatten()).await {
+            Ok(stream) => return Ok(stream),
+            Err(error) => last = error,
+        }
+    }
+    Err(last)
+}
+
 /// Connects to `address`, with SO_MARK set first when `mark` is given (so iptables rules can
 /// tell the sidecar's own connections from the app's).
 pub async fn connect(

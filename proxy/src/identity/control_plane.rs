@@ -20,7 +20,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Deserialize;
 use sidewall_policies::SpiffeId;
 use sidewall_policies::svid::{SpiffeServerVerifier, TrustBundles};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::Credential;
@@ -129,7 +128,9 @@ async fn call(
     let work = async {
         let (authority, host) = authority(url)?;
         let fail = |e: &dyn std::fmt::Display| JoinError::Unreachable(format!("{url}: {e}"));
-        let tcp = TcpStream::connect(&authority).await.map_err(|e| fail(&e))?;
+        let tcp = crate::transport::connect_authority(&authority)
+            .await
+            .map_err(|e| fail(&e))?;
         let name = ServerName::try_from(host).map_err(|e| fail(&e))?;
         let stream = TlsConnector::from(tls)
             .connect(name, tcp)
