@@ -90,6 +90,33 @@ async fn endpoints_are_checked_against_the_source_and_other_identities() {
         "{body}"
     );
 
+    // A virtual IP registered by api cannot be claimed by another identity.
+    let with_vip = |endpoint: &str, instance: &str| json!({"instance": instance, "endpoint": endpoint, "ports": [{"port": 8080}], "addresses": ["10.96.0.10:8080"]});
+    let (status, body) = api
+        .client
+        .call(
+            Method::POST,
+            "/v1/registrations",
+            Some(&with_vip("127.0.0.1:4643", "api-1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = evil
+        .client
+        .call(
+            Method::POST,
+            "/v1/registrations",
+            Some(&with_vip("127.0.0.1:4699", "evil-2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("address_taken")),
+        "{body}"
+    );
+
     // An operator is not a workload.
     let (status, body) = cp
         .operator()

@@ -398,6 +398,11 @@ impl Config {
                 self.inbound.listen
             ));
         }
+        for address in &self.inbound.addresses {
+            if address.parse::<SocketAddr>().is_err() {
+                return Err(format!("inbound.addresses: {address:?} must be IP:PORT"));
+            }
+        }
         for entry in &self.outbound.egress {
             let valid =
                 entry.parse::<SocketAddr>().is_ok() || entry.parse::<std::net::IpAddr>().is_ok();

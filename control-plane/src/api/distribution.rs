@@ -188,6 +188,28 @@ pub(super) async fn register(
             "ports must be 1-65535, at most 1024 of them and 64 addresses",
         ));
     }
+    for address in &body.addresses {
+        if address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::bad_request(
+                "address_invalid",
+                format!("address {address:?} must be IP:port"),
+            ));
+        }
+    }
+    // An extra address (a virtual IP) belongs to one identity: another may not claim it and
+    // capture its callers' traffic.
+    if let Some(holder) = api.store.registrations().await?.into_iter().find(|r| {
+        r.identity != identity.as_str() && r.addresses.iter().any(|a| body.addresses.contains(a))
+    }) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "address_taken",
+            format!(
+                "an address in {:?} is registered to {}",
+                body.addresses, holder.identity
+            ),
+        ));
+    }
     let record = RegistrationRecord {
         instance: body.instance.clone(),
         identity: identity.to_string(),

@@ -1,0 +1,726 @@
+//! The deployment examples under `examples/` are checked without a cluster, Docker or a VM:
+//!
+//! - every YAML file parses (all documents, duplicate keys refused), through Python's PyYAML;
+//! - Kubernetes: the policies ConfigMap equals `examples/three-tier/policies` and validates; the
+//!   sidecar container's own command renders the config template with a pod IP into a config
+//!   that `sidewall proxy --check` accepts; the init container's `iptables install`, run with
+//!   `--dry-run`, redirects to the sidecar's listeners, spares the app's probe ports and exempts
+//!   the sidecar's UID; the Service's ClusterIP is the address the sidecar registers;
+//! - Compose: every sidecar config passes `sidewall proxy --check` and matches its service's IP,
+//!   UID and namespace sharing in `compose.yaml`;
+//! - systemd: the units pass `systemd-analyze verify`, and the example sidecar config checks.
+//!
+//! PyYAML (`python3-yaml`, installed by `scripts/test-deps`) and `systemd-analyze` are optional:
+//! without them the parts that need them print `SKIPPED: ...` and pass.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use support::{repo_root, sidewall};
+
+/// Loads every document of a YAML file and prints them as one JSON array. Like
+/// `yaml.safe_load_all`, but a duplicate key is an error (Kubernetes and Compose refuse them).
+const LOAD_YAML: &str = r#"
+import json, sys, yaml
+
+class Strict(yaml.SafeLoader):
+    pass
+
+def mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, "duplicate key %r" % key, key_node.start_mark)
+        if isinstance(key, str):
+            seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+with open(sys.argv[1]) as f:
+    print(json.dumps(list(yaml.load_all(f, Loader=Strict)), default=str))
+"#;
+
+/// The pod IP the Kubernetes sidecar's wrapper is given in these tests.
+const POD_IP: &str = "10.244.1.23";
+
+fn pyyaml_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import yaml"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Every document of `path`, or `None` (after saying SKIPPED) when PyYAML is missing.
+fn yaml_docs(path: &Path) -> Option<Vec<Value>> {
+    if !pyyaml_available() {
+        eprintln!("SKIPPED: PyYAML missing (scripts/test-deps installs python3-yaml)");
+        return None;
+    }
+    Some(parse_yaml(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
+fn parse_yaml(path: &Path) -> Result<Vec<Value>, String> {
+    let output = Command::new("python3")
+        .args(["-c", LOAD_YAML])
+        .arg(path)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+fn examples() -> PathBuf {
+    repo_root().join("examples")
+}
+
+/// Every `*.yaml` / `*.yml` file under `dir`, recursively, sorted.
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The one document of `kind` named `name`.
+fn doc<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    let matching: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(matching.len(), 1, "expected one {kind} named {name}");
+    matching[0]
+}
+
+fn str_of(value: &Value) -> &str {
+    value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a string: {value}"))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|v| str_of(v).to_owned())
+        .collect()
+}
+
+fn pod_spec(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]
+}
+
+fn container<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+}
+
+/// Where `container` mounts the volume made from the ConfigMap or Secret `source` (`key` is
+/// "configMap" or "secret").
+fn mount_of(pod: &Value, container: &Value, key: &str, source: &str) -> String {
+    let field = if key == "secret" {
+        "secretName"
+    } else {
+        "name"
+    };
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v[key][field] == source)
+        .unwrap_or_else(|| panic!("no volume for the {key} {source}"));
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap_or_else(|| panic!("the {key} {source} is not mounted"));
+    str_of(&mount["mountPath"]).to_owned()
+}
+
+/// The port of an `IP:PORT` listener address.
+fn port_of(address: &Value) -> u64 {
+    str_of(address).rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+/// `sidewall proxy --config FILE --check` accepts the file.
+fn assert_sidecar_config_checks(file: &Path) -> String {
+    let run = sidewall(["proxy", "--config", file.to_str().unwrap(), "--check"]);
+    assert_eq!(
+        run.code,
+        0,
+        "{}: {}{}",
+        file.display(),
+        run.stdout,
+        run.stderr
+    );
+    assert!(run.stdout.contains("OK"), "{}", run.stdout);
+    run.stdout
+}
+
+#[test]
+fn every_yaml_file_under_examples_is_well_formed() {
+    let files = yaml_files(&examples());
+    assert!(files.len() >= 13, "only {} YAML files", files.len());
+    if !pyyaml_available() {
+        eprintln!("SKIPPED: PyYAML missing (scripts/test-deps installs python3-yaml)");
+        return;
+    }
+    let mut failures = Vec::new();
+    for file in &files {
+        match parse_yaml(file) {
+            Ok(docs) if docs.is_empty() || docs.iter().any(Value::is_null) => {
+                failures.push(format!("{}: an empty document", file.display()))
+            }
+            Ok(_) => {}
+            Err(error) => failures.push(format!("{}: {error}", file.display())),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn kubernetes_policies_configmap_is_the_three_tier_policies_and_validates() {
+    let dir = examples().join("kubernetes");
+    let Some(docs) = yaml_docs(&dir.join("policies-configmap.yaml")) else {
+        return;
+    };
+    let configmap = doc(&docs, "ConfigMap", "sidewall-policies");
+    assert_eq!(configmap["metadata"]["namespace"], "sidewall-system");
+    let data = configmap["data"].as_object().unwrap();
+
+    let source = examples().join("three-tier/policies");
+    let expected: BTreeMap<String, String> = yaml_files(&source)
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    let actual: BTreeMap<String, String> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), str_of(v).to_owned()))
+        .collect();
+    assert_eq!(
+        actual.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "the ConfigMap's keys are not the policy files"
+    );
+    for (name, text) in &expected {
+        assert_eq!(
+            &actual[name], text,
+            "{name} differs from examples/three-tier/policies/{name}"
+        );
+    }
+
+    let extracted = tempfile::tempdir().unwrap();
+    for (name, text) in &actual {
+        fs::write(extracted.path().join(name), text).unwrap();
+    }
+    let run = sidewall(["policy", "validate", extracted.path().to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("3 policies, 4 rules OK"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn kubernetes_control_plane_serves_probes_and_watches_the_policies() {
+    let dir = examples().join("kubernetes");
+    let Some(docs) = yaml_docs(&dir.join("control-plane.yaml")) else {
+        return;
+    };
+    doc(&docs, "Namespace", "sidewall-system");
+    let deployment = doc(&docs, "Deployment", "sidewall-control-plane");
+    let pod = pod_spec(deployment);
+    let cp = container(&pod["containers"], "control-plane");
+    let command = strings(&cp["command"]);
+    assert_eq!(
+        command,
+        [
+            "sidewall",
+            "control-plane",
+            "--data-dir",
+            "/var/lib/sidewall",
+            "--listen",
+            "0.0.0.0:4600",
+            "--admin-listen",
+            "0.0.0.0:4690",
+            "--policies-dir",
+            "/etc/sidewall/policies"
+        ]
+    );
+    // The data directory is the PVC, the policies directory the policies ConfigMap.
+    let pvc = doc(
+        &docs,
+        "PersistentVolumeClaim",
+        "sidewall-control-plane-data",
+    );
+    let data_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"])
+        .expect("the PVC is a volume");
+    let data_mount = cp["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == data_volume["name"])
+        .expect("the PVC is mounted");
+    assert_eq!(data_mount["mountPath"], "/var/lib/sidewall");
+    assert_eq!(
+        mount_of(pod, cp, "configMap", "sidewall-policies"),
+        "/etc/sidewall/policies"
+    );
+    // `kubectl exec ... sidewall status` finds the data directory.
+    assert_eq!(
+        env_value(cp, "SIDEWALL_DATA_DIR").unwrap()["value"],
+        "/var/lib/sidewall"
+    );
+    // One writer of the embedded store.
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+
+    // Probes on the admin port's /live and /ready; the Service exposes 4600 and 4690.
+    let named_port = |name: &str| {
+        cp["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no port {name}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(named_port("api"), 4600);
+    assert_eq!(named_port("admin"), 4690);
+    for (probe, path) in [("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
+        assert_eq!(cp[probe]["httpGet"]["path"], path);
+        assert_eq!(cp[probe]["httpGet"]["port"], "admin");
+    }
+    let service = doc(&docs, "Service", "sidewall-control-plane");
+    let ports: Vec<u64> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports, [4600, 4690]);
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[key], value, "the Service does not select the pod");
+    }
+}
+
+/// Runs the Kubernetes sidecar container's command (its shell wrapper) on the ConfigMap's
+/// template with a pod IP, `sidewall` on the PATH and `--check` appended; returns the
+/// rendered config's path and the check's stdout.
+fn render_kubernetes_sidecar_config(
+    docs: &[Value],
+    sidecar: &Value,
+    pod: &Value,
+    dir: &Path,
+) -> (PathBuf, String) {
+    let command = strings(&sidecar["command"]);
+    assert_eq!(command, ["/bin/sh", "-c"], "the sidecar's wrapper");
+    let args = strings(&sidecar["args"]);
+    let script = &args[0];
+    assert!(script.contains("exec sidewall proxy --config"), "{script}");
+
+    // Where the template comes from: CONFIG_TEMPLATE, under the ConfigMap's mount.
+    assert_eq!(
+        env_value(sidecar, "POD_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    let template_path = str_of(&env_value(sidecar, "CONFIG_TEMPLATE").unwrap()["value"]);
+    let (mount, key) = template_path.rsplit_once('/').unwrap();
+    assert_eq!(mount_of(pod, sidecar, "configMap", "api-sidecar"), mount);
+    let configmap = doc(docs, "ConfigMap", "api-sidecar");
+    let template = str_of(&configmap["data"][key]);
+    assert!(template.contains("${POD_IP}"), "{template}");
+
+    let bin = dir.join("bin");
+    fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sidewall"), bin.join("sidewall")).unwrap();
+    let template_file = dir.join("template.yaml");
+    fs::write(&template_file, template).unwrap();
+    let rendered = dir.join("sidecar.yaml");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .args(&args[1..])
+        .arg("--check")
+        .env("PATH", path)
+        .env("POD_IP", POD_IP)
+        .env("CONFIG_TEMPLATE", &template_file)
+        .env("CONFIG_FILE", &rendered)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "the sidecar's command failed:\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (rendered, stdout)
+}
+
+#[test]
+fn kubernetes_api_workload_sidecar_config_renders_checks_and_matches_the_pod() {
+    let dir = examples().join("kubernetes");
+    let Some(docs) = yaml_docs(&dir.join("api-workload.yaml")) else {
+        return;
+    };
+    let deployment = doc(&docs, "Deployment", "api");
+    let pod = pod_spec(deployment);
+    let sidecar = container(&pod["containers"], "sidewall");
+    let temp = tempfile::tempdir().unwrap();
+    let (rendered, stdout) = render_kubernetes_sidecar_config(&docs, sidecar, pod, temp.path());
+    assert!(
+        stdout.contains("OK: spiffe://sidewall.local/ns/demo/svc/api")
+            && stdout.contains("transparent mode"),
+        "{stdout}"
+    );
+    let config = &parse_yaml(&rendered).unwrap()[0];
+    assert_eq!(
+        config["inbound"]["advertise"],
+        format!("{POD_IP}:{}", port_of(&config["inbound"]["listen"]))
+    );
+
+    // The sidecar's own UID, the one the init container's rules exempt.
+    let security = &sidecar["securityContext"];
+    assert_eq!(security["runAsUser"], 1337);
+    assert_eq!(security["runAsGroup"], 1337);
+    assert_eq!(security["runAsNonRoot"], true);
+    // The state directory is an emptyDir; the token file is in the Secret's mount.
+    let state_volume = pod["volumes"].as_array().unwrap().iter().find(|v| {
+        v.get("emptyDir").is_some() && {
+            sidecar["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["name"] == v["name"] && m["mountPath"] == config["stateDir"])
+        }
+    });
+    assert!(state_volume.is_some(), "stateDir is not an emptyDir mount");
+    let token_mount = mount_of(pod, sidecar, "secret", "api-sidewall-token");
+    assert_eq!(
+        config["controlPlane"]["tokenFile"],
+        format!("{token_mount}/token")
+    );
+    // The kubelet probes the sidecar on its admin listener.
+    let admin_port = port_of(&config["admin"]["listen"]);
+    assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], admin_port);
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["port"], admin_port);
+
+    // The init container: `sidewall iptables install`, NET_ADMIN and NET_RAW only.
+    let init = container(&pod["initContainers"], "sidewall-iptables");
+    let command = strings(&init["command"]);
+    assert_eq!(command[..3], ["sidewall", "iptables", "install"]);
+    let capabilities = &init["securityContext"]["capabilities"];
+    assert_eq!(strings(&capabilities["add"]), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(strings(&capabilities["drop"]), ["ALL"]);
+    let flag = |name: &str| {
+        let i = command.iter().position(|a| a == name);
+        i.map(|i| command[i + 1].clone())
+    };
+    assert_eq!(flag("--proxy-uid").as_deref(), Some("1337"));
+
+    // Its rules, as it would install them: to the sidecar's listeners, never the sidecar's
+    // own ports or the app's probe ports, and the sidecar's UID exempt.
+    let mut dry_run = command[1..].to_vec();
+    dry_run.push("--dry-run".into());
+    let run = sidewall(&dry_run);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let rules = run.stdout;
+    let inbound = port_of(&config["inbound"]["listen"]);
+    let outbound = port_of(&config["outbound"]["transparent"]["listen"]);
+    for rule in [
+        format!("-A SIDEWALL_INBOUND -p tcp -j REDIRECT --to-ports {inbound}"),
+        format!("-A SIDEWALL_REDIRECT -p tcp -j REDIRECT --to-ports {outbound}"),
+        format!("-A SIDEWALL_INBOUND -p tcp --dport {inbound} -j RETURN"),
+        format!("-A SIDEWALL_INBOUND -p tcp --dport {admin_port} -j RETURN"),
+        "-A SIDEWALL_OUTBOUND -m owner --uid-owner 1337 -j RETURN".to_owned(),
+    ] {
+        assert!(rules.contains(&rule), "no `{rule}` in:\n{rules}");
+    }
+    let mut probe_ports = 0;
+    for app in pod["containers"].as_array().unwrap() {
+        if app["name"] == "sidewall" {
+            continue;
+        }
+        assert_ne!(
+            app["securityContext"]["runAsUser"], 1337,
+            "the app must not run as the sidecar's UID"
+        );
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let Some(port) = app[probe]["httpGet"]["port"].as_u64() else {
+                continue;
+            };
+            probe_ports += 1;
+            let rule = format!("-A SIDEWALL_INBOUND -p tcp --dport {port} -j RETURN");
+            assert!(
+                rules.contains(&rule),
+                "the kubelet's probe port {port} is redirected:\n{rules}"
+            );
+        }
+    }
+    assert!(probe_ports > 0, "the app has no HTTP probe");
+
+    // The Service's virtual IP and port are registered by the sidecar, and lead to an app
+    // port the sidecar serves.
+    let service = doc(&docs, "Service", "api");
+    let cluster_ip = str_of(&service["spec"]["clusterIP"]);
+    let served: Vec<u64> = config["inbound"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    let addresses = strings(&config["inbound"]["addresses"]);
+    for port in service["spec"]["ports"].as_array().unwrap() {
+        let number = port["port"].as_u64().unwrap();
+        assert_eq!(port["targetPort"], number, "Service port != app port");
+        assert!(
+            served.contains(&number),
+            "the sidecar does not serve {number}"
+        );
+        assert!(
+            addresses.contains(&format!("{cluster_ip}:{number}")),
+            "{cluster_ip}:{number} is not in inbound.addresses {addresses:?}"
+        );
+    }
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[key], value, "the Service does not select the pod");
+    }
+}
+
+#[test]
+fn compose_sidecar_configs_check_and_match_compose_yaml() {
+    let dir = examples().join("compose");
+    let configs = yaml_files(&dir.join("config"));
+    assert_eq!(configs.len(), 3, "{configs:?}");
+    for file in &configs {
+        assert_sidecar_config_checks(file);
+    }
+
+    let Some(docs) = yaml_docs(&dir.join("compose.yaml")) else {
+        return;
+    };
+    let services = docs[0]["services"].as_object().unwrap();
+    assert!(dir.join("../three-tier/policies").is_dir());
+    let cp_volumes = strings(&services["control-plane"]["volumes"]);
+    assert!(
+        cp_volumes.contains(&"../three-tier/policies:/etc/sidewall/policies:ro".to_owned()),
+        "{cp_volumes:?}"
+    );
+
+    let mut app_ips = BTreeMap::new();
+    for file in &configs {
+        let name = file.file_stem().unwrap().to_string_lossy().into_owned();
+        let config = &parse_yaml(file).unwrap()[0];
+        let app = &services[&name];
+        let ip = str_of(&app["networks"]["mesh"]["ipv4_address"]);
+        assert_eq!(
+            config["inbound"]["advertise"],
+            format!("{ip}:{}", port_of(&config["inbound"]["listen"])),
+            "{name}: inbound.advertise is not the app container's IP"
+        );
+        assert_eq!(
+            config["identity"],
+            format!("spiffe://sidewall.local/ns/demo/svc/{name}")
+        );
+        let served: Vec<u64> = config["inbound"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["port"].as_u64().unwrap())
+            .collect();
+        app_ips.insert(ip.to_owned(), served);
+
+        // The sidecar: in the app's namespace, as UID 1337, with this config and its token.
+        let sidecar = &services[&format!("{name}-sidecar")];
+        assert_eq!(sidecar["network_mode"], format!("service:{name}"));
+        assert_eq!(sidecar["user"], "1337:1337");
+        let volumes = strings(&sidecar["volumes"]);
+        let config_mount = format!("./config/{name}.yaml:");
+        let mounted = volumes
+            .iter()
+            .find(|v| v.starts_with(&config_mount))
+            .unwrap_or_else(|| panic!("{name}-sidecar does not mount config/{name}.yaml"));
+        let inside = mounted.split(':').nth(1).unwrap();
+        let entrypoint = strings(&sidecar["entrypoint"]);
+        assert_eq!(entrypoint, ["sidewall", "proxy", "--config", inside]);
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.ends_with(&format!(":{}", str_of(&config["stateDir"])))),
+            "{name}: stateDir is not a volume"
+        );
+        let secret = &sidecar["secrets"][0];
+        assert_eq!(
+            config["controlPlane"]["tokenFile"],
+            format!("/run/secrets/{}", str_of(&secret["target"]))
+        );
+        assert!(docs[0]["secrets"][str_of(&secret["source"])]["file"].is_string());
+
+        // The one-shot: in the same namespace, NET_ADMIN, and rules that exempt UID 1337 and
+        // redirect to this sidecar's listeners.
+        let init = &services[&format!("{name}-iptables")];
+        assert_eq!(init["network_mode"], format!("service:{name}"));
+        assert!(strings(&init["cap_add"]).contains(&"NET_ADMIN".to_owned()));
+        let script = strings(&init["entrypoint"]).join(" ");
+        let install = script
+            .split("exec ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}-iptables: no `exec sidewall iptables install`"));
+        let mut args: Vec<&str> = install.split_whitespace().collect();
+        assert_eq!(args[..3], ["sidewall", "iptables", "install"]);
+        args.remove(0);
+        args.push("--dry-run");
+        let run = sidewall(&args);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        let inbound = port_of(&config["inbound"]["listen"]);
+        let outbound = port_of(&config["outbound"]["transparent"]["listen"]);
+        for rule in [
+            format!("-j REDIRECT --to-ports {inbound}"),
+            format!("-j REDIRECT --to-ports {outbound}"),
+            "--uid-owner 1337 -j RETURN".to_owned(),
+        ] {
+            assert!(run.stdout.contains(&rule), "{name}: no `{rule}`");
+        }
+        let depends = sidecar["depends_on"][format!("{name}-iptables")]["condition"].clone();
+        assert_eq!(depends, "service_completed_successfully");
+    }
+
+    // What the demo apps call is a service in the mesh, on a port its sidecar serves.
+    for (name, service) in services {
+        let entrypoint = service["entrypoint"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for arg in entrypoint.iter().filter_map(Value::as_str) {
+            let Some((_, url)) = arg.split_once('=') else {
+                continue;
+            };
+            let Some(address) = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("tcp://"))
+            else {
+                continue;
+            };
+            let address = address.split(['/', '@']).next().unwrap();
+            let (ip, port) = address.rsplit_once(':').unwrap();
+            let served = app_ips
+                .get(ip)
+                .unwrap_or_else(|| panic!("{name} calls {address}: no service has that IP"));
+            assert!(
+                served.contains(&port.parse().unwrap()),
+                "{name} calls {address}: its sidecar does not serve that port"
+            );
+        }
+    }
+}
+
+#[test]
+fn systemd_units_verify_and_the_example_sidecar_config_checks() {
+    let dir = examples().join("systemd");
+    let stdout = assert_sidecar_config_checks(&dir.join("api.yaml"));
+    assert!(stdout.contains("transparent mode"), "{stdout}");
+    let config = fs::read_to_string(dir.join("api.yaml")).unwrap();
+    let proxy_unit = fs::read_to_string(dir.join("sidewall-proxy@.service")).unwrap();
+    // The unit hands the token over as a credential where the config looks for it, and keeps
+    // the state in its StateDirectory.
+    assert!(proxy_unit.contains("LoadCredential=token:/etc/sidewall/%i.token"));
+    assert!(config.contains("tokenFile: /run/credentials/sidewall-proxy@api.service/token"));
+    assert!(proxy_unit.contains("StateDirectory=sidewall-proxy/%i"));
+    assert!(config.contains("stateDir: /var/lib/sidewall-proxy/api"));
+    assert!(
+        proxy_unit
+            .contains("ExecStart=/usr/local/bin/sidewall proxy --config /etc/sidewall/%i.yaml")
+    );
+
+    let units: Vec<PathBuf> = {
+        let mut units: Vec<PathBuf> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "service"))
+            .collect();
+        units.sort();
+        units
+    };
+    assert_eq!(units.len(), 3, "{units:?}");
+
+    let available = Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        eprintln!("SKIPPED: systemd-analyze not installed (the units were not verified)");
+        return;
+    }
+    // `verify` checks that each ExecStart= binary exists: point them at the one just built.
+    let temp = tempfile::tempdir().unwrap();
+    let mut copies = Vec::new();
+    for unit in &units {
+        let text = fs::read_to_string(unit)
+            .unwrap()
+            .replace("/usr/local/bin/sidewall", env!("CARGO_BIN_EXE_sidewall"));
+        let copy = temp.path().join(unit.file_name().unwrap());
+        fs::write(&copy, text).unwrap();
+        copies.push(copy);
+    }
+    for copy in &copies {
+        let output = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(copy)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // Only what concerns our units: the host's own units may have warnings of their own.
+        let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("sidewall")).collect();
+        assert!(
+            output.status.success() && ours.is_empty(),
+            "systemd-analyze verify {}:\n{stderr}",
+            copy.display()
+        );
+    }
+}
