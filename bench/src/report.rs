@@ -206,6 +206,9 @@ pub struct Settings {
     pub warmup_s: f64,
     /// Measured duration of each timed workload, seconds.
     pub duration_s: f64,
+    /// Pause before each memory reading (after start, before and, doubled, after opening the
+    /// idle connections), seconds.
+    pub settle_s: f64,
     /// Idle connections opened by `idle-10k`.
     pub idle_connections: usize,
     /// The schedule of `rr-fixed-rate`, requests per second.

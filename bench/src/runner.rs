@@ -50,6 +50,7 @@ fn settings(options: &Options) -> Settings {
         rounds: options.rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
         warmup_s: if quick { 0.25 } else { 1.0 },
         duration_s: if quick { 1.0 } else { 5.0 },
+        settle_s: if quick { 0.2 } else { 0.5 },
         idle_connections: if quick { 1_000 } else { 10_000 },
         fixed_rate_rps: 2_000,
         fixed_rate_connections: 16,
@@ -276,6 +277,11 @@ impl Block<'_> {
         );
     }
 
+    /// A pause before reading memory, so that the proxies have finished what was just asked.
+    fn settle(&self) -> Duration {
+        Duration::from_secs_f64(self.settings.settle_s)
+    }
+
     fn wants(&self, workload: Workload) -> bool {
         self.workloads.is_empty() || self.workloads.contains(&workload)
     }
@@ -319,7 +325,7 @@ impl Block<'_> {
         let framing = Framing::of(self.contender);
         let proxies = chain.group.len();
         let mut rows = Vec::new();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(self.settle()).await;
         if proxies > 0 && self.wants(Workload::Idle10k) {
             let idle = chain.group.rss_kib() as f64 / 1024.0 / proxies as f64;
             rows.push(self.row(Workload::Idle10k, Metric::RssMib, idle));
@@ -416,10 +422,10 @@ impl Block<'_> {
         let wanted = self.settings.idle_connections;
         self.show(&format!("idle-10k: opening {wanted} connections"));
         // Let connections from connect-rate finish closing first.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(self.settle()).await;
         let before = chain.group.rss_kib();
         let (open, failures) = load::open_idle(framing, chain.entry, wanted, 64).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(self.settle() * 2).await;
         let with = chain.group.rss_kib();
         if chain.group.len() > 0 && !open.is_empty() {
             let per = with.saturating_sub(before) as f64 / open.len() as f64;

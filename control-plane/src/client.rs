@@ -198,6 +198,7 @@ impl Client {
         let tcp = TcpStream::connect(&self.authority)
             .await
             .map_err(|e| connect(&e))?;
+        let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(self.host.clone()).map_err(|e| connect(&e))?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)

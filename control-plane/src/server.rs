@@ -255,6 +255,8 @@ pub async fn run(
                 continue;
             }
         };
+        // Small request/response exchanges (acks, snapshots): no Nagle delay.
+        let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "limit").increment(1);
             continue;

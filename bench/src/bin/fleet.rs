@@ -313,6 +313,7 @@ async fn watch(
     let mut tls = (*client.tls()).clone();
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(&address).await?;
+    tcp.set_nodelay(true)?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
         .connect(ServerName::try_from("localhost")?, tcp)
         .await?;

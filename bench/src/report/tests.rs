@@ -250,6 +250,7 @@ fn the_markdown_shows_every_figure_with_its_ratio_to_direct() {
             rounds: 1,
             warmup_s: 0.2,
             duration_s: 1.0,
+            settle_s: 0.2,
             idle_connections: 1000,
             fixed_rate_rps: 2000,
             fixed_rate_connections: 16,
