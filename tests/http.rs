@@ -275,6 +275,12 @@ fn bypass_matrix() {
     let before = mesh.seen.lock().unwrap().len();
     for (request, expected) in &refused {
         let response = raw(mesh.route, request.as_bytes());
+        // hyper answers 431 before reading the whole oversize head and then closes with bytes
+        // unread, so the kernel may send a reset that overtakes the 431 on its way back through
+        // the client sidecar: a closed connection is the same refusal.
+        if *expected == 431 && status(&response) == 0 {
+            continue;
+        }
         assert_eq!(status(&response), *expected, "{request:?}\n{response}");
         if *expected == 403 {
             assert!(
