@@ -195,6 +195,15 @@ fn mesh() -> Option<Mesh> {
         ]);
     net.spawn("control-plane", command);
     net.wait_listening(&cp, 4600);
+    // The control plane records its address for the CLI right after binding.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.join("control-plane.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane did not record itself"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut mesh = Mesh {
         net,
         cp,

@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Size of each direction's buffer, allocated once per connection. 64 KiB lets a TLS writer
-/// fill whole 16 KiB records from one read.
-const BUFFER: usize = 64 * 1024;
+/// First size of each direction's buffer: one TLS record. Most connections (requests,
+/// responses, idle keep-alives) never need more, and memory per connection is what a sidecar
+/// holding thousands of them pays.
+const INITIAL_BUFFER: usize = 16 * 1024;
+/// Largest size a busy direction grows to: enough for a TLS writer to fill several whole
+/// records from one read during bulk transfers.
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// What a finished copy moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,13 +37,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buffer = vec![0u8; BUFFER];
+    let mut buffer = vec![0u8; INITIAL_BUFFER];
     let mut total = 0u64;
     loop {
         let n = from.read(&mut buffer).await?;
         if n == 0 {
             to.shutdown().await?;
             return Ok(total);
+        }
+        // A read that fills the buffer means a bulk transfer: grow (once per doubling, never
+        // per chunk) so that later reads and writes move more per syscall.
+        if n == buffer.len() && buffer.len() < MAX_BUFFER {
+            buffer.resize(buffer.len() * 2, 0);
         }
         to.write_all(&buffer[..n]).await?;
         to.flush().await?;
