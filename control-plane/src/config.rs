@@ -21,46 +21,19 @@
 //!   intermediateKey: /etc/sidewall/intermediate.key   # mode 0600
 //! ```
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Visitor};
 use sidewall_policies::TrustDomain;
-use sidewall_policies::policy::{format_duration, parse_duration_within};
+pub use sidewall_policies::policy::ConfigDuration;
+use sidewall_policies::policy::format_duration;
 
 use crate::ca::PlugIn;
 
 /// Longest workload certificate lifetime or token TTL that may be configured.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
-
-/// A duration in config (`24h`), validated where it stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DurationVisitor;
-        impl Visitor<'_> for DurationVisitor {
-            type Value = ConfigDuration;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a duration such as 24h")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConfigDuration, E> {
-                parse_duration_within(v, MAX_LIFETIME)
-                    .map(ConfigDuration)
-                    .map_err(|_| {
-                        E::custom(format_args!(
-                            "duration {v:?} must be like 30m, 24h or 7d, at most 30d"
-                        ))
-                    })
-            }
-        }
-        deserializer.deserialize_str(DurationVisitor)
-    }
-}
 
 /// The configuration file as written.
 #[derive(Debug, Default, Deserialize)]

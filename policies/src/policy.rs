@@ -240,6 +240,33 @@ pub fn parse_duration_within(text: &str, max: Duration) -> Result<Duration, Poli
     Ok(duration)
 }
 
+/// A duration in a configuration file (`500ms`, `10s`, `24h`, `7d`), from 1 ms to 30 days,
+/// validated where it stands so that errors carry its position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DurationVisitor;
+        impl serde::de::Visitor<'_> for DurationVisitor {
+            type Value = ConfigDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as 10s")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ConfigDuration, E> {
+                parse_duration_within(v, Duration::from_secs(30 * 86_400))
+                    .map(ConfigDuration)
+                    .map_err(|_| {
+                        E::custom(format_args!(
+                            "duration {v:?} must be like 500ms, 10s, 5m, 24h or 7d, at most 30d"
+                        ))
+                    })
+            }
+        }
+        deserializer.deserialize_str(DurationVisitor)
+    }
+}
+
 /// Formats a duration in the largest unit that divides it exactly (`90s`, `2m`, `1500ms`).
 pub fn format_duration(duration: Duration) -> String {
     let ms = duration.as_millis();

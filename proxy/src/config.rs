@@ -34,35 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Visitor};
-use sidewall_policies::policy::parse_duration_within;
+pub use sidewall_policies::policy::ConfigDuration;
 use sidewall_policies::{Protocol, SpiffeId};
-
-/// A duration written like `10s`, validated where it stands (1 ms to 30 days).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct DurationVisitor;
-        impl Visitor<'_> for DurationVisitor {
-            type Value = ConfigDuration;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a duration such as 10s")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ConfigDuration, E> {
-                parse_duration_within(v, Duration::from_secs(30 * 86_400))
-                    .map(ConfigDuration)
-                    .map_err(|_| {
-                        E::custom(format_args!(
-                            "duration {v:?} must be like 500ms, 10s, 5m or 1h"
-                        ))
-                    })
-            }
-        }
-        deserializer.deserialize_str(DurationVisitor)
-    }
-}
 
 /// Where the control plane is and how to join it.
 #[derive(Debug, Clone, Deserialize)]

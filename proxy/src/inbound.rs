@@ -177,25 +177,14 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         if write_status(&mut stream, Status::Allowed).await.is_err() {
             return;
         }
-        let mut registration = context.connections.register(
-            peer.id.clone(),
-            peer.serial.clone(),
-            port,
-            entry.protocol,
-            on_revoke,
+        let serve = crate::http::serve(
+            context.clone(),
+            stream,
+            Some(peer.id.clone()),
+            *entry,
+            remote,
         );
-        let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
-        tokio::select! {
-            () = crate::http::serve(context.clone(), stream, Some(peer.id.clone()), *entry, remote) => {}
-            reason = registration.closed.wait_for(Option::is_some) => {
-                let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
-                tracing::info!(peer = %peer.id, port, reason = label, "connection closed by the sidecar");
-            }
-            () = tokio::time::sleep(expiry) => {
-                tracing::info!(peer = %peer.id, port, "peer certificate expired: connection closed");
-            }
-        }
+        supervise(context, &peer, port, entry.protocol, on_revoke, serve).await;
         return;
     }
     let app = match tokio::time::timeout(
@@ -221,22 +210,42 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         return;
     }
     tracing::debug!(peer = %peer.id, port, %rule, "connection allowed");
+    let copy = async {
+        match forward(stream, app, config.limits.idle_timeout.0).await {
+            Ok(counts) => {
+                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound")
+                    .increment(counts.a_to_b + counts.b_to_a);
+                tracing::debug!(peer = %peer.id, port, to_app = counts.a_to_b, from_app = counts.b_to_a, idle = counts.idle, "connection closed");
+            }
+            Err(error) => {
+                tracing::debug!(peer = %peer.id, %error, "connection ended with an error")
+            }
+        }
+    };
+    supervise(context, &peer, port, entry.protocol, on_revoke, copy).await;
+}
+
+/// Runs an authorized connection's `work` while it is registered for re-evaluation: it ends
+/// when the work ends, when the sidecar closes it (`onRevoke`, revocation, shutdown), or when
+/// the peer certificate it was authorized with expires.
+async fn supervise(
+    context: &Context,
+    peer: &sidewall_policies::svid::Svid,
+    port: u16,
+    protocol: sidewall_policies::Protocol,
+    on_revoke: sidewall_policies::policy::OnRevoke,
+    work: impl std::future::Future<Output = ()>,
+) {
     let mut registration = context.connections.register(
         peer.id.clone(),
         peer.serial.clone(),
         port,
-        entry.protocol,
+        protocol,
         on_revoke,
     );
     let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
     tokio::select! {
-        result = forward(stream, app, config.limits.idle_timeout.0) => match result {
-            Ok(counts) => {
-                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound").increment(counts.a_to_b + counts.b_to_a);
-                tracing::debug!(peer = %peer.id, port, to_app = counts.a_to_b, from_app = counts.b_to_a, idle = counts.idle, "connection closed");
-            }
-            Err(error) => tracing::debug!(peer = %peer.id, %error, "connection ended with an error"),
-        },
+        () = work => {}
         reason = registration.closed.wait_for(Option::is_some) => {
             let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
             metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
