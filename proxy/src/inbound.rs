@@ -27,36 +27,18 @@ use crate::transport::{Status, forward, read_header, write_status};
 pub(crate) async fn serve(
     context: Arc<Context>,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = context.permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "inbound", "reason" => "limit").increment(1);
-            continue;
-        };
-        let context = context.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => "inbound")
-                .increment(1);
-            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "inbound")
-                .increment(1.0);
+    crate::listen::accept_loop(
+        context,
+        listener,
+        stop,
+        "inbound",
+        |context, stream, remote| async move {
             handle(&context, stream, remote).await;
-            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "inbound")
-                .decrement(1.0);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {

@@ -32,6 +32,7 @@ pub mod distribution;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+mod listen;
 pub mod outbound;
 pub mod redirect;
 pub mod snapshot;

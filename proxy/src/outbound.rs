@@ -23,40 +23,25 @@ pub(crate) async fn serve(
     context: Arc<Context>,
     route: Route,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let route = Arc::new(route);
-    loop {
-        let (app, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
+    crate::listen::accept_loop(
+        context,
+        listener,
+        stop,
+        "outbound",
+        move |context, app, _| {
+            let route = route.clone();
+            async move {
+                if let Err(reason) = handle(&context, &route, app).await {
+                    metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
+                        .increment(1);
                 }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = context.permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "outbound", "reason" => "limit").increment(1);
-            continue;
-        };
-        let (context, route) = (context.clone(), route.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => "outbound")
-                .increment(1);
-            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "outbound")
-                .increment(1.0);
-            if let Err(reason) = handle(&context, &route, app).await {
-                metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
-                    .increment(1);
             }
-            metrics::gauge!("sidewall_proxy_connections_open", "direction" => "outbound")
-                .decrement(1.0);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
@@ -174,46 +159,23 @@ pub(crate) fn describe(route: &Route) -> String {
 pub(crate) async fn serve_transparent(
     context: Arc<Context>,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let own = listener.local_addr().ok();
-    loop {
-        let (app, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "transparent accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = context.permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "outbound", "reason" => "limit").increment(1);
-            continue;
-        };
-        let context = context.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => "outbound")
-                .increment(1);
-            let result = match crate::transport::original_destination(&app) {
-                Ok(destination) if Some(destination) != own => {
-                    transparent(&context, destination, app).await
-                }
-                Ok(_) => Err("not_redirected"),
-                Err(error) => {
-                    tracing::warn!(%error, "no original destination: was the connection redirected by iptables?");
-                    Err("no_original_destination")
-                }
-            };
-            if let Err(reason) = result {
-                metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
-                    .increment(1);
+    crate::listen::accept_loop(context, listener, stop, "outbound", move |context, app, _| async move {
+        let result = match crate::transport::original_destination(&app) {
+            Ok(destination) if Some(destination) != own => transparent(&context, destination, app).await,
+            Ok(_) => Err("not_redirected"),
+            Err(error) => {
+                tracing::warn!(%error, "no original destination: was the connection redirected by iptables?");
+                Err("no_original_destination")
             }
-        });
-    }
+        };
+        if let Err(reason) = result {
+            metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason).increment(1);
+        }
+    })
+    .await;
 }
 
 /// The mesh service a destination belongs to: a sidecar endpoint's host with one of the
