@@ -161,12 +161,8 @@ fn authorize(
         .reason
         .as_ref()
         .map_or_else(|| "-".to_owned(), |r| r.policy.to_string());
-    let rule = decision.reason.as_ref().map_or_else(
-        || "default deny".to_owned(),
-        |r| format!("policy={} rule={}", r.policy, r.rule),
-    );
     if !decision.permits() {
-        tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %rule, "request denied");
+        tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %decision, "request denied");
         metrics::counter!("sidewall_proxy_http_denials_total", "policy" => policy).increment(1);
         if request.method() == hyper::Method::CONNECT {
             return Err((StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));

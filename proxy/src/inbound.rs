@@ -136,12 +136,8 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             .flows
             .count(peer.id.as_str(), port, entry.protocol, None, &decision);
     }
-    let rule = decision.reason.as_ref().map_or_else(
-        || "default deny".to_owned(),
-        |r| format!("policy={} rule={}", r.policy, r.rule),
-    );
     if !decision.permits() {
-        tracing::warn!(peer = %peer.id, target = %config.identity, port, %rule, "connection denied");
+        tracing::warn!(peer = %peer.id, target = %config.identity, port, %decision, "connection denied");
         let _ = write_status(&mut stream, Status::Denied).await;
         return;
     }
@@ -191,7 +187,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
     if write_status(&mut stream, Status::Allowed).await.is_err() {
         return;
     }
-    tracing::debug!(peer = %peer.id, port, %rule, "connection allowed");
+    tracing::debug!(peer = %peer.id, port, %decision, "connection allowed");
     let copy = async {
         match forward(stream, app, config.limits.idle_timeout.0).await {
             Ok(counts) => {
