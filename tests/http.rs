@@ -112,13 +112,18 @@ struct Mesh {
     _dir: tempfile::TempDir,
     _cp: ControlPlaneProcess,
     _api: ProxyProcess,
-    _web: ProxyProcess,
+    web: ProxyProcess,
     route: u16,
     seen: Seen,
     runtime: tokio::runtime::Runtime,
 }
 
 fn mesh() -> Mesh {
+    mesh_with("")
+}
+
+/// A mesh whose api port has `extra` in its inbound entry (e.g. `, appProtocol: http2`).
+fn mesh_with(extra: &str) -> Mesh {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -154,7 +159,7 @@ fn mesh() -> Mesh {
     };
     let api = sidecar(
         "api",
-        format!("{{port: 8080, protocol: http, app: 127.0.0.1:{app}}}"),
+        format!("{{port: 8080, protocol: http, app: 127.0.0.1:{app}{extra}}}"),
         String::new(),
     );
     let web = sidecar(
@@ -166,7 +171,7 @@ fn mesh() -> Mesh {
         _dir: dir,
         _cp: cp,
         _api: api,
-        _web: web,
+        web,
         route,
         seen,
         runtime,
@@ -258,6 +263,9 @@ fn bypass_matrix() {
         ("GET /v1/orders HTTP/1.0\r\n\r\n".into(), 403),
         ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nHost: evil.com\r\n\r\n".into(), 400),
         ("POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".into(), 400),
+        ("POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".into(), 400),
+        ("POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n".into(), 400),
+        ("POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nTransfer-Encoding: gzip\r\n\r\n".into(), 400),
         ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-A: a\r\n b\r\n\r\n".into(), 400),
         ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-A: a\0b\r\n\r\n".into(), 400),
         ("GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nX-A: a\rb\r\n\r\n".into(), 400),
@@ -297,25 +305,76 @@ fn bypass_matrix() {
         &seen[before..]
     );
 
-    // Content-Length with Transfer-Encoding: hyper discards the length, decodes chunked and
-    // closes the connection after the response, so bytes after the chunked body can never be
-    // taken for a second request; the app gets one request, re-framed by the sidecar.
-    let smuggle = "POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/orders/smuggled HTTP/1.1\r\nHost: api.shop\r\n\r\n";
+    // Content-Length with Transfer-Encoding, behind clean requests on one keep-alive
+    // connection: the clean ones pass, the ambiguous one is refused and ends the connection,
+    // and what follows it never reaches the app.
+    let clean = get("/v1/orders/1", "api.shop").replace("Connection: close\r\n", "");
+    let smuggle = format!(
+        "{clean}POST /v1/orders/chunked HTTP/1.1\r\nHost: api.shop\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{clean}POST /v1/orders HTTP/1.1\r\nHost: api.shop\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/orders/smuggled HTTP/1.1\r\nHost: api.shop\r\n\r\n"
+    );
+    let before = mesh.seen.lock().unwrap().len();
     let response = raw(mesh.route, smuggle.as_bytes());
-    assert_eq!(response.matches("HTTP/1.1 ").count(), 1, "{response}");
+    let statuses: Vec<&str> = response
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &response[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "200", "400"], "{response}");
     assert!(response.contains("connection: close"), "{response}");
     let seen = mesh.seen.lock().unwrap().clone();
     assert_eq!(
-        seen.last().map(String::as_str),
-        Some(&*format!("POST /v1/orders {web}")),
+        seen[before..],
+        [
+            format!("GET /v1/orders/1 {web}"),
+            format!("POST /v1/orders/chunked {web}"),
+            format!("GET /v1/orders/1 {web}"),
+        ],
         "{seen:?}"
     );
-    assert!(seen.iter().all(|s| !s.contains("smuggled")), "{seen:?}");
     assert!(
         seen.iter()
             .all(|s| !s.to_ascii_lowercase().contains("admin")),
         "{seen:?}"
     );
+
+    // Every request above left the web sidecar on one pooled HTTP/2 connection.
+    let metrics = mesh.web.metrics();
+    let opened = support::metric(
+        &metrics,
+        "sidewall_proxy_h2_pool_total",
+        &[("event", "opened")],
+    );
+    let reused = support::metric(
+        &metrics,
+        "sidewall_proxy_h2_pool_total",
+        &[("event", "reused")],
+    );
+    assert_eq!(opened, 1, "{metrics}");
+    assert!(reused >= 20, "{metrics}");
+}
+
+#[test]
+fn http2_to_the_app_with_the_host_as_authority() {
+    let mesh = mesh_with(", appProtocol: http2");
+    for path in ["/v1/orders", "/v1/orders/2?x=1", "/v1//orders/./3"] {
+        let response = raw(
+            mesh.route,
+            format!("GET {path} HTTP/1.1\r\nHost: api.shop\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(status(&response), 200, "{response}");
+        // An HTTP/2 request carries the absolute target: the normalized path under the host.
+        let normalized = path.replace("//", "/").replace("/./", "/");
+        assert!(
+            response.contains(&format!("GET http://api.shop{normalized} ")),
+            "{response}"
+        );
+    }
+    let response = raw(
+        mesh.route,
+        b"GET /admin/x HTTP/1.1\r\nHost: api.shop\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status(&response), 403, "{response}");
+    assert_eq!(mesh.seen.lock().unwrap().len(), 3);
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //!   addresses: [10.96.0.10:8080]    # extra addresses clients may dial for this service
 //!   ports:                          # the app ports behind this sidecar
 //!     - {port: 8080, protocol: tcp, app: 127.0.0.1:8080}
+//!     - {port: 9090, protocol: http, app: 127.0.0.1:9090, appProtocol: http2}  # h2c to the app
 //! outbound:
 //!   transparent: {listen: 127.0.0.1:4640}   # transparent mode (with `sidewall iptables`)
 //!   egress: [203.0.113.7:443]       # plaintext destinations outside the mesh, allowed through
@@ -64,6 +65,22 @@ pub struct InboundPort {
     /// still stripped. Default is false: plaintext is refused.
     #[serde(default)]
     pub permissive: bool,
+    /// How the sidecar talks to the app on an HTTP port: `http1` (default; keep-alive
+    /// connections) or `http2` (cleartext HTTP/2 with prior knowledge, one multiplexed
+    /// connection). Peers may use either version; the sidecar translates.
+    #[serde(default)]
+    pub app_protocol: AppProtocol,
+}
+
+/// The HTTP version the sidecar speaks to the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext, prior knowledge (h2c without upgrade).
+    Http2,
 }
 
 /// The inbound side.
@@ -358,6 +375,12 @@ impl Config {
             if port.port == 0 || !ports.insert(port.port) {
                 return Err(format!(
                     "inbound.ports: port {} is zero or listed twice",
+                    port.port
+                ));
+            }
+            if port.app_protocol == AppProtocol::Http2 && port.protocol != Protocol::Http {
+                return Err(format!(
+                    "inbound.ports: port {} has appProtocol: http2, which needs protocol: http",
                     port.port
                 ));
             }

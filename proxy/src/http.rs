@@ -1,20 +1,25 @@
 //! HTTP ports: per-request authorization that cannot be bypassed.
 //!
 //! A port declared `protocol: http` is served with hyper (HTTP/1.1, or HTTP/2 when the client
-//! speaks it) after the connection-level check. Every request is then, in order:
+//! speaks it) after the connection-level check. Between sidecars HTTP rides HTTP/2 (ALPN
+//! `sidewall-h2/1`: the port header, then one long-lived multiplexed connection per peer
+//! service and port, see `crate::outbound::http`). Every request is then, in order:
 //!
-//! 1. checked for the smuggling and confusion classes refused with `400` ([`request`]): two
-//!    Host headers, Host and `:authority` disagreeing, `Content-Length` with
+//! 1. checked for the smuggling and confusion classes refused with `400` ([`request`],
+//!    [`framing`]): two Host headers, Host and `:authority` disagreeing, `Content-Length` with
 //!    `Transfer-Encoding`, upgrades other than WebSocket (`h2c` included); hyper itself refuses
-//!    NUL, bare CR/LF and obsolete line folding, and oversize headers (`431`);
+//!    NUL, bare CR/LF and obsolete line folding, differing `Content-Length`s, and oversize
+//!    headers (`431`);
 //! 2. normalized (`sidewall_policies::http::normalize_path`; encoded `/`, `\` and `.`, and
 //!    control characters refused with `400`) — the **normalized** path is what is matched and
 //!    what the app receives;
 //! 3. decided with the engine on (peer, method, normalized path, host) from the snapshot in
 //!    force *now*; `403` with a short body on deny, `405` for an unallowed `CONNECT`;
-//! 4. forwarded to the app over a keep-alive connection pool, with `x-sidewall-peer-identity`
-//!    set to the peer's SPIFFE ID (any such header from elsewhere removed); a WebSocket
-//!    upgrade switches to raw forwarding only after the app answers `101`.
+//! 4. forwarded to the app — HTTP/1.1 over a keep-alive pool, or HTTP/2 over one multiplexed
+//!    connection (`appProtocol: http2`) — with `x-sidewall-peer-identity` set to the peer's
+//!    SPIFFE ID (any such header from elsewhere removed); a WebSocket upgrade (always HTTP/1.1
+//!    to the app) switches to raw forwarding only after the app answers `101`, and a refused
+//!    upgrade ends the connection.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -35,9 +40,11 @@ use sidewall_policies::{Outcome, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Context;
-use crate::config::InboundPort;
+use crate::config::{AppProtocol, InboundPort};
 
-mod request;
+pub(crate) mod framing;
+pub(crate) mod pool;
+pub(crate) mod request;
 
 /// The header that carries the authenticated peer to the app.
 pub const PEER_HEADER: &str = "x-sidewall-peer-identity";
@@ -55,8 +62,12 @@ pub type ResponseBody = UnsyncBoxBody<Bytes, hyper::Error>;
 /// A pooled client to the apps (keep-alive, connection reuse).
 pub type AppClient = Client<HttpConnector, Incoming>;
 
-/// Builds the app client: HTTP/1.1 with keep-alive by default.
-pub fn app_client(http2: bool) -> AppClient {
+/// HTTP/2 flow-control windows: per stream, and per connection (room for many streams).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Builds the app client: HTTP/1.1 with keep-alive.
+pub fn app_client() -> AppClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -65,13 +76,47 @@ pub fn app_client(http2: bool) -> AppClient {
         .pool_idle_timeout(Duration::from_secs(60))
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new());
-    if http2 {
-        builder.http2_only(true);
-    }
     builder.build(connector)
 }
 
-fn short(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+/// The HTTP/2 client settings used for pooled connections (to peer sidecars and to apps).
+pub(crate) fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    builder
+}
+
+/// The server settings for every HTTP connection the sidecar accepts (from peers, and from
+/// its own app on the way out): the header limit, the HTTP/2 hardening.
+pub(crate) fn server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // A client that half-closes after its request still gets the response.
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_HEADER_BYTES.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(1024);
+    builder
+}
+
+/// A short plain-text answer that names no internals.
+pub(crate) fn short(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     let mut response = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))
             .map_err(|never| match never {})
@@ -85,42 +130,50 @@ fn short(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
     response
 }
 
-/// Serves one authorized HTTP connection from `peer` until it ends.
+/// `400` for a request that carried both `Content-Length` and `Transfer-Encoding`; the
+/// connection ends after it.
+pub(crate) fn smuggling_refused() -> Response<ResponseBody> {
+    let mut response = short(StatusCode::BAD_REQUEST, "bad request\n");
+    response
+        .headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Serves one authorized HTTP connection from `peer` until it ends. `h2` says the peer sidecar
+/// negotiated HTTP/2 (no sniffing then).
 pub async fn serve<S>(
     context: Arc<Context>,
     stream: S,
     peer: Option<SpiffeId>,
     port: InboundPort,
     remote: SocketAddr,
+    h2: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer_value = peer
         .as_ref()
         .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
+    let (stream, scan) = framing::Scanned::new(stream);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
         let peer = peer.clone();
         let peer_value = peer_value.clone();
+        let smuggling = scan.refuses();
         async move {
+            if smuggling {
+                tracing::warn!(peer = peer.as_ref().map_or("plaintext (permissive port)", SpiffeId::as_str), method = %request.method(), path = request.uri().path(), reason = "Content-Length with Transfer-Encoding", "request refused");
+                record("bad_request", "-".into(), Instant::now());
+                return Ok::<_, Infallible>(smuggling_refused());
+            }
             Ok::<_, Infallible>(handle(&context, peer.as_ref(), peer_value, port, request).await)
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // A client that half-closes after its request still gets the response.
-        .half_close(true)
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(MAX_HEADER_BYTES.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(1024);
+    let mut builder = server();
+    if h2 {
+        builder = builder.http2_only();
+    }
     if let Err(error) = builder
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
@@ -216,9 +269,15 @@ async fn handle(
         None => ("permissive", "-".to_owned()),
     };
     // Rewrite: the normalized path (query kept), the peer header set by us alone.
+    let h2 = port.app_protocol == AppProtocol::Http2 && !checked.websocket;
+    let authority = match (h2, checked.host.as_deref()) {
+        // HTTP/2 carries the host as :authority (the connection goes to the app regardless).
+        (true, Some(host)) => host.to_owned(),
+        _ => port.app.to_string(),
+    };
     let target = match checked.query {
-        Some(query) => format!("http://{}{}?{query}", port.app, checked.path),
-        None => format!("http://{}{}", port.app, checked.path),
+        Some(query) => format!("http://{authority}{}?{query}", checked.path),
+        None => format!("http://{authority}{}", checked.path),
     };
     let Ok(uri) = target.parse::<hyper::Uri>() else {
         record("bad_request", policy, started);
@@ -227,7 +286,11 @@ async fn handle(
     let upgrade = checked.websocket.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     parts.uri = uri;
-    parts.version = hyper::Version::HTTP_11;
+    parts.version = if h2 {
+        hyper::Version::HTTP_2
+    } else {
+        hyper::Version::HTTP_11
+    };
     let headers = &mut parts.headers;
     headers.remove(PEER_HEADER);
     for name in request::HOP_BY_HOP {
@@ -238,20 +301,37 @@ async fn handle(
     if let Some(value) = peer_value {
         headers.insert(HeaderName::from_static(PEER_HEADER), value);
     }
-    // HTTP/2 carries the host as :authority; the app (HTTP/1.1) needs a Host header.
-    if let (Some(host), false) = (
+    if h2 {
+        headers.remove(hyper::header::HOST);
+    } else if let (Some(host), false) = (
         checked.host.as_deref(),
         headers.contains_key(hyper::header::HOST),
     ) && let Ok(value) = HeaderValue::from_str(host)
     {
+        // HTTP/2 carries the host as :authority; an HTTP/1.1 app needs a Host header.
         headers.insert(hyper::header::HOST, value);
     }
 
-    let app = match context
-        .app_client
-        .request(Request::from_parts(parts, body))
-        .await
-    {
+    let request = Request::from_parts(parts, body);
+    let answer = if h2 {
+        let app = port.app;
+        let timeout = context.config.limits.connect_timeout.0;
+        context
+            .app_h2
+            .send(&app, || connect_app_h2(app, timeout), request)
+            .await
+            .map_err(|error| match error {
+                pool::PoolError::Connect(reason) => reason.to_owned(),
+                pool::PoolError::Request(error) => error.to_string(),
+            })
+    } else {
+        context
+            .app_client
+            .request(request)
+            .await
+            .map_err(|error| error.to_string())
+    };
+    let app = match answer {
         Ok(response) => response,
         Err(error) => {
             tracing::warn!(app = %port.app, %error, "app request failed");
@@ -283,5 +363,32 @@ async fn handle(
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         return response;
     }
-    app.map(|body| body.boxed_unsync())
+    let mut response = app.map(|body| body.boxed_unsync());
+    if checked.websocket {
+        // A refused upgrade ends the connection: what the client sends next was meant for a
+        // protocol that never started.
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Opens a cleartext HTTP/2 connection (prior knowledge) to an app.
+async fn connect_app_h2(app: SocketAddr, timeout: Duration) -> Result<pool::Sender, &'static str> {
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(app))
+        .await
+        .map_err(|_| "app connect timed out")?
+        .map_err(|_| "app unreachable")?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, connection) = h2_client()
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|_| "app refused HTTP/2")?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%app, %error, "app HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
 }

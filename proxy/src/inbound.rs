@@ -125,6 +125,13 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         let _ = write_status(&mut stream, Status::UnknownPort).await;
         return;
     };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
+    if h2 && entry.protocol != sidewall_policies::Protocol::Http {
+        metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "not_http", "policy" => "-").increment(1);
+        tracing::warn!(peer = %peer.id, port, "peer asked for HTTP/2 on a port that is not an HTTP port here");
+        let _ = write_status(&mut stream, Status::NotHttp).await;
+        return;
+    }
     let decision =
         active
             .engine
@@ -161,6 +168,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             Some(peer.id.clone()),
             *entry,
             remote,
+            h2,
         );
         supervise(context, &peer, port, entry.protocol, on_revoke, serve).await;
         return;
@@ -269,7 +277,7 @@ async fn plaintext(
         .increment(1);
     tracing::info!(%remote, port = entry.port, "plaintext accepted on a permissive port (no identity, no policy)");
     if entry.protocol == sidewall_policies::Protocol::Http {
-        crate::http::serve(context.clone(), stream, None, *entry, remote).await;
+        crate::http::serve(context.clone(), stream, None, *entry, remote, false).await;
         return;
     }
     let Ok(Ok(app)) = tokio::time::timeout(

@@ -65,8 +65,12 @@ pub struct Context {
     pub flows: distribution::Flows,
     /// The control plane URL the snapshot stream is open to, if any.
     pub control_plane: std::sync::Mutex<Option<String>>,
-    /// The pooled client to the apps behind HTTP ports.
+    /// The pooled client to the apps behind HTTP ports (HTTP/1.1).
     pub app_client: http::AppClient,
+    /// HTTP/2 connections to apps that speak it (`appProtocol: http2`), by app address.
+    pub(crate) app_h2: http::pool::Pool<std::net::SocketAddr>,
+    /// HTTP/2 connections to peer sidecars (ALPN `sidewall-h2/1`), by service and port.
+    pub(crate) peers_h2: http::pool::Pool<(sidewall_policies::SpiffeId, u16)>,
 }
 
 /// The bound sockets, in the order of the configuration.
@@ -208,7 +212,9 @@ pub async fn run(
         instance: instance_id(),
         flows: distribution::Flows::default(),
         control_plane: std::sync::Mutex::new(None),
-        app_client: http::app_client(false),
+        app_client: http::app_client(),
+        app_h2: http::pool::Pool::default(),
+        peers_h2: http::pool::Pool::default(),
     });
     let distributor = match config.local.clone() {
         Some(local) => {

@@ -1,6 +1,8 @@
 //! Outbound routes: the app connects to a local port; the sidecar opens mTLS to one of the
 //! service's sidecars from the snapshot's directory, requires the server to be exactly the
-//! service's SPIFFE ID, names the service port in the header, and forwards.
+//! service's SPIFFE ID, names the service port in the header, and forwards. A port the
+//! directory lists as `protocol: http` goes through [`http`] instead: the app's requests ride
+//! one pooled HTTP/2 connection per service and port.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +19,8 @@ use crate::Context;
 use crate::config::Route;
 use crate::identity::now_unix;
 use crate::transport::{Status, forward, request_port};
+
+pub(crate) mod http;
 
 /// Accepts app connections on one route until `stop` turns true.
 pub(crate) async fn serve(
@@ -52,25 +56,61 @@ fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
     ServerName::try_from(host.to_owned()).ok()
 }
 
-async fn handle(context: &Context, route: &Route, app: TcpStream) -> Result<(), &'static str> {
+async fn handle(context: &Arc<Context>, route: &Route, app: TcpStream) -> Result<(), &'static str> {
     dial(context, &route.service, route.port, app).await
 }
 
-/// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`), names `port`
-/// in the header, and forwards `app` through it.
+/// Sends `app` to `service`'s `port`: through [`http`] when the directory says the port speaks
+/// HTTP, otherwise as bytes over its own mTLS connection.
 async fn dial(
-    context: &Context,
+    context: &Arc<Context>,
     service: &SpiffeId,
     port: u16,
     app: TcpStream,
 ) -> Result<(), &'static str> {
+    let _ = app.set_nodelay(true);
+    let http = {
+        let active = context.snapshot.borrow().clone().ok_or("no_snapshot")?;
+        let entry = active.snapshot.service(service);
+        entry.is_some_and(|e| {
+            e.ports
+                .iter()
+                .any(|p| p.port == port && p.protocol == sidewall_policies::Protocol::Http)
+        })
+    };
+    if http {
+        http::serve(context.clone(), app, service.clone(), port).await;
+        return Ok(());
+    }
+    let (stream, expiry) = open(context, service, port, false).await?;
+    tokio::select! {
+        result = forward(app, stream, context.config.limits.idle_timeout.0) => {
+            if let Ok(counts) = result {
+                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
+            }
+        }
+        () = tokio::time::sleep(expiry) => {
+            tracing::info!(%service, "peer certificate expired: connection closed");
+        }
+    }
+    Ok(())
+}
+
+/// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`), names `port`
+/// in the header and waits for the answer. Returns the stream, ready for bytes (or, with `h2`,
+/// for HTTP/2), and how long the server's certificate is still valid.
+pub(crate) async fn open(
+    context: &Context,
+    service: &SpiffeId,
+    port: u16,
+    h2: bool,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Duration), &'static str> {
     let route = Route {
         listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         service: service.clone(),
         port,
     };
     let config = &context.config;
-    let _ = app.set_nodelay(true);
     let tls = context.tls.borrow().clone().ok_or_else(|| {
         tracing::warn!(service = %route.service, "no certificate yet: outbound refused");
         "no_local_certificate"
@@ -80,7 +120,12 @@ async fn dial(
         tracing::warn!(service = %route.service, "service is not in the directory");
         return Err("unknown_service");
     };
-    let client = tls.client(&route.service).map_err(|_| "tls_config")?;
+    let client = if h2 {
+        tls.client_h2(&route.service)
+    } else {
+        tls.client(&route.service)
+    }
+    .map_err(|_| "tls_config")?;
     let connector = TlsConnector::from(client);
     let timeout = config.limits.handshake_timeout.0;
     let mut last = "no_endpoint";
@@ -131,17 +176,7 @@ async fn dial(
             Ok(None) | Err(_) => return Err("bad_status"),
         }
         let expiry = Duration::from_secs(u64::try_from(server_expiry - now_unix()).unwrap_or(0));
-        tokio::select! {
-            result = forward(app, stream, config.limits.idle_timeout.0) => {
-                if let Ok(counts) = result {
-                    metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
-                }
-            }
-            () = tokio::time::sleep(expiry) => {
-                tracing::info!(service = %route.service, "peer certificate expired: connection closed");
-            }
-        }
-        return Ok(());
+        return Ok((stream, expiry));
     }
     tracing::warn!(service = %route.service, reason = last, "no endpoint of the service could be reached");
     Err(last)
@@ -196,7 +231,7 @@ fn resolve(active: &crate::snapshot::Active, destination: SocketAddr) -> Option<
 }
 
 async fn transparent(
-    context: &Context,
+    context: &Arc<Context>,
     destination: SocketAddr,
     app: TcpStream,
 ) -> Result<(), &'static str> {

@@ -24,6 +24,10 @@ use crate::identity::Credential;
 
 /// ALPN of the sidecar-to-sidecar L4 protocol (port header, then raw bytes).
 pub const ALPN_L4: &[u8] = b"sidewall-l4/1";
+/// ALPN of HTTP between sidecars: the same port header and status byte, then HTTP/2 (so the
+/// connection-level check still runs before any HTTP is parsed), one long-lived connection
+/// carrying many requests.
+pub const ALPN_H2: &[u8] = b"sidewall-h2/1";
 
 /// The crypto provider used everywhere (aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -82,6 +86,7 @@ pub struct TlsSet {
     revocations: Revocations,
     tls12: bool,
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    clients_h2: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 /// The credential's own roots plus the snapshot's per trust domain (several during a CA
@@ -129,7 +134,7 @@ impl TlsSet {
             .with_protocol_versions(versions(tls12))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(Arc::new(Fixed(credential.certified_key.clone())));
-        server.alpn_protocols = vec![ALPN_L4.to_vec()];
+        server.alpn_protocols = vec![ALPN_L4.to_vec(), ALPN_H2.to_vec()];
         Ok(Self {
             server: Arc::new(server),
             bundles,
@@ -137,6 +142,7 @@ impl TlsSet {
             revocations,
             tls12,
             clients: Mutex::new(HashMap::new()),
+            clients_h2: Mutex::new(HashMap::new()),
         })
     }
 
@@ -145,9 +151,27 @@ impl TlsSet {
         &self.credential
     }
 
-    /// A client configuration that accepts only `expected` as the server.
+    /// A client configuration that accepts only `expected` as the server, for the L4 protocol.
     pub fn client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        self.client_for(expected, ALPN_L4)
+    }
+
+    /// The same for HTTP/2 between sidecars ([`ALPN_H2`]).
+    pub fn client_h2(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+        self.client_for(expected, ALPN_H2)
+    }
+
+    fn client_for(
+        &self,
+        expected: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let clients = if alpn == ALPN_H2 {
+            &self.clients_h2
+        } else {
+            &self.clients
+        };
+        let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(config) = clients.get(expected) {
             return Ok(config.clone());
         }
@@ -165,7 +189,7 @@ impl TlsSet {
             .with_client_cert_resolver(Arc::new(ClientCertificate(
                 self.credential.certified_key.clone(),
             )));
-        config.alpn_protocols = vec![ALPN_L4.to_vec()];
+        config.alpn_protocols = vec![alpn.to_vec()];
         let config = Arc::new(config);
         clients.insert(expected.clone(), config.clone());
         Ok(config)

@@ -104,6 +104,8 @@ pub enum Status {
     BadHeader = 3,
     /// Authorized, but the app could not be reached.
     AppUnavailable = 4,
+    /// HTTP/2 was asked for (ALPN `sidewall-h2/1`) on a port that is not an HTTP port.
+    NotHttp = 5,
 }
 
 impl Status {
@@ -115,6 +117,7 @@ impl Status {
             2 => Status::UnknownPort,
             3 => Status::BadHeader,
             4 => Status::AppUnavailable,
+            5 => Status::NotHttp,
             _ => return None,
         })
     }
@@ -127,6 +130,7 @@ impl Status {
             Status::UnknownPort => "unknown_port",
             Status::BadHeader => "bad_header",
             Status::AppUnavailable => "app_unavailable",
+            Status::NotHttp => "not_http",
         }
     }
 }

@@ -7,7 +7,7 @@ use hyper::{Method, Request, StatusCode, Version};
 use sidewall_policies::http::normalize_path;
 
 /// Hop-by-hop headers, never forwarded to the app (RFC 9110 §7.6.1).
-pub(super) const HOP_BY_HOP: &[&str] = &[
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -18,10 +18,10 @@ pub(super) const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// A refused request.
-pub(super) struct Refusal {
-    pub(super) status: StatusCode,
-    pub(super) body: &'static str,
-    pub(super) reason: &'static str,
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) body: &'static str,
+    pub(crate) reason: &'static str,
 }
 
 fn bad(reason: &'static str) -> Refusal {
@@ -33,19 +33,19 @@ fn bad(reason: &'static str) -> Refusal {
 }
 
 /// What the checks established.
-pub(super) struct Checked {
+pub(crate) struct Checked {
     /// The normalized path.
-    pub(super) path: String,
+    pub(crate) path: String,
     /// The query, unchanged.
-    pub(super) query: Option<String>,
+    pub(crate) query: Option<String>,
     /// The host (Host header or `:authority`), if any.
-    pub(super) host: Option<String>,
+    pub(crate) host: Option<String>,
     /// A WebSocket upgrade request.
-    pub(super) websocket: bool,
+    pub(crate) websocket: bool,
 }
 
 /// Checks a request; see the module doc.
-pub(super) fn check(request: &Request<Incoming>) -> Result<Checked, Refusal> {
+pub(crate) fn check(request: &Request<Incoming>) -> Result<Checked, Refusal> {
     let headers = request.headers();
     let hosts: Vec<_> = headers.get_all(HOST).iter().collect();
     if hosts.len() > 1 {

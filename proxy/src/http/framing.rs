@@ -1,0 +1,412 @@
+//! The one smuggling class hyper hides: `Content-Length` together with `Transfer-Encoding`.
+//!
+//! hyper (correctly, per RFC 9112 §6.3) frames such a request by the chunked encoding, drops
+//! the `Content-Length` header and closes the connection after the response, so nothing can be
+//! smuggled to the app. But the request itself still arrives looking clean, and a sender of
+//! both headers is either broken or probing for a desync: Sidewall answers it `400`.
+//!
+//! [`Scanned`] wraps the client side of an HTTP/1 connection and reads each request head as
+//! the bytes go by (with `httparse`, the parser hyper itself uses), following the body framing
+//! (`Content-Length` bytes, or the chunked encoding) to find the next head. It records the
+//! index of the first head that carries both headers; [`Scan::refuses`] tells the request
+//! handler, which counts requests in the order hyper delivers them (HTTP/1 is serial), whether
+//! to refuse the one at hand.
+//!
+//! The scan stops — and refuses nothing more — at anything it does not follow: an HTTP/2
+//! preface (HTTP/2 has no such framing confusion; hyper's h2 refuses `transfer-encoding`), an
+//! upgrade or `CONNECT` (the bytes after it are not HTTP once the app agrees; a refused upgrade
+//! ends the connection, see `crate::http`), a head hyper will refuse itself (malformed, too
+//! large, a non-chunked `Transfer-Encoding`), or a malformed chunk.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Head bytes buffered before the scan gives up (hyper answers `431` well before this).
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers parsed per head (hyper's default limit is 100; more is refused by hyper).
+const MAX_HEADERS: usize = 128;
+const NONE: u64 = u64::MAX;
+
+/// What the scan found, shared with the request handler.
+#[derive(Debug)]
+pub(crate) struct Scan {
+    first_bad: AtomicU64,
+    delivered: AtomicU64,
+}
+
+impl Scan {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            first_bad: AtomicU64::new(NONE),
+            delivered: AtomicU64::new(0),
+        })
+    }
+
+    /// Called once per request, in delivery order: true when this request carried both
+    /// `Content-Length` and `Transfer-Encoding`.
+    pub(crate) fn refuses(&self) -> bool {
+        let index = self.delivered.fetch_add(1, Ordering::Relaxed);
+        index >= self.first_bad.load(Ordering::Relaxed)
+    }
+}
+
+enum State {
+    /// Reading a request head (bytes so far).
+    Head(Vec<u8>),
+    /// Skipping a body of this many bytes.
+    Body(u64),
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// Not following any more.
+    Done,
+}
+
+enum Chunk {
+    /// The chunk-size line: value so far, digits seen, inside an extension.
+    Size {
+        value: u64,
+        digits: u8,
+        extension: bool,
+    },
+    /// Chunk data left.
+    Data(u64),
+    /// The CRLF after chunk data.
+    DataEnd,
+    /// Trailer section: whether the current line is empty so far.
+    Trailer { empty: bool },
+}
+
+/// The scanner itself, fed every byte read from the client.
+struct Scanner {
+    state: State,
+    heads: u64,
+    scan: Arc<Scan>,
+}
+
+impl Scanner {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Done => return,
+                State::Body(left) => {
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    *left -= n as u64;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.state = State::Head(Vec::new());
+                    }
+                }
+                State::Chunked(chunk) => {
+                    let used = match chunked(chunk, bytes) {
+                        Some(Step::Continue(used)) => used,
+                        Some(Step::End(used)) => {
+                            self.state = State::Head(Vec::new());
+                            used
+                        }
+                        None => {
+                            self.state = State::Done;
+                            return;
+                        }
+                    };
+                    bytes = &bytes[used..];
+                }
+                State::Head(buffer) => {
+                    if buffer.is_empty() && bytes.starts_with(b"PRI * HTTP/2.0") {
+                        self.state = State::Done;
+                        return;
+                    }
+                    let before = buffer.len();
+                    buffer.extend_from_slice(bytes);
+                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let mut request = httparse::Request::new(&mut headers);
+                    match request.parse(buffer) {
+                        Ok(httparse::Status::Complete(length)) => {
+                            let next = framing(&request);
+                            let used = length - before;
+                            bytes = &bytes[used..];
+                            match next {
+                                Framing::Smuggling => {
+                                    self.scan.first_bad.store(self.heads, Ordering::Relaxed);
+                                    self.state = State::Done;
+                                    return;
+                                }
+                                Framing::None => self.state = State::Head(Vec::new()),
+                                Framing::Length(0) => self.state = State::Head(Vec::new()),
+                                Framing::Length(n) => self.state = State::Body(n),
+                                Framing::Chunked => {
+                                    self.state = State::Chunked(Chunk::Size {
+                                        value: 0,
+                                        digits: 0,
+                                        extension: false,
+                                    })
+                                }
+                                Framing::Stop => self.state = State::Done,
+                            }
+                            self.heads += 1;
+                        }
+                        Ok(httparse::Status::Partial) if buffer.len() <= MAX_HEAD => return,
+                        // Malformed or oversize: hyper refuses it and closes.
+                        Ok(httparse::Status::Partial) | Err(_) => {
+                            self.state = State::Done;
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    Smuggling,
+    Stop,
+}
+
+fn framing(request: &httparse::Request<'_, '_>) -> Framing {
+    if request.method == Some("CONNECT") {
+        return Framing::Stop;
+    }
+    let mut length = None;
+    let mut transfer_encoding: Option<&[u8]> = None;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(header.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            match (parsed, length) {
+                (None, _) => return Framing::Stop,
+                (Some(n), Some(m)) if n != m => return Framing::Stop,
+                (Some(n), _) => length = Some(n),
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = Some(header.value);
+        } else if header.name.eq_ignore_ascii_case("upgrade") {
+            return Framing::Stop;
+        }
+    }
+    match (transfer_encoding, length) {
+        (Some(_), Some(_)) => Framing::Smuggling,
+        (Some(value), None) => {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                Framing::Chunked
+            } else {
+                Framing::Stop
+            }
+        }
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) => Framing::None,
+    }
+}
+
+enum Step {
+    /// Used this many bytes; the body goes on.
+    Continue(usize),
+    /// Used this many bytes; the body (trailers included) ended.
+    End(usize),
+}
+
+/// Advances the chunked-body state over `bytes`; `None` when the encoding is malformed.
+fn chunked(chunk: &mut Chunk, bytes: &[u8]) -> Option<Step> {
+    let mut used = 0;
+    while used < bytes.len() {
+        match chunk {
+            Chunk::Data(left) => {
+                let n = usize::try_from(*left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len() - used);
+                *left -= n as u64;
+                used += n;
+                if *left == 0 {
+                    *chunk = Chunk::DataEnd;
+                }
+                continue;
+            }
+            Chunk::DataEnd => match bytes[used] {
+                b'\r' => {}
+                b'\n' => {
+                    *chunk = Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                        extension: false,
+                    }
+                }
+                _ => return None,
+            },
+            Chunk::Size {
+                value,
+                digits,
+                extension,
+            } => match bytes[used] {
+                b'\n' if *digits == 0 => return None,
+                b'\n' if *value == 0 => *chunk = Chunk::Trailer { empty: true },
+                b'\n' => *chunk = Chunk::Data(*value),
+                b'\r' => {}
+                b';' | b' ' | b'\t' => *extension = true,
+                _ if *extension => {}
+                byte => {
+                    let digit = char::from(byte).to_digit(16)?;
+                    *digits += 1;
+                    if *digits > 16 {
+                        return None;
+                    }
+                    *value = value.checked_mul(16)?.checked_add(u64::from(digit))?;
+                }
+            },
+            Chunk::Trailer { empty } => match bytes[used] {
+                b'\n' if *empty => return Some(Step::End(used + 1)),
+                b'\n' => *empty = true,
+                b'\r' => {}
+                _ => *empty = false,
+            },
+        }
+        used += 1;
+    }
+    Some(Step::Continue(used))
+}
+
+/// A client stream whose request heads are scanned as hyper reads them.
+pub(crate) struct Scanned<S> {
+    inner: S,
+    scanner: Scanner,
+}
+
+impl<S> Scanned<S> {
+    /// Wraps `inner`; the returned [`Scan`] is consulted once per request.
+    pub(crate) fn new(inner: S) -> (Self, Arc<Scan>) {
+        let scan = Scan::new();
+        let scanner = Scanner {
+            state: State::Head(Vec::new()),
+            heads: 0,
+            scan: scan.clone(),
+        };
+        (Self { inner, scanner }, scan)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let start = buf.filled().len();
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.scanner.feed(&buf.filled()[start..]);
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Scanned<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Feeds `input` in pieces of `step` bytes; returns which of `count` requests are refused.
+    fn refused(input: &[u8], step: usize, count: usize) -> Vec<bool> {
+        let scan = Scan::new();
+        let mut scanner = Scanner {
+            state: State::Head(Vec::new()),
+            heads: 0,
+            scan: scan.clone(),
+        };
+        for piece in input.chunks(step) {
+            scanner.feed(piece);
+        }
+        (0..count).map(|_| scan.refuses()).collect()
+    }
+
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    const SMUGGLE: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    #[test]
+    fn finds_the_smuggling_request_behind_any_framing_in_any_split() {
+        let mut input = Vec::new();
+        input.extend_from_slice(GET);
+        input.extend_from_slice(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world",
+        );
+        input.extend_from_slice(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        );
+        input.extend_from_slice(SMUGGLE);
+        for step in [1, 2, 3, 7, 64, 4096] {
+            assert_eq!(
+                refused(&input, step, 5),
+                [false, false, false, true, true],
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn either_order_of_the_two_headers_and_any_case() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: gzip, CHUNKED\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(refused(input, 4096, 1), [true]);
+    }
+
+    #[test]
+    fn clean_keep_alive_is_never_refused() {
+        let input: Vec<u8> = GET.iter().copied().cycle().take(GET.len() * 50).collect();
+        assert!(refused(&input, 5, 50).iter().all(|r| !r));
+    }
+
+    #[test]
+    fn stops_at_what_it_does_not_follow() {
+        // HTTP/2, an upgrade, CONNECT, a malformed chunk: nothing after is refused.
+        let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        h2.extend_from_slice(SMUGGLE);
+        assert_eq!(refused(&h2, 4096, 1), [false]);
+        let mut upgrade = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n".to_vec();
+        upgrade.extend_from_slice(SMUGGLE);
+        assert_eq!(refused(&upgrade, 4096, 2), [false, false]);
+        let mut bad_chunk =
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec();
+        bad_chunk.extend_from_slice(SMUGGLE);
+        assert_eq!(refused(&bad_chunk, 4096, 2), [false, false]);
+    }
+}

@@ -1,0 +1,116 @@
+//! Long-lived HTTP/2 connections, shared by every request to the same place.
+//!
+//! One connection per key (a peer service and port between sidecars; an app address for an
+//! app that speaks HTTP/2). Requests are streams on it, each flow-controlled on its own, so a
+//! slow one does not stall the others. A connection that closed — the peer restarted, its
+//! certificate expired, it went away — is replaced on the next request; a request that had
+//! not been sent yet when it found the connection closed is retried once on a new one.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Request, Response};
+
+/// The sending half of one pooled connection.
+pub(crate) type Sender = SendRequest<Incoming>;
+
+type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
+
+/// Why a pooled request failed.
+#[derive(Debug)]
+pub(crate) enum PoolError<E> {
+    /// No connection could be made (the connect closure's reason).
+    Connect(E),
+    /// The request failed on the connection.
+    Request(hyper::Error),
+}
+
+/// Pooled HTTP/2 connections keyed by `K`.
+pub(crate) struct Pool<K> {
+    slots: Mutex<HashMap<K, Slot>>,
+}
+
+impl<K> Default for Pool<K> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K> std::fmt::Debug for Pool<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.slots.lock().map_or(0, |s| s.len());
+        f.debug_struct("Pool").field("keys", &open).finish()
+    }
+}
+
+impl<K: Hash + Eq + Clone> Pool<K> {
+    fn slot(&self, key: &K) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// A ready sender for `key`: the pooled one, or a new connection from `connect` (one at a
+    /// time per key: concurrent first requests wait for the same connection).
+    async fn sender<E, F, Fut>(&self, key: &K, connect: &F, fresh: bool) -> Result<Sender, E>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Sender, E>>,
+    {
+        let slot = self.slot(key);
+        let mut held = slot.lock().await;
+        if !fresh && let Some(sender) = held.as_ref().filter(|s| !s.is_closed()) {
+            metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
+            return Ok(sender.clone());
+        }
+        let sender = connect().await?;
+        metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
+        *held = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Sends `request` on the pooled connection for `key`, connecting with `connect` when there
+    /// is none (or it closed).
+    pub(crate) async fn send<E, F, Fut>(
+        &self,
+        key: &K,
+        connect: F,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, PoolError<E>>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Sender, E>>,
+    {
+        let mut request = request;
+        let mut fresh = false;
+        loop {
+            let mut sender = self
+                .sender(key, &connect, fresh)
+                .await
+                .map_err(PoolError::Connect)?;
+            if let Err(error) = sender.ready().await {
+                if fresh {
+                    return Err(PoolError::Request(error));
+                }
+                fresh = true;
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    // Not sent: the connection was going away. Once more on a new one.
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        fresh = true;
+                    }
+                    _ => return Err(PoolError::Request(error.into_error())),
+                },
+            }
+        }
+    }
+}

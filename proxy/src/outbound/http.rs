@@ -1,0 +1,203 @@
+//! The app's HTTP on its way out: requests to a service's HTTP port ride one long-lived
+//! HTTP/2 connection to that service's sidecar (ALPN `sidewall-h2/1`), shared by every app
+//! connection to the same service and port.
+//!
+//! The app speaks HTTP/1.1 or HTTP/2 (prior knowledge) to the route. Each request passes the
+//! same checks the receiving sidecar applies ([`crate::http::request`],
+//! [`crate::http::framing`]) before it leaves — so a translation here can never turn a request
+//! the peer would refuse into one it accepts — and hop-by-hop headers are dropped. The peer
+//! sidecar authorizes every request on its own. WebSocket upgrades and `CONNECT` take a
+//! connection of their own (the L4 protocol, HTTP/1.1 inside) and become raw forwarding only
+//! after the far side agrees.
+//!
+//! The pooled connection is checked like any other: the server must be exactly the service's
+//! SPIFFE ID, the peer's connection-level check runs when it opens, and it closes when the
+//! server's certificate expires (the next request opens a new one).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sidewall_policies::SpiffeId;
+use tokio::net::TcpStream;
+
+use crate::Context;
+use crate::http::pool::{PoolError, Sender};
+use crate::http::{ResponseBody, framing, request, short};
+
+/// Serves the app's connection to `service`'s HTTP `port` until it ends.
+pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: SpiffeId, port: u16) {
+    let remote = app.peer_addr().ok();
+    let (app, scan) = framing::Scanned::new(app);
+    let service = Arc::new(service);
+    let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let context = context.clone();
+        let service = service.clone();
+        let smuggling = scan.refuses();
+        async move {
+            if smuggling {
+                return Ok::<_, Infallible>(refused(
+                    &request,
+                    "Content-Length with Transfer-Encoding",
+                    crate::http::smuggling_refused(),
+                ));
+            }
+            Ok::<_, Infallible>(handle(&context, &service, port, request).await)
+        }
+    });
+    if let Err(error) = crate::http::server()
+        .serve_connection_with_upgrades(TokioIo::new(app), handler)
+        .await
+    {
+        tracing::debug!(?remote, %error, "app HTTP connection ended with an error");
+    }
+}
+
+fn refused(
+    request: &Request<Incoming>,
+    reason: &'static str,
+    response: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    tracing::warn!(method = %request.method(), path = request.uri().path(), reason, "outbound request refused before leaving");
+    metrics::counter!("sidewall_proxy_outbound_http_requests_total", "outcome" => "bad_request")
+        .increment(1);
+    response
+}
+
+fn failed(reason: &'static str) -> Response<ResponseBody> {
+    metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason).increment(1);
+    metrics::counter!("sidewall_proxy_outbound_http_requests_total", "outcome" => "failed")
+        .increment(1);
+    match reason {
+        "denied" => short(StatusCode::FORBIDDEN, "forbidden\n"),
+        _ => short(StatusCode::BAD_GATEWAY, "bad gateway\n"),
+    }
+}
+
+async fn handle(
+    context: &Arc<Context>,
+    service: &SpiffeId,
+    port: u16,
+    mut request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let checked = match request::check(&request) {
+        Ok(checked) => checked,
+        Err(refusal) => {
+            return refused(
+                &request,
+                refusal.reason,
+                short(refusal.status, refusal.body),
+            );
+        }
+    };
+    if checked.websocket || request.method() == Method::CONNECT {
+        return tunnel(context, service, port, request).await;
+    }
+    let headers = request.headers_mut();
+    for name in request::HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    headers.remove(crate::http::PEER_HEADER);
+    let key = (service.clone(), port);
+    let connect = || connect_peer(context, service, port);
+    match context.peers_h2.send(&key, connect, request).await {
+        Ok(response) => {
+            metrics::counter!("sidewall_proxy_outbound_http_requests_total", "outcome" => "forwarded").increment(1);
+            response.map(BodyExt::boxed_unsync)
+        }
+        Err(PoolError::Connect(reason)) => failed(reason),
+        Err(PoolError::Request(error)) => {
+            tracing::warn!(%service, port, %error, "request to the peer sidecar failed");
+            failed("peer_request_failed")
+        }
+    }
+}
+
+/// Opens the pooled HTTP/2 connection to `service`'s sidecar for `port`.
+async fn connect_peer(
+    context: &Context,
+    service: &SpiffeId,
+    port: u16,
+) -> Result<Sender, &'static str> {
+    let (stream, expiry) = super::open(context, service, port, true).await?;
+    let (sender, connection) = crate::http::h2_client()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|_| "h2_handshake")?;
+    let service = service.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            result = connection => {
+                if let Err(error) = result {
+                    tracing::debug!(%service, port, %error, "pooled HTTP/2 connection ended");
+                }
+            }
+            () = tokio::time::sleep(expiry) => {
+                tracing::info!(%service, port, "peer certificate expired: pooled connection closed");
+            }
+        }
+    });
+    Ok(sender)
+}
+
+/// A WebSocket upgrade or `CONNECT`: its own L4 connection, HTTP/1.1 inside, then raw bytes
+/// both ways once the far side agrees (`101`, or `2xx` for `CONNECT`).
+async fn tunnel(
+    context: &Context,
+    service: &SpiffeId,
+    port: u16,
+    mut request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let (stream, _) = match super::open(context, service, port, false).await {
+        Ok(pair) => pair,
+        Err(reason) => return failed(reason),
+    };
+    let Ok((mut sender, connection)) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        return failed("peer_request_failed");
+    };
+    tokio::spawn(connection.with_upgrades());
+    let connect = request.method() == Method::CONNECT;
+    let client_side = hyper::upgrade::on(&mut request);
+    let response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(%service, port, %error, "upgrade request to the peer sidecar failed");
+            return failed("peer_request_failed");
+        }
+    };
+    let agreed = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (connect && response.status().is_success());
+    if !agreed {
+        let mut response = response.map(BodyExt::boxed_unsync);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let mut upstream = Response::from_parts(parts.clone(), body);
+    let peer_side = hyper::upgrade::on(&mut upstream);
+    tokio::spawn(async move {
+        if let (Ok(client), Ok(peer)) = (client_side.await, peer_side.await) {
+            let _ = crate::transport::forward(
+                TokioIo::new(client),
+                TokioIo::new(peer),
+                Duration::from_secs(3600),
+            )
+            .await;
+        }
+    });
+    Response::from_parts(
+        parts,
+        http_body_util::Empty::new()
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    )
+}
