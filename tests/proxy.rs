@@ -65,6 +65,17 @@ impl Mesh {
     /// A sidecar for `name`; `api` serves the echo app on service port 8080, others get a
     /// route to api:8080 on `route_port` (and `extra` directory entries).
     fn sidecar(&self, name: &str, route_port: u16, extra_directory: &str) -> ProxyProcess {
+        self.sidecar_with(name, route_port, extra_directory, "")
+    }
+
+    /// The same, with `outbound_extra` lines under `outbound:`.
+    fn sidecar_with(
+        &self,
+        name: &str,
+        route_port: u16,
+        extra_directory: &str,
+        outbound_extra: &str,
+    ) -> ProxyProcess {
         self.token(name);
         let (inbound, ports) = if name == "api" {
             (
@@ -84,7 +95,7 @@ impl Mesh {
         };
         let admin = free_port();
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{cp}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api}], ports: [{{port: 8080}}]}}\n{extra_directory}workerThreads: 1\nlimits: {{drainTimeout: 2s}}\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{cp}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\n{outbound_extra}admin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api}], ports: [{{port: 8080}}]}}\n{extra_directory}workerThreads: 1\nlimits: {{drainTimeout: 2s}}\n",
             cp = self.cp.api_port,
             api = self.api_inbound,
         );
@@ -95,6 +106,110 @@ impl Mesh {
 }
 
 const ALLOW_WEB: &str = "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: api-from-web}\nspec:\n  target: spiffe://sidewall.local/ns/demo/svc/api\n  onRevoke: terminate\n  rules:\n    - {action: allow, from: [spiffe://sidewall.local/ns/demo/svc/web], ports: [8080]}\n";
+
+#[test]
+fn app_connections_share_one_sidecar_connection_and_each_is_decided_on_its_own() {
+    let mesh = Mesh::new("{}");
+    let allow = |names: &str| {
+        format!(
+            "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api-callers}}\nspec:\n  target: {TD}/api\n  rules:\n    - {{action: allow, from: [{names}], ports: [8080]}}\n"
+        )
+    };
+    mesh.policy("api", &allow(&format!("{TD}/web, {TD}/legacy")));
+    let api = mesh.sidecar("api", 0, "");
+    let (web_route, batch_route, legacy_route) = (free_port(), free_port(), free_port());
+    let web = mesh.sidecar("web", web_route, "");
+    let batch = mesh.sidecar("batch", batch_route, "");
+    let legacy = mesh.sidecar_with(
+        "legacy",
+        legacy_route,
+        "",
+        "  sidecarConnections: perConnection\n",
+    );
+
+    // Twenty app connections, one sidecar-to-sidecar connection, twenty decisions.
+    for i in 0..20 {
+        let payload = format!("carried {i}");
+        assert_eq!(
+            exchange(web_route, payload.as_bytes()).as_deref(),
+            Some(payload.as_bytes())
+        );
+    }
+    let pool = |p: &ProxyProcess, event: &str| {
+        metric(
+            &p.metrics(),
+            "sidewall_proxy_h2_pool_total",
+            &[("event", event)],
+        )
+    };
+    assert_eq!(pool(&web, "opened"), 1, "{}", web.metrics());
+    assert_eq!(pool(&web, "reused"), 19);
+    let carried = |outcome: &str| {
+        metric(
+            &api.metrics(),
+            "sidewall_proxy_carried_connections_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(carried("allowed"), 20, "{}", api.metrics());
+
+    // A denied workload's carried connection never reaches the app.
+    let before = mesh.app.accepted();
+    assert_eq!(exchange(batch_route, b"denied"), None);
+    assert_eq!(mesh.app.accepted(), before);
+    assert!(batch.log().contains("status=\"denied\"") || batch.log().contains("status=denied"));
+
+    // One connection per app connection still works when configured.
+    assert_eq!(
+        exchange(legacy_route, b"own connection").as_deref(),
+        Some(&b"own connection"[..])
+    );
+    assert_eq!(pool(&legacy, "opened"), 0);
+
+    // A stream whose reader is stuck does not stall the others on the same connection.
+    let mut stuck = std::net::TcpStream::connect(("127.0.0.1", web_route)).unwrap();
+    let writer = std::thread::spawn(move || {
+        // The echo comes back to a client that never reads: both directions fill up.
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..16 * 1024 {
+            if let Err(error) = std::io::Write::write_all(&mut stuck, &chunk) {
+                return Some(error.to_string());
+            }
+        }
+        None
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..5 {
+        let payload = format!("beside a stuck stream {i}");
+        assert_eq!(
+            exchange(web_route, payload.as_bytes()).as_deref(),
+            Some(payload.as_bytes())
+        );
+    }
+    assert_eq!(
+        pool(&web, "opened"),
+        1,
+        "the stuck stream shares the connection"
+    );
+    assert!(
+        !writer.is_finished(),
+        "the stuck stream is held by flow control"
+    );
+
+    // A policy change applies to the next carried connection on the same shared connection.
+    mesh.policy("api", &allow(&format!("{TD}/legacy")));
+    eventually(20, "web to be denied", || {
+        exchange(web_route, b"after").is_none()
+    });
+    assert_eq!(pool(&web, "opened"), 1);
+    assert!(
+        metric(
+            &web.metrics(),
+            "sidewall_proxy_outbound_failures_total",
+            &[("reason", "denied")]
+        ) >= 1
+    );
+}
 
 #[test]
 fn allowed_peers_reach_the_app_and_denied_peers_never_do() {
@@ -518,13 +633,12 @@ fn certificates_rotate_under_traffic_without_a_failed_exchange() {
         "closed by the sidecar, not by a timeout: {read:?}"
     );
     assert_eq!(echoed, b"held");
-    assert!(
-        api.log()
-            .contains("peer certificate expired: connection closed")
-            || web
-                .log()
-                .contains("peer certificate expired: connection closed")
-    );
+    // Either the carried connection itself or the shared connection carrying it.
+    let closed = |log: String| {
+        log.contains("peer certificate expired: connection closed")
+            || log.contains("peer certificate expired: shared connection closed")
+    };
+    assert!(closed(api.log()) || closed(web.log()));
 }
 
 #[test]

@@ -16,6 +16,7 @@
 //! outbound:
 //!   transparent: {listen: 127.0.0.1:4640}   # transparent mode (with `sidewall iptables`)
 //!   egress: [203.0.113.7:443]       # plaintext destinations outside the mesh, allowed through
+//!   sidecarConnections: shared      # or perConnection: one mTLS connection per app connection
 //!   routes:                         # local ports that lead to other services
 //!     - {listen: 127.0.0.1:7001, service: spiffe://example.org/ns/shop/svc/db, port: 5432}
 //! admin:
@@ -137,6 +138,22 @@ pub struct OutboundConfig {
     /// `sidewall iptables install --proxy-mark MARK` exempts them. Needs CAP_NET_ADMIN.
     #[serde(default)]
     pub mark: Option<u32>,
+    /// How the app's connections to other services' TCP ports travel to their sidecars:
+    /// `shared` (default: as streams of one long-lived mTLS connection per service, no
+    /// handshake per app connection) or `perConnection` (an mTLS connection each).
+    #[serde(default)]
+    pub sidecar_connections: SidecarConnections,
+}
+
+/// How app connections to TCP ports are carried between sidecars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SidecarConnections {
+    /// Streams of one long-lived connection per service (ALPN `sidewall-mux/1`).
+    #[default]
+    Shared,
+    /// One mTLS connection per app connection (ALPN `sidewall-l4/1`).
+    PerConnection,
 }
 
 /// The transparent outbound listener.

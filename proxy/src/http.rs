@@ -375,7 +375,10 @@ async fn handle(
 }
 
 /// Opens a cleartext HTTP/2 connection (prior knowledge) to an app.
-async fn connect_app_h2(app: SocketAddr, timeout: Duration) -> Result<pool::Sender, &'static str> {
+async fn connect_app_h2(
+    app: SocketAddr,
+    timeout: Duration,
+) -> Result<pool::Opened<Incoming>, &'static str> {
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(app))
         .await
         .map_err(|_| "app connect timed out")?
@@ -390,5 +393,5 @@ async fn connect_app_h2(app: SocketAddr, timeout: Duration) -> Result<pool::Send
             tracing::debug!(%app, %error, "app HTTP/2 connection ended");
         }
     });
-    Ok(sender)
+    Ok((sender, None))
 }

@@ -23,6 +23,8 @@ use crate::connections::CloseReason;
 use crate::identity::now_unix;
 use crate::transport::{Status, forward, read_header, write_status};
 
+mod mux;
+
 /// Accepts until `stop` turns true.
 pub(crate) async fn serve(
     context: Arc<Context>,
@@ -41,12 +43,12 @@ pub(crate) async fn serve(
     .await;
 }
 
-fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {
+pub(super) fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {
     metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
     tracing::info!(%remote, reason, %detail, "inbound connection refused");
 }
 
-fn record(decision: &Decision) {
+pub(super) fn record(decision: &Decision) {
     let outcome = match decision.outcome {
         Outcome::Allow => "allow",
         Outcome::Deny => "deny",
@@ -95,13 +97,20 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             .accept(stream)
             .await
             .map_err(|e| (sidewall_policies::svid::io_failure_label(&e), e.to_string()))?;
+        if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MUX) {
+            // A shared connection: each stream names its port and is decided on its own.
+            return Ok::<_, (&'static str, String)>((stream, None));
+        }
         let port = read_header(&mut stream)
             .await
             .map_err(|e| ("bad_header", e.to_string()))?;
-        Ok::<_, (&'static str, String)>((stream, port))
+        Ok((stream, Some(port)))
     };
     let (mut stream, port) = match tokio::time::timeout(timeout, handshake).await {
-        Ok(Ok(pair)) => pair,
+        Ok(Ok((stream, Some(port)))) => (stream, port),
+        Ok(Ok((stream, None))) => {
+            return mux::serve(context, stream, remote, redirected_port).await;
+        }
         Ok(Err((reason, detail))) => return refused(reason, remote, &detail),
         Err(_) => return refused("timeout", remote, &"handshake or port header too slow"),
     };
@@ -214,7 +223,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
 /// Runs an authorized connection's `work` while it is registered for re-evaluation: it ends
 /// when the work ends, when the sidecar closes it (`onRevoke`, revocation, shutdown), or when
 /// the peer certificate it was authorized with expires.
-async fn supervise(
+pub(super) async fn supervise(
     context: &Context,
     peer: &sidewall_policies::svid::Svid,
     port: u16,

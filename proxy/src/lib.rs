@@ -71,6 +71,10 @@ pub struct Context {
     pub(crate) app_h2: http::pool::Pool<std::net::SocketAddr>,
     /// HTTP/2 connections to peer sidecars (ALPN `sidewall-h2/1`), by service and port.
     pub(crate) peers_h2: http::pool::Pool<(sidewall_policies::SpiffeId, u16)>,
+    /// Shared connections carrying app connections to TCP ports (ALPN `sidewall-mux/1`), by
+    /// service.
+    pub(crate) peers_mux:
+        http::pool::Pool<sidewall_policies::SpiffeId, http_body_util::Empty<bytes::Bytes>>,
 }
 
 /// The bound sockets, in the order of the configuration.
@@ -215,6 +219,7 @@ pub async fn run(
         app_client: http::app_client(),
         app_h2: http::pool::Pool::default(),
         peers_h2: http::pool::Pool::default(),
+        peers_mux: http::pool::Pool::default(),
     });
     let distributor = match config.local.clone() {
         Some(local) => {

@@ -17,7 +17,10 @@ use tokio_rustls::TlsConnector;
 
 use crate::Context;
 use crate::config::Route;
+use crate::config::SidecarConnections;
+use crate::http::pool::{Opened, PoolError};
 use crate::identity::now_unix;
+use crate::tls::{ALPN_L4, ALPN_MUX};
 use crate::transport::{Status, forward, request_port};
 
 pub(crate) mod http;
@@ -82,7 +85,10 @@ async fn dial(
         http::serve(context.clone(), app, service.clone(), port).await;
         return Ok(());
     }
-    let (stream, expiry) = open(context, service, port, false).await?;
+    if context.config.outbound.sidecar_connections == SidecarConnections::Shared {
+        return carry(context, service, port, app).await;
+    }
+    let (stream, expiry) = open(context, service, Some(port), ALPN_L4).await?;
     tokio::select! {
         result = forward(app, stream, context.config.limits.idle_timeout.0) => {
             if let Ok(counts) = result {
@@ -96,19 +102,97 @@ async fn dial(
     Ok(())
 }
 
-/// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`), names `port`
-/// in the header and waits for the answer. Returns the stream, ready for bytes (or, with `h2`,
-/// for HTTP/2), and how long the server's certificate is still valid.
+/// Carries `app` as one stream of the shared connection to `service`'s sidecars: `CONNECT
+/// sidewall:<port>`, authorized by the server on its own, then bytes both ways.
+async fn carry(
+    context: &Arc<Context>,
+    service: &SpiffeId,
+    port: u16,
+    app: TcpStream,
+) -> Result<(), &'static str> {
+    let request = hyper::Request::connect(format!("sidewall:{port}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|_| "bad_request")?;
+    let connect = || connect_shared(context, service);
+    let response = match context.peers_mux.send(service, connect, request).await {
+        Ok(response) => response,
+        Err(PoolError::Connect(reason)) => return Err(reason),
+        Err(PoolError::Request(error)) => {
+            tracing::warn!(%service, port, %error, "the shared connection to the service failed");
+            return Err("stream_failed");
+        }
+    };
+    let refusal = match response.status() {
+        hyper::StatusCode::OK => None,
+        hyper::StatusCode::FORBIDDEN => Some("denied"),
+        hyper::StatusCode::NOT_FOUND => Some("unknown_port"),
+        hyper::StatusCode::MISDIRECTED_REQUEST => Some("not_tcp"),
+        hyper::StatusCode::BAD_GATEWAY => Some("app_unavailable"),
+        hyper::StatusCode::SERVICE_UNAVAILABLE => Some("peer_busy"),
+        _ => Some("bad_status"),
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(%service, port, status = reason, code = %response.status(), "peer sidecar refused the connection");
+        return Err(reason);
+    }
+    let stream = hyper::upgrade::on(response)
+        .await
+        .map_err(|_| "stream_failed")?;
+    if let Ok(counts) = forward(
+        app,
+        hyper_util::rt::TokioIo::new(stream),
+        context.config.limits.idle_timeout.0,
+    )
+    .await
+    {
+        metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound")
+            .increment(counts.a_to_b + counts.b_to_a);
+    }
+    Ok(())
+}
+
+/// Opens the shared connection to `service`'s sidecars.
+async fn connect_shared(
+    context: &Context,
+    service: &SpiffeId,
+) -> Result<Opened<http_body_util::Empty<bytes::Bytes>>, &'static str> {
+    let (stream, expiry) = open(context, service, None, ALPN_MUX).await?;
+    let until = std::time::Instant::now() + expiry / 2;
+    let mut builder = crate::http::h2_client();
+    builder.initial_max_send_streams(1024);
+    let (sender, connection) = builder
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|_| "h2_handshake")?;
+    let service = service.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            result = connection => {
+                if let Err(error) = result {
+                    tracing::debug!(%service, %error, "shared connection ended");
+                }
+            }
+            () = tokio::time::sleep(expiry) => {
+                tracing::info!(%service, "peer certificate expired: shared connection closed");
+            }
+        }
+    });
+    Ok((sender, Some(until)))
+}
+
+/// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`) with `alpn`;
+/// with a `port`, names it in the header and waits for the answer. Returns the stream, ready
+/// for bytes (or HTTP/2), and how long the server's certificate is still valid.
 pub(crate) async fn open(
     context: &Context,
     service: &SpiffeId,
-    port: u16,
-    h2: bool,
+    port: Option<u16>,
+    alpn: &'static [u8],
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Duration), &'static str> {
     let route = Route {
         listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         service: service.clone(),
-        port,
+        port: port.unwrap_or(0),
     };
     let config = &context.config;
     let tls = context.tls.borrow().clone().ok_or_else(|| {
@@ -120,12 +204,9 @@ pub(crate) async fn open(
         tracing::warn!(service = %route.service, "service is not in the directory");
         return Err("unknown_service");
     };
-    let client = if h2 {
-        tls.client_h2(&route.service)
-    } else {
-        tls.client(&route.service)
-    }
-    .map_err(|_| "tls_config")?;
+    let client = tls
+        .client_for(&route.service, alpn)
+        .map_err(|_| "tls_config")?;
     let connector = TlsConnector::from(client);
     let timeout = config.limits.handshake_timeout.0;
     let mut last = "no_endpoint";
@@ -167,15 +248,20 @@ pub(crate) async fn open(
         };
         let server_expiry = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Server)
             .map_or(0, |svid| svid.not_after);
-        match request_port(&mut stream, route.port, timeout).await {
-            Ok(Some(Status::Allowed)) => {}
-            Ok(Some(status)) => {
-                tracing::warn!(service = %route.service, port = route.port, status = status.label(), "peer sidecar refused the connection");
-                return Err(status.label());
+        if let Some(port) = port {
+            match request_port(&mut stream, port, timeout).await {
+                Ok(Some(Status::Allowed)) => {}
+                Ok(Some(status)) => {
+                    tracing::warn!(service = %route.service, port, status = status.label(), "peer sidecar refused the connection");
+                    return Err(status.label());
+                }
+                Ok(None) | Err(_) => return Err("bad_status"),
             }
-            Ok(None) | Err(_) => return Err("bad_status"),
         }
-        let expiry = Duration::from_secs(u64::try_from(server_expiry - now_unix()).unwrap_or(0));
+        // The connection is good until either certificate it was made with expires (the server
+        // closes it at ours).
+        let until = server_expiry.min(tls.credential().svid.not_after);
+        let expiry = Duration::from_secs(u64::try_from(until - now_unix()).unwrap_or(0));
         return Ok((stream, expiry));
     }
     tracing::warn!(service = %route.service, reason = last, "no endpoint of the service could be reached");

@@ -28,6 +28,9 @@ pub const ALPN_L4: &[u8] = b"sidewall-l4/1";
 /// connection-level check still runs before any HTTP is parsed), one long-lived connection
 /// carrying many requests.
 pub const ALPN_H2: &[u8] = b"sidewall-h2/1";
+/// ALPN of carried TCP connections: HTTP/2 right after the handshake (no port header), each
+/// app connection one `CONNECT sidewall:<port>` stream, authorized on its own.
+pub const ALPN_MUX: &[u8] = b"sidewall-mux/1";
 
 /// The crypto provider used everywhere (aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -87,6 +90,7 @@ pub struct TlsSet {
     tls12: bool,
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
     clients_h2: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    clients_mux: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 /// The credential's own roots plus the snapshot's per trust domain (several during a CA
@@ -134,7 +138,7 @@ impl TlsSet {
             .with_protocol_versions(versions(tls12))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(Arc::new(Fixed(credential.certified_key.clone())));
-        server.alpn_protocols = vec![ALPN_L4.to_vec(), ALPN_H2.to_vec()];
+        server.alpn_protocols = vec![ALPN_L4.to_vec(), ALPN_H2.to_vec(), ALPN_MUX.to_vec()];
         Ok(Self {
             server: Arc::new(server),
             bundles,
@@ -143,6 +147,7 @@ impl TlsSet {
             tls12,
             clients: Mutex::new(HashMap::new()),
             clients_h2: Mutex::new(HashMap::new()),
+            clients_mux: Mutex::new(HashMap::new()),
         })
     }
 
@@ -156,18 +161,17 @@ impl TlsSet {
         self.client_for(expected, ALPN_L4)
     }
 
-    /// The same for HTTP/2 between sidecars ([`ALPN_H2`]).
-    pub fn client_h2(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
-        self.client_for(expected, ALPN_H2)
-    }
-
-    fn client_for(
+    /// A client configuration for `expected` with the given ALPN protocol ([`ALPN_L4`],
+    /// [`ALPN_H2`] or [`ALPN_MUX`]).
+    pub fn client_for(
         &self,
         expected: &SpiffeId,
         alpn: &'static [u8],
     ) -> Result<Arc<ClientConfig>, rustls::Error> {
         let clients = if alpn == ALPN_H2 {
             &self.clients_h2
+        } else if alpn == ALPN_MUX {
+            &self.clients_mux
         } else {
             &self.clients
         };

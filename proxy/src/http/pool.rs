@@ -1,24 +1,32 @@
 //! Long-lived HTTP/2 connections, shared by every request to the same place.
 //!
-//! One connection per key (a peer service and port between sidecars; an app address for an
-//! app that speaks HTTP/2). Requests are streams on it, each flow-controlled on its own, so a
-//! slow one does not stall the others. A connection that closed — the peer restarted, its
-//! certificate expired, it went away — is replaced on the next request; a request that had
-//! not been sent yet when it found the connection closed is retried once on a new one.
+//! One connection per key (a peer service and port for HTTP between sidecars; a peer service
+//! for carried TCP connections; an app address for an app that speaks HTTP/2). Requests are
+//! streams on it, each flow-controlled on its own, so a slow one does not stall the others. A
+//! connection that closed — the peer restarted, its certificate expired, it went away — or
+//! that is past the time its opener gave it (see [`Opened`]) is replaced on the next request;
+//! streams already on it carry on. A request that had not been sent yet when it found the
+//! connection closed is retried once on a new one.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 
-/// The sending half of one pooled connection.
-pub(crate) type Sender = SendRequest<Incoming>;
+/// The sending half of one pooled connection carrying request bodies of type `B`.
+pub(crate) type Sender<B = Incoming> = SendRequest<B>;
 
-type Slot = Arc<tokio::sync::Mutex<Option<Sender>>>;
+/// A new connection, and until when new requests may be put on it (for a connection to a peer
+/// sidecar: well before the server's certificate expires, so that a renewed one is picked up
+/// by the next connection while the streams on this one finish).
+pub(crate) type Opened<B> = (Sender<B>, Option<Instant>);
+
+type Slot<B> = Arc<tokio::sync::Mutex<Option<(Sender<B>, Option<Instant>)>>>;
 
 /// Why a pooled request failed.
 #[derive(Debug)]
@@ -29,12 +37,12 @@ pub(crate) enum PoolError<E> {
     Request(hyper::Error),
 }
 
-/// Pooled HTTP/2 connections keyed by `K`.
-pub(crate) struct Pool<K> {
-    slots: Mutex<HashMap<K, Slot>>,
+/// Pooled HTTP/2 connections keyed by `K`, carrying request bodies of type `B`.
+pub(crate) struct Pool<K, B = Incoming> {
+    slots: Mutex<HashMap<K, Slot<B>>>,
 }
 
-impl<K> Default for Pool<K> {
+impl<K, B> Default for Pool<K, B> {
     fn default() -> Self {
         Self {
             slots: Mutex::new(HashMap::new()),
@@ -42,35 +50,44 @@ impl<K> Default for Pool<K> {
     }
 }
 
-impl<K> std::fmt::Debug for Pool<K> {
+impl<K, B> std::fmt::Debug for Pool<K, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let open = self.slots.lock().map_or(0, |s| s.len());
         f.debug_struct("Pool").field("keys", &open).finish()
     }
 }
 
-impl<K: Hash + Eq + Clone> Pool<K> {
-    fn slot(&self, key: &K) -> Slot {
+impl<K, B> Pool<K, B>
+where
+    K: Hash + Eq + Clone,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn slot(&self, key: &K) -> Slot<B> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.entry(key.clone()).or_default().clone()
     }
 
     /// A ready sender for `key`: the pooled one, or a new connection from `connect` (one at a
     /// time per key: concurrent first requests wait for the same connection).
-    async fn sender<E, F, Fut>(&self, key: &K, connect: &F, fresh: bool) -> Result<Sender, E>
+    async fn sender<E, F, Fut>(&self, key: &K, connect: &F, fresh: bool) -> Result<Sender<B>, E>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<Sender, E>>,
+        Fut: Future<Output = Result<Opened<B>, E>>,
     {
         let slot = self.slot(key);
         let mut held = slot.lock().await;
-        if !fresh && let Some(sender) = held.as_ref().filter(|s| !s.is_closed()) {
+        let usable = |(sender, until): &(Sender<B>, Option<Instant>)| {
+            !sender.is_closed() && until.is_none_or(|until| Instant::now() < until)
+        };
+        if !fresh && let Some((sender, _)) = held.as_ref().filter(|pooled| usable(pooled)) {
             metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
             return Ok(sender.clone());
         }
-        let sender = connect().await?;
+        let (sender, until) = connect().await?;
         metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
-        *held = Some(sender.clone());
+        *held = Some((sender.clone(), until));
         Ok(sender)
     }
 
@@ -80,11 +97,11 @@ impl<K: Hash + Eq + Clone> Pool<K> {
         &self,
         key: &K,
         connect: F,
-        request: Request<Incoming>,
+        request: Request<B>,
     ) -> Result<Response<Incoming>, PoolError<E>>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<Sender, E>>,
+        Fut: Future<Output = Result<Opened<B>, E>>,
     {
         let mut request = request;
         let mut fresh = false;

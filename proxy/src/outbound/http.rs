@@ -27,7 +27,7 @@ use sidewall_policies::SpiffeId;
 use tokio::net::TcpStream;
 
 use crate::Context;
-use crate::http::pool::{PoolError, Sender};
+use crate::http::pool::{Opened, PoolError};
 use crate::http::{ResponseBody, framing, request, short};
 
 /// Serves the app's connection to `service`'s HTTP `port` until it ends.
@@ -123,8 +123,9 @@ async fn connect_peer(
     context: &Context,
     service: &SpiffeId,
     port: u16,
-) -> Result<Sender, &'static str> {
-    let (stream, expiry) = super::open(context, service, port, true).await?;
+) -> Result<Opened<Incoming>, &'static str> {
+    let (stream, expiry) = super::open(context, service, Some(port), crate::tls::ALPN_H2).await?;
+    let until = std::time::Instant::now() + expiry / 2;
     let (sender, connection) = crate::http::h2_client()
         .handshake(TokioIo::new(stream))
         .await
@@ -142,7 +143,7 @@ async fn connect_peer(
             }
         }
     });
-    Ok(sender)
+    Ok((sender, Some(until)))
 }
 
 /// A WebSocket upgrade or `CONNECT`: its own L4 connection, HTTP/1.1 inside, then raw bytes
@@ -153,7 +154,7 @@ async fn tunnel(
     port: u16,
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let (stream, _) = match super::open(context, service, port, false).await {
+    let (stream, _) = match super::open(context, service, Some(port), crate::tls::ALPN_L4).await {
         Ok(pair) => pair,
         Err(reason) => return failed(reason),
     };
