@@ -201,7 +201,7 @@ fn app_connections_share_one_sidecar_connection_and_each_is_decided_on_its_own()
     eventually(20, "web to be denied", || {
         exchange(web_route, b"after").is_none()
     });
-    assert_eq!(pool(&web, "opened"), 1);
+    assert_eq!(pool(&web, "opened"), 1, "{}", web.log());
     assert!(
         metric(
             &web.metrics(),

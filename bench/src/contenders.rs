@@ -97,10 +97,12 @@ pub(crate) fn plan(contender: Contender, env: &Env) -> Plan {
             "tokio::io::copy_bidirectional, 8 KiB buffers, one thread per hop".into(),
         )),
         Contender::Haproxy | Contender::Nginx | Contender::Stunnel => peers::plan(contender),
-        Contender::SidewallL4 | Contender::SidewallHttp => match &env.sidewall {
-            Ok(binary) => Plan::Run(version_line(binary, &["--version"], "sidewall")),
-            Err(reason) => Plan::Skip(reason.clone()),
-        },
+        Contender::SidewallL4 | Contender::SidewallL4Dedicated | Contender::SidewallHttp => {
+            match &env.sidewall {
+                Ok(binary) => Plan::Run(version_line(binary, &["--version"], "sidewall")),
+                Err(reason) => Plan::Skip(reason.clone()),
+            }
+        }
     }
 }
 
@@ -149,8 +151,9 @@ pub(crate) async fn start(contender: Contender, env: &Env) -> Result<Chain> {
         Contender::Haproxy | Contender::Nginx | Contender::Stunnel => {
             peers::start(contender, env, &dir)?
         }
-        Contender::SidewallL4 => sidewall::start(env, &dir, "tcp")?,
-        Contender::SidewallHttp => sidewall::start(env, &dir, "http")?,
+        Contender::SidewallL4 => sidewall::start(env, &dir, "tcp", "shared")?,
+        Contender::SidewallL4Dedicated => sidewall::start(env, &dir, "tcp", "perConnection")?,
+        Contender::SidewallHttp => sidewall::start(env, &dir, "http", "shared")?,
     };
     wait_ready(&mut chain, Framing::of(contender), Duration::from_secs(30)).await?;
     Ok(chain)

@@ -16,21 +16,26 @@ pub enum Contender {
     Nginx,
     /// stunnel, client mode then server mode.
     Stunnel,
-    /// Two Sidewall sidecars, L4 (outbound route → mTLS → inbound port).
+    /// Two Sidewall sidecars, L4 (outbound route → mTLS → inbound port), as configured by
+    /// default: app connections carried as streams of one shared sidecar connection.
     SidewallL4,
+    /// The same with `sidecarConnections: perConnection`: one mTLS connection (resumed
+    /// session) per app connection. Not one of the names: it shows what sharing buys.
+    SidewallL4Dedicated,
     /// Two Sidewall sidecars forwarding HTTP with per-request authorization.
     SidewallHttp,
 }
 
 impl Contender {
     /// Every contender, in report order.
-    pub const ALL: [Contender; 7] = [
+    pub const ALL: [Contender; 8] = [
         Contender::Direct,
         Contender::CopyBaseline,
         Contender::Haproxy,
         Contender::Nginx,
         Contender::Stunnel,
         Contender::SidewallL4,
+        Contender::SidewallL4Dedicated,
         Contender::SidewallHttp,
     ];
 
@@ -46,6 +51,7 @@ impl Contender {
             Contender::Nginx => "nginx",
             Contender::Stunnel => "stunnel",
             Contender::SidewallL4 => "sidewall-l4",
+            Contender::SidewallL4Dedicated => "sidewall-l4-dedicated",
             Contender::SidewallHttp => "sidewall-http",
         }
     }
@@ -70,7 +76,10 @@ impl Contender {
 
     /// Whether this is Sidewall.
     pub fn is_sidewall(self) -> bool {
-        matches!(self, Contender::SidewallL4 | Contender::SidewallHttp)
+        matches!(
+            self,
+            Contender::SidewallL4 | Contender::SidewallL4Dedicated | Contender::SidewallHttp
+        )
     }
 }
 
@@ -240,6 +249,7 @@ mod tests {
                 "nginx",
                 "stunnel",
                 "sidewall-l4",
+                "sidewall-l4-dedicated",
                 "sidewall-http"
             ]
         );

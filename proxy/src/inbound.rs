@@ -94,9 +94,14 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let handshake = async {
         let mut stream = acceptor
-            .accept(stream)
+            .accept(crate::transport::ReadAhead::new(stream))
             .await
             .map_err(|e| (sidewall_policies::svid::io_failure_label(&e), e.to_string()))?;
+        let alpn = stream.get_ref().1.alpn_protocol();
+        if alpn == Some(crate::tls::ALPN_MUX) || alpn == Some(crate::tls::ALPN_H2) {
+            // A long-lived shared connection: worth a read-ahead buffer.
+            stream.get_mut().0.enable();
+        }
         if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MUX) {
             // A shared connection: each stream names its port and is decided on its own.
             return Ok::<_, (&'static str, String)>((stream, None));

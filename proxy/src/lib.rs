@@ -33,6 +33,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 mod listen;
+mod mux;
 pub mod outbound;
 pub mod redirect;
 pub mod snapshot;
@@ -73,8 +74,7 @@ pub struct Context {
     pub(crate) peers_h2: http::pool::Pool<(sidewall_policies::SpiffeId, u16)>,
     /// Shared connections carrying app connections to TCP ports (ALPN `sidewall-mux/1`), by
     /// service.
-    pub(crate) peers_mux:
-        http::pool::Pool<sidewall_policies::SpiffeId, http_body_util::Empty<bytes::Bytes>>,
+    pub(crate) peers_mux: mux::Pool,
 }
 
 /// The bound sockets, in the order of the configuration.
@@ -219,7 +219,7 @@ pub async fn run(
         app_client: http::app_client(),
         app_h2: http::pool::Pool::default(),
         peers_h2: http::pool::Pool::default(),
-        peers_mux: http::pool::Pool::default(),
+        peers_mux: mux::Pool::default(),
     });
     let distributor = match config.local.clone() {
         Some(local) => {

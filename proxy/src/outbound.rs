@@ -18,10 +18,9 @@ use tokio_rustls::TlsConnector;
 use crate::Context;
 use crate::config::Route;
 use crate::config::SidecarConnections;
-use crate::http::pool::{Opened, PoolError};
 use crate::identity::now_unix;
 use crate::tls::{ALPN_L4, ALPN_MUX};
-use crate::transport::{Status, forward, request_port};
+use crate::transport::{ReadAhead, Status, forward, request_port};
 
 pub(crate) mod http;
 
@@ -64,7 +63,7 @@ async fn handle(context: &Arc<Context>, route: &Route, app: TcpStream) -> Result
 }
 
 /// Sends `app` to `service`'s `port`: through [`http`] when the directory says the port speaks
-/// HTTP, otherwise as bytes over its own mTLS connection.
+/// HTTP, otherwise as bytes, carried on the shared connection or over one of its own.
 async fn dial(
     context: &Arc<Context>,
     service: &SpiffeId,
@@ -82,12 +81,24 @@ async fn dial(
         })
     };
     if http {
-        http::serve(context.clone(), app, service.clone(), port).await;
+        // The less common branches are boxed: an app connection's task is as large as its
+        // largest branch for its whole life, and the shared path is the small one.
+        Box::pin(http::serve(context.clone(), app, service.clone(), port)).await;
         return Ok(());
     }
     if context.config.outbound.sidecar_connections == SidecarConnections::Shared {
         return carry(context, service, port, app).await;
     }
+    Box::pin(dedicated(context, service, port, app)).await
+}
+
+/// `app` over an mTLS connection of its own (`sidecarConnections: perConnection`).
+async fn dedicated(
+    context: &Arc<Context>,
+    service: &SpiffeId,
+    port: u16,
+    app: TcpStream,
+) -> Result<(), &'static str> {
     let (stream, expiry) = open(context, service, Some(port), ALPN_L4).await?;
     tokio::select! {
         result = forward(app, stream, context.config.limits.idle_timeout.0) => {
@@ -110,40 +121,10 @@ async fn carry(
     port: u16,
     app: TcpStream,
 ) -> Result<(), &'static str> {
-    let request = hyper::Request::connect(format!("sidewall:{port}"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|_| "bad_request")?;
     let connect = || connect_shared(context, service);
-    let response = match context.peers_mux.send(service, connect, request).await {
-        Ok(response) => response,
-        Err(PoolError::Connect(reason)) => return Err(reason),
-        Err(PoolError::Request(error)) => {
-            tracing::warn!(%service, port, %error, "the shared connection to the service failed");
-            return Err("stream_failed");
-        }
-    };
-    let refusal = match response.status() {
-        hyper::StatusCode::OK => None,
-        hyper::StatusCode::FORBIDDEN => Some("denied"),
-        hyper::StatusCode::NOT_FOUND => Some("unknown_port"),
-        hyper::StatusCode::MISDIRECTED_REQUEST => Some("not_tcp"),
-        hyper::StatusCode::BAD_GATEWAY => Some("app_unavailable"),
-        hyper::StatusCode::SERVICE_UNAVAILABLE => Some("peer_busy"),
-        _ => Some("bad_status"),
-    };
-    if let Some(reason) = refusal {
-        tracing::warn!(%service, port, status = reason, code = %response.status(), "peer sidecar refused the connection");
-        return Err(reason);
-    }
-    let stream = hyper::upgrade::on(response)
-        .await
-        .map_err(|_| "stream_failed")?;
-    if let Ok(counts) = forward(
-        app,
-        hyper_util::rt::TokioIo::new(stream),
-        context.config.limits.idle_timeout.0,
-    )
-    .await
+    let (send, recv) = context.peers_mux.open(service, port, connect).await?;
+    if let Ok(counts) =
+        crate::mux::forward(app, send, recv, context.config.limits.idle_timeout.0).await
     {
         metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound")
             .increment(counts.a_to_b + counts.b_to_a);
@@ -155,29 +136,18 @@ async fn carry(
 async fn connect_shared(
     context: &Context,
     service: &SpiffeId,
-) -> Result<Opened<http_body_util::Empty<bytes::Bytes>>, &'static str> {
+) -> Result<crate::mux::Opened, &'static str> {
     let (stream, expiry) = open(context, service, None, ALPN_MUX).await?;
-    let until = std::time::Instant::now() + expiry / 2;
-    let mut builder = crate::http::h2_client();
-    builder.initial_max_send_streams(1024);
-    let (sender, connection) = builder
-        .handshake(hyper_util::rt::TokioIo::new(stream))
+    let (sender, connection) = crate::mux::client_builder()
+        .handshake(stream)
         .await
         .map_err(|_| "h2_handshake")?;
-    let service = service.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            result = connection => {
-                if let Err(error) = result {
-                    tracing::debug!(%service, %error, "shared connection ended");
-                }
-            }
-            () = tokio::time::sleep(expiry) => {
-                tracing::info!(%service, "peer certificate expired: shared connection closed");
-            }
-        }
-    });
-    Ok((sender, Some(until)))
+    let closed = crate::mux::drive(connection, expiry, service.clone());
+    Ok(crate::mux::Opened {
+        sender,
+        until: std::time::Instant::now() + expiry / 2,
+        closed,
+    })
 }
 
 /// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`) with `alpn`;
@@ -188,7 +158,13 @@ pub(crate) async fn open(
     service: &SpiffeId,
     port: Option<u16>,
     alpn: &'static [u8],
-) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Duration), &'static str> {
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
+        Duration,
+    ),
+    &'static str,
+> {
     let route = Route {
         listen: SocketAddr::from(([0, 0, 0, 0], 0)),
         service: service.clone(),
@@ -236,6 +212,11 @@ pub(crate) async fn open(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let mut tcp = ReadAhead::new(tcp);
+        if alpn != ALPN_L4 {
+            // A long-lived shared connection: worth a read-ahead buffer.
+            tcp.enable();
+        }
         let mut stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
@@ -285,7 +266,7 @@ pub(crate) async fn serve_transparent(
     let own = listener.local_addr().ok();
     crate::listen::accept_loop(context, listener, stop, "outbound", move |context, app, _| async move {
         let result = match crate::transport::original_destination(&app) {
-            Ok(destination) if Some(destination) != own => transparent(&context, destination, app).await,
+            Ok(destination) if Some(destination) != own => Box::pin(transparent(&context, destination, app)).await,
             Ok(_) => Err("not_redirected"),
             Err(error) => {
                 tracing::warn!(%error, "no original destination: was the connection redirected by iptables?");

@@ -16,8 +16,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 mod copy;
+mod read_ahead;
 
 pub use copy::{Forwarded, forward};
+pub use read_ahead::{READ_AHEAD, ReadAhead};
 
 /// Where a connection redirected by iptables `REDIRECT` was headed (`SO_ORIGINAL_DST`).
 pub fn original_destination(

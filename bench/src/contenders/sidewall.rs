@@ -65,8 +65,9 @@ pub(crate) fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     }
 }
 
-/// Starts B, then A; `protocol` is B's port protocol, `tcp` or `http`.
-pub(super) fn start(env: &Env, dir: &Path, protocol: &str) -> Result<Chain> {
+/// Starts B, then A; `protocol` is B's port protocol, `tcp` or `http`; `connections` is A's
+/// `outbound.sidecarConnections` (`shared` or `perConnection`).
+pub(super) fn start(env: &Env, dir: &Path, protocol: &str, connections: &str) -> Result<Chain> {
     let binary = match &env.sidewall {
         Ok(binary) => binary,
         Err(reason) => bail!("{reason}"),
@@ -110,7 +111,8 @@ pub(super) fn start(env: &Env, dir: &Path, protocol: &str) -> Result<Chain> {
     );
     let config_a = format!(
         "{}inbound:\n  listen: 127.0.0.1:{a_inbound}\noutbound:\n  routes:\n    \
-         - {{listen: 127.0.0.1:{front}, service: {b}, port: {PORT}}}\n\
+         - {{listen: 127.0.0.1:{front}, service: {b}, port: {PORT}}}\n  \
+         sidecarConnections: {connections}\n\
          local:\n  policies: [{policies}]\n  directory:\n    \
          - {{identity: {b}, endpoints: [127.0.0.1:{b_inbound}], ports: [{{port: {PORT}, protocol: {protocol}}}]}}\n",
         common("a", a_admin),

@@ -85,7 +85,7 @@ where
             metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
             return Ok(sender.clone());
         }
-        let (sender, until) = connect().await?;
+        let (sender, until) = Box::pin(connect()).await?;
         metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
         *held = Some((sender.clone(), until));
         Ok(sender)

@@ -11,16 +11,14 @@
 //! connection limit) and nothing reaches the app. HTTP/2 flow control is per stream, so a slow
 //! reader stalls only its own stream.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::body::Incoming;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sidewall_policies::svid::{Svid, Usage, peer_svid};
 use sidewall_policies::{Outcome, Protocol};
 use tokio::net::TcpStream;
@@ -29,14 +27,13 @@ use tokio_rustls::server::TlsStream;
 use super::{record, refused, supervise};
 use crate::Context;
 use crate::identity::now_unix;
-
-/// The host every stream names: only the port means anything.
-const HOST: &str = "sidewall";
+use crate::mux::HOST;
+use crate::transport::ReadAhead;
 
 /// Serves one shared connection until the peer closes it or its certificate expires.
 pub(super) async fn serve(
     context: &Arc<Context>,
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<ReadAhead<TcpStream>>,
     remote: SocketAddr,
     redirected: Option<u16>,
 ) {
@@ -48,56 +45,65 @@ pub(super) async fn serve(
     }
     let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
     let peer = Arc::new(peer);
-    let streams_context = context.clone();
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let context = streams_context.clone();
-        let peer = peer.clone();
-        async move { Ok::<_, Infallible>(carried(context, peer, redirected, request).await) }
-    });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(
-            u32::try_from(context.config.limits.max_connections).unwrap_or(u32::MAX),
-        )
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .max_header_list_size(4096)
-        .max_pending_accept_reset_streams(crate::http::MAX_PENDING_RESETS)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::select! {
-        result = connection => {
-            if let Err(error) = result {
-                tracing::debug!(%remote, %error, "shared connection ended with an error");
+    let streams = u32::try_from(context.config.limits.max_connections).unwrap_or(u32::MAX);
+    let accept = async {
+        let mut connection = match crate::mux::server_builder(streams)
+            .handshake::<_, Bytes>(stream)
+            .await
+        {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::debug!(%remote, %error, "shared connection: no HTTP/2 preface");
+                return;
+            }
+        };
+        while let Some(next) = connection.accept().await {
+            match next {
+                Ok((request, respond)) => {
+                    let context = context.clone();
+                    let peer = peer.clone();
+                    tokio::spawn(carried(context, peer, redirected, request, respond));
+                }
+                Err(error) => {
+                    tracing::debug!(%remote, %error, "shared connection ended with an error");
+                    return;
+                }
             }
         }
+    };
+    tokio::select! {
+        () = accept => {}
         () = tokio::time::sleep(expiry) => {
             tracing::info!(%remote, "peer certificate expired: shared connection closed");
         }
     }
 }
 
-fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
     *response.status_mut() = status;
-    response
+    let _ = respond.send_response(response, true);
 }
 
-fn stream_refused(reason: &'static str, peer: &Svid, status: StatusCode) -> Response<Empty<Bytes>> {
+fn stream_refused(
+    respond: &mut SendResponse<Bytes>,
+    reason: &'static str,
+    peer: &Svid,
+    status: StatusCode,
+) {
     metrics::counter!("sidewall_proxy_carried_connections_total", "outcome" => reason).increment(1);
     tracing::info!(peer = %peer.id, reason, "carried connection refused");
-    answer(status)
+    answer(respond, status);
 }
 
-/// One carried connection: decided, then forwarded once hyper hands over the stream.
+/// One carried connection: decided like a new connection, then forwarded.
 async fn carried(
     context: Arc<Context>,
     peer: Arc<Svid>,
     redirected: Option<u16>,
-    mut request: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let port = request
         .uri()
         .authority()
@@ -105,34 +111,44 @@ async fn carried(
         .and_then(|a| a.port_u16())
         .filter(|p| *p != 0);
     let (Some(port), &Method::CONNECT) = (port, request.method()) else {
-        return stream_refused("bad_request", &peer, StatusCode::BAD_REQUEST);
+        return stream_refused(&mut respond, "bad_request", &peer, StatusCode::BAD_REQUEST);
     };
     if peer.not_after <= now_unix() {
-        return stream_refused("certificate_expired", &peer, StatusCode::FORBIDDEN);
+        return stream_refused(
+            &mut respond,
+            "certificate_expired",
+            &peer,
+            StatusCode::FORBIDDEN,
+        );
     }
     if redirected.is_some_and(|original| original != port) {
-        return stream_refused("port_mismatch", &peer, StatusCode::FORBIDDEN);
+        return stream_refused(&mut respond, "port_mismatch", &peer, StatusCode::FORBIDDEN);
     }
     let Some(active) = context.snapshot.borrow().clone() else {
-        return stream_refused("no_snapshot", &peer, StatusCode::SERVICE_UNAVAILABLE);
+        return stream_refused(
+            &mut respond,
+            "no_snapshot",
+            &peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
     };
     if active
         .snapshot
         .revocations
         .is_revoked(&peer.id, &peer.serial)
     {
-        return stream_refused("revoked", &peer, StatusCode::FORBIDDEN);
+        return stream_refused(&mut respond, "revoked", &peer, StatusCode::FORBIDDEN);
     }
     let config = &context.config;
     let Some(entry) = config.inbound_port(port).copied() else {
         metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "unknown_port", "policy" => "-").increment(1);
         tracing::warn!(peer = %peer.id, port, "peer asked for a port this sidecar does not serve");
-        return answer(StatusCode::NOT_FOUND);
+        return answer(&mut respond, StatusCode::NOT_FOUND);
     };
     if entry.protocol != Protocol::Tcp {
         metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "not_tcp", "policy" => "-").increment(1);
         tracing::warn!(peer = %peer.id, port, "peer carried a connection to an HTTP port (HTTP goes as requests)");
-        return answer(StatusCode::MISDIRECTED_REQUEST);
+        return answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
     }
     let decision =
         active
@@ -144,7 +160,7 @@ async fn carried(
         .count(peer.id.as_str(), port, entry.protocol, None, &decision);
     if !decision.permits() {
         tracing::warn!(peer = %peer.id, target = %config.identity, port, %decision, "connection denied");
-        return answer(StatusCode::FORBIDDEN);
+        return answer(&mut respond, StatusCode::FORBIDDEN);
     }
     if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
         tracing::info!(peer = %peer.id, port, decision = %decision.to_string().replace('\n', "; "), "audit");
@@ -155,8 +171,14 @@ async fn carried(
         .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
         .map(|p| p.on_revoke)
         .unwrap_or_default();
-    let Ok(permit) = context.permits.clone().try_acquire_owned() else {
-        return stream_refused("limit", &peer, StatusCode::SERVICE_UNAVAILABLE);
+    drop(active);
+    let Ok(_permit) = context.permits.clone().try_acquire_owned() else {
+        return stream_refused(
+            &mut respond,
+            "limit",
+            &peer,
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
     };
     let app = match tokio::time::timeout(
         config.limits.connect_timeout.0,
@@ -167,36 +189,32 @@ async fn carried(
         Ok(Ok(app)) => app,
         Ok(Err(error)) => {
             tracing::warn!(app = %entry.app, %error, "app unreachable");
-            return answer(StatusCode::BAD_GATEWAY);
+            return answer(&mut respond, StatusCode::BAD_GATEWAY);
         }
         Err(_) => {
             tracing::warn!(app = %entry.app, "app connect timed out");
-            return answer(StatusCode::BAD_GATEWAY);
+            return answer(&mut respond, StatusCode::BAD_GATEWAY);
         }
     };
     let _ = app.set_nodelay(true);
+    let Ok(send) = respond.send_response(Response::new(()), false) else {
+        return;
+    };
     metrics::counter!("sidewall_proxy_carried_connections_total", "outcome" => "allowed")
         .increment(1);
-    let upgrade = hyper::upgrade::on(&mut request);
-    tokio::spawn(async move {
-        let _permit = permit;
-        let Ok(stream) = upgrade.await else {
-            return;
-        };
-        let idle = context.config.limits.idle_timeout.0;
-        let copy = async {
-            match crate::transport::forward(TokioIo::new(stream), app, idle).await {
-                Ok(counts) => {
-                    metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound")
-                        .increment(counts.a_to_b + counts.b_to_a);
-                    tracing::debug!(peer = %peer.id, port, to_app = counts.a_to_b, from_app = counts.b_to_a, idle = counts.idle, "carried connection closed");
-                }
-                Err(error) => {
-                    tracing::debug!(peer = %peer.id, %error, "carried connection ended with an error")
-                }
+    let recv = request.into_body();
+    let idle = config.limits.idle_timeout.0;
+    let copy = async {
+        match crate::mux::forward(app, send, recv, idle).await {
+            Ok(counts) => {
+                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound")
+                    .increment(counts.a_to_b + counts.b_to_a);
+                tracing::debug!(peer = %peer.id, port, to_app = counts.b_to_a, from_app = counts.a_to_b, idle = counts.idle, "carried connection closed");
             }
-        };
-        supervise(&context, &peer, port, entry.protocol, on_revoke, copy).await;
-    });
-    answer(StatusCode::OK)
+            Err(error) => {
+                tracing::debug!(peer = %peer.id, %error, "carried connection ended with an error")
+            }
+        }
+    };
+    supervise(&context, &peer, port, entry.protocol, on_revoke, copy).await;
 }

@@ -6,9 +6,11 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// First size of each direction's buffer: one TLS record. Most connections (requests,
-/// responses, idle keep-alives) never need more, and memory per connection is what a sidecar
-/// holding thousands of them pays.
+/// Each direction starts with a small buffer inside the task itself, no allocation: most
+/// connections (requests, responses, idle keep-alives) never need more, and memory per
+/// connection is what a sidecar holding thousands of them pays.
+const SMALL_BUFFER: usize = 2 * 1024;
+/// The first heap buffer, taken when a read fills the small one: one TLS record.
 const INITIAL_BUFFER: usize = 16 * 1024;
 /// Largest size a busy direction grows to: enough for a TLS writer to fill several whole
 /// records from one read during bulk transfers.
@@ -37,21 +39,35 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buffer = vec![0u8; INITIAL_BUFFER];
+    let mut small = [0u8; SMALL_BUFFER];
+    let mut buffer: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
-        let n = from.read(&mut buffer).await?;
+        let n = if buffer.is_empty() {
+            from.read(&mut small).await?
+        } else {
+            from.read(&mut buffer).await?
+        };
         if n == 0 {
             to.shutdown().await?;
             return Ok(total);
         }
+        let data = if buffer.is_empty() {
+            &small[..n]
+        } else {
+            &buffer[..n]
+        };
+        to.write_all(data).await?;
+        to.flush().await?;
         // A read that fills the buffer means a bulk transfer: grow (once per doubling, never
         // per chunk) so that later reads and writes move more per syscall.
-        if n == buffer.len() && buffer.len() < MAX_BUFFER {
+        if buffer.is_empty() {
+            if n == SMALL_BUFFER {
+                buffer = vec![0u8; INITIAL_BUFFER];
+            }
+        } else if n == buffer.len() && buffer.len() < MAX_BUFFER {
             buffer.resize(buffer.len() * 2, 0);
         }
-        to.write_all(&buffer[..n]).await?;
-        to.flush().await?;
         total += n as u64;
         let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         activity.store(elapsed, Ordering::Relaxed);

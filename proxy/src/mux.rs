@@ -1,0 +1,350 @@
+//! Shared sidecar connections (ALPN `sidewall-mux/1`): many app connections to TCP ports
+//! carried over one long-lived mTLS connection per service, each an HTTP/2 `CONNECT
+//! sidewall:<port>` stream that the server sidecar authorizes on its own
+//! (`crate::inbound::mux`).
+//!
+//! This is the fast path for new connections: no TLS handshake and no sidecar-to-sidecar TCP
+//! connect per app connection, only a stream opened on a connection that exists. It uses the
+//! `h2` crate directly rather than hyper's upgrade so that the bytes are not copied twice more:
+//! data read from the app goes out as the same buffer ([`Bytes`]), and data received is written
+//! to the app from the frame it arrived in. HTTP/2 flow control is per stream (one slow reader
+//! stalls only its own stream) and per connection.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use sidewall_policies::SpiffeId;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::transport::Forwarded;
+
+/// The host every stream names: only the port means anything.
+pub(crate) const HOST: &str = "sidewall";
+
+/// Bytes first reserved for reading from the app when it has something to send; doubled up
+/// to [`MAX_READ`] while reads fill it.
+const FIRST_READ: usize = 4 * 1024;
+const MAX_READ: usize = 64 * 1024;
+
+/// HTTP/2 settings of both ends of a shared connection.
+pub(crate) fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(crate::http::STREAM_WINDOW)
+        .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+        .max_frame_size(crate::http::MAX_FRAME)
+        .max_header_list_size(4096)
+        .max_concurrent_reset_streams(1024)
+        .max_send_buffer_size(crate::http::STREAM_WINDOW as usize);
+    builder
+}
+
+/// See [`client_builder`]; `streams` is the server's limit of carried connections at once.
+pub(crate) fn server_builder(streams: u32) -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(crate::http::STREAM_WINDOW)
+        .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+        .max_frame_size(crate::http::MAX_FRAME)
+        .max_header_list_size(4096)
+        .max_concurrent_streams(streams)
+        .max_pending_accept_reset_streams(crate::http::MAX_PENDING_RESETS)
+        .max_concurrent_reset_streams(1024)
+        .max_send_buffer_size(crate::http::STREAM_WINDOW as usize);
+    builder
+}
+
+/// A new shared connection: its sender, until when new streams may be opened on it, and a
+/// flag its driver sets when it ends.
+pub(crate) struct Opened {
+    /// Opens streams.
+    pub(crate) sender: SendRequest<Bytes>,
+    /// No new streams after this (well before a certificate it was made with expires).
+    pub(crate) until: Instant,
+    /// Set when the connection has ended.
+    pub(crate) closed: Arc<AtomicBool>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Opened>>>;
+
+/// The shared connections of one sidecar, by service.
+#[derive(Default)]
+pub(crate) struct Pool {
+    slots: Mutex<HashMap<SpiffeId, Slot>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.slots.lock().map_or(0, |s| s.len());
+        f.debug_struct("Pool").field("services", &open).finish()
+    }
+}
+
+/// Why a carried connection could not be opened: a label for logs and metrics.
+pub(crate) type Refusal = &'static str;
+
+impl Pool {
+    fn slot(&self, service: &SpiffeId) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(service.clone()).or_default().clone()
+    }
+
+    async fn sender<F, Fut>(
+        &self,
+        service: &SpiffeId,
+        connect: &F,
+        fresh: bool,
+    ) -> Result<SendRequest<Bytes>, Refusal>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Opened, Refusal>>,
+    {
+        let slot = self.slot(service);
+        let mut held = slot.lock().await;
+        if !fresh
+            && let Some(opened) = held
+                .as_ref()
+                .filter(|o| !o.closed.load(Ordering::Relaxed) && Instant::now() < o.until)
+        {
+            metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
+            return Ok(opened.sender.clone());
+        }
+        // Boxed: the handshake's state is large and rarely needed; inline, every carried
+        // connection's task would be that large for its whole life.
+        let opened = Box::pin(connect()).await?;
+        metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
+        let sender = opened.sender.clone();
+        *held = Some(opened);
+        Ok(sender)
+    }
+
+    /// Opens a stream to `service`'s `port` on the shared connection (made with `connect` when
+    /// there is none usable), and waits for the server's decision.
+    pub(crate) async fn open<F, Fut>(
+        &self,
+        service: &SpiffeId,
+        port: u16,
+        connect: F,
+    ) -> Result<(SendStream<Bytes>, RecvStream), Refusal>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Opened, Refusal>>,
+    {
+        let authority = format!("{HOST}:{port}");
+        let mut fresh = false;
+        let (response, send) = loop {
+            let sender = self.sender(service, &connect, fresh).await?;
+            // A connection that ended between two uses fails here; once more on a new one.
+            let attempt = match sender.ready().await {
+                Ok(mut ready) => {
+                    let request = hyper::Request::connect(authority.as_str())
+                        .body(())
+                        .map_err(|_| "bad_request")?;
+                    ready.send_request(request, false)
+                }
+                Err(error) => Err(error),
+            };
+            match attempt {
+                Ok(pair) => break pair,
+                Err(error) if !fresh => {
+                    tracing::debug!(%service, %error, "shared connection unusable: opening another");
+                    fresh = true;
+                }
+                Err(error) => {
+                    tracing::warn!(%service, port, %error, "the shared connection to the service failed");
+                    return Err("stream_failed");
+                }
+            }
+        };
+        let response = response.await.map_err(|error| {
+            tracing::warn!(%service, port, %error, "carried connection failed before an answer");
+            "stream_failed"
+        })?;
+        let refusal = match response.status() {
+            hyper::StatusCode::OK => None,
+            hyper::StatusCode::FORBIDDEN => Some("denied"),
+            hyper::StatusCode::NOT_FOUND => Some("unknown_port"),
+            hyper::StatusCode::MISDIRECTED_REQUEST => Some("not_tcp"),
+            hyper::StatusCode::BAD_GATEWAY => Some("app_unavailable"),
+            hyper::StatusCode::SERVICE_UNAVAILABLE => Some("peer_busy"),
+            _ => Some("bad_status"),
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(%service, port, status = reason, code = %response.status(), "peer sidecar refused the connection");
+            return Err(reason);
+        }
+        Ok((send, response.into_body()))
+    }
+}
+
+/// Starts driving a new client connection; the flag turns true when it ends (or when
+/// `lifetime` is over: it is closed then).
+pub(crate) fn drive<T>(
+    connection: h2::client::Connection<T, Bytes>,
+    lifetime: Duration,
+    service: SpiffeId,
+) -> Arc<AtomicBool>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let closed = Arc::new(AtomicBool::new(false));
+    let flag = closed.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            result = connection => {
+                if let Err(error) = result {
+                    tracing::debug!(%service, %error, "shared connection ended");
+                }
+            }
+            () = tokio::time::sleep(lifetime) => {
+                tracing::info!(%service, "peer certificate expired: shared connection closed");
+            }
+        }
+        flag.store(true, Ordering::Relaxed);
+    });
+    closed
+}
+
+fn h2_io(error: h2::Error) -> std::io::Error {
+    if error.reason() == Some(h2::Reason::CANCEL) || error.reason() == Some(h2::Reason::NO_ERROR) {
+        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "stream cancelled")
+    } else {
+        std::io::Error::other(error)
+    }
+}
+
+/// App → stream: reads when the app has something to send (no buffer while it is idle),
+/// sends what it read as it is, within the stream's flow-control window; the app's EOF ends
+/// the stream.
+async fn upstream(
+    app: &mut tokio::net::tcp::ReadHalf<'_>,
+    send: &mut SendStream<Bytes>,
+    activity: &AtomicU64,
+    start: Instant,
+) -> std::io::Result<u64> {
+    let mut buffer = BytesMut::new();
+    let mut want = FIRST_READ;
+    let mut total = 0u64;
+    loop {
+        app.readable().await?;
+        buffer.reserve(want);
+        let n = match app.try_read_buf(&mut buffer) {
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                // A spurious wake-up (a new socket starts out "ready"): hold no buffer while
+                // waiting for real data.
+                if want == FIRST_READ {
+                    buffer = BytesMut::new();
+                }
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(h2_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        activity.store(elapsed_ms(start), Ordering::Relaxed);
+        // A read that filled what was asked for means bulk: ask for more next time.
+        if n >= want && want < MAX_READ {
+            want *= 2;
+        }
+        let mut data = buffer.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(granted)) => granted,
+                Some(Err(error)) => return Err(h2_io(error)),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "stream closed",
+                    ));
+                }
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(h2_io)?;
+        }
+        // Small reads: hold no memory while the connection idles. Bulk keeps its buffer (the
+        // allocation is reused once the last chunk has gone out).
+        if want == FIRST_READ {
+            buffer = BytesMut::new();
+        }
+    }
+}
+
+/// Stream → app: writes each frame's bytes as received and returns the window.
+async fn downstream(
+    recv: &mut RecvStream,
+    app: &mut tokio::net::tcp::WriteHalf<'_>,
+    activity: &AtomicU64,
+    start: Instant,
+) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        app.write_all(&chunk).await?;
+        total += chunk.len() as u64;
+        activity.store(elapsed_ms(start), Ordering::Relaxed);
+        recv.flow_control()
+            .release_capacity(chunk.len())
+            .map_err(h2_io)?;
+    }
+    app.shutdown().await?;
+    Ok(total)
+}
+
+fn elapsed_ms(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Moves bytes both ways between the app and a carried stream until both directions end,
+/// either fails, or nothing moves for `idle_timeout` (then the stream is reset).
+pub(crate) async fn forward(
+    mut app: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    idle_timeout: Duration,
+) -> std::io::Result<Forwarded> {
+    let start = Instant::now();
+    let activity = AtomicU64::new(0);
+    let (mut read, mut write) = app.split();
+    let result = {
+        let both = async {
+            tokio::try_join!(
+                upstream(&mut read, &mut send, &activity, start),
+                downstream(&mut recv, &mut write, &activity, start),
+            )
+        };
+        tokio::pin!(both);
+        loop {
+            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+            let deadline = start + last + idle_timeout;
+            tokio::select! {
+                result = &mut both => {
+                    break result.map(|(a_to_b, b_to_a)| Forwarded { a_to_b, b_to_a, idle: false });
+                }
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    if Duration::from_millis(activity.load(Ordering::Relaxed)) == last {
+                        break Ok(Forwarded { idle: true, ..Forwarded::default() });
+                    }
+                }
+            }
+        }
+    };
+    if !matches!(result, Ok(Forwarded { idle: false, .. })) {
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    result
+}
