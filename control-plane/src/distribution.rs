@@ -121,6 +121,8 @@ struct State {
     generation: u64,
     /// Generation at which each policy version took effect (this process's lifetime).
     version_generation: HashMap<u64, (u64, Instant)>,
+    /// Whether the generation is a replicated store's revision ([`Distribution::follow`]).
+    following: bool,
 }
 
 /// Distribution state shared by the API handlers and the watch streams.
@@ -204,6 +206,7 @@ impl Distribution {
                 revocations: to_revocations(revocations),
                 generation,
                 version_generation,
+                following: false,
             }),
             changes,
             fleet: Mutex::new(BTreeMap::new()),
@@ -211,6 +214,57 @@ impl Distribution {
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
         }
+    }
+
+    /// Follows a replicated store: puts the state read at etcd `loaded.revision` in force, with
+    /// the revision as the snapshot counter, so every replica sends the same version for the
+    /// same content. A read older than what is in force is ignored.
+    pub fn follow(&self, loaded: crate::store::etcd::Loaded) {
+        let mut state = self.write();
+        let first = !state.following;
+        if loaded.revision <= state.generation && !first {
+            return;
+        }
+        if first {
+            // The start-time counter of `new` gives way to revisions before anything is served.
+            state.following = true;
+            state.version_generation.clear();
+        }
+        let (version, applied_by, files) = match loaded.latest {
+            Some(v) => (v.version, v.applied_by, v.files),
+            None => (0, String::new(), Vec::new()),
+        };
+        if version != state.policy_version || first {
+            // Valid when a replica applied it; if this release cannot load it, default deny.
+            let set = compile(&files).unwrap_or_else(|e| {
+                tracing::error!(version, errors = %e, "the stored policy set does not load: enforcing default deny");
+                PolicySet::default()
+            });
+            state.engine = Arc::new(Engine::new(set));
+            state.policy_version = version;
+            state.applied_by = applied_by;
+            state.files = files;
+            state
+                .version_generation
+                .insert(version, (loaded.revision, Instant::now()));
+            metrics::gauge!("sidewall_control_plane_policy_version").set(version as f64);
+        }
+        state.registrations = loaded.registrations;
+        state.revocations = to_revocations(&loaded.revocations);
+        state.generation = loaded.revision;
+        self.changes.send_replace(loaded.revision);
+    }
+
+    /// Waits (at most `limit`) until the state in force is at least at store `revision`;
+    /// false if it is not by then.
+    pub async fn caught_up(&self, revision: u64, limit: std::time::Duration) -> bool {
+        let mut changes = self.subscribe();
+        tokio::time::timeout(
+            limit,
+            changes.wait_for(|generation| *generation >= revision),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sidewall_control_plane::config::{Config, Overrides};
+use sidewall_control_plane::config::{Config, Overrides, StoreUrl};
 use sidewall_control_plane::server::{self, Listeners};
 use sidewall_policies::TrustDomain;
 
@@ -34,6 +34,36 @@ pub(crate) struct Args {
     /// Watch this directory of policy files and apply it whenever it is valid as a whole.
     #[arg(long, value_name = "DIR")]
     policies_dir: Option<PathBuf>,
+    /// Where the state lives: `embedded` (a file in the data directory) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` for several replicas. [default: embedded]
+    #[arg(long, value_name = "URL", value_parser = parse_store)]
+    store: Option<StoreUrl>,
+    /// Key prefix in etcd. [default: /sidewall]
+    #[arg(long, value_name = "PREFIX")]
+    etcd_prefix: Option<String>,
+    /// CA certificate (PEM) of the etcd members: talk TLS to etcd.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with etcd (with --etcd-key).
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS with etcd.
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user; the password comes from --etcd-password-file or $SIDEWALL_ETCD_PASSWORD.
+    #[arg(long, value_name = "USER")]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
+    /// Key-encryption key (64 hex digits, mode 0600) that seals the CA's keys in etcd; the
+    /// same file on every replica. Required with an etcd store.
+    #[arg(long, value_name = "FILE")]
+    ca_kek_file: Option<PathBuf>,
+}
+
+fn parse_store(text: &str) -> Result<StoreUrl, String> {
+    text.parse()
 }
 
 fn parse_trust_domain(text: &str) -> Result<TrustDomain, String> {
@@ -48,6 +78,14 @@ pub(crate) fn run(args: Args) -> ExitCode {
         ui_listen: args.ui_listen,
         trust_domain: args.trust_domain,
         policies_dir: args.policies_dir,
+        store: args.store,
+        etcd_prefix: args.etcd_prefix,
+        etcd_ca: args.etcd_ca,
+        etcd_cert: args.etcd_cert,
+        etcd_key: args.etcd_key,
+        etcd_user: args.etcd_user,
+        etcd_password_file: args.etcd_password_file,
+        ca_kek_file: args.ca_kek_file,
     };
     // Configuration errors end here, before any port is bound.
     let config = match Config::load(args.config.as_deref(), overrides) {

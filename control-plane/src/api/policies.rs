@@ -61,8 +61,10 @@ pub(crate) async fn store_and_apply(
         })
         .await?;
     let summary = (set.policies().len(), set.rule_count());
-    api.distribution
-        .apply(version, applied_by.clone(), files, set);
+    if !api.follows_store().await {
+        api.distribution
+            .apply(version, applied_by.clone(), files, set);
+    }
     tracing::info!(
         version,
         policies = summary.0,

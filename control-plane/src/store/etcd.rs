@@ -1,0 +1,652 @@
+//! The replicated store: etcd v3, for several control-plane replicas behind one address.
+//!
+//! Every record is one key under a prefix (default `/sidewall`), JSON like the embedded store:
+//!
+//! | key | value |
+//! |---|---|
+//! | `P/epoch` | the store epoch, created once (create-if-absent transaction) |
+//! | `P/ca` | the CA, private keys sealed with the key-encryption key ([`crate::ca::sealed`]) |
+//! | `P/policies/<version, 20 digits>` | a [`PolicyVersion`] |
+//! | `P/registrations/<endpoint>` | a [`RegistrationRecord`] |
+//! | `P/tokens/<id>` | a [`TokenRecord`] |
+//! | `P/certificates/<serial>` | a [`CertificateRecord`] |
+//! | `P/revocations/<kind>:<value>` | a [`RevocationRecord`] |
+//!
+//! Read-modify-write operations are transactions guarded by the key's `mod_revision` (or
+//! `create_revision == 0` for a new key) and retried on conflict, so a join token is redeemed
+//! at most as often as it allows even when two replicas race, and two policy versions never get
+//! the same number. Each replica follows the prefix with an etcd watch ([`EtcdStore::follow`]):
+//! a change reloads policies, registrations and revocations in one read transaction and puts
+//! them in force at that transaction's revision, which becomes the snapshot counter, so every
+//! replica sends the same version for the same content. Per-proxy liveness and acks are never
+//! written here: each replica keeps its own proxies' state in memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::embedded::redemption;
+use super::{
+    CertificateRecord, PolicyVersion, Redemption, RegistrationRecord, RevocationRecord, Store,
+    StoreError, StoreFuture, TokenRecord,
+};
+use crate::distribution::Distribution;
+
+/// How long one etcd request may take before it fails (and the API answers 503).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait between two attempts to re-open the watch.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How to reach etcd.
+#[derive(Clone, Default)]
+pub struct EtcdOptions {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// Key prefix, `/sidewall` by default: starts with `/`, no trailing `/`.
+    pub prefix: String,
+    /// PEM CA that signed the members' certificates (turns on TLS).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and key, PEM (mutual TLS).
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// User name and password (etcd authentication).
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("tls", &self.ca_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+/// The store on etcd.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+    /// The etcd revision of this process's last write (see [`Store::written`]).
+    written: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EtcdStore({} {})", self.endpoints, self.prefix)
+    }
+}
+
+/// The state distribution needs, read at one revision.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The etcd revision of the read.
+    pub revision: u64,
+    /// The newest policy version.
+    pub latest: Option<PolicyVersion>,
+    /// Every registration.
+    pub registrations: Vec<RegistrationRecord>,
+    /// Every revocation.
+    pub revocations: Vec<RevocationRecord>,
+}
+
+/// Maps a client error: anything from etcd itself means it cannot serve now (no leader, no
+/// quorum, unreachable, timed out).
+fn unavailable(error: etcd_client::Error) -> StoreError {
+    let text = match &error {
+        etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
+        other => other.to_string(),
+    };
+    StoreError::Unavailable(text)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
+    header.map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0))
+}
+
+impl EtcdStore {
+    /// Connects and creates the store epoch if this is the first replica ever. Fails with a
+    /// clear error when no member answers.
+    pub async fn connect(options: &EtcdOptions) -> Result<Self, StoreError> {
+        let endpoints = options.endpoints.join(",");
+        let tls = options.ca_pem.is_some() || options.identity_pem.is_some();
+        let urls: Vec<String> = options
+            .endpoints
+            .iter()
+            .map(|e| format!("{}://{e}", if tls { "https" } else { "http" }))
+            .collect();
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            // A member cut off from the others answers "no leader" at once instead of
+            // serving a stale read or hanging until the timeout.
+            .with_require_leader(true);
+        if tls {
+            let mut config = etcd_client::TlsOptions::new();
+            if let Some(ca) = &options.ca_pem {
+                config = config.ca_certificate(etcd_client::Certificate::from_pem(ca));
+            }
+            if let Some((cert, key)) = &options.identity_pem {
+                config = config.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(config);
+        }
+        if let Some((user, password)) = &options.user {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        let cannot = |e: etcd_client::Error| {
+            StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: {}", {
+                match &e {
+                    etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
+                    other => other.to_string(),
+                }
+            }))
+        };
+        let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&urls, Some(connect)))
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: timed out"))
+            })?
+            .map_err(cannot)?;
+        let store = Self {
+            client,
+            prefix: options.prefix.clone(),
+            endpoints: endpoints.clone(),
+            written: Arc::new(AtomicU64::new(0)),
+        };
+        // The epoch: created once by whichever replica comes first.
+        let key = store.key("epoch");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), crate::random::hex_token(8), None)]);
+        store.client.kv_client().txn(txn).await.map_err(cannot)?;
+        Ok(store)
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    /// The prefix of one kind of record, with its trailing `/`.
+    fn dir(&self, kind: &str) -> String {
+        format!("{}/{kind}/", self.prefix)
+    }
+
+    fn policy_key(&self, version: u64) -> String {
+        format!("{}{version:020}", self.dir("policies"))
+    }
+
+    /// Records the revision of a write that changes snapshots (policies, registrations,
+    /// revocations): the change feed reaches it (see [`Store::written`]).
+    fn note_write(&self, key: &[u8], header: Option<&etcd_client::ResponseHeader>) {
+        let relevant = ["policies", "registrations", "revocations"]
+            .iter()
+            .any(|kind| key.starts_with(self.dir(kind).as_bytes()));
+        if relevant {
+            self.written
+                .fetch_max(revision_of(header), Ordering::SeqCst);
+        }
+    }
+
+    async fn get_raw(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.get_raw(key).await? {
+            Some((bytes, _)) => Ok(Some(decode(key.as_bytes(), &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .put(key, encode(value)?, None)
+            .await
+            .map_err(unavailable)?;
+        self.note_write(key.as_bytes(), response.header());
+        Ok(())
+    }
+
+    async fn all<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, StoreError> {
+        let response = self
+            .client
+            .kv_client()
+            .get(self.dir(kind), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(unavailable)?;
+        response
+            .kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// Puts `value` at `key` if the key is still at `mod_revision` (0: still absent).
+    async fn put_if(
+        &self,
+        key: &str,
+        mod_revision: i64,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let compare = if mod_revision == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, mod_revision)
+        };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(key, value, None)]);
+        let response = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        if response.succeeded() {
+            self.note_write(key.as_bytes(), response.header());
+        }
+        Ok(response.succeeded())
+    }
+
+    /// Reads, changes and writes one token, retrying when another replica wrote it meanwhile.
+    async fn update_token<T>(
+        &self,
+        id: &str,
+        change: impl Fn(Option<&mut TokenRecord>) -> (T, bool),
+    ) -> Result<T, StoreError> {
+        let key = format!("{}{id}", self.dir("tokens"));
+        loop {
+            let Some((bytes, mod_revision)) = self.get_raw(&key).await? else {
+                return Ok(change(None).0);
+            };
+            let mut token: TokenRecord = decode(key.as_bytes(), &bytes)?;
+            let (result, changed) = change(Some(&mut token));
+            if !changed || self.put_if(&key, mod_revision, encode(&token)?).await? {
+                return Ok(result);
+            }
+            metrics::counter!("sidewall_control_plane_store_conflicts_total").increment(1);
+        }
+    }
+
+    /// Reads policies, registrations and revocations in one transaction (one revision).
+    pub async fn load(&self) -> Result<Loaded, StoreError> {
+        let newest = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(1);
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.dir("policies"), Some(newest)),
+            TxnOp::get(
+                self.dir("registrations"),
+                Some(GetOptions::new().with_prefix()),
+            ),
+            TxnOp::get(
+                self.dir("revocations"),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        ]);
+        let response = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(unavailable)?;
+        let revision = revision_of(response.header());
+        let mut ranges = response.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().to_vec(),
+            _ => Vec::new(),
+        });
+        let policies = ranges.next().unwrap_or_default();
+        let registrations = ranges.next().unwrap_or_default();
+        let revocations = ranges.next().unwrap_or_default();
+        Ok(Loaded {
+            revision,
+            latest: match policies.first() {
+                Some(kv) => Some(decode(kv.key(), kv.value())?),
+                None => None,
+            },
+            registrations: registrations
+                .iter()
+                .map(|kv| decode(kv.key(), kv.value()))
+                .collect::<Result<_, _>>()?,
+            revocations: revocations
+                .iter()
+                .map(|kv| decode(kv.key(), kv.value()))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// The sealed CA, if a replica stored one.
+    pub async fn sealed_ca(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.get_raw(&self.key("ca")).await?.map(|(bytes, _)| bytes))
+    }
+
+    /// Stores the sealed CA unless one is there already; returns the one in force.
+    pub async fn create_sealed_ca(&self, sealed: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let key = self.key("ca");
+        if self.put_if(&key, 0, sealed).await? {
+            tracing::info!(key, "stored the new CA (keys sealed) in etcd");
+        }
+        self.sealed_ca()
+            .await?
+            .ok_or_else(|| StoreError::Backend(format!("{key} vanished")))
+    }
+
+    /// Keeps `distribution` in step with etcd until `stop` turns true: one reload at the start,
+    /// then one after each batch of changes to policies, registrations or revocations. While
+    /// etcd cannot serve (no quorum), the replica keeps what it has and retries with backoff.
+    pub async fn follow(self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match self.follow_once(&distribution, &mut stop).await {
+                Ok(()) => return,
+                Err(error) => {
+                    metrics::counter!("sidewall_control_plane_store_watch_failures_total")
+                        .increment(1);
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "lost the etcd watch; serving the state in memory");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        distribution: &Distribution,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        let revision = self.sync(distribution).await?;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(i64::try_from(revision + 1).unwrap_or(i64::MAX));
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(format!("{}/", self.prefix), Some(options))
+            .await
+            .map_err(unavailable)?;
+        let relevant = [
+            self.dir("policies"),
+            self.dir("registrations"),
+            self.dir("revocations"),
+        ];
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message.map_err(unavailable)?,
+                _ = stop.changed() => return Ok(()),
+            };
+            let Some(response) = message else {
+                return Err(StoreError::Unavailable("the etcd watch ended".into()));
+            };
+            if response.canceled() {
+                return Err(StoreError::Unavailable(format!(
+                    "the etcd watch was cancelled: {}",
+                    response.cancel_reason()
+                )));
+            }
+            let changed = response.events().iter().any(|event| {
+                event.kv().is_some_and(|kv| {
+                    relevant
+                        .iter()
+                        .any(|dir| kv.key().starts_with(dir.as_bytes()))
+                })
+            });
+            if changed {
+                self.sync(distribution).await?;
+            }
+        }
+    }
+
+    /// Reloads and puts the state in force at its revision; returns the revision.
+    async fn sync(&self, distribution: &Distribution) -> Result<u64, StoreError> {
+        let loaded = self.load().await?;
+        let revision = loaded.revision;
+        distribution.follow(loaded);
+        Ok(revision)
+    }
+}
+
+impl Store for EtcdStore {
+    fn put_policy_version(&self, mut record: PolicyVersion) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            loop {
+                let newest = GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_limit(1);
+                let response = self
+                    .client
+                    .kv_client()
+                    .get(self.dir("policies"), Some(newest))
+                    .await
+                    .map_err(unavailable)?;
+                let last = response.kvs().first().map_or(Ok(0), |kv| {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    key.rsplit('/')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .ok_or(StoreError::Corrupt {
+                            key,
+                            message: "not a policy version number".into(),
+                        })
+                })?;
+                record.version = last + 1;
+                let key = self.policy_key(record.version);
+                if self.put_if(&key, 0, encode(&record)?).await? {
+                    return Ok(record.version);
+                }
+                metrics::counter!("sidewall_control_plane_store_conflicts_total").increment(1);
+            }
+        })
+    }
+
+    fn policy_version(&self, version: u64) -> StoreFuture<'_, Option<PolicyVersion>> {
+        Box::pin(async move { self.get(&self.policy_key(version)).await })
+    }
+
+    fn policy_versions(&self) -> StoreFuture<'_, Vec<PolicyVersion>> {
+        // Keys are zero-padded, so etcd's key order is version order.
+        Box::pin(self.all("policies"))
+    }
+
+    fn put_registration(&self, record: RegistrationRecord) -> StoreFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let key = format!("{}{}", self.dir("registrations"), record.endpoint);
+            let value = encode(&record)?;
+            loop {
+                let holder = self.get_raw(&key).await?;
+                let mod_revision = match &holder {
+                    Some((bytes, mod_revision)) => {
+                        let holder: RegistrationRecord = decode(key.as_bytes(), bytes)?;
+                        if holder.identity != record.identity {
+                            return Ok(Err(holder.identity));
+                        }
+                        *mod_revision
+                    }
+                    None => 0,
+                };
+                if self.put_if(&key, mod_revision, value.clone()).await? {
+                    return Ok(Ok(()));
+                }
+            }
+        })
+    }
+
+    fn remove_registration(&self, instance: &str) -> StoreFuture<'_, ()> {
+        let instance = instance.to_owned();
+        Box::pin(async move {
+            let response = self
+                .client
+                .kv_client()
+                .get(
+                    self.dir("registrations"),
+                    Some(GetOptions::new().with_prefix()),
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut deletes = Vec::new();
+            for kv in response.kvs() {
+                let record: RegistrationRecord = decode(kv.key(), kv.value())?;
+                if record.instance == instance {
+                    // Only if unchanged since read: a new holder of the endpoint stays.
+                    deletes.push(
+                        Txn::new()
+                            .when([Compare::mod_revision(
+                                kv.key(),
+                                CompareOp::Equal,
+                                kv.mod_revision(),
+                            )])
+                            .and_then([TxnOp::delete(kv.key(), None)]),
+                    );
+                }
+            }
+            for txn in deletes {
+                let response = self
+                    .client
+                    .kv_client()
+                    .txn(txn)
+                    .await
+                    .map_err(unavailable)?;
+                self.note_write(self.dir("registrations").as_bytes(), response.header());
+            }
+            Ok(())
+        })
+    }
+
+    fn registrations(&self) -> StoreFuture<'_, Vec<RegistrationRecord>> {
+        Box::pin(self.all("registrations"))
+    }
+
+    fn put_token(&self, token: TokenRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.put(&format!("{}{}", self.dir("tokens"), token.id), &token)
+                .await
+        })
+    }
+
+    fn token(&self, id: &str) -> StoreFuture<'_, Option<TokenRecord>> {
+        let key = format!("{}{id}", self.dir("tokens"));
+        Box::pin(async move { self.get(&key).await })
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        Box::pin(self.all("tokens"))
+    }
+
+    fn redeem_token(&self, id: &str, key_sha256: &str, now: i64) -> StoreFuture<'_, Redemption> {
+        let (id, key) = (id.to_owned(), key_sha256.to_owned());
+        Box::pin(async move {
+            self.update_token(&id, |token| match token {
+                None => (Redemption::Unknown, false),
+                Some(token) => {
+                    let before = token.redeemed_keys.len();
+                    let outcome = redemption(token, &key, now);
+                    (outcome, token.redeemed_keys.len() != before)
+                }
+            })
+            .await
+        })
+    }
+
+    fn revoke_token(&self, id: &str, now: i64) -> StoreFuture<'_, bool> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            self.update_token(&id, |token| match token {
+                None => (false, false),
+                Some(token) => {
+                    let changed = token.revoked_at.is_none();
+                    token.revoked_at.get_or_insert(now);
+                    (true, changed)
+                }
+            })
+            .await
+        })
+    }
+
+    fn put_certificate(&self, record: CertificateRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.put(
+                &format!("{}{}", self.dir("certificates"), record.serial),
+                &record,
+            )
+            .await
+        })
+    }
+
+    fn certificate(&self, serial: &str) -> StoreFuture<'_, Option<CertificateRecord>> {
+        let key = format!("{}{serial}", self.dir("certificates"));
+        Box::pin(async move { self.get(&key).await })
+    }
+
+    fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let key = format!(
+                "{}{}:{}",
+                self.dir("revocations"),
+                record.kind,
+                record.value
+            );
+            self.put(&key, &record).await
+        })
+    }
+
+    fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>> {
+        Box::pin(self.all("revocations"))
+    }
+
+    fn epoch(&self) -> StoreFuture<'_, String> {
+        Box::pin(async move {
+            let key = self.key("epoch");
+            match self.get_raw(&key).await? {
+                Some((bytes, _)) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+                None => Err(StoreError::Corrupt {
+                    key,
+                    message: "missing".into(),
+                }),
+            }
+        })
+    }
+
+    fn written(&self) -> Option<u64> {
+        Some(self.written.load(Ordering::SeqCst))
+    }
+}

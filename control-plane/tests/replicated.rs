@@ -1,0 +1,217 @@
+//! Control-plane replicas over a real 3-member etcd cluster, in process: they share the CA,
+//! agree on snapshot versions, see each other's writes, and spend a join token once even when
+//! it is raced at two of them. Skipped (loudly) without the `etcd` binary unless
+//! `SIDEWALL_REQUIRE_ETCD` is set.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
+
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+use sidewall_control_plane::config::{Config, Overrides};
+use sidewall_control_plane::testing::etcd::EtcdCluster;
+use sidewall_control_plane::testing::{TestControlPlane, enroll, kek_file, use_etcd, watch};
+
+const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
+
+fn policy(from: &str) -> String {
+    format!(
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n  target: {TD}/api\n  rules:\n    - {{action: allow, from: [{TD}/{from}], ports: [8080]}}\n"
+    )
+}
+
+async fn apply(cp: &TestControlPlane, text: &str) -> (StatusCode, Value) {
+    cp.operator()
+        .call(
+            Method::POST,
+            "/v1/policies",
+            Some(&json!({"files": [{"name": "p.yaml", "text": text}]})),
+        )
+        .await
+        .unwrap()
+}
+
+async fn replica(
+    dir: &std::path::Path,
+    cluster: &EtcdCluster,
+    kek: &std::path::Path,
+) -> TestControlPlane {
+    TestControlPlane::start(dir, |config| use_etcd(config, cluster, kek)).await
+}
+
+/// The first snapshot a fresh watch at `cp` gets for `identity` (enrolled there).
+async fn snapshot_at(cp: &TestControlPlane, identity: &str, instance: &str) -> Value {
+    let workload = enroll(&cp.data_dir, &cp.url(), &cp.trust_domain, identity).await;
+    watch(&workload.client, instance).await.snapshot.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_ca_and_agree_on_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3, "replicas_share") else {
+        return;
+    };
+    let kek = kek_file(&dir.path().join("secrets"));
+    let one = replica(&dir.path().join("one"), &cluster, &kek).await;
+    let two = replica(&dir.path().join("two"), &cluster, &kek).await;
+    assert_eq!(
+        one.roots(),
+        two.roots(),
+        "one trust bundle for every replica"
+    );
+
+    let (status, body) = apply(&one, &policy("frontend")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], 1);
+    // Applied through `one`: `two` puts it in force from its etcd watch.
+    let applied = Instant::now();
+    let (mut at_one, mut at_two);
+    loop {
+        at_one = snapshot_at(&one, &format!("{TD}/api"), "api-1").await;
+        at_two = snapshot_at(&two, &format!("{TD}/api"), "api-2").await;
+        if at_one == at_two || applied.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("replica two agreed after {:?}", applied.elapsed());
+    assert_eq!(
+        at_one, at_two,
+        "the same snapshot, version included, from both replicas"
+    );
+    let text = at_two.to_string();
+    assert!(text.contains(&format!("{TD}/frontend")), "{text}");
+
+    // The history is shared; a second apply through `two` is version 2 everywhere.
+    let (status, body) = apply(&two, &policy("web")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], 2);
+    let (status, history) = one
+        .operator()
+        .call(Method::GET, "/v1/policies", None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        history["versions"].as_array().unwrap().len(),
+        2,
+        "{history}"
+    );
+    let newer = snapshot_at(&one, &format!("{TD}/api"), "api-3").await;
+    assert!(newer.to_string().contains(&format!("{TD}/web")), "{newer}");
+    assert_eq!(newer["version"]["epoch"], at_one["version"]["epoch"]);
+    assert!(
+        newer["version"]["counter"].as_u64() > at_one["version"]["counter"].as_u64(),
+        "{newer} after {at_one}"
+    );
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_raced_at_two_replicas_issues_one_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3, "token_race") else {
+        return;
+    };
+    let kek = kek_file(&dir.path().join("secrets"));
+    let one = replica(&dir.path().join("one"), &cluster, &kek).await;
+    let two = replica(&dir.path().join("two"), &cluster, &kek).await;
+    for round in 0..10 {
+        let (status, token) = one
+            .operator()
+            .call(
+                Method::POST,
+                "/v1/tokens",
+                Some(&json!({"identity": format!("{TD}/race{round}"), "uses": 1})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{token}");
+        let ask = |cp: &TestControlPlane| {
+            let client = cp.anonymous();
+            let token = token["token"].clone();
+            async move {
+                let (_key, csr) = sidewall_control_plane::client::key_and_csr().unwrap();
+                client
+                    .call(
+                        Method::POST,
+                        "/v1/certificates",
+                        Some(&json!({"csr": csr, "token": token})),
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        let (a, b) = tokio::join!(ask(&one), ask(&two));
+        let issued = [&a, &b]
+            .iter()
+            .filter(|(status, _)| *status == StatusCode::OK)
+            .count();
+        assert_eq!(
+            issued, 1,
+            "round {round}: exactly one certificate, got answers {} {} and {} {}",
+            a.0, a.1["error"], b.0, b.1["error"]
+        );
+        let refused = if a.0 == StatusCode::OK { &b } else { &a };
+        assert_eq!(refused.0, StatusCode::UNAUTHORIZED, "{refused:?}");
+        assert_eq!(refused.1["error"], "token_used", "{refused:?}");
+    }
+    one.stop().await;
+    two.stop().await;
+}
+
+fn etcd_config(dir: &std::path::Path, cluster: &EtcdCluster, kek: &std::path::Path) -> Config {
+    let mut config = Config::load(
+        None,
+        Overrides {
+            data_dir: Some(dir.to_path_buf()),
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    use_etcd(&mut config, cluster, kek);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_kek_or_no_etcd_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3, "kek") else {
+        return;
+    };
+    let kek = kek_file(&dir.path().join("secrets"));
+    let one = replica(&dir.path().join("one"), &cluster, &kek).await;
+    let other = kek_file(&dir.path().join("other"));
+    let error = sidewall_control_plane::server::prepare(etcd_config(
+        &dir.path().join("two"),
+        &cluster,
+        &other,
+    ))
+    .await
+    .err()
+    .expect("another KEK cannot open the CA")
+    .to_string();
+    assert!(
+        error.contains("does not open the CA stored in etcd"),
+        "{error}"
+    );
+
+    let mut config = etcd_config(&dir.path().join("three"), &cluster, &kek);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    if let sidewall_control_plane::config::StoreConfig::Etcd(etcd) = &mut config.store {
+        etcd.endpoints = vec![nowhere.clone()];
+    }
+    let error = sidewall_control_plane::server::prepare(config)
+        .await
+        .err()
+        .expect("no etcd there")
+        .to_string();
+    assert!(
+        error.contains(&format!("cannot reach etcd at {nowhere}")),
+        "{error}"
+    );
+    one.stop().await;
+}
