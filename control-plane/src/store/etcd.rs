@@ -21,6 +21,7 @@
 //! replica sends the same version for the same content. Per-proxy liveness and acks are never
 //! written here: each replica keeps its own proxies' state in memory.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -185,6 +186,50 @@ impl EtcdStore {
         Ok(store)
     }
 
+    /// One etcd call, retried a few times over about 1.5 s when etcd cannot serve it: a
+    /// member that just went away or a leader election should not fail an operator's
+    /// request. Without quorum every attempt fails and the error is returned.
+    async fn retried<T, Fut>(
+        &self,
+        mut call: impl FnMut(etcd_client::KvClient) -> Fut,
+    ) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut wait = Duration::from_millis(100);
+        for _ in 0..4 {
+            match call(self.client.kv_client()).await {
+                Ok(value) => return Ok(value),
+                Err(error) => {
+                    tracing::debug!(%error, "etcd request failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+        call(self.client.kv_client()).await.map_err(unavailable)
+    }
+
+    async fn get_op(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        self.retried(|mut kv| {
+            let (key, options) = (key.to_owned(), options.clone());
+            async move { kv.get(key, options).await }
+        })
+        .await
+    }
+
+    async fn txn_op(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.retried(|mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}/{name}", self.prefix)
     }
@@ -211,12 +256,7 @@ impl EtcdStore {
     }
 
     async fn get_raw(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        let response = self
-            .client
-            .kv_client()
-            .get(key, None)
-            .await
-            .map_err(unavailable)?;
+        let response = self.get_op(key, None).await?;
         Ok(response
             .kvs()
             .first()
@@ -231,23 +271,21 @@ impl EtcdStore {
     }
 
     async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let value = encode(value)?;
         let response = self
-            .client
-            .kv_client()
-            .put(key, encode(value)?, None)
-            .await
-            .map_err(unavailable)?;
+            .retried(|mut kv| {
+                let (key, value) = (key.to_owned(), value.clone());
+                async move { kv.put(key, value, None).await }
+            })
+            .await?;
         self.note_write(key.as_bytes(), response.header());
         Ok(())
     }
 
     async fn all<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, StoreError> {
         let response = self
-            .client
-            .kv_client()
-            .get(self.dir(kind), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(unavailable)?;
+            .get_op(&self.dir(kind), Some(GetOptions::new().with_prefix()))
+            .await?;
         response
             .kvs()
             .iter()
@@ -270,12 +308,7 @@ impl EtcdStore {
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key, value, None)]);
-        let response = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(unavailable)?;
+        let response = self.txn_op(txn).await?;
         if response.succeeded() {
             self.note_write(key.as_bytes(), response.header());
         }
@@ -319,12 +352,7 @@ impl EtcdStore {
                 Some(GetOptions::new().with_prefix()),
             ),
         ]);
-        let response = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(unavailable)?;
+        let response = self.txn_op(txn).await?;
         let revision = revision_of(response.header());
         let mut ranges = response.op_responses().into_iter().map(|op| match op {
             TxnOpResponse::Get(get) => get.kvs().to_vec(),
@@ -453,12 +481,7 @@ impl Store for EtcdStore {
                     .with_keys_only()
                     .with_sort(SortTarget::Key, SortOrder::Descend)
                     .with_limit(1);
-                let response = self
-                    .client
-                    .kv_client()
-                    .get(self.dir("policies"), Some(newest))
-                    .await
-                    .map_err(unavailable)?;
+                let response = self.get_op(&self.dir("policies"), Some(newest)).await?;
                 let last = response.kvs().first().map_or(Ok(0), |kv| {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
                     key.rsplit('/')
@@ -515,14 +538,11 @@ impl Store for EtcdStore {
         let instance = instance.to_owned();
         Box::pin(async move {
             let response = self
-                .client
-                .kv_client()
-                .get(
-                    self.dir("registrations"),
+                .get_op(
+                    &self.dir("registrations"),
                     Some(GetOptions::new().with_prefix()),
                 )
-                .await
-                .map_err(unavailable)?;
+                .await?;
             let mut deletes = Vec::new();
             for kv in response.kvs() {
                 let record: RegistrationRecord = decode(kv.key(), kv.value())?;
@@ -540,12 +560,7 @@ impl Store for EtcdStore {
                 }
             }
             for txn in deletes {
-                let response = self
-                    .client
-                    .kv_client()
-                    .txn(txn)
-                    .await
-                    .map_err(unavailable)?;
+                let response = self.txn_op(txn).await?;
                 self.note_write(self.dir("registrations").as_bytes(), response.header());
             }
             Ok(())

@@ -1,0 +1,304 @@
+//! Several control-plane replicas over a real 3-member etcd cluster, as processes: the
+//! `sidewall` binary for the replicas and the sidecars, `etcd` for the store, traffic through
+//! the sidecars. Skipped (loudly) without the `etcd` binary unless `SIDEWALL_REQUIRE_ETCD` is
+//! set (CI sets it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test helpers panic to report; blocking waits are fine here
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sidewall_control_plane::testing::etcd::EtcdCluster;
+use sidewall_control_plane::testing::kek_file;
+use support::{
+    ControlPlaneProcess, EchoApp, ProxyProcess, Run, eventually, exchange, free_port, http_get,
+};
+
+const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
+
+/// Three replicas over three etcd members, an echo app behind the `api` sidecar.
+struct Replicated {
+    dir: tempfile::TempDir,
+    cluster: EtcdCluster,
+    kek: PathBuf,
+    replicas: Vec<ControlPlaneProcess>,
+    app: EchoApp,
+    api_inbound: u16,
+    web_route: u16,
+}
+
+impl Replicated {
+    fn start(test: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = EtcdCluster::start(&dir.path().join("etcd"), 3, test)?;
+        let kek = kek_file(&dir.path().join("secrets"));
+        let mut mesh = Self {
+            dir,
+            cluster,
+            kek,
+            replicas: Vec::new(),
+            app: EchoApp::start(),
+            api_inbound: free_port(),
+            web_route: free_port(),
+        };
+        for i in 0..3 {
+            let args = mesh.replica_args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let replica = ControlPlaneProcess::start(&mesh.path().join(format!("cp{i}")), &args);
+            mesh.replicas.push(replica);
+        }
+        Some(mesh)
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn replica_args(&self) -> Vec<String> {
+        vec![
+            "--store".into(),
+            self.cluster.store_url(),
+            "--ca-kek-file".into(),
+            self.kek.display().to_string(),
+        ]
+    }
+
+    fn url(&self, replica: usize) -> String {
+        format!("https://127.0.0.1:{}", self.replicas[replica].api_port)
+    }
+
+    /// Applies `api.yaml` allowing `from` to reach api:8080, through replica `replica`.
+    fn apply(&self, replica: usize, name: &str, from: &str) -> Run {
+        let dir = self.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("api.yaml"),
+            format!(
+                "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n  target: {TD}/api\n  onRevoke: terminate\n  rules:\n    - {{action: allow, from: [{TD}/{from}], ports: [8080]}}\n"
+            ),
+        )
+        .unwrap();
+        self.replicas[replica].cli(&["policy", "apply", dir.to_str().unwrap()])
+    }
+
+    /// Starts sidecar `name` (`api` serves the echo app, `web` routes to api:8080) with the
+    /// replicas' URLs in the order `order`, enrolled with a token from replica 0.
+    fn sidecar(&self, name: &str, order: &[usize]) -> ProxyProcess {
+        let run = self.replicas[0].cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        std::fs::write(
+            self.path().join(format!("{name}.token")),
+            run.stdout.lines().last().unwrap(),
+        )
+        .unwrap();
+        let (inbound, ports, routes) = if name == "api" {
+            (
+                self.api_inbound,
+                format!("{{port: 8080, app: 127.0.0.1:{}}}", self.app.port),
+                String::new(),
+            )
+        } else {
+            (
+                free_port(),
+                String::new(),
+                format!(
+                    "{{listen: 127.0.0.1:{}, service: {TD}/api, port: 8080}}",
+                    self.web_route
+                ),
+            )
+        };
+        let urls: Vec<String> = order.iter().map(|&i| self.url(i)).collect();
+        let admin = free_port();
+        let config = format!(
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s}}\n",
+            urls.join(", ")
+        );
+        let proxy = ProxyProcess::start(self.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    }
+
+    fn allowed(&self) -> bool {
+        exchange(self.web_route, b"hello").as_deref() == Some(&b"hello"[..])
+    }
+}
+
+/// The replica a sidecar's snapshot stream is open to (its admin `/config`), if any.
+fn connected_to(proxy: &ProxyProcess) -> Option<String> {
+    let (status, body) = http_get(proxy.admin_port, "/config");
+    assert_eq!(status, 200, "{body}");
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    config["control_plane"].as_str().map(str::to_owned)
+}
+
+/// Exchanges through the `web` route in a loop until stopped; counts successes and failures.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match exchange(port, b"steady") {
+                    Some(answer) if answer == b"steady" => o.fetch_add(1, Ordering::SeqCst),
+                    _ => f.fetch_add(1, Ordering::SeqCst),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns (successes, failures).
+    fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[test]
+fn a_policy_applied_at_one_replica_is_enforced_by_sidecars_of_another_which_move_when_it_stops() {
+    let Some(mut mesh) = Replicated::start("etcd::replicas") else {
+        return;
+    };
+    // Both sidecars start on replica 2.
+    let api = mesh.sidecar("api", &[2, 0, 1]);
+    let web = mesh.sidecar("web", &[2, 1, 0]);
+    assert_eq!(connected_to(&api), Some(mesh.url(2)));
+    assert_eq!(connected_to(&web), Some(mesh.url(2)));
+    assert!(!mesh.allowed(), "default deny before any policy");
+
+    // Applied through replica 0; enforced by sidecars connected to replica 2.
+    let run = mesh.apply(0, "v1", "web");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let applied = Instant::now();
+    eventually(30, "replica 2's sidecars to enforce version 1", || {
+        mesh.allowed()
+    });
+    eprintln!(
+        "apply at replica 0 -> enforced via replica 2: {:?}",
+        applied.elapsed()
+    );
+
+    // Replica 2 stops: both sidecars move to another replica, traffic never fails.
+    let traffic = Traffic::start(mesh.web_route);
+    eventually(10, "traffic to flow", || {
+        traffic.ok.load(Ordering::SeqCst) > 5
+    });
+    let stopped_url = mesh.url(2);
+    mesh.replicas[2].stop();
+    for proxy in [&api, &web] {
+        eventually(30, "the sidecar to move to another replica", || {
+            connected_to(proxy).is_some_and(|url| url != stopped_url)
+        });
+    }
+    let moved = (connected_to(&api).unwrap(), connected_to(&web).unwrap());
+    eprintln!("sidecars moved to {} and {}", moved.0, moved.1);
+    let before = traffic.ok.load(Ordering::SeqCst);
+    eventually(10, "more traffic after the move", || {
+        traffic.ok.load(Ordering::SeqCst) > before + 5
+    });
+    let (ok, failed) = traffic.finish();
+    assert_eq!(failed, 0, "no exchange failed ({ok} succeeded)");
+
+    // The sidecars keep following policy from their new replicas.
+    let run = mesh.apply(1, "v2", "nobody");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    eventually(
+        30,
+        "version 2 (web no longer allowed) to be enforced",
+        || !mesh.allowed(),
+    );
+}
+
+#[test]
+fn losing_one_etcd_member_changes_nothing_losing_two_refuses_writes_until_they_return() {
+    let Some(mut mesh) = Replicated::start("etcd::quorum") else {
+        return;
+    };
+    let api = mesh.sidecar("api", &[0, 1, 2]);
+    let web = mesh.sidecar("web", &[1, 2, 0]);
+    let run = mesh.apply(0, "v1", "web");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    eventually(30, "version 1 to be enforced", || mesh.allowed());
+
+    // One member down: writes and tokens still work at every replica.
+    mesh.cluster.stop_member(0);
+    for replica in 0..3 {
+        let run = mesh.apply(replica, &format!("one-down-{replica}"), "web");
+        assert_eq!(
+            run.code, 0,
+            "replica {replica}: {}{}",
+            run.stdout, run.stderr
+        );
+        let run =
+            mesh.replicas[replica].cli(&["token", "create", "--identity", &format!("{TD}/later")]);
+        assert_eq!(run.code, 0, "replica {replica}: {}", run.stderr);
+    }
+    assert!(mesh.allowed());
+
+    // Two down: no quorum. Writes are refused with a clear message; traffic is unaffected.
+    let traffic = Traffic::start(mesh.web_route);
+    mesh.cluster.stop_member(1);
+    let run = mesh.apply(1, "no-quorum", "nobody");
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("lost quorum"),
+        "a clear refusal: {}",
+        run.stderr
+    );
+    let run = mesh.replicas[2].cli(&["token", "create", "--identity", &format!("{TD}/later")]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(run.stderr.contains("lost quorum"), "{}", run.stderr);
+    let before = traffic.ok.load(Ordering::SeqCst);
+    eventually(10, "traffic while etcd has no quorum", || {
+        traffic.ok.load(Ordering::SeqCst) > before + 5
+    });
+    let (ok, failed) = traffic.finish();
+    assert_eq!(
+        failed, 0,
+        "no exchange failed without quorum ({ok} succeeded)"
+    );
+    // The replicas keep serving the sidecars' watches from memory.
+    assert_eq!(connected_to(&api), Some(mesh.url(0)));
+    assert_eq!(connected_to(&web), Some(mesh.url(1)));
+
+    // The members come back: writes work again and reach the sidecars.
+    mesh.cluster.start_member(0);
+    mesh.cluster.start_member(1);
+    mesh.cluster.wait_healthy(&[0, 1, 2]);
+    let recovered = Instant::now();
+    eventually(60, "a write to succeed after recovery", || {
+        mesh.apply(1, "recovered", "nobody").code == 0
+    });
+    eprintln!(
+        "writes accepted {:?} after quorum returned",
+        recovered.elapsed()
+    );
+    eventually(30, "the post-recovery version to be enforced", || {
+        !mesh.allowed()
+    });
+}
