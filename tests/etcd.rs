@@ -302,3 +302,119 @@ fn losing_one_etcd_member_changes_nothing_losing_two_refuses_writes_until_they_r
         !mesh.allowed()
     });
 }
+
+/// The snapshot version a sidecar enforces (`epoch/counter`, from its admin `/config`).
+fn snapshot_version(proxy: &ProxyProcess) -> String {
+    let (_, body) = http_get(proxy.admin_port, "/config");
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    config["snapshot_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn an_embedded_deployment_moves_to_etcd_with_export_and_import_and_the_fleet_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3, "etcd::migration") else {
+        return;
+    };
+    let kek = kek_file(&dir.path().join("secrets"));
+    let kek_arg = kek.display().to_string();
+    // An embedded control plane with a fleet and a policy.
+    let mut mesh = Replicated {
+        dir,
+        cluster,
+        kek,
+        replicas: Vec::new(),
+        app: EchoApp::start(),
+        api_inbound: free_port(),
+        web_route: free_port(),
+    };
+    let cp_dir = mesh.path().join("cp0");
+    mesh.replicas.push(ControlPlaneProcess::start(&cp_dir, &[]));
+    let api = mesh.sidecar("api", &[0]);
+    let web = mesh.sidecar("web", &[0]);
+    let run = mesh.apply(0, "v1", "web");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    eventually(30, "version 1 to be enforced", || mesh.allowed());
+    let embedded_version = snapshot_version(&api);
+
+    // Stop, export, import into etcd, start on the same address with the etcd store.
+    let traffic = Traffic::start(mesh.web_route);
+    mesh.replicas[0].stop();
+    let backup = mesh.path().join("backup.json");
+    let data_dir = cp_dir.display().to_string();
+    let out = support::sidewall([
+        "control-plane",
+        "export",
+        "--out",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        &data_dir,
+        "--ca-kek-file",
+        &kek_arg,
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("exported 1 policy versions, 2 tokens"),
+        "{}",
+        out.stdout
+    );
+    let store = mesh.cluster.store_url();
+    let run = support::sidewall([
+        "control-plane",
+        "import",
+        "--in",
+        backup.to_str().unwrap(),
+        "--store",
+        &store,
+        "--ca-kek-file",
+        &kek_arg,
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.starts_with("imported 1 policy versions"),
+        "{}",
+        run.stdout
+    );
+    let args = mesh.replica_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    mesh.replicas[0].restart(&args);
+
+    // The sidecars reconnect, take the etcd store's snapshot (another epoch) and traffic
+    // never stopped.
+    for proxy in [&api, &web] {
+        eventually(
+            30,
+            "the sidecar to follow the etcd-backed control plane",
+            || {
+                let version = snapshot_version(proxy);
+                !version.is_empty()
+                    && version.split('/').next() != embedded_version.split('/').next()
+            },
+        );
+    }
+    let before = traffic.ok.load(Ordering::SeqCst);
+    eventually(10, "traffic after the move", || {
+        traffic.ok.load(Ordering::SeqCst) > before + 5
+    });
+    let (ok, failed) = traffic.finish();
+    assert_eq!(
+        failed, 0,
+        "no exchange failed during the move ({ok} succeeded)"
+    );
+
+    // History carried over; the next version is 2 and is enforced.
+    let run = mesh.replicas[0].cli(&["policy", "history"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = mesh.apply(0, "v2", "nobody");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.starts_with("applied version 2"),
+        "{}",
+        run.stdout
+    );
+    eventually(30, "version 2 to be enforced", || !mesh.allowed());
+}

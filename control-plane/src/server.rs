@@ -156,7 +156,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
 }
 
 /// Reads the files the etcd settings name (certificates, password) into client options.
-fn etcd_options(etcd: &EtcdConfig) -> Result<EtcdOptions, StartError> {
+pub(crate) fn etcd_options(etcd: &EtcdConfig) -> Result<EtcdOptions, StartError> {
     let read = |path: &PathBuf| std::fs::read(path).map_err(|e| StartError::Io(path.clone(), e));
     let password = match (&etcd.user, &etcd.password_file) {
         (None, _) => None,

@@ -145,6 +145,33 @@ pub struct RegistrationRecord {
     pub registered_at: i64,
 }
 
+/// Everything a store holds, read at one point in time: what a backup carries (the CA aside).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Records {
+    /// Every policy version, oldest first.
+    pub policy_versions: Vec<PolicyVersion>,
+    /// Every join token (secrets only as hashes).
+    pub tokens: Vec<TokenRecord>,
+    /// Every issued certificate.
+    pub certificates: Vec<CertificateRecord>,
+    /// Every revocation.
+    pub revocations: Vec<RevocationRecord>,
+    /// Every registration.
+    pub registrations: Vec<RegistrationRecord>,
+}
+
+impl Records {
+    /// Whether there is nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.policy_versions.is_empty()
+            && self.tokens.is_empty()
+            && self.certificates.is_empty()
+            && self.revocations.is_empty()
+            && self.registrations.is_empty()
+    }
+}
+
 /// The control plane's persistent state.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new policy version: assigns `version` (last + 1) atomically and returns it.
@@ -181,6 +208,8 @@ pub trait Store: Send + Sync + 'static {
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>>;
     /// The store's epoch: a random value fixed when the store was created.
     fn epoch(&self) -> StoreFuture<'_, String>;
+    /// Everything, read at one point in time (one read transaction, one etcd revision).
+    fn records(&self) -> StoreFuture<'_, Records>;
     /// For a store with a change feed (etcd): the revision of this process's last write that
     /// changes snapshots, which the feed puts in force (the API waits for it). `None` for a
     /// store without one: the API then updates distribution itself.

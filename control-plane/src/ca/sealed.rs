@@ -105,7 +105,7 @@ impl Kek {
     fn open(&self, aad: &str, sealed: &str) -> Result<String, CaError> {
         let wrong = || {
             CaError::Sealed(
-                "the key-encryption key does not open the CA stored in etcd (another --ca-kek-file than the other replicas?)".into(),
+                "the key-encryption key does not open the CA (it was sealed with another --ca-kek-file)".into(),
             )
         };
         let bytes = unhex(sealed).ok_or_else(wrong)?;

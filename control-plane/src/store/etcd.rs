@@ -36,8 +36,8 @@ use tokio::sync::watch;
 
 use super::embedded::redemption;
 use super::{
-    CertificateRecord, PolicyVersion, Redemption, RegistrationRecord, RevocationRecord, Store,
-    StoreError, StoreFuture, TokenRecord,
+    CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord, RevocationRecord,
+    Store, StoreError, StoreFuture, TokenRecord,
 };
 use crate::distribution::Distribution;
 
@@ -658,6 +658,35 @@ impl Store for EtcdStore {
                     message: "missing".into(),
                 }),
             }
+        })
+    }
+
+    fn records(&self) -> StoreFuture<'_, Records> {
+        Box::pin(async move {
+            // One range read of the whole prefix: one revision, a consistent copy.
+            let response = self
+                .get_op(
+                    &format!("{}/", self.prefix),
+                    Some(GetOptions::new().with_prefix()),
+                )
+                .await?;
+            let mut records = Records::default();
+            for kv in response.kvs() {
+                let key = kv.key();
+                let is = |kind: &str| key.starts_with(self.dir(kind).as_bytes());
+                if is("policies") {
+                    records.policy_versions.push(decode(key, kv.value())?);
+                } else if is("tokens") {
+                    records.tokens.push(decode(key, kv.value())?);
+                } else if is("certificates") {
+                    records.certificates.push(decode(key, kv.value())?);
+                } else if is("revocations") {
+                    records.revocations.push(decode(key, kv.value())?);
+                } else if is("registrations") {
+                    records.registrations.push(decode(key, kv.value())?);
+                }
+            }
+            Ok(records)
         })
     }
 
