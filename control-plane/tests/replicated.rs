@@ -313,3 +313,123 @@ async fn a_backup_moves_everything_from_the_embedded_store_to_etcd_and_back() {
     let error = backup::import(&wrong, copy).await.unwrap_err().to_string();
     assert!(error.contains("does not open the CA"), "{error}");
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, PEM files in `dir`.
+fn etcd_certificates(
+    dir: &std::path::Path,
+) -> (
+    sidewall_control_plane::testing::etcd::EtcdTls,
+    (std::path::PathBuf, std::path::PathBuf),
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, text: String| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, &ca_key);
+    let leaf = |names: Vec<String>, purpose: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.extended_key_usages = vec![purpose];
+        (
+            params.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server, server_key) = leaf(
+        vec!["localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = leaf(vec!["sidewall".into()], ExtendedKeyUsagePurpose::ClientAuth);
+    let tls = sidewall_control_plane::testing::etcd::EtcdTls {
+        ca: write("ca.pem", ca_cert.pem()),
+        cert: write("server.pem", server),
+        key: write("server.key", server_key),
+    };
+    (
+        tls,
+        (write("client.pem", client), write("client.key", client_key)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_talks_mutual_tls_and_authenticates_to_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tls, (cert, key)) = etcd_certificates(&dir.path().join("pki"));
+    let Some(cluster) =
+        EtcdCluster::start_with(&dir.path().join("etcd"), 1, "etcd_tls", Some(tls.clone()))
+    else {
+        return;
+    };
+    // Turn on etcd authentication, as an etcd operator would.
+    let url = format!("https://{}", cluster.endpoints()[0]);
+    let options = etcd_client::ConnectOptions::new().with_tls(
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(
+                std::fs::read(&tls.ca).unwrap(),
+            ))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(&cert).unwrap(),
+                std::fs::read(&key).unwrap(),
+            )),
+    );
+    let mut admin = etcd_client::Client::connect([url], Some(options))
+        .await
+        .unwrap();
+    admin.user_add("root", "s3cret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let password = dir.path().join("pki/password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+
+    let kek = kek_file(&dir.path().join("secrets"));
+    let configure = |config: &mut Config, password_file: &std::path::Path| {
+        use_etcd(config, &cluster, &kek);
+        if let sidewall_control_plane::config::StoreConfig::Etcd(etcd) = &mut config.store {
+            etcd.ca = Some(tls.ca.clone());
+            etcd.identity = Some((cert.clone(), key.clone()));
+            etcd.user = Some("root".into());
+            etcd.password_file = Some(password_file.to_path_buf());
+        }
+    };
+    let cp = TestControlPlane::start(&dir.path().join("one"), |config| {
+        configure(config, &password)
+    })
+    .await;
+    let (status, body) = apply(&cp, &policy("frontend")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    cp.stop().await;
+
+    // A wrong password or no TLS: the replica does not start, and says why.
+    let wrong = dir.path().join("pki/wrong");
+    std::fs::write(&wrong, "guess").unwrap();
+    let mut config = etcd_config(&dir.path().join("two"), &cluster, &kek);
+    configure(&mut config, &wrong);
+    let error = sidewall_control_plane::server::prepare(config)
+        .await
+        .err()
+        .expect("a wrong password")
+        .to_string();
+    assert!(error.contains("authentication failed"), "{error}");
+    let config = etcd_config(&dir.path().join("three"), &cluster, &kek);
+    let error = sidewall_control_plane::server::prepare(config)
+        .await
+        .err()
+        .expect("plain HTTP/2 to a TLS member")
+        .to_string();
+    assert!(error.contains("cannot reach etcd at"), "{error}");
+}

@@ -16,7 +16,18 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health` (and `/metrics`), also when clients must use TLS.
+    health_port: u16,
     child: Option<Child>,
+}
+
+/// TLS for the members' client URLs: their certificate and key, and the CA client
+/// certificates must chain to (mutual TLS). PEM files.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A running cluster; every member is killed when dropped.
@@ -24,6 +35,7 @@ pub struct EtcdCluster {
     dir: PathBuf,
     members: Vec<Member>,
     initial_cluster: String,
+    tls: Option<EtcdTls>,
 }
 
 fn free_port() -> u16 {
@@ -61,6 +73,11 @@ impl EtcdCluster {
     /// Starts `size` members in `dir` and waits until the cluster is healthy; `None` if etcd
     /// is not installed (see the module doc).
     pub fn start(dir: &Path, size: usize, test: &str) -> Option<Self> {
+        Self::start_with(dir, size, test, None)
+    }
+
+    /// Like [`Self::start`], with clients talking mutual TLS to the members when `tls` is set.
+    pub fn start_with(dir: &Path, size: usize, test: &str, tls: Option<EtcdTls>) -> Option<Self> {
         if !etcd_available(test) {
             return None;
         }
@@ -70,6 +87,7 @@ impl EtcdCluster {
                 name: format!("m{i}"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                health_port: free_port(),
                 child: None,
             })
             .collect();
@@ -82,6 +100,7 @@ impl EtcdCluster {
             dir: dir.to_path_buf(),
             members,
             initial_cluster,
+            tls,
         };
         for i in 0..size {
             cluster.spawn(i);
@@ -98,14 +117,28 @@ impl EtcdCluster {
             .append(true)
             .open(self.dir.join(format!("{}.log", member.name)))
             .unwrap();
-        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", member.client_port);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
-        let child = Command::new("etcd")
+        let health = format!("http://127.0.0.1:{}", member.health_port);
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-client-urls", &client])
             .args(["--advertise-client-urls", &client])
+            .args(["--listen-metrics-urls", &health])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
@@ -152,7 +185,7 @@ impl EtcdCluster {
     pub fn healthy(&self, i: usize) -> bool {
         use std::io::{Read, Write};
         let Ok(mut stream) =
-            std::net::TcpStream::connect(("127.0.0.1", self.members[i].client_port))
+            std::net::TcpStream::connect(("127.0.0.1", self.members[i].health_port))
         else {
             return false;
         };
