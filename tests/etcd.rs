@@ -180,6 +180,62 @@ impl Traffic {
 }
 
 #[test]
+fn bad_store_settings_fail_before_any_port_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    let data = data.to_str().unwrap();
+    let cases: [(&[&str], i32, &str); 3] = [
+        (
+            &["--store", "etcd://127.0.0.1"],
+            2,
+            "\"127.0.0.1\" is not HOST:PORT",
+        ),
+        (
+            &["--store", "etcd://127.0.0.1:2379"],
+            2,
+            "the etcd store needs caKekFile (--ca-kek-file)",
+        ),
+        (
+            &["--store", "zookeeper://x:1"],
+            2,
+            "expected `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let mut all = vec!["control-plane", "--data-dir", data];
+        all.extend_from_slice(args);
+        let run = support::sidewall(&all);
+        assert_eq!(run.code, code, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{args:?}: {}", run.stderr);
+    }
+    // Nothing answers there: exit 1 with the address, before binding.
+    let kek = kek_file(&dir.path().join("secrets"));
+    let nowhere = format!("etcd://127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let run = support::sidewall([
+        "control-plane",
+        "--data-dir",
+        data,
+        "--listen",
+        &listen,
+        "--store",
+        &nowhere,
+        "--ca-kek-file",
+        kek.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot reach etcd at 127.0.0.1:"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        std::net::TcpListener::bind(&listen).is_ok(),
+        "the API port was never bound"
+    );
+}
+
+#[test]
 fn a_policy_applied_at_one_replica_is_enforced_by_sidecars_of_another_which_move_when_it_stops() {
     let Some(mut mesh) = Replicated::start("etcd::replicas") else {
         return;
@@ -240,7 +296,7 @@ fn losing_one_etcd_member_changes_nothing_losing_two_refuses_writes_until_they_r
         return;
     };
     let api = mesh.sidecar("api", &[0, 1, 2]);
-    let web = mesh.sidecar("web", &[1, 2, 0]);
+    let mut web = mesh.sidecar("web", &[1, 2, 0]);
     let run = mesh.apply(0, "v1", "web");
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     eventually(30, "version 1 to be enforced", || mesh.allowed());
@@ -259,6 +315,13 @@ fn losing_one_etcd_member_changes_nothing_losing_two_refuses_writes_until_they_r
         assert_eq!(run.code, 0, "replica {replica}: {}", run.stderr);
     }
     assert!(mesh.allowed());
+    // A sidecar enrolls from scratch (token, certificate, registration, watch) meanwhile.
+    web.stop();
+    std::fs::remove_dir_all(mesh.path().join("state/web")).unwrap();
+    let web = mesh.sidecar("web", &[1, 2, 0]);
+    eventually(30, "the re-enrolled sidecar to be allowed", || {
+        mesh.allowed()
+    });
 
     // Two down: no quorum. Writes are refused with a clear message; traffic is unaffected.
     let traffic = Traffic::start(mesh.web_route);
