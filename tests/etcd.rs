@@ -71,18 +71,27 @@ impl Replicated {
         format!("https://127.0.0.1:{}", self.replicas[replica].api_port)
     }
 
-    /// Applies `api.yaml` allowing `from` to reach api:8080, through replica `replica`.
+    /// Applies `api.yaml` allowing `from` (comma-separated names) to reach api:8080, through
+    /// replica `replica`.
     fn apply(&self, replica: usize, name: &str, from: &str) -> Run {
+        self.apply_with(replica, name, from, &[])
+    }
+
+    fn apply_with(&self, replica: usize, name: &str, from: &str, extra: &[&str]) -> Run {
+        let from: Vec<String> = from.split(',').map(|f| format!("{TD}/{f}")).collect();
+        let from = from.join(", ");
         let dir = self.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("api.yaml"),
             format!(
-                "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n  target: {TD}/api\n  onRevoke: terminate\n  rules:\n    - {{action: allow, from: [{TD}/{from}], ports: [8080]}}\n"
+                "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n  target: {TD}/api\n  onRevoke: terminate\n  rules:\n    - {{action: allow, from: [{from}], ports: [8080]}}\n"
             ),
         )
         .unwrap();
-        self.replicas[replica].cli(&["policy", "apply", dir.to_str().unwrap()])
+        let mut args = vec!["policy", "apply", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.replicas[replica].cli(&args)
     }
 
     /// Starts sidecar `name` (`api` serves the echo app, `web` routes to api:8080) with the
@@ -127,12 +136,18 @@ impl Replicated {
     }
 }
 
-/// The replica a sidecar's snapshot stream is open to (its admin `/config`), if any.
-fn connected_to(proxy: &ProxyProcess) -> Option<String> {
+/// A sidecar's admin `/config`.
+fn http_config(proxy: &ProxyProcess) -> serde_json::Value {
     let (status, body) = http_get(proxy.admin_port, "/config");
     assert_eq!(status, 200, "{body}");
-    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
-    config["control_plane"].as_str().map(str::to_owned)
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The replica a sidecar's snapshot stream is open to (its admin `/config`), if any.
+fn connected_to(proxy: &ProxyProcess) -> Option<String> {
+    http_config(proxy)["control_plane"]
+        .as_str()
+        .map(str::to_owned)
 }
 
 /// Exchanges through the `web` route in a loop until stopped; counts successes and failures.
@@ -257,6 +272,46 @@ fn a_policy_applied_at_one_replica_is_enforced_by_sidecars_of_another_which_move
     eprintln!(
         "apply at replica 0 -> enforced via replica 2: {:?}",
         applied.elapsed()
+    );
+
+    // Replica 0 sees replica 2's sidecars through the summary replica 2 publishes, and
+    // `apply --wait` at replica 0 waits for them: a frozen sidecar on replica 2 holds it.
+    eventually(10, "replica 0 to list replica 2's sidecars", || {
+        let run = mesh.replicas[0].cli(&["status", "--json"]);
+        let fleet: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        fleet["other_replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["replica"] == mesh.url(2).as_str() && r["connected"] == 2)
+    });
+    let signal = |name: &str, proxy: &ProxyProcess| {
+        let status = std::process::Command::new("kill")
+            .args([name, &proxy.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP", &api);
+    let run = mesh.apply_with(0, "v1-frozen", "web,batch", &["--wait", "--timeout", "3s"]);
+    signal("-CONT", &api);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "{TD}/api (instance {}, on {}): not applied yet",
+            http_config(&api)["instance"].as_str().unwrap(),
+            mesh.url(2)
+        )),
+        "{}",
+        run.stderr
+    );
+    let run = mesh.apply_with(0, "v1-thawed", "web", &["--wait", "--timeout", "20s"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("every affected sidecar applied version"),
+        "{}",
+        run.stdout
     );
 
     // Replica 2 stops: both sidecars move to another replica, traffic never fails.

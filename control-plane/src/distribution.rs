@@ -70,6 +70,25 @@ pub struct FleetView {
     pub proxies: Vec<FleetEntry>,
 }
 
+/// What one replica publishes about its own sidecars (replicated store only), so that any
+/// replica can tell whether a policy version reached the whole fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaSummary {
+    /// The replica's API URL.
+    pub replica: String,
+    /// The policy version it has in force.
+    pub policy_version: u64,
+    /// How many sidecars have a watch open to it.
+    pub connected: usize,
+    /// How many of them have not applied that version yet.
+    pub pending_count: usize,
+    /// The first of those (at most [`SUMMARY_ROWS`]).
+    pub pending: Vec<FleetEntry>,
+}
+
+/// Most pending sidecars listed in a [`ReplicaSummary`].
+pub const SUMMARY_ROWS: usize = 50;
+
 /// One observed flow, as sidecars report them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FlowKey {
@@ -519,17 +538,39 @@ impl Distribution {
         }
     }
 
+    /// This replica's summary for the others (see [`ReplicaSummary`]).
+    pub fn summary(&self) -> ReplicaSummary {
+        let policy_version = self.read().policy_version;
+        let mut pending = self.pending(policy_version).unwrap_or_default();
+        let pending_count = pending.len();
+        pending.truncate(SUMMARY_ROWS);
+        ReplicaSummary {
+            replica: self.replica().to_owned(),
+            policy_version,
+            connected: lock(&self.fleet).values().filter(|e| e.connected).count(),
+            pending_count,
+            pending,
+        }
+    }
+
     /// Whether every sidecar has received and applied what policy `version` changed for it:
-    /// `None` if the version is unknown, otherwise the instances still pending.
+    /// `None` if the version is unknown, otherwise the instances still pending. With a
+    /// replicated store a disconnected sidecar is not pending here: it is connected to another
+    /// replica (which counts it) or down (which the fleet view shows).
     pub fn pending(&self, version: u64) -> Option<Vec<FleetEntry>> {
-        let generation = self.read().version_generation.get(&version)?.0;
+        let (generation, following) = {
+            let state = self.read();
+            (state.version_generation.get(&version)?.0, state.following)
+        };
         let fleet = lock(&self.fleet);
         Some(
             fleet
                 .values()
                 .filter(|e| {
-                    !e.connected
-                        || e.processed < generation
+                    if !e.connected {
+                        return !following;
+                    }
+                    e.processed < generation
                         || e.sent
                             .is_some_and(|sent| sent >= generation && e.applied < Some(sent))
                 })

@@ -310,8 +310,15 @@ pub async fn run(
         ui::Dashboard::new(api.distribution.clone(), api.config.server_names.clone()),
         stop_rx.clone(),
     ));
-    let follow_task =
-        follower.map(|etcd| tokio::spawn(etcd.follow(api.distribution.clone(), stop_rx.clone())));
+    // With etcd: follow the store's change feed, and publish this replica's summary.
+    let follow_task = follower.map(|etcd| {
+        let publish = tokio::spawn(
+            etcd.clone()
+                .publish(api.distribution.clone(), stop_rx.clone()),
+        );
+        let follow = tokio::spawn(etcd.follow(api.distribution.clone(), stop_rx.clone()));
+        (publish, follow)
+    });
     let policies_task = api
         .config
         .policies_dir
@@ -400,8 +407,9 @@ pub async fn run(
     if let Some(task) = policies_task {
         let _ = task.await;
     }
-    if let Some(task) = follow_task {
-        let _ = task.await;
+    if let Some((publish, follow)) = follow_task {
+        let _ = publish.await;
+        let _ = follow.await;
     }
     // Connection tasks still finishing hold the API (and through it the store's file lock);
     // wait for them so that a restart in the same process can open the store again.

@@ -216,4 +216,9 @@ pub trait Store: Send + Sync + 'static {
     fn written(&self) -> Option<u64> {
         None
     }
+    /// For a replicated store: what the other replicas publish about their sidecars. Empty
+    /// for a store that serves one control plane.
+    fn replicas(&self) -> StoreFuture<'_, Vec<crate::distribution::ReplicaSummary>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }

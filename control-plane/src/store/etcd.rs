@@ -11,6 +11,7 @@
 //! | `P/tokens/<id>` | a [`TokenRecord`] |
 //! | `P/certificates/<serial>` | a [`CertificateRecord`] |
 //! | `P/revocations/<kind>:<value>` | a [`RevocationRecord`] |
+//! | `P/replicas/<hex of the replica's URL>` | a [`ReplicaSummary`], on a lease: gone when the replica is |
 //!
 //! Read-modify-write operations are transactions guarded by the key's `mod_revision` (or
 //! `create_revision == 0` for a new key) and retried on conflict, so a join token is redeemed
@@ -39,12 +40,16 @@ use super::{
     CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord, RevocationRecord,
     Store, StoreError, StoreFuture, TokenRecord,
 };
-use crate::distribution::Distribution;
+use crate::distribution::{Distribution, ReplicaSummary};
 
 /// How long one etcd request may take before it fails (and the API answers 503).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between two attempts to re-open the watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a replica's summary is refreshed (when it changed).
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// How long a replica's summary outlives the replica (a crash: no lease renewal).
+pub const SUMMARY_TTL_SECONDS: i64 = 10;
 
 /// How to reach etcd.
 #[derive(Clone, Default)]
@@ -394,6 +399,80 @@ impl EtcdStore {
             .ok_or_else(|| StoreError::Backend(format!("{key} vanished")))
     }
 
+    /// Publishes this replica's [`ReplicaSummary`] until `stop` turns true: at most once per
+    /// [`PUBLISH_EVERY`] and only when it changed, on a lease that expires
+    /// [`SUMMARY_TTL_SECONDS`] after the replica stops renewing it (a crash), or revoked at
+    /// once on a clean stop. One write per second per replica at most, whatever the fleet.
+    pub async fn publish(self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
+        let key = format!(
+            "{}{}",
+            self.dir("replicas"),
+            crate::random::hex(distribution.replica().as_bytes())
+        );
+        loop {
+            match self.publish_once(&key, &distribution, &mut stop).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "publishing this replica's summary failed; retrying")
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(MAX_BACKOFF) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        key: &str,
+        distribution: &Distribution,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        let lease = client
+            .lease_grant(SUMMARY_TTL_SECONDS, None)
+            .await
+            .map_err(unavailable)?
+            .id();
+        let (mut keeper, mut renewals) =
+            client.lease_keep_alive(lease).await.map_err(unavailable)?;
+        let mut last: Option<ReplicaSummary> = None;
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PUBLISH_EVERY) => {}
+                _ = stop.changed() => {
+                    let _ = client.lease_revoke(lease).await;
+                    return Ok(());
+                }
+            }
+            if renewed.elapsed() >= Duration::from_secs(2) {
+                keeper.keep_alive().await.map_err(unavailable)?;
+                match renewals.message().await.map_err(unavailable)? {
+                    Some(answer) if answer.ttl() > 0 => renewed = tokio::time::Instant::now(),
+                    _ => {
+                        return Err(StoreError::Unavailable(
+                            "the summary's lease expired".into(),
+                        ));
+                    }
+                }
+            }
+            let summary = distribution.summary();
+            if last.as_ref() != Some(&summary) {
+                client
+                    .put(
+                        key,
+                        encode(&summary)?,
+                        Some(etcd_client::PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                last = Some(summary);
+            }
+        }
+    }
+
     /// Keeps `distribution` in step with etcd until `stop` turns true: one reload at the start,
     /// then one after each batch of changes to policies, registrations or revocations. While
     /// etcd cannot serve (no quorum), the replica keeps what it has and retries with backoff.
@@ -692,5 +771,9 @@ impl Store for EtcdStore {
 
     fn written(&self) -> Option<u64> {
         Some(self.written.load(Ordering::SeqCst))
+    }
+
+    fn replicas(&self) -> StoreFuture<'_, Vec<ReplicaSummary>> {
+        Box::pin(self.all("replicas"))
     }
 }
