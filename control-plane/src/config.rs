@@ -258,7 +258,7 @@ pub struct Config {
     /// Where the state lives. Default is the embedded store.
     pub store: StoreConfig,
     /// The key-encryption key that seals the CA's keys in a replicated store (64 hex digits,
-    /// mode 0600). Required with etcd; unused otherwise.
+    /// not readable by others). Required with etcd; unused otherwise.
     pub ca_kek_file: Option<PathBuf>,
 }
 

@@ -60,7 +60,7 @@ pub(crate) struct Args {
     /// File holding the etcd user's password.
     #[arg(long, value_name = "FILE", global = true)]
     etcd_password_file: Option<PathBuf>,
-    /// Key-encryption key (64 hex digits, mode 0600) that seals the CA's keys in etcd; the
+    /// Key-encryption key (64 hex digits, not readable by others) that seals the CA's keys in etcd; the
     /// same file on every replica. Required with an etcd store.
     #[arg(long, value_name = "FILE", global = true)]
     ca_kek_file: Option<PathBuf>,

@@ -63,15 +63,20 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 impl Kek {
-    /// Reads a KEK file: 64 hex digits (`openssl rand -hex 32`), mode 0600.
+    /// Reads a KEK file: 64 hex digits (`openssl rand -hex 32`), not readable by others.
     pub fn load(path: &Path) -> Result<Self, CaError> {
         use std::os::unix::fs::PermissionsExt;
         let metadata = std::fs::metadata(path).map_err(|source| CaError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        if metadata.permissions().mode() & 0o077 != 0 {
-            return Err(CaError::KeyPermissions(path.to_path_buf()));
+        // Group read is allowed, unlike for the CA's key files: a Kubernetes Secret volume
+        // can give a non-root process its file only through the pod's own group (fsGroup).
+        if metadata.permissions().mode() & 0o027 != 0 {
+            return Err(CaError::Sealed(format!(
+                "{}: the key-encryption key is writable by group or readable by others (chmod 600)",
+                path.display()
+            )));
         }
         let text = std::fs::read_to_string(path).map_err(|source| CaError::Io {
             path: path.to_path_buf(),
