@@ -191,7 +191,7 @@ impl EtcdStore {
         Ok(store)
     }
 
-    /// One etcd call, retried a few times over about 1.5 s when etcd cannot serve it: a
+    /// One etcd call, retried a few times over about 3 s when etcd cannot serve it: a
     /// member that just went away or a leader election should not fail an operator's
     /// request. Without quorum every attempt fails and the error is returned.
     async fn retried<T, Fut>(
@@ -202,7 +202,7 @@ impl EtcdStore {
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let mut wait = Duration::from_millis(100);
-        for _ in 0..4 {
+        for _ in 0..5 {
             match call(self.client.kv_client()).await {
                 Ok(value) => return Ok(value),
                 Err(error) => {

@@ -144,8 +144,8 @@ impl EtcdCluster {
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "sidewall-test"])
-            // Short elections: the tests stop members and wait for the others to notice.
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // etcd's defaults, spelled out: shorter elections flap on a loaded 2-core machine.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
