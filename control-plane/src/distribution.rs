@@ -5,7 +5,10 @@
 //! each watch stream rebuilds its workload's snapshot and sends it only if its content
 //! changed, so a change reaches only the workloads it concerns. Snapshot versions are
 //! `(store epoch, counter)`; the counter continues from the start time in milliseconds, so it
-//! keeps growing across restarts of the control plane without a write per change.
+//! keeps growing across restarts of the control plane without a write per change. With the
+//! etcd store, [`Distribution::follow`] puts the state in force at an etcd revision, which is
+//! the counter: every replica agrees. Sidecars' liveness and acks stay in this process; a
+//! [`ReplicaSummary`] is what other replicas learn of them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
