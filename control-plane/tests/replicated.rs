@@ -81,6 +81,16 @@ async fn replicas_share_the_ca_and_agree_on_snapshots() {
     );
     let text = at_two.to_string();
     assert!(text.contains(&format!("{TD}/frontend")), "{text}");
+    // A replica started later, after many writes that do not change snapshots (tokens,
+    // certificate records, replica summaries), still sends the same version.
+    let three = replica(&dir.path().join("three"), &cluster, &kek).await;
+    let at_three = snapshot_at(&three, &format!("{TD}/api"), "api-4").await;
+    assert_eq!(
+        at_three,
+        snapshot_at(&one, &format!("{TD}/api"), "api-5").await,
+        "the same version for the same content from a replica started later"
+    );
+    three.stop().await;
 
     // The history is shared; a second apply through `two` is version 2 everywhere.
     let (status, body) = apply(&two, &policy("web")).await;

@@ -5,6 +5,7 @@
 //! | key | value |
 //! |---|---|
 //! | `P/epoch` | the store epoch, created once (create-if-absent transaction) |
+//! | `P/changed` | empty; written in the same transaction as every change to policies, registrations or revocations: its `mod_revision` is the snapshot counter |
 //! | `P/ca` | the CA, private keys sealed with the key-encryption key ([`crate::ca::sealed`]) |
 //! | `P/policies/<version, 20 digits>` | a [`PolicyVersion`] |
 //! | `P/registrations/<endpoint>` | a [`RegistrationRecord`] |
@@ -18,8 +19,8 @@
 //! at most as often as it allows even when two replicas race, and two policy versions never get
 //! the same number. Each replica follows the prefix with an etcd watch ([`EtcdStore::follow`]):
 //! a change reloads policies, registrations and revocations in one read transaction and puts
-//! them in force at that transaction's revision, which becomes the snapshot counter, so every
-//! replica sends the same version for the same content. Per-proxy liveness and acks are never
+//! them in force with the revision of the last change to them (the `changed` marker) as the
+//! snapshot counter, so every replica sends the same version for the same content. Per-proxy liveness and acks are never
 //! written here: each replica keeps its own proxies' state in memory.
 
 use std::future::Future;
@@ -96,8 +97,12 @@ impl std::fmt::Debug for EtcdStore {
 /// The state distribution needs, read at one revision.
 #[derive(Debug)]
 pub struct Loaded {
-    /// The etcd revision of the read.
+    /// The revision of the last change to that state (the `changed` marker's
+    /// `mod_revision`; 0 before any): the snapshot counter. Two replicas that read the same
+    /// content read the same value, whatever else was written to etcd meanwhile.
     pub revision: u64,
+    /// The etcd revision of the read itself (the change feed continues after it).
+    pub read_at: u64,
     /// The newest policy version.
     pub latest: Option<PolicyVersion>,
     /// Every registration.
@@ -248,13 +253,34 @@ impl EtcdStore {
         format!("{}{version:020}", self.dir("policies"))
     }
 
-    /// Records the revision of a write that changes snapshots (policies, registrations,
-    /// revocations): the change feed reaches it (see [`Store::written`]).
-    fn note_write(&self, key: &[u8], header: Option<&etcd_client::ResponseHeader>) {
-        let relevant = ["policies", "registrations", "revocations"]
+    /// Whether a key is part of what snapshots are built from (policies, registrations,
+    /// revocations).
+    fn in_snapshots(&self, key: &[u8]) -> bool {
+        ["policies", "registrations", "revocations"]
             .iter()
-            .any(|kind| key.starts_with(self.dir(kind).as_bytes()));
-        if relevant {
+            .any(|kind| key.starts_with(self.dir(kind).as_bytes()))
+    }
+
+    /// The key every write to snapshot state also writes, in the same transaction: its
+    /// `mod_revision` is the revision of the last such change, the snapshot counter.
+    fn changed_key(&self) -> String {
+        self.key("changed")
+    }
+
+    /// The operations of a write to `key`: itself, and the change marker if it is snapshot
+    /// state.
+    fn with_marker(&self, key: &str, operation: TxnOp) -> Vec<TxnOp> {
+        let mut operations = vec![operation];
+        if self.in_snapshots(key.as_bytes()) {
+            operations.push(TxnOp::put(self.changed_key(), "", None));
+        }
+        operations
+    }
+
+    /// Records the revision of a write that changes snapshots: the change feed reaches it
+    /// (see [`Store::written`]).
+    fn note_write(&self, key: &[u8], header: Option<&etcd_client::ResponseHeader>) {
+        if self.in_snapshots(key) {
             self.written
                 .fetch_max(revision_of(header), Ordering::SeqCst);
         }
@@ -276,13 +302,8 @@ impl EtcdStore {
     }
 
     async fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
-        let value = encode(value)?;
-        let response = self
-            .retried(|mut kv| {
-                let (key, value) = (key.to_owned(), value.clone());
-                async move { kv.put(key, value, None).await }
-            })
-            .await?;
+        let operations = self.with_marker(key, TxnOp::put(key, encode(value)?, None));
+        let response = self.txn_op(Txn::new().and_then(operations)).await?;
         self.note_write(key.as_bytes(), response.header());
         Ok(())
     }
@@ -312,7 +333,7 @@ impl EtcdStore {
         };
         let txn = Txn::new()
             .when([compare])
-            .and_then([TxnOp::put(key, value, None)]);
+            .and_then(self.with_marker(key, TxnOp::put(key, value, None)));
         let response = self.txn_op(txn).await?;
         if response.succeeded() {
             self.note_write(key.as_bytes(), response.header());
@@ -347,6 +368,7 @@ impl EtcdStore {
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(1);
         let txn = Txn::new().and_then([
+            TxnOp::get(self.changed_key(), None),
             TxnOp::get(self.dir("policies"), Some(newest)),
             TxnOp::get(
                 self.dir("registrations"),
@@ -358,16 +380,22 @@ impl EtcdStore {
             ),
         ]);
         let response = self.txn_op(txn).await?;
-        let revision = revision_of(response.header());
+        let read_at = revision_of(response.header());
         let mut ranges = response.op_responses().into_iter().map(|op| match op {
             TxnOpResponse::Get(get) => get.kvs().to_vec(),
             _ => Vec::new(),
         });
+        let revision = ranges
+            .next()
+            .unwrap_or_default()
+            .first()
+            .map_or(0, |kv| u64::try_from(kv.mod_revision()).unwrap_or(0));
         let policies = ranges.next().unwrap_or_default();
         let registrations = ranges.next().unwrap_or_default();
         let revocations = ranges.next().unwrap_or_default();
         Ok(Loaded {
             revision,
+            read_at,
             latest: match policies.first() {
                 Some(kv) => Some(decode(kv.key(), kv.value())?),
                 None => None,
@@ -510,11 +538,8 @@ impl EtcdStore {
             .watch(format!("{}/", self.prefix), Some(options))
             .await
             .map_err(unavailable)?;
-        let relevant = [
-            self.dir("policies"),
-            self.dir("registrations"),
-            self.dir("revocations"),
-        ];
+        // Every change to snapshot state writes the marker in the same transaction.
+        let marker = self.changed_key();
         loop {
             let message = tokio::select! {
                 message = stream.message() => message.map_err(unavailable)?,
@@ -529,25 +554,22 @@ impl EtcdStore {
                     response.cancel_reason()
                 )));
             }
-            let changed = response.events().iter().any(|event| {
-                event.kv().is_some_and(|kv| {
-                    relevant
-                        .iter()
-                        .any(|dir| kv.key().starts_with(dir.as_bytes()))
-                })
-            });
+            let changed = response
+                .events()
+                .iter()
+                .any(|event| event.kv().is_some_and(|kv| kv.key() == marker.as_bytes()));
             if changed {
                 self.sync(distribution).await?;
             }
         }
     }
 
-    /// Reloads and puts the state in force at its revision; returns the revision.
+    /// Reloads and puts the state in force at its revision; returns the revision of the read.
     async fn sync(&self, distribution: &Distribution) -> Result<u64, StoreError> {
         let loaded = self.load().await?;
-        let revision = loaded.revision;
+        let read_at = loaded.read_at;
         distribution.follow(loaded);
-        Ok(revision)
+        Ok(read_at)
     }
 }
 
@@ -634,7 +656,10 @@ impl Store for EtcdStore {
                                 CompareOp::Equal,
                                 kv.mod_revision(),
                             )])
-                            .and_then([TxnOp::delete(kv.key(), None)]),
+                            .and_then([
+                                TxnOp::delete(kv.key(), None),
+                                TxnOp::put(self.changed_key(), "", None),
+                            ]),
                     );
                 }
             }
