@@ -48,7 +48,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait between two attempts to re-open the watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a replica's summary is refreshed (when it changed).
-pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How long a replica's summary outlives the replica (a crash: no lease renewal).
 pub const SUMMARY_TTL_SECONDS: i64 = 10;
 
@@ -430,7 +430,7 @@ impl EtcdStore {
     /// Publishes this replica's [`ReplicaSummary`] until `stop` turns true: at most once per
     /// [`PUBLISH_EVERY`] and only when it changed, on a lease that expires
     /// [`SUMMARY_TTL_SECONDS`] after the replica stops renewing it (a crash), or revoked at
-    /// once on a clean stop. One write per second per replica at most, whatever the fleet.
+    /// once on a clean stop. At most ten writes a second per replica, whatever the fleet, and none while nothing changes.
     pub async fn publish(self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
         let key = format!(
             "{}{}",
