@@ -430,7 +430,8 @@ impl EtcdStore {
     /// Publishes this replica's [`ReplicaSummary`] until `stop` turns true: at most once per
     /// [`PUBLISH_EVERY`] and only when it changed, on a lease that expires
     /// [`SUMMARY_TTL_SECONDS`] after the replica stops renewing it (a crash), or revoked at
-    /// once on a clean stop. At most ten writes a second per replica, whatever the fleet, and none while nothing changes.
+    /// once on a clean stop. At most ten writes a second per replica, whatever the fleet, and
+    /// none while nothing changes.
     pub async fn publish(self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
         let key = format!(
             "{}{}",
