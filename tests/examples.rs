@@ -724,3 +724,69 @@ fn systemd_units_verify_and_the_example_sidecar_config_checks() {
         );
     }
 }
+
+#[test]
+fn kubernetes_replicated_control_plane_runs_over_the_etcd_statefulset_with_the_kek_secret() {
+    let dir = examples().join("kubernetes");
+    let Some(docs) = yaml_docs(&dir.join("control-plane-etcd.yaml")) else {
+        return;
+    };
+    let etcd = doc(&docs, "StatefulSet", "sidewall-etcd");
+    let members = etcd["spec"]["replicas"].as_u64().unwrap();
+    assert_eq!(members, 3);
+    let service = str_of(&etcd["spec"]["serviceName"]);
+    assert_eq!(doc(&docs, "Service", service)["spec"]["clusterIP"], "None");
+    let deployment = doc(&docs, "Deployment", "sidewall-control-plane");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let pod = pod_spec(deployment);
+    let cp = container(&pod["containers"], "control-plane");
+    let command = strings(&cp["command"]);
+    let flag = |name: &str| {
+        let at = command.iter().position(|a| a == name).unwrap();
+        command[at + 1].clone()
+    };
+    // The store lists every member by its stable StatefulSet name.
+    let expected: Vec<String> = (0..members)
+        .map(|i| format!("sidewall-etcd-{i}.{service}:2379"))
+        .collect();
+    assert_eq!(flag("--store"), format!("etcd://{}", expected.join(",")));
+    // The KEK file is in the Secret's mount, readable by the pod's group only.
+    let kek = flag("--ca-kek-file");
+    let mount = mount_of(pod, cp, "secret", "sidewall-ca-kek");
+    assert_eq!(kek, format!("{mount}/ca.kek"));
+    let secret = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "sidewall-ca-kek")
+        .unwrap();
+    assert_eq!(secret["secret"]["defaultMode"], 0o440);
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    for name in ["sidewall-etcd", "sidewall-control-plane"] {
+        assert_eq!(
+            doc(&docs, "PodDisruptionBudget", name)["spec"]["minAvailable"],
+            2
+        );
+    }
+
+    // The command as written is accepted: with a KEK file and a scratch data directory it gets
+    // as far as dialling etcd (no such names here), and fails before binding anything.
+    let temp = tempfile::tempdir().unwrap();
+    let kek_file = sidewall_control_plane::testing::kek_file(temp.path());
+    let mut args: Vec<String> = command[1..].to_vec();
+    for arg in &mut args {
+        if *arg == kek {
+            *arg = kek_file.display().to_string();
+        } else if arg == "/var/lib/sidewall" {
+            *arg = temp.path().join("data").display().to_string();
+        }
+    }
+    let run = sidewall(&args);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("cannot reach etcd at {}", expected.join(","))),
+        "{}",
+        run.stderr
+    );
+}

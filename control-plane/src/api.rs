@@ -41,6 +41,29 @@ pub struct Api {
     pub distribution: Arc<crate::distribution::Distribution>,
 }
 
+impl Api {
+    /// After a write that changes snapshots. With a replicated store, waits until this
+    /// replica's change feed has put the write in force (so the answer reflects it, and the
+    /// snapshot version is the store's revision on every replica) and returns true. Returns
+    /// false for a store without a change feed: the caller updates distribution itself.
+    pub(crate) async fn follows_store(&self) -> bool {
+        let Some(revision) = self.store.written() else {
+            return false;
+        };
+        if !self
+            .distribution
+            .caught_up(revision, Duration::from_secs(10))
+            .await
+        {
+            tracing::warn!(
+                revision,
+                "the store's change feed has not reached this replica's write yet"
+            );
+        }
+        true
+    }
+}
+
 /// An error answered to a client: status, stable code, human message (no internals).
 #[derive(Debug)]
 pub struct ApiError {
@@ -70,6 +93,13 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         tracing::error!(%error, "store failure");
+        if let StoreError::Unavailable(_) = error {
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the replicated store (etcd) has lost quorum or cannot be reached: changes are refused until it recovers; sidecars keep enforcing what they have",
+            );
+        }
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -708,8 +738,10 @@ async fn revoke(
             by: operator.clone(),
         })
         .await?;
-    api.distribution
-        .set_revocations(&api.store.revocations().await?);
+    if !api.follows_store().await {
+        api.distribution
+            .set_revocations(&api.store.revocations().await?);
+    }
     tracing::warn!(kind, value, operator, "revoked");
     Ok(json_response(
         StatusCode::OK,

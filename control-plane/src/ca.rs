@@ -23,6 +23,9 @@ use sidewall_policies::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
 pub mod csr;
+pub mod sealed;
+
+use sealed::CaMaterial;
 
 /// Lifetime of a generated root.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -60,6 +63,9 @@ pub enum CaError {
     /// A key file is readable by others.
     #[error("{0}: private key is readable by group or others (chmod 600)")]
     KeyPermissions(PathBuf),
+    /// The CA shared through the replicated store cannot be sealed or opened.
+    #[error("shared CA: {0}")]
+    Sealed(String),
 }
 
 /// Where a plugged-in CA's PEM files are.
@@ -257,30 +263,84 @@ impl Authority {
     /// Generates a root and an intermediate into `dir`. The root key is kept (0600) so the
     /// intermediate can be re-issued later.
     fn generate(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
-        let root_key = KeyPair::generate()?;
-        let root_params = ca_params(trust_domain, "root", ROOT_LIFETIME, None)?;
-        let root = root_params.self_signed(&root_key)?;
-        let root_issuer = Issuer::new(root_params, &root_key);
-        let intermediate_key = KeyPair::generate()?;
-        let intermediate = ca_params(trust_domain, "intermediate", INTERMEDIATE_LIFETIME, Some(0))?
-            .signed_by(&intermediate_key, &root_issuer)?;
-        write_private(
-            &dir.join("root.key"),
-            root_key.serialize_pem().as_bytes(),
-            0o600,
-        )?;
+        let material = generate_material(trust_domain)?;
+        if let Some(root_key) = &material.root_key_pem {
+            write_private(&dir.join("root.key"), root_key.as_bytes(), 0o600)?;
+        }
         write_private(
             &dir.join("intermediate.key"),
-            intermediate_key.serialize_pem().as_bytes(),
+            material.intermediate_key_pem.as_bytes(),
             0o600,
         )?;
         write_private(
             &dir.join("intermediate.pem"),
-            intermediate.pem().as_bytes(),
+            material.intermediate_pem.as_bytes(),
             0o644,
         )?;
         // The root is written last: its presence marks a complete CA.
-        write_private(&dir.join("root.pem"), root.pem().as_bytes(), 0o644)
+        write_private(&dir.join("root.pem"), material.root_pem.as_bytes(), 0o644)
+    }
+
+    /// The CA from its PEM material (as shared through the replicated store).
+    pub fn from_material(
+        trust_domain: &TrustDomain,
+        material: &CaMaterial,
+    ) -> Result<Self, CaError> {
+        let source = PathBuf::from("(shared CA)");
+        let pem_error = |message: String| CaError::Pem {
+            path: source.clone(),
+            message,
+        };
+        let root_der = CertificateDer::from_pem_slice(material.root_pem.as_bytes())
+            .map_err(|e| pem_error(format!("root: {e}")))?;
+        check_trust_domain(&source, &root_der, trust_domain)?;
+        let intermediate_der = CertificateDer::from_pem_slice(material.intermediate_pem.as_bytes())
+            .map_err(|e| pem_error(format!("intermediate: {e}")))?;
+        let key = KeyPair::from_pem(&material.intermediate_key_pem)
+            .map_err(|e| pem_error(format!("intermediate key: {e}")))?;
+        Self::from_parts(
+            trust_domain,
+            material.root_pem.clone(),
+            root_der,
+            material.intermediate_pem.clone(),
+            &intermediate_der,
+            key,
+        )
+    }
+
+    /// The material a replicated store starts from on its very first start: the plugged-in
+    /// CA, else the CA already in `dir` (an embedded deployment moving to etcd), else a new one.
+    pub fn initial_material(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        plug_in: Option<&PlugIn>,
+    ) -> Result<CaMaterial, CaError> {
+        let read = |path: &Path| fs::read_to_string(path).map_err(io_error(path));
+        if let Some(plug_in) = plug_in {
+            read_key(&plug_in.intermediate_key)?;
+            return Ok(CaMaterial {
+                root_pem: read(&plug_in.root_cert)?,
+                root_key_pem: None,
+                intermediate_pem: read(&plug_in.intermediate_cert)?,
+                intermediate_key_pem: read(&plug_in.intermediate_key)?,
+            });
+        }
+        if dir.join("root.pem").exists() {
+            read_key(&dir.join("intermediate.key"))?;
+            let root_key = dir.join("root.key");
+            return Ok(CaMaterial {
+                root_pem: read(&dir.join("root.pem"))?,
+                root_key_pem: if root_key.exists() {
+                    read_key(&root_key)?;
+                    Some(read(&root_key)?)
+                } else {
+                    None
+                },
+                intermediate_pem: read(&dir.join("intermediate.pem"))?,
+                intermediate_key_pem: read(&dir.join("intermediate.key"))?,
+            });
+        }
+        generate_material(trust_domain)
     }
 
     /// The trust domain this CA serves.
@@ -363,6 +423,23 @@ impl Authority {
             not_after,
         })
     }
+}
+
+/// A new root and intermediate, in memory.
+fn generate_material(trust_domain: &TrustDomain) -> Result<CaMaterial, CaError> {
+    let root_key = KeyPair::generate()?;
+    let root_params = ca_params(trust_domain, "root", ROOT_LIFETIME, None)?;
+    let root = root_params.self_signed(&root_key)?;
+    let root_issuer = Issuer::new(root_params, &root_key);
+    let intermediate_key = KeyPair::generate()?;
+    let intermediate = ca_params(trust_domain, "intermediate", INTERMEDIATE_LIFETIME, Some(0))?
+        .signed_by(&intermediate_key, &root_issuer)?;
+    Ok(CaMaterial {
+        root_pem: root.pem(),
+        root_key_pem: Some(root_key.serialize_pem()),
+        intermediate_pem: intermediate.pem(),
+        intermediate_key_pem: intermediate_key.serialize_pem(),
+    })
 }
 
 /// Refuses a generated root made for another trust domain (its URI SAN names it): starting an

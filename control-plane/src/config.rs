@@ -19,6 +19,15 @@
 //!   rootCert: /etc/sidewall/root.pem
 //!   intermediateCert: /etc/sidewall/intermediate.pem
 //!   intermediateKey: /etc/sidewall/intermediate.key   # mode 0600
+//! store: etcd://10.0.0.1:2379,10.0.0.2:2379  # default `embedded` (redb in dataDir)
+//! etcd:                            # only with an etcd store
+//!   prefix: /sidewall              # default /sidewall
+//!   ca: /etc/sidewall/etcd-ca.pem  # TLS to etcd (then also cert + key for mutual TLS)
+//!   cert: /etc/sidewall/etcd-client.pem
+//!   key: /etc/sidewall/etcd-client.key
+//!   user: sidewall                 # etcd authentication; password from passwordFile or
+//!   passwordFile: /etc/sidewall/etcd-password  # $SIDEWALL_ETCD_PASSWORD
+//! caKekFile: /etc/sidewall/ca.kek  # required with etcd: seals the CA keys stored there
 //! ```
 
 use std::net::SocketAddr;
@@ -54,6 +63,101 @@ pub struct FileConfig {
     #[serde(default)]
     server_names: Vec<String>,
     policies_dir: Option<PathBuf>,
+    store: Option<StoreUrl>,
+    #[serde(default)]
+    etcd: EtcdSection,
+    ca_kek_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EtcdSection {
+    prefix: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+/// `--store`: `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// The redb file in the data directory.
+    Embedded,
+    /// etcd members, `host:port` each.
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        let Some(list) = text.strip_prefix("etcd://") else {
+            return Err(format!(
+                "store {text:?}: expected `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
+            ));
+        };
+        let mut endpoints = Vec::new();
+        for endpoint in list.split(',') {
+            let valid = endpoint.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !valid {
+                return Err(format!(
+                    "store {text:?}: {endpoint:?} is not HOST:PORT (etcd://HOST:PORT[,HOST:PORT...])"
+                ));
+            }
+            endpoints.push(endpoint.to_owned());
+        }
+        Ok(Self::Etcd(endpoints))
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = StoreUrl;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`embedded` or `etcd://HOST:PORT[,HOST:PORT...]`")
+            }
+            // Checked inside the visitor so that the error carries the value's position.
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<StoreUrl, E> {
+                text.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// The etcd store's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// Key prefix. Default is `/sidewall`.
+    pub prefix: String,
+    /// CA certificate (PEM) of the members' certificates: turns on TLS. Default: plain.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS. Default: none.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// User for etcd authentication. Default: none.
+    pub user: Option<String>,
+    /// Where the user's password is (`passwordFile`). Default: `$SIDEWALL_ETCD_PASSWORD`.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Where the control plane keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The redb file `<dataDir>/store.redb` (the default).
+    Embedded,
+    /// etcd, for several replicas.
+    Etcd(EtcdConfig),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +202,22 @@ pub struct Overrides {
     pub trust_domain: Option<TrustDomain>,
     /// `--policies-dir`.
     pub policies_dir: Option<PathBuf>,
+    /// `--store`.
+    pub store: Option<StoreUrl>,
+    /// `--etcd-prefix`.
+    pub etcd_prefix: Option<String>,
+    /// `--etcd-ca`.
+    pub etcd_ca: Option<PathBuf>,
+    /// `--etcd-cert`.
+    pub etcd_cert: Option<PathBuf>,
+    /// `--etcd-key`.
+    pub etcd_key: Option<PathBuf>,
+    /// `--etcd-user`.
+    pub etcd_user: Option<String>,
+    /// `--etcd-password-file`.
+    pub etcd_password_file: Option<PathBuf>,
+    /// `--ca-kek-file`.
+    pub ca_kek_file: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -135,6 +255,11 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// A directory of policy files to watch and apply (GitOps), if any.
     pub policies_dir: Option<PathBuf>,
+    /// Where the state lives. Default is the embedded store.
+    pub store: StoreConfig,
+    /// The key-encryption key that seals the CA's keys in a replicated store (64 hex digits,
+    /// not readable by others). Required with etcd; unused otherwise.
+    pub ca_kek_file: Option<PathBuf>,
 }
 
 /// Why the configuration is unusable.
@@ -201,7 +326,16 @@ impl Config {
                 )));
             }
         }
+        let store = resolve_store(&file, &overrides)?;
+        let ca_kek_file = overrides.ca_kek_file.clone().or(file.ca_kek_file.clone());
+        if matches!(store, StoreConfig::Etcd(_)) && ca_kek_file.is_none() {
+            return Err(ConfigError::Value(
+                "the etcd store needs caKekFile (--ca-kek-file): the CA's keys are stored in etcd sealed with it; create one with `openssl rand -hex 32 > ca.kek && chmod 600 ca.kek` and give every replica the same file".into(),
+            ));
+        }
         Ok(Self {
+            store,
+            ca_kek_file,
             trust_domain: overrides
                 .trust_domain
                 .or(file.trust_domain)
@@ -250,6 +384,56 @@ impl Config {
             format_duration(self.workload_lifetime)
         )
     }
+}
+
+fn resolve_store(file: &FileConfig, overrides: &Overrides) -> Result<StoreConfig, ConfigError> {
+    let url = overrides
+        .store
+        .clone()
+        .or(file.store.clone())
+        .unwrap_or(StoreUrl::Embedded);
+    let endpoints = match url {
+        StoreUrl::Embedded => return Ok(StoreConfig::Embedded),
+        StoreUrl::Etcd(endpoints) => endpoints,
+    };
+    let prefix = overrides
+        .etcd_prefix
+        .clone()
+        .or(file.etcd.prefix.clone())
+        .unwrap_or_else(|| "/sidewall".into());
+    let valid_prefix = prefix.starts_with('/')
+        && prefix.len() > 1
+        && !prefix.ends_with('/')
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b));
+    if !valid_prefix {
+        return Err(ConfigError::Value(format!(
+            "etcd prefix {prefix:?} must start with `/`, not end with `/`, and use only a-z A-Z 0-9 / - _ ."
+        )));
+    }
+    let cert = overrides.etcd_cert.clone().or(file.etcd.cert.clone());
+    let key = overrides.etcd_key.clone().or(file.etcd.key.clone());
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        _ => {
+            return Err(ConfigError::Value(
+                "etcd cert and key (--etcd-cert, --etcd-key) go together".into(),
+            ));
+        }
+    };
+    Ok(StoreConfig::Etcd(EtcdConfig {
+        endpoints,
+        prefix,
+        ca: overrides.etcd_ca.clone().or(file.etcd.ca.clone()),
+        identity,
+        user: overrides.etcd_user.clone().or(file.etcd.user.clone()),
+        password_file: overrides
+            .etcd_password_file
+            .clone()
+            .or(file.etcd.password_file.clone()),
+    }))
 }
 
 #[cfg(test)]
@@ -311,5 +495,46 @@ mod tests {
             assert!(error.starts_with(expected), "{error}");
         }
         assert!(parse("certificates: {issuancePerMinute: 0}\n").is_err());
+    }
+
+    #[test]
+    fn store_choice() {
+        assert_eq!(parse("{}").unwrap().store, StoreConfig::Embedded);
+        let config = parse(
+            "store: etcd://10.0.0.1:2379,etcd-2:2379\netcd: {prefix: /prod/sidewall}\ncaKekFile: /k\n",
+        )
+        .unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("not etcd")
+        };
+        assert_eq!(etcd.endpoints, ["10.0.0.1:2379", "etcd-2:2379"]);
+        assert_eq!(etcd.prefix, "/prod/sidewall");
+        let cases = [
+            (
+                "store: mysql://x\n",
+                "cp.yaml:1:8: store: store \"mysql://x\": expected",
+            ),
+            (
+                "store: etcd://a:2379,b\n",
+                "cp.yaml:1:8: store: store \"etcd://a:2379,b\": \"b\" is not HOST:PORT",
+            ),
+            ("store: etcd://a:1\n", "the etcd store needs caKekFile"),
+            (
+                "store: etcd://a:1\ncaKekFile: k\netcd: {prefix: sidewall}\n",
+                "etcd prefix \"sidewall\" must start with `/`",
+            ),
+            (
+                "store: etcd://a:1\ncaKekFile: k\netcd: {cert: c}\n",
+                "etcd cert and key",
+            ),
+            (
+                "etcd: {passwd: x}\n",
+                "cp.yaml:1:8: etcd: unknown field `passwd`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.starts_with(expected), "{error}");
+        }
     }
 }

@@ -5,7 +5,10 @@
 //! each watch stream rebuilds its workload's snapshot and sends it only if its content
 //! changed, so a change reaches only the workloads it concerns. Snapshot versions are
 //! `(store epoch, counter)`; the counter continues from the start time in milliseconds, so it
-//! keeps growing across restarts of the control plane without a write per change.
+//! keeps growing across restarts of the control plane without a write per change. With the
+//! etcd store, [`Distribution::follow`] puts the state in force at an etcd revision, which is
+//! the counter: every replica agrees. Sidecars' liveness and acks stay in this process; a
+//! [`ReplicaSummary`] is what other replicas learn of them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -70,6 +73,25 @@ pub struct FleetView {
     pub proxies: Vec<FleetEntry>,
 }
 
+/// What one replica publishes about its own sidecars (replicated store only), so that any
+/// replica can tell whether a policy version reached the whole fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicaSummary {
+    /// The replica's API URL.
+    pub replica: String,
+    /// The policy version it has in force.
+    pub policy_version: u64,
+    /// How many sidecars have a watch open to it.
+    pub connected: usize,
+    /// How many of them have not applied that version yet.
+    pub pending_count: usize,
+    /// The first of those (at most [`SUMMARY_ROWS`]).
+    pub pending: Vec<FleetEntry>,
+}
+
+/// Most pending sidecars listed in a [`ReplicaSummary`].
+pub const SUMMARY_ROWS: usize = 50;
+
 /// One observed flow, as sidecars report them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FlowKey {
@@ -121,6 +143,8 @@ struct State {
     generation: u64,
     /// Generation at which each policy version took effect (this process's lifetime).
     version_generation: HashMap<u64, (u64, Instant)>,
+    /// Whether the generation is a replicated store's revision ([`Distribution::follow`]).
+    following: bool,
 }
 
 /// Distribution state shared by the API handlers and the watch streams.
@@ -204,6 +228,7 @@ impl Distribution {
                 revocations: to_revocations(revocations),
                 generation,
                 version_generation,
+                following: false,
             }),
             changes,
             fleet: Mutex::new(BTreeMap::new()),
@@ -211,6 +236,57 @@ impl Distribution {
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
         }
+    }
+
+    /// Follows a replicated store: puts the state last changed at etcd `loaded.revision` in
+    /// force, with that revision as the snapshot counter, so every replica sends the same
+    /// version for the same content. A read no newer than what is in force is ignored.
+    pub fn follow(&self, loaded: crate::store::etcd::Loaded) {
+        let mut state = self.write();
+        let first = !state.following;
+        if loaded.revision <= state.generation && !first {
+            return;
+        }
+        if first {
+            // The start-time counter of `new` gives way to revisions before anything is served.
+            state.following = true;
+            state.version_generation.clear();
+        }
+        let (version, applied_by, files) = match loaded.latest {
+            Some(v) => (v.version, v.applied_by, v.files),
+            None => (0, String::new(), Vec::new()),
+        };
+        if version != state.policy_version || first {
+            // Valid when a replica applied it; if this release cannot load it, default deny.
+            let set = compile(&files).unwrap_or_else(|e| {
+                tracing::error!(version, errors = %e, "the stored policy set does not load: enforcing default deny");
+                PolicySet::default()
+            });
+            state.engine = Arc::new(Engine::new(set));
+            state.policy_version = version;
+            state.applied_by = applied_by;
+            state.files = files;
+            state
+                .version_generation
+                .insert(version, (loaded.revision, Instant::now()));
+            metrics::gauge!("sidewall_control_plane_policy_version").set(version as f64);
+        }
+        state.registrations = loaded.registrations;
+        state.revocations = to_revocations(&loaded.revocations);
+        state.generation = loaded.revision;
+        self.changes.send_replace(loaded.revision);
+    }
+
+    /// Waits (at most `limit`) until the state in force is at least at store `revision`;
+    /// false if it is not by then.
+    pub async fn caught_up(&self, revision: u64, limit: std::time::Duration) -> bool {
+        let mut changes = self.subscribe();
+        tokio::time::timeout(
+            limit,
+            changes.wait_for(|generation| *generation >= revision),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -465,17 +541,39 @@ impl Distribution {
         }
     }
 
+    /// This replica's summary for the others (see [`ReplicaSummary`]).
+    pub fn summary(&self) -> ReplicaSummary {
+        let policy_version = self.read().policy_version;
+        let mut pending = self.pending(policy_version).unwrap_or_default();
+        let pending_count = pending.len();
+        pending.truncate(SUMMARY_ROWS);
+        ReplicaSummary {
+            replica: self.replica().to_owned(),
+            policy_version,
+            connected: lock(&self.fleet).values().filter(|e| e.connected).count(),
+            pending_count,
+            pending,
+        }
+    }
+
     /// Whether every sidecar has received and applied what policy `version` changed for it:
-    /// `None` if the version is unknown, otherwise the instances still pending.
+    /// `None` if the version is unknown, otherwise the instances still pending. With a
+    /// replicated store a disconnected sidecar is not pending here: it is connected to another
+    /// replica (which counts it) or down (which the fleet view shows).
     pub fn pending(&self, version: u64) -> Option<Vec<FleetEntry>> {
-        let generation = self.read().version_generation.get(&version)?.0;
+        let (generation, following) = {
+            let state = self.read();
+            (state.version_generation.get(&version)?.0, state.following)
+        };
         let fleet = lock(&self.fleet);
         Some(
             fleet
                 .values()
                 .filter(|e| {
-                    !e.connected
-                        || e.processed < generation
+                    if !e.connected {
+                        return !following;
+                    }
+                    e.processed < generation
                         || e.sent
                             .is_some_and(|sent| sent >= generation && e.applied < Some(sent))
                 })

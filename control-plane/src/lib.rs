@@ -4,7 +4,10 @@
 //! - [`ca`]: the certificate authority (root → intermediate → X.509-SVIDs built from scratch,
 //!   taking only the public key from a CSR) and [`ca::csr`], the CSR checks.
 //! - [`attestation`]: single-use join tokens bound to an identity, stored only as hashes.
-//! - [`store`]: the `Store` trait and the embedded single-file store (redb).
+//! - [`store`]: the `Store` trait, the embedded single-file store (redb) and the etcd store
+//!   for several replicas (transactions, change feed).
+//! - [`backup`]: `control-plane export / import`, a consistent copy of a store with the CA
+//!   sealed, restorable into either store.
 //! - [`api`]: the mTLS HTTP API (`/v1/certificates`, tokens, operators, revocations), with
 //!   every error mapped to a JSON answer in one place.
 //! - [`tls`]: the control plane's own rotating certificate and its rustls configuration.
@@ -22,6 +25,7 @@
 pub mod admin;
 pub mod api;
 pub mod attestation;
+pub mod backup;
 pub mod ca;
 pub mod client;
 pub mod config;

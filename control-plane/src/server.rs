@@ -18,11 +18,13 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{Api, Peer, handle};
+use crate::ca::sealed::{Kek, SealedCa, kek_path_required};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
-use crate::config::Config;
+use crate::config::{Config, EtcdConfig, StoreConfig};
 use crate::distribution::Distribution;
 use crate::ratelimit::RateLimiter;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::{Store, StoreError};
 use crate::tls::{ServingCertificate, TlsError, server_config};
 use crate::{admin, ui};
@@ -45,6 +47,9 @@ pub enum StartError {
     /// Writing a file into the data directory failed.
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
+    /// The etcd settings are unusable.
+    #[error("etcd: {0}")]
+    Etcd(String),
 }
 
 /// What the control plane records in its data directory so the CLI can find it.
@@ -82,6 +87,8 @@ pub struct Prepared {
     api: Arc<Api>,
     certificate: Arc<ServingCertificate>,
     tls: Arc<rustls::ServerConfig>,
+    /// With etcd: the store whose change feed this replica follows.
+    follower: Option<EtcdStore>,
 }
 
 /// Loads or creates the CA, opens the store, issues the serving certificate and, on first
@@ -89,12 +96,23 @@ pub struct Prepared {
 pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| StartError::Io(data_dir.clone(), e))?;
-    let ca = Authority::load_or_create(
-        &ca_dir(&data_dir),
-        &config.trust_domain,
-        config.plug_in.as_ref(),
-    )?;
-    let store = EmbeddedStore::open(&data_dir.join("store.redb"))?;
+    let (ca, store, follower): (Authority, Arc<dyn Store>, Option<EtcdStore>) = match &config.store
+    {
+        StoreConfig::Embedded => (
+            Authority::load_or_create(
+                &ca_dir(&data_dir),
+                &config.trust_domain,
+                config.plug_in.as_ref(),
+            )?,
+            Arc::new(EmbeddedStore::open(&data_dir.join("store.redb"))?),
+            None,
+        ),
+        StoreConfig::Etcd(etcd) => {
+            let store = EtcdStore::connect(&etcd_options(etcd)?).await?;
+            let ca = shared_ca(&config, &store).await?;
+            (ca, Arc::new(store.clone()), Some(store))
+        }
+    };
     write_private(
         &bundle_path(&data_dir),
         ca.trust_bundle_pem().as_bytes(),
@@ -105,7 +123,11 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
     let certificate = Arc::new(certificate);
     let tls = Arc::new(server_config(&ca, certificate.clone())?);
-    let latest = store.policy_versions().await?.pop();
+    let latest = match &follower {
+        // The newest version only: the history may be long.
+        Some(etcd) => etcd.load().await?.latest,
+        None => store.policy_versions().await?.pop(),
+    };
     let distribution = Arc::new(Distribution::new(
         store.epoch().await?,
         ca.trust_domain().clone(),
@@ -114,9 +136,13 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         store.registrations().await?,
         &store.revocations().await?,
     ));
+    if let Some(etcd) = &follower {
+        // Snapshot counters are etcd revisions from the first snapshot on.
+        distribution.follow(etcd.load().await?);
+    }
     let api = Arc::new(Api {
         limiter: RateLimiter::new(config.issuance_per_minute),
-        store: Arc::new(store),
+        store,
         ca,
         config,
         distribution,
@@ -125,7 +151,57 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         api,
         certificate,
         tls,
+        follower,
     })
+}
+
+/// Reads the files the etcd settings name (certificates, password) into client options.
+pub(crate) fn etcd_options(etcd: &EtcdConfig) -> Result<EtcdOptions, StartError> {
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| StartError::Io(path.clone(), e));
+    let password = match (&etcd.user, &etcd.password_file) {
+        (None, _) => None,
+        (Some(_), Some(path)) => Some(
+            String::from_utf8_lossy(&read(path)?)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (Some(user), None) => Some(std::env::var("SIDEWALL_ETCD_PASSWORD").map_err(|_| {
+            StartError::Etcd(format!(
+                "user {user} needs a password: --etcd-password-file or $SIDEWALL_ETCD_PASSWORD"
+            ))
+        })?),
+    };
+    Ok(EtcdOptions {
+        endpoints: etcd.endpoints.clone(),
+        prefix: etcd.prefix.clone(),
+        ca_pem: etcd.ca.as_ref().map(read).transpose()?,
+        identity_pem: match &etcd.identity {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        },
+        user: etcd.user.clone().zip(password),
+    })
+}
+
+/// The CA every replica shares: opened from etcd with the key-encryption key, or, on the very
+/// first start, taken from the configuration or data directory (or generated), sealed and
+/// stored there (the first replica to store one wins a race).
+async fn shared_ca(config: &Config, store: &EtcdStore) -> Result<Authority, StartError> {
+    let kek = Kek::load(kek_path_required(config.ca_kek_file.as_ref())?)?;
+    let sealed = match store.sealed_ca().await? {
+        Some(sealed) => sealed,
+        None => {
+            let material = Authority::initial_material(
+                &ca_dir(&config.data_dir),
+                &config.trust_domain,
+                config.plug_in.as_ref(),
+            )?;
+            let sealed = SealedCa::seal(&material, &config.trust_domain, &kek)?;
+            store.create_sealed_ca(sealed.to_json()).await?
+        }
+    };
+    let material = SealedCa::from_json(&sealed)?.open(&config.trust_domain, &kek)?;
+    Ok(Authority::from_material(&config.trust_domain, &material)?)
 }
 
 /// The DNS names and IPs on the serving certificate: `localhost`, the listen IP (when it is
@@ -203,6 +279,7 @@ pub async fn run(
         api,
         certificate,
         tls,
+        follower,
     } = prepared;
     let api_addr = listeners
         .api
@@ -233,6 +310,15 @@ pub async fn run(
         ui::Dashboard::new(api.distribution.clone(), api.config.server_names.clone()),
         stop_rx.clone(),
     ));
+    // With etcd: follow the store's change feed, and publish this replica's summary.
+    let follow_task = follower.map(|etcd| {
+        let publish = tokio::spawn(
+            etcd.clone()
+                .publish(api.distribution.clone(), stop_rx.clone()),
+        );
+        let follow = tokio::spawn(etcd.follow(api.distribution.clone(), stop_rx.clone()));
+        (publish, follow)
+    });
     let policies_task = api
         .config
         .policies_dir
@@ -320,6 +406,10 @@ pub async fn run(
     let _ = ui_task.await;
     if let Some(task) = policies_task {
         let _ = task.await;
+    }
+    if let Some((publish, follow)) = follow_task {
+        let _ = publish.await;
+        let _ = follow.await;
     }
     // Connection tasks still finishing hold the API (and through it the store's file lock);
     // wait for them so that a restart in the same process can open the store again.

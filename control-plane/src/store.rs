@@ -1,8 +1,9 @@
 //! The control plane's state behind one trait: join tokens, issued certificates, revocations.
 //!
 //! The embedded store ([`embedded::EmbeddedStore`], one redb file) is the default: crash-safe,
-//! no service to run. The trait is shaped for a replicated store too: every operation that
-//! must be atomic across replicas (redeeming a token) is one method, and methods are async.
+//! no service to run. [`etcd::EtcdStore`] backs several replicas: every operation that must be
+//! atomic across replicas (redeeming a token, numbering a policy version) is one method, an
+//! etcd transaction there, and methods are async.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,6 +11,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
+pub mod etcd;
 
 /// A boxed future returned by store methods (dyn-compatible for a runtime choice of store).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -20,6 +22,9 @@ pub enum StoreError {
     /// The backing database failed.
     #[error("store: {0}")]
     Backend(String),
+    /// A replicated store cannot serve now: unreachable, no leader, no quorum.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// A stored record does not decode.
     #[error("store: corrupt record {key}: {message}")]
     Corrupt {
@@ -140,6 +145,33 @@ pub struct RegistrationRecord {
     pub registered_at: i64,
 }
 
+/// Everything a store holds, read at one point in time: what a backup carries (the CA aside).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Records {
+    /// Every policy version, oldest first.
+    pub policy_versions: Vec<PolicyVersion>,
+    /// Every join token (secrets only as hashes).
+    pub tokens: Vec<TokenRecord>,
+    /// Every issued certificate.
+    pub certificates: Vec<CertificateRecord>,
+    /// Every revocation.
+    pub revocations: Vec<RevocationRecord>,
+    /// Every registration.
+    pub registrations: Vec<RegistrationRecord>,
+}
+
+impl Records {
+    /// Whether there is nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.policy_versions.is_empty()
+            && self.tokens.is_empty()
+            && self.certificates.is_empty()
+            && self.revocations.is_empty()
+            && self.registrations.is_empty()
+    }
+}
+
 /// The control plane's persistent state.
 pub trait Store: Send + Sync + 'static {
     /// Stores a new policy version: assigns `version` (last + 1) atomically and returns it.
@@ -176,4 +208,17 @@ pub trait Store: Send + Sync + 'static {
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>>;
     /// The store's epoch: a random value fixed when the store was created.
     fn epoch(&self) -> StoreFuture<'_, String>;
+    /// Everything, read at one point in time (one read transaction, one etcd revision).
+    fn records(&self) -> StoreFuture<'_, Records>;
+    /// For a store with a change feed (etcd): the revision of this process's last write that
+    /// changes snapshots, which the feed puts in force (the API waits for it). `None` for a
+    /// store without one: the API then updates distribution itself.
+    fn written(&self) -> Option<u64> {
+        None
+    }
+    /// For a replicated store: what the other replicas publish about their sidecars. Empty
+    /// for a store that serves one control plane.
+    fn replicas(&self) -> StoreFuture<'_, Vec<crate::distribution::ReplicaSummary>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }

@@ -15,9 +15,34 @@ use tokio::sync::oneshot;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+pub mod etcd;
+
 use crate::client::Client;
 use crate::config::{Config, Overrides};
 use crate::server::{self, Listeners};
+
+/// Writes a key-encryption key file (mode 0600) into `dir` and returns its path.
+pub fn kek_file(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("ca.kek");
+    std::fs::write(&path, format!("{}\n", crate::random::hex_token(32))).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// Points `config` at an etcd cluster (prefix `/sidewall`) with the KEK file `kek`.
+pub fn use_etcd(config: &mut Config, cluster: &etcd::EtcdCluster, kek: &Path) {
+    config.store = crate::config::StoreConfig::Etcd(crate::config::EtcdConfig {
+        endpoints: cluster.endpoints(),
+        prefix: "/sidewall".into(),
+        ca: None,
+        identity: None,
+        user: None,
+        password_file: None,
+    });
+    config.ca_kek_file = Some(kek.to_path_buf());
+}
 
 /// A control plane running in this process on loopback ports.
 pub struct TestControlPlane {

@@ -1,22 +1,26 @@
-//! `sidewall control-plane`: load and check the configuration, then bind and serve.
+//! `sidewall control-plane`: load and check the configuration, then bind and serve; its
+//! `export` and `import` subcommands copy the whole state out of and into a store.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use sidewall_control_plane::config::{Config, Overrides};
+use sidewall_control_plane::config::{Config, Overrides, StoreUrl};
 use sidewall_control_plane::server::{self, Listeners};
 use sidewall_policies::TrustDomain;
 
-/// Flags of `sidewall control-plane`; each overrides the same setting in the file.
+/// Flags of `sidewall control-plane`; each overrides the same setting in the file. The
+/// configuration and store flags also apply to `export` and `import`.
 #[derive(clap::Args)]
 pub(crate) struct Args {
+    #[command(subcommand)]
+    backup: Option<BackupCommand>,
     /// YAML configuration file (docs/control-plane.md describes every field).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Data directory: CA, store, operator credentials. [default: ./sidewall-data]
-    #[arg(long, value_name = "DIR", env = "SIDEWALL_DATA_DIR")]
+    #[arg(long, value_name = "DIR", env = "SIDEWALL_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// mTLS API address. [default: 127.0.0.1:4600]
     #[arg(long, value_name = "ADDR")]
@@ -29,11 +33,62 @@ pub(crate) struct Args {
     #[arg(long, value_name = "ADDR")]
     ui_listen: Option<SocketAddr>,
     /// Trust domain. [default: sidewall.local]
-    #[arg(long, value_name = "TD", value_parser = parse_trust_domain)]
+    #[arg(long, value_name = "TD", value_parser = parse_trust_domain, global = true)]
     trust_domain: Option<TrustDomain>,
     /// Watch this directory of policy files and apply it whenever it is valid as a whole.
     #[arg(long, value_name = "DIR")]
     policies_dir: Option<PathBuf>,
+    /// Where the state lives: `embedded` (a file in the data directory) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]` for several replicas. [default: embedded]
+    #[arg(long, value_name = "URL", value_parser = parse_store, global = true)]
+    store: Option<StoreUrl>,
+    /// Key prefix in etcd. [default: /sidewall]
+    #[arg(long, value_name = "PREFIX", global = true)]
+    etcd_prefix: Option<String>,
+    /// CA certificate (PEM) of the etcd members: talk TLS to etcd.
+    #[arg(long, value_name = "FILE", global = true)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with etcd (with --etcd-key).
+    #[arg(long, value_name = "FILE", global = true)]
+    etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS with etcd.
+    #[arg(long, value_name = "FILE", global = true)]
+    etcd_key: Option<PathBuf>,
+    /// etcd user; the password comes from --etcd-password-file or $SIDEWALL_ETCD_PASSWORD.
+    #[arg(long, value_name = "USER", global = true)]
+    etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, value_name = "FILE", global = true)]
+    etcd_password_file: Option<PathBuf>,
+    /// Key-encryption key (64 hex digits, not readable by others) that seals the CA's keys in etcd; the
+    /// same file on every replica. Required with an etcd store.
+    #[arg(long, value_name = "FILE", global = true)]
+    ca_kek_file: Option<PathBuf>,
+}
+
+/// `export` and `import`.
+#[derive(clap::Subcommand)]
+enum BackupCommand {
+    /// Write a consistent copy of the whole state (policy history, tokens, issued
+    /// certificates, revocations, registrations; the CA with its keys sealed by
+    /// --ca-kek-file) to a file. The embedded store must not be in use (stop the control
+    /// plane); etcd is read live at one revision.
+    Export {
+        /// The backup file to write (mode 0600).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Restore a backup into a new, empty store (embedded or etcd), with the same
+    /// --ca-kek-file it was exported with. Run it before the control plane starts.
+    Import {
+        /// The backup file to read.
+        #[arg(long = "in", value_name = "FILE")]
+        input: PathBuf,
+    },
+}
+
+fn parse_store(text: &str) -> Result<StoreUrl, String> {
+    text.parse()
 }
 
 fn parse_trust_domain(text: &str) -> Result<TrustDomain, String> {
@@ -48,6 +103,14 @@ pub(crate) fn run(args: Args) -> ExitCode {
         ui_listen: args.ui_listen,
         trust_domain: args.trust_domain,
         policies_dir: args.policies_dir,
+        store: args.store,
+        etcd_prefix: args.etcd_prefix,
+        etcd_ca: args.etcd_ca,
+        etcd_cert: args.etcd_cert,
+        etcd_key: args.etcd_key,
+        etcd_user: args.etcd_user,
+        etcd_password_file: args.etcd_password_file,
+        ca_kek_file: args.ca_kek_file,
     };
     // Configuration errors end here, before any port is bound.
     let config = match Config::load(args.config.as_deref(), overrides) {
@@ -57,6 +120,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(command) = args.backup {
+        return backup(command, &config);
+    }
     let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => Some(handle),
         Err(error) => {
@@ -76,6 +142,57 @@ pub(crate) fn run(args: Args) -> ExitCode {
         }
     };
     match runtime.block_on(serve(config, metrics)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn backup(command: BackupCommand, config: &Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            BackupCommand::Export { out } => {
+                let backup = sidewall_control_plane::backup::export(config).await?;
+                let json = serde_json::to_vec_pretty(&backup)?;
+                sidewall_control_plane::ca::write_private(&out, &json, 0o600)?;
+                let r = &backup.records;
+                println!(
+                    "exported {} policy versions, {} tokens, {} certificates, {} revocations, {} registrations and the CA (keys sealed) to {}",
+                    r.policy_versions.len(),
+                    r.tokens.len(),
+                    r.certificates.len(),
+                    r.revocations.len(),
+                    r.registrations.len(),
+                    out.display()
+                );
+            }
+            BackupCommand::Import { input } => {
+                let text = std::fs::read(&input)
+                    .with_context(|| format!("cannot read {}", input.display()))?;
+                let backup = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a Sidewall backup", input.display()))?;
+                let r = sidewall_control_plane::backup::import(config, backup).await?;
+                println!(
+                    "imported {} policy versions, {} tokens, {} certificates, {} revocations, {} registrations and the CA",
+                    r.policy_versions, r.tokens, r.certificates, r.revocations, r.registrations
+                );
+            }
+        }
+        anyhow::Ok(())
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");

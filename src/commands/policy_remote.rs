@@ -123,6 +123,12 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
                     .into_iter()
                     .flatten()
                     .map(|p| {
+                        if let Some(behind) = p["replica_behind"].as_u64() {
+                            return format!(
+                                "  replica {}: still at version {behind}",
+                                p["replica"].as_str().unwrap_or("?")
+                            );
+                        }
                         let why = if p["connected"] == false {
                             "not connected".to_owned()
                         } else if let Some(reason) = p["last_rejection"].as_str() {
@@ -130,8 +136,13 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
                         } else {
                             "not applied yet".to_owned()
                         };
+                        let on = p["replica"]
+                            .as_str()
+                            .filter(|r| !r.is_empty())
+                            .map(|r| format!(", on {r}"))
+                            .unwrap_or_default();
                         format!(
-                            "  {} (instance {}): {why}",
+                            "  {} (instance {}{on}): {why}",
                             p["identity"].as_str().unwrap_or("?"),
                             p["instance"].as_str().unwrap_or("?")
                         )

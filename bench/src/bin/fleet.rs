@@ -4,7 +4,12 @@
 //! issuance rate, control-plane memory with N proxies connected, and the time from
 //! `policy apply` to each proxy's new snapshot (p50, p99) and to the last ack.
 //!
-//! `cargo run --release -p sidewall-bench --bin fleet -- --proxies 1000`
+//! With `--etcd`, it starts a 3-member etcd cluster on loopback and `--replicas` control planes
+//! over it (`--store etcd://…`), and spreads the simulated sidecars (issuance and watches) over
+//! the replicas round-robin; a policy is applied through the first replica and the last ack is
+//! when every replica reports its own sidecars done.
+//!
+//! `cargo run --release -p sidewall-bench --bin fleet -- --proxies 1000 [--etcd --replicas 3]`
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +45,12 @@ struct Args {
     /// The `sidewall` binary (default: next to this one).
     #[arg(long)]
     sidewall: Option<PathBuf>,
+    /// Run the replicas over a 3-member etcd cluster on loopback (needs `etcd`).
+    #[arg(long)]
+    etcd: bool,
+    /// Control-plane replicas (with `--etcd`; the embedded store serves one).
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -105,12 +116,17 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
-async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
+/// Starts one control plane in `data` with `extra` flags; returns it, its pid and API port.
+async fn start_control_plane(
+    sidewall: &Path,
+    data: &Path,
+    log: &Path,
+    extra: &[String],
+) -> anyhow::Result<(ControlPlane, u32, u16)> {
     let (api, admin, ui) = (free_port()?, free_port()?, free_port()?);
-    let data = dir.join("cp");
     let child = Command::new(sidewall)
         .args(["control-plane", "--data-dir"])
-        .arg(&data)
+        .arg(data)
         .args([
             "--listen",
             &format!("127.0.0.1:{api}"),
@@ -119,27 +135,72 @@ async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
             "--ui-listen",
             &format!("127.0.0.1:{ui}"),
         ])
+        .args(extra)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("cp.log"))?)
+        .stderr(std::fs::File::create(log)?)
         .spawn()
         .context("starting the control plane")?;
     let pid = child.id();
-    let _cp = ControlPlane(child);
+    let cp = ControlPlane(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !data.join("control-plane.json").exists() {
         if Instant::now() > deadline {
-            bail!("the control plane did not start");
+            bail!("the control plane did not start (see {})", log.display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok((cp, pid, api))
+}
+
+async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
+    let mut extra = Vec::new();
+    let _cluster = if args.etcd {
+        let cluster = sidewall_control_plane::testing::etcd::EtcdCluster::start(
+            &dir.join("etcd"),
+            3,
+            "fleet --etcd",
+        )
+        .context("the `etcd` binary is needed for --etcd")?;
+        let kek = sidewall_control_plane::testing::kek_file(&dir.join("secrets"));
+        extra = vec![
+            "--store".to_owned(),
+            cluster.store_url(),
+            "--ca-kek-file".to_owned(),
+            kek.display().to_string(),
+        ];
+        Some(cluster)
+    } else {
+        None
+    };
+    let count = if args.etcd { args.replicas.max(1) } else { 1 };
+    let mut replicas = Vec::new();
+    for r in 0..count {
+        replicas.push(
+            start_control_plane(
+                sidewall,
+                &dir.join(format!("cp{r}")),
+                &dir.join(format!("cp{r}.log")),
+                &extra,
+            )
+            .await?,
+        );
+    }
+    let pids: Vec<u32> = replicas.iter().map(|(_, pid, _)| *pid).collect();
+    let ports: Vec<u16> = replicas.iter().map(|(_, _, port)| *port).collect();
+    let rss = || pids.iter().map(|pid| rss_kib(*pid)).sum::<u64>();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let url = format!("https://127.0.0.1:{api}");
+    let data = dir.join("cp0");
+    let url_of = |r: usize| format!("https://127.0.0.1:{}", ports[r % ports.len()]);
+    let url = url_of(0);
     let operator = Client::operator(&data, "admin", Some(&url))?;
+    let operators: Vec<Client> = (0..count)
+        .map(|r| Client::operator(&dir.join(format!("cp{r}")), "admin", Some(&url_of(r))))
+        .collect::<Result<_, _>>()?;
     let td = TrustDomain::default();
     let roots: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(&std::fs::read(data.join("trust-bundle.pem"))?)
             .collect::<Result<_, _>>()?;
-    let idle_rss = rss_kib(pid);
+    let idle_rss = rss();
 
     // Tokens, then certificates (timed: the issuance rate).
     eprintln!("fleet: creating {} join tokens", args.proxies);
@@ -165,12 +226,14 @@ async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
         "fleet: issuing {} certificates ({} at a time)",
         args.proxies, args.concurrency
     );
-    let anonymous = Client::new(&url, &td, roots.clone(), None)?;
+    let anonymous: Vec<Client> = (0..count)
+        .map(|r| Client::new(&url_of(r), &td, roots.clone(), None))
+        .collect::<Result<_, _>>()?;
     let permits = Arc::new(Semaphore::new(args.concurrency));
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for (identity, token) in tokens {
-        let (anonymous, permits) = (anonymous.clone(), permits.clone());
+    for (i, (identity, token)) in tokens.into_iter().enumerate() {
+        let (anonymous, permits) = (anonymous[i % count].clone(), permits.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await?;
             let (key, csr) = key_and_csr()?;
@@ -211,10 +274,10 @@ async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(chain.as_bytes()).collect::<Result<_, _>>()?;
         let key = PrivateKeyDer::from_pem_slice(key.as_bytes())?;
-        let client = Client::new(&url, &td, roots.clone(), Some((chain, key)))?;
+        let client = Client::new(&url_of(i), &td, roots.clone(), Some((chain, key)))?;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let events = events.clone();
-        let address = format!("127.0.0.1:{api}");
+        let address = format!("127.0.0.1:{}", ports[i % count]);
         watchers.push(tokio::spawn(async move {
             watch(i, identity, client, address, ready_tx, events).await
         }));
@@ -224,7 +287,7 @@ async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     while arrivals.try_recv().is_ok() {}
-    let connected_rss = rss_kib(pid);
+    let connected_rss = rss();
     eprintln!(
         "fleet: {connected} watches open; control plane RSS {} MiB",
         connected_rss / 1024
@@ -263,11 +326,20 @@ async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
                 latencies.push(at.duration_since(started).as_secs_f64() * 1000.0);
             }
         }
+        // Each replica knows its own sidecars' acks: done when every replica is.
+        let mut pending: Vec<&Client> = operators.iter().collect();
         loop {
-            let (status, body) = operator
-                .call(Method::GET, &format!("/v1/policies/{version}/status"), None)
-                .await?;
-            if status.is_success() && body["done"] == true {
+            let mut still = Vec::new();
+            for operator in pending {
+                let (status, body) = operator
+                    .call(Method::GET, &format!("/v1/policies/{version}/status"), None)
+                    .await?;
+                if !(status.is_success() && body["done"] == true) {
+                    still.push(operator);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
                 break;
             }
             if started.elapsed() > Duration::from_secs(120) {
@@ -285,6 +357,8 @@ async fn run(args: &Args, sidewall: &Path, dir: &Path) -> anyhow::Result<()> {
     latencies.sort_by(f64::total_cmp);
     last_ack.sort_by(f64::total_cmp);
     let report = json!({
+        "store": if args.etcd { "etcd (3 members)" } else { "embedded" },
+        "replicas": count,
         "proxies": args.proxies,
         "connected": connected,
         "issuance_per_second": issuance_rate,

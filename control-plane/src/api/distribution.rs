@@ -225,8 +225,10 @@ pub(super) async fn register(
             format!("endpoint {endpoint} is registered to {holder}"),
         ));
     }
-    api.distribution
-        .set_registrations(api.store.registrations().await?);
+    if !api.follows_store().await {
+        api.distribution
+            .set_registrations(api.store.registrations().await?);
+    }
     api.distribution.fleet_update(&body.instance, |entry| {
         entry.identity = identity.to_string();
         entry.endpoint = Some(endpoint.to_string());
@@ -259,8 +261,10 @@ pub(super) async fn deregister(
         ));
     }
     api.store.remove_registration(instance).await?;
-    api.distribution
-        .set_registrations(api.store.registrations().await?);
+    if !api.follows_store().await {
+        api.distribution
+            .set_registrations(api.store.registrations().await?);
+    }
     Ok(json_response(StatusCode::OK, &json!({"removed": instance})))
 }
 

@@ -61,8 +61,10 @@ pub(crate) async fn store_and_apply(
         })
         .await?;
     let summary = (set.policies().len(), set.rule_count());
-    api.distribution
-        .apply(version, applied_by.clone(), files, set);
+    if !api.follows_store().await {
+        api.distribution
+            .apply(version, applied_by.clone(), files, set);
+    }
     tracing::info!(
         version,
         policies = summary.0,
@@ -149,10 +151,22 @@ pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpRe
                 ),
             ));
         };
-        let rows: Vec<_> = pending
+        let row = |e: &crate::distribution::FleetEntry, replica: &str| json!({"instance": e.instance, "identity": e.identity, "connected": e.connected, "sent": e.sent, "applied": e.applied, "last_rejection": e.last_rejection, "replica": replica});
+        let mut rows: Vec<_> = pending
             .iter()
-            .map(|e| json!({"instance": e.instance, "identity": e.identity, "connected": e.connected, "sent": e.sent, "applied": e.applied, "last_rejection": e.last_rejection}))
+            .map(|e| row(e, api.distribution.replica()))
             .collect();
+        // With several replicas, each one's own sidecars, from the summary it publishes.
+        for summary in api.store.replicas().await? {
+            if summary.replica == api.distribution.replica() || summary.policy_version > number {
+                continue;
+            }
+            if summary.policy_version < number {
+                rows.push(json!({"instance": "", "identity": "", "connected": true, "sent": null, "applied": null, "last_rejection": null, "replica": summary.replica, "replica_behind": summary.policy_version}));
+                continue;
+            }
+            rows.extend(summary.pending.iter().map(|e| row(e, &summary.replica)));
+        }
         return Ok(json_response(
             StatusCode::OK,
             &json!({"version": number, "in_force": number == current, "done": rows.is_empty(), "pending": rows}),
@@ -223,8 +237,18 @@ pub(super) async fn directory(api: &Api, peer: &Peer) -> Result<HttpResponse, Ap
 /// `GET /v1/fleet`: one row per sidecar process.
 pub(super) async fn fleet(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!(api.distribution.fleet_view()),
-    ))
+    let mut view = json!(api.distribution.fleet_view());
+    // With several replicas: what the others report about their own sidecars.
+    let others: Vec<_> = api
+        .store
+        .replicas()
+        .await?
+        .into_iter()
+        .filter(|s| s.replica != api.distribution.replica())
+        .map(|s| json!({"replica": s.replica, "policy_version": s.policy_version, "connected": s.connected, "pending": s.pending_count}))
+        .collect();
+    if !others.is_empty() {
+        view["other_replicas"] = json!(others);
+    }
+    Ok(json_response(StatusCode::OK, &view))
 }

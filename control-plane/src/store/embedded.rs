@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CertificateRecord, PolicyVersion, Redemption, RegistrationRecord, RevocationRecord, Store,
-    StoreError, StoreFuture, TokenRecord,
+    CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord, RevocationRecord,
+    Store, StoreError, StoreFuture, TokenRecord,
 };
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
@@ -304,6 +304,37 @@ impl Store for EmbeddedStore {
 
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>> {
         self.all(REVOCATIONS)
+    }
+
+    fn records(&self) -> StoreFuture<'_, Records> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(backend)?;
+            fn every<T: DeserializeOwned>(
+                tx: &redb::ReadTransaction,
+                table: TableDefinition<'static, &'static str, &'static [u8]>,
+            ) -> Result<Vec<T>, StoreError> {
+                let table = tx.open_table(table).map_err(backend)?;
+                let mut out = Vec::new();
+                for entry in table.iter().map_err(backend)? {
+                    let (key, value) = entry.map_err(backend)?;
+                    out.push(decode(key.value(), value.value())?);
+                }
+                Ok(out)
+            }
+            let mut policy_versions = Vec::new();
+            let policies = tx.open_table(POLICIES).map_err(backend)?;
+            for entry in policies.iter().map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                policy_versions.push(decode(&key.value().to_string(), value.value())?);
+            }
+            Ok(Records {
+                policy_versions,
+                tokens: every(&tx, TOKENS)?,
+                certificates: every(&tx, CERTIFICATES)?,
+                revocations: every(&tx, REVOCATIONS)?,
+                registrations: every(&tx, REGISTRATIONS)?,
+            })
+        })
     }
 
     fn epoch(&self) -> StoreFuture<'_, String> {

@@ -1,0 +1,270 @@
+//! The CA shared by control-plane replicas through etcd, private keys sealed.
+//!
+//! Every replica signs with the same intermediate, so sidecars and their peers see one chain
+//! whichever replica issued a certificate, and the trust bundle never changes when a replica is
+//! added. The intermediate's (and a generated root's) private key is stored in etcd only
+//! encrypted with AES-256-GCM under a key-encryption key (KEK): 32 random bytes each replica is
+//! given in a file (`--ca-kek-file`, mode 0600, e.g. a Kubernetes Secret), never stored in
+//! etcd. The additional authenticated data binds each sealed key to the trust domain and its
+//! role, so a sealed key cannot be swapped for another. Whoever reads etcd without the KEK
+//! learns the certificates only; whoever has the KEK and read access to etcd can sign.
+
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
+use serde::{Deserialize, Serialize};
+use sidewall_policies::TrustDomain;
+
+use super::CaError;
+
+/// The CA's certificates and keys, PEM.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CaMaterial {
+    /// The root certificate.
+    pub root_pem: String,
+    /// The root's key, when the CA was generated here (a plugged-in root's key stays offline).
+    pub root_key_pem: Option<String>,
+    /// The intermediate certificate.
+    pub intermediate_pem: String,
+    /// The intermediate's key, which signs every certificate.
+    pub intermediate_key_pem: String,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CaMaterial")
+    }
+}
+
+/// The key-encryption key.
+pub struct Kek(RandomizedNonceKey);
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek")
+    }
+}
+
+fn kek_error(path: &Path, message: &str) -> CaError {
+    CaError::Pem {
+        path: path.to_path_buf(),
+        message: message.to_owned(),
+    }
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Kek {
+    /// Reads a KEK file: 64 hex digits (`openssl rand -hex 32`), not readable by others.
+    pub fn load(path: &Path) -> Result<Self, CaError> {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = std::fs::metadata(path).map_err(|source| CaError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // Group read is allowed, unlike for the CA's key files: a Kubernetes Secret volume
+        // can give a non-root process its file only through the pod's own group (fsGroup).
+        if metadata.permissions().mode() & 0o027 != 0 {
+            return Err(CaError::Sealed(format!(
+                "{}: the key-encryption key is writable by group or readable by others (chmod 600)",
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| CaError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bytes = unhex(text.trim()).filter(|b| b.len() == 32).ok_or_else(|| {
+            kek_error(
+                path,
+                "a key-encryption key is 32 random bytes as 64 hex digits (openssl rand -hex 32)",
+            )
+        })?;
+        Self::from_bytes(&bytes).ok_or_else(|| kek_error(path, "unusable key-encryption key"))
+    }
+
+    /// A KEK from 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        RandomizedNonceKey::new(&AES_256_GCM, bytes).ok().map(Self)
+    }
+
+    fn seal(&self, aad: &str, plaintext: &str) -> Result<String, CaError> {
+        let mut in_out = plaintext.as_bytes().to_vec();
+        let nonce = self
+            .0
+            .seal_in_place_append_tag(Aad::from(aad.as_bytes()), &mut in_out)
+            .map_err(|_| CaError::Sealed("sealing failed".into()))?;
+        let mut out = nonce.as_ref().to_vec();
+        out.extend_from_slice(&in_out);
+        Ok(crate::random::hex(&out))
+    }
+
+    fn open(&self, aad: &str, sealed: &str) -> Result<String, CaError> {
+        let wrong = || {
+            CaError::Sealed(
+                "the key-encryption key does not open the CA (it was sealed with another --ca-kek-file)".into(),
+            )
+        };
+        let bytes = unhex(sealed).ok_or_else(wrong)?;
+        let (nonce, rest) = bytes.split_at_checked(NONCE_LEN).ok_or_else(wrong)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| wrong())?;
+        let mut in_out = rest.to_vec();
+        let plain = self
+            .0
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut in_out)
+            .map_err(|_| wrong())?;
+        String::from_utf8(plain.to_vec()).map_err(|_| wrong())
+    }
+}
+
+/// The CA as stored in etcd: certificates in clear, keys sealed (hex of nonce ‖ ciphertext).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedCa {
+    /// Format version, 1.
+    pub format: u32,
+    /// The trust domain the CA serves.
+    pub trust_domain: String,
+    /// The root certificate, PEM.
+    pub root_pem: String,
+    /// The intermediate certificate, PEM.
+    pub intermediate_pem: String,
+    /// The sealed root key, if there is one.
+    pub root_key: Option<String>,
+    /// The sealed intermediate key.
+    pub intermediate_key: String,
+}
+
+impl SealedCa {
+    /// Seals `material` for `trust_domain` with `kek`.
+    pub fn seal(
+        material: &CaMaterial,
+        trust_domain: &TrustDomain,
+        kek: &Kek,
+    ) -> Result<Self, CaError> {
+        Ok(Self {
+            format: 1,
+            trust_domain: trust_domain.to_string(),
+            root_pem: material.root_pem.clone(),
+            intermediate_pem: material.intermediate_pem.clone(),
+            root_key: match &material.root_key_pem {
+                Some(pem) => Some(kek.seal(&format!("sidewall-ca root {trust_domain}"), pem)?),
+                None => None,
+            },
+            intermediate_key: kek.seal(
+                &format!("sidewall-ca intermediate {trust_domain}"),
+                &material.intermediate_key_pem,
+            )?,
+        })
+    }
+
+    /// Opens the keys; refuses a CA for another trust domain or another KEK.
+    pub fn open(&self, trust_domain: &TrustDomain, kek: &Kek) -> Result<CaMaterial, CaError> {
+        if self.trust_domain != trust_domain.as_str() {
+            return Err(CaError::Sealed(format!(
+                "the CA stored in etcd is for trust domain {}, not {trust_domain}",
+                self.trust_domain
+            )));
+        }
+        Ok(CaMaterial {
+            root_pem: self.root_pem.clone(),
+            root_key_pem: match &self.root_key {
+                Some(sealed) => {
+                    Some(kek.open(&format!("sidewall-ca root {trust_domain}"), sealed)?)
+                }
+                None => None,
+            },
+            intermediate_pem: self.intermediate_pem.clone(),
+            intermediate_key_pem: kek.open(
+                &format!("sidewall-ca intermediate {trust_domain}"),
+                &self.intermediate_key,
+            )?,
+        })
+    }
+
+    /// Parses the stored JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, CaError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| CaError::Sealed(format!("the CA stored in etcd does not parse: {e}")))
+    }
+
+    /// The stored JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The KEK file given to a replica, as configured.
+pub fn kek_path_required(path: Option<&PathBuf>) -> Result<&PathBuf, CaError> {
+    path.ok_or_else(|| {
+        CaError::Sealed(
+            "the etcd store needs --ca-kek-file (caKekFile): the CA's keys are stored in etcd sealed with it; create one with `openssl rand -hex 32 > ca.kek && chmod 600 ca.kek` and give every replica the same file".into(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn material() -> CaMaterial {
+        CaMaterial {
+            root_pem: "root".into(),
+            root_key_pem: Some("root key".into()),
+            intermediate_pem: "intermediate".into(),
+            intermediate_key_pem: "intermediate key".into(),
+        }
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_the_same_kek_and_trust_domain() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
+        let sealed = SealedCa::seal(&material(), &td, &kek).unwrap();
+        let json = String::from_utf8(sealed.to_json()).unwrap();
+        assert!(!json.contains("intermediate key") && !json.contains("root key"));
+        let back = SealedCa::from_json(json.as_bytes()).unwrap();
+        assert!(back.open(&td, &kek).unwrap() == material());
+
+        let other = Kek::from_bytes(&[8u8; 32]).unwrap();
+        let error = back.open(&td, &other).unwrap_err().to_string();
+        assert!(error.contains("does not open the CA"), "{error}");
+        let error = back
+            .open(&TrustDomain::new("other.org").unwrap(), &kek)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("for trust domain example.org"), "{error}");
+        // A sealed key moved into another role does not open.
+        let mut swapped = back.clone();
+        swapped.intermediate_key = back.root_key.clone().unwrap();
+        assert!(swapped.open(&td, &kek).is_err());
+    }
+
+    #[test]
+    fn kek_files_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.kek");
+        std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            Kek::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("chmod 600")
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Kek::load(&path).is_ok());
+        std::fs::write(&path, "too short").unwrap();
+        let error = Kek::load(&path).unwrap_err().to_string();
+        assert!(error.contains("64 hex digits"), "{error}");
+    }
+}

@@ -1,0 +1,538 @@
+//! Several control-plane replicas over a real 3-member etcd cluster, as processes: the
+//! `sidewall` binary for the replicas and the sidecars, `etcd` for the store, traffic through
+//! the sidecars. Skipped (loudly) without the `etcd` binary unless `SIDEWALL_REQUIRE_ETCD` is
+//! set (CI sets it).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test helpers panic to report; blocking waits are fine here
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sidewall_control_plane::testing::etcd::EtcdCluster;
+use sidewall_control_plane::testing::kek_file;
+use support::{
+    ControlPlaneProcess, EchoApp, ProxyProcess, Run, eventually, exchange, free_port, http_get,
+};
+
+const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
+
+/// Three replicas over three etcd members, an echo app behind the `api` sidecar.
+struct Replicated {
+    dir: tempfile::TempDir,
+    cluster: EtcdCluster,
+    kek: PathBuf,
+    replicas: Vec<ControlPlaneProcess>,
+    app: EchoApp,
+    api_inbound: u16,
+    web_route: u16,
+}
+
+impl Replicated {
+    fn start(test: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = EtcdCluster::start(&dir.path().join("etcd"), 3, test)?;
+        let kek = kek_file(&dir.path().join("secrets"));
+        let mut mesh = Self {
+            dir,
+            cluster,
+            kek,
+            replicas: Vec::new(),
+            app: EchoApp::start(),
+            api_inbound: free_port(),
+            web_route: free_port(),
+        };
+        for i in 0..3 {
+            let args = mesh.replica_args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let replica = ControlPlaneProcess::start(&mesh.path().join(format!("cp{i}")), &args);
+            mesh.replicas.push(replica);
+        }
+        Some(mesh)
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn replica_args(&self) -> Vec<String> {
+        vec![
+            "--store".into(),
+            self.cluster.store_url(),
+            "--ca-kek-file".into(),
+            self.kek.display().to_string(),
+        ]
+    }
+
+    fn url(&self, replica: usize) -> String {
+        format!("https://127.0.0.1:{}", self.replicas[replica].api_port)
+    }
+
+    /// Applies `api.yaml` allowing `from` (comma-separated names) to reach api:8080, through
+    /// replica `replica`.
+    fn apply(&self, replica: usize, name: &str, from: &str) -> Run {
+        self.apply_with(replica, name, from, &[])
+    }
+
+    fn apply_with(&self, replica: usize, name: &str, from: &str, extra: &[&str]) -> Run {
+        let from: Vec<String> = from.split(',').map(|f| format!("{TD}/{f}")).collect();
+        let from = from.join(", ");
+        let dir = self.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("api.yaml"),
+            format!(
+                "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n  target: {TD}/api\n  onRevoke: terminate\n  rules:\n    - {{action: allow, from: [{from}], ports: [8080]}}\n"
+            ),
+        )
+        .unwrap();
+        let mut args = vec!["policy", "apply", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.replicas[replica].cli(&args)
+    }
+
+    /// Starts sidecar `name` (`api` serves the echo app, `web` routes to api:8080) with the
+    /// replicas' URLs in the order `order`, enrolled with a token from replica 0.
+    fn sidecar(&self, name: &str, order: &[usize]) -> ProxyProcess {
+        let run = self.replicas[0].cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        std::fs::write(
+            self.path().join(format!("{name}.token")),
+            run.stdout.lines().last().unwrap(),
+        )
+        .unwrap();
+        let (inbound, ports, routes) = if name == "api" {
+            (
+                self.api_inbound,
+                format!("{{port: 8080, app: 127.0.0.1:{}}}", self.app.port),
+                String::new(),
+            )
+        } else {
+            (
+                free_port(),
+                String::new(),
+                format!(
+                    "{{listen: 127.0.0.1:{}, service: {TD}/api, port: 8080}}",
+                    self.web_route
+                ),
+            )
+        };
+        let urls: Vec<String> = order.iter().map(|&i| self.url(i)).collect();
+        let admin = free_port();
+        let config = format!(
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s}}\n",
+            urls.join(", ")
+        );
+        let proxy = ProxyProcess::start(self.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    }
+
+    fn allowed(&self) -> bool {
+        exchange(self.web_route, b"hello").as_deref() == Some(&b"hello"[..])
+    }
+}
+
+/// A sidecar's admin `/config`.
+fn http_config(proxy: &ProxyProcess) -> serde_json::Value {
+    let (status, body) = http_get(proxy.admin_port, "/config");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The replica a sidecar's snapshot stream is open to (its admin `/config`), if any.
+fn connected_to(proxy: &ProxyProcess) -> Option<String> {
+    http_config(proxy)["control_plane"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Exchanges through the `web` route in a loop until stopped; counts successes and failures.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match exchange(port, b"steady") {
+                    Some(answer) if answer == b"steady" => o.fetch_add(1, Ordering::SeqCst),
+                    _ => f.fetch_add(1, Ordering::SeqCst),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Self {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops and returns (successes, failures).
+    fn finish(mut self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[test]
+fn bad_store_settings_fail_before_any_port_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cp");
+    let data = data.to_str().unwrap();
+    let cases: [(&[&str], i32, &str); 3] = [
+        (
+            &["--store", "etcd://127.0.0.1"],
+            2,
+            "\"127.0.0.1\" is not HOST:PORT",
+        ),
+        (
+            &["--store", "etcd://127.0.0.1:2379"],
+            2,
+            "the etcd store needs caKekFile (--ca-kek-file)",
+        ),
+        (
+            &["--store", "zookeeper://x:1"],
+            2,
+            "expected `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let mut all = vec!["control-plane", "--data-dir", data];
+        all.extend_from_slice(args);
+        let run = support::sidewall(&all);
+        assert_eq!(run.code, code, "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{args:?}: {}", run.stderr);
+    }
+    // Nothing answers there: exit 1 with the address, before binding.
+    let kek = kek_file(&dir.path().join("secrets"));
+    let nowhere = format!("etcd://127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let run = support::sidewall([
+        "control-plane",
+        "--data-dir",
+        data,
+        "--listen",
+        &listen,
+        "--store",
+        &nowhere,
+        "--ca-kek-file",
+        kek.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot reach etcd at 127.0.0.1:"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        std::net::TcpListener::bind(&listen).is_ok(),
+        "the API port was never bound"
+    );
+}
+
+#[test]
+fn a_policy_applied_at_one_replica_is_enforced_by_sidecars_of_another_which_move_when_it_stops() {
+    let Some(mut mesh) = Replicated::start("etcd::replicas") else {
+        return;
+    };
+    // Both sidecars start on replica 2.
+    let api = mesh.sidecar("api", &[2, 0, 1]);
+    let web = mesh.sidecar("web", &[2, 1, 0]);
+    assert_eq!(connected_to(&api), Some(mesh.url(2)));
+    assert_eq!(connected_to(&web), Some(mesh.url(2)));
+    assert!(!mesh.allowed(), "default deny before any policy");
+
+    // Applied through replica 0; enforced by sidecars connected to replica 2.
+    let run = mesh.apply(0, "v1", "web");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let applied = Instant::now();
+    eventually(30, "replica 2's sidecars to enforce version 1", || {
+        mesh.allowed()
+    });
+    eprintln!(
+        "apply at replica 0 -> enforced via replica 2: {:?}",
+        applied.elapsed()
+    );
+
+    // Replica 0 sees replica 2's sidecars through the summary replica 2 publishes, and
+    // `apply --wait` at replica 0 waits for them: a frozen sidecar on replica 2 holds it.
+    eventually(10, "replica 0 to list replica 2's sidecars", || {
+        let run = mesh.replicas[0].cli(&["status", "--json"]);
+        let fleet: serde_json::Value = serde_json::from_str(&run.stdout).unwrap_or_default();
+        fleet["other_replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["replica"] == mesh.url(2).as_str() && r["connected"] == 2)
+    });
+    let signal = |name: &str, proxy: &ProxyProcess| {
+        let status = std::process::Command::new("kill")
+            .args([name, &proxy.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal("-STOP", &api);
+    let run = mesh.apply_with(0, "v1-frozen", "web,batch", &["--wait", "--timeout", "3s"]);
+    signal("-CONT", &api);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "{TD}/api (instance {}, on {}): not applied yet",
+            http_config(&api)["instance"].as_str().unwrap(),
+            mesh.url(2)
+        )),
+        "{}",
+        run.stderr
+    );
+    let run = mesh.apply_with(0, "v1-thawed", "web", &["--wait", "--timeout", "20s"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("every affected sidecar applied version"),
+        "{}",
+        run.stdout
+    );
+
+    // Replica 2 stops: both sidecars move to another replica, traffic never fails.
+    let traffic = Traffic::start(mesh.web_route);
+    eventually(10, "traffic to flow", || {
+        traffic.ok.load(Ordering::SeqCst) > 5
+    });
+    let stopped_url = mesh.url(2);
+    mesh.replicas[2].stop();
+    for proxy in [&api, &web] {
+        eventually(30, "the sidecar to move to another replica", || {
+            connected_to(proxy).is_some_and(|url| url != stopped_url)
+        });
+    }
+    let moved = (connected_to(&api).unwrap(), connected_to(&web).unwrap());
+    eprintln!("sidecars moved to {} and {}", moved.0, moved.1);
+    let before = traffic.ok.load(Ordering::SeqCst);
+    eventually(10, "more traffic after the move", || {
+        traffic.ok.load(Ordering::SeqCst) > before + 5
+    });
+    let (ok, failed) = traffic.finish();
+    assert_eq!(failed, 0, "no exchange failed ({ok} succeeded)");
+
+    // The sidecars keep following policy from their new replicas.
+    let run = mesh.apply(1, "v2", "nobody");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    eventually(
+        30,
+        "version 2 (web no longer allowed) to be enforced",
+        || !mesh.allowed(),
+    );
+}
+
+#[test]
+fn losing_one_etcd_member_changes_nothing_losing_two_refuses_writes_until_they_return() {
+    let Some(mut mesh) = Replicated::start("etcd::quorum") else {
+        return;
+    };
+    let api = mesh.sidecar("api", &[0, 1, 2]);
+    let mut web = mesh.sidecar("web", &[1, 2, 0]);
+    let run = mesh.apply(0, "v1", "web");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    eventually(30, "version 1 to be enforced", || mesh.allowed());
+
+    // One member down: writes and tokens still work at every replica.
+    mesh.cluster.stop_member(0);
+    for replica in 0..3 {
+        let run = mesh.apply(replica, &format!("one-down-{replica}"), "web");
+        assert_eq!(
+            run.code, 0,
+            "replica {replica}: {}{}",
+            run.stdout, run.stderr
+        );
+        let run =
+            mesh.replicas[replica].cli(&["token", "create", "--identity", &format!("{TD}/later")]);
+        assert_eq!(run.code, 0, "replica {replica}: {}", run.stderr);
+    }
+    assert!(mesh.allowed());
+    // A sidecar enrolls from scratch (token, certificate, registration, watch) meanwhile.
+    web.stop();
+    std::fs::remove_dir_all(mesh.path().join("state/web")).unwrap();
+    let web = mesh.sidecar("web", &[1, 2, 0]);
+    eventually(30, "the re-enrolled sidecar to be allowed", || {
+        mesh.allowed()
+    });
+
+    // Two down: no quorum. Writes are refused with a clear message; traffic is unaffected.
+    let traffic = Traffic::start(mesh.web_route);
+    mesh.cluster.stop_member(1);
+    let run = mesh.apply(1, "no-quorum", "nobody");
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("lost quorum"),
+        "a clear refusal: {}",
+        run.stderr
+    );
+    let run = mesh.replicas[2].cli(&["token", "create", "--identity", &format!("{TD}/later")]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    assert!(run.stderr.contains("lost quorum"), "{}", run.stderr);
+    let before = traffic.ok.load(Ordering::SeqCst);
+    eventually(10, "traffic while etcd has no quorum", || {
+        traffic.ok.load(Ordering::SeqCst) > before + 5
+    });
+    let (ok, failed) = traffic.finish();
+    assert_eq!(
+        failed, 0,
+        "no exchange failed without quorum ({ok} succeeded)"
+    );
+    // The replicas keep serving the sidecars' watches from memory.
+    assert_eq!(connected_to(&api), Some(mesh.url(0)));
+    assert_eq!(connected_to(&web), Some(mesh.url(1)));
+
+    // The members come back: writes work again and reach the sidecars.
+    mesh.cluster.start_member(0);
+    mesh.cluster.start_member(1);
+    mesh.cluster.wait_healthy(&[0, 1, 2]);
+    let recovered = Instant::now();
+    eventually(60, "a write to succeed after recovery", || {
+        mesh.apply(1, "recovered", "nobody").code == 0
+    });
+    eprintln!(
+        "writes accepted {:?} after quorum returned",
+        recovered.elapsed()
+    );
+    eventually(30, "the post-recovery version to be enforced", || {
+        !mesh.allowed()
+    });
+}
+
+/// The snapshot version a sidecar enforces (`epoch/counter`, from its admin `/config`).
+fn snapshot_version(proxy: &ProxyProcess) -> String {
+    let (_, body) = http_get(proxy.admin_port, "/config");
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    config["snapshot_version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn an_embedded_deployment_moves_to_etcd_with_export_and_import_and_the_fleet_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 3, "etcd::migration") else {
+        return;
+    };
+    let kek = kek_file(&dir.path().join("secrets"));
+    let kek_arg = kek.display().to_string();
+    // An embedded control plane with a fleet and a policy.
+    let mut mesh = Replicated {
+        dir,
+        cluster,
+        kek,
+        replicas: Vec::new(),
+        app: EchoApp::start(),
+        api_inbound: free_port(),
+        web_route: free_port(),
+    };
+    let cp_dir = mesh.path().join("cp0");
+    mesh.replicas.push(ControlPlaneProcess::start(&cp_dir, &[]));
+    let api = mesh.sidecar("api", &[0]);
+    let web = mesh.sidecar("web", &[0]);
+    let run = mesh.apply(0, "v1", "web");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    eventually(30, "version 1 to be enforced", || mesh.allowed());
+    let embedded_version = snapshot_version(&api);
+
+    // Stop, export, import into etcd, start on the same address with the etcd store.
+    let traffic = Traffic::start(mesh.web_route);
+    mesh.replicas[0].stop();
+    let backup = mesh.path().join("backup.json");
+    let data_dir = cp_dir.display().to_string();
+    let out = support::sidewall([
+        "control-plane",
+        "export",
+        "--out",
+        backup.to_str().unwrap(),
+        "--data-dir",
+        &data_dir,
+        "--ca-kek-file",
+        &kek_arg,
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("exported 1 policy versions, 2 tokens"),
+        "{}",
+        out.stdout
+    );
+    let store = mesh.cluster.store_url();
+    let run = support::sidewall([
+        "control-plane",
+        "import",
+        "--in",
+        backup.to_str().unwrap(),
+        "--store",
+        &store,
+        "--ca-kek-file",
+        &kek_arg,
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout.starts_with("imported 1 policy versions"),
+        "{}",
+        run.stdout
+    );
+    let args = mesh.replica_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    mesh.replicas[0].restart(&args);
+
+    // The sidecars reconnect, take the etcd store's snapshot (another epoch) and traffic
+    // never stopped.
+    for proxy in [&api, &web] {
+        eventually(
+            30,
+            "the sidecar to follow the etcd-backed control plane",
+            || {
+                let version = snapshot_version(proxy);
+                !version.is_empty()
+                    && version.split('/').next() != embedded_version.split('/').next()
+            },
+        );
+    }
+    let before = traffic.ok.load(Ordering::SeqCst);
+    eventually(10, "traffic after the move", || {
+        traffic.ok.load(Ordering::SeqCst) > before + 5
+    });
+    let (ok, failed) = traffic.finish();
+    assert_eq!(
+        failed, 0,
+        "no exchange failed during the move ({ok} succeeded)"
+    );
+
+    // History carried over; the next version is 2 and is enforced.
+    let run = mesh.replicas[0].cli(&["policy", "history"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = mesh.apply(0, "v2", "nobody");
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.starts_with("applied version 2"),
+        "{}",
+        run.stdout
+    );
+    eventually(30, "version 2 to be enforced", || !mesh.allowed());
+}
