@@ -395,6 +395,28 @@ mod tests {
         assert!(refused(&input, 5, 50).iter().all(|r| !r));
     }
 
+    proptest::proptest! {
+        /// Whatever a client sends, in whatever pieces: no panic, and a stream of clean
+        /// requests ahead of it is never refused.
+        #[test]
+        fn arbitrary_bytes_never_panic_and_never_refuse_clean_requests(
+            clean in 0usize..5,
+            noise in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::sample::select(b"\r\n:;0123456789abcdefABCDEF ,chunked".to_vec()),
+                ],
+                0..400,
+            ),
+            step in 1usize..64,
+        ) {
+            let mut input: Vec<u8> = GET.repeat(clean);
+            input.extend_from_slice(&noise);
+            let verdicts = refused(&input, step, clean + 1);
+            proptest::prop_assert!(verdicts[..clean].iter().all(|r| !r));
+        }
+    }
+
     #[test]
     fn stops_at_what_it_does_not_follow() {
         // HTTP/2, an upgrade, CONNECT, a malformed chunk: nothing after is refused.
