@@ -303,5 +303,6 @@ async fn plaintext(
         tracing::warn!(app = %entry.app, "app unreachable");
         return;
     };
-    let _ = forward(stream, app, config.limits.idle_timeout.0).await;
+    // Plain TCP on both sides: the bytes never enter the process.
+    let _ = crate::transport::forward_spliced(stream, app, config.limits.idle_timeout.0).await;
 }

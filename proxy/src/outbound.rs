@@ -325,7 +325,8 @@ async fn transparent(
     .await
     .map_err(|_| "egress_timeout")?
     .map_err(|_| "egress_unreachable")?;
-    forward(app, upstream, config.limits.idle_timeout.0)
+    // Plain TCP on both sides: the bytes never enter the process.
+    crate::transport::forward_spliced(app, upstream, config.limits.idle_timeout.0)
         .await
         .map_err(|_| "egress_error")?;
     Ok(())

@@ -17,9 +17,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 mod copy;
 mod read_ahead;
+mod splice;
 
 pub use copy::{Forwarded, forward};
 pub use read_ahead::{READ_AHEAD, ReadAhead};
+pub use splice::forward_spliced;
 
 /// Where a connection redirected by iptables `REDIRECT` was headed (`SO_ORIGINAL_DST`).
 pub fn original_destination(
