@@ -99,7 +99,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             .map_err(|e| (sidewall_policies::svid::io_failure_label(&e), e.to_string()))?;
         let alpn = stream.get_ref().1.alpn_protocol();
         if alpn == Some(crate::tls::ALPN_MUX) || alpn == Some(crate::tls::ALPN_H2) {
-            // A long-lived shared connection: worth a read-ahead buffer.
+            // A long-lived shared connection: worth gathering reads and writes.
             stream.get_mut().0.enable();
         }
         if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MUX) {

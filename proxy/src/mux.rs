@@ -32,6 +32,8 @@ pub(crate) const HOST: &str = "sidewall";
 /// to [`MAX_READ`] while reads fill it.
 const FIRST_READ: usize = 4 * 1024;
 const MAX_READ: usize = 64 * 1024;
+/// Frames written to the app in one call at most.
+const BATCH: usize = 16;
 
 /// HTTP/2 settings of both ends of a shared connection.
 pub(crate) fn client_builder() -> h2::client::Builder {
@@ -284,7 +286,8 @@ async fn upstream(
     }
 }
 
-/// Stream → app: writes each frame's bytes as received and returns the window.
+/// Stream → app: writes the frames' bytes as received — several at once when several have
+/// arrived (one `writev`), up to [`MAX_READ`] — and returns the window.
 async fn downstream(
     recv: &mut RecvStream,
     app: &mut tokio::net::tcp::WriteHalf<'_>,
@@ -292,17 +295,73 @@ async fn downstream(
     start: Instant,
 ) -> std::io::Result<u64> {
     let mut total = 0u64;
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        app.write_all(&chunk).await?;
-        total += chunk.len() as u64;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut ended = false;
+    while !ended {
+        let Some(first) = recv.data().await else {
+            break;
+        };
+        batch.push(first.map_err(h2_io)?);
+        let mut size = batch[0].len();
+        // Whatever else has already arrived goes in the same write.
+        while size < MAX_READ && batch.len() < BATCH {
+            let next = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match recv.poll_data(cx) {
+                    std::task::Poll::Ready(next) => Some(next),
+                    std::task::Poll::Pending => None,
+                })
+            })
+            .await;
+            match next {
+                Some(Some(chunk)) => {
+                    let chunk = chunk.map_err(h2_io)?;
+                    size += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        write_all_vectored(app, &batch, size).await?;
+        batch.clear();
+        total += size as u64;
         activity.store(elapsed_ms(start), Ordering::Relaxed);
-        recv.flow_control()
-            .release_capacity(chunk.len())
-            .map_err(h2_io)?;
+        recv.flow_control().release_capacity(size).map_err(h2_io)?;
     }
     app.shutdown().await?;
     Ok(total)
+}
+
+/// Writes every byte of `chunks` (`size` in all), as few calls as the socket allows.
+async fn write_all_vectored(
+    app: &mut tokio::net::tcp::WriteHalf<'_>,
+    chunks: &[Bytes],
+    size: usize,
+) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < size {
+        let mut skip = written;
+        let mut slices = [std::io::IoSlice::new(&[]); BATCH];
+        let mut count = 0;
+        for chunk in chunks.iter().take(BATCH) {
+            if skip >= chunk.len() {
+                skip -= chunk.len();
+                continue;
+            }
+            slices[count] = std::io::IoSlice::new(&chunk[skip..]);
+            count += 1;
+            skip = 0;
+        }
+        let n = app.write_vectored(&slices[..count]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    Ok(())
 }
 
 fn elapsed_ms(start: Instant) -> u64 {

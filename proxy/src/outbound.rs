@@ -212,11 +212,7 @@ pub(crate) async fn open(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let mut tcp = ReadAhead::new(tcp);
-        if alpn != ALPN_L4 {
-            // A long-lived shared connection: worth a read-ahead buffer.
-            tcp.enable();
-        }
+        let tcp = ReadAhead::new(tcp);
         let mut stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
@@ -227,6 +223,10 @@ pub(crate) async fn open(
             }
             Err(_) => return Err("handshake_timeout"),
         };
+        if alpn != ALPN_L4 {
+            // A long-lived shared connection: worth gathering reads and writes.
+            stream.get_mut().0.enable();
+        }
         let server_expiry = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Server)
             .map_or(0, |svid| svid.not_after);
         if let Some(port) = port {

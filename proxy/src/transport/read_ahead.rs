@@ -1,11 +1,14 @@
-//! Fewer receive calls under TLS on the long-lived connections.
+//! Fewer system calls under TLS on the long-lived connections.
 //!
-//! rustls asks its transport for at most 4 KiB at a time (at most one record), so a busy TLS
-//! connection made a `recv` per 4–16 KiB. [`ReadAhead`] sits between rustls and the socket and,
-//! once [enabled](ReadAhead::enable), receives up to 64 KiB per call and hands rustls the bytes
-//! from memory. It is enabled only on connections that are shared (HTTP/2 between sidecars,
-//! carried TCP connections), where its buffer is paid once for many app connections; on a
-//! connection per app connection it stays off and costs nothing. Writes pass straight through.
+//! rustls asks its transport for at most 4 KiB at a time (at most one record), and tokio-rustls
+//! sends each write's records at once, so a busy shared connection — HTTP/2 writes one 16 KiB
+//! frame at a time — made a `recv` per 4–16 KiB and a `writev` per frame. [`ReadAhead`] sits
+//! between rustls and the socket and, once [enabled](ReadAhead::enable), receives up to 64 KiB
+//! per call and hands rustls the bytes from memory, and gathers what rustls sends until the
+//! writer flushes (HTTP/2 flushes after each batch of frames) or 64 KiB are waiting. It is
+//! enabled only after the handshake, and only on connections that are shared (HTTP/2 between
+//! sidecars, carried TCP connections), where its buffers are paid once for many app
+//! connections; on a connection per app connection it stays off and costs nothing.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -13,16 +16,20 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes received per call once enabled.
+/// Bytes received per call, and gathered before sending, once enabled.
 pub const READ_AHEAD: usize = 64 * 1024;
 
-/// A stream that can read ahead into its own buffer (off until [`ReadAhead::enable`]).
+/// A stream that can read ahead and gather writes (off until [`ReadAhead::enable`]).
 #[derive(Debug)]
 pub struct ReadAhead<S> {
     inner: S,
     buffer: Vec<u8>,
     start: usize,
     end: usize,
+    /// Waiting to be sent (empty with no capacity while off).
+    pending: Vec<u8>,
+    /// How much of `pending` the socket has taken.
+    sent: usize,
 }
 
 impl<S> ReadAhead<S> {
@@ -33,14 +40,22 @@ impl<S> ReadAhead<S> {
             buffer: Vec::new(),
             start: 0,
             end: 0,
+            pending: Vec::new(),
+            sent: 0,
         }
     }
 
-    /// From now on, receive up to [`READ_AHEAD`] bytes per call.
+    /// From now on, receive up to [`READ_AHEAD`] bytes per call and gather writes until a
+    /// flush. Call it only between messages (after the handshake): nothing is buffered yet.
     pub fn enable(&mut self) {
         if self.buffer.is_empty() {
             self.buffer = vec![0; READ_AHEAD];
+            self.pending = Vec::with_capacity(READ_AHEAD);
         }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.buffer.is_empty()
     }
 
     /// The wrapped stream.
@@ -76,13 +91,65 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> ReadAhead<S> {
+    /// Sends everything gathered so far.
+    fn poll_send_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.pending.len() {
+            let n = match Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.sent..]) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            };
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.pending.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Gathers `bufs` (`total` bytes) if they fit; `None` when they do not even after sending
+    /// what is waiting (the caller then writes them through).
+    fn poll_gather(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        total: usize,
+    ) -> Poll<std::io::Result<Option<usize>>> {
+        if self.pending.len() + total > READ_AHEAD {
+            match self.poll_send_pending(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if total > READ_AHEAD {
+            return Poll::Ready(Ok(None));
+        }
+        for buf in bufs {
+            self.pending.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(Some(total)))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        if this.enabled() {
+            match this.poll_gather(cx, &[IoSlice::new(buf)], buf.len()) {
+                Poll::Ready(Ok(Some(n))) => return Poll::Ready(Ok(n)),
+                Poll::Ready(Ok(None)) => {}
+                other => return other.map_ok(|_| 0),
+            }
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -90,19 +157,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        if this.enabled() {
+            let total = bufs.iter().map(|b| b.len()).sum();
+            match this.poll_gather(cx, bufs, total) {
+                Poll::Ready(Ok(Some(n))) => return Poll::Ready(Ok(n)),
+                Poll::Ready(Ok(None)) => {}
+                other => return other.map_ok(|_| 0),
+            }
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.enabled() || self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        match this.poll_send_pending(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        match this.poll_send_pending(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
     }
 }
 
@@ -149,5 +233,46 @@ mod tests {
             task.await.unwrap();
             assert_eq!(received, payload, "enabled: {enabled}");
         }
+    }
+
+    #[tokio::test]
+    async fn gathers_writes_until_a_flush_and_loses_none() {
+        let (writer, mut reader) = tokio::io::duplex(1024 * 1024);
+        let mut writer = ReadAhead::new(writer);
+        writer.enable();
+        // Small writes stay gathered until the flush.
+        writer.write_all(b"hello ").await.unwrap();
+        writer.write_all(b"world").await.unwrap();
+        let mut probe = [0u8; 16];
+        let nothing_yet =
+            tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut probe))
+                .await;
+        assert!(nothing_yet.is_err(), "nothing is sent before the flush");
+        writer.flush().await.unwrap();
+        let mut got = [0u8; 11];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello world");
+        // Large and vectored writes, past the buffer's size, arrive whole and in order.
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
+        let expected = big.clone();
+        let task = tokio::spawn(async move {
+            for piece in big.chunks(7_000) {
+                let (a, b) = piece.split_at(piece.len() / 2);
+                let mut slices = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+                let mut slices = &mut slices[..];
+                while !slices.is_empty() {
+                    let n = writer.write_vectored(slices).await.unwrap();
+                    std::io::IoSlice::advance_slices(&mut slices, n);
+                }
+            }
+            writer.write_all(&vec![9u8; READ_AHEAD * 2]).await.unwrap();
+            writer.shutdown().await.unwrap();
+        });
+        let mut received = Vec::new();
+        reader.read_to_end(&mut received).await.unwrap();
+        task.await.unwrap();
+        assert_eq!(received.len(), expected.len() + READ_AHEAD * 2);
+        assert_eq!(&received[..expected.len()], &expected[..]);
+        assert!(received[expected.len()..].iter().all(|b| *b == 9));
     }
 }
