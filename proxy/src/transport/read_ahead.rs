@@ -244,9 +244,11 @@ mod tests {
         writer.write_all(b"hello ").await.unwrap();
         writer.write_all(b"world").await.unwrap();
         let mut probe = [0u8; 16];
-        let nothing_yet =
-            tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut probe))
-                .await;
+        let nothing_yet = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            reader.read(&mut probe),
+        )
+        .await;
         assert!(nothing_yet.is_err(), "nothing is sent before the flush");
         writer.flush().await.unwrap();
         let mut got = [0u8; 11];
