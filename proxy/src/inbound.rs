@@ -146,31 +146,10 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         let _ = write_status(&mut stream, Status::NotHttp).await;
         return;
     }
-    let decision =
-        active
-            .engine
-            .decide_connection(&peer.id, &config.identity, port, entry.protocol);
-    record(&decision);
-    // HTTP ports count each request instead (crate::http); a denied connection counts here.
-    if entry.protocol == sidewall_policies::Protocol::Tcp || !decision.permits() {
-        context
-            .flows
-            .count(peer.id.as_str(), port, entry.protocol, None, &decision);
-    }
-    if !decision.permits() {
-        tracing::warn!(peer = %peer.id, target = %config.identity, port, %decision, "connection denied");
+    let Some(on_revoke) = decide(context, &active, &peer.id, port, entry.protocol) else {
         let _ = write_status(&mut stream, Status::Denied).await;
         return;
-    }
-    if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
-        tracing::info!(peer = %peer.id, port, decision = %decision.to_string().replace('\n', "; "), "audit");
-    }
-    let on_revoke = decision
-        .reason
-        .as_ref()
-        .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
-        .map(|p| p.on_revoke)
-        .unwrap_or_default();
+    };
     if entry.protocol == sidewall_policies::Protocol::Http {
         // The connection may carry requests: each is decided on its own from here on.
         if write_status(&mut stream, Status::Allowed).await.is_err() {
@@ -209,7 +188,6 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
     if write_status(&mut stream, Status::Allowed).await.is_err() {
         return;
     }
-    tracing::debug!(peer = %peer.id, port, %decision, "connection allowed");
     let copy = async {
         match forward(stream, app, config.limits.idle_timeout.0).await {
             Ok(counts) => {
@@ -223,6 +201,46 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         }
     };
     supervise(context, &peer, port, entry.protocol, on_revoke, copy).await;
+}
+
+/// The connection-level decision for `peer` on `port` with the snapshot in force: counted,
+/// logged, and its flow recorded (HTTP ports count each request instead, see `crate::http`;
+/// a denied connection counts here). `None` when denied; otherwise what `onRevoke` says for
+/// the policy that allowed it.
+pub(super) fn decide(
+    context: &Context,
+    active: &crate::snapshot::Active,
+    peer: &sidewall_policies::SpiffeId,
+    port: u16,
+    protocol: sidewall_policies::Protocol,
+) -> Option<sidewall_policies::policy::OnRevoke> {
+    let target = &context.config.identity;
+    let decision = active
+        .engine
+        .decide_connection(peer, target, port, protocol);
+    record(&decision);
+    if protocol == sidewall_policies::Protocol::Tcp || !decision.permits() {
+        context
+            .flows
+            .count(peer.as_str(), port, protocol, None, &decision);
+    }
+    if !decision.permits() {
+        tracing::warn!(%peer, %target, port, %decision, "connection denied");
+        return None;
+    }
+    if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
+        tracing::info!(%peer, port, decision = %decision.to_string().replace('\n', "; "), "audit");
+    } else {
+        tracing::debug!(%peer, port, %decision, "connection allowed");
+    }
+    Some(
+        decision
+            .reason
+            .as_ref()
+            .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
+            .map(|p| p.on_revoke)
+            .unwrap_or_default(),
+    )
 }
 
 /// Runs an authorized connection's `work` while it is registered for re-evaluation: it ends

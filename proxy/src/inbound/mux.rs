@@ -19,12 +19,12 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use hyper::{Method, Request, Response, StatusCode};
+use sidewall_policies::Protocol;
 use sidewall_policies::svid::{Svid, Usage, peer_svid};
-use sidewall_policies::{Outcome, Protocol};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use super::{record, refused, supervise};
+use super::{decide, refused, supervise};
 use crate::Context;
 use crate::identity::now_unix;
 use crate::mux::HOST;
@@ -150,27 +150,9 @@ async fn carried(
         tracing::warn!(peer = %peer.id, port, "peer carried a connection to an HTTP port (HTTP goes as requests)");
         return answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
     }
-    let decision =
-        active
-            .engine
-            .decide_connection(&peer.id, &config.identity, port, entry.protocol);
-    record(&decision);
-    context
-        .flows
-        .count(peer.id.as_str(), port, entry.protocol, None, &decision);
-    if !decision.permits() {
-        tracing::warn!(peer = %peer.id, target = %config.identity, port, %decision, "connection denied");
+    let Some(on_revoke) = decide(&context, &active, &peer.id, port, entry.protocol) else {
         return answer(&mut respond, StatusCode::FORBIDDEN);
-    }
-    if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
-        tracing::info!(peer = %peer.id, port, decision = %decision.to_string().replace('\n', "; "), "audit");
-    }
-    let on_revoke = decision
-        .reason
-        .as_ref()
-        .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
-        .map(|p| p.on_revoke)
-        .unwrap_or_default();
+    };
     drop(active);
     let Ok(_permit) = context.permits.clone().try_acquire_owned() else {
         return stream_refused(
