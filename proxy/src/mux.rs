@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::transport::Forwarded;
+use crate::transport::copy::{Activity, until_idle};
 
 /// The host every stream names: only the port means anything.
 pub(crate) const HOST: &str = "sidewall";
@@ -228,8 +229,7 @@ fn h2_io(error: h2::Error) -> std::io::Error {
 async fn upstream(
     app: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
-    activity: &AtomicU64,
-    start: Instant,
+    activity: &Activity,
 ) -> std::io::Result<u64> {
     let mut buffer = BytesMut::new();
     let mut want = FIRST_READ;
@@ -254,7 +254,7 @@ async fn upstream(
             return Ok(total);
         }
         total += n as u64;
-        activity.store(elapsed_ms(start), Ordering::Relaxed);
+        activity.touch();
         // A read that filled what was asked for means bulk: ask for more next time.
         if n >= want && want < MAX_READ {
             want *= 2;
@@ -291,8 +291,7 @@ async fn upstream(
 async fn downstream(
     recv: &mut RecvStream,
     app: &mut tokio::net::tcp::WriteHalf<'_>,
-    activity: &AtomicU64,
-    start: Instant,
+    activity: &Activity,
 ) -> std::io::Result<u64> {
     let mut total = 0u64;
     let mut batch: Vec<Bytes> = Vec::new();
@@ -328,7 +327,7 @@ async fn downstream(
         write_all_vectored(app, &batch, size).await?;
         batch.clear();
         total += size as u64;
-        activity.store(elapsed_ms(start), Ordering::Relaxed);
+        activity.touch();
         recv.flow_control().release_capacity(size).map_err(h2_io)?;
     }
     app.shutdown().await?;
@@ -364,10 +363,6 @@ async fn write_all_vectored(
     Ok(())
 }
 
-fn elapsed_ms(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
 /// Moves bytes both ways between the app and a carried stream until both directions end,
 /// either fails, or nothing moves for `idle_timeout` (then the stream is reset).
 pub(crate) async fn forward(
@@ -376,32 +371,15 @@ pub(crate) async fn forward(
     mut recv: RecvStream,
     idle_timeout: Duration,
 ) -> std::io::Result<Forwarded> {
-    let start = Instant::now();
-    let activity = AtomicU64::new(0);
+    let activity = Activity::new();
     let (mut read, mut write) = app.split();
-    let result = {
-        let both = async {
-            tokio::try_join!(
-                upstream(&mut read, &mut send, &activity, start),
-                downstream(&mut recv, &mut write, &activity, start),
-            )
-        };
-        tokio::pin!(both);
-        loop {
-            let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-            let deadline = start + last + idle_timeout;
-            tokio::select! {
-                result = &mut both => {
-                    break result.map(|(a_to_b, b_to_a)| Forwarded { a_to_b, b_to_a, idle: false });
-                }
-                () = tokio::time::sleep_until(deadline.into()) => {
-                    if Duration::from_millis(activity.load(Ordering::Relaxed)) == last {
-                        break Ok(Forwarded { idle: true, ..Forwarded::default() });
-                    }
-                }
-            }
-        }
+    let both = async {
+        tokio::try_join!(
+            upstream(&mut read, &mut send, &activity),
+            downstream(&mut recv, &mut write, &activity),
+        )
     };
+    let result = until_idle(both, &activity, idle_timeout).await;
     if !matches!(result, Ok(Forwarded { idle: false, .. })) {
         send.send_reset(h2::Reason::CANCEL);
     }

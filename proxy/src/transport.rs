@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-mod copy;
+pub(crate) mod copy;
 mod read_ahead;
 mod splice;
 

@@ -1,6 +1,6 @@
 //! The bidirectional copy: half-close both ways, reused buffers, idle timeout, byte counts.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -27,14 +27,65 @@ pub struct Forwarded {
     pub idle: bool,
 }
 
+/// When bytes last moved on a connection, for its idle timeout (shared by both directions of
+/// every copy: this one, [`super::forward_spliced`] and the carried streams of `crate::mux`).
+#[derive(Debug)]
+pub(crate) struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes moved just now.
+    pub(crate) fn touch(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(elapsed, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Duration {
+        Duration::from_millis(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs `both` (the two directions, returning their byte counts) until it ends, or until
+/// nothing has moved for `idle_timeout`.
+pub(crate) async fn until_idle<F>(
+    both: F,
+    activity: &Activity,
+    idle_timeout: Duration,
+) -> std::io::Result<Forwarded>
+where
+    F: Future<Output = std::io::Result<(u64, u64)>>,
+{
+    tokio::pin!(both);
+    loop {
+        let last = activity.last();
+        let deadline = activity.start + last + idle_timeout;
+        tokio::select! {
+            result = &mut both => {
+                let (a_to_b, b_to_a) = result?;
+                return Ok(Forwarded { a_to_b, b_to_a, idle: false });
+            }
+            () = tokio::time::sleep_until(deadline.into()) => {
+                if activity.last() == last {
+                    return Ok(Forwarded { idle: true, ..Forwarded::default() });
+                }
+            }
+        }
+    }
+}
+
 /// One direction: read into the buffer, write it all, until EOF; then shut the writer down
 /// (half-close). Backpressure is natural: nothing is read until the last chunk is written.
-async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
-    activity: Arc<AtomicU64>,
-    start: Instant,
-) -> std::io::Result<u64>
+async fn pump<R, W>(mut from: R, mut to: W, activity: &Activity) -> std::io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -69,8 +120,7 @@ where
             buffer.resize(buffer.len() * 2, 0);
         }
         total += n as u64;
-        let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        activity.store(elapsed, Ordering::Relaxed);
+        activity.touch();
     }
 }
 
@@ -83,31 +133,14 @@ where
 {
     let (a_read, a_write) = tokio::io::split(a);
     let (b_read, b_write) = tokio::io::split(b);
-    let start = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
+    let activity = Activity::new();
     let both = async {
         tokio::try_join!(
-            pump(a_read, b_write, activity.clone(), start),
-            pump(b_read, a_write, activity.clone(), start),
+            pump(a_read, b_write, &activity),
+            pump(b_read, a_write, &activity),
         )
     };
-    tokio::pin!(both);
-    loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let deadline = start + last + idle_timeout;
-        tokio::select! {
-            result = &mut both => {
-                let (a_to_b, b_to_a) = result?;
-                return Ok(Forwarded { a_to_b, b_to_a, idle: false });
-            }
-            () = tokio::time::sleep_until(deadline.into()) => {
-                let now_last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if now_last == last {
-                    return Ok(Forwarded { idle: true, ..Forwarded::default() });
-                }
-            }
-        }
-    }
+    until_idle(both, &activity, idle_timeout).await
 }
 
 #[cfg(test)]

@@ -9,8 +9,7 @@
 //! lack (see `ARCHITECTURE.md`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use nix::sys::socket::{Shutdown, shutdown};
@@ -18,6 +17,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::Forwarded;
+use super::copy::{Activity, until_idle};
 
 /// Bytes moved per `splice` call: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
@@ -27,12 +27,7 @@ fn io(error: nix::errno::Errno) -> std::io::Error {
 }
 
 /// One direction: socket → pipe → socket until EOF, then half-close the writer.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    activity: &AtomicU64,
-    start: Instant,
-) -> std::io::Result<u64> {
+async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> std::io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut total = 0u64;
@@ -70,10 +65,7 @@ async fn pump(
                 Err(error) => return Err(error),
             }
         }
-        activity.store(
-            u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        activity.touch();
     }
 }
 
@@ -84,30 +76,9 @@ pub async fn forward_spliced(
     b: TcpStream,
     idle_timeout: Duration,
 ) -> std::io::Result<Forwarded> {
-    let start = Instant::now();
-    let activity = AtomicU64::new(0);
-    let both = async {
-        tokio::try_join!(
-            pump(&a, &b, &activity, start),
-            pump(&b, &a, &activity, start)
-        )
-    };
-    tokio::pin!(both);
-    loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let deadline = start + last + idle_timeout;
-        tokio::select! {
-            result = &mut both => {
-                let (a_to_b, b_to_a) = result?;
-                return Ok(Forwarded { a_to_b, b_to_a, idle: false });
-            }
-            () = tokio::time::sleep_until(deadline.into()) => {
-                if Duration::from_millis(activity.load(Ordering::Relaxed)) == last {
-                    return Ok(Forwarded { idle: true, ..Forwarded::default() });
-                }
-            }
-        }
-    }
+    let activity = Activity::new();
+    let both = async { tokio::try_join!(pump(&a, &b, &activity), pump(&b, &a, &activity)) };
+    until_idle(both, &activity, idle_timeout).await
 }
 
 #[cfg(test)]
