@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::ca::sealed::{CaMaterial, Kek, SealedCa, kek_path_required};
-use crate::ca::{Authority, CaError, ca_dir, write_private};
+use crate::ca::{Authority, CaError, ca_dir, write_material};
 use crate::config::{Config, StoreConfig};
 use crate::server::{StartError, etcd_options};
 use crate::store::embedded::EmbeddedStore;
@@ -250,20 +250,6 @@ fn restore_ca_files(dir: &Path, material: &CaMaterial) -> Result<(), BackupError
         return Ok(());
     }
     std::fs::create_dir_all(dir).map_err(|e| StartError::Io(dir.to_path_buf(), e))?;
-    if let Some(key) = &material.root_key_pem {
-        write_private(&dir.join("root.key"), key.as_bytes(), 0o600)?;
-    }
-    write_private(
-        &dir.join("intermediate.key"),
-        material.intermediate_key_pem.as_bytes(),
-        0o600,
-    )?;
-    write_private(
-        &dir.join("intermediate.pem"),
-        material.intermediate_pem.as_bytes(),
-        0o644,
-    )?;
-    // The root last: its presence marks a complete CA.
-    write_private(&root, material.root_pem.as_bytes(), 0o644)?;
+    write_material(dir, material)?;
     Ok(())
 }

@@ -118,6 +118,25 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     }
 }
 
+/// Writes CA material into a data directory's `ca/` files: keys 0600, certificates 0644, the
+/// root last (its presence marks a complete CA).
+pub fn write_material(dir: &Path, material: &CaMaterial) -> Result<(), CaError> {
+    if let Some(root_key) = &material.root_key_pem {
+        write_private(&dir.join("root.key"), root_key.as_bytes(), 0o600)?;
+    }
+    write_private(
+        &dir.join("intermediate.key"),
+        material.intermediate_key_pem.as_bytes(),
+        0o600,
+    )?;
+    write_private(
+        &dir.join("intermediate.pem"),
+        material.intermediate_pem.as_bytes(),
+        0o644,
+    )?;
+    write_private(&dir.join("root.pem"), material.root_pem.as_bytes(), 0o644)
+}
+
 /// Writes a file atomically (temporary file, fsync, rename) with the given mode.
 pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
     let temporary = path.with_extension("tmp");
@@ -263,22 +282,7 @@ impl Authority {
     /// Generates a root and an intermediate into `dir`. The root key is kept (0600) so the
     /// intermediate can be re-issued later.
     fn generate(dir: &Path, trust_domain: &TrustDomain) -> Result<(), CaError> {
-        let material = generate_material(trust_domain)?;
-        if let Some(root_key) = &material.root_key_pem {
-            write_private(&dir.join("root.key"), root_key.as_bytes(), 0o600)?;
-        }
-        write_private(
-            &dir.join("intermediate.key"),
-            material.intermediate_key_pem.as_bytes(),
-            0o600,
-        )?;
-        write_private(
-            &dir.join("intermediate.pem"),
-            material.intermediate_pem.as_bytes(),
-            0o644,
-        )?;
-        // The root is written last: its presence marks a complete CA.
-        write_private(&dir.join("root.pem"), material.root_pem.as_bytes(), 0o644)
+        write_material(dir, &generate_material(trust_domain)?)
     }
 
     /// The CA from its PEM material (as shared through the replicated store).
