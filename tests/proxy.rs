@@ -165,6 +165,9 @@ fn app_connections_share_one_sidecar_connection_and_each_is_decided_on_its_own()
         Some(&b"own connection"[..])
     );
     assert_eq!(pool(&legacy, "opened"), 0);
+    // … and carries a bulk transfer whole both ways (its TLS legs read ahead while it lasts).
+    let bulk: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    assert!(exchange(legacy_route, &bulk).as_deref() == Some(&bulk[..]));
 
     // A stream whose reader is stuck does not stall the others on the same connection.
     let mut stuck = std::net::TcpStream::connect(("127.0.0.1", web_route)).unwrap();

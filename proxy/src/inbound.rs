@@ -101,6 +101,9 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         if alpn == Some(crate::tls::ALPN_MUX) || alpn == Some(crate::tls::ALPN_H2) {
             // A long-lived shared connection: worth gathering reads and writes.
             stream.get_mut().0.enable();
+        } else {
+            // A connection per app connection: read ahead only while it carries a bulk transfer.
+            stream.get_mut().0.adapt();
         }
         if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MUX) {
             // A shared connection: each stream names its port and is decided on its own.

@@ -223,7 +223,10 @@ pub(crate) async fn open(
             }
             Err(_) => return Err("handshake_timeout"),
         };
-        if alpn != ALPN_L4 {
+        if alpn == ALPN_L4 {
+            // A connection per app connection: read ahead only while it carries a bulk transfer.
+            stream.get_mut().0.adapt();
+        } else {
             // A long-lived shared connection: worth gathering reads and writes.
             stream.get_mut().0.enable();
         }

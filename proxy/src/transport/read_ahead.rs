@@ -8,7 +8,14 @@
 //! writer flushes (HTTP/2 flushes after each batch of frames) or 64 KiB are waiting. It is
 //! enabled only after the handshake, and only on connections that are shared (HTTP/2 between
 //! sidecars, carried TCP connections), where its buffers are paid once for many app
-//! connections; on a connection per app connection it stays off and costs nothing.
+//! connections.
+//!
+//! On a connection per app connection it [adapts](ReadAhead::adapt) instead: reads go through
+//! (no buffer, nothing held by an idle connection) until [`BUSY_READS`] reads in a row fill all
+//! rustls asked for — a bulk transfer — and then read ahead; once the buffer is drained and the
+//! socket has nothing more (or the last read brought less than a quarter of it) the buffer is
+//! dropped, and one full read takes it again. Writes are not
+//! gathered there: tokio-rustls already sends each write's records in one `writev`.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -18,6 +25,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes received per call, and gathered before sending, once enabled.
 pub const READ_AHEAD: usize = 64 * 1024;
+
+/// Full reads in a row that make an adaptive stream read ahead.
+pub(crate) const BUSY_READS: u8 = 4;
 
 /// A stream that can read ahead and gather writes (off until [`ReadAhead::enable`]).
 #[derive(Debug)]
@@ -30,6 +40,12 @@ pub struct ReadAhead<S> {
     pending: Vec<u8>,
     /// How much of `pending` the socket has taken.
     sent: usize,
+    /// Gather writes until a flush ([`ReadAhead::enable`]).
+    gather: bool,
+    /// Read ahead only while reads come full ([`ReadAhead::adapt`]).
+    adaptive: bool,
+    /// Full pass-through reads in a row, while adaptive and not reading ahead.
+    full_reads: u8,
 }
 
 impl<S> ReadAhead<S> {
@@ -42,20 +58,40 @@ impl<S> ReadAhead<S> {
             end: 0,
             pending: Vec::new(),
             sent: 0,
+            gather: false,
+            adaptive: false,
+            full_reads: 0,
         }
     }
 
     /// From now on, receive up to [`READ_AHEAD`] bytes per call and gather writes until a
     /// flush. Call it only between messages (after the handshake): nothing is buffered yet.
     pub fn enable(&mut self) {
+        self.adaptive = false;
         if self.buffer.is_empty() {
             self.buffer = vec![0; READ_AHEAD];
+        }
+        if !self.gather {
+            self.gather = true;
             self.pending = Vec::with_capacity(READ_AHEAD);
         }
     }
 
-    fn enabled(&self) -> bool {
+    /// From now on, read ahead only during bulk transfers (see the module's documentation);
+    /// writes go through. Call it only between messages (after the handshake).
+    pub fn adapt(&mut self) {
+        if !self.gather {
+            self.adaptive = true;
+        }
+    }
+
+    /// Whether reads currently go through a buffer of [`READ_AHEAD`] bytes.
+    pub fn reading_ahead(&self) -> bool {
         !self.buffer.is_empty()
+    }
+
+    fn enabled(&self) -> bool {
+        self.gather
     }
 
     /// The wrapped stream.
@@ -73,7 +109,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
         let this = &mut *self;
         if this.start == this.end {
             if this.buffer.is_empty() || out.remaining() >= this.buffer.len() {
-                return Pin::new(&mut this.inner).poll_read(cx, out);
+                let (asked, before) = (out.remaining(), out.filled().len());
+                let poll = Pin::new(&mut this.inner).poll_read(cx, out);
+                if this.adaptive && this.buffer.is_empty() && poll.is_ready() {
+                    this.count_read(asked, out.filled().len() - before);
+                }
+                return poll;
             }
             let mut fill = ReadBuf::new(&mut this.buffer);
             match Pin::new(&mut this.inner).poll_read(cx, &mut fill) {
@@ -81,13 +122,41 @@ impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
                     this.start = 0;
                     this.end = fill.filled().len();
                 }
+                Poll::Pending if this.adaptive => {
+                    // Drained and waiting: an idle connection holds no buffer. One more full
+                    // read takes it again, so a transfer that merely caught up loses little.
+                    this.buffer = Vec::new();
+                    this.full_reads = BUSY_READS - 1;
+                    return Poll::Pending;
+                }
                 other => return other,
             }
         }
         let n = (this.end - this.start).min(out.remaining());
         out.put_slice(&this.buffer[this.start..this.start + n]);
         this.start += n;
+        if this.adaptive && this.start == this.end && this.end < READ_AHEAD / 4 {
+            // Drained after a short read: the transfer is over or slow; hold nothing.
+            this.buffer = Vec::new();
+            (this.start, this.end) = (0, 0);
+        }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<S> ReadAhead<S> {
+    /// Counts a pass-through read of `got` bytes for `asked`; after [`BUSY_READS`] full ones in
+    /// a row, reads ahead.
+    fn count_read(&mut self, asked: usize, got: usize) {
+        if asked > 0 && got == asked {
+            self.full_reads += 1;
+            if self.full_reads >= BUSY_READS {
+                self.full_reads = 0;
+                self.buffer = vec![0; READ_AHEAD];
+            }
+        } else {
+            self.full_reads = 0;
+        }
     }
 }
 
@@ -199,12 +268,14 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn delivers_every_byte_in_order_enabled_or_not() {
-        for enabled in [false, true] {
+    async fn delivers_every_byte_in_order_off_enabled_or_adaptive() {
+        for mode in ["off", "enabled", "adaptive"] {
             let (mut writer, reader) = tokio::io::duplex(256 * 1024);
             let mut reader = ReadAhead::new(reader);
-            if enabled {
-                reader.enable();
+            match mode {
+                "enabled" => reader.enable(),
+                "adaptive" => reader.adapt(),
+                _ => {}
             }
             let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
             let sent = payload.clone();
@@ -231,8 +302,56 @@ mod tests {
                 }
             }
             task.await.unwrap();
-            assert_eq!(received, payload, "enabled: {enabled}");
+            assert_eq!(received, payload, "mode: {mode}");
         }
+    }
+
+    #[tokio::test]
+    async fn adaptive_reads_ahead_only_during_a_bulk_transfer() {
+        let (mut writer, reader) = tokio::io::duplex(1024 * 1024);
+        let mut reader = ReadAhead::new(reader);
+        reader.adapt();
+        let mut small = [0u8; 4096];
+        // Chatty: short messages never fill a read, so no buffer is ever taken.
+        for _ in 0..10 {
+            writer.write_all(&[1u8; 100]).await.unwrap();
+            assert_eq!(reader.read(&mut small).await.unwrap(), 100);
+            assert!(!reader.reading_ahead());
+        }
+        // Bulk: reads come full, and after BUSY_READS of them the stream reads ahead.
+        let bulk: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        writer.write_all(&bulk).await.unwrap();
+        let mut received = Vec::new();
+        for _ in 0..BUSY_READS {
+            assert!(!reader.reading_ahead());
+            let n = reader.read(&mut small).await.unwrap();
+            assert_eq!(n, small.len(), "the pipe holds more than asked");
+            received.extend_from_slice(&small[..n]);
+        }
+        let n = reader.read(&mut small).await.unwrap();
+        received.extend_from_slice(&small[..n]);
+        assert!(
+            reader.reading_ahead(),
+            "full reads in a row switch read-ahead on"
+        );
+        while received.len() < bulk.len() {
+            let n = reader.read(&mut small).await.unwrap();
+            assert!(n > 0);
+            received.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(received, bulk);
+        // Drained, the next read waits: the buffer is dropped while the stream is idle.
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            reader.read(&mut small),
+        )
+        .await;
+        assert!(waiting.is_err(), "nothing was sent");
+        assert!(!reader.reading_ahead(), "an idle stream holds no buffer");
+        writer.write_all(b"after").await.unwrap();
+        let n = reader.read(&mut small).await.unwrap();
+        assert_eq!(&small[..n], b"after");
+        assert!(!reader.reading_ahead());
     }
 
     #[tokio::test]
