@@ -10,6 +10,10 @@
 //! (a sidecar's budget); the handshake happens once, outside the measurement. Each iteration
 //! moves 4 MiB from writer to reader, in 64 KiB writes (bulk) and 1 KiB writes (chatty).
 //!
+//! Two TLS engines, same configurations: `buffered` is the sidecar's (tokio-rustls over
+//! rustls' buffered connections); `unbuffered` is `sidewall_bench::unbuffered::forward`, the
+//! same copy on rustls' unbuffered API (issue 8 asks for both to be measured).
+//!
 //! Run: `cargo bench -p sidewall-bench --bench copy_loop`.
 
 // A benchmark is not a test, so clippy's allow-expect-in-tests does not cover it; a fixture
@@ -20,8 +24,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
 use rustls_pki_types::ServerName;
 use sidewall_bench::pki::{Pki, spiffe_id};
+use sidewall_bench::unbuffered;
 use sidewall_policies::SpiffeId;
 use sidewall_policies::snapshot::Revocations;
 use sidewall_proxy::identity::Credential;
@@ -81,6 +88,24 @@ async fn pair(pki: &Pki) -> Pair {
     Pair { writer, reader }
 }
 
+/// The same pair with both sidecars on rustls' unbuffered API.
+async fn unbuffered_pair(pki: &Pki) -> Pair {
+    let (_, a) = tls_set(pki, "a");
+    let (b_id, b) = tls_set(pki, "b");
+    let (client_app, a_app) = tokio::io::duplex(PIPE);
+    let (a_wire, b_wire) = tokio::io::duplex(PIPE);
+    let (b_app, server_app) = tokio::io::duplex(PIPE);
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let client = UnbufferedClientConnection::new(a.client(&b_id).expect("client config"), name)
+        .expect("client connection");
+    let server = UnbufferedServerConnection::new(b.server.clone()).expect("server connection");
+    tokio::spawn(unbuffered::forward(client, a_app, a_wire));
+    tokio::spawn(unbuffered::forward(server, b_app, b_wire));
+    let (_, writer) = tokio::io::split(client_app);
+    let (reader, _) = tokio::io::split(server_app);
+    Pair { writer, reader }
+}
+
 async fn transfer(pair: &mut Pair, chunk: &[u8], sink: &mut [u8]) {
     let write = async {
         for _ in 0..PER_ITERATION / chunk.len() {
@@ -107,13 +132,22 @@ fn copy_loop(c: &mut Criterion) {
     let mut group = c.benchmark_group("copy_loop_mtls_pair");
     group.throughput(Throughput::Bytes(PER_ITERATION as u64));
     group.sample_size(20);
-    for chunk_size in [64 * 1024, 1024] {
-        let mut pair = runtime.block_on(pair(&pki));
-        let chunk = vec![0x5a; chunk_size];
-        let mut sink = vec![0; 64 * 1024];
-        group.bench_function(BenchmarkId::new("write", chunk_size), |b| {
-            b.iter(|| runtime.block_on(transfer(&mut pair, &chunk, &mut sink)));
-        });
+    for engine in ["buffered", "unbuffered"] {
+        for chunk_size in [64 * 1024, 1024] {
+            let mut pair = runtime.block_on(async {
+                if engine == "buffered" {
+                    pair(&pki).await
+                } else {
+                    unbuffered_pair(&pki).await
+                }
+            });
+            let chunk = vec![0x5a; chunk_size];
+            let mut sink = vec![0; 64 * 1024];
+            let id = BenchmarkId::new(format!("{engine}/write"), chunk_size);
+            group.bench_function(id, |b| {
+                b.iter(|| runtime.block_on(transfer(&mut pair, &chunk, &mut sink)));
+            });
+        }
     }
     group.finish();
 }

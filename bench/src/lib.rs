@@ -13,6 +13,8 @@
 //!   (median, min, max), the machine, `report.json` and `report.md` with ratios to `direct`.
 //! - [`goals`]: Sidewall's goals from the issue, judged on a summary.
 //! - [`plot`]: one SVG bar chart per (workload, metric).
+//! - [`unbuffered`]: the copy loop on rustls' unbuffered API, measured against the sidecar's
+//!   buffered one by the criterion benchmark.
 //!
 //! Timings are never asserted in tests: a test checks the arithmetic and the shapes.
 
@@ -21,3 +23,4 @@ pub mod model;
 pub mod pki;
 pub mod plot;
 pub mod report;
+pub mod unbuffered;
