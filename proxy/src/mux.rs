@@ -223,6 +223,10 @@ fn h2_io(error: h2::Error) -> std::io::Error {
     }
 }
 
+/// The payload of a DATA frame that, with its 9-byte header, is one full TLS record (16 KiB of
+/// plaintext).
+const FRAME_PAYLOAD: usize = 16 * 1024 - 9;
+
 /// App → stream: reads when the app has something to send (no buffer while it is idle),
 /// sends what it read as it is, within the stream's flow-control window; the app's EOF ends
 /// the stream.
@@ -275,7 +279,13 @@ async fn upstream(
             if granted == 0 {
                 continue;
             }
-            let chunk = data.split_to(granted.min(data.len()));
+            let mut chunk = data.split_to(granted.min(data.len()));
+            // One DATA frame per TLS record: header and payload fill a record exactly, where a
+            // full-size frame would leave its last 9 bytes to a record of their own.
+            while chunk.len() > FRAME_PAYLOAD {
+                send.send_data(chunk.split_to(FRAME_PAYLOAD), false)
+                    .map_err(h2_io)?;
+            }
             send.send_data(chunk, false).map_err(h2_io)?;
         }
         // Small reads: hold no memory while the connection idles. Bulk keeps its buffer (the
