@@ -5,7 +5,10 @@
 //! frame at a time — made a `recv` per 4–16 KiB and a `writev` per frame. [`ReadAhead`] sits
 //! between rustls and the socket and, once [enabled](ReadAhead::enable), receives up to 64 KiB
 //! per call and hands rustls the bytes from memory, and gathers what rustls sends until the
-//! writer flushes (HTTP/2 flushes after each batch of frames) or 64 KiB are waiting. It is
+//! writer flushes or 64 KiB are waiting. HTTP/2 (the `h2` crate) flushes after every DATA frame,
+//! so a flush is put off by one turn of the scheduler (the task wakes itself) while another
+//! record still fits: the frames other streams produce meanwhile leave in the same `sendto`, and
+//! a flush with nothing new since sends at once. It is
 //! enabled only after the handshake, and only on connections that are shared (HTTP/2 between
 //! sidecars, carried TCP connections), where its buffers are paid once for many app
 //! connections.
@@ -25,6 +28,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Bytes received per call, and gathered before sending, once enabled.
 pub const READ_AHEAD: usize = 64 * 1024;
+
+/// Room for one more full TLS record: a flush is put off only while it fits.
+const DEFER_ROOM: usize = 16 * 1024 + 256;
 
 /// Full reads in a row that make an adaptive stream read ahead.
 pub(crate) const BUSY_READS: u8 = 4;
@@ -46,6 +52,8 @@ pub struct ReadAhead<S> {
     adaptive: bool,
     /// Full pass-through reads in a row, while adaptive and not reading ahead.
     full_reads: u8,
+    /// How much was waiting at the last flush that was put off (see `poll_flush`).
+    deferred: usize,
 }
 
 impl<S> ReadAhead<S> {
@@ -61,6 +69,7 @@ impl<S> ReadAhead<S> {
             gather: false,
             adaptive: false,
             full_reads: 0,
+            deferred: 0,
         }
     }
 
@@ -244,6 +253,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        let waiting = this.pending.len() - this.sent;
+        if this.gather && waiting > this.deferred && waiting + DEFER_ROOM <= READ_AHEAD {
+            // HTTP/2 flushes after every DATA frame; put the send off by one turn of the
+            // scheduler so that the frames produced meanwhile leave in the same `sendto`.
+            // A flush with nothing new since the last one put off sends at once.
+            this.deferred = waiting;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.deferred = 0;
         match this.poll_send_pending(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
             other => other,
@@ -304,6 +323,37 @@ mod tests {
             task.await.unwrap();
             assert_eq!(received, payload, "mode: {mode}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_flush_is_put_off_one_turn_and_then_sends_everything() {
+        let (writer, mut reader) = tokio::io::duplex(1024 * 1024);
+        let mut writer = ReadAhead::new(writer);
+        writer.enable();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        writer.write_all(b"frame one").await.unwrap();
+        // The first flush waits a turn (and wakes its task), sending nothing yet.
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_pending());
+        // What is written meanwhile joins the same send.
+        writer.write_all(b", frame two").await.unwrap();
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_pending());
+        // A flush with nothing new sends at once.
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_ready());
+        let mut got = [0u8; 20];
+        reader.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"frame one, frame two");
+        // Near the buffer's size nothing is put off.
+        writer
+            .write_all(&vec![3u8; READ_AHEAD - 1000])
+            .await
+            .unwrap();
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_ready());
+        // And `flush().await` completes on its own (the task woke itself).
+        writer.write_all(b"tail").await.unwrap();
+        writer.flush().await.unwrap();
+        let mut rest = vec![0u8; READ_AHEAD - 1000 + 4];
+        reader.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest[rest.len() - 4..], b"tail");
     }
 
     #[tokio::test]
