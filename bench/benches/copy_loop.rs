@@ -66,41 +66,48 @@ struct Pair {
     reader: ReadHalf<DuplexStream>,
 }
 
-async fn pair(pki: &Pki) -> Pair {
-    let (_, a) = tls_set(pki, "a");
-    let (b_id, b) = tls_set(pki, "b");
-    let (client_app, a_app) = tokio::io::duplex(PIPE);
-    let (a_wire, b_wire) = tokio::io::duplex(PIPE);
-    let (b_app, server_app) = tokio::io::duplex(PIPE);
-    let connector = TlsConnector::from(a.client(&b_id).expect("client config"));
-    let acceptor = TlsAcceptor::from(b.server.clone());
-    let name = ServerName::try_from("127.0.0.1").expect("name");
-    let (client, server) = tokio::join!(connector.connect(name, a_wire), acceptor.accept(b_wire));
-    let (client, server) = (
-        client.expect("client handshake"),
-        server.expect("server handshake"),
-    );
-    let idle = Duration::from_secs(3600);
-    tokio::spawn(forward(a_app, client, idle));
-    tokio::spawn(forward(server, b_app, idle));
-    let (_, writer) = tokio::io::split(client_app);
-    let (reader, _) = tokio::io::split(server_app);
-    Pair { writer, reader }
+/// Which TLS engine both sidecars of a pair run.
+#[derive(Clone, Copy)]
+enum Engine {
+    /// tokio-rustls and `transport::forward`: the sidecar's.
+    Buffered,
+    /// rustls' unbuffered API: `sidewall_bench::unbuffered::forward`.
+    Unbuffered,
 }
 
-/// The same pair with both sidecars on rustls' unbuffered API.
-async fn unbuffered_pair(pki: &Pki) -> Pair {
+async fn pair(pki: &Pki, engine: Engine) -> Pair {
     let (_, a) = tls_set(pki, "a");
     let (b_id, b) = tls_set(pki, "b");
     let (client_app, a_app) = tokio::io::duplex(PIPE);
     let (a_wire, b_wire) = tokio::io::duplex(PIPE);
     let (b_app, server_app) = tokio::io::duplex(PIPE);
+    let client_config = a.client(&b_id).expect("client config");
     let name = ServerName::try_from("127.0.0.1").expect("name");
-    let client = UnbufferedClientConnection::new(a.client(&b_id).expect("client config"), name)
-        .expect("client connection");
-    let server = UnbufferedServerConnection::new(b.server.clone()).expect("server connection");
-    tokio::spawn(unbuffered::forward(client, a_app, a_wire));
-    tokio::spawn(unbuffered::forward(server, b_app, b_wire));
+    match engine {
+        Engine::Buffered => {
+            let connector = TlsConnector::from(client_config);
+            let acceptor = TlsAcceptor::from(b.server.clone());
+            let (client, server) =
+                tokio::join!(connector.connect(name, a_wire), acceptor.accept(b_wire));
+            let (client, server) = (
+                client.expect("client handshake"),
+                server.expect("server handshake"),
+            );
+            let idle = Duration::from_secs(3600);
+            tokio::spawn(forward(a_app, client, idle));
+            tokio::spawn(forward(server, b_app, idle));
+        }
+        Engine::Unbuffered => {
+            // The handshake runs inside the loops, before the first measured bytes arrive
+            // (criterion's warm-up covers it).
+            let client =
+                UnbufferedClientConnection::new(client_config, name).expect("client connection");
+            let server =
+                UnbufferedServerConnection::new(b.server.clone()).expect("server connection");
+            tokio::spawn(unbuffered::forward(client, a_app, a_wire));
+            tokio::spawn(unbuffered::forward(server, b_app, b_wire));
+        }
+    }
     let (_, writer) = tokio::io::split(client_app);
     let (reader, _) = tokio::io::split(server_app);
     Pair { writer, reader }
@@ -132,18 +139,15 @@ fn copy_loop(c: &mut Criterion) {
     let mut group = c.benchmark_group("copy_loop_mtls_pair");
     group.throughput(Throughput::Bytes(PER_ITERATION as u64));
     group.sample_size(20);
-    for engine in ["buffered", "unbuffered"] {
+    for (engine, label) in [
+        (Engine::Buffered, "buffered"),
+        (Engine::Unbuffered, "unbuffered"),
+    ] {
         for chunk_size in [64 * 1024, 1024] {
-            let mut pair = runtime.block_on(async {
-                if engine == "buffered" {
-                    pair(&pki).await
-                } else {
-                    unbuffered_pair(&pki).await
-                }
-            });
+            let mut pair = runtime.block_on(pair(&pki, engine));
             let chunk = vec![0x5a; chunk_size];
             let mut sink = vec![0; 64 * 1024];
-            let id = BenchmarkId::new(format!("{engine}/write"), chunk_size);
+            let id = BenchmarkId::new(format!("{label}/write"), chunk_size);
             group.bench_function(id, |b| {
                 b.iter(|| runtime.block_on(transfer(&mut pair, &chunk, &mut sink)));
             });
