@@ -185,6 +185,7 @@ impl<S: AsyncWrite + Unpin> ReadAhead<S> {
         }
         self.pending.clear();
         self.sent = 0;
+        self.deferred = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -262,7 +263,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ReadAhead<S> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        this.deferred = 0;
         match this.poll_send_pending(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
             other => other,
@@ -354,6 +354,16 @@ mod tests {
         let mut rest = vec![0u8; READ_AHEAD - 1000 + 4];
         reader.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest[rest.len() - 4..], b"tail");
+        // Bytes sent by a full gather buffer end the put-off batch: the next one waits a turn too.
+        writer.write_all(b"x").await.unwrap();
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_pending());
+        writer.write_all(&vec![4u8; READ_AHEAD + 1]).await.unwrap();
+        writer.write_all(b"y").await.unwrap();
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_pending());
+        assert!(Pin::new(&mut writer).poll_flush(&mut cx).is_ready());
+        let mut last = vec![0u8; READ_AHEAD + 3];
+        reader.read_exact(&mut last).await.unwrap();
+        assert_eq!((last[0], last[last.len() - 1]), (b'x', b'y'));
     }
 
     #[tokio::test]
