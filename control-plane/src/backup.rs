@@ -15,9 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::ca::sealed::{CaMaterial, Kek, SealedCa, kek_path_required};
 use crate::ca::{Authority, CaError, ca_dir, write_material};
+#[cfg(not(feature = "etcd"))]
+use crate::config::ConfigError;
 use crate::config::{Config, StoreConfig};
-use crate::server::{StartError, etcd_options};
+use crate::server::StartError;
+#[cfg(feature = "etcd")]
+use crate::server::etcd_options;
 use crate::store::embedded::EmbeddedStore;
+#[cfg(feature = "etcd")]
 use crate::store::etcd::EtcdStore;
 use crate::store::{Records, Store, StoreError};
 
@@ -92,14 +97,18 @@ async fn open(config: &Config, existing: bool) -> Result<Target, BackupError> {
             })?;
             Ok(Target::Embedded(Arc::new(store)))
         }
+        #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => Ok(Target::Etcd(Box::new(
             EtcdStore::connect(&etcd_options(etcd)?).await?,
         ))),
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd(_) => Err(StartError::from(ConfigError::EtcdNotBuilt).into()),
     }
 }
 
 enum Target {
     Embedded(Arc<EmbeddedStore>),
+    #[cfg(feature = "etcd")]
     Etcd(Box<EtcdStore>),
 }
 
@@ -107,6 +116,7 @@ impl Target {
     fn store(&self) -> &dyn Store {
         match self {
             Self::Embedded(store) => store.as_ref(),
+            #[cfg(feature = "etcd")]
             Self::Etcd(store) => store.as_ref(),
         }
     }
@@ -137,6 +147,7 @@ pub async fn export(config: &Config) -> Result<Backup, BackupError> {
             Authority::from_material(td, &material)?;
             SealedCa::seal(&material, td, &kek)?
         }
+        #[cfg(feature = "etcd")]
         Target::Etcd(store) => {
             let sealed = store
                 .sealed_ca()
@@ -195,6 +206,7 @@ pub async fn import(config: &Config, backup: Backup) -> Result<Restored, BackupE
     }
     match &target {
         Target::Embedded(_) => restore_ca_files(&ca_dir(&config.data_dir), &material)?,
+        #[cfg(feature = "etcd")]
         Target::Etcd(store) => {
             let stored = store
                 .create_sealed_ca(SealedCa::seal(&material, td, &kek)?.to_json())

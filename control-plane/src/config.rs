@@ -274,7 +274,13 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("{0}")]
     Value(String),
+    /// The configuration asks for the etcd store, and this build does not have it.
+    #[error("{ETCD_NOT_BUILT}")]
+    EtcdNotBuilt,
 }
+
+/// What a build without the cargo feature `etcd` answers to `--store etcd://…`.
+pub const ETCD_NOT_BUILT: &str = "this sidewall was built without the etcd store (cargo feature `etcd`): install protoc (`apt-get install protobuf-compiler libprotobuf-dev`) and build with `cargo install --path . --features etcd`, or use the image (scripts/image)";
 
 impl Config {
     /// Reads the file (if any) and applies the overrides.
@@ -327,6 +333,9 @@ impl Config {
             }
         }
         let store = resolve_store(&file, &overrides)?;
+        if matches!(store, StoreConfig::Etcd(_)) && !cfg!(feature = "etcd") {
+            return Err(ConfigError::EtcdNotBuilt);
+        }
         let ca_kek_file = overrides.ca_kek_file.clone().or(file.ca_kek_file.clone());
         if matches!(store, StoreConfig::Etcd(_)) && ca_kek_file.is_none() {
             return Err(ConfigError::Value(
@@ -500,15 +509,6 @@ mod tests {
     #[test]
     fn store_choice() {
         assert_eq!(parse("{}").unwrap().store, StoreConfig::Embedded);
-        let config = parse(
-            "store: etcd://10.0.0.1:2379,etcd-2:2379\netcd: {prefix: /prod/sidewall}\ncaKekFile: /k\n",
-        )
-        .unwrap();
-        let StoreConfig::Etcd(etcd) = config.store else {
-            panic!("not etcd")
-        };
-        assert_eq!(etcd.endpoints, ["10.0.0.1:2379", "etcd-2:2379"]);
-        assert_eq!(etcd.prefix, "/prod/sidewall");
         let cases = [
             (
                 "store: mysql://x\n",
@@ -518,7 +518,6 @@ mod tests {
                 "store: etcd://a:2379,b\n",
                 "cp.yaml:1:8: store: store \"etcd://a:2379,b\": \"b\" is not HOST:PORT",
             ),
-            ("store: etcd://a:1\n", "the etcd store needs caKekFile"),
             (
                 "store: etcd://a:1\ncaKekFile: k\netcd: {prefix: sidewall}\n",
                 "etcd prefix \"sidewall\" must start with `/`",
@@ -535,6 +534,35 @@ mod tests {
         for (text, expected) in cases {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.starts_with(expected), "{error}");
+        }
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_store() {
+        let config = parse(
+            "store: etcd://10.0.0.1:2379,etcd-2:2379\netcd: {prefix: /prod/sidewall}\ncaKekFile: /k\n",
+        )
+        .unwrap();
+        let StoreConfig::Etcd(etcd) = config.store else {
+            panic!("not etcd")
+        };
+        assert_eq!(etcd.endpoints, ["10.0.0.1:2379", "etcd-2:2379"]);
+        assert_eq!(etcd.prefix, "/prod/sidewall");
+        let error = parse("store: etcd://a:1\n").unwrap_err().to_string();
+        assert!(
+            error.starts_with("the etcd store needs caKekFile"),
+            "{error}"
+        );
+    }
+
+    /// A build without the feature refuses every etcd store, saying how to get one.
+    #[cfg(not(feature = "etcd"))]
+    #[test]
+    fn etcd_store() {
+        for text in ["store: etcd://a:1\n", "store: etcd://a:1\ncaKekFile: /k\n"] {
+            let error = parse(text).unwrap_err().to_string();
+            assert_eq!(error, ETCD_NOT_BUILT);
         }
     }
 }

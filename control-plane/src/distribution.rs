@@ -241,7 +241,7 @@ impl Distribution {
     /// Follows a replicated store: puts the state last changed at etcd `loaded.revision` in
     /// force, with that revision as the snapshot counter, so every replica sends the same
     /// version for the same content. A read no newer than what is in force is ignored.
-    pub fn follow(&self, loaded: crate::store::etcd::Loaded) {
+    pub fn follow(&self, loaded: crate::store::Loaded) {
         let mut state = self.write();
         let first = !state.following;
         if loaded.revision <= state.generation && !first {

@@ -18,12 +18,16 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{Api, Peer, handle};
+#[cfg(feature = "etcd")]
 use crate::ca::sealed::{Kek, SealedCa, kek_path_required};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
-use crate::config::{Config, EtcdConfig, StoreConfig};
+#[cfg(feature = "etcd")]
+use crate::config::EtcdConfig;
+use crate::config::{Config, ConfigError, StoreConfig};
 use crate::distribution::Distribution;
 use crate::ratelimit::RateLimiter;
 use crate::store::embedded::EmbeddedStore;
+#[cfg(feature = "etcd")]
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::{Store, StoreError};
 use crate::tls::{ServingCertificate, TlsError, server_config};
@@ -50,7 +54,16 @@ pub enum StartError {
     /// The etcd settings are unusable.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// The configuration cannot be served by this build (an etcd store without the feature).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
+
+/// The replicated store whose change feed a replica follows; none without the `etcd` feature.
+#[cfg(feature = "etcd")]
+type Follower = EtcdStore;
+#[cfg(not(feature = "etcd"))]
+type Follower = std::convert::Infallible;
 
 /// What the control plane records in its data directory so the CLI can find it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +101,7 @@ pub struct Prepared {
     certificate: Arc<ServingCertificate>,
     tls: Arc<rustls::ServerConfig>,
     /// With etcd: the store whose change feed this replica follows.
-    follower: Option<EtcdStore>,
+    follower: Option<Follower>,
 }
 
 /// Loads or creates the CA, opens the store, issues the serving certificate and, on first
@@ -96,8 +109,7 @@ pub struct Prepared {
 pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| StartError::Io(data_dir.clone(), e))?;
-    let (ca, store, follower): (Authority, Arc<dyn Store>, Option<EtcdStore>) = match &config.store
-    {
+    let (ca, store, follower): (Authority, Arc<dyn Store>, Option<Follower>) = match &config.store {
         StoreConfig::Embedded => (
             Authority::load_or_create(
                 &ca_dir(&data_dir),
@@ -107,11 +119,15 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             Arc::new(EmbeddedStore::open(&data_dir.join("store.redb"))?),
             None,
         ),
+        #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => {
             let store = EtcdStore::connect(&etcd_options(etcd)?).await?;
             let ca = shared_ca(&config, &store).await?;
             (ca, Arc::new(store.clone()), Some(store))
         }
+        // `Config::load` refuses it already; a configuration built in code ends here.
+        #[cfg(not(feature = "etcd"))]
+        StoreConfig::Etcd(_) => return Err(ConfigError::EtcdNotBuilt.into()),
     };
     write_private(
         &bundle_path(&data_dir),
@@ -125,8 +141,9 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let tls = Arc::new(server_config(&ca, certificate.clone())?);
     let latest = match &follower {
         // The newest version only: the history may be long.
+        #[cfg(feature = "etcd")]
         Some(etcd) => etcd.load().await?.latest,
-        None => store.policy_versions().await?.pop(),
+        _ => store.policy_versions().await?.pop(),
     };
     let distribution = Arc::new(Distribution::new(
         store.epoch().await?,
@@ -136,6 +153,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         store.registrations().await?,
         &store.revocations().await?,
     ));
+    #[cfg(feature = "etcd")]
     if let Some(etcd) = &follower {
         // Snapshot counters are etcd revisions from the first snapshot on.
         distribution.follow(etcd.load().await?);
@@ -156,6 +174,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
 }
 
 /// Reads the files the etcd settings name (certificates, password) into client options.
+#[cfg(feature = "etcd")]
 pub(crate) fn etcd_options(etcd: &EtcdConfig) -> Result<EtcdOptions, StartError> {
     let read = |path: &PathBuf| std::fs::read(path).map_err(|e| StartError::Io(path.clone(), e));
     let password = match (&etcd.user, &etcd.password_file) {
@@ -186,6 +205,7 @@ pub(crate) fn etcd_options(etcd: &EtcdConfig) -> Result<EtcdOptions, StartError>
 /// The CA every replica shares: opened from etcd with the key-encryption key, or, on the very
 /// first start, taken from the configuration or data directory (or generated), sealed and
 /// stored there (the first replica to store one wins a race).
+#[cfg(feature = "etcd")]
 async fn shared_ca(config: &Config, store: &EtcdStore) -> Result<Authority, StartError> {
     let kek = Kek::load(kek_path_required(config.ca_kek_file.as_ref())?)?;
     let sealed = match store.sealed_ca().await? {
@@ -311,6 +331,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     // With etcd: follow the store's change feed, and publish this replica's summary.
+    #[cfg(feature = "etcd")]
     let follow_task = follower.map(|etcd| {
         let publish = tokio::spawn(
             etcd.clone()
@@ -407,6 +428,9 @@ pub async fn run(
     if let Some(task) = policies_task {
         let _ = task.await;
     }
+    #[cfg(not(feature = "etcd"))]
+    let follow_task: Option<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)> =
+        follower.map(|never| match never {});
     if let Some((publish, follow)) = follow_task {
         let _ = publish.await;
         let _ = follow.await;

@@ -1,9 +1,9 @@
 //! The control plane's state behind one trait: join tokens, issued certificates, revocations.
 //!
 //! The embedded store ([`embedded::EmbeddedStore`], one redb file) is the default: crash-safe,
-//! no service to run. [`etcd::EtcdStore`] backs several replicas: every operation that must be
-//! atomic across replicas (redeeming a token, numbering a policy version) is one method, an
-//! etcd transaction there, and methods are async.
+//! no service to run. The etcd store (`etcd::EtcdStore`, cargo feature `etcd`) backs several
+//! replicas: every operation that must be atomic across replicas (redeeming a token, numbering a
+//! policy version) is one method, an etcd transaction there, and methods are async.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,6 +11,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 
 /// A boxed future returned by store methods (dyn-compatible for a runtime choice of store).
@@ -33,6 +34,24 @@ pub enum StoreError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// The state distribution needs, read at one revision of a replicated store (which follows
+/// it: [`crate::distribution::Distribution::follow`]).
+#[derive(Debug)]
+pub struct Loaded {
+    /// The revision of the last change to that state (the `changed` marker's
+    /// `mod_revision`; 0 before any): the snapshot counter. Two replicas that read the same
+    /// content read the same value, whatever else was written to etcd meanwhile.
+    pub revision: u64,
+    /// The etcd revision of the read itself (the change feed continues after it).
+    pub read_at: u64,
+    /// The newest policy version.
+    pub latest: Option<PolicyVersion>,
+    /// Every registration.
+    pub registrations: Vec<RegistrationRecord>,
+    /// Every revocation.
+    pub revocations: Vec<RevocationRecord>,
 }
 
 /// A join token as stored: the secret only as a hash.

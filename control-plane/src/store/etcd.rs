@@ -38,8 +38,8 @@ use serde::de::DeserializeOwned;
 
 use super::embedded::redemption;
 use super::{
-    CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord, RevocationRecord,
-    Store, StoreError, StoreFuture, TokenRecord,
+    CertificateRecord, Loaded, PolicyVersion, Records, Redemption, RegistrationRecord,
+    RevocationRecord, Store, StoreError, StoreFuture, TokenRecord,
 };
 use crate::distribution::ReplicaSummary;
 
@@ -88,23 +88,6 @@ impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "EtcdStore({} {})", self.endpoints, self.prefix)
     }
-}
-
-/// The state distribution needs, read at one revision.
-#[derive(Debug)]
-pub struct Loaded {
-    /// The revision of the last change to that state (the `changed` marker's
-    /// `mod_revision`; 0 before any): the snapshot counter. Two replicas that read the same
-    /// content read the same value, whatever else was written to etcd meanwhile.
-    pub revision: u64,
-    /// The etcd revision of the read itself (the change feed continues after it).
-    pub read_at: u64,
-    /// The newest policy version.
-    pub latest: Option<PolicyVersion>,
-    /// Every registration.
-    pub registrations: Vec<RegistrationRecord>,
-    /// Every revocation.
-    pub revocations: Vec<RevocationRecord>,
 }
 
 /// Maps a client error: anything from etcd itself means it cannot serve now (no leader, no
