@@ -1,9 +1,10 @@
 //! Talking to the control plane for certificates (the routes documented in docs/api.md).
 //!
 //! First contact pins the CA: the trust bundle is fetched without verifying the server (no
-//! secret is sent on that connection), and accepted only if its root's SHA-256 equals the
-//! fingerprint in the join token. From then on the control plane must present exactly
-//! `spiffe://<td>/sidewall/control-plane`, chained to that root.
+//! secret is sent on that connection), and of what it holds only the root whose SHA-256 equals
+//! the fingerprint in the join token is kept. The join (token and CSR) goes only to a control
+//! plane presenting exactly `spiffe://<td>/sidewall/control-plane` chained to that one root; the
+//! trust bundle in its answer is then the sidecar's, and renewals are verified against it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +52,12 @@ pub enum JoinError {
     /// No control plane could be reached.
     #[error("{0}")]
     Unreachable(String),
+    /// The server's certificate does not chain to a root this sidecar trusts for it (at the
+    /// join, only the pinned root), or is not the control plane's SVID.
+    #[error(
+        "the control plane at {0} presented a certificate that does not chain to a root this sidecar trusts ({1})"
+    )]
+    Untrusted(String, String),
     /// The control plane refused.
     #[error("control plane refused ({0}): {1}")]
     Refused(u16, String),
@@ -135,7 +142,7 @@ async fn call(
         let stream = TlsConnector::from(tls)
             .connect(name, tcp)
             .await
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| handshake_error(url, e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| fail(&e))?;
@@ -163,6 +170,19 @@ async fn call(
         .map_err(|_| JoinError::Unreachable(format!("{url}: timed out")))?
 }
 
+/// A refused server certificate is [`JoinError::Untrusted`]; anything else is unreachable.
+fn handshake_error(url: &str, error: std::io::Error) -> JoinError {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(refused @ rustls::Error::InvalidCertificate(_)) => {
+            JoinError::Untrusted(url.to_owned(), refused.to_string())
+        }
+        _ => JoinError::Unreachable(format!("{url}: {error}")),
+    }
+}
+
 /// A client configuration that accepts only the control plane of `identity`'s trust domain.
 pub(crate) fn verified_config(
     identity: &SpiffeId,
@@ -172,6 +192,16 @@ pub(crate) fn verified_config(
     let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| JoinError::Answer(e.to_string()))?;
+    config_trusting(identity, roots, client)
+}
+
+/// A client configuration that accepts only the control plane of `identity`'s trust domain,
+/// chained to one of `roots`.
+fn config_trusting(
+    identity: &SpiffeId,
+    roots: Vec<CertificateDer<'static>>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, JoinError> {
     let mut bundles = TrustBundles::default();
     bundles
         .add(identity.trust_domain(), roots)
@@ -196,8 +226,12 @@ pub(crate) fn verified_config(
     Ok(Arc::new(config))
 }
 
-/// Fetches the trust bundle from `url` and checks it against the pinned fingerprint.
-async fn pinned_bundle(url: &str, fingerprint: &str) -> Result<String, JoinError> {
+/// Fetches the trust bundle from `url` and returns, as PEM, only the root whose SHA-256 is the
+/// pinned fingerprint: the one certificate the join trusts. Anything else the unverified answer
+/// holds is dropped (an on-path impostor could have added its own root beside the genuine one),
+/// so a control plane whose certificate chains to another root fails the handshake before the
+/// token is sent.
+async fn pinned_root(url: &str, fingerprint: &str) -> Result<CertificateDer<'static>, JoinError> {
     let provider = provider();
     let config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -211,15 +245,22 @@ async fn pinned_bundle(url: &str, fingerprint: &str) -> Result<String, JoinError
     if status != 200 {
         return Err(JoinError::Refused(status, "trust bundle".into()));
     }
-    let pem = String::from_utf8(body.to_vec()).map_err(|e| JoinError::Answer(e.to_string()))?;
-    let pinned = CertificateDer::pem_slice_iter(pem.as_bytes())
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&body)
         .filter_map(Result::ok)
-        .any(|root| hex(digest::digest(&digest::SHA256, &root).as_ref()) == fingerprint);
-    if pinned {
-        Ok(pem)
-    } else {
-        Err(JoinError::Pin(url.to_owned()))
+        .collect();
+    let others = certificates.len().saturating_sub(1);
+    let root = certificates
+        .into_iter()
+        .find(|root| hex(digest::digest(&digest::SHA256, root).as_ref()) == fingerprint)
+        .ok_or_else(|| JoinError::Pin(url.to_owned()))?;
+    if others > 0 {
+        tracing::warn!(
+            url,
+            others,
+            "the trust bundle holds certificates beside the root the join token pins; the join trusts only the pinned root"
+        );
     }
+    Ok(root)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -273,8 +314,8 @@ pub(super) async fn join(
     each_url(urls, |url| {
         let fingerprint = fingerprint.clone();
         async move {
-            let bundle = pinned_bundle(&url, &fingerprint).await?;
-            let tls = verified_config(identity, &bundle, None)?;
+            let root = pinned_root(&url, &fingerprint).await?;
+            let tls = config_trusting(identity, vec![root], None)?;
             let body = serde_json::json!({"csr": csr, "token": token});
             let (status, answer) =
                 call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;

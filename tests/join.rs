@@ -1,0 +1,174 @@
+//! First contact: what a joining sidecar trusts before it hands over its join token.
+//!
+//! The token pins the CA by its root's SHA-256. An impostor on the path answers the unverified
+//! trust-bundle fetch with the genuine root *plus* one of its own, and presents a control-plane
+//! certificate signed by its own root (security review H3). The sidecar must trust only the
+//! pinned root for the join, so the handshake fails and the token never leaves the process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test: panics report failures; blocking waits are fine
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{ControlPlaneProcess, ProxyProcess, eventually, free_port, http_get};
+
+const TD: &str = "spiffe://sidewall.local";
+
+/// An HTTPS server that serves `GET /v1/trust-bundle` from a file and writes every request it
+/// gets (and the body of every POST) to a log, one line each. Prints its port.
+const IMPOSTOR: &str = r#"
+import http.server, ssl, sys
+bundle_file, log_file, cert, key = sys.argv[1:5]
+def note(line):
+    with open(log_file, "a") as log:
+        log.write(line + "\n")
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        note("GET " + self.path)
+        body = open(bundle_file, "rb").read()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        note("POST " + self.path + " " + body.decode(errors="replace"))
+        self.send_error(503)
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// A CA of the impostor's own and a certificate for the control plane's SPIFFE ID (and
+/// 127.0.0.1) signed by it: (root PEM, leaf chain PEM, leaf key PEM).
+fn impostor_credential() -> (String, String, String) {
+    let now = time::OffsetDateTime::now_utc();
+    let mut root_params = rcgen::CertificateParams::default();
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    root_params.not_before = now - Duration::from_secs(60);
+    root_params.not_after = now + Duration::from_secs(86_400);
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let root_pem = root_params.clone().self_signed(&root_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(root_params, root_key);
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![
+        rcgen::SanType::URI(
+            format!("{TD}/sidewall/control-plane")
+                .as_str()
+                .try_into()
+                .unwrap(),
+        ),
+        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+    ];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = now - Duration::from_secs(60);
+    params.not_after = now + Duration::from_secs(3600);
+    let leaf = params.signed_by(&key, &issuer).unwrap().pem();
+    (root_pem, leaf, key.serialize_pem())
+}
+
+#[test]
+fn a_bundle_with_an_extra_root_gets_no_join_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    let identity = format!("{TD}/ns/shop/svc/api");
+    let created = cp.cli(&["token", "create", "--identity", &identity]);
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let token = created.stdout.lines().last().unwrap().trim().to_owned();
+    std::fs::write(dir.path().join("api.token"), format!("{token}\n")).unwrap();
+
+    // The impostor's bundle: the genuine root (so the pin matches) and its own.
+    let (evil_root, cert, key) = impostor_credential();
+    let genuine = std::fs::read_to_string(cp.data_dir.join("trust-bundle.pem")).unwrap();
+    let files = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let bundle = files("bundle.pem", &format!("{genuine}{evil_root}"));
+    let cert = files("impostor.pem", &cert);
+    let key = files("impostor.key", &key);
+    let log = dir.path().join("impostor.log");
+    let mut impostor = Command::new("python3")
+        .arg("-c")
+        .arg(IMPOSTOR)
+        .args([&bundle, &log, &cert, &key])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 (scripts/test-deps installs it)");
+    let mut port = String::new();
+    BufReader::new(impostor.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port: u16 = port.trim().parse().expect("the impostor's port");
+
+    let admin = free_port();
+    let config = format!(
+        "identity: {identity}\ncontrolPlane:\n  urls: [https://127.0.0.1:{port}]\n  tokenFile: api.token\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{app}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        inbound = free_port(),
+        app = free_port(),
+    );
+    let mut sidecar = ProxyProcess::start(dir.path(), "api", &config, admin);
+    // The sidecar fetched the bundle, tried the join and gave up on that control plane...
+    let seen = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually(30, "the sidecar to fetch the trust bundle", || {
+        seen().contains("GET /v1/trust-bundle")
+    });
+    eventually(
+        30,
+        "the sidecar to give up on the impostor, or to send it the token",
+        || {
+            sidecar
+                .log()
+                .contains("does not chain to a root this sidecar trusts")
+                || seen().contains("POST")
+        },
+    );
+    assert_ne!(
+        http_get(admin, "/ready").0,
+        200,
+        "the sidecar says it is ready"
+    );
+    sidecar.stop();
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+
+    // ...without sending anything to it: no token, no CSR, and no certificate or bundle saved.
+    let requests = seen();
+    assert!(!requests.contains("POST"), "{requests}");
+    assert!(!requests.contains(&token), "the token leaked: {requests}");
+    assert!(
+        !dir.path().join("state/api/trust-bundle.pem").exists(),
+        "a trust bundle was saved"
+    );
+
+    // The token is still good at the genuine control plane: the impostor could not spend it.
+    let listed = cp.cli(&["token", "list"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    let row = listed
+        .stdout
+        .lines()
+        .find(|l| l.ends_with(&identity))
+        .unwrap_or_else(|| panic!("no token for {identity}:\n{}", listed.stdout));
+    assert!(row.contains("active") && row.contains("0/1"), "{row}");
+}
