@@ -39,11 +39,15 @@ fn start_app(runtime: &tokio::runtime::Runtime) -> (u16, Seen) {
                     move |mut request: Request<hyper::body::Incoming>| {
                         let record = record.clone();
                         async move {
+                            // Every spelling CGI/WSGI/Rack/PHP fold into one variable
+                            // (HTTP_X_SIDEWALL_PEER_IDENTITY): `_` and `-` alike.
                             let peer = request
                                 .headers()
-                                .get_all("x-sidewall-peer-identity")
                                 .iter()
-                                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                .filter(|(name, _)| {
+                                    name.as_str().replace('_', "-") == "x-sidewall-peer-identity"
+                                })
+                                .map(|(_, v)| v.to_str().unwrap_or("?").to_owned())
                                 .collect::<Vec<_>>()
                                 .join(",");
                             let line = format!("{} {} {peer}", request.method(), request.uri());
@@ -218,6 +222,11 @@ fn bypass_matrix() {
             "GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nx-sidewall-peer-identity: spiffe://sidewall.local/ns/demo/svc/admin\r\nConnection: close\r\n\r\n".to_owned(),
             "GET /v1/orders ",
         ),
+        // Review M7: the underscore spelling names the same CGI variable.
+        (
+            "GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nx_sidewall_peer_identity: spiffe://sidewall.local/ns/demo/svc/admin\r\nX_Sidewall-Peer_Identity: spiffe://sidewall.local/ns/demo/svc/admin\r\nConnection: close\r\n\r\n".to_owned(),
+            "GET /v1/orders ",
+        ),
     ];
     for (request, expected) in &allowed {
         let response = raw(mesh.route, request.as_bytes());
@@ -247,6 +256,10 @@ fn bypass_matrix() {
         (get("/admin?x", "api.shop"), 403),
         (get("/v1/orders/../../admin/x", "api.shop"), 403),
         (get("/static/../admin/x", "api.shop"), 403),
+        // Review H7: Java servers strip `;` path parameters before they resolve dot segments.
+        (get("/static/..;/admin/x", "api.shop"), 400),
+        (get("/static/app.js;x=1", "api.shop"), 400),
+        (get("/admin;x/users", "api.shop"), 400),
         (get("/v1/orders%2F..%2Fadmin", "api.shop"), 400),
         (get("/v1/orders/%2e%2e/admin", "api.shop"), 400),
         (get("/v1/orders/..%2fadmin", "api.shop"), 400),

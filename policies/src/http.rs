@@ -219,9 +219,10 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Bytes that may stand unencoded in a path segment (pchar without '%').
+/// Bytes that may stand unencoded in a path segment (pchar without '%'). `;` is not among
+/// them: see [`PathError::PathParameter`].
 fn is_path_byte(b: u8) -> bool {
-    is_unreserved(b) || b"!$&'()*+,;=:@".contains(&b)
+    is_unreserved(b) || b"!$&'()*+,=:@".contains(&b)
 }
 
 fn decode_percent(bytes: &[u8], at: usize) -> Option<u8> {
@@ -258,6 +259,10 @@ pub enum PathError {
     /// `#`: fragments are never sent to a server.
     #[error("fragment ('#') in request path")]
     Fragment,
+    /// `;`: Tomcat, Jetty and Spring strip path parameters (`/static/..;/admin`) before they
+    /// resolve dot segments, so the app would serve a path no rule was matched against.
+    #[error("path parameters (';') are refused: some servers strip them before resolving the path")]
+    PathParameter,
     /// Any other byte that is not allowed in a request path (space, non-ASCII).
     #[error("byte 0x{0:02x} is not allowed in a request path")]
     InvalidByte(u8),
@@ -303,6 +308,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, PathError> {
             }
             b'\\' => return Err(PathError::Backslash),
             b'#' => return Err(PathError::Fragment),
+            b';' => return Err(PathError::PathParameter),
             _ if b.is_ascii_control() => return Err(PathError::ControlCharacter),
             b'/' => {}
             _ if is_path_byte(b) => {}

@@ -10,14 +10,14 @@
 //!    `Transfer-Encoding`, upgrades other than WebSocket (`h2c` included); hyper itself refuses
 //!    NUL, bare CR/LF and obsolete line folding, differing `Content-Length`s, and oversize
 //!    headers (`431`);
-//! 2. normalized (`sidewall_policies::http::normalize_path`; encoded `/`, `\` and `.`, and
-//!    control characters refused with `400`) — the **normalized** path is what is matched and
-//!    what the app receives;
+//! 2. normalized (`sidewall_policies::http::normalize_path`; encoded `/`, `\` and `.`, `;` path
+//!    parameters and control characters refused with `400`) — the **normalized** path is what
+//!    is matched and what the app receives;
 //! 3. decided with the engine on (peer, method, normalized path, host) from the snapshot in
 //!    force *now*; `403` with a short body on deny, `405` for an unallowed `CONNECT`;
 //! 4. forwarded to the app — HTTP/1.1 over a keep-alive pool, or HTTP/2 over one multiplexed
 //!    connection (`appProtocol: http2`) — with `x-sidewall-peer-identity` set to the peer's
-//!    SPIFFE ID (any such header from elsewhere removed); a WebSocket upgrade (always HTTP/1.1
+//!    SPIFFE ID (any such header from elsewhere removed, `_` spellings included); a WebSocket upgrade (always HTTP/1.1
 //!    to the app) switches to raw forwarding only after the app answers `101`, and a refused
 //!    upgrade ends the connection.
 
@@ -48,6 +48,28 @@ pub(crate) mod request;
 
 /// The header that carries the authenticated peer to the app.
 pub const PEER_HEADER: &str = "x-sidewall-peer-identity";
+
+/// Removes the peer header in every spelling an app could read as it: CGI, WSGI, Rack and PHP
+/// fold `-` and `_` into one variable (`HTTP_X_SIDEWALL_PEER_IDENTITY`), so
+/// `x_sidewall_peer_identity` from a client would reach the app as the peer's identity.
+pub(crate) fn remove_peer_header(headers: &mut hyper::HeaderMap) {
+    headers.remove(PEER_HEADER);
+    let lookalike = |name: &HeaderName| {
+        name.as_str().len() == PEER_HEADER.len()
+            && name
+                .as_str()
+                .bytes()
+                .zip(PEER_HEADER.bytes())
+                .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    // Rare (a name with `_`), so the allocation is off the common path.
+    if headers.keys().any(lookalike) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| lookalike(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
 /// Request headers allowed in all, per request, before `431`. Default is 32 KiB.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// HTTP/2 streams open at once per connection.
@@ -297,7 +319,7 @@ async fn handle(
         hyper::Version::HTTP_11
     };
     let headers = &mut parts.headers;
-    headers.remove(PEER_HEADER);
+    remove_peer_header(headers);
     for name in request::HOP_BY_HOP {
         if !(checked.websocket && (*name == "connection" || *name == "upgrade")) {
             headers.remove(*name);

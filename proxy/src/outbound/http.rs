@@ -102,7 +102,7 @@ async fn handle(
     for name in request::HOP_BY_HOP {
         headers.remove(*name);
     }
-    headers.remove(crate::http::PEER_HEADER);
+    crate::http::remove_peer_header(headers);
     let key = (service.clone(), port);
     let connect = || connect_peer(context, service, port);
     match context.peers_h2.send(&key, connect, request).await {
