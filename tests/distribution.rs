@@ -571,3 +571,67 @@ fn a_policy_directory_is_applied_when_valid_and_kept_when_not() {
     let history = mesh.cli(&["policy", "history"]);
     assert!(history.stdout.contains("gitops:"), "{}", history.stdout);
 }
+
+/// Review M6: with the embedded store, a restarted sidecar left its old instance's row behind,
+/// disconnected, and `policy apply --wait` waited for it forever. A version waits only for the
+/// sidecars that are connected (or lost their stream less than a reconnect grace ago); the
+/// others are listed apart, and the wait succeeds.
+#[test]
+fn m6_apply_wait_succeeds_after_a_sidecar_restarts_or_stops() {
+    let mut mesh = Mesh::new(&[]);
+    let mut api = mesh.sidecar("api");
+    let mut web = mesh.sidecar("web");
+    let v1 = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", v1)]).code, 0);
+
+    // A restart: the old instance's row stays, disconnected; the new one is connected.
+    web = mesh.restart_sidecar("web", &mut web);
+    let v2 = policy(
+        "api-access",
+        "terminate",
+        &(allow("web", 8080) + &allow("ops", 8080)),
+    );
+    let run = mesh.apply("v2", &[("p.yaml", v2)]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("every affected sidecar applied version 2"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        exchange(mesh.route("web"), b"after v2").as_deref(),
+        Some(&b"after v2"[..])
+    );
+
+    // A sidecar that is gone for good: waited for within the grace, then reported apart.
+    api.stop();
+    let v3 = policy("api-access", "terminate", &allow("web", 8080));
+    let started = Instant::now();
+    let run = mesh.apply("v3", &[("p.yaml", v3)]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("every connected sidecar applied version 3"),
+        "{}",
+        run.stdout
+    );
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains(&format!("{TD}/api")))
+        .unwrap_or_else(|| panic!("the stopped api sidecar is not listed:\n{}", run.stdout));
+    assert!(line.contains("not connected"), "{line}");
+    assert!(
+        !run.stdout
+            .lines()
+            .any(|l| l.contains(&format!("{TD}/web ")) && l.contains("not connected")),
+        "the restarted web sidecar's old instance is listed:\n{}",
+        run.stdout
+    );
+    eprintln!(
+        "apply --wait with one sidecar gone: {:?}",
+        started.elapsed()
+    );
+    drop(web);
+}

@@ -10,7 +10,7 @@
 //! the counter: every replica agrees. Sidecars' liveness and acks stay in this process; a
 //! [`ReplicaSummary`] is what other replicas learn of them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -91,6 +91,22 @@ pub struct ReplicaSummary {
 
 /// Most pending sidecars listed in a [`ReplicaSummary`].
 pub const SUMMARY_ROWS: usize = 50;
+
+/// How long a sidecar whose snapshot stream closed still counts as one a policy version waits
+/// for: long enough to reconnect after a control-plane restart (a sidecar retries at most every
+/// 10 s). Later it is listed apart, and gets the version when it reconnects.
+pub const RECONNECT_GRACE_SECONDS: i64 = 15;
+
+/// The sidecars a policy version has not reached yet ([`Distribution::pending`]).
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Connected sidecars that have not applied it, and sidecars whose stream closed less
+    /// than [`RECONNECT_GRACE_SECONDS`] ago: `policy apply --wait` waits for these.
+    pub waiting: Vec<FleetEntry>,
+    /// Sidecars not connected for longer, and not replaced by a connected instance of the same
+    /// identity and endpoint (a restart): they get the version when they reconnect.
+    pub disconnected: Vec<FleetEntry>,
+}
 
 /// One observed flow, as sidecars report them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -544,7 +560,10 @@ impl Distribution {
     /// This replica's summary for the others (see [`ReplicaSummary`]).
     pub fn summary(&self) -> ReplicaSummary {
         let policy_version = self.read().policy_version;
-        let mut pending = self.pending(policy_version).unwrap_or_default();
+        let mut pending = self
+            .pending(policy_version)
+            .map(|p| p.waiting)
+            .unwrap_or_default();
         let pending_count = pending.len();
         pending.truncate(SUMMARY_ROWS);
         ReplicaSummary {
@@ -556,30 +575,43 @@ impl Distribution {
         }
     }
 
-    /// Whether every sidecar has received and applied what policy `version` changed for it:
-    /// `None` if the version is unknown, otherwise the instances still pending. With a
-    /// replicated store a disconnected sidecar is not pending here: it is connected to another
-    /// replica (which counts it) or down (which the fleet view shows).
-    pub fn pending(&self, version: u64) -> Option<Vec<FleetEntry>> {
+    /// Which sidecars have not yet received and applied what policy `version` changed for
+    /// them: `None` if the version is unknown. With a replicated store a disconnected sidecar is
+    /// not counted here: it is connected to another replica (which counts it) or down (which the
+    /// fleet view shows).
+    pub fn pending(&self, version: u64) -> Option<Pending> {
         let (generation, following) = {
             let state = self.read();
             (state.version_generation.get(&version)?.0, state.following)
         };
         let fleet = lock(&self.fleet);
-        Some(
-            fleet
-                .values()
-                .filter(|e| {
-                    if !e.connected {
-                        return !following;
-                    }
-                    e.processed < generation
-                        || e.sent
-                            .is_some_and(|sent| sent >= generation && e.applied < Some(sent))
-                })
-                .cloned()
-                .collect(),
-        )
+        let behind = |e: &FleetEntry| {
+            e.processed < generation
+                || e.sent
+                    .is_some_and(|sent| sent >= generation && e.applied < Some(sent))
+        };
+        // A restarted sidecar is a new instance of the same identity and endpoint.
+        let live: HashSet<(&str, Option<&str>)> = fleet
+            .values()
+            .filter(|e| e.connected)
+            .map(|e| (e.identity.as_str(), e.endpoint.as_deref()))
+            .collect();
+        let now = now_unix();
+        let mut pending = Pending::default();
+        for entry in fleet.values().filter(|e| behind(e)) {
+            if entry.connected {
+                pending.waiting.push(entry.clone());
+            } else if following
+                || live.contains(&(entry.identity.as_str(), entry.endpoint.as_deref()))
+            {
+                continue;
+            } else if now - entry.since < RECONNECT_GRACE_SECONDS {
+                pending.waiting.push(entry.clone());
+            } else {
+                pending.disconnected.push(entry.clone());
+            }
+        }
+        Some(pending)
     }
 
     /// Adds reported flow counts, within [`MAX_FLOWS`] distinct flows.

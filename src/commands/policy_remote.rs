@@ -111,10 +111,19 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
                 .await?;
             expect_success(status, &body)?;
             if body["done"].as_bool() == Some(true) {
-                println!(
-                    "every affected sidecar applied version {version} ({} ms)",
-                    started.elapsed().as_millis()
-                );
+                let disconnected = body["disconnected"].as_array().cloned().unwrap_or_default();
+                let ms = started.elapsed().as_millis();
+                if disconnected.is_empty() {
+                    println!("every affected sidecar applied version {version} ({ms} ms)");
+                } else {
+                    println!(
+                        "every connected sidecar applied version {version} ({ms} ms); {} not connected get it when they reconnect:",
+                        disconnected.len()
+                    );
+                    for row in &disconnected {
+                        println!("{}", pending_line(row));
+                    }
+                }
                 return Ok(());
             }
             if started.elapsed() >= args.timeout {
@@ -122,31 +131,7 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|p| {
-                        if let Some(behind) = p["replica_behind"].as_u64() {
-                            return format!(
-                                "  replica {}: still at version {behind}",
-                                p["replica"].as_str().unwrap_or("?")
-                            );
-                        }
-                        let why = if p["connected"] == false {
-                            "not connected".to_owned()
-                        } else if let Some(reason) = p["last_rejection"].as_str() {
-                            format!("rejected: {reason}")
-                        } else {
-                            "not applied yet".to_owned()
-                        };
-                        let on = p["replica"]
-                            .as_str()
-                            .filter(|r| !r.is_empty())
-                            .map(|r| format!(", on {r}"))
-                            .unwrap_or_default();
-                        format!(
-                            "  {} (instance {}{on}): {why}",
-                            p["identity"].as_str().unwrap_or("?"),
-                            p["instance"].as_str().unwrap_or("?")
-                        )
-                    })
+                    .map(pending_line)
                     .collect();
                 bail!(
                     "timed out after {:?}; {} sidecar(s) have not applied version {version}:\n{}",
@@ -158,6 +143,33 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
+}
+
+/// One row of a version's status: who, on which replica, and why it has not applied it.
+fn pending_line(p: &serde_json::Value) -> String {
+    if let Some(behind) = p["replica_behind"].as_u64() {
+        return format!(
+            "  replica {}: still at version {behind}",
+            p["replica"].as_str().unwrap_or("?")
+        );
+    }
+    let why = if p["connected"] == false {
+        "not connected".to_owned()
+    } else if let Some(reason) = p["last_rejection"].as_str() {
+        format!("rejected: {reason}")
+    } else {
+        "not applied yet".to_owned()
+    };
+    let on = p["replica"]
+        .as_str()
+        .filter(|r| !r.is_empty())
+        .map(|r| format!(", on {r}"))
+        .unwrap_or_default();
+    format!(
+        "  {} (instance {}{on}): {why}",
+        p["identity"].as_str().unwrap_or("?"),
+        p["instance"].as_str().unwrap_or("?")
+    )
 }
 
 /// Flags of `policy history`.

@@ -151,8 +151,14 @@ pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpRe
                 ),
             ));
         };
-        let row = |e: &crate::distribution::FleetEntry, replica: &str| json!({"instance": e.instance, "identity": e.identity, "connected": e.connected, "sent": e.sent, "applied": e.applied, "last_rejection": e.last_rejection, "replica": replica});
+        let row = |e: &crate::distribution::FleetEntry, replica: &str| json!({"instance": e.instance, "identity": e.identity, "connected": e.connected, "since": e.since, "sent": e.sent, "applied": e.applied, "last_rejection": e.last_rejection, "replica": replica});
         let mut rows: Vec<_> = pending
+            .waiting
+            .iter()
+            .map(|e| row(e, api.distribution.replica()))
+            .collect();
+        let disconnected: Vec<_> = pending
+            .disconnected
             .iter()
             .map(|e| row(e, api.distribution.replica()))
             .collect();
@@ -169,7 +175,7 @@ pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpRe
         }
         return Ok(json_response(
             StatusCode::OK,
-            &json!({"version": number, "in_force": number == current, "done": rows.is_empty(), "pending": rows}),
+            &json!({"version": number, "in_force": number == current, "done": rows.is_empty(), "pending": rows, "disconnected": disconnected}),
         ));
     }
     if number == 0 {
