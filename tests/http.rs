@@ -271,6 +271,15 @@ fn bypass_matrix() {
         (get("/v1/orders", "evil.com"), 403),
         (get("/v1/orders", "api.shop.evil.com"), 403),
         (get("/v1/orders", "user@api.shop"), 400),
+        // Review M12: a port that is not 1-65535 would miss every host rule while apps strip it.
+        (get("/v1/orders", "api.shop:abc"), 400),
+        (get("/v1/orders", "api.shop:0"), 400),
+        (get("/v1/orders", "api.shop:99999"), 400),
+        (get("/v1/orders", "api.shop:"), 400),
+        // Review L5: `?` and `#` in Host would rewrite the HTTP/2 URI the app receives.
+        (get("/v1/orders", "api.shop#"), 400),
+        (get("/v1/orders", "api.shop?"), 400),
+        (get("/v1/orders", "api.shop%2e"), 400),
         (get("/v1/orders", "api.shop/../admin"), 400),
         ("GET /v1/orders HTTP/1.1\r\nConnection: close\r\n\r\n".into(), 400),
         ("GET /v1/orders HTTP/1.0\r\n\r\n".into(), 403),

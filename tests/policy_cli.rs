@@ -227,6 +227,20 @@ fn check_refuses_bad_input_with_exit_2() {
             &["--from", API, "--to", DB, "--port", "1", "--method", "G ET"],
             "\"G ET\" is not an HTTP method",
         ),
+        // Review M12: what the sidecar refuses, check refuses too, instead of deciding.
+        (
+            &[
+                "--from",
+                API,
+                "--to",
+                DB,
+                "--port",
+                "1",
+                "--host",
+                "admin.shop:abc",
+            ],
+            "--host \"admin.shop:abc\": the sidecar refuses this Host with 400 before any policy",
+        ),
     ];
     for (args, message) in cases {
         let mut all = vec!["policy", "check"];

@@ -451,6 +451,33 @@ crate::text_type!(
 );
 
 /// Splits `host[:port]` or `[v6][:port]`; `None` if the port is not a valid non-zero port.
+/// Whether a request may carry `host` as its Host (or `:authority`): a registered name of
+/// letters, digits, `-`, `_` and `.`, or a bracketed IPv6 literal, then optionally `:` and a
+/// port 1–65535. This is RFC 3986's authority without userinfo, percent-encoding and
+/// sub-delimiters, which no service name uses and which servers read differently. The sidecar
+/// refuses anything else with `400` before any rule is evaluated: a port no host rule could
+/// match (`admin.shop:abc`, `:0`) while the app strips it, or `?`, `#`, `@`, `/` and
+/// whitespace, which would change the URI an HTTP/2 app receives.
+pub fn valid_host(host: &str) -> bool {
+    let Some((name, _)) = split_host_port(host) else {
+        return false;
+    };
+    match name.strip_prefix('[') {
+        Some(literal) => literal.strip_suffix(']').is_some_and(|inner| {
+            !inner.is_empty()
+                && inner
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        }),
+        None => {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        }
+    }
+}
+
 fn split_host_port(value: &str) -> Option<(&str, Option<u16>)> {
     let (host, port) = if value.starts_with('[') {
         match value.find(']') {

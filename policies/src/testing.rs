@@ -9,7 +9,7 @@
 use std::fmt;
 
 use crate::engine::{Decision, Engine, Outcome, Query, Request, Subject};
-use crate::http::normalize_path;
+use crate::http::{normalize_path, valid_host};
 use crate::identity::SpiffeId;
 use crate::policy::Protocol;
 
@@ -130,6 +130,9 @@ impl TestCase {
             Some(request) => {
                 subject_path = normalize_path(&request.path)
                     .map_err(|e| format!("path {:?} is refused with 400: {e}", request.path))?;
+                if let Some(host) = request.host.as_deref().filter(|h| !valid_host(h)) {
+                    return Err(format!("host {host:?} is refused with 400"));
+                }
                 Subject::Request(Request {
                     method: &request.method,
                     path: &subject_path,

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use sidewall_policies::engine::{Query, Request, Subject};
-use sidewall_policies::http::normalize_path;
+use sidewall_policies::http::{normalize_path, valid_host};
 use sidewall_policies::load::{LoadOptions, Loaded, load_paths};
 use sidewall_policies::testing;
 use sidewall_policies::{Engine, Protocol, SpiffeId};
@@ -223,6 +223,11 @@ fn check(args: &CheckArgs) -> ExitCode {
                     ));
                 }
             };
+            if let Some(host) = request.host.as_deref().filter(|h| !valid_host(h)) {
+                return bad_input(format_args!(
+                    "--host {host:?}: the sidecar refuses this Host with 400 before any policy: not a host name or IP literal with an optional port 1-65535"
+                ));
+            }
             Subject::Request(Request {
                 method: &request.method,
                 path: &path,

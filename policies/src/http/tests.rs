@@ -183,3 +183,42 @@ fn host_patterns() {
         assert_eq!(HostPattern::parse(input).err(), Some(expected), "{input:?}");
     }
 }
+
+#[test]
+fn host_table() {
+    for host in [
+        "api.shop",
+        "API.SHOP.",
+        "api.shop:8080",
+        "api_v2.shop",
+        "10.0.0.1",
+        "10.0.0.1:80",
+        "[::1]",
+        "[::1]:443",
+        "[::ffff:10.0.0.1]",
+    ] {
+        assert!(valid_host(host), "{host}");
+    }
+    for host in [
+        "",
+        ":80",
+        "api.shop:",
+        "api.shop:abc",
+        "api.shop:0",
+        "api.shop:99999",
+        "api.shop:-1",
+        "api.shop#",
+        "api.shop?",
+        "api.shop/x",
+        "user@api.shop",
+        "api shop",
+        "api.shop%2e",
+        "::1",
+        "[::1",
+        "[]",
+        "[x]",
+        "ä.shop",
+    ] {
+        assert!(!valid_host(host), "{host:?}");
+    }
+}

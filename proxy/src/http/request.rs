@@ -4,7 +4,7 @@
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use hyper::{Method, Request, StatusCode, Version};
-use sidewall_policies::http::normalize_path;
+use sidewall_policies::http::{normalize_path, valid_host};
 
 /// Hop-by-hop headers, never forwarded to the app (RFC 9110 §7.6.1).
 pub(crate) const HOP_BY_HOP: &[&str] = &[
@@ -73,10 +73,7 @@ pub(crate) fn check(request: &Request<Incoming>) -> Result<Checked, Refusal> {
         (None, None) => None,
     };
     if let Some(host) = &host
-        && (host.is_empty()
-            || host
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'@' || b.is_ascii_control()))
+        && !valid_host(host)
     {
         return Err(bad("malformed Host"));
     }
