@@ -72,6 +72,12 @@ impl Mesh {
     }
 
     fn sidecar(&mut self, name: &str) -> ProxyProcess {
+        let app = format!("{{port: 8080, app: 127.0.0.1:{}}}", self.app.port);
+        self.sidecar_serving(name, &app)
+    }
+
+    /// A sidecar; for `api`, `app_port` is its one inbound port entry.
+    fn sidecar_serving(&mut self, name: &str, app_port: &str) -> ProxyProcess {
         let run = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
         assert_eq!(run.code, 0, "{}", run.stderr);
         std::fs::write(
@@ -80,11 +86,7 @@ impl Mesh {
         )
         .unwrap();
         let (inbound, ports, routes) = if name == "api" {
-            (
-                self.api_inbound,
-                format!("{{port: 8080, app: 127.0.0.1:{}}}", self.app.port),
-                String::new(),
-            )
+            (self.api_inbound, app_port.to_owned(), String::new())
         } else {
             let route = *self.routes.entry(name.to_owned()).or_insert_with(free_port);
             (
@@ -634,4 +636,130 @@ fn m6_apply_wait_succeeds_after_a_sidecar_restarts_or_stops() {
         started.elapsed()
     );
     drop(web);
+}
+
+/// An HTTP/1.1 app on loopback: answers every request `200 ok`, keeping connections alive,
+/// and counts the requests it served.
+fn http_app() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                loop {
+                    // The request line and headers, up to the blank line (no bodies here).
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line != "\r\n" {
+                        continue;
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, served)
+}
+
+/// The status code of one `GET /` through `route`, 0 if there is no answer.
+fn get_status(route: u16) -> u16 {
+    let request = b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n";
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", route)) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    if stream.write_all(request).is_err() {
+        return 0;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Review H6: the client sidecar kept carrying new app connections to a server whose identity
+/// was revoked, over the shared connection it had pooled (for up to half the certificate's
+/// lifetime). Revoking the server closes that connection at once, open streams with it, and
+/// no new one reaches the revoked server.
+#[test]
+fn h6_revoking_a_server_closes_the_shared_connection_to_it() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "keep", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let mut open = open_connection(mesh.route("web"));
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/api")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    // Closed (end of stream or reset), not merely quiet until the read timeout.
+    let mut buf = [0u8; 1];
+    let read = open.read(&mut buf);
+    let closed = match &read {
+        Ok(n) => *n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(
+        closed,
+        "the carried connection to the revoked server stays open: {read:?}"
+    );
+    let accepted = mesh.app.accepted();
+    for _ in 0..5 {
+        assert_eq!(exchange(mesh.route("web"), b"again"), None);
+    }
+    assert_eq!(mesh.app.accepted(), accepted, "a new connection reached it");
+}
+
+/// Review H6, HTTP: the pooled HTTP/2 connection to a revoked server takes no new request.
+#[test]
+fn h6_revoking_a_server_stops_pooled_requests_to_it() {
+    let mut mesh = Mesh::new(&[]);
+    let (app, served) = http_app();
+    let _api = mesh.sidecar_serving(
+        "api",
+        &format!("{{port: 8080, protocol: http, app: 127.0.0.1:{app}}}"),
+    );
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "keep", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    assert_eq!(get_status(mesh.route("web")), 200);
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/api")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+
+    eventually(
+        20,
+        "the client sidecar to refuse the revoked server",
+        || get_status(mesh.route("web")) != 200,
+    );
+    let before = served.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        let status = get_status(mesh.route("web"));
+        assert!(status >= 500, "{status}");
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "a request reached the revoked server"
+    );
 }

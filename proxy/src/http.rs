@@ -420,5 +420,9 @@ async fn connect_app_h2(
             tracing::debug!(%app, %error, "app HTTP/2 connection ended");
         }
     });
-    Ok((sender, None))
+    Ok(pool::Opened {
+        sender,
+        until: None,
+        server: None,
+    })
 }

@@ -73,6 +73,8 @@ pub(crate) struct Opened {
     pub(crate) until: Instant,
     /// Set when the connection has ended.
     pub(crate) closed: Arc<AtomicBool>,
+    /// The server it reached: no new stream once it is revoked.
+    pub(crate) server: crate::outbound::Server,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<Opened>>>;
@@ -112,9 +114,9 @@ impl Pool {
         let slot = self.slot(service);
         let mut held = slot.lock().await;
         if !fresh
-            && let Some(opened) = held
-                .as_ref()
-                .filter(|o| !o.closed.load(Ordering::Relaxed) && Instant::now() < o.until)
+            && let Some(opened) = held.as_ref().filter(|o| {
+                !o.closed.load(Ordering::Relaxed) && Instant::now() < o.until && !o.server.revoked()
+            })
         {
             metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
             return Ok(opened.sender.clone());
@@ -187,11 +189,11 @@ impl Pool {
     }
 }
 
-/// Starts driving a new client connection; the flag turns true when it ends (or when
-/// `lifetime` is over: it is closed then).
+/// Starts driving a new client connection; the flag turns true when it ends (or when `gone`
+/// resolves, at the server's expiry or revocation: it is closed then).
 pub(crate) fn drive<T>(
     connection: h2::client::Connection<T, Bytes>,
-    lifetime: Duration,
+    gone: impl Future<Output = crate::outbound::Gone> + Send + 'static,
     service: SpiffeId,
 ) -> Arc<AtomicBool>
 where
@@ -206,9 +208,8 @@ where
                     tracing::debug!(%service, %error, "shared connection ended");
                 }
             }
-            () = tokio::time::sleep(lifetime) => {
-                tracing::info!(%service, "peer certificate expired: shared connection closed");
-            }
+            // Dropping the connection ends every stream on it.
+            gone = gone => gone.record(&service, "shared"),
         }
         flag.store(true, Ordering::Relaxed);
     });

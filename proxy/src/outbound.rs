@@ -19,6 +19,7 @@ use crate::Context;
 use crate::config::Route;
 use crate::config::SidecarConnections;
 use crate::identity::now_unix;
+use crate::snapshot::Active;
 use crate::tls::{ALPN_L4, ALPN_MUX};
 use crate::transport::{ReadAhead, Status, forward, request_port};
 
@@ -56,6 +57,74 @@ fn server_name(endpoint: &str) -> Option<ServerName<'static>> {
         .map_or(endpoint, |(h, _)| h)
         .trim_matches(['[', ']']);
     ServerName::try_from(host.to_owned()).ok()
+}
+
+/// The peer sidecar an outbound connection was opened to, as its handshake verified it, with
+/// the snapshot that says whether it is still trusted. Every outbound connection (one per app
+/// connection, shared, pooled HTTP/2, tunnels) ends when [`Server::gone`] resolves, and a pooled
+/// one takes no new stream or request once [`Server::revoked`] holds.
+#[derive(Clone)]
+pub(crate) struct Server {
+    id: SpiffeId,
+    serial: String,
+    /// How long the connection may live: until the first of the two certificates it was made
+    /// with expires (the server closes it at ours).
+    pub(crate) lifetime: Duration,
+    snapshot: watch::Receiver<Option<Arc<Active>>>,
+}
+
+/// Why an outbound connection was ended on this side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// A certificate it was made with expired.
+    Expired,
+    /// The snapshot in force revokes the server's identity or certificate.
+    Revoked,
+}
+
+impl Gone {
+    /// Logs and counts the end of a connection to `service` (`what` says which kind).
+    pub(crate) fn record(self, service: &SpiffeId, what: &'static str) {
+        let reason = match self {
+            Self::Expired => "peer_certificate_expired",
+            Self::Revoked => "peer_revoked",
+        };
+        metrics::counter!("sidewall_proxy_outbound_closed_total", "reason" => reason, "connection" => what)
+            .increment(1);
+        tracing::info!(%service, connection = what, reason, "outbound connection closed");
+    }
+}
+
+impl Server {
+    /// Whether the snapshot in force revokes this server.
+    pub(crate) fn revoked(&self) -> bool {
+        self.snapshot.borrow().as_ref().is_some_and(|active| {
+            active
+                .snapshot
+                .revocations
+                .is_revoked(&self.id, &self.serial)
+        })
+    }
+
+    /// Resolves when a connection to this server must end: at expiry, or as soon as a snapshot
+    /// revokes it.
+    pub(crate) async fn gone(mut self) -> Gone {
+        let expiry = tokio::time::sleep(self.lifetime);
+        tokio::pin!(expiry);
+        loop {
+            if self.revoked() {
+                return Gone::Revoked;
+            }
+            tokio::select! {
+                () = &mut expiry => return Gone::Expired,
+                changed = self.snapshot.changed() => if changed.is_err() {
+                    // No more snapshots (shutting down): only expiry is left.
+                    (&mut expiry).await;
+                    return Gone::Expired;
+                },
+            }
+        }
+    }
 }
 
 async fn handle(context: &Arc<Context>, route: &Route, app: TcpStream) -> Result<(), &'static str> {
@@ -99,16 +168,14 @@ async fn dedicated(
     port: u16,
     app: TcpStream,
 ) -> Result<(), &'static str> {
-    let (stream, expiry) = open(context, service, Some(port), ALPN_L4).await?;
+    let (stream, server) = open(context, service, Some(port), ALPN_L4).await?;
     tokio::select! {
         result = forward(app, stream, context.config.limits.idle_timeout.0) => {
             if let Ok(counts) = result {
                 metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
             }
         }
-        () = tokio::time::sleep(expiry) => {
-            tracing::info!(%service, "peer certificate expired: connection closed");
-        }
+        gone = server.gone() => gone.record(service, "dedicated"),
     }
     Ok(())
 }
@@ -137,22 +204,23 @@ async fn connect_shared(
     context: &Context,
     service: &SpiffeId,
 ) -> Result<crate::mux::Opened, &'static str> {
-    let (stream, expiry) = open(context, service, None, ALPN_MUX).await?;
+    let (stream, server) = open(context, service, None, ALPN_MUX).await?;
     let (sender, connection) = crate::mux::client_builder()
         .handshake(stream)
         .await
         .map_err(|_| "h2_handshake")?;
-    let closed = crate::mux::drive(connection, expiry, service.clone());
+    let closed = crate::mux::drive(connection, server.clone().gone(), service.clone());
     Ok(crate::mux::Opened {
         sender,
-        until: std::time::Instant::now() + expiry / 2,
+        until: std::time::Instant::now() + server.lifetime / 2,
         closed,
+        server,
     })
 }
 
 /// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`) with `alpn`;
 /// with a `port`, names it in the header and waits for the answer. Returns the stream, ready
-/// for bytes (or HTTP/2), and how long the server's certificate is still valid.
+/// for bytes (or HTTP/2), and the [`Server`] it reached.
 pub(crate) async fn open(
     context: &Context,
     service: &SpiffeId,
@@ -161,7 +229,7 @@ pub(crate) async fn open(
 ) -> Result<
     (
         tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
-        Duration,
+        Server,
     ),
     &'static str,
 > {
@@ -230,8 +298,10 @@ pub(crate) async fn open(
             // A long-lived shared connection: worth gathering reads and writes.
             stream.get_mut().0.enable();
         }
-        let server_expiry = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Server)
-            .map_or(0, |svid| svid.not_after);
+        // Verified in the handshake; a certificate that does not parse again lives no time.
+        let (server_expiry, serial) =
+            peer_svid(stream.get_ref().1.peer_certificates(), Usage::Server)
+                .map_or((0, String::new()), |svid| (svid.not_after, svid.serial));
         if let Some(port) = port {
             match request_port(&mut stream, port, timeout).await {
                 Ok(Some(Status::Allowed)) => {}
@@ -245,8 +315,13 @@ pub(crate) async fn open(
         // The connection is good until either certificate it was made with expires (the server
         // closes it at ours).
         let until = server_expiry.min(tls.credential().svid.not_after);
-        let expiry = Duration::from_secs(u64::try_from(until - now_unix()).unwrap_or(0));
-        return Ok((stream, expiry));
+        let server = Server {
+            id: route.service.clone(),
+            serial,
+            lifetime: Duration::from_secs(u64::try_from(until - now_unix()).unwrap_or(0)),
+            snapshot: context.snapshot.clone(),
+        };
+        return Ok((stream, server));
     }
     tracing::warn!(service = %route.service, reason = last, "no endpoint of the service could be reached");
     Err(last)

@@ -21,12 +21,27 @@ use hyper::{Request, Response};
 /// The sending half of one pooled connection carrying request bodies of type `B`.
 pub(crate) type Sender<B = Incoming> = SendRequest<B>;
 
-/// A new connection, and until when new requests may be put on it (for a connection to a peer
-/// sidecar: well before the server's certificate expires, so that a renewed one is picked up
-/// by the next connection while the streams on this one finish).
-pub(crate) type Opened<B> = (Sender<B>, Option<Instant>);
+/// A new connection.
+pub(crate) struct Opened<B> {
+    /// Sends requests on it.
+    pub(crate) sender: Sender<B>,
+    /// Until when new requests may be put on it (for a connection to a peer sidecar: well
+    /// before the server's certificate expires, so that a renewed one is picked up by the next
+    /// connection while the streams on this one finish).
+    pub(crate) until: Option<Instant>,
+    /// The peer sidecar it reached, if it is one: no new request once it is revoked.
+    pub(crate) server: Option<crate::outbound::Server>,
+}
 
-type Slot<B> = Arc<tokio::sync::Mutex<Option<(Sender<B>, Option<Instant>)>>>;
+impl<B> Opened<B> {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed()
+            && self.until.is_none_or(|until| Instant::now() < until)
+            && !self.server.as_ref().is_some_and(|s| s.revoked())
+    }
+}
+
+type Slot<B> = Arc<tokio::sync::Mutex<Option<Opened<B>>>>;
 
 /// Why a pooled request failed.
 #[derive(Debug)]
@@ -78,16 +93,14 @@ where
     {
         let slot = self.slot(key);
         let mut held = slot.lock().await;
-        let usable = |(sender, until): &(Sender<B>, Option<Instant>)| {
-            !sender.is_closed() && until.is_none_or(|until| Instant::now() < until)
-        };
-        if !fresh && let Some((sender, _)) = held.as_ref().filter(|pooled| usable(pooled)) {
+        if !fresh && let Some(pooled) = held.as_ref().filter(|pooled| pooled.usable()) {
             metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
-            return Ok(sender.clone());
+            return Ok(pooled.sender.clone());
         }
-        let (sender, until) = Box::pin(connect()).await?;
+        let opened = Box::pin(connect()).await?;
         metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
-        *held = Some((sender.clone(), until));
+        let sender = opened.sender.clone();
+        *held = Some(opened);
         Ok(sender)
     }
 

@@ -124,13 +124,14 @@ async fn connect_peer(
     service: &SpiffeId,
     port: u16,
 ) -> Result<Opened<Incoming>, &'static str> {
-    let (stream, expiry) = super::open(context, service, Some(port), crate::tls::ALPN_H2).await?;
-    let until = std::time::Instant::now() + expiry / 2;
+    let (stream, server) = super::open(context, service, Some(port), crate::tls::ALPN_H2).await?;
+    let until = std::time::Instant::now() + server.lifetime / 2;
     let (sender, connection) = crate::http::h2_client()
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|_| "h2_handshake")?;
     let service = service.clone();
+    let gone = server.clone().gone();
     tokio::spawn(async move {
         tokio::select! {
             result = connection => {
@@ -138,12 +139,14 @@ async fn connect_peer(
                     tracing::debug!(%service, port, %error, "pooled HTTP/2 connection ended");
                 }
             }
-            () = tokio::time::sleep(expiry) => {
-                tracing::info!(%service, port, "peer certificate expired: pooled connection closed");
-            }
+            gone = gone => gone.record(&service, "http"),
         }
     });
-    Ok((sender, Some(until)))
+    Ok(Opened {
+        sender,
+        until: Some(until),
+        server: Some(server),
+    })
 }
 
 /// A WebSocket upgrade or `CONNECT`: its own L4 connection, HTTP/1.1 inside, then raw bytes
@@ -154,10 +157,11 @@ async fn tunnel(
     port: u16,
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let (stream, _) = match super::open(context, service, Some(port), crate::tls::ALPN_L4).await {
-        Ok(pair) => pair,
-        Err(reason) => return failed(reason),
-    };
+    let (stream, server) =
+        match super::open(context, service, Some(port), crate::tls::ALPN_L4).await {
+            Ok(pair) => pair,
+            Err(reason) => return failed(reason),
+        };
     let Ok((mut sender, connection)) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
     else {
@@ -185,14 +189,17 @@ async fn tunnel(
     let (parts, body) = response.into_parts();
     let mut upstream = Response::from_parts(parts.clone(), body);
     let peer_side = hyper::upgrade::on(&mut upstream);
+    let service = service.clone();
     tokio::spawn(async move {
         if let (Ok(client), Ok(peer)) = (client_side.await, peer_side.await) {
-            let _ = crate::transport::forward(
-                TokioIo::new(client),
-                TokioIo::new(peer),
-                Duration::from_secs(3600),
-            )
-            .await;
+            tokio::select! {
+                _ = crate::transport::forward(
+                    TokioIo::new(client),
+                    TokioIo::new(peer),
+                    Duration::from_secs(3600),
+                ) => {}
+                gone = server.gone() => gone.record(&service, "tunnel"),
+            }
         }
     });
     Response::from_parts(
