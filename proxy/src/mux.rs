@@ -209,7 +209,7 @@ where
                 }
             }
             // Dropping the connection ends every stream on it.
-            gone = gone => gone.record(&service, "shared"),
+            gone = gone => gone.record(&service, crate::outbound::Carrier::Shared),
         }
         flag.store(true, Ordering::Relaxed);
     });

@@ -82,16 +82,50 @@ pub(crate) enum Gone {
     Revoked,
 }
 
+/// Which kind of outbound connection ended (a label for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carrier {
+    /// One app connection's own mTLS connection (`perConnection`).
+    Dedicated,
+    /// The shared connection carrying app connections as streams.
+    Shared,
+    /// A pooled HTTP/2 connection between sidecars.
+    Pooled,
+    /// A WebSocket or `CONNECT` tunnel.
+    Tunnel,
+}
+
 impl Gone {
-    /// Logs and counts the end of a connection to `service` (`what` says which kind).
-    pub(crate) fn record(self, service: &SpiffeId, what: &'static str) {
-        let reason = match self {
-            Self::Expired => "peer_certificate_expired",
-            Self::Revoked => "peer_revoked",
-        };
-        metrics::counter!("sidewall_proxy_outbound_closed_total", "reason" => reason, "connection" => what)
+    /// Logs and counts the end of a connection to `service`.
+    pub(crate) fn record(self, service: &SpiffeId, carrier: Carrier) {
+        let (reason, connection) = (
+            match self {
+                Self::Expired => "peer_certificate_expired",
+                Self::Revoked => "peer_revoked",
+            },
+            match carrier {
+                Carrier::Dedicated => "dedicated",
+                Carrier::Shared => "shared",
+                Carrier::Pooled => "pooled",
+                Carrier::Tunnel => "tunnel",
+            },
+        );
+        metrics::counter!("sidewall_proxy_outbound_closed_total", "reason" => reason, "connection" => connection)
             .increment(1);
-        tracing::info!(%service, connection = what, reason, "outbound connection closed");
+        match (self, carrier) {
+            (Self::Revoked, _) => {
+                tracing::warn!(%service, connection, "the server is revoked: outbound connection closed");
+            }
+            (Self::Expired, Carrier::Shared) => {
+                tracing::info!(%service, "peer certificate expired: shared connection closed");
+            }
+            (Self::Expired, Carrier::Pooled) => {
+                tracing::info!(%service, "peer certificate expired: pooled connection closed");
+            }
+            (Self::Expired, _) => {
+                tracing::info!(%service, connection, "peer certificate expired: connection closed");
+            }
+        }
     }
 }
 
@@ -175,7 +209,7 @@ async fn dedicated(
                 metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
             }
         }
-        gone = server.gone() => gone.record(service, "dedicated"),
+        gone = server.gone() => gone.record(service, Carrier::Dedicated),
     }
     Ok(())
 }

@@ -139,7 +139,7 @@ async fn connect_peer(
                     tracing::debug!(%service, port, %error, "pooled HTTP/2 connection ended");
                 }
             }
-            gone = gone => gone.record(&service, "http"),
+            gone = gone => gone.record(&service, super::Carrier::Pooled),
         }
     });
     Ok(Opened {
@@ -198,7 +198,7 @@ async fn tunnel(
                     TokioIo::new(peer),
                     Duration::from_secs(3600),
                 ) => {}
-                gone = server.gone() => gone.record(&service, "tunnel"),
+                gone = server.gone() => gone.record(&service, super::Carrier::Tunnel),
             }
         }
     });
