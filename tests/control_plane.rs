@@ -319,3 +319,35 @@ fn operators_and_tokens_from_the_cli() {
         run.stderr
     );
 }
+
+/// Review L6: private files were written through a fixed temporary name (`admin.tmp` for both
+/// the operator key and its certificate) opened without `O_EXCL`, so a leftover temporary file
+/// (a crash) that another local user had opened received the next private key. Temporary files
+/// are now new, unique and created with their final mode.
+#[test]
+fn l6_a_leftover_temporary_file_never_receives_a_private_key() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cp = ControlPlaneProcess::start(&data, &[]);
+    assert_eq!(cp.stop(), Some(0));
+    // The leftover of a crash while the credential was being written, opened by someone else.
+    let operators = data.join("operators");
+    let leftover = operators.join("admin.tmp");
+    std::fs::write(&leftover, "").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut watcher = std::fs::File::open(&leftover).unwrap();
+    std::fs::remove_file(operators.join("admin.pem")).unwrap();
+
+    cp.restart(&[]);
+    assert!(operators.join("admin.pem").exists(), "a new credential");
+    let mut seen = String::new();
+    watcher.read_to_string(&mut seen).unwrap();
+    assert!(
+        !seen.contains("PRIVATE KEY"),
+        "the new admin key went through a file another user held open"
+    );
+    let key = std::fs::metadata(operators.join("admin.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+}

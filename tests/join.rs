@@ -172,3 +172,44 @@ fn a_bundle_with_an_extra_root_gets_no_join_token() {
         .unwrap_or_else(|| panic!("no token for {identity}:\n{}", listed.stdout));
     assert!(row.contains("active") && row.contains("0/1"), "{row}");
 }
+
+/// Review L6, in the sidecar's state directory: a leftover `key.tmp` that someone else holds
+/// open never receives the workload's private key.
+#[test]
+fn l6_a_leftover_temporary_file_in_the_state_directory_gets_no_key() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    let identity = format!("{TD}/ns/shop/svc/api");
+    let created = cp.cli(&["token", "create", "--identity", &identity]);
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let token = created.stdout.lines().last().unwrap().trim().to_owned();
+    std::fs::write(dir.path().join("api.token"), format!("{token}\n")).unwrap();
+    let state = dir.path().join("state/api");
+    std::fs::create_dir_all(&state).unwrap();
+    let leftover = state.join("key.tmp");
+    std::fs::write(&leftover, "").unwrap();
+    std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut watcher = std::fs::File::open(&leftover).unwrap();
+
+    let admin = free_port();
+    let config = format!(
+        "identity: {identity}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: api.token\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        cp.api_port,
+        free_port(),
+        free_port(),
+    );
+    let _sidecar = ProxyProcess::start(dir.path(), "api", &config, admin);
+    eventually(30, "the sidecar to save its certificate", || {
+        state.join("certificate.pem").exists()
+    });
+    let mut seen = String::new();
+    watcher.read_to_string(&mut seen).unwrap();
+    assert!(
+        !seen.contains("PRIVATE KEY"),
+        "the workload key went through a file another user held open"
+    );
+    let key = std::fs::metadata(state.join("key.pem")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+}

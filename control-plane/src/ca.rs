@@ -137,21 +137,37 @@ pub fn write_material(dir: &Path, material: &CaMaterial) -> Result<(), CaError> 
     write_private(&dir.join("root.pem"), material.root_pem.as_bytes(), 0o644)
 }
 
-/// Writes a file atomically (temporary file, fsync, rename) with the given mode.
+/// Writes a file atomically with the given mode: a temporary file beside it, under a new
+/// random name and created exclusively (`O_EXCL`, so neither a leftover file someone holds open
+/// nor a planted link can receive the contents) with at most the final mode, then fsync and
+/// rename.
 pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let temporary = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .create(true)
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let temporary = path.with_file_name(format!(
+        ".{name}.{}.tmp",
+        crate::random::hex_token(8)
+    ));
+    let written = fs::OpenOptions::new()
         .write(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&temporary)
-        .map_err(io_error(&temporary))?;
-    file.write_all(contents).map_err(io_error(&temporary))?;
-    file.sync_all().map_err(io_error(&temporary))?;
-    fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
-        .map_err(io_error(&temporary))?;
-    fs::rename(&temporary, path).map_err(io_error(path))
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()?;
+            // The umask may have narrowed the mode; the file is ours alone until the rename.
+            fs::set_permissions(&temporary, fs::Permissions::from_mode(mode))
+        });
+    if let Err(error) = written {
+        let _ = fs::remove_file(&temporary);
+        return Err(io_error(&temporary)(error));
+    }
+    fs::rename(&temporary, path).map_err(|error| {
+        let _ = fs::remove_file(&temporary);
+        io_error(path)(error)
+    })
 }
 
 fn read_key(path: &Path) -> Result<KeyPair, CaError> {

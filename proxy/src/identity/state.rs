@@ -13,19 +13,34 @@ const CHAIN: &str = "certificate.pem";
 const KEY: &str = "key.pem";
 const BUNDLE: &str = "trust-bundle.pem";
 
-/// Writes a file atomically (temporary file, fsync, rename) with the given mode.
+/// Writes a file atomically with the given mode: a temporary file beside it, under a new
+/// random name and created exclusively (`O_EXCL`, so neither a leftover file someone holds open
+/// nor a planted link can receive the contents) with at most the final mode, then fsync and
+/// rename.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
+    let mut random = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut random).map_err(|_| std::io::Error::other("no randomness"))?;
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let temporary = path.with_file_name(format!(".{name}.{suffix}.tmp"));
+    let written = std::fs::OpenOptions::new()
         .write(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
-        .open(&temporary)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&temporary, path)
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_all()?;
+            // The umask may have narrowed the mode; the file is ours alone until the rename.
+            std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
+        })
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
 }
 
 /// Saves a credential. The key is written first and the chain last, so a crash leaves either
