@@ -351,3 +351,93 @@ fn l6_a_leftover_temporary_file_never_receives_a_private_key() {
     let key = std::fs::metadata(operators.join("admin.key")).unwrap();
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
 }
+
+/// A CA certificate of nobody's, PEM.
+fn foreign_root_pem() -> String {
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem()
+}
+
+/// Review H4: the sealed CA authenticated its keys but not its certificates, so whoever could
+/// write a backup file (or the CA record in etcd) appended a root of their own, and every
+/// sidecar then trusted it. The certificates are now bound into the seal and checked against
+/// the keys: a changed backup is refused by `import`, which writes nothing.
+#[test]
+fn h4_a_backup_whose_certificates_were_changed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let kek = sidewall_control_plane::testing::kek_file(&dir.path().join("secrets"));
+    let kek = kek.to_str().unwrap();
+    let mut cp = ControlPlaneProcess::start(&data, &[]);
+    assert_eq!(cp.stop(), Some(0));
+    let backup = dir.path().join("backup.json");
+    let export = sidewall([
+        "control-plane",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--ca-kek-file",
+        kek,
+        "export",
+        "--out",
+        backup.to_str().unwrap(),
+    ]);
+    assert_eq!(export.code, 0, "{}", export.stderr);
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&backup).unwrap()).unwrap();
+
+    let import = |name: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let mut changed = original.clone();
+        change(&mut changed);
+        let file = dir.path().join(format!("{name}.json"));
+        std::fs::write(&file, serde_json::to_vec(&changed).unwrap()).unwrap();
+        let target = dir.path().join(name);
+        let run = sidewall([
+            "control-plane",
+            "--data-dir",
+            target.to_str().unwrap(),
+            "--ca-kek-file",
+            kek,
+            "import",
+            "--in",
+            file.to_str().unwrap(),
+        ]);
+        (run, target)
+    };
+    // Unchanged, it restores.
+    let (run, _) = import("unchanged", &|_| {});
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    // A root appended to the trust bundle, or the intermediate swapped for one a foreign root
+    // signed over the same public key, is refused before anything is written.
+    let extra = foreign_root_pem();
+    type Change = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: [(&str, Change); 2] = [
+        (
+            "extra-root",
+            Box::new(move |b| {
+                let root = b["ca"]["root_pem"].as_str().unwrap().to_owned();
+                b["ca"]["root_pem"] = format!("{root}{extra}").into();
+            }),
+        ),
+        (
+            "other-root",
+            Box::new(|b| b["ca"]["root_pem"] = foreign_root_pem().into()),
+        ),
+    ];
+    for (name, change) in &cases {
+        let (run, target) = import(name, change.as_ref());
+        assert_eq!(run.code, 1, "{name}: {}{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr.contains("certificates"),
+            "{name}: a clear error: {}",
+            run.stderr
+        );
+        assert!(
+            !target.join("ca").exists() && !target.join("store.redb").exists(),
+            "{name}: something was written"
+        );
+    }
+}

@@ -66,6 +66,9 @@ pub enum CaError {
     /// The CA shared through the replicated store cannot be sealed or opened.
     #[error("shared CA: {0}")]
     Sealed(String),
+    /// The CA's certificates do not belong together or to its keys.
+    #[error("CA certificates refused: {0}")]
+    Chain(String),
 }
 
 /// Where a plugged-in CA's PEM files are.
@@ -145,10 +148,7 @@ pub fn write_private(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaEr
     let name = path
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-    let temporary = path.with_file_name(format!(
-        ".{name}.{}.tmp",
-        crate::random::hex_token(8)
-    ));
+    let temporary = path.with_file_name(format!(".{name}.{}.tmp", crate::random::hex_token(8)));
     let written = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -285,6 +285,7 @@ impl Authority {
         intermediate_der: &CertificateDer<'_>,
         key: KeyPair,
     ) -> Result<Self, CaError> {
+        check_chain(&root_pem, &root_der, intermediate_der, &key)?;
         let issuer = Issuer::from_ca_cert_der(intermediate_der, key)?;
         Ok(Self {
             trust_domain: trust_domain.clone(),
@@ -318,6 +319,15 @@ impl Authority {
             .map_err(|e| pem_error(format!("intermediate: {e}")))?;
         let key = KeyPair::from_pem(&material.intermediate_key_pem)
             .map_err(|e| pem_error(format!("intermediate key: {e}")))?;
+        if let Some(root_key) = &material.root_key_pem {
+            let root_key =
+                KeyPair::from_pem(root_key).map_err(|e| pem_error(format!("root key: {e}")))?;
+            if !same_public_key(&root_der, &root_key) {
+                return Err(CaError::Chain(
+                    "the root certificate is not the root key's".into(),
+                ));
+            }
+        }
         Self::from_parts(
             trust_domain,
             material.root_pem.clone(),
@@ -465,6 +475,50 @@ fn generate_material(trust_domain: &TrustDomain) -> Result<CaMaterial, CaError> 
 /// Refuses a generated root made for another trust domain (its URI SAN names it): starting an
 /// existing data directory with a different `--trust-domain` would issue identities no
 /// sidecar of that trust domain could verify.
+/// Whether `certificate` carries `key`'s public key.
+fn same_public_key(certificate: &CertificateDer<'_>, key: &KeyPair) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(certificate).is_ok_and(|(_, parsed)| {
+        parsed.public_key().subject_public_key.data.as_ref() == rcgen::PublicKeyData::der_bytes(key)
+    })
+}
+
+/// Checks that the CA's certificates belong together and to its key: the root is exactly one
+/// certificate (its PEM is the trust bundle every sidecar receives, so one more in it would be
+/// trusted mesh-wide), the intermediate carries the intermediate key's public key, and the root
+/// signed it.
+fn check_chain(
+    root_pem: &str,
+    root_der: &CertificateDer<'_>,
+    intermediate_der: &CertificateDer<'_>,
+    key: &KeyPair,
+) -> Result<(), CaError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let roots = CertificateDer::pem_slice_iter(root_pem.as_bytes()).count();
+    if roots != 1 {
+        return Err(CaError::Chain(format!(
+            "the root certificates hold {roots} certificates; a CA has exactly one root"
+        )));
+    }
+    if !same_public_key(intermediate_der, key) {
+        return Err(CaError::Chain(
+            "the intermediate certificate is not the intermediate key's".into(),
+        ));
+    }
+    let unparsable = |e: x509_parser::nom::Err<x509_parser::error::X509Error>| {
+        CaError::Chain(format!("a CA certificate does not parse: {e}"))
+    };
+    let (_, root) = X509Certificate::from_der(root_der).map_err(unparsable)?;
+    let (_, intermediate) = X509Certificate::from_der(intermediate_der).map_err(unparsable)?;
+    intermediate
+        .verify_signature(Some(root.public_key()))
+        .map_err(|_| {
+            CaError::Chain(
+                "the intermediate certificate is not signed by the root certificate".into(),
+            )
+        })
+}
+
 fn check_trust_domain(
     path: &Path,
     root: &CertificateDer<'_>,

@@ -5,9 +5,12 @@
 //! added. The intermediate's (and a generated root's) private key is stored in etcd only
 //! encrypted with AES-256-GCM under a key-encryption key (KEK): 32 random bytes each replica is
 //! given in a file (`--ca-kek-file`, mode 0600, e.g. a Kubernetes Secret), never stored in
-//! etcd. The additional authenticated data binds each sealed key to the trust domain and its
-//! role, so a sealed key cannot be swapped for another. Whoever reads etcd without the KEK
-//! learns the certificates only; whoever has the KEK and read access to etcd can sign.
+//! etcd. The additional authenticated data binds each sealed key to the trust domain, its role
+//! and the SHA-256 of both certificates, so neither a sealed key nor a certificate can be
+//! swapped or added to (a root appended to the bundle would be trusted by every sidecar), and
+//! opening also checks that the certificates are the keys' own and the root signed the
+//! intermediate. Whoever reads etcd without the KEK learns the certificates only; whoever has
+//! the KEK and read access to etcd can sign.
 
 use std::path::{Path, PathBuf};
 
@@ -110,7 +113,7 @@ impl Kek {
     fn open(&self, aad: &str, sealed: &str) -> Result<String, CaError> {
         let wrong = || {
             CaError::Sealed(
-                "the key-encryption key does not open the CA (it was sealed with another --ca-kek-file)".into(),
+                "the key-encryption key does not open the CA: it was sealed with another --ca-kek-file, or its certificates were changed after it was sealed".into(),
             )
         };
         let bytes = unhex(sealed).ok_or_else(wrong)?;
@@ -125,11 +128,18 @@ impl Kek {
     }
 }
 
+/// The format [`SealedCa::seal`] writes. In format 2 the additional authenticated data of each
+/// sealed key also binds the SHA-256 of both certificates, so a certificate changed where the
+/// sealed CA is stored (etcd, a backup file) makes it fail to open. Format 1 bound only the trust
+/// domain and the role; it is still opened when every certificate is bound to a sealed key (a
+/// generated root: its key must match it), and refused with a plugged-in root.
+pub const FORMAT: u32 = 2;
+
 /// The CA as stored in etcd: certificates in clear, keys sealed (hex of nonce ‖ ciphertext).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedCa {
-    /// Format version, 1.
+    /// Format version, [`FORMAT`] (1 from older releases).
     pub format: u32,
     /// The trust domain the CA serves.
     pub trust_domain: String,
@@ -143,30 +153,56 @@ pub struct SealedCa {
     pub intermediate_key: String,
 }
 
+/// What a sealed key of `role` is bound to in `format`.
+fn binding(
+    format: u32,
+    role: &str,
+    trust_domain: &str,
+    root_pem: &str,
+    intermediate_pem: &str,
+) -> String {
+    match format {
+        1 => format!("sidewall-ca {role} {trust_domain}"),
+        _ => format!(
+            "sidewall-ca/2 {role} {trust_domain} root-sha256={} intermediate-sha256={}",
+            crate::random::sha256_hex(root_pem.as_bytes()),
+            crate::random::sha256_hex(intermediate_pem.as_bytes())
+        ),
+    }
+}
+
 impl SealedCa {
-    /// Seals `material` for `trust_domain` with `kek`.
+    /// Seals `material` for `trust_domain` with `kek`, binding its certificates.
     pub fn seal(
         material: &CaMaterial,
         trust_domain: &TrustDomain,
         kek: &Kek,
     ) -> Result<Self, CaError> {
+        let bound = |role: &str| {
+            binding(
+                FORMAT,
+                role,
+                trust_domain.as_str(),
+                &material.root_pem,
+                &material.intermediate_pem,
+            )
+        };
         Ok(Self {
-            format: 1,
+            format: FORMAT,
             trust_domain: trust_domain.to_string(),
             root_pem: material.root_pem.clone(),
             intermediate_pem: material.intermediate_pem.clone(),
             root_key: match &material.root_key_pem {
-                Some(pem) => Some(kek.seal(&format!("sidewall-ca root {trust_domain}"), pem)?),
+                Some(pem) => Some(kek.seal(&bound("root"), pem)?),
                 None => None,
             },
-            intermediate_key: kek.seal(
-                &format!("sidewall-ca intermediate {trust_domain}"),
-                &material.intermediate_key_pem,
-            )?,
+            intermediate_key: kek.seal(&bound("intermediate"), &material.intermediate_key_pem)?,
         })
     }
 
-    /// Opens the keys; refuses a CA for another trust domain or another KEK.
+    /// Opens the keys, and checks that the certificates are the ones sealed with them and
+    /// belong together ([`super::Authority::from_material`]); refuses a CA for another trust
+    /// domain, another KEK, or changed certificates.
     pub fn open(&self, trust_domain: &TrustDomain, kek: &Kek) -> Result<CaMaterial, CaError> {
         if self.trust_domain != trust_domain.as_str() {
             return Err(CaError::Sealed(format!(
@@ -174,20 +210,41 @@ impl SealedCa {
                 self.trust_domain
             )));
         }
-        Ok(CaMaterial {
+        match self.format {
+            FORMAT => {}
+            // Its certificates are authenticated only through the keys that match them.
+            1 if self.root_key.is_some() => {}
+            1 => {
+                return Err(CaError::Sealed(
+                    "the CA was sealed by an older release (format 1) with a plugged-in root, whose certificates that format does not authenticate: seal it again from the plug-in files (a new etcd prefix and a replica started with the plug-in settings)".into(),
+                ));
+            }
+            other => {
+                return Err(CaError::Sealed(format!(
+                    "sealed CA format {other} is unknown to this release (it knows 1 and {FORMAT})"
+                )));
+            }
+        }
+        let bound = |role: &str| {
+            binding(
+                self.format,
+                role,
+                trust_domain.as_str(),
+                &self.root_pem,
+                &self.intermediate_pem,
+            )
+        };
+        let material = CaMaterial {
             root_pem: self.root_pem.clone(),
             root_key_pem: match &self.root_key {
-                Some(sealed) => {
-                    Some(kek.open(&format!("sidewall-ca root {trust_domain}"), sealed)?)
-                }
+                Some(sealed) => Some(kek.open(&bound("root"), sealed)?),
                 None => None,
             },
             intermediate_pem: self.intermediate_pem.clone(),
-            intermediate_key_pem: kek.open(
-                &format!("sidewall-ca intermediate {trust_domain}"),
-                &self.intermediate_key,
-            )?,
-        })
+            intermediate_key_pem: kek.open(&bound("intermediate"), &self.intermediate_key)?,
+        };
+        super::Authority::from_material(trust_domain, &material)?;
+        Ok(material)
     }
 
     /// Parses the stored JSON.
@@ -215,24 +272,22 @@ pub fn kek_path_required(path: Option<&PathBuf>) -> Result<&PathBuf, CaError> {
 mod tests {
     use super::*;
 
-    fn material() -> CaMaterial {
-        CaMaterial {
-            root_pem: "root".into(),
-            root_key_pem: Some("root key".into()),
-            intermediate_pem: "intermediate".into(),
-            intermediate_key_pem: "intermediate key".into(),
-        }
+    fn material(td: &TrustDomain) -> CaMaterial {
+        super::super::generate_material(td).unwrap()
     }
 
     #[test]
     fn sealed_keys_open_only_with_the_same_kek_and_trust_domain() {
         let td = TrustDomain::new("example.org").unwrap();
         let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
-        let sealed = SealedCa::seal(&material(), &td, &kek).unwrap();
+        let material = material(&td);
+        let sealed = SealedCa::seal(&material, &td, &kek).unwrap();
         let json = String::from_utf8(sealed.to_json()).unwrap();
-        assert!(!json.contains("intermediate key") && !json.contains("root key"));
+        let secret = |pem: &str| pem.lines().nth(1).unwrap().to_owned();
+        assert!(!json.contains(&secret(&material.intermediate_key_pem)));
+        assert!(!json.contains(&secret(material.root_key_pem.as_deref().unwrap())));
         let back = SealedCa::from_json(json.as_bytes()).unwrap();
-        assert!(back.open(&td, &kek).unwrap() == material());
+        assert!(back.open(&td, &kek).unwrap() == material);
 
         let other = Kek::from_bytes(&[8u8; 32]).unwrap();
         let error = back.open(&td, &other).unwrap_err().to_string();
@@ -246,6 +301,86 @@ mod tests {
         let mut swapped = back.clone();
         swapped.intermediate_key = back.root_key.clone().unwrap();
         assert!(swapped.open(&td, &kek).is_err());
+    }
+
+    #[test]
+    fn changed_certificates_do_not_open() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
+        let sealed = SealedCa::seal(&material(&td), &td, &kek).unwrap();
+        let foreign = material(&td);
+        type Change<'a> = Box<dyn Fn(&mut SealedCa) + 'a>;
+        let changes: [(&str, Change); 3] = [
+            (
+                "a root appended",
+                Box::new(|s| s.root_pem.push_str(&foreign.root_pem)),
+            ),
+            (
+                "another root",
+                Box::new(|s| s.root_pem = foreign.root_pem.clone()),
+            ),
+            (
+                "another intermediate",
+                Box::new(|s| s.intermediate_pem = foreign.intermediate_pem.clone()),
+            ),
+        ];
+        for (what, change) in &changes {
+            let mut changed = sealed.clone();
+            change(&mut changed);
+            let error = changed.open(&td, &kek).unwrap_err().to_string();
+            assert!(
+                error.contains("certificates were changed"),
+                "{what}: {error}"
+            );
+        }
+    }
+
+    /// Format 1 sealed only the keys; its certificates are accepted only when they are the
+    /// keys' own (a generated root), and never with a root appended.
+    #[test]
+    fn format_1_is_opened_only_when_its_keys_vouch_for_its_certificates() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let kek = Kek::from_bytes(&[7u8; 32]).unwrap();
+        let m = material(&td);
+        let legacy = |m: &CaMaterial| SealedCa {
+            format: 1,
+            trust_domain: td.to_string(),
+            root_pem: m.root_pem.clone(),
+            intermediate_pem: m.intermediate_pem.clone(),
+            root_key: m.root_key_pem.as_ref().map(|pem| {
+                kek.seal(&binding(1, "root", td.as_str(), "", ""), pem)
+                    .unwrap()
+            }),
+            intermediate_key: kek
+                .seal(
+                    &binding(1, "intermediate", td.as_str(), "", ""),
+                    &m.intermediate_key_pem,
+                )
+                .unwrap(),
+        };
+        assert!(legacy(&m).open(&td, &kek).unwrap() == m);
+
+        let mut appended = legacy(&m);
+        appended.root_pem.push_str(&material(&td).root_pem);
+        let error = appended.open(&td, &kek).unwrap_err().to_string();
+        assert!(error.contains("exactly one root"), "{error}");
+
+        let mut other_root = legacy(&m);
+        other_root.root_pem = material(&td).root_pem;
+        let error = other_root.open(&td, &kek).unwrap_err().to_string();
+        assert!(error.contains("certificates refused"), "{error}");
+
+        let plugged_in = legacy(&CaMaterial {
+            root_key_pem: None,
+            ..m.clone()
+        });
+        let error = plugged_in.open(&td, &kek).unwrap_err().to_string();
+        assert!(error.contains("format 1"), "{error}");
+
+        let mut future = SealedCa::seal(&m, &td, &kek).unwrap();
+        future.format = 3;
+        let error = future.open(&td, &kek).unwrap_err().to_string();
+        assert!(error.contains("format 3 is unknown"), "{error}");
     }
 
     #[test]
