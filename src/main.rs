@@ -108,6 +108,10 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A process `sidewall up` started ends with it, however `up` ends.
+    if !commands::up::exit_with_parent() {
+        return ExitCode::from(1);
+    }
     // One crypto provider for the whole process (aws-lc-rs); failure means one is installed.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match cli.command {

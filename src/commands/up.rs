@@ -1,6 +1,10 @@
 //! `sidewall up [MESH]`: a whole mesh on loopback — the control plane, a demo app and a sidecar
 //! per service — with the mesh's policies applied and a live view of every flow. `--check`
 //! runs until every expectation has been observed and exits 0, or 1 with what failed.
+//!
+//! However `up` ends, what it started ends too: Ctrl-C, SIGTERM and SIGHUP stop its children and
+//! remove its private work directory, and every child asks the kernel for SIGTERM when `up` dies
+//! (even by SIGKILL: [`exit_with_parent`]).
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -35,6 +39,75 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Set on every process `up` starts: the pid of the `up` that started it.
+const PARENT_ENV: &str = "SIDEWALL_UP_PARENT";
+
+/// In a process started by `sidewall up`: asks for SIGTERM when that parent dies, so that
+/// nothing it started outlives it even when it is killed with SIGKILL. `false` if the parent is
+/// already gone (the process should exit at once). Always `true` in any other process.
+pub(crate) fn exit_with_parent() -> bool {
+    let Ok(parent) = std::env::var(PARENT_ENV) else {
+        return true;
+    };
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+    // The parent may have died before the request took effect.
+    if nix::unistd::getppid().as_raw().to_string() != parent {
+        eprintln!("error: the `sidewall up` that started this process is gone");
+        return false;
+    }
+    true
+}
+
+/// Resolves when `up` is asked to stop (Ctrl-C, SIGTERM from `kill`, systemd or a CI runner,
+/// SIGHUP when the terminal goes) and names the signal.
+async fn stop_requested() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    async fn on(kind: SignalKind, name: &'static str) -> &'static str {
+        match signal(kind) {
+            Ok(mut stream) => {
+                stream.recv().await;
+                name
+            }
+            Err(error) => {
+                eprintln!("warning: cannot watch {name}: {error}");
+                std::future::pending().await
+            }
+        }
+    }
+    tokio::select! {
+        name = on(SignalKind::interrupt(), "SIGINT") => name,
+        name = on(SignalKind::terminate(), "SIGTERM") => name,
+        name = on(SignalKind::hangup(), "SIGHUP") => name,
+    }
+}
+
+/// A new work directory only this user can enter, under a name no one can guess or take first.
+fn private_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!(
+        "sidewall-up-{}",
+        sidewall_control_plane::random::hex_token(8)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Writes a secret into a new file readable by this user only.
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(secret.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// Everything `up` started; stopped and removed on drop.
 struct Running {
     dir: PathBuf,
@@ -45,6 +118,7 @@ impl Running {
     fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = command
+            .env(PARENT_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -108,29 +182,41 @@ pub(crate) fn run(args: Args) -> ExitCode {
         let base = file.parent().unwrap_or(Path::new("."));
         let policies = read_sources(&[base.join(&mesh.policies)], &LoadOptions::default())?;
         let binary = std::env::current_exe().context("finding the sidewall binary")?;
-        let dir = std::env::temp_dir().join(format!("sidewall-up-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        let dir = private_dir()?;
         let mut running = Running {
             dir: dir.clone(),
             children: Vec::new(),
         };
-        let layout = start(&mesh, &binary, &mut running, &policies).await?;
-        let client = Client::operator(
-            &dir.join("cp"),
-            "admin",
-            Some(&format!("https://127.0.0.1:{}", layout.cp_api)),
-        )?;
-        if args.check {
-            check(
-                &mesh,
-                &layout,
-                &client,
-                &running,
-                Duration::from_secs(args.timeout_seconds),
-            )
-            .await
-        } else {
-            live(&mesh, &layout, &client, &running).await
+        let work = async {
+            let layout = start(&mesh, &binary, &mut running, &policies).await?;
+            let client = Client::operator(
+                &dir.join("cp"),
+                "admin",
+                Some(&format!("https://127.0.0.1:{}", layout.cp_api)),
+            )?;
+            if args.check {
+                check(
+                    &mesh,
+                    &layout,
+                    &client,
+                    &running,
+                    Duration::from_secs(args.timeout_seconds),
+                )
+                .await
+            } else {
+                live(&mesh, &layout, &client, &running).await
+            }
+        };
+        // `running` is dropped after this, whichever way it ends: children stopped, files gone.
+        tokio::select! {
+            result = work => result,
+            signal = stop_requested() => {
+                println!("\n{signal}: stopping everything `sidewall up` started…");
+                if args.check {
+                    bail!("stopped by {signal} before every expectation was observed");
+                }
+                Ok(())
+            }
         }
     })
 }
@@ -204,8 +290,8 @@ async fn start(
             )
             .await?;
         super::expect_success(status, &body)?;
-        std::fs::write(
-            dir.join(format!("{}.token", service.name)),
+        write_secret(
+            &dir.join(format!("{}.token", service.name)),
             body["token"].as_str().unwrap_or_default(),
         )?;
         let mut ports = Vec::new();
@@ -425,8 +511,6 @@ async fn live(
     client: &Client,
     running: &Running,
 ) -> anyhow::Result<()> {
-    let stop = tokio::signal::ctrl_c();
-    tokio::pin!(stop);
     loop {
         let table = observe(mesh, running, client).await;
         let mut screen = String::from("\x1b[2J\x1b[H");
@@ -442,13 +526,9 @@ async fn live(
             running.dir.display(),
         ));
         print!("{screen}");
-        tokio::select! {
-            _ = &mut stop => {
-                println!("\nstopping everything `sidewall up` started…");
-                return Ok(());
-            }
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
+        // Flushed each round: the view also goes to pipes and files, not only terminals.
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
