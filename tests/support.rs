@@ -55,7 +55,14 @@ pub(crate) struct ControlPlaneProcess {
 }
 
 impl ControlPlaneProcess {
+    /// Starts one on free ports; if it exits before serving (another process took a port
+    /// between `free_port` and its bind), tries again on new ones.
     pub(crate) fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        for _ in 0..2 {
+            if let Some(started) = Self::try_start_on(data_dir, extra, free_port(), free_port()) {
+                return started;
+            }
+        }
         Self::start_on(data_dir, extra, free_port(), free_port())
     }
 
@@ -68,7 +75,21 @@ impl ControlPlaneProcess {
     }
 
     fn start_on(data_dir: &Path, extra: &[&str], api_port: u16, admin_port: u16) -> Self {
+        Self::try_start_on(data_dir, extra, api_port, admin_port).unwrap_or_else(|| {
+            let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+            panic!("the control plane exited before serving:\n{log}")
+        })
+    }
+
+    /// `None` if the process exited before serving (its stderr is `<data_dir>.log`).
+    fn try_start_on(
+        data_dir: &Path,
+        extra: &[&str],
+        api_port: u16,
+        admin_port: u16,
+    ) -> Option<Self> {
         let ui_port = free_port();
+        let log = std::fs::File::create(data_dir.with_extension("log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
             .arg("control-plane")
             .arg("--data-dir")
@@ -77,10 +98,10 @@ impl ControlPlaneProcess {
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--ui-listen", &format!("127.0.0.1:{ui_port}")])
             .args(extra)
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start the control plane");
-        let process = Self {
+        let mut process = Self {
             child,
             data_dir: data_dir.to_path_buf(),
             api_port,
@@ -91,13 +112,16 @@ impl ControlPlaneProcess {
         while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err()
             || !data_dir.join("control-plane.json").exists()
         {
+            if matches!(process.child.try_wait(), Ok(Some(_))) {
+                return None;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "control plane did not start"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        process
+        Some(process)
     }
 
     /// Runs a `sidewall` CLI command against this control plane.
