@@ -35,8 +35,18 @@ fn allow(who: &str, port: u16) -> String {
 
 impl Mesh {
     fn new(cp_args: &[&str]) -> Self {
+        Self::listening(cp_args, "127.0.0.1")
+    }
+
+    /// A mesh whose control plane's API listens on `ip`.
+    fn listening(cp_args: &[&str], ip: &str) -> Self {
+        Self::under(cp_args, ip, &[])
+    }
+
+    /// A mesh whose control plane is first run by `wrapper`.
+    fn under(cp_args: &[&str], ip: &str, wrapper: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let cp = ControlPlaneProcess::start(&dir.path().join("cp"), cp_args);
+        let cp = ControlPlaneProcess::start_under(&dir.path().join("cp"), cp_args, ip, wrapper);
         Self {
             dir,
             cp,
@@ -146,6 +156,40 @@ fn still_open(stream: &mut std::net::TcpStream) -> bool {
     }
     let mut buf = [0u8; 4];
     stream.read_exact(&mut buf).is_ok() && &buf == b"pong"
+}
+
+/// Whether the connection was closed (end of stream or reset) within its read timeout, not
+/// merely quiet until it.
+fn closed(stream: &mut std::net::TcpStream) -> bool {
+    let mut buf = [0u8; 1];
+    match stream.read(&mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// A new P-256 CSR (its key thrown away), PEM.
+fn csr() -> String {
+    let output = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=x",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 #[test]
@@ -639,7 +683,8 @@ fn m6_apply_wait_succeeds_after_a_sidecar_restarts_or_stops() {
 }
 
 /// An HTTP/1.1 app on loopback: answers every request `200 ok`, keeping connections alive,
-/// and counts the requests it served.
+/// and counts the requests it served. A request with `Upgrade: websocket` is answered `101`,
+/// then the connection echoes.
 fn http_app() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::BufRead;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -653,16 +698,25 @@ fn http_app() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
             std::thread::spawn(move || {
                 let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
                 let mut line = String::new();
+                let mut websocket = false;
                 loop {
                     // The request line and headers, up to the blank line (no bodies here).
                     line.clear();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 {
                         return;
                     }
+                    websocket |= line.to_ascii_lowercase().starts_with("upgrade: websocket");
                     if line != "\r\n" {
                         continue;
                     }
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if websocket {
+                        let switched = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n";
+                        if stream.write_all(switched).is_ok() {
+                            let _ = std::io::copy(&mut reader, &mut stream);
+                        }
+                        return;
+                    }
                     if stream
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .is_err()
@@ -710,19 +764,9 @@ fn h6_revoking_a_server_closes_the_shared_connection_to_it() {
     let run = mesh.cli(&["workload", "revoke", &format!("{TD}/api")]);
     assert_eq!(run.code, 0, "{}", run.stderr);
 
-    // Closed (end of stream or reset), not merely quiet until the read timeout.
-    let mut buf = [0u8; 1];
-    let read = open.read(&mut buf);
-    let closed = match &read {
-        Ok(n) => *n == 0,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    };
     assert!(
-        closed,
-        "the carried connection to the revoked server stays open: {read:?}"
+        closed(&mut open),
+        "the carried connection to the revoked server stays open"
     );
     let accepted = mesh.app.accepted();
     for _ in 0..5 {
@@ -761,5 +805,218 @@ fn h6_revoking_a_server_stops_pooled_requests_to_it() {
         served.load(std::sync::atomic::Ordering::SeqCst),
         before,
         "a request reached the revoked server"
+    );
+}
+
+/// Review M2: a connection already scheduled to drain (`onRevoke: drain:1h`) was skipped by
+/// later re-evaluations, so revoking its peer left it open for the whole drain. Revocation
+/// cuts it at once.
+#[test]
+fn m2_a_draining_connection_is_cut_when_its_peer_is_revoked() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "drain:1h", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let mut open = open_connection(mesh.route("web"));
+    // web is no longer allowed: the connection drains for an hour.
+    let set = policy("api-access", "drain:1h", &allow("ops", 8080));
+    assert_eq!(mesh.apply("v2", &[("p.yaml", set)]).code, 0);
+    assert!(still_open(&mut open), "draining, still open");
+
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/web")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(
+        closed(&mut open),
+        "the revoked peer's draining connection stays open"
+    );
+}
+
+/// Review L2: a revoked workload kept using the workload routes (register, watch, ack, flows)
+/// with its still-valid certificate, and a join token made before the revocation still
+/// yielded a certificate for the revoked identity.
+#[test]
+fn l2_a_revoked_workload_cannot_watch_register_or_redeem_a_token() {
+    let mut mesh = Mesh::new(&[]);
+    let _web = mesh.sidecar("web");
+    let later = mesh.cli(&["token", "create", "--identity", &format!("{TD}/later")]);
+    assert_eq!(later.code, 0, "{}", later.stderr);
+    let later_token = later.stdout.lines().last().unwrap().trim().to_owned();
+    for who in ["web", "later"] {
+        let run = mesh.cli(&["workload", "revoke", &format!("{TD}/{who}")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let state = mesh.path().join("state/web");
+    let url = |path: &str| format!("https://127.0.0.1:{}{path}", mesh.cp.api_port);
+    let curl = |args: &[&str], with_certificate: bool| {
+        let mut command = std::process::Command::new("curl");
+        command.args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"]);
+        command.arg(mesh.path().join("cp/trust-bundle.pem"));
+        if with_certificate {
+            command
+                .arg("--cert")
+                .arg(state.join("certificate.pem"))
+                .arg("--key")
+                .arg(state.join("key.pem"));
+        }
+        let output = command.args(args).output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let watch = curl(&[&url("/v1/snapshots/watch?instance=revoked-web")], true);
+    assert!(
+        watch.ends_with("403") && watch.contains("\"revoked\""),
+        "{watch}"
+    );
+    let registration =
+        serde_json::json!({"instance": "revoked-web", "endpoint": "127.0.0.1:1", "ports": []});
+    let register = curl(
+        &["-d", &registration.to_string(), &url("/v1/registrations")],
+        true,
+    );
+    assert!(
+        register.ends_with("403") && register.contains("\"revoked\""),
+        "{register}"
+    );
+    let ack = serde_json::json!({"instance": "revoked-web", "version": {"epoch": "e", "counter": 1}, "status": "applied"});
+    let acked = curl(&["-d", &ack.to_string(), &url("/v1/acks")], true);
+    assert!(
+        acked.ends_with("403") && acked.contains("\"revoked\""),
+        "{acked}"
+    );
+
+    let body = serde_json::json!({"csr": csr(), "token": later_token}).to_string();
+    let redeemed = curl(&["-d", &body, &url("/v1/certificates")], false);
+    assert!(
+        redeemed.ends_with("403") && redeemed.contains("\"revoked\""),
+        "a token for a revoked identity was redeemed: {redeemed}"
+    );
+}
+
+/// Review L4: a control plane listening on `[::]` saw IPv4 sidecars as `::ffff:a.b.c.d` and
+/// refused every registration (`endpoint_not_yours`): discovery was silently empty.
+#[test]
+fn l4_a_dual_stack_control_plane_accepts_ipv4_registrations() {
+    let mut mesh = Mesh::listening(&[], "[::]");
+    let api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    eventually(20, "web to reach api through discovery", || {
+        exchange(mesh.route("web"), b"v4").as_deref() == Some(&b"v4"[..])
+    });
+    assert!(!api.log().contains("endpoint_not_yours"), "{}", api.log());
+}
+
+/// Review M3: snapshot counters started from the wall clock at each start, so a control plane
+/// restarted with its clock behind its previous run sent smaller counters; every sidecar
+/// ignored them (new policies, revocations) while acknowledging them as applied. Counters are
+/// now reserved in the store above everything sent before, and a sidecar acks an older version
+/// as `rejected: stale`.
+#[test]
+fn m3_snapshot_versions_never_go_back_when_the_clock_does() {
+    // The first run's clock is 45 s ahead (certificates are back-dated by 60 s, so they are
+    // valid for everyone); the restart runs on the real clock. libfaketime preloaded through
+    // `env`, which execs: the child is the control plane itself (`faketime` would fork).
+    let mut mesh = Mesh::under(
+        &[],
+        "127.0.0.1",
+        &[
+            "env",
+            "LD_PRELOAD=/usr/$LIB/faketime/libfaketime.so.1",
+            "FAKETIME=+45s",
+        ],
+    );
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    assert_eq!(
+        exchange(mesh.route("web"), b"before").as_deref(),
+        Some(&b"before"[..])
+    );
+    assert_eq!(mesh.cp.stop(), Some(0));
+    mesh.cp.restart(&[]);
+    let status = || {
+        let run = mesh.cli(&["status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&run.stdout).ok()
+    };
+    eventually(30, "both sidecars to reconnect", || {
+        status().is_some_and(|v| {
+            v["proxies"]
+                .as_array()
+                .is_some_and(|p| p.iter().filter(|p| p["connected"] == true).count() == 2)
+        })
+    });
+
+    // What the restarted control plane sends now is enforced: the revocation cuts web off.
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/web")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    eventually(20, "the revocation to be enforced by api", || {
+        exchange(mesh.route("web"), b"after").is_none()
+    });
+    for proxy in status().unwrap()["proxies"].as_array().unwrap() {
+        let rejection = proxy["last_rejection"].as_str().unwrap_or_default();
+        assert!(!rejection.contains("stale"), "{proxy}");
+    }
+}
+
+/// Review H5: a WebSocket (101) tunnel left the connection's supervision once upgraded: not
+/// closed when its peer was revoked, when a policy change no longer allowed it (`onRevoke`), or
+/// when the peer certificate expired, and no longer counted against the connection limit.
+#[test]
+fn h5_websocket_tunnels_are_closed_by_revocation_and_policy_changes() {
+    let mut mesh = Mesh::new(&[]);
+    let (app, _) = http_app();
+    let _api = mesh.sidecar_serving(
+        "api",
+        &format!("{{port: 8080, protocol: http, app: 127.0.0.1:{app}}}"),
+    );
+    let _web = mesh.sidecar("web");
+    let _ops = mesh.sidecar("ops");
+    let set = policy(
+        "api-access",
+        "terminate",
+        &(allow("web", 8080) + &allow("ops", 8080)),
+    );
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let tunnel = |route: u16| {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", route)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).unwrap(), 1, "{head:?}");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(still_open(&mut stream), "the tunnel echoes");
+        stream
+    };
+    let mut from_web = tunnel(mesh.route("web"));
+    let mut from_ops = tunnel(mesh.route("ops"));
+
+    // ops is no longer allowed (onRevoke: terminate): its tunnel closes; web's stays.
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v2", &[("p.yaml", set)]).code, 0);
+    assert!(
+        closed(&mut from_ops),
+        "the tunnel outlived the policy that allowed it"
+    );
+    assert!(still_open(&mut from_web));
+
+    // web is revoked: its tunnel closes at once.
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/web")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        closed(&mut from_web),
+        "the tunnel outlived its peer's revocation"
     );
 }

@@ -58,50 +58,99 @@ impl ControlPlaneProcess {
     /// Starts one on free ports; if it exits before serving (another process took a port
     /// between `free_port` and its bind), tries again on new ones.
     pub(crate) fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_under(data_dir, extra, "127.0.0.1", &[])
+    }
+
+    /// Like [`Self::start`], with the API listening on `ip` (`[::]` for dual stack; clients
+    /// still reach it at 127.0.0.1) and run by `wrapper` (e.g. `faketime -f +45s`) if any. A
+    /// restart runs it plainly on 127.0.0.1.
+    pub(crate) fn start_under(data_dir: &Path, extra: &[&str], ip: &str, wrapper: &[&str]) -> Self {
+        let launch = Launch { extra, ip, wrapper };
         for _ in 0..2 {
-            if let Some(started) = Self::try_start_on(data_dir, extra, free_port(), free_port()) {
+            if let Some(started) = launch.try_start(data_dir, free_port(), free_port()) {
                 return started;
             }
         }
-        Self::start_on(data_dir, extra, free_port(), free_port())
+        launch.start(data_dir, free_port(), free_port())
     }
 
     /// Starts again on the same ports and data directory (after [`Self::stop`]).
     pub(crate) fn restart(&mut self, extra: &[&str]) {
         let _ = std::fs::remove_file(self.data_dir.join("control-plane.json"));
-        let fresh = Self::start_on(&self.data_dir, extra, self.api_port, self.admin_port);
+        let launch = Launch {
+            extra,
+            ip: "127.0.0.1",
+            wrapper: &[],
+        };
+        let fresh = launch.start(&self.data_dir, self.api_port, self.admin_port);
         let mut old = std::mem::replace(self, fresh);
         let _ = old.child.wait();
     }
 
-    fn start_on(data_dir: &Path, extra: &[&str], api_port: u16, admin_port: u16) -> Self {
-        Self::try_start_on(data_dir, extra, api_port, admin_port).unwrap_or_else(|| {
-            let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
-            panic!("the control plane exited before serving:\n{log}")
-        })
+    /// Runs a `sidewall` CLI command against this control plane.
+    pub(crate) fn cli(&self, args: &[&str]) -> Run {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.push("--data-dir".into());
+        all.push(self.data_dir.display().to_string());
+        sidewall(all)
+    }
+
+    /// Sends SIGTERM and waits; returns the exit code.
+    pub(crate) fn stop(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+}
+
+/// How a control plane process is started.
+struct Launch<'a> {
+    extra: &'a [&'a str],
+    ip: &'a str,
+    wrapper: &'a [&'a str],
+}
+
+impl Launch<'_> {
+    fn start(&self, data_dir: &Path, api_port: u16, admin_port: u16) -> ControlPlaneProcess {
+        self.try_start(data_dir, api_port, admin_port)
+            .unwrap_or_else(|| {
+                let log =
+                    std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+                panic!("the control plane exited before serving:\n{log}")
+            })
     }
 
     /// `None` if the process exited before serving (its stderr is `<data_dir>.log`).
-    fn try_start_on(
+    fn try_start(
+        &self,
         data_dir: &Path,
-        extra: &[&str],
         api_port: u16,
         admin_port: u16,
-    ) -> Option<Self> {
+    ) -> Option<ControlPlaneProcess> {
         let ui_port = free_port();
         let log = std::fs::File::create(data_dir.with_extension("log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+        let binary = env!("CARGO_BIN_EXE_sidewall");
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("control-plane")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", &format!("127.0.0.1:{api_port}")])
+            .args(["--listen", &format!("{}:{api_port}", self.ip)])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--ui-listen", &format!("127.0.0.1:{ui_port}")])
-            .args(extra)
+            .args(self.extra)
             .stderr(log)
             .spawn()
             .expect("start the control plane");
-        let mut process = Self {
+        let mut process = ControlPlaneProcess {
             child,
             data_dir: data_dir.to_path_buf(),
             api_port,
@@ -122,22 +171,6 @@ impl ControlPlaneProcess {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         Some(process)
-    }
-
-    /// Runs a `sidewall` CLI command against this control plane.
-    pub(crate) fn cli(&self, args: &[&str]) -> Run {
-        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        all.push("--data-dir".into());
-        all.push(self.data_dir.display().to_string());
-        sidewall(all)
-    }
-
-    /// Sends SIGTERM and waits; returns the exit code.
-    pub(crate) fn stop(&mut self) -> Option<i32> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        self.child.wait().ok().and_then(|s| s.code())
     }
 }
 

@@ -446,6 +446,20 @@ async fn certificates(
                     ),
                 ));
             }
+            // A token made before its identity (or the certificate presented) was revoked
+            // yields nothing.
+            if is_revoked(
+                api,
+                &identity,
+                presented.as_ref().map(|s| s.serial.as_str()),
+            )
+            .await?
+            {
+                return Err(ApiError::forbidden(
+                    "revoked",
+                    format!("{identity} is revoked; its join tokens cannot be redeemed"),
+                ));
+            }
             limit(api, &identity)?;
             match api.store.redeem_token(&token.id, &key_sha256, now).await? {
                 Redemption::Redeemed => {}

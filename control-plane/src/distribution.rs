@@ -202,21 +202,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Distribution {
-    /// Starts from the stored state: the latest policy version, registrations, revocations.
+    /// Starts from the stored state: the latest policy version, registrations, revocations,
+    /// with snapshot counters from `first_counter` on ([`crate::store::Store::reserve_counters`]).
     pub fn new(
         epoch: String,
+        first_counter: u64,
         trust_domain: TrustDomain,
         bundle_pem: String,
         latest: Option<crate::store::PolicyVersion>,
         registrations: Vec<RegistrationRecord>,
         revocations: &[RevocationRecord],
     ) -> Self {
-        let generation = u64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis()),
-        )
-        .unwrap_or(0);
+        let generation = first_counter;
         let (policy_version, applied_by, files) = match latest {
             Some(v) => (v.version, v.applied_by, v.files),
             None => (0, String::new(), Vec::new()),

@@ -145,8 +145,15 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         Some(etcd) => etcd.load().await?.latest,
         _ => store.policy_versions().await?.pop(),
     };
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis()),
+    )
+    .unwrap_or(0);
     let distribution = Arc::new(Distribution::new(
         store.epoch().await?,
+        store.reserve_counters(now_ms).await?,
         ca.trust_domain().clone(),
         ca.trust_bundle_pem().to_owned(),
         latest,

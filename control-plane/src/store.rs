@@ -14,6 +14,11 @@ pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 
+/// How many snapshot counters one control-plane process reserves at start
+/// ([`Store::reserve_counters`]): more than it can use (one per change), few enough that a
+/// `u64` lasts millions of restarts.
+pub const COUNTER_BLOCK: u64 = 1 << 40;
+
 /// A boxed future returned by store methods (dyn-compatible for a runtime choice of store).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -227,6 +232,12 @@ pub trait Store: Send + Sync + 'static {
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>>;
     /// The store's epoch: a random value fixed when the store was created.
     fn epoch(&self) -> StoreFuture<'_, String>;
+    /// The first snapshot counter this process may send: at least `at_least` (the clock, in
+    /// ms) and above every counter an earlier process of this store could have sent, whatever
+    /// the clock says now (a clock stepped back, a fast restart after many changes). Reserves
+    /// [`COUNTER_BLOCK`] counters for this process, durably, before anything is sent. A store
+    /// whose snapshot counters are its own revisions (etcd) returns `at_least`.
+    fn reserve_counters(&self, at_least: u64) -> StoreFuture<'_, u64>;
     /// Everything, read at one point in time (one read transaction, one etcd revision).
     fn records(&self) -> StoreFuture<'_, Records>;
     /// For a store with a change feed (etcd): the revision of this process's last write that

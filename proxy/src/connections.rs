@@ -117,33 +117,34 @@ impl Table {
     pub fn reevaluate(&self, workload: &SpiffeId, active: &Active) -> usize {
         let mut affected = 0;
         for tracked in self.lock().values_mut() {
-            if tracked.closing {
-                continue;
-            }
-            let reason = if active
+            // A revoked peer is cut at once, whatever `onRevoke` says, even while a drain
+            // scheduled by an earlier policy change is under way.
+            if active
                 .snapshot
                 .revocations
                 .is_revoked(&tracked.peer, &tracked.serial)
             {
-                CloseReason::PeerRevoked
-            } else {
-                let decision = active.engine.decide(&Query {
-                    peer: &tracked.peer,
-                    target: workload,
-                    port: tracked.port,
-                    subject: Subject::Connection(tracked.protocol),
-                });
-                if decision.permits() {
-                    continue;
+                if *tracked.close.borrow() != Some(CloseReason::PeerRevoked) {
+                    let _ = tracked.close.send(Some(CloseReason::PeerRevoked));
+                    tracked.closing = true;
+                    affected += 1;
                 }
-                CloseReason::Revoked
-            };
-            let on_revoke = if reason == CloseReason::PeerRevoked {
-                OnRevoke::Terminate
-            } else {
-                tracked.on_revoke
-            };
-            match on_revoke {
+                continue;
+            }
+            if tracked.closing {
+                continue;
+            }
+            let decision = active.engine.decide(&Query {
+                peer: &tracked.peer,
+                target: workload,
+                port: tracked.port,
+                subject: Subject::Connection(tracked.protocol),
+            });
+            if decision.permits() {
+                continue;
+            }
+            let reason = CloseReason::Revoked;
+            match tracked.on_revoke {
                 OnRevoke::Keep => {
                     tracing::info!(peer = %tracked.peer, port = tracked.port, "no longer allowed; kept open (onRevoke: keep)");
                     continue;

@@ -20,7 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
 use serde_json::json;
 use sidewall_policies::Protocol;
-use sidewall_policies::snapshot::Snapshot;
+use sidewall_policies::snapshot::{Snapshot, SnapshotVersion};
 use tokio::sync::watch;
 
 use crate::Context;
@@ -352,6 +352,17 @@ async fn apply_line(
                 .borrow()
                 .as_ref()
                 .map(|a| a.snapshot.version.clone());
+            // An older version of the same store is not applied, and not acked as applied:
+            // the control plane's counters went back, and `status` must show it.
+            if let Some(current) = current
+                .as_ref()
+                .filter(|c| c.epoch == version.epoch && version.counter < c.counter)
+            {
+                metrics::counter!("sidewall_proxy_snapshots_rejected_total").increment(1);
+                tracing::error!(%version, %current, "snapshot older than the one in force; keeping it");
+                let reason = format!("stale: version {version} is older than {current} in force");
+                return ack(context, sender, credential, &version, Some(reason)).await;
+            }
             if current
                 .as_ref()
                 .is_none_or(|c| c.is_superseded_by(&version))
@@ -381,11 +392,22 @@ async fn apply_line(
             (version, Some(reason))
         }
     };
+    ack(context, sender, credential, &version, outcome).await;
+}
+
+/// Acknowledges `version`: applied, or rejected with the reason.
+async fn ack(
+    context: &Context,
+    sender: &mut Sender,
+    credential: &Credential,
+    version: &SnapshotVersion,
+    rejection: Option<String>,
+) {
     let body = json!({
         "instance": context.instance,
         "version": version,
-        "status": if outcome.is_none() { "applied" } else { "rejected" },
-        "reason": outcome,
+        "status": if rejection.is_none() { "applied" } else { "rejected" },
+        "reason": rejection,
         "certificate_expires_at": credential.svid.not_after,
     });
     if let Err(error) = post(sender, "/v1/acks", body).await {

@@ -17,9 +17,12 @@
 //!    force *now*; `403` with a short body on deny, `405` for an unallowed `CONNECT`;
 //! 4. forwarded to the app — HTTP/1.1 over a keep-alive pool, or HTTP/2 over one multiplexed
 //!    connection (`appProtocol: http2`) — with `x-sidewall-peer-identity` set to the peer's
-//!    SPIFFE ID (any such header from elsewhere removed, `_` spellings included); a WebSocket upgrade (always HTTP/1.1
-//!    to the app) switches to raw forwarding only after the app answers `101`, and a refused
-//!    upgrade ends the connection.
+//!    SPIFFE ID (any such header from elsewhere removed, `_` spellings included); a WebSocket
+//!    upgrade (always HTTP/1.1 to the app) switches to raw forwarding only after the app
+//!    answers `101`, and a refused upgrade ends the connection. The tunnel runs inside the
+//!    connection's own future, so whatever closes the connection (revocation, `onRevoke`,
+//!    peer-certificate expiry, shutdown) closes it, and it holds the connection's permit; it
+//!    ends after `limits.idleTimeout` without traffic.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -183,10 +186,12 @@ pub async fn serve<S>(
         .as_ref()
         .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
     let (stream, scan) = framing::Scanned::new(stream);
+    let (tunnels, mut upgraded) = tokio::sync::mpsc::unbounded_channel::<Tunnel>();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
         let peer = peer.clone();
         let peer_value = peer_value.clone();
+        let tunnels = tunnels.clone();
         let smuggling = scan.refuses();
         async move {
             if smuggling {
@@ -194,20 +199,47 @@ pub async fn serve<S>(
                 record("bad_request", "-".into(), Instant::now());
                 return Ok::<_, Infallible>(smuggling_refused());
             }
-            Ok::<_, Infallible>(handle(&context, peer.as_ref(), peer_value, port, request).await)
+            Ok::<_, Infallible>(
+                handle(&context, peer.as_ref(), peer_value, port, request, &tunnels).await,
+            )
         }
     });
     let mut builder = server();
     if h2 {
         builder = builder.http2_only();
     }
-    if let Err(error) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
-        tracing::debug!(%remote, %error, "HTTP connection ended with an error");
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    // Upgraded tunnels run here, not on tasks of their own: they end with this future, so the
+    // connection's supervision (limit, revocation, `onRevoke`, expiry) covers them too.
+    // A handler hands its tunnel over before its `101` is sent, so every tunnel of this
+    // connection is in the channel by the time the connection future ends.
+    let mut running = tokio::task::JoinSet::new();
+    let mut serving = true;
+    while serving || !running.is_empty() {
+        tokio::select! {
+            result = &mut connection, if serving => {
+                if let Err(error) = result {
+                    tracing::debug!(%remote, %error, "HTTP connection ended with an error");
+                }
+                serving = false;
+                while let Ok(tunnel) = upgraded.try_recv() {
+                    running.spawn(tunnel);
+                }
+            }
+            Some(tunnel) = upgraded.recv(), if serving => {
+                running.spawn(tunnel);
+            }
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
     }
 }
+
+/// An upgraded connection's byte copy, run by the connection's own [`serve`].
+type Tunnel = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Where a handler hands over the tunnel of a request it upgraded.
+type Tunnels = tokio::sync::mpsc::UnboundedSender<Tunnel>;
 
 /// The engine's decision for one request; `Err` is the response for a denied one.
 fn authorize(
@@ -272,6 +304,7 @@ async fn handle(
     peer_value: Option<HeaderValue>,
     port: InboundPort,
     mut request: Request<Incoming>,
+    tunnels: &Tunnels,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let who = peer.map_or("plaintext (permissive port)", SpiffeId::as_str);
@@ -371,16 +404,15 @@ async fn handle(
         let (parts, body) = app.into_parts();
         let mut from_app = Response::from_parts(parts.clone(), body);
         let app_side = hyper::upgrade::on(&mut from_app);
-        tokio::spawn(async move {
+        let idle = context.config.limits.idle_timeout.0;
+        // Run by this connection's `serve`, under its supervision: if the connection is gone
+        // (nothing receives it), the tunnel is never opened.
+        let _ = tunnels.send(Box::pin(async move {
             if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
-                let _ = crate::transport::forward(
-                    TokioIo::new(client),
-                    TokioIo::new(app),
-                    Duration::from_secs(3600),
-                )
-                .await;
+                let _ =
+                    crate::transport::forward(TokioIo::new(client), TokioIo::new(app), idle).await;
             }
-        });
+        }));
         let mut response = Response::from_parts(
             parts,
             Full::new(Bytes::new())

@@ -24,8 +24,9 @@ use crate::store::RegistrationRecord;
 /// How often an idle watch stream sends a keep-alive line.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// The workload identity of the caller, or why it may not use these routes.
-fn workload(peer: &Peer) -> Result<SpiffeId, ApiError> {
+/// The workload identity of the caller, or why it may not use these routes (not a workload,
+/// or revoked: its identity or its certificate's serial).
+fn workload(api: &Api, peer: &Peer) -> Result<SpiffeId, ApiError> {
     let svid = peer.svid.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -34,6 +35,12 @@ fn workload(peer: &Peer) -> Result<SpiffeId, ApiError> {
         )
     })?;
     workload_identity(&svid.id).map_err(|why| ApiError::forbidden("not_a_workload", why))?;
+    if api.distribution.is_revoked(&svid.id, &svid.serial) {
+        return Err(ApiError::forbidden(
+            "revoked",
+            format!("{} (serial {}) is revoked", svid.id, svid.serial),
+        ));
+    }
     Ok(svid.id.clone())
 }
 
@@ -75,7 +82,7 @@ pub(super) fn watch(
     peer: &Peer,
     request: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(peer)?;
+    let identity = workload(api, peer)?;
     let instance = query_value(request, "instance")
         .filter(|i| valid_instance(i))
         .ok_or_else(|| {
@@ -152,7 +159,7 @@ pub(super) async fn register(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(peer)?;
+    let identity = workload(api, peer)?;
     let body: RegistrationRequest = read_json(api, request).await?;
     if !valid_instance(&body.instance) {
         return Err(ApiError::bad_request(
@@ -167,9 +174,10 @@ pub(super) async fn register(
         )
     })?;
     // A sidecar may only advertise the address it connects from: it cannot claim another
-    // machine's address to capture its traffic.
+    // machine's address to capture its traffic. Compared canonically: on a dual-stack listener
+    // an IPv4 client is `::ffff:a.b.c.d`.
     if let Some(remote) = peer.remote
-        && remote.ip() != endpoint.ip()
+        && remote.ip().to_canonical() != endpoint.ip().to_canonical()
     {
         return Err(ApiError::forbidden(
             "endpoint_not_yours",
@@ -246,7 +254,7 @@ pub(super) async fn deregister(
     peer: &Peer,
     instance: &str,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(peer)?;
+    let identity = workload(api, peer)?;
     let mine = api
         .store
         .registrations()
@@ -285,7 +293,7 @@ pub(super) async fn ack(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(peer)?;
+    let identity = workload(api, peer)?;
     let body: AckRequest = read_json(api, request).await?;
     if !valid_instance(&body.instance) {
         return Err(ApiError::bad_request(
@@ -354,7 +362,7 @@ pub(super) async fn flows(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(peer)?;
+    let identity = workload(api, peer)?;
     let body: FlowReport = read_json(api, request).await?;
     if body.flows.len() > 10_000 {
         return Err(ApiError::bad_request(

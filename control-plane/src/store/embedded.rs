@@ -9,8 +9,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord, RevocationRecord,
-    Store, StoreError, StoreFuture, TokenRecord,
+    COUNTER_BLOCK, CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord,
+    RevocationRecord, Store, StoreError, StoreFuture, TokenRecord,
 };
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
@@ -343,6 +343,33 @@ impl Store for EmbeddedStore {
             let meta = tx.open_table(META).map_err(backend)?;
             let epoch = meta.get("epoch").map_err(backend)?;
             Ok(epoch.map(|e| e.value().to_owned()).unwrap_or_default())
+        })
+    }
+
+    fn reserve_counters(&self, at_least: u64) -> StoreFuture<'_, u64> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let start = {
+                let mut meta = tx.open_table(META).map_err(backend)?;
+                let stored = meta
+                    .get("counter_ceiling")
+                    .map_err(backend)?
+                    .map(|v| v.value().to_owned());
+                let ceiling = match stored {
+                    None => 0,
+                    Some(text) => text.parse::<u64>().map_err(|e| StoreError::Corrupt {
+                        key: "meta/counter_ceiling".into(),
+                        message: e.to_string(),
+                    })?,
+                };
+                let start = at_least.max(ceiling);
+                let next = start.saturating_add(COUNTER_BLOCK).to_string();
+                meta.insert("counter_ceiling", next.as_str())
+                    .map_err(backend)?;
+                start
+            };
+            tx.commit().map_err(backend)?;
+            Ok(start)
         })
     }
 }

@@ -599,6 +599,11 @@ impl Store for EtcdStore {
         })
     }
 
+    fn reserve_counters(&self, at_least: u64) -> StoreFuture<'_, u64> {
+        // Snapshot counters are etcd revisions from the first snapshot on (`Loaded::revision`).
+        Box::pin(async move { Ok(at_least) })
+    }
+
     fn records(&self) -> StoreFuture<'_, Records> {
         Box::pin(async move {
             // One range read of the whole prefix: one revision, a consistent copy.

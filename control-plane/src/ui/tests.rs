@@ -116,6 +116,7 @@ fn host_names() {
     let dashboard = Dashboard {
         distribution: Arc::new(Distribution::new(
             "e".into(),
+            1,
             sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
             String::new(),
             None,

@@ -16,7 +16,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -190,14 +189,11 @@ async fn tunnel(
     let mut upstream = Response::from_parts(parts.clone(), body);
     let peer_side = hyper::upgrade::on(&mut upstream);
     let service = service.clone();
+    let idle = context.config.limits.idle_timeout.0;
     tokio::spawn(async move {
         if let (Ok(client), Ok(peer)) = (client_side.await, peer_side.await) {
             tokio::select! {
-                _ = crate::transport::forward(
-                    TokioIo::new(client),
-                    TokioIo::new(peer),
-                    Duration::from_secs(3600),
-                ) => {}
+                _ = crate::transport::forward(TokioIo::new(client), TokioIo::new(peer), idle) => {}
                 gone = server.gone() => gone.record(&service, super::Carrier::Tunnel),
             }
         }
