@@ -6,6 +6,7 @@ pub(crate) mod iptables;
 pub(crate) mod operator;
 pub(crate) mod policy;
 pub(crate) mod policy_remote;
+pub(crate) mod probe;
 pub(crate) mod proxy;
 pub(crate) mod status;
 pub(crate) mod token;

@@ -79,6 +79,9 @@ enum Command {
     },
     /// The fleet: each sidecar's connection, versions, acks and certificate expiry.
     Status(commands::status::Args),
+    /// Check an admin endpoint (`/ready`, `/live`) for container health checks in images
+    /// without curl: exit 0 on a 2xx answer, 1 otherwise, 2 on a bad URL.
+    Probe(commands::probe::Args),
     /// Run a whole mesh on loopback (control plane, demo apps, sidecars) with a live view.
     Up(commands::up::Args),
     /// The small demo app `sidewall up` runs behind each sidecar.
@@ -127,6 +130,7 @@ fn main() -> ExitCode {
         Command::Token { command, access } => commands::token::run(command, &access),
         Command::Workload { command, access } => commands::workload::run(command, &access),
         Command::Status(args) => commands::status::run(args),
+        Command::Probe(args) => commands::probe::run(args),
         Command::Up(args) => commands::up::run(args),
         Command::DemoApp(args) => commands::demo_app::run(args),
         Command::Iptables(command) => commands::iptables::run(command),

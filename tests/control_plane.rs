@@ -441,3 +441,60 @@ fn h4_a_backup_whose_certificates_were_changed_is_refused() {
         );
     }
 }
+
+/// Issue 15: the control plane's `/metrics` answers in the Prometheus text format (current
+/// Prometheus fails a scrape without the content type), and `sidewall probe` checks an admin
+/// endpoint the way a container health check does, with no curl in the image.
+#[test]
+fn admin_endpoints_serve_prometheus_and_answer_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlaneProcess::start(&dir.path().join("data"), &[]);
+    let admin = format!("http://127.0.0.1:{}", cp.admin_port);
+    let headers = sh(
+        dir.path(),
+        "curl",
+        &[
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &format!("{admin}/metrics"),
+        ],
+    )
+    .to_ascii_lowercase();
+    assert!(
+        headers.contains("content-type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
+
+    let probe = |url: &str| sidewall(["probe", url, "--timeout-seconds", "2"]);
+    let ready = probe(&format!("{admin}/ready"));
+    assert_eq!(ready.code, 0, "{}", ready.stderr);
+    assert!(ready.stdout.contains("200"), "{}", ready.stdout);
+    let missing = probe(&format!("{admin}/nothing-here"));
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.contains("answered 404"),
+        "{}",
+        missing.stderr
+    );
+    let closed = probe(&format!("http://127.0.0.1:{}/ready", free_port()));
+    assert_eq!(closed.code, 1);
+    assert!(closed.stderr.starts_with("unhealthy:"), "{}", closed.stderr);
+    for bad in [
+        "https://127.0.0.1:4690/ready",
+        "http://nohost/ready",
+        "127.0.0.1:4690",
+    ] {
+        let run = probe(bad);
+        assert_eq!(run.code, 2, "{bad}: {}", run.stderr);
+        assert!(run.stderr.starts_with("error: "), "{}", run.stderr);
+    }
+    assert_eq!(cp.stop(), Some(0));
+    assert_eq!(
+        probe(&format!("{admin}/ready")).code,
+        1,
+        "a stopped control plane"
+    );
+}

@@ -12,10 +12,22 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+/// The Prometheus text exposition format; a scrape of a body without it fails on current
+/// Prometheus.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
     response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    reply(status, "text/plain; charset=utf-8", body)
 }
 
 /// Serves the admin routes until `stop` turns true.
@@ -46,7 +58,9 @@ pub async fn serve(
                         }
                         "/ready" => text(StatusCode::OK, "ready\n".into()),
                         "/metrics" => match &metrics {
-                            Some(handle) => text(StatusCode::OK, handle.render()),
+                            Some(handle) => {
+                                reply(StatusCode::OK, METRICS_CONTENT_TYPE, handle.render())
+                            }
                             None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n".into()),
                         },
                         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
