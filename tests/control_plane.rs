@@ -498,3 +498,60 @@ fn admin_endpoints_serve_prometheus_and_answer_probes() {
         "a stopped control plane"
     );
 }
+
+/// Issue 15: `${NAME}` in the sidecar's and the control plane's files takes the environment's
+/// value (a Kubernetes pod's `POD_IP`, with no shell wrapper); `$$` is a `$`; an unset variable
+/// is an error naming it at its line and column, before anything starts.
+#[test]
+fn configuration_files_take_environment_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidewall"));
+        command.args(args).env_remove("SIDEWALL_TEST_IP");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let sidecar = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &sidecar,
+        "identity: spiffe://sidewall.local/ns/shop/svc/api\ncontrolPlane: {urls: [https://127.0.0.1:4600], tokenFile: api.token}\nstateDir: state\ninbound:\n  listen: 0.0.0.0:4643\n  advertise: \"${SIDEWALL_TEST_IP}:4643\"\n  ports: []\nadmin: {listen: 127.0.0.1:4691}\n",
+    )
+    .unwrap();
+    let check = ["proxy", "--config", sidecar.to_str().unwrap(), "--check"];
+    let (code, stdout, stderr) = run(&check, &[("SIDEWALL_TEST_IP", "10.1.2.3")]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let (code, _, stderr) = run(&check, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:6:15: environment variable SIDEWALL_TEST_IP is not set",
+            sidecar.display()
+        )),
+        "{stderr}"
+    );
+
+    let cp = dir.path().join("cp.yaml");
+    std::fs::write(&cp, "listen: \"${SIDEWALL_TEST_IP}:4600\"\n").unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "control-plane",
+        "--config",
+        cp.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    let (code, _, stderr) = run(&args, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("1:10: environment variable SIDEWALL_TEST_IP is not set"),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "nothing written");
+}

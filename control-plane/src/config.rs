@@ -289,10 +289,11 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-                sidewall_policies::load::config_from_yaml::<FileConfig>(
-                    &path.display().to_string(),
-                    &text,
-                )?
+                let name = path.display().to_string();
+                let text = sidewall_policies::load::expand_variables(&name, &text, |variable| {
+                    std::env::var(variable).ok()
+                })?;
+                sidewall_policies::load::config_from_yaml::<FileConfig>(&name, &text)?
             }
             None => FileConfig::default(),
         };

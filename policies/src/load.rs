@@ -498,6 +498,77 @@ pub fn config_from_yaml<T: serde::de::DeserializeOwned>(
         .map_err(|e| error_at(name, e.position, LoadErrorKind::Invalid(e.message)))
 }
 
+/// Replaces `${NAME}` in a configuration file's text with the value `lookup` gives for `NAME`
+/// (the process environment, for the sidecar's and the control plane's files), so a
+/// Kubernetes manifest needs no shell wrapper: `advertise: "${POD_IP}:4643"`. `$$` is a literal
+/// `$`; a `$` before anything else stays as it is. A variable `lookup` does not know, a name
+/// that is not `[A-Za-z_][A-Za-z0-9_]*`, an unclosed `${`, or a value holding a line break (it
+/// could add YAML structure) is an error at that `$`'s line and column. Errors the YAML parser
+/// finds afterwards point at the expanded text.
+pub fn expand_variables<'a>(
+    name: &str,
+    text: &'a str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<std::borrow::Cow<'a, str>, LoadError> {
+    if !text.contains('$') {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    }
+    let position = |at: usize| {
+        let before = &text[..at];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rfind('\n').map_or(at, |nl| at - nl - 1) + 1;
+        Some((line, column))
+    };
+    let refuse =
+        |at: usize, message: String| error_at(name, position(at), LoadErrorKind::Invalid(message));
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(dollar) = rest.find('$') {
+        let at = text.len() - rest.len() + dollar;
+        out.push_str(&rest[..dollar]);
+        let after = &rest[dollar + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('{') {
+            let end = inner
+                .find('}')
+                .ok_or_else(|| refuse(at, "`${` without its closing `}`".into()))?;
+            let variable = &inner[..end];
+            let valid = variable
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && variable
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(refuse(
+                    at,
+                    format!(
+                        "${{{variable}}} is not a variable name (letters, digits, _; write $$ for a literal $)"
+                    ),
+                ));
+            }
+            let value = lookup(variable)
+                .ok_or_else(|| refuse(at, format!("environment variable {variable} is not set")))?;
+            if value.contains(['\n', '\r']) {
+                return Err(refuse(
+                    at,
+                    format!("environment variable {variable} holds a line break"),
+                ));
+            }
+            out.push_str(&value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(std::borrow::Cow::Owned(out))
+}
+
 /// Loads one file's text (a convenience for tests and tools).
 pub fn load_str(name: &str, text: &str, options: &LoadOptions) -> Result<Loaded, LoadErrors> {
     load_sources(

@@ -345,6 +345,9 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         let name = path.display().to_string();
+        let text = sidewall_policies::load::expand_variables(&name, &text, |variable| {
+            std::env::var(variable).ok()
+        })?;
         let mut config: Config = sidewall_policies::load::config_from_yaml(&name, &text)?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);

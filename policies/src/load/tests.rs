@@ -246,3 +246,61 @@ fn written_yaml_reads_back() {
     assert_eq!(again.policies, loaded.policies, "{yaml}");
     assert!(yaml.contains("onRevoke: drain:90s"), "{yaml}");
 }
+
+#[test]
+fn variables_table() {
+    let lookup = |name: &str| match name {
+        "POD_IP" => Some("10.0.0.7".to_owned()),
+        "EMPTY" => Some(String::new()),
+        "_X1" => Some("x".to_owned()),
+        "BREAK" => Some("a\nb: c".to_owned()),
+        _ => None,
+    };
+    let ok = [
+        ("plain: text\n", "plain: text\n"),
+        (
+            "advertise: \"${POD_IP}:4643\"\n",
+            "advertise: \"10.0.0.7:4643\"\n",
+        ),
+        ("a: ${POD_IP}${_X1}${EMPTY}\n", "a: 10.0.0.7x\n"),
+        ("price: $$5 and $$${POD_IP}\n", "price: $5 and $10.0.0.7\n"),
+        (
+            "lone: $ and $x and $(POD_NAME) and a$\n",
+            "lone: $ and $x and $(POD_NAME) and a$\n",
+        ),
+    ];
+    for (text, expected) in ok {
+        assert_eq!(
+            expand_variables("f.yaml", text, lookup).unwrap(),
+            expected,
+            "{text:?}"
+        );
+    }
+    let refused = [
+        (
+            "a: 1\nb: ${NOPE}\n",
+            "f.yaml:2:4: environment variable NOPE is not set",
+        ),
+        ("a: ${POD_IP\n", "f.yaml:1:4: `${` without its closing `}`"),
+        ("a: ${}\n", "f.yaml:1:4: ${} is not a variable name"),
+        ("a: ${1X}\n", "f.yaml:1:4: ${1X} is not a variable name"),
+        (
+            "a: ${POD-IP}\n",
+            "f.yaml:1:4: ${POD-IP} is not a variable name",
+        ),
+        (
+            "x: y\n  z: ${BREAK}\n",
+            "f.yaml:2:6: environment variable BREAK holds a line break",
+        ),
+    ];
+    for (text, expected) in refused {
+        let error = expand_variables("f.yaml", text, lookup)
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with(expected), "{text:?}: {error}");
+    }
+    assert!(matches!(
+        expand_variables("f.yaml", "no dollars", lookup),
+        Ok(std::borrow::Cow::Borrowed(_))
+    ));
+}
