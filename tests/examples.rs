@@ -2,8 +2,8 @@
 //!
 //! - every YAML file parses (all documents, duplicate keys refused), through Python's PyYAML;
 //! - Kubernetes: the policies ConfigMap equals `examples/three-tier/policies` and validates; the
-//!   sidecar container's own command renders the config template with a pod IP into a config
-//!   that `sidewall proxy --check` accepts; the init container's `iptables install`, run with
+//!   sidecar container's own command and arguments, with the ConfigMap's config and a `POD_IP`,
+//!   pass `sidewall proxy --check`; the init container's `iptables install`, run with
 //!   `--dry-run`, redirects to the sidecar's listeners, spares the app's probe ports and exempts
 //!   the sidecar's UID; the Service's ClusterIP is the address the sidecar registers;
 //! - Compose: every sidecar config passes `sidewall proxy --check` and matches its service's IP,
@@ -343,66 +343,65 @@ fn kubernetes_control_plane_serves_probes_and_watches_the_policies() {
     }
 }
 
-/// Runs the Kubernetes sidecar container's command (its shell wrapper) on the ConfigMap's
-/// template with a pod IP, `sidewall` on the PATH and `--check` appended; returns the
-/// rendered config's path and the check's stdout.
-fn render_kubernetes_sidecar_config(
+/// Runs the Kubernetes sidecar container's command and arguments as the pod would, its config
+/// from the ConfigMap's mount and `POD_IP` from the downward API, with `--check` appended (and
+/// once without `POD_IP`, which must fail naming it). Returns the config as the sidecar reads
+/// it (`${POD_IP}` replaced) and the check's stdout.
+fn check_kubernetes_sidecar_config(
     docs: &[Value],
     sidecar: &Value,
     pod: &Value,
     dir: &Path,
 ) -> (PathBuf, String) {
-    let command = strings(&sidecar["command"]);
-    assert_eq!(command, ["/bin/sh", "-c"], "the sidecar's wrapper");
-    let args = strings(&sidecar["args"]);
-    let script = &args[0];
-    assert!(script.contains("exec sidewall proxy --config"), "{script}");
-
-    // Where the template comes from: CONFIG_TEMPLATE, under the ConfigMap's mount.
+    assert_eq!(
+        strings(&sidecar["command"]),
+        ["sidewall"],
+        "no shell wrapper: the image needs no shell"
+    );
+    let mut args = strings(&sidecar["args"]);
+    let at = args.iter().position(|a| a == "--config").unwrap() + 1;
+    let (mount, key) = args[at].rsplit_once('/').unwrap();
+    assert_eq!(mount_of(pod, sidecar, "configMap", "api-sidecar"), mount);
     assert_eq!(
         env_value(sidecar, "POD_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
         "status.podIP"
     );
-    let template_path = str_of(&env_value(sidecar, "CONFIG_TEMPLATE").unwrap()["value"]);
-    let (mount, key) = template_path.rsplit_once('/').unwrap();
-    assert_eq!(mount_of(pod, sidecar, "configMap", "api-sidecar"), mount);
     let configmap = doc(docs, "ConfigMap", "api-sidecar");
-    let template = str_of(&configmap["data"][key]);
+    let template = str_of(&configmap["data"][key]).to_owned();
     assert!(template.contains("${POD_IP}"), "{template}");
-
-    let bin = dir.join("bin");
-    fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_sidewall"), bin.join("sidewall")).unwrap();
-    let template_file = dir.join("template.yaml");
-    fs::write(&template_file, template).unwrap();
-    let rendered = dir.join("sidecar.yaml");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let output = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(script)
-        .args(&args[1..])
-        .arg("--check")
-        .env("PATH", path)
-        .env("POD_IP", POD_IP)
-        .env("CONFIG_TEMPLATE", &template_file)
-        .env("CONFIG_FILE", &rendered)
-        .output()
-        .unwrap();
+    let file = dir.join(key);
+    fs::write(&file, &template).unwrap();
+    args[at] = file.display().to_string();
+    args.push("--check".into());
+    let run = |pod_ip: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidewall"));
+        command.args(&args).env_remove("POD_IP");
+        if let Some(ip) = pod_ip {
+            command.env("POD_IP", ip);
+        }
+        command.output().unwrap()
+    };
+    let output = run(Some(POD_IP));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
         "the sidecar's command failed:\n{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let unset = run(None);
+    let stderr = String::from_utf8_lossy(&unset.stderr);
+    assert_eq!(unset.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("environment variable POD_IP is not set"),
+        "{stderr}"
+    );
+    let rendered = dir.join("rendered.yaml");
+    fs::write(&rendered, template.replace("${POD_IP}", POD_IP)).unwrap();
     (rendered, stdout)
 }
 
 #[test]
-fn kubernetes_api_workload_sidecar_config_renders_checks_and_matches_the_pod() {
+fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the_pod() {
     let dir = examples().join("kubernetes");
     let Some(docs) = yaml_docs(&dir.join("api-workload.yaml")) else {
         return;
@@ -411,7 +410,7 @@ fn kubernetes_api_workload_sidecar_config_renders_checks_and_matches_the_pod() {
     let pod = pod_spec(deployment);
     let sidecar = container(&pod["containers"], "sidewall");
     let temp = tempfile::tempdir().unwrap();
-    let (rendered, stdout) = render_kubernetes_sidecar_config(&docs, sidecar, pod, temp.path());
+    let (rendered, stdout) = check_kubernetes_sidecar_config(&docs, sidecar, pod, temp.path());
     assert!(
         stdout.contains("OK: spiffe://sidewall.local/ns/demo/svc/api")
             && stdout.contains("transparent mode"),
