@@ -1020,3 +1020,70 @@ fn h5_websocket_tunnels_are_closed_by_revocation_and_policy_changes() {
         "the tunnel outlived its peer's revocation"
     );
 }
+
+/// Review L1: instance ids were bearer handles. A workload that learned another's instance id
+/// (the dashboard, a sidecar's `/config`) registered with it and then deleted every
+/// registration with that id, the victim's too; its acks overwrote the victim's fleet row. An
+/// instance id now belongs to the identity that first used it.
+#[test]
+fn l1_an_instance_id_belongs_to_the_identity_that_first_used_it() {
+    let mut mesh = Mesh::new(&[]);
+    let api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let (_, config) = http_get(api.admin_port, "/config");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let victim = config["instance"].as_str().unwrap().to_owned();
+    let registered = |mesh: &Mesh| {
+        let listed = mesh.cli(&["workload", "list"]).stdout;
+        let api = format!("{TD}/api ");
+        (listed.lines().any(|l| l.starts_with(&api)), listed)
+    };
+    let (api_registered, listed) = registered(&mesh);
+    assert!(api_registered, "{listed}");
+
+    // web, with its own valid certificate, uses api's instance id.
+    let state = mesh.path().join("state/web");
+    let curl = |method: &str, path: &str, body: Option<String>| {
+        let mut command = std::process::Command::new("curl");
+        command
+            .args(["-s", "-w", "\n%{http_code}", "-X", method, "--cacert"])
+            .arg(mesh.path().join("cp/trust-bundle.pem"))
+            .arg("--cert")
+            .arg(state.join("certificate.pem"))
+            .arg("--key")
+            .arg(state.join("key.pem"));
+        if let Some(body) = body {
+            command.args(["-d", &body]);
+        }
+        command.arg(format!("https://127.0.0.1:{}{path}", mesh.cp.api_port));
+        String::from_utf8_lossy(&command.output().unwrap().stdout).into_owned()
+    };
+    let registration =
+        serde_json::json!({"instance": victim, "endpoint": "127.0.0.1:1", "ports": []});
+    let register = curl("POST", "/v1/registrations", Some(registration.to_string()));
+    assert!(
+        register.ends_with("409") && register.contains("instance_taken"),
+        "{register}"
+    );
+    let ack = serde_json::json!({"instance": victim, "version": {"epoch": "e", "counter": 1}, "status": "applied"});
+    let acked = curl("POST", "/v1/acks", Some(ack.to_string()));
+    assert!(
+        acked.ends_with("409") && acked.contains("instance_taken"),
+        "{acked}"
+    );
+    let deleted = curl("DELETE", &format!("/v1/registrations/{victim}"), None);
+    assert!(deleted.ends_with("404"), "{deleted}");
+
+    // api is still registered, and its fleet row is still api's.
+    let (api_registered, listed) = registered(&mesh);
+    assert!(api_registered, "api's registration was removed:\n{listed}");
+    let status: serde_json::Value =
+        serde_json::from_str(&mesh.cli(&["status", "--json"]).stdout).unwrap();
+    let row = status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["instance"] == victim.as_str())
+        .unwrap();
+    assert_eq!(row["identity"], format!("{TD}/api"), "{row}");
+}

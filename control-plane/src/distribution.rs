@@ -481,6 +481,19 @@ impl Distribution {
         let _ = self.replica.set(url);
     }
 
+    /// Binds `instance` to `identity`: the first identity to use an instance id owns it, and
+    /// no other may watch, register or ack with it. `Err` names the holder.
+    pub fn claim(&self, instance: &str, identity: &SpiffeId) -> Result<(), String> {
+        if let Some(entry) = lock(&self.fleet).get(instance)
+            && !entry.identity.is_empty()
+            && entry.identity != identity.as_str()
+        {
+            return Err(entry.identity.clone());
+        }
+        self.fleet_update(instance, |entry| entry.identity = identity.to_string());
+        Ok(())
+    }
+
     /// Records a watch stream opening or closing, and what it has sent.
     pub fn fleet_update(&self, instance: &str, update: impl FnOnce(&mut FleetEntry)) {
         let mut fleet = lock(&self.fleet);

@@ -207,8 +207,13 @@ pub trait Store: Send + Sync + 'static {
     /// Adds or replaces a registration, keyed by endpoint. Refused (returns the holder's
     /// identity) when another identity holds the endpoint.
     fn put_registration(&self, record: RegistrationRecord) -> StoreFuture<'_, Result<(), String>>;
-    /// Removes a sidecar instance's registration.
-    fn remove_registration(&self, instance: &str) -> StoreFuture<'_, ()>;
+    /// Removes the registrations of `identity`'s sidecar `instance` (never another
+    /// identity's, whatever instance id it used).
+    fn remove_registration(
+        &self,
+        identity: &sidewall_policies::SpiffeId,
+        instance: &str,
+    ) -> StoreFuture<'_, ()>;
     /// Every registration.
     fn registrations(&self) -> StoreFuture<'_, Vec<RegistrationRecord>>;
     /// Adds a token.

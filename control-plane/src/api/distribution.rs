@@ -44,6 +44,17 @@ fn workload(api: &Api, peer: &Peer) -> Result<SpiffeId, ApiError> {
     Ok(svid.id.clone())
 }
 
+/// Binds `instance` to the caller, or refuses an instance id another identity uses.
+fn claim(api: &Api, instance: &str, identity: &SpiffeId) -> Result<(), ApiError> {
+    api.distribution.claim(instance, identity).map_err(|_| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "instance_taken",
+            format!("instance {instance} belongs to another workload; use an id of your own"),
+        )
+    })
+}
+
 /// A body fed by a channel: one frame per snapshot line.
 struct ChannelBody(mpsc::Receiver<Bytes>);
 
@@ -92,6 +103,7 @@ pub(super) fn watch(
             )
         })?
         .to_owned();
+    claim(api, &instance, &identity)?;
     let distribution = api.distribution.clone();
     let (sender, receiver) = mpsc::channel::<Bytes>(4);
     let mut changes = distribution.subscribe();
@@ -167,6 +179,7 @@ pub(super) async fn register(
             "instance must be 1-64 of a-z A-Z 0-9 -",
         ));
     }
+    claim(api, &body.instance, &identity)?;
     let endpoint: std::net::SocketAddr = body.endpoint.parse().map_err(|_| {
         ApiError::bad_request(
             "endpoint_invalid",
@@ -268,7 +281,7 @@ pub(super) async fn deregister(
             format!("no registration {instance} for {identity}"),
         ));
     }
-    api.store.remove_registration(instance).await?;
+    api.store.remove_registration(&identity, instance).await?;
     if !api.follows_store().await {
         api.distribution
             .set_registrations(api.store.registrations().await?);
@@ -301,6 +314,7 @@ pub(super) async fn ack(
             "instance must be 1-64 of a-z A-Z 0-9 -",
         ));
     }
+    claim(api, &body.instance, &identity)?;
     let rejection = match body.status.as_str() {
         "applied" => None,
         "rejected" => Some(

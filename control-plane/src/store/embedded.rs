@@ -227,8 +227,12 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn remove_registration(&self, instance: &str) -> StoreFuture<'_, ()> {
-        let instance = instance.to_owned();
+    fn remove_registration(
+        &self,
+        identity: &sidewall_policies::SpiffeId,
+        instance: &str,
+    ) -> StoreFuture<'_, ()> {
+        let (identity, instance) = (identity.to_string(), instance.to_owned());
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(backend)?;
             {
@@ -237,7 +241,7 @@ impl Store for EmbeddedStore {
                 for entry in table.iter().map_err(backend)? {
                     let (key, value) = entry.map_err(backend)?;
                     let record: RegistrationRecord = decode(key.value(), value.value())?;
-                    if record.instance == instance {
+                    if record.instance == instance && record.identity == identity {
                         mine.push(key.value().to_owned());
                     }
                 }

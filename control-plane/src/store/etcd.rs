@@ -469,8 +469,12 @@ impl Store for EtcdStore {
         })
     }
 
-    fn remove_registration(&self, instance: &str) -> StoreFuture<'_, ()> {
-        let instance = instance.to_owned();
+    fn remove_registration(
+        &self,
+        identity: &sidewall_policies::SpiffeId,
+        instance: &str,
+    ) -> StoreFuture<'_, ()> {
+        let (identity, instance) = (identity.to_string(), instance.to_owned());
         Box::pin(async move {
             let response = self
                 .get_op(
@@ -481,7 +485,7 @@ impl Store for EtcdStore {
             let mut deletes = Vec::new();
             for kv in response.kvs() {
                 let record: RegistrationRecord = decode(kv.key(), kv.value())?;
-                if record.instance == instance {
+                if record.instance == instance && record.identity == identity {
                     // Only if unchanged since read: a new holder of the endpoint stays.
                     deletes.push(
                         Txn::new()
