@@ -1087,3 +1087,96 @@ fn l1_an_instance_id_belongs_to_the_identity_that_first_used_it() {
         .unwrap();
     assert_eq!(row["identity"], format!("{TD}/api"), "{row}");
 }
+
+/// Review M11: the policy directory was stored by a walk of its own (following directory links,
+/// no size cap) while a different walk validated it. A link to a directory of other YAML was
+/// stored unvalidated (after a restart the stored set did not load: default deny mesh-wide),
+/// and a link to a key file put the key into the unauthenticated dashboard's error. What is
+/// stored is now exactly what was validated, and links out of the directory are refused
+/// without reading what they point at.
+#[test]
+fn m11_the_policy_directory_stores_what_it_validated_and_keeps_to_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies: PathBuf = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        policy("api-access", "terminate", &allow("web", 8080)),
+    )
+    .unwrap();
+    let mut mesh = Mesh::new(&["--policies-dir", policies.to_str().unwrap()]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    eventually(10, "the directory applied", || {
+        exchange(mesh.route("web"), b"x").is_some()
+    });
+
+    // A link to a directory of CI YAML: not walked, nothing new stored.
+    let ci = dir.path().join("ci");
+    std::fs::create_dir(&ci).unwrap();
+    std::fs::write(ci.join("ci.yaml"), "name: ci\non: push\n").unwrap();
+    std::os::unix::fs::symlink(&ci, policies.join("ext")).unwrap();
+    // A file next to it that changes the set, so the directory is read again for sure.
+    std::fs::write(
+        policies.join("q.yaml"),
+        policy("ops-access", "terminate", &allow("ops", 8080))
+            .replace(&format!("{TD}/api"), &format!("{TD}/db")),
+    )
+    .unwrap();
+    let versions = || {
+        let history = mesh.cli(&["policy", "history", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&history.stdout)
+            .ok()
+            .and_then(|v| v["versions"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    eventually(10, "the second file applied", || versions() == 2);
+    let cp = mesh.path().join("cp");
+    let stored = std::process::Command::new("curl")
+        .args(["-s", "--cacert"])
+        .arg(cp.join("trust-bundle.pem"))
+        .arg("--cert")
+        .arg(cp.join("operators/admin.pem"))
+        .arg("--key")
+        .arg(cp.join("operators/admin.key"))
+        .arg(format!(
+            "https://127.0.0.1:{}/v1/policies/2",
+            mesh.cp.api_port
+        ))
+        .output()
+        .unwrap();
+    let stored = String::from_utf8_lossy(&stored.stdout);
+    assert!(stored.contains("q.yaml"), "{stored}");
+    assert!(
+        !stored.contains("ci.yaml"),
+        "a file no one validated was stored: {stored}"
+    );
+
+    // A link to the CA's key: refused, and its text shown nowhere.
+    std::os::unix::fs::symlink(
+        mesh.path().join("cp/ca/intermediate.key"),
+        policies.join("leak.yaml"),
+    )
+    .unwrap();
+    let fleet = || http_get(mesh.cp.ui_port, "/api/fleet").1;
+    eventually(10, "the link refused", || {
+        fleet().contains("outside the policy directory")
+    });
+    assert!(!fleet().contains("PRIVATE KEY"), "{}", fleet());
+    assert_eq!(
+        versions(),
+        2,
+        "nothing applied while the directory is refused"
+    );
+
+    // After a restart the stored set still loads: web is still allowed.
+    std::fs::remove_file(policies.join("leak.yaml")).unwrap();
+    assert_eq!(mesh.cp.stop(), Some(0));
+    mesh.cp
+        .restart(&["--policies-dir", policies.to_str().unwrap()]);
+    let log = std::fs::read_to_string(mesh.path().join("cp.log")).unwrap_or_default();
+    assert!(!log.contains("does not load"), "{log}");
+    eventually(20, "web allowed after the restart", || {
+        exchange(mesh.route("web"), b"after").is_some()
+    });
+}

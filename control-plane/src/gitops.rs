@@ -2,11 +2,11 @@
 //! when the files load as a whole; an invalid state is logged, counted and shown in `status`,
 //! and the last good set stays in force.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sidewall_policies::load::{LoadOptions, load_paths};
+use sidewall_policies::load::{LoadOptions, discover_files, load_sources, read_sources};
 use tokio::sync::watch;
 
 use crate::api::Api;
@@ -15,94 +15,88 @@ use crate::store::PolicyFile;
 /// How often the directory is checked.
 const POLL: Duration = Duration::from_secs(1);
 
-/// The files under `dir` (recursively, *.yaml/*.yml), as (name relative to dir, text).
-fn read_files(dir: &std::path::Path) -> std::io::Result<Vec<PolicyFile>> {
-    fn walk(
-        base: &std::path::Path,
-        path: &std::path::Path,
-        out: &mut Vec<PolicyFile>,
-    ) -> std::io::Result<()> {
-        let mut entries: Vec<_> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for entry in entries {
-            let name = entry
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if name.starts_with('.') {
-                continue;
-            }
-            if entry.is_dir() {
-                walk(base, &entry, out)?;
-            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-                let relative = entry
-                    .strip_prefix(base)
-                    .unwrap_or(&entry)
-                    .display()
-                    .to_string();
-                out.push(PolicyFile {
-                    name: relative,
-                    text: std::fs::read_to_string(&entry)?,
-                });
-            }
+/// The policy files under `dir` exactly as the loader finds and reads them (links to
+/// directories not walked, each file size-capped), named relative to `dir`. What is validated
+/// and what is stored are these same bytes. A file that resolves outside `dir` (a link to a key
+/// file, to `/dev/zero`) is refused before it is read, so its contents reach no error message.
+fn read_directory(dir: &Path) -> Result<Vec<PolicyFile>, String> {
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let files = discover_files(dir).map_err(|e| e.to_string())?;
+    for file in &files {
+        let real = file
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        if !real.starts_with(&root) {
+            return Err(format!(
+                "{}: a link to a file outside the policy directory; refused",
+                file.display()
+            ));
         }
-        Ok(())
     }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out)?;
-    Ok(out)
+    let sources = read_sources(&files, &LoadOptions::default()).map_err(|e| e.to_string())?;
+    Ok(sources
+        .into_iter()
+        .map(|source| PolicyFile {
+            name: Path::new(&source.name)
+                .strip_prefix(dir)
+                .map_or(source.name.clone(), |p| p.display().to_string()),
+            text: source.text,
+        })
+        .collect())
 }
 
 /// Watches `dir` until `stop` turns true.
 pub async fn watch(api: Arc<Api>, dir: PathBuf, mut stop: watch::Receiver<bool>) {
-    let mut last: Option<Vec<PolicyFile>> = None;
+    let mut last: Option<Result<Vec<PolicyFile>, String>> = None;
     loop {
-        match read_files(&dir) {
-            Ok(files) if Some(&files) != last.as_ref() => {
-                let (_, _, _, in_force) = api.distribution.current();
-                match load_paths(&[&dir], &LoadOptions::default()) {
-                    Ok(_) if files == in_force => {
-                        api.distribution.set_source_error(None);
-                    }
-                    Ok(loaded) => {
-                        let by = format!("gitops:{}", dir.display());
-                        match crate::api::apply_from_source(
-                            &api,
-                            files.clone(),
-                            loaded.policies,
-                            by,
-                        )
-                        .await
-                        {
-                            Ok(version) => {
-                                api.distribution.set_source_error(None);
-                                tracing::info!(version, dir = %dir.display(), "policy directory applied");
-                            }
-                            Err(error) => {
-                                tracing::error!(%error, "applying the policy directory failed")
-                            }
-                        }
-                    }
-                    Err(errors) => {
-                        metrics::counter!("sidewall_control_plane_policy_source_errors_total")
-                            .increment(1);
-                        tracing::error!(dir = %dir.display(), %errors, "policy directory is invalid; the last good set stays in force");
-                        api.distribution.set_source_error(Some(errors.to_string()));
-                    }
-                }
-                last = Some(files);
-            }
-            Ok(_) => {}
-            Err(error) => {
-                api.distribution
-                    .set_source_error(Some(format!("{}: {error}", dir.display())));
-            }
+        let read = read_directory(&dir);
+        if Some(&read) != last.as_ref() {
+            apply_directory(&api, &dir, &read).await;
+            last = Some(read);
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// Validates what was read and applies it when it differs from the set in force; an invalid
+/// directory is logged, counted and shown (`status`, the dashboard), the last good set staying.
+async fn apply_directory(api: &Api, dir: &Path, read: &Result<Vec<PolicyFile>, String>) {
+    let invalid = |error: &str| {
+        metrics::counter!("sidewall_control_plane_policy_source_errors_total").increment(1);
+        tracing::error!(dir = %dir.display(), %error, "policy directory is invalid; the last good set stays in force");
+        api.distribution.set_source_error(Some(error.to_owned()));
+    };
+    let files = match read {
+        Ok(files) => files,
+        Err(error) => return invalid(error),
+    };
+    let sources: Vec<_> = files
+        .iter()
+        .map(|f| sidewall_policies::load::Source {
+            name: f.name.clone(),
+            text: f.text.clone(),
+        })
+        .collect();
+    let loaded = match load_sources(&sources, &LoadOptions::default()) {
+        Ok(loaded) => loaded,
+        Err(errors) => return invalid(&errors.to_string()),
+    };
+    let (_, _, _, in_force) = api.distribution.current();
+    if *files == in_force {
+        api.distribution.set_source_error(None);
+        return;
+    }
+    let by = format!("gitops:{}", dir.display());
+    match crate::api::apply_from_source(api, files.clone(), loaded.policies, by).await {
+        Ok(version) => {
+            api.distribution.set_source_error(None);
+            tracing::info!(version, dir = %dir.display(), "policy directory applied");
+        }
+        Err(error) => tracing::error!(%error, "applying the policy directory failed"),
     }
 }

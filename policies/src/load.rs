@@ -290,6 +290,21 @@ pub fn read_sources<P: AsRef<Path>>(
     }
 }
 
+/// The policy files under `path` as the loader finds them (sorted; hidden entries and links to
+/// directories skipped), without reading them; at least one, or [`LoadErrorKind::NoFiles`].
+pub fn discover_files(path: &Path) -> Result<Vec<PathBuf>, LoadErrors> {
+    let mut files = Vec::new();
+    discover(path, true, &mut files).map_err(|e| LoadErrors(vec![e]))?;
+    if files.is_empty() {
+        return Err(LoadErrors(vec![error_at(
+            &path.display().to_string(),
+            None,
+            LoadErrorKind::NoFiles,
+        )]));
+    }
+    Ok(files)
+}
+
 fn collect_sources<P: AsRef<Path>>(
     paths: &[P],
     options: &LoadOptions,
