@@ -12,7 +12,7 @@ mod commands;
 #[command(name = "sidewall", version, about, long_about = None)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SIDEWALL_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -39,7 +39,12 @@ pub(crate) struct ControlPlaneAccess {
     )]
     data_dir: PathBuf,
     /// The control plane API (default: the address it recorded in its data directory).
-    #[arg(long = "control-plane", value_name = "URL", global = true)]
+    #[arg(
+        long = "control-plane",
+        value_name = "URL",
+        global = true,
+        env = "SIDEWALL_CONTROL_PLANE"
+    )]
     control_plane: Option<String>,
     /// Which operator credential (in <data-dir>/operators/) to use.
     #[arg(

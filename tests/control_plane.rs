@@ -555,3 +555,50 @@ fn configuration_files_take_environment_variables() {
     );
     assert!(!data.exists(), "nothing written");
 }
+
+/// Issue 15: every flag with an obvious environment name takes it (`--help` shows it), so a
+/// manifest can configure the binaries without a shell: here a control plane started with no
+/// flag at all, and a sidecar check with its config from `SIDEWALL_PROXY_CONFIG`.
+#[test]
+fn flags_take_their_environment_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, admin, ui) = (free_port(), free_port(), free_port());
+    let data = dir.path().join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+        .arg("control-plane")
+        .env("SIDEWALL_DATA_DIR", &data)
+        .env("SIDEWALL_LISTEN", format!("127.0.0.1:{api}"))
+        .env("SIDEWALL_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("SIDEWALL_UI_LISTEN", format!("127.0.0.1:{ui}"))
+        .env("SIDEWALL_TRUST_DOMAIN", "env.example")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{admin}/ready");
+    support::eventually(30, "the control plane to start", || {
+        sidewall(["probe", ready.as_str()]).code == 0
+    });
+    let record = std::fs::read_to_string(data.join("control-plane.json")).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(record.contains(&format!("127.0.0.1:{api}")), "{record}");
+    assert!(record.contains("env.example"), "{record}");
+
+    let config = dir.path().join("sidecar.yaml");
+    std::fs::write(
+        &config,
+        "identity: spiffe://sidewall.local/ns/shop/svc/api\ncontrolPlane: {urls: [https://127.0.0.1:4600], tokenFile: t}\nstateDir: s\ninbound: {listen: 127.0.0.1:4643, ports: []}\nadmin: {listen: 127.0.0.1:4691}\n",
+    )
+    .unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+        .args(["proxy", "--check"])
+        .env("SIDEWALL_PROXY_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    let help = sidewall(["control-plane", "--help"]).stdout;
+    for name in ["SIDEWALL_LISTEN", "SIDEWALL_STORE", "SIDEWALL_CA_KEK_FILE"] {
+        assert!(help.contains(&format!("[env: {name}=")), "{name}:\n{help}");
+    }
+}

@@ -17,52 +17,67 @@ pub(crate) struct Args {
     #[command(subcommand)]
     backup: Option<BackupCommand>,
     /// YAML configuration file (docs/control-plane.md describes every field).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        value_name = "FILE",
+        global = true,
+        env = "SIDEWALL_CONTROL_PLANE_CONFIG"
+    )]
     config: Option<PathBuf>,
     /// Data directory: CA, store, operator credentials. [default: ./sidewall-data]
     #[arg(long, value_name = "DIR", env = "SIDEWALL_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// mTLS API address. [default: 127.0.0.1:4600]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SIDEWALL_LISTEN")]
     listen: Option<SocketAddr>,
     /// Probe and metrics address (/live, /ready, /metrics). [default: 127.0.0.1:4690]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SIDEWALL_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
     /// Read-only dashboard address (shows policy and fleet data; keep it on loopback or
     /// behind an authenticating proxy). [default: 127.0.0.1:4680]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SIDEWALL_UI_LISTEN")]
     ui_listen: Option<SocketAddr>,
     /// Trust domain. [default: sidewall.local]
-    #[arg(long, value_name = "TD", value_parser = parse_trust_domain, global = true)]
+    #[arg(long, value_name = "TD", value_parser = parse_trust_domain, global = true, env = "SIDEWALL_TRUST_DOMAIN")]
     trust_domain: Option<TrustDomain>,
     /// Watch this directory of policy files and apply it whenever it is valid as a whole.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "SIDEWALL_POLICIES_DIR")]
     policies_dir: Option<PathBuf>,
     /// Where the state lives: `embedded` (a file in the data directory) or
     /// `etcd://HOST:PORT[,HOST:PORT...]` for several replicas. [default: embedded]
-    #[arg(long, value_name = "URL", value_parser = parse_store, global = true)]
+    #[arg(long, value_name = "URL", value_parser = parse_store, global = true, env = "SIDEWALL_STORE")]
     store: Option<StoreUrl>,
     /// Key prefix in etcd. [default: /sidewall]
-    #[arg(long, value_name = "PREFIX", global = true)]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        global = true,
+        env = "SIDEWALL_ETCD_PREFIX"
+    )]
     etcd_prefix: Option<String>,
     /// CA certificate (PEM) of the etcd members: talk TLS to etcd.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", global = true, env = "SIDEWALL_ETCD_CA")]
     etcd_ca: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS with etcd (with --etcd-key).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", global = true, env = "SIDEWALL_ETCD_CERT")]
     etcd_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS with etcd.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", global = true, env = "SIDEWALL_ETCD_KEY")]
     etcd_key: Option<PathBuf>,
     /// etcd user; the password comes from --etcd-password-file or $SIDEWALL_ETCD_PASSWORD.
-    #[arg(long, value_name = "USER", global = true)]
+    #[arg(long, value_name = "USER", global = true, env = "SIDEWALL_ETCD_USER")]
     etcd_user: Option<String>,
     /// File holding the etcd user's password.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(
+        long,
+        value_name = "FILE",
+        global = true,
+        env = "SIDEWALL_ETCD_PASSWORD_FILE"
+    )]
     etcd_password_file: Option<PathBuf>,
     /// Key-encryption key (64 hex digits, not readable by others) that seals the CA's keys in etcd; the
     /// same file on every replica. Required with an etcd store.
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE", global = true, env = "SIDEWALL_CA_KEK_FILE")]
     ca_kek_file: Option<PathBuf>,
 }
 

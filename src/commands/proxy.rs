@@ -9,7 +9,7 @@ use sidewall_proxy::config::Config;
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The sidecar's YAML configuration (docs/proxy.md describes every field).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "SIDEWALL_PROXY_CONFIG")]
     config: PathBuf,
     /// Only check the configuration: print a summary and exit 0, or the error and exit 2.
     #[arg(long)]

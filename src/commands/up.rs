@@ -117,6 +117,16 @@ struct Running {
 impl Running {
     fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        // Flags fix everything a child needs; settings the user's shell holds for a
+        // deployment of their own (SIDEWALL_STORE, SIDEWALL_LISTEN, ...) must not leak in.
+        for (name, _) in std::env::vars_os() {
+            if name
+                .to_str()
+                .is_some_and(|n| n.starts_with("SIDEWALL_") && n != "SIDEWALL_LOG")
+            {
+                command.env_remove(name);
+            }
+        }
         let child = command
             .env(PARENT_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
