@@ -171,8 +171,10 @@ pub(super) async fn register(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(api, peer)?;
+    // The body first: an answer sent before an HTTP/1.1 body is read can reach the client
+    // as a connection reset instead of the answer.
     let body: RegistrationRequest = read_json(api, request).await?;
+    let identity = workload(api, peer)?;
     if !valid_instance(&body.instance) {
         return Err(ApiError::bad_request(
             "instance_invalid",
@@ -306,8 +308,9 @@ pub(super) async fn ack(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(api, peer)?;
+    // The body first, as for registrations.
     let body: AckRequest = read_json(api, request).await?;
+    let identity = workload(api, peer)?;
     if !valid_instance(&body.instance) {
         return Err(ApiError::bad_request(
             "instance_invalid",
@@ -376,8 +379,9 @@ pub(super) async fn flows(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let identity = workload(api, peer)?;
+    // The body first, as for registrations.
     let body: FlowReport = read_json(api, request).await?;
+    let identity = workload(api, peer)?;
     if body.flows.len() > 10_000 {
         return Err(ApiError::bad_request(
             "too_many_flows",
