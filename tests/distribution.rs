@@ -435,23 +435,7 @@ fn a_revoked_workload_is_cut_off_and_cannot_renew() {
 
     // Renewal with web's current certificate is refused.
     let state = mesh.path().join("state/web");
-    let csr = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "/dev/null",
-            "-subj",
-            "/CN=x",
-        ])
-        .output()
-        .unwrap();
-    let body = serde_json::json!({"csr": String::from_utf8_lossy(&csr.stdout)}).to_string();
+    let body = serde_json::json!({"csr": csr()}).to_string();
     let output = std::process::Command::new("curl")
         .args([
             "-s",

@@ -86,15 +86,35 @@ fn impostor_credential() -> (String, String, String) {
     (root_pem, leaf, key.serialize_pem())
 }
 
+/// A join token for the api identity, written to `<dir>/api.token`; returns the token.
+fn api_token(cp: &ControlPlaneProcess, dir: &std::path::Path) -> String {
+    let created = cp.cli(&[
+        "token",
+        "create",
+        "--identity",
+        &format!("{TD}/ns/shop/svc/api"),
+    ]);
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let token = created.stdout.lines().last().unwrap().trim().to_owned();
+    std::fs::write(dir.join("api.token"), format!("{token}\n")).unwrap();
+    token
+}
+
+/// The api sidecar's config: joining the control plane on `port`, admin on `admin`.
+fn api_config(port: u16, admin: u16) -> String {
+    format!(
+        "identity: {TD}/ns/shop/svc/api\ncontrolPlane:\n  urls: [https://127.0.0.1:{port}]\n  tokenFile: api.token\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        free_port(),
+        free_port(),
+    )
+}
+
 #[test]
 fn a_bundle_with_an_extra_root_gets_no_join_token() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
     let identity = format!("{TD}/ns/shop/svc/api");
-    let created = cp.cli(&["token", "create", "--identity", &identity]);
-    assert_eq!(created.code, 0, "{}", created.stderr);
-    let token = created.stdout.lines().last().unwrap().trim().to_owned();
-    std::fs::write(dir.path().join("api.token"), format!("{token}\n")).unwrap();
+    let token = api_token(&cp, dir.path());
 
     // The impostor's bundle: the genuine root (so the pin matches) and its own.
     let (evil_root, cert, key) = impostor_credential();
@@ -123,12 +143,7 @@ fn a_bundle_with_an_extra_root_gets_no_join_token() {
     let port: u16 = port.trim().parse().expect("the impostor's port");
 
     let admin = free_port();
-    let config = format!(
-        "identity: {identity}\ncontrolPlane:\n  urls: [https://127.0.0.1:{port}]\n  tokenFile: api.token\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{app}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
-        inbound = free_port(),
-        app = free_port(),
-    );
-    let mut sidecar = ProxyProcess::start(dir.path(), "api", &config, admin);
+    let mut sidecar = ProxyProcess::start(dir.path(), "api", &api_config(port, admin), admin);
     // The sidecar fetched the bundle, tried the join and gave up on that control plane...
     let seen = || std::fs::read_to_string(&log).unwrap_or_default();
     eventually(30, "the sidecar to fetch the trust bundle", || {
@@ -181,11 +196,7 @@ fn l6_a_leftover_temporary_file_in_the_state_directory_gets_no_key() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
-    let identity = format!("{TD}/ns/shop/svc/api");
-    let created = cp.cli(&["token", "create", "--identity", &identity]);
-    assert_eq!(created.code, 0, "{}", created.stderr);
-    let token = created.stdout.lines().last().unwrap().trim().to_owned();
-    std::fs::write(dir.path().join("api.token"), format!("{token}\n")).unwrap();
+    api_token(&cp, dir.path());
     let state = dir.path().join("state/api");
     std::fs::create_dir_all(&state).unwrap();
     let leftover = state.join("key.tmp");
@@ -194,12 +205,7 @@ fn l6_a_leftover_temporary_file_in_the_state_directory_gets_no_key() {
     let mut watcher = std::fs::File::open(&leftover).unwrap();
 
     let admin = free_port();
-    let config = format!(
-        "identity: {identity}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: api.token\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
-        cp.api_port,
-        free_port(),
-        free_port(),
-    );
+    let config = api_config(cp.api_port, admin);
     let _sidecar = ProxyProcess::start(dir.path(), "api", &config, admin);
     eventually(30, "the sidecar to save its certificate", || {
         state.join("certificate.pem").exists()
