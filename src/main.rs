@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
+mod telemetry;
 
 /// Sidewall: mutual-TLS sidecars with SPIFFE identities and default-deny policy.
 #[derive(Parser)]

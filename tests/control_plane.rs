@@ -443,8 +443,9 @@ fn h4_a_backup_whose_certificates_were_changed_is_refused() {
 }
 
 /// Issue 15: the control plane's `/metrics` answers in the Prometheus text format (current
-/// Prometheus fails a scrape without the content type), and `sidewall probe` checks an admin
-/// endpoint the way a container health check does, with no curl in the image.
+/// Prometheus fails a scrape without the content type) with `sidewall_build_info` and the
+/// `process_*` metrics, and `sidewall probe` checks an admin endpoint the way a container
+/// health check does, with no curl in the image.
 #[test]
 fn admin_endpoints_serve_prometheus_and_answer_probes() {
     let dir = tempfile::tempdir().unwrap();
@@ -467,6 +468,18 @@ fn admin_endpoints_serve_prometheus_and_answer_probes() {
         headers.contains("content-type: text/plain; version=0.0.4"),
         "{headers}"
     );
+    let (_, metrics) = support::http_get(cp.admin_port, "/metrics");
+    for expected in [
+        "sidewall_build_info{",
+        "component=\"control-plane\"",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_cpu_seconds_total ",
+        "process_start_time_seconds ",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing:\n{metrics}");
+    }
 
     let probe = |url: &str| sidewall(["probe", url, "--timeout-seconds", "2"]);
     let ready = probe(&format!("{admin}/ready"));

@@ -426,6 +426,13 @@ fn keep_alive_with_mixed_outcomes_on_one_connection() {
         .map(|(i, _)| &text[i + 9..i + 12])
         .collect();
     assert_eq!(statuses, ["200", "403", "200"], "{text}");
+    // Request latencies are a histogram with buckets (a fleet-wide p99 can be computed).
+    let metrics = mesh._api.metrics();
+    assert!(
+        metrics.contains("sidewall_proxy_http_request_seconds_bucket{"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("component=\"proxy\""), "{metrics}");
 }
 
 #[test]

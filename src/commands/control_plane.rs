@@ -138,13 +138,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(command) = args.backup {
         return backup(command, &config);
     }
-    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => Some(handle),
-        Err(error) => {
-            eprintln!("warning: metrics disabled: {error}");
-            None
-        }
-    };
+    let metrics = crate::telemetry::install("control-plane");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

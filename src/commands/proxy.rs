@@ -45,10 +45,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|error| eprintln!("warning: metrics disabled: {error}"))
-        .ok();
+    let metrics = crate::telemetry::install("proxy");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .enable_all()

@@ -1,0 +1,91 @@
+//! The Prometheus recorder both servers install: latencies as histograms with buckets (summaries
+//! are per process and cannot be aggregated into a fleet-wide p99), `sidewall_build_info`, and
+//! the `process_*` metrics Prometheus users expect, read from `/proc` every few seconds.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets in seconds: 100 µs to 10 s.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+
+/// How often the `process_*` metrics are refreshed.
+const PROCESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the recorder for `component` (`proxy`, `control-plane`); `None`, with a warning,
+/// if it cannot be installed (the admin listener then answers `/metrics` with 404).
+pub(crate) fn install(component: &'static str) -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&BUCKETS)
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(|error| eprintln!("warning: metrics disabled: {error}"))
+        .ok()?;
+    metrics::gauge!("sidewall_build_info", "version" => env!("CARGO_PKG_VERSION"), "component" => component)
+        .set(1.0);
+    sample_process();
+    let sampler = std::thread::Builder::new()
+        .name("process-metrics".into())
+        .spawn(|| {
+            loop {
+                // A thread of its own, not an executor's: sleeping blocks nothing else.
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(PROCESS_EVERY);
+                sample_process();
+            }
+        });
+    if let Err(error) = sampler {
+        eprintln!("warning: process metrics disabled: {error}");
+    }
+    Some(handle)
+}
+
+/// `/proc` reports CPU times in USER_HZ, 100 on Linux whatever the kernel's own tick rate.
+const USER_HZ: f64 = 100.0;
+
+/// Reads this process's CPU time, memory, file descriptors and start time into gauges. What
+/// cannot be read is left as it was.
+fn sample_process() {
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name, which may hold spaces: field N is at N - 3.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+        if let (Some(user), Some(system)) = (field(14), field(15)) {
+            // A gauge: `metrics` counters hold whole numbers only.
+            metrics::gauge!("process_cpu_seconds_total").set((user + system) / USER_HZ);
+        }
+        if let Some(bytes) = field(23) {
+            metrics::gauge!("process_virtual_memory_bytes").set(bytes);
+        }
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        if let (Some(boot), Some(ticks)) = (boot, field(22)) {
+            metrics::gauge!("process_start_time_seconds").set(boot + ticks / USER_HZ);
+        }
+    }
+    let resident = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        });
+    if let Some(kib) = resident {
+        metrics::gauge!("process_resident_memory_bytes").set(kib * 1024.0);
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        metrics::gauge!("process_open_fds").set(entries.count() as f64);
+    }
+    if let Ok((soft, _)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        metrics::gauge!("process_max_fds").set(soft as f64);
+    }
+}
