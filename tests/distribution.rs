@@ -568,8 +568,9 @@ fn traffic_survives_a_control_plane_restart_and_sidecars_restart_from_disk() {
     assert!(config.contains("\"snapshot_version\""), "{config}");
 }
 
-#[test]
-fn a_policy_directory_is_applied_when_valid_and_kept_when_not() {
+/// A control plane watching a policy directory that allows web → api, with both sidecars,
+/// once the directory is in force: (the directory's parent, the directory, the mesh, sidecars).
+fn policy_directory_mesh() -> (tempfile::TempDir, PathBuf, Mesh, [ProxyProcess; 2]) {
     let dir = tempfile::tempdir().unwrap();
     let policies: PathBuf = dir.path().join("policies");
     std::fs::create_dir(&policies).unwrap();
@@ -579,11 +580,16 @@ fn a_policy_directory_is_applied_when_valid_and_kept_when_not() {
     )
     .unwrap();
     let mut mesh = Mesh::new(&["--policies-dir", policies.to_str().unwrap()]);
-    let _api = mesh.sidecar("api");
-    let _web = mesh.sidecar("web");
+    let sidecars = [mesh.sidecar("api"), mesh.sidecar("web")];
     eventually(10, "the directory applied", || {
         exchange(mesh.route("web"), b"x").is_some()
     });
+    (dir, policies, mesh, sidecars)
+}
+
+#[test]
+fn a_policy_directory_is_applied_when_valid_and_kept_when_not() {
+    let (_dir, policies, mesh, _sidecars) = policy_directory_mesh();
     std::fs::write(
         policies.join("p.yaml"),
         "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: broken\n",
@@ -1080,20 +1086,7 @@ fn l1_an_instance_id_belongs_to_the_identity_that_first_used_it() {
 /// without reading what they point at.
 #[test]
 fn m11_the_policy_directory_stores_what_it_validated_and_keeps_to_itself() {
-    let dir = tempfile::tempdir().unwrap();
-    let policies: PathBuf = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(
-        policies.join("p.yaml"),
-        policy("api-access", "terminate", &allow("web", 8080)),
-    )
-    .unwrap();
-    let mut mesh = Mesh::new(&["--policies-dir", policies.to_str().unwrap()]);
-    let _api = mesh.sidecar("api");
-    let _web = mesh.sidecar("web");
-    eventually(10, "the directory applied", || {
-        exchange(mesh.route("web"), b"x").is_some()
-    });
+    let (dir, policies, mut mesh, _sidecars) = policy_directory_mesh();
 
     // A link to a directory of CI YAML: not walked, nothing new stored.
     let ci = dir.path().join("ci");
