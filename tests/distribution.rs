@@ -107,7 +107,7 @@ impl Mesh {
         };
         let admin = free_port();
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s}}\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s, handshakeTimeout: 30s}}\n",
             self.cp.api_port
         );
         let proxy = ProxyProcess::start(self.path(), name, &config, admin);
@@ -1156,4 +1156,98 @@ fn m11_the_policy_directory_stores_what_it_validated_and_keeps_to_itself() {
     eventually(20, "web allowed after the restart", || {
         exchange(mesh.route("web"), b"after").is_some()
     });
+}
+
+/// A peer that completes its TLS handshake with `api` as `web` (ALPN `sidewall-l4/1`) and holds
+/// back the port header until told to send it on stdin; then prints the status byte (hex) and
+/// whether app bytes came back (`echo` or `closed`).
+const HELD_HEADER: &str = r#"
+import socket, ssl, sys
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.load_cert_chain(sys.argv[2], sys.argv[3])
+context.set_alpn_protocols(["sidewall-l4/1"])
+s = context.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
+s.settimeout(20)
+print("ready", flush=True)
+sys.stdin.readline()
+s.sendall(b"SW\x01\x1f\x90")
+status = s.recv(1)
+try:
+    s.sendall(b"held")
+    echo = s.recv(4)
+except OSError:
+    echo = b""
+print(status.hex(), "echo" if echo == b"held" else "closed", flush=True)
+"#;
+
+/// Review M1: a connection was decided with the snapshot captured when it was accepted and
+/// registered for re-evaluation only after that, so a peer that held back its port header
+/// across a policy change (or its own revocation) was decided on the old snapshot, allowed, and
+/// missed by the re-evaluation. Now it is registered first and decided on the snapshot in
+/// force after that, revocations included.
+#[test]
+fn m1_a_held_back_port_header_is_decided_on_the_snapshot_in_force() {
+    use std::io::BufRead;
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let state = mesh.path().join("state/web");
+    let hold = || {
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(HELD_HEADER)
+            .arg(mesh.api_inbound.to_string())
+            .arg(state.join("certificate.pem"))
+            .arg(state.join("key.pem"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (scripts/test-deps installs it)");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        (child, out)
+    };
+    let release = |(mut child, mut out): (std::process::Child, std::io::BufReader<_>)| {
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let _ = child.wait();
+        line.trim().to_owned()
+    };
+    // Sanity: a header sent at once is allowed and reaches the app.
+    assert_eq!(release(hold()), "00 echo");
+
+    // The allow rule goes while the header is held back.
+    let held = hold();
+    let set = policy("api-access", "terminate", &allow("ops", 8080));
+    assert_eq!(mesh.apply("v2", &[("p.yaml", set)]).code, 0);
+    assert_eq!(
+        release(held),
+        "01 closed",
+        "decided on the snapshot that was in force at accept"
+    );
+
+    // web is revoked while the header is held back (its rule is back, and stays).
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v3", &[("p.yaml", set)]).code, 0);
+    let held = hold();
+    let run = mesh.cli(&["workload", "revoke", &format!("{TD}/web")]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let set = policy(
+        "api-access",
+        "terminate",
+        &(allow("web", 8080) + &allow("ops", 8080)),
+    );
+    assert_eq!(mesh.apply("v4", &[("p.yaml", set)]).code, 0);
+    assert_eq!(
+        release(held),
+        "01 closed",
+        "a revoked peer was decided on the snapshot in force at accept"
+    );
 }

@@ -67,19 +67,29 @@ impl Drop for Registration<'_> {
     }
 }
 
+impl Registration<'_> {
+    /// The connection was admitted by a policy with this `onRevoke`.
+    pub fn admitted(&self, on_revoke: OnRevoke) {
+        if let Some(tracked) = self.table.lock().get_mut(&self.id) {
+            tracked.on_revoke = on_revoke;
+        }
+    }
+}
+
 impl Table {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Tracked>> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records an authorized connection.
+    /// Records a connection about to be decided (see `crate::admit`): until
+    /// [`Registration::admitted`] says otherwise, a re-evaluation that no longer allows it
+    /// closes it at once.
     pub fn register(
         &self,
         peer: SpiffeId,
         serial: String,
         port: u16,
         protocol: Protocol,
-        on_revoke: OnRevoke,
     ) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (close, closed) = watch::channel(None);
@@ -90,7 +100,7 @@ impl Table {
                 serial,
                 port,
                 protocol,
-                on_revoke,
+                on_revoke: OnRevoke::Terminate,
                 close,
                 closing: false,
             },

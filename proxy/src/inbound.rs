@@ -2,10 +2,11 @@
 //! app, then forwarding.
 //!
 //! ```text
-//! accept (permit) → TLS (client SVID required, strict) → port header → port in inbound.ports?
-//!   → Engine::decide_connection(peer, self, port, protocol from OUR config) → Deny: status, log,
-//!   metric, close │ Allow/Audit: connect the app, status Allowed, forward until EOF, idle,
-//!   revocation (onRevoke) or the peer certificate's expiry
+//! accept (permit) → TLS (client SVID required, strict) → port header
+//!   → crate::admit (expiry, port in inbound.ports, registered, snapshot now, revocation,
+//!   Engine::decide_connection) → Refusal: its status byte, close │ Admission: connect the app,
+//!   status Allowed, forward until EOF, idle, revocation (onRevoke) or the peer certificate's
+//!   expiry
 //! ```
 
 use std::net::SocketAddr;
@@ -13,14 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sidewall_policies::svid::{Usage, peer_svid};
-use sidewall_policies::{Decision, Outcome};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Context;
-use crate::connections::CloseReason;
-use crate::identity::now_unix;
+use crate::admit::{Arrival, admit};
 use crate::transport::{Status, forward, read_header, write_status};
 
 mod mux;
@@ -48,19 +47,6 @@ pub(super) fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std
     tracing::info!(%remote, reason, %detail, "inbound connection refused");
 }
 
-pub(super) fn record(decision: &Decision) {
-    let outcome = match decision.outcome {
-        Outcome::Allow => "allow",
-        Outcome::Deny => "deny",
-        Outcome::Audit => "audit",
-    };
-    let policy = decision
-        .reason
-        .as_ref()
-        .map_or_else(|| "-".to_owned(), |r| r.policy.to_string());
-    metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => outcome, "policy" => policy).increment(1);
-}
-
 async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
     let config = &context.config;
     let Some(tls) = context.tls.borrow().clone() else {
@@ -72,14 +58,14 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         );
         return;
     };
-    let Some(active) = context.snapshot.borrow().clone() else {
+    if context.snapshot.borrow().is_none() {
         refused(
             "no_snapshot",
             remote,
             &"the sidecar has no policy snapshot yet",
         );
         return;
-    };
+    }
     let _ = stream.set_nodelay(true);
     let timeout = config.limits.handshake_timeout.0;
     // Transparent mode: a connection redirected from an app port carries that port as its
@@ -122,37 +108,26 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         Ok(Err((reason, detail))) => return refused(reason, remote, &detail),
         Err(_) => return refused("timeout", remote, &"handshake or port header too slow"),
     };
-    if redirected_port.is_some_and(|original| original != port) {
-        return refused(
-            "port_mismatch",
-            remote,
-            &"the port header differs from the port the connection was sent to",
-        );
-    }
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return refused("no_certificate", remote, &"no client SVID");
     };
-    // A resumed session skips certificate verification: expiry is checked here every time.
-    if peer.not_after <= now_unix() {
-        return refused("certificate_expired", remote, &peer.id);
-    }
-    let Some(entry) = config.inbound_port(port) else {
-        metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "unknown_port", "policy" => "-").increment(1);
-        tracing::warn!(peer = %peer.id, port, "peer asked for a port this sidecar does not serve");
-        let _ = write_status(&mut stream, Status::UnknownPort).await;
-        return;
-    };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
-    if h2 && entry.protocol != sidewall_policies::Protocol::Http {
-        metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "not_http", "policy" => "-").increment(1);
-        tracing::warn!(peer = %peer.id, port, "peer asked for HTTP/2 on a port that is not an HTTP port here");
-        let _ = write_status(&mut stream, Status::NotHttp).await;
-        return;
-    }
-    let Some(on_revoke) = decide(context, &active, &peer.id, port, entry.protocol) else {
-        let _ = write_status(&mut stream, Status::Denied).await;
-        return;
+    let admission = match admit(
+        context,
+        &peer,
+        port,
+        redirected_port,
+        Arrival::Direct { h2 },
+    ) {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            if let Some(status) = refusal.status() {
+                let _ = write_status(&mut stream, status).await;
+            }
+            return;
+        }
     };
+    let entry = admission.entry;
     if entry.protocol == sidewall_policies::Protocol::Http {
         // The connection may carry requests: each is decided on its own from here on.
         if write_status(&mut stream, Status::Allowed).await.is_err() {
@@ -162,11 +137,11 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             context.clone(),
             stream,
             Some(peer.id.clone()),
-            *entry,
+            entry,
             remote,
             h2,
         );
-        supervise(context, &peer, port, entry.protocol, on_revoke, serve).await;
+        admission.supervise(serve).await;
         return;
     }
     let app = match tokio::time::timeout(
@@ -203,80 +178,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
             }
         }
     };
-    supervise(context, &peer, port, entry.protocol, on_revoke, copy).await;
-}
-
-/// The connection-level decision for `peer` on `port` with the snapshot in force: counted,
-/// logged, and its flow recorded (HTTP ports count each request instead, see `crate::http`;
-/// a denied connection counts here). `None` when denied; otherwise what `onRevoke` says for
-/// the policy that allowed it.
-pub(super) fn decide(
-    context: &Context,
-    active: &crate::snapshot::Active,
-    peer: &sidewall_policies::SpiffeId,
-    port: u16,
-    protocol: sidewall_policies::Protocol,
-) -> Option<sidewall_policies::policy::OnRevoke> {
-    let target = &context.config.identity;
-    let decision = active
-        .engine
-        .decide_connection(peer, target, port, protocol);
-    record(&decision);
-    if protocol == sidewall_policies::Protocol::Tcp || !decision.permits() {
-        context
-            .flows
-            .count(peer.as_str(), port, protocol, None, &decision);
-    }
-    if !decision.permits() {
-        tracing::warn!(%peer, %target, port, %decision, "connection denied");
-        return None;
-    }
-    if decision.outcome == Outcome::Audit || decision.shadow.is_some() {
-        tracing::info!(%peer, port, decision = %decision.to_string().replace('\n', "; "), "audit");
-    } else {
-        tracing::debug!(%peer, port, %decision, "connection allowed");
-    }
-    Some(
-        decision
-            .reason
-            .as_ref()
-            .and_then(|r| active.snapshot.policies.get(r.policy.as_str()))
-            .map(|p| p.on_revoke)
-            .unwrap_or_default(),
-    )
-}
-
-/// Runs an authorized connection's `work` while it is registered for re-evaluation: it ends
-/// when the work ends, when the sidecar closes it (`onRevoke`, revocation, shutdown), or when
-/// the peer certificate it was authorized with expires.
-pub(super) async fn supervise(
-    context: &Context,
-    peer: &sidewall_policies::svid::Svid,
-    port: u16,
-    protocol: sidewall_policies::Protocol,
-    on_revoke: sidewall_policies::policy::OnRevoke,
-    work: impl std::future::Future<Output = ()>,
-) {
-    let mut registration = context.connections.register(
-        peer.id.clone(),
-        peer.serial.clone(),
-        port,
-        protocol,
-        on_revoke,
-    );
-    let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
-    tokio::select! {
-        () = work => {}
-        reason = registration.closed.wait_for(Option::is_some) => {
-            let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
-            metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
-            tracing::info!(peer = %peer.id, port, reason = label, "connection closed by the sidecar");
-        }
-        () = tokio::time::sleep(expiry) => {
-            metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "peer_certificate_expired").increment(1);
-            tracing::info!(peer = %peer.id, port, "peer certificate expired: connection closed");
-        }
-    }
+    admission.supervise(copy).await;
 }
 
 /// Whether the first byte is a TLS handshake record (waits up to `timeout` for it).

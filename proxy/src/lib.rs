@@ -10,6 +10,7 @@
 //! - [`http`]: HTTP ports: request checks, normalization, a decision per request.
 //! - [`outbound`]: explicit routes to other services, verifying the expected identity.
 //! - [`transport`]: the port header between sidecars and the forwarding copy.
+//! - [`admit`]: the one admission path: a peer connection decided on the snapshot in force.
 //! - [`connections`]: open connections, re-checked when the snapshot changes (`onRevoke`).
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
 //! - [`redirect`]: the iptables rules of transparent mode (`sidewall iptables install`).
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 pub mod admin;
+pub mod admit;
 pub mod config;
 pub mod connections;
 pub mod distribution;

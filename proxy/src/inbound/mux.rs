@@ -19,13 +19,13 @@ use bytes::Bytes;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use hyper::{Method, Request, Response, StatusCode};
-use sidewall_policies::Protocol;
 use sidewall_policies::svid::{Svid, Usage, peer_svid};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use super::{decide, refused, supervise};
+use super::refused;
 use crate::Context;
+use crate::admit::{Arrival, admit};
 use crate::identity::now_unix;
 use crate::mux::HOST;
 use crate::transport::ReadAhead;
@@ -113,47 +113,12 @@ async fn carried(
     let (Some(port), &Method::CONNECT) = (port, request.method()) else {
         return stream_refused(&mut respond, "bad_request", &peer, StatusCode::BAD_REQUEST);
     };
-    if peer.not_after <= now_unix() {
-        return stream_refused(
-            &mut respond,
-            "certificate_expired",
-            &peer,
-            StatusCode::FORBIDDEN,
-        );
-    }
-    if redirected.is_some_and(|original| original != port) {
-        return stream_refused(&mut respond, "port_mismatch", &peer, StatusCode::FORBIDDEN);
-    }
-    let Some(active) = context.snapshot.borrow().clone() else {
-        return stream_refused(
-            &mut respond,
-            "no_snapshot",
-            &peer,
-            StatusCode::SERVICE_UNAVAILABLE,
-        );
+    let admission = match admit(&context, &peer, port, redirected, Arrival::Carried) {
+        Ok(admission) => admission,
+        Err(refusal) => return answer(&mut respond, refusal.http_status()),
     };
-    if active
-        .snapshot
-        .revocations
-        .is_revoked(&peer.id, &peer.serial)
-    {
-        return stream_refused(&mut respond, "revoked", &peer, StatusCode::FORBIDDEN);
-    }
+    let entry = admission.entry;
     let config = &context.config;
-    let Some(entry) = config.inbound_port(port).copied() else {
-        metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "unknown_port", "policy" => "-").increment(1);
-        tracing::warn!(peer = %peer.id, port, "peer asked for a port this sidecar does not serve");
-        return answer(&mut respond, StatusCode::NOT_FOUND);
-    };
-    if entry.protocol != Protocol::Tcp {
-        metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => "not_tcp", "policy" => "-").increment(1);
-        tracing::warn!(peer = %peer.id, port, "peer carried a connection to an HTTP port (HTTP goes as requests)");
-        return answer(&mut respond, StatusCode::MISDIRECTED_REQUEST);
-    }
-    let Some(on_revoke) = decide(&context, &active, &peer.id, port, entry.protocol) else {
-        return answer(&mut respond, StatusCode::FORBIDDEN);
-    };
-    drop(active);
     let Ok(_permit) = context.permits.clone().try_acquire_owned() else {
         return stream_refused(
             &mut respond,
@@ -198,5 +163,5 @@ async fn carried(
             }
         }
     };
-    supervise(&context, &peer, port, entry.protocol, on_revoke, copy).await;
+    admission.supervise(copy).await;
 }
