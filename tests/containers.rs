@@ -95,13 +95,19 @@ impl Mesh {
     }
 
     /// A sidecar for `name` in `host`, in transparent mode, running as `uid`; iptables installed.
+    /// `api`'s inbound listener is dual-stack (`[::]:4643`), the others' IPv4 only.
     fn sidecar(&mut self, host: &Host, name: &str, ports: &str, egress: &str, uid: u32) {
+        let listen = if name == "api" {
+            "\"[::]:4643\""
+        } else {
+            "0.0.0.0:4643"
+        };
         let dir = self.net.dir().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let token = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
         std::fs::write(dir.join("token"), token.lines().last().unwrap()).unwrap();
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://{}:4600]\n  tokenFile: token\nstateDir: state\ninbound:\n  listen: 0.0.0.0:4643\n  advertise: {}:4643\n  ports: [{ports}]\noutbound:\n  transparent: {{listen: 127.0.0.1:4640}}\n  egress: [{egress}]\nadmin:\n  listen: 127.0.0.1:4691\nworkerThreads: 1\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://{}:4600]\n  tokenFile: token\nstateDir: state\ninbound:\n  listen: {listen}\n  advertise: {}:4643\n  ports: [{ports}]\noutbound:\n  transparent: {{listen: 127.0.0.1:4640}}\n  egress: [{egress}]\nadmin:\n  listen: 127.0.0.1:4691\nworkerThreads: 1\n",
             self.cp.ipv4, host.ipv4
         );
         std::fs::write(dir.join("sidecar.yaml"), config).unwrap();
@@ -423,6 +429,9 @@ fn containers() {
     );
 
     // 9. A permissive port takes plaintext from a workload without a sidecar; the others do not.
+    // Review L8: api's listener is dual-stack, where an IPv4 connection is v4-mapped; its
+    // original destination was read with the IPv6 option, failed, and the permissive port
+    // refused plaintext (and the port-header check was skipped).
     assert_eq!(
         mesh.net
             .call(&outsider, User::Root, api.ip(false), 9090, "legacy"),

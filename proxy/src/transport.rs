@@ -30,7 +30,13 @@ pub fn original_destination(
     use nix::sys::socket::{getsockopt, sockopt};
     let local = stream.local_addr()?;
     let error = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
-    if local.is_ipv4() {
+    // An IPv4 connection on a dual-stack (`[::]`) listener is v4-mapped: it was redirected by
+    // the IPv4 rules and its original destination is kept by IPv4 conntrack.
+    let ipv4 = match local.ip() {
+        std::net::IpAddr::V4(_) => true,
+        std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+    };
+    if ipv4 {
         let address = getsockopt(stream, sockopt::OriginalDst).map_err(error)?;
         let ip = std::net::Ipv4Addr::from(u32::from_be(address.sin_addr.s_addr));
         Ok(std::net::SocketAddr::from((
