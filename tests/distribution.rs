@@ -119,6 +119,46 @@ impl Mesh {
         self.routes[name]
     }
 
+    /// `curl` to the control plane's API with `name`'s certificate: the body, a newline and
+    /// the status code.
+    fn curl_as(&self, name: &str, method: &str, path: &str, body: Option<&str>) -> String {
+        let state = self.path().join("state").join(name);
+        let mut command = std::process::Command::new("curl");
+        command
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                method,
+            ])
+            .arg("--cacert")
+            .arg(self.path().join("cp/trust-bundle.pem"))
+            .arg("--cert")
+            .arg(state.join("certificate.pem"))
+            .arg("--key")
+            .arg(state.join("key.pem"));
+        if let Some(body) = body {
+            command.args(["-d", body]);
+        }
+        command.arg(format!("https://127.0.0.1:{}{path}", self.cp.api_port));
+        String::from_utf8_lossy(&command.output().unwrap().stdout).into_owned()
+    }
+
+    /// The directory entry for `service` in `name`'s saved snapshot.
+    fn directory_entry(&self, name: &str, service: &str) -> Option<serde_json::Value> {
+        let path = self.path().join("state").join(name).join("snapshot.json");
+        let snapshot: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+        snapshot["directory"]
+            .as_array()?
+            .iter()
+            .find(|e| e["identity"] == format!("{TD}/{service}").as_str())
+            .cloned()
+    }
+
     fn restart_sidecar(&self, name: &str, old: &mut ProxyProcess) -> ProxyProcess {
         old.stop();
         let config = std::fs::read_to_string(self.path().join(format!("{name}.yaml"))).unwrap();
@@ -1032,21 +1072,8 @@ fn l1_an_instance_id_belongs_to_the_identity_that_first_used_it() {
     assert!(api_registered, "{listed}");
 
     // web, with its own valid certificate, uses api's instance id.
-    let state = mesh.path().join("state/web");
     let curl = |method: &str, path: &str, body: Option<String>| {
-        let mut command = std::process::Command::new("curl");
-        command
-            .args(["-s", "-w", "\n%{http_code}", "-X", method, "--cacert"])
-            .arg(mesh.path().join("cp/trust-bundle.pem"))
-            .arg("--cert")
-            .arg(state.join("certificate.pem"))
-            .arg("--key")
-            .arg(state.join("key.pem"));
-        if let Some(body) = body {
-            command.args(["-d", &body]);
-        }
-        command.arg(format!("https://127.0.0.1:{}{path}", mesh.cp.api_port));
-        String::from_utf8_lossy(&command.output().unwrap().stdout).into_owned()
+        mesh.curl_as("web", method, path, body.as_deref())
     };
     let registration =
         serde_json::json!({"instance": victim, "endpoint": "127.0.0.1:1", "ports": []});
@@ -1250,4 +1277,117 @@ fn m1_a_held_back_port_header_is_decided_on_the_snapshot_in_force() {
         "01 closed",
         "a revoked peer was decided on the snapshot in force at accept"
     );
+}
+
+/// Review H8: a workload could register any address as its own (`addresses`: another
+/// service's endpoint, an egress destination, an undeclared virtual IP); every caller's
+/// sidecar then sent connections for that address to it. Only addresses an operator declared
+/// for the identity (`spec.addresses` of a policy that targets it exactly) reach the directory,
+/// never one that is another service's endpoint; the rest are refused, counted and shown.
+#[test]
+fn h8_a_workload_is_reachable_only_at_the_addresses_declared_for_it() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let _ops = mesh.sidecar("ops");
+    // web may call api and ops; ops is the compromised workload.
+    let ops_policy = |addresses: &str| {
+        let addresses = if addresses.is_empty() {
+            String::new()
+        } else {
+            format!("  addresses: [{addresses}]\n")
+        };
+        format!(
+            "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: ops-access}}\nspec:\n  target: {TD}/ops\n{addresses}  rules:\n{}",
+            allow("web", 9000)
+        )
+    };
+    let api_policy = policy("api-access", "terminate", &allow("web", 8080));
+    let run = mesh.apply(
+        "v1",
+        &[
+            ("api.yaml", api_policy.clone()),
+            ("ops.yaml", ops_policy("")),
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    // api's endpoint host with api's port, an egress destination, a virtual IP nobody declared.
+    let squatted = ["127.0.0.1:8080", "203.0.113.7:443", "10.96.0.10:9000"];
+    let registration = serde_json::json!({"instance": "squat", "endpoint": endpoint,
+        "ports": [{"port": 9000}], "addresses": squatted});
+    let answer = mesh.curl_as(
+        "ops",
+        "POST",
+        "/v1/registrations",
+        Some(&registration.to_string()),
+    );
+    assert!(answer.ends_with("200"), "{answer}");
+    let (body, _) = answer.rsplit_once('\n').unwrap();
+    let body: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        body["addresses_refused"].as_array().map(Vec::len),
+        Some(3),
+        "{body}"
+    );
+
+    // web's directory lists the new endpoint for ops, and none of the addresses.
+    eventually(20, "web's directory to list the squatting endpoint", || {
+        mesh.directory_entry("web", "ops").is_some_and(|e| {
+            e["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == endpoint.as_str())
+        })
+    });
+    let entry = mesh.directory_entry("web", "ops").unwrap();
+    assert_eq!(
+        entry["addresses"],
+        serde_json::json!([]),
+        "addresses captured: {entry}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&mesh.cli(&["status", "--json"]).stdout).unwrap();
+    let row = status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["instance"] == "squat")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        row["addresses_refused"].as_array().map(Vec::len),
+        Some(3),
+        "{row}"
+    );
+    let text = mesh.cli(&["status"]).stdout;
+    assert!(text.contains("address 203.0.113.7:443 refused"), "{text}");
+    let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_addresses_refused_total",
+            &[("reason", "not_declared")]
+        ),
+        3,
+        "{metrics}"
+    );
+
+    // Declared by an operator, a virtual IP is listed; api's endpoint never is, declared or not.
+    let run = mesh.apply(
+        "v2",
+        &[
+            ("api.yaml", api_policy),
+            (
+                "ops.yaml",
+                ops_policy("\"10.96.0.10:9000\", \"127.0.0.1:8080\""),
+            ),
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    eventually(20, "the declared address to be listed", || {
+        mesh.directory_entry("web", "ops")
+            .is_some_and(|e| e["addresses"] == serde_json::json!(["10.96.0.10:9000"]))
+    });
 }

@@ -55,9 +55,49 @@ pub struct FleetEntry {
     pub last_rejection: Option<String>,
     /// When its certificate expires, Unix seconds (as it reported).
     pub certificate_expires_at: Option<i64>,
+    /// Addresses it registered that callers are not sent to, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses_refused: Vec<RefusedAddress>,
     /// The last generation its stream has processed (internal).
     #[serde(skip)]
     pub processed: u64,
+}
+
+/// An address a workload registered that its callers are not sent to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedAddress {
+    /// The address as registered.
+    pub address: String,
+    /// `not_declared` (no policy targeting the identity lists it in `spec.addresses`) or
+    /// `endpoint_of_another` (another service's sidecar endpoint host with one of its ports).
+    pub reason: String,
+}
+
+/// Why `identity` may not be reached at `address`: only an address an operator declared for
+/// it, and never one that resolves to another service's endpoint (review H8).
+fn address_refusal(
+    engine: &Engine,
+    registrations: &[RegistrationRecord],
+    identity: &SpiffeId,
+    address: &str,
+) -> Option<&'static str> {
+    let Ok(address) = address.parse::<std::net::SocketAddr>() else {
+        return Some("not_declared");
+    };
+    if !engine.policy_set().declares(identity, address) {
+        return Some("not_declared");
+    }
+    let another = registrations.iter().any(|r| {
+        r.identity != identity.as_str()
+            && r.endpoint
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|endpoint| {
+                    endpoint.ip().to_canonical() == address.ip().to_canonical()
+                        && (endpoint.port() == address.port()
+                            || r.ports.iter().any(|p| p.port == address.port()))
+                })
+    });
+    another.then_some("endpoint_of_another")
 }
 
 /// The fleet view as `GET /v1/fleet` and the dashboard serve it.
@@ -429,7 +469,7 @@ impl Distribution {
             let entry = by_service
                 .entry(registration.identity.clone())
                 .or_insert_with(|| ServiceEntry {
-                    identity: service,
+                    identity: service.clone(),
                     endpoints: Vec::new(),
                     ports: Vec::new(),
                     addresses: Vec::new(),
@@ -445,7 +485,9 @@ impl Distribution {
                 }
             }
             for address in &registration.addresses {
-                if !entry.addresses.contains(address) {
+                if address_refusal(&state.engine, &state.registrations, &service, address).is_none()
+                    && !entry.addresses.contains(address)
+                {
                     entry.addresses.push(address.clone());
                 }
             }
@@ -494,6 +536,30 @@ impl Distribution {
         Ok(())
     }
 
+    /// The addresses of a registration by `identity` that its callers would not be sent to
+    /// now, with why; each counted in `sidewall_control_plane_addresses_refused_total`.
+    pub fn refuse_addresses(
+        &self,
+        identity: &SpiffeId,
+        addresses: &[String],
+        registrations: &[RegistrationRecord],
+    ) -> Vec<RefusedAddress> {
+        let state = self.read();
+        addresses
+            .iter()
+            .filter_map(|address| {
+                let reason = address_refusal(&state.engine, registrations, identity, address)?;
+                metrics::counter!("sidewall_control_plane_addresses_refused_total", "reason" => reason)
+                    .increment(1);
+                tracing::warn!(%identity, address, reason, "registered address refused: callers are not sent there");
+                Some(RefusedAddress {
+                    address: address.clone(),
+                    reason: reason.to_owned(),
+                })
+            })
+            .collect()
+    }
+
     /// Records a watch stream opening or closing, and what it has sent.
     pub fn fleet_update(&self, instance: &str, update: impl FnOnce(&mut FleetEntry)) {
         let mut fleet = lock(&self.fleet);
@@ -511,6 +577,7 @@ impl Distribution {
                 last_ack_at: None,
                 last_rejection: None,
                 certificate_expires_at: None,
+                addresses_refused: Vec::new(),
                 processed: 0,
             });
         update(entry);
@@ -611,6 +678,9 @@ impl Distribution {
         for entry in fleet.values().filter(|e| behind(e)) {
             if entry.connected {
                 pending.waiting.push(entry.clone());
+            } else if entry.sent.is_none() {
+                // Registered but never watched: nothing was ever sent to wait for.
+                continue;
             } else if following
                 || live.contains(&(entry.identity.as_str(), entry.endpoint.as_deref()))
             {

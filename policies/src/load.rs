@@ -127,6 +127,22 @@ pub enum LoadErrorKind {
         /// The cap.
         max: usize,
     },
+    /// `spec.addresses` on a policy whose target is a pattern.
+    #[error("spec.addresses needs an exact target, not the pattern {target}")]
+    AddressesNeedExactTarget {
+        /// The pattern.
+        target: String,
+    },
+    /// An address declared for two different targets.
+    #[error("address {address} is declared for {target} at {first}")]
+    AddressDeclaredTwice {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The other target.
+        target: String,
+        /// Where.
+        first: Box<Location>,
+    },
 }
 
 impl LoadErrorKind {
@@ -143,13 +159,23 @@ impl LoadErrorKind {
             Self::TooManyRules { .. } => {
                 "merge rules (patterns, port ranges) or raise the rule cap"
             }
+            Self::AddressesNeedExactTarget { .. } => {
+                "an address belongs to one service: declare it in a policy whose target is that service's SPIFFE ID"
+            }
+            Self::AddressDeclaredTwice { .. } => {
+                "an address belongs to one service: declare it for one target only"
+            }
         }
     }
 }
 
 /// Hints for parser messages, by what the message says.
 fn hint_for(message: &str) -> &'static str {
-    let table: [(&str, &str); 18] = [
+    let table: [(&str, &str); 19] = [
+        (
+            "invalid socket address",
+            "addresses are IP:port, e.g. 10.96.0.10:8080 or \"[fd00::10]:8080\"",
+        ),
         (
             "invalid path pattern",
             "paths start with '/'; '*' is one segment, a final '**' the rest",
@@ -404,6 +430,7 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
     let mut errors = Vec::new();
     let mut policies: Vec<Policy> = Vec::new();
     let mut names: HashMap<String, Location> = HashMap::new();
+    let mut declared: HashMap<std::net::SocketAddr, (String, Location)> = HashMap::new();
     let mut loaded = Loaded::default();
     let mut rules = 0usize;
     let mut over_cap = false;
@@ -471,6 +498,33 @@ pub fn load_sources(sources: &[Source], options: &LoadOptions) -> Result<Loaded,
                                 max: options.max_rules,
                             },
                         });
+                    }
+                    if !policy.addresses.is_empty() && policy.target.exact().is_none() {
+                        errors.push(LoadError {
+                            location: here(),
+                            kind: LoadErrorKind::AddressesNeedExactTarget {
+                                target: policy.target.to_string(),
+                            },
+                        });
+                    }
+                    for address in &policy.addresses {
+                        match declared.get(address) {
+                            Some((target, first)) if *target != policy.target.as_str() => {
+                                errors.push(LoadError {
+                                    location: here(),
+                                    kind: LoadErrorKind::AddressDeclaredTwice {
+                                        address: *address,
+                                        target: target.clone(),
+                                        first: Box::new(first.clone()),
+                                    },
+                                });
+                            }
+                            Some(_) => {}
+                            None => {
+                                declared
+                                    .insert(*address, (policy.target.as_str().to_owned(), here()));
+                            }
+                        }
                     }
                     names.insert(name, here());
                     policies.push(policy);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::http::{HostPattern, Method, PathPattern};
-use crate::identity::IdentityPattern;
+use crate::identity::{IdentityPattern, SpiffeId};
 
 /// Why a policy value (name, port range, `onRevoke`, list) is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -539,6 +539,10 @@ pub struct Policy {
     /// What happens to open connections this policy stops allowing. Default: terminate.
     #[serde(default)]
     pub on_revoke: OnRevoke,
+    /// The other addresses (`IP:port`, a virtual IP) the target may register as its own and
+    /// callers may dial it at. Only with an exact target; one target per address in a set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::SocketAddr>,
     /// The rules, in order; decisions name them by 1-based index.
     pub rules: Vec<Rule>,
 }
@@ -592,6 +596,14 @@ impl PolicySet {
         open.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         open.dedup();
         open
+    }
+
+    /// Whether an operator declared `address` for `identity` (`spec.addresses` of a policy whose
+    /// target is exactly that identity): the only addresses it may register as its own.
+    pub fn declares(&self, identity: &SpiffeId, address: std::net::SocketAddr) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.target.exact() == Some(identity.as_str()) && p.addresses.contains(&address))
     }
 
     /// The policy with this name.

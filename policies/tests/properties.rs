@@ -245,6 +245,7 @@ fn policy_set(
                     target,
                     mode,
                     on_revoke,
+                    addresses: Vec::new(),
                     rules,
                 })
                 .collect();

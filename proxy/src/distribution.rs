@@ -274,6 +274,10 @@ async fn session(
         if status != 200 {
             // Not fatal for enforcement: log loudly and keep watching.
             tracing::error!(status, answer = %String::from_utf8_lossy(&answer), "registration refused");
+        } else if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&answer) {
+            for refused in answer["addresses_refused"].as_array().into_iter().flatten() {
+                tracing::warn!(address = %refused["address"], reason = %refused["reason"], "inbound.addresses: the control plane does not send callers to this address (an operator declares a service's addresses in a policy's spec.addresses)");
+            }
         }
     }
     let request = Request::builder()

@@ -393,9 +393,14 @@ pub(crate) async fn serve_transparent(
 }
 
 /// The mesh service a destination belongs to: a sidecar endpoint's host with one of the
-/// service's ports, or one of the extra addresses registered for it (a virtual IP).
-fn resolve(active: &crate::snapshot::Active, destination: SocketAddr) -> Option<SpiffeId> {
-    active.snapshot.directory.iter().find_map(|entry| {
+/// service's ports, or one of the extra addresses declared for it (a virtual IP). `Err` when
+/// more than one service, or a service and the egress list, claim it: never first match.
+fn resolve(
+    active: &crate::snapshot::Active,
+    egress: &[String],
+    destination: SocketAddr,
+) -> Result<Option<SpiffeId>, &'static str> {
+    let mut claimants = active.snapshot.directory.iter().filter(|entry| {
         let serves = entry.ports.iter().any(|p| p.port == destination.port());
         let on_host = entry.endpoints.iter().any(|e| {
             e.parse::<SocketAddr>()
@@ -405,7 +410,26 @@ fn resolve(active: &crate::snapshot::Active, destination: SocketAddr) -> Option<
             .addresses
             .iter()
             .any(|a| a.parse::<SocketAddr>().is_ok_and(|a| a == destination));
-        ((serves && on_host) || listed).then(|| entry.identity.clone())
+        (serves && on_host) || listed
+    });
+    let Some(first) = claimants.next() else {
+        return Ok(None);
+    };
+    let second = claimants.next();
+    if second.is_some() || on_egress(egress, destination) {
+        tracing::warn!(%destination, service = %first.identity, other = ?second.map(|e| e.identity.as_str()), "destination claimed twice (two services, or a service and outbound.egress): refused");
+        return Err("ambiguous_destination");
+    }
+    Ok(Some(first.identity.clone()))
+}
+
+/// Whether `outbound.egress` lists the destination (as `IP:port` or as an IP).
+fn on_egress(egress: &[String], destination: SocketAddr) -> bool {
+    egress.iter().any(|entry| {
+        entry.parse::<SocketAddr>().is_ok_and(|a| a == destination)
+            || entry
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip == destination.ip())
     })
 }
 
@@ -415,17 +439,11 @@ async fn transparent(
     app: TcpStream,
 ) -> Result<(), &'static str> {
     let active = context.snapshot.borrow().clone().ok_or("no_snapshot")?;
-    if let Some(service) = resolve(&active, destination) {
+    let config = &context.config;
+    if let Some(service) = resolve(&active, &config.outbound.egress, destination)? {
         return dial(context, &service, destination.port(), app).await;
     }
-    let config = &context.config;
-    let allowed = config.outbound.egress.iter().any(|entry| {
-        entry.parse::<SocketAddr>().is_ok_and(|a| a == destination)
-            || entry
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip == destination.ip())
-    });
-    if !allowed {
+    if !on_egress(&config.outbound.egress, destination) {
         tracing::warn!(%destination, "destination is not in the mesh and not on the egress list: refused");
         return Err("not_in_mesh");
     }
@@ -442,4 +460,76 @@ async fn transparent(
         .await
         .map_err(|_| "egress_error")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidewall_policies::snapshot::{
+        Schema, ServiceEntry, ServicePort, Snapshot, SnapshotVersion,
+    };
+
+    fn service(name: &str, endpoint: &str, port: u16, addresses: &[&str]) -> ServiceEntry {
+        ServiceEntry {
+            identity: SpiffeId::parse(&format!("spiffe://example.org/ns/a/svc/{name}")).unwrap(),
+            endpoints: vec![endpoint.into()],
+            ports: vec![ServicePort {
+                port,
+                protocol: sidewall_policies::Protocol::Tcp,
+            }],
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+        }
+    }
+
+    /// Review H8: the first service listing a destination won, so a workload registering
+    /// another's address (or an egress destination) captured its traffic. A destination claimed
+    /// twice is refused instead.
+    #[test]
+    fn a_destination_claimed_twice_is_refused_not_first_match() {
+        let active = |directory: Vec<ServiceEntry>| {
+            crate::snapshot::Active::new(Snapshot {
+                schema: Schema::default(),
+                version: SnapshotVersion {
+                    epoch: "t".into(),
+                    counter: 1,
+                },
+                workload: SpiffeId::parse("spiffe://example.org/ns/a/svc/web").unwrap(),
+                policies: Default::default(),
+                trust_bundles: Default::default(),
+                revocations: Default::default(),
+                directory,
+            })
+        };
+        let name = |r: Result<Option<SpiffeId>, &'static str>| {
+            r.map(|id| id.map(|id| id.path().rsplit('/').next().unwrap().to_owned()))
+        };
+        let db = "10.0.0.7:5432".parse().unwrap();
+        let vip = "10.96.0.10:80".parse().unwrap();
+        let alone = active(vec![
+            service("db", "10.0.0.7:4643", 5432, &[]),
+            service("api", "10.0.0.2:4643", 80, &["10.96.0.10:80"]),
+        ]);
+        assert_eq!(name(resolve(&alone, &[], db)), Ok(Some("db".into())));
+        assert_eq!(name(resolve(&alone, &[], vip)), Ok(Some("api".into())));
+        assert_eq!(
+            name(resolve(&alone, &[], "10.0.0.9:80".parse().unwrap())),
+            Ok(None)
+        );
+        // An address that is also db's endpoint host and port.
+        let squatted = active(vec![
+            service("aaa", "10.0.0.3:4643", 9, &["10.0.0.7:5432"]),
+            service("db", "10.0.0.7:4643", 5432, &[]),
+        ]);
+        assert_eq!(
+            name(resolve(&squatted, &[], db)),
+            Err("ambiguous_destination")
+        );
+        // An address that is also on the egress list, as IP:port or as an IP.
+        for egress in ["10.96.0.10:80", "10.96.0.10"] {
+            assert_eq!(
+                name(resolve(&alone, &[egress.into()], vip)),
+                Err("ambiguous_destination")
+            );
+        }
+    }
 }

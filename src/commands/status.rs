@@ -82,6 +82,17 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 p["last_rejection"].as_str().unwrap_or("-"),
             );
         }
+        for p in body["proxies"].as_array().into_iter().flatten() {
+            for refused in p["addresses_refused"].as_array().into_iter().flatten() {
+                println!(
+                    "{} ({}): address {} refused ({}): callers are not sent there",
+                    p["identity"].as_str().unwrap_or("?"),
+                    p["instance"].as_str().unwrap_or("?"),
+                    refused["address"].as_str().unwrap_or("?"),
+                    refused["reason"].as_str().unwrap_or("?"),
+                );
+            }
+        }
         Ok(())
     })
 }

@@ -219,20 +219,15 @@ pub(super) async fn register(
             ));
         }
     }
-    // An extra address (a virtual IP) belongs to one identity: another may not claim it and
-    // capture its callers' traffic.
-    if let Some(holder) = api.store.registrations().await?.into_iter().find(|r| {
-        r.identity != identity.as_str() && r.addresses.iter().any(|a| body.addresses.contains(a))
-    }) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "address_taken",
-            format!(
-                "an address in {:?} is registered to {}",
-                body.addresses, holder.identity
-            ),
-        ));
-    }
+    // An extra address (a virtual IP) is registered as given, and callers are sent there only
+    // while an operator declares it for this identity and it is no other service's endpoint
+    // (checked again whenever the directory is assembled); what is not is answered, counted
+    // and shown in the fleet view.
+    let refused = api.distribution.refuse_addresses(
+        &identity,
+        &body.addresses,
+        &api.store.registrations().await?,
+    );
     let record = RegistrationRecord {
         instance: body.instance.clone(),
         identity: identity.to_string(),
@@ -255,11 +250,12 @@ pub(super) async fn register(
     api.distribution.fleet_update(&body.instance, |entry| {
         entry.identity = identity.to_string();
         entry.endpoint = Some(endpoint.to_string());
+        entry.addresses_refused = refused.clone();
     });
     tracing::info!(%identity, %endpoint, instance = body.instance, "registered");
     Ok(json_response(
         StatusCode::OK,
-        &json!({"endpoint": endpoint.to_string()}),
+        &json!({"endpoint": endpoint.to_string(), "addresses_refused": refused}),
     ))
 }
 

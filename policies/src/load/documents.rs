@@ -203,6 +203,8 @@ struct PolicySpec {
     mode: Mode,
     #[serde(default)]
     on_revoke: OnRevoke,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    addresses: Vec<std::net::SocketAddr>,
     rules: Vec<RuleDocument>,
 }
 
@@ -236,6 +238,7 @@ impl From<PolicyDocument> for Policy {
             target: spec.target,
             mode: spec.mode,
             on_revoke: spec.on_revoke,
+            addresses: spec.addresses,
             rules: spec
                 .rules
                 .into_iter()
@@ -266,6 +269,7 @@ impl From<&Policy> for PolicyDocument {
                 target: policy.target.clone(),
                 mode: policy.mode,
                 on_revoke: policy.on_revoke,
+                addresses: policy.addresses.clone(),
                 rules: policy
                     .rules
                     .iter()

@@ -1,6 +1,7 @@
 use std::fs;
 
 use super::*;
+use crate::SpiffeId;
 
 /// The start of a valid policy; line 4 is `  name: p`, `spec:` goes on line 5.
 const HEAD: &str = "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata:\n  name: p\n";
@@ -17,7 +18,7 @@ fn load(text: &str) -> Result<Loaded, LoadErrors> {
 fn invalid_policy_files_report_line_column_and_message() {
     let cases: Vec<(String, usize, usize, &str)> = vec![
         // 1. unknown field (a typo)
-        (format!("{HEAD}{SPEC}{RULE}  tagret: x\n"), 10, 3, "unknown field `tagret`, expected one of `target`, `mode`, `onRevoke`, `rules`"),
+        (format!("{HEAD}{SPEC}{RULE}  tagret: x\n"), 10, 3, "unknown field `tagret`, expected one of `target`, `mode`, `onRevoke`, `addresses`, `rules`"),
         // 2. duplicate map key (serde_yaml would otherwise keep the last one)
         (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n  target: spiffe://example.org/b\n  rules: []\n"), 6, 3, "duplicate field `target`"),
         // 3. duplicate key in a rule
@@ -70,7 +71,9 @@ fn invalid_policy_files_report_line_column_and_message() {
         (format!("{HEAD}{SPEC}{RULE}      http: {{verbs: [GET]}}\n"), 10, 14, "unknown field `verbs`, expected one of `methods`, `paths`, `hosts`"),
         // 27. missing rules
         (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n"), 6, 3, "missing field `rules`"),
-        // 28. an error in the second document keeps its line in the file
+        // 28. an address that is not IP:port
+        (format!("{HEAD}{SPEC}{RULE}  addresses: [api.shop:80]\n"), 10, 15, "invalid socket address"),
+        // 29. an error in the second document keeps its line in the file
         (format!("{HEAD}{SPEC}{RULE}---\n{}spec:\n  target: spiffe://example.org/a/\n  rules: []\n", HEAD.replace("name: p", "name: q")), 16, 11, "trailing '/'"),
     ];
     assert!(cases.len() >= 20);
@@ -124,6 +127,53 @@ fn duplicate_names_across_files_point_at_both() {
     assert_eq!(
         errors.to_string(),
         "b.yaml:6:9: policy name \"p\" is already used at a.yaml:4:9 (hint: give each policy a unique metadata.name)"
+    );
+}
+
+#[test]
+fn addresses_belong_to_one_exact_target() {
+    let policy = |name: &str, target: &str, addresses: &str| {
+        format!(
+            "{}spec:\n  target: spiffe://example.org/ns/a/svc/{target}\n  addresses: [{addresses}]\n  rules: []\n---\n",
+            HEAD.replace("name: p", &format!("name: {name}"))
+        )
+    };
+    let loaded = load(
+        &(policy("a", "api", "\"10.96.0.10:80\"")
+            + &policy("b", "api", "\"10.96.0.10:80\", \"[fd00::1]:80\"")),
+    )
+    .unwrap();
+    let api = SpiffeId::parse("spiffe://example.org/ns/a/svc/api").unwrap();
+    let web = SpiffeId::parse("spiffe://example.org/ns/a/svc/web").unwrap();
+    assert!(
+        loaded
+            .policies
+            .declares(&api, "[fd00::1]:80".parse().unwrap())
+    );
+    assert!(
+        !loaded
+            .policies
+            .declares(&web, "10.96.0.10:80".parse().unwrap())
+    );
+    assert!(
+        !loaded
+            .policies
+            .declares(&api, "10.96.0.10:81".parse().unwrap())
+    );
+
+    let errors =
+        load(&(policy("a", "api", "\"10.96.0.10:80\"") + &policy("b", "web", "\"10.96.0.10:80\"")))
+            .unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "f.yaml:13:9: address 10.96.0.10:80 is declared for spiffe://example.org/ns/a/svc/api at f.yaml:4:9 (hint: an address belongs to one service: declare it for one target only)"
+    );
+    let errors = load(&policy("a", "*", "\"10.96.0.10:80\"")).unwrap_err();
+    assert!(
+        errors
+            .to_string()
+            .contains("spec.addresses needs an exact target"),
+        "{errors}"
     );
 }
 
