@@ -88,6 +88,13 @@ impl Mesh {
 
     /// A sidecar; for `api`, `app_port` is its one inbound port entry.
     fn sidecar_serving(&mut self, name: &str, app_port: &str) -> ProxyProcess {
+        self.sidecar_on(name, None, app_port)
+    }
+
+    /// A sidecar whose inbound listener is on `inbound` (default: `api_inbound` for `api`, a
+    /// free port otherwise); with `inbound`, `app_port` is its inbound port entry whatever
+    /// its name.
+    fn sidecar_on(&mut self, name: &str, inbound: Option<u16>, app_port: &str) -> ProxyProcess {
         let run = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
         assert_eq!(run.code, 0, "{}", run.stderr);
         std::fs::write(
@@ -95,7 +102,9 @@ impl Mesh {
             run.stdout.lines().last().unwrap(),
         )
         .unwrap();
-        let (inbound, ports, routes) = if name == "api" {
+        let (inbound, ports, routes) = if let Some(inbound) = inbound {
+            (inbound, app_port.to_owned(), String::new())
+        } else if name == "api" {
             (self.api_inbound, app_port.to_owned(), String::new())
         } else {
             let route = *self.routes.entry(name.to_owned()).or_insert_with(free_port);
@@ -1390,4 +1399,147 @@ fn h8_a_workload_is_reachable_only_at_the_addresses_declared_for_it() {
         mesh.directory_entry("web", "ops")
             .is_some_and(|e| e["addresses"] == serde_json::json!(["10.96.0.10:9000"]))
     });
+}
+
+/// The instance id of a running sidecar (its `/config`).
+fn instance_of(proxy: &ProxyProcess) -> String {
+    let (_, config) = http_get(proxy.admin_port, "/config");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["instance"].as_str().unwrap().to_owned()
+}
+
+/// A port whose `127.0.0.1:PORT` sorts after `127.0.0.1:{after}` (directory order).
+fn port_sorting_after(after: u16) -> u16 {
+    loop {
+        let port = free_port();
+        if port.to_string() > after.to_string() {
+            return port;
+        }
+    }
+}
+
+/// Review H9: a sidecar that died without deregistering (SIGKILL) left its endpoint in every
+/// caller's directory for ever: a workload of another identity given that address could never
+/// register, and callers that tried the stale entry first failed on the identity mismatch
+/// instead of trying the next endpoint. No command removed it. Now callers try the next
+/// endpoint, and an operator can remove the registration.
+#[test]
+fn h9_callers_skip_a_stale_endpoint_and_operators_remove_it() {
+    let mut mesh = Mesh::new(&[]);
+    let mut api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    assert_eq!(
+        exchange(mesh.route("web"), b"one").as_deref(),
+        Some(&b"one"[..])
+    );
+    let stale = instance_of(&api);
+    let _ = api.child.kill();
+    let _ = api.child.wait();
+
+    // Another workload is given the dead sidecar's address; a new api sidecar starts elsewhere.
+    let old = mesh.api_inbound;
+    let db_app = format!("{{port: 5432, app: 127.0.0.1:{}}}", mesh.app.port);
+    let db = mesh.sidecar_on("db", Some(old), &db_app);
+    let app = format!("{{port: 8080, app: 127.0.0.1:{}}}", mesh.app.port);
+    let fresh = port_sorting_after(old);
+    let _api = mesh.sidecar_on("api", Some(fresh), &app);
+    eventually(20, "web's directory to list both api endpoints", || {
+        mesh.directory_entry("web", "api")
+            .is_some_and(|e| e["endpoints"].as_array().unwrap().len() == 2)
+    });
+    assert!(db.log().contains("endpoint_taken"), "{}", db.log());
+    // web tries 127.0.0.1:{old} first, finds db there, and goes on to the live api.
+    assert_eq!(
+        exchange(mesh.route("web"), b"two").as_deref(),
+        Some(&b"two"[..]),
+        "the caller stopped at the stale endpoint"
+    );
+
+    // The operator sees the stale registration and removes it; db then registers there.
+    let listed = mesh.cli(&["workload", "list"]).stdout;
+    assert!(listed.contains(&stale), "{listed}");
+    let run = mesh.cli(&["workload", "deregister", &stale]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.stdout.trim(),
+        format!("removed registration {stale} of {TD}/api")
+    );
+    eventually(20, "db to register at the freed endpoint", || {
+        let listed = mesh.cli(&["workload", "list"]).stdout;
+        listed.lines().any(|l| {
+            l.starts_with(&format!("{TD}/db ")) && l.contains(&format!("127.0.0.1:{old} "))
+        })
+    });
+    let run = mesh.cli(&["workload", "deregister", &stale]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("registration_not_found"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// Review H9: registrations never expired. Now a registration ends `registrations.lease` after
+/// its sidecar's watch closed, and, with the embedded store, registrations found at start end
+/// a lease after it unless their sidecars come back.
+#[test]
+fn h9_registrations_expire_when_their_sidecar_stops_watching() {
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("cp.yaml");
+    std::fs::write(&file, "registrations:\n  lease: 2s\n").unwrap();
+    let args = ["--config", file.to_str().unwrap()];
+    let mut mesh = Mesh::new(&args);
+    let mut api = mesh.sidecar("api");
+    let web = mesh.sidecar("web");
+    let dead = instance_of(&api);
+    let registered =
+        |mesh: &Mesh, instance: &str| mesh.cli(&["workload", "list"]).stdout.contains(instance);
+    assert!(registered(&mesh, &dead));
+    let _ = api.child.kill();
+    let _ = api.child.wait();
+    eventually(20, "the dead sidecar's registration to expire", || {
+        !registered(&mesh, &dead)
+    });
+    let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_registrations_expired_total",
+            &[("reason", "watch_closed")]
+        ),
+        1,
+        "{metrics}"
+    );
+    // Its address is free: a workload of another identity registers there.
+    let db_app = format!("{{port: 5432, app: 127.0.0.1:{}}}", mesh.app.port);
+    let db = mesh.sidecar_on("db", Some(mesh.api_inbound), &db_app);
+    let db_instance = instance_of(&db);
+    eventually(20, "db to register", || registered(&mesh, &db_instance));
+    assert!(!db.log().contains("endpoint_taken"), "{}", db.log());
+
+    // A sidecar that stops while the control plane is down is gone a lease after it starts;
+    // one that comes back (web reconnects with a backoff of a few seconds) stays.
+    let web_instance = instance_of(&web);
+    assert_eq!(mesh.cp.stop(), Some(0));
+    drop(db);
+    std::fs::write(&file, "registrations:\n  lease: 10s\n").unwrap();
+    mesh.cp.restart(&args);
+    eventually(
+        30,
+        "registrations found at start and not renewed to expire",
+        || !registered(&mesh, &db_instance),
+    );
+    assert!(registered(&mesh, &web_instance));
+    let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_registrations_expired_total",
+            &[("reason", "not_renewed_after_start")]
+        ),
+        1,
+        "{metrics}"
+    );
 }

@@ -131,7 +131,7 @@ impl From<csr::CsrError> for ApiError {
 /// Every response body: whole (JSON, PEM) or streamed (snapshot watches).
 pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
-mod distribution;
+pub(crate) mod distribution;
 mod policies;
 
 /// Applies a policy set that came from the policy directory (see [`crate::gitops`]).
@@ -312,6 +312,9 @@ pub async fn handle(
             policies::version(&api, &peer, &p["/v1/policies/".len()..]).await
         }
         (&Method::GET, "/v1/directory") => policies::directory(&api, &peer).await,
+        (&Method::DELETE, p) if p.starts_with("/v1/directory/") => {
+            distribution::remove(&api, &peer, &p["/v1/directory/".len()..]).await
+        }
         (&Method::GET, "/v1/fleet") => policies::fleet(&api, &peer).await,
         (
             _,
@@ -357,7 +360,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (_, "/v1/acks") => "acks",
         (_, "/v1/flows") => "flows",
         (_, p) if p.starts_with("/v1/policies") => "policies",
-        (_, "/v1/directory") => "directory",
+        (_, p) if p.starts_with("/v1/directory") => "directory",
         (_, "/v1/fleet") => "fleet",
         _ => "other",
     }

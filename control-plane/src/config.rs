@@ -13,6 +13,8 @@
 //!   maxTtl: 24h                    # cap on `token create --ttl`; default 24h, at most 30d
 //! limits:
 //!   requestTimeout: 10s            # TLS handshake, request headers, body: each; default 10s
+//! registrations:
+//!   lease: 30s                     # a registration outlives its sidecar's watch by this; default 30s
 //! policiesDir: ./policies          # optional: watch this directory and apply it (GitOps)
 //! serverNames: [cp.example.org]    # extra DNS names on the API certificate (for curl & co.)
 //! ca:                              # optional: plug in your own CA (root key stays offline)
@@ -60,6 +62,8 @@ pub struct FileConfig {
     ca: Option<PlugInSection>,
     #[serde(default)]
     limits: LimitsSection,
+    #[serde(default)]
+    registrations: RegistrationsSection,
     #[serde(default)]
     server_names: Vec<String>,
     policies_dir: Option<PathBuf>,
@@ -168,6 +172,12 @@ struct LimitsSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RegistrationsSection {
+    lease: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CertificatesSection {
     workload_lifetime: Option<ConfigDuration>,
     issuance_per_minute: Option<u32>,
@@ -255,6 +265,9 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// A directory of policy files to watch and apply (GitOps), if any.
     pub policies_dir: Option<PathBuf>,
+    /// How long a registration outlives its sidecar's snapshot watch (closed, not reopened)
+    /// before it is removed and its endpoint freed. Default is 30 s, at most 1 h.
+    pub registration_lease: Duration,
     /// Where the state lives. Default is the embedded store.
     pub store: StoreConfig,
     /// The key-encryption key that seals the CA's keys in a replicated store (64 hex digits,
@@ -333,6 +346,17 @@ impl Config {
                 )));
             }
         }
+        let registration_lease = file
+            .registrations
+            .lease
+            .map_or(Duration::from_secs(30), |d| d.0);
+        if registration_lease < Duration::from_secs(1)
+            || registration_lease > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::Value(
+                "registrations.lease must be between 1s and 1h".into(),
+            ));
+        }
         let store = resolve_store(&file, &overrides)?;
         if matches!(store, StoreConfig::Etcd(_)) && !cfg!(feature = "etcd") {
             return Err(ConfigError::EtcdNotBuilt);
@@ -374,6 +398,7 @@ impl Config {
                 .map_or(Duration::from_secs(10), |d| d.0),
             server_names: file.server_names,
             policies_dir: overrides.policies_dir.or(file.policies_dir),
+            registration_lease,
             plug_in: file.ca.map(|ca| PlugIn {
                 root_cert: ca.root_cert,
                 intermediate_cert: ca.intermediate_cert,

@@ -560,6 +560,11 @@ impl Distribution {
             .collect()
     }
 
+    /// Whether `instance` has a snapshot watch open on this replica.
+    pub fn watching(&self, instance: &str) -> bool {
+        lock(&self.fleet).get(instance).is_some_and(|e| e.connected)
+    }
+
     /// Records a watch stream opening or closing, and what it has sent.
     pub fn fleet_update(&self, instance: &str, update: impl FnOnce(&mut FleetEntry)) {
         let mut fleet = lock(&self.fleet);

@@ -330,6 +330,10 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let admin_task = tokio::spawn(admin::serve(listeners.admin, metrics, stop_rx.clone()));
+    let expiry = tokio::spawn(crate::api::distribution::expire_unclaimed(
+        api.clone(),
+        crate::api::now_unix(),
+    ));
     // The dashboard gets the distribution state only (never the store, the CA or the API),
     // so nothing it serves can reach a token or a key.
     let ui_task = tokio::spawn(ui::serve(
@@ -430,6 +434,7 @@ pub async fn run(
         tracing::warn!("open requests did not finish within 5 s");
     }
     renewal.abort();
+    let _ = expiry.await;
     let _ = admin_task.await;
     let _ = ui_task.await;
     if let Some(task) = policies_task {

@@ -37,6 +37,8 @@ const FLOW_REPORT: Duration = Duration::from_secs(5);
 const MAX_FLOWS: usize = 10_000;
 /// The file the last good snapshot is kept in.
 const SNAPSHOT_FILE: &str = "snapshot.json";
+/// How often a registration refused for a taken endpoint is tried again.
+const REGISTRATION_RETRY: Duration = Duration::from_secs(5);
 
 /// What a flow is: who, which port, and for HTTP the method and the first path segments.
 type FlowKey = (String, u16, Protocol, Option<String>, Option<String>);
@@ -269,17 +271,7 @@ async fn session(
     snapshot: &watch::Sender<Option<Arc<Active>>>,
 ) -> Result<(), String> {
     let mut sender = connect(url, credential, true).await?;
-    if let Some(body) = registration(context) {
-        let (status, answer) = post(&mut sender, "/v1/registrations", body).await?;
-        if status != 200 {
-            // Not fatal for enforcement: log loudly and keep watching.
-            tracing::error!(status, answer = %String::from_utf8_lossy(&answer), "registration refused");
-        } else if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&answer) {
-            for refused in answer["addresses_refused"].as_array().into_iter().flatten() {
-                tracing::warn!(address = %refused["address"], reason = %refused["reason"], "inbound.addresses: the control plane does not send callers to this address (an operator declares a service's addresses in a policy's spec.addresses)");
-            }
-        }
-    }
+    let mut registered = register(context, &mut sender).await?;
     let request = Request::builder()
         .method(Method::GET)
         .uri(format!("/v1/snapshots/watch?instance={}", context.instance))
@@ -310,8 +302,11 @@ async fn session(
     let mut body = response.into_body();
     let mut buffer = BytesMut::new();
     let mut reports = tokio::time::interval(FLOW_REPORT);
+    let mut retry = tokio::time::interval(REGISTRATION_RETRY);
     loop {
         tokio::select! {
+            // An endpoint still held by a stale registration frees up when that lease ends.
+            _ = retry.tick(), if !registered => registered = register(context, &mut sender).await?,
             frame = body.frame() => {
                 let Some(frame) = frame else { return Err("stream ended".into()) };
                 let frame = frame.map_err(|e| e.to_string())?;
@@ -330,6 +325,36 @@ async fn session(
             _ = reports.tick() => report_flows(context, &mut sender).await,
         }
     }
+}
+
+/// Registers this sidecar's endpoint. `Ok(false)`: refused for now (the endpoint is still held
+/// by another identity's registration, which expires when its sidecar stops watching): try
+/// again later. Any other refusal is logged and not retried.
+async fn register(context: &Context, sender: &mut Sender) -> Result<bool, String> {
+    let Some(body) = registration(context) else {
+        return Ok(true);
+    };
+    let (status, answer) = post(sender, "/v1/registrations", body).await?;
+    let answer_text = String::from_utf8_lossy(&answer);
+    if status == 409 && answer_text.contains("endpoint_taken") {
+        metrics::counter!("sidewall_proxy_registrations_refused_total", "reason" => "endpoint_taken").increment(1);
+        tracing::warn!(answer = %answer_text, retry_in = ?REGISTRATION_RETRY, "registration refused: the endpoint is held by another registration; retrying (it expires when its sidecar stops watching, or an operator removes it: sidewall workload deregister)");
+        return Ok(false);
+    }
+    if status != 200 {
+        // Not fatal for enforcement: log loudly and keep watching.
+        metrics::counter!("sidewall_proxy_registrations_refused_total", "reason" => "refused")
+            .increment(1);
+        tracing::error!(status, answer = %answer_text, "registration refused");
+        return Ok(true);
+    }
+    if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&answer) {
+        for refused in answer["addresses_refused"].as_array().into_iter().flatten() {
+            tracing::warn!(address = %refused["address"], reason = %refused["reason"], "inbound.addresses: the control plane does not send callers to this address (an operator declares a service's addresses in a policy's spec.addresses)");
+        }
+    }
+    tracing::info!("registered");
+    Ok(true)
 }
 
 async fn apply_line(

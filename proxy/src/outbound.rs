@@ -317,13 +317,20 @@ pub(crate) async fn open(
         let tcp = ReadAhead::new(tcp);
         let mut stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(stream)) => stream,
+            // A stale directory entry (its address now serves another identity) or a sidecar
+            // that refuses us: counted, and the next endpoint is tried.
             Ok(Err(error)) => {
                 let reason = sidewall_policies::svid::io_failure_label(&error);
                 metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "outbound", "reason" => reason).increment(1);
-                tracing::warn!(%endpoint, expected = %route.service, reason, %error, "peer sidecar refused or is not who it should be");
-                return Err(reason);
+                tracing::warn!(%endpoint, expected = %route.service, reason, %error, "peer sidecar refused or is not who it should be; trying the next endpoint");
+                last = reason;
+                continue;
             }
-            Err(_) => return Err("handshake_timeout"),
+            Err(_) => {
+                tracing::warn!(%endpoint, expected = %route.service, "peer sidecar handshake timed out; trying the next endpoint");
+                last = "handshake_timeout";
+                continue;
+            }
         };
         if alpn == ALPN_L4 {
             // A connection per app connection: read ahead only while it carries a bulk transfer.

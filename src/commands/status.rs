@@ -17,7 +17,7 @@ pub(crate) struct Args {
     access: ControlPlaneAccess,
 }
 
-fn when(seconds: &serde_json::Value) -> String {
+pub(crate) fn when(seconds: &serde_json::Value) -> String {
     let Some(at) = seconds.as_i64() else {
         return "-".into();
     };

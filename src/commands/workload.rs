@@ -1,4 +1,4 @@
-//! `sidewall workload revoke | list`.
+//! `sidewall workload revoke | list | deregister`.
 
 use std::process::ExitCode;
 
@@ -21,8 +21,17 @@ pub(crate) enum WorkloadCommand {
         #[arg(long)]
         serial: Option<String>,
     },
-    /// List registered workloads and what is revoked.
+    /// List registered workloads (identity, sidecar instance, endpoint, ports, age) and what is
+    /// revoked.
     List,
+    /// Remove a sidecar's registration now, whatever its identity (one left by a machine that
+    /// is gone): callers stop being sent to its endpoint, and another workload may take it.
+    /// Registrations also expire by themselves `registrations.lease` after their sidecar
+    /// stopped watching.
+    Deregister {
+        /// The sidecar instance, as `sidewall workload list` shows it.
+        instance: String,
+    },
 }
 
 pub(crate) fn run(command: WorkloadCommand, access: &ControlPlaneAccess) -> ExitCode {
@@ -45,10 +54,28 @@ pub(crate) fn run(command: WorkloadCommand, access: &ControlPlaneAccess) -> Exit
                     answer["value"].as_str().unwrap_or("?")
                 );
             }
+            WorkloadCommand::Deregister { instance } => {
+                let path = format!("/v1/directory/{instance}");
+                let (status, answer) = client.call(Method::DELETE, &path, None).await?;
+                expect_success(status, &answer)?;
+                let identities: Vec<&str> = answer["identities"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i.as_str())
+                    .collect();
+                println!(
+                    "removed registration {instance} of {}",
+                    identities.join(", ")
+                );
+            }
             WorkloadCommand::List => {
                 let (status, directory) = client.call(Method::GET, "/v1/directory", None).await?;
                 expect_success(status, &directory)?;
-                println!("{:<48} {:<22} PORTS", "IDENTITY", "ENDPOINT");
+                println!(
+                    "{:<48} {:<18} {:<22} {:<10} PORTS",
+                    "IDENTITY", "INSTANCE", "ENDPOINT", "AGE"
+                );
                 for r in directory["registrations"].as_array().into_iter().flatten() {
                     let ports: Vec<String> = r["ports"]
                         .as_array()
@@ -59,9 +86,11 @@ pub(crate) fn run(command: WorkloadCommand, access: &ControlPlaneAccess) -> Exit
                         })
                         .collect();
                     println!(
-                        "{:<48} {:<22} {}",
+                        "{:<48} {:<18} {:<22} {:<10} {}",
                         r["identity"].as_str().unwrap_or("?"),
+                        r["instance"].as_str().unwrap_or("?"),
                         r["endpoint"].as_str().unwrap_or("?"),
+                        super::status::when(&r["registered_at"]),
                         ports.join(" ")
                     );
                 }

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -89,7 +90,7 @@ fn valid_instance(instance: &str) -> bool {
 /// `GET /v1/snapshots/watch?instance=ID`: newline-delimited JSON snapshots for the caller's
 /// workload, one whenever its content changes, keep-alive blank lines in between.
 pub(super) fn watch(
-    api: &Api,
+    api: &Arc<Api>,
     peer: &Peer,
     request: &Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
@@ -115,6 +116,7 @@ pub(super) fn watch(
     });
     tracing::info!(%identity, instance, "snapshot watch opened");
     let mut closing = distribution.closing();
+    let api = api.clone();
     tokio::spawn(async move {
         let mut last_hash = None;
         loop {
@@ -141,11 +143,13 @@ pub(super) fn watch(
                 }
             }
         }
+        let closed_at = now_unix();
         distribution.fleet_update(&instance, |entry| {
             entry.connected = false;
-            entry.since = now_unix();
+            entry.since = closed_at;
         });
         tracing::info!(%identity, instance, "snapshot watch closed");
+        expire_after_lease(&api, &identity, &instance, closed_at).await;
     });
     let mut response = Response::new(ChannelBody(receiver).boxed_unsync());
     response.headers_mut().insert(
@@ -285,6 +289,131 @@ pub(super) async fn deregister(
             .set_registrations(api.store.registrations().await?);
     }
     Ok(json_response(StatusCode::OK, &json!({"removed": instance})))
+}
+
+/// A registration is a lease on its sidecar's watch (review H9): `registrations.lease` after
+/// the watch of `instance` closed, its registration is removed, unless the instance watches
+/// again on this replica or registered again since (on any replica: a sidecar registers at
+/// the start of every session). Its endpoint is then free for another workload.
+async fn expire_after_lease(api: &Api, identity: &SpiffeId, instance: &str, closed_at: i64) {
+    if !lease_ends(api).await || api.distribution.watching(instance) {
+        return;
+    }
+    expire(api, "watch_closed", |r| {
+        r.instance == instance && r.identity == identity.as_str() && r.registered_at <= closed_at
+    })
+    .await;
+}
+
+/// Registrations found in the embedded store at start: their sidecars re-register when they
+/// reconnect; those that have not within `registrations.lease` are gone (stopped while the
+/// control plane was down) and are removed. Not with a replicated store, where other replicas
+/// may hold their watches.
+pub(crate) async fn expire_unclaimed(api: Arc<Api>, started: i64) {
+    if api.store.written().is_some() {
+        return;
+    }
+    if !lease_ends(&api).await {
+        return;
+    }
+    expire(&api, "not_renewed_after_start", |r| {
+        r.registered_at <= started && !api.distribution.watching(&r.instance)
+    })
+    .await;
+}
+
+/// Waits out `registrations.lease`; false when the control plane stops first (the lease
+/// does not end with it: the registration is kept for the next start to judge).
+async fn lease_ends(api: &Api) -> bool {
+    let mut closing = api.distribution.closing();
+    if *closing.borrow_and_update() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(api.config.registration_lease) => true,
+        _ = closing.changed() => false,
+    }
+}
+
+async fn expire(api: &Api, reason: &'static str, stale: impl Fn(&RegistrationRecord) -> bool) {
+    let registrations = match api.store.registrations().await {
+        Ok(registrations) => registrations,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read registrations to expire them; kept");
+            return;
+        }
+    };
+    let mut removed = false;
+    for record in registrations.iter().filter(|r| stale(r)) {
+        let Ok(identity) = SpiffeId::parse(&record.identity) else {
+            continue;
+        };
+        if let Err(error) = api
+            .store
+            .remove_registration(&identity, &record.instance)
+            .await
+        {
+            tracing::warn!(%error, instance = record.instance, "cannot remove an expired registration");
+            continue;
+        }
+        removed = true;
+        metrics::counter!("sidewall_control_plane_registrations_expired_total", "reason" => reason)
+            .increment(1);
+        tracing::info!(
+            identity = record.identity,
+            instance = record.instance,
+            endpoint = record.endpoint,
+            reason,
+            "registration expired: its sidecar stopped watching"
+        );
+    }
+    if removed && !api.follows_store().await {
+        match api.store.registrations().await {
+            Ok(now) => api.distribution.set_registrations(now),
+            Err(error) => tracing::warn!(%error, "cannot reload registrations"),
+        }
+    }
+}
+
+/// `DELETE /v1/directory/{instance}` (operators): removes a sidecar's registration whatever
+/// its identity, e.g. one left by a machine that is gone for good.
+pub(super) async fn remove(
+    api: &Api,
+    peer: &Peer,
+    instance: &str,
+) -> Result<HttpResponse, ApiError> {
+    let operator = super::require_operator(api, peer)?;
+    let held: Vec<RegistrationRecord> = api
+        .store
+        .registrations()
+        .await?
+        .into_iter()
+        .filter(|r| r.instance == instance)
+        .collect();
+    if held.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "registration_not_found",
+            format!("no registration with instance {instance:?} (see `sidewall workload list`)"),
+        ));
+    }
+    let mut identities = Vec::new();
+    for record in &held {
+        let identity = SpiffeId::parse(&record.identity).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        api.store.remove_registration(&identity, instance).await?;
+        tracing::warn!(%operator, identity = record.identity, instance, endpoint = record.endpoint, "registration removed by an operator");
+        identities.push(record.identity.clone());
+    }
+    if !api.follows_store().await {
+        api.distribution
+            .set_registrations(api.store.registrations().await?);
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"removed": instance, "identities": identities}),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
