@@ -123,11 +123,12 @@ struct Mesh {
 }
 
 fn mesh() -> Mesh {
-    mesh_with("")
+    mesh_with("", "")
 }
 
-/// A mesh whose api port has `extra` in its inbound entry (e.g. `, appProtocol: http2`).
-fn mesh_with(extra: &str) -> Mesh {
+/// A mesh whose api port has `extra` in its inbound entry (e.g. `, appProtocol: http2`), and
+/// `listed` in web's (local) directory entry for it.
+fn mesh_with(extra: &str, listed: &str) -> Mesh {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -154,7 +155,7 @@ fn mesh_with(extra: &str) -> Mesh {
             free_port()
         };
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api_inbound}], ports: [{{port: 8080, protocol: http}}]}}\nworkerThreads: 1\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api_inbound}], ports: [{{port: 8080, protocol: http{listed}}}]}}\nworkerThreads: 1\n",
             cp.api_port
         );
         let proxy = ProxyProcess::start(dir.path(), name, &config, admin);
@@ -374,9 +375,39 @@ fn bypass_matrix() {
     assert!(reused >= 20, "{metrics}");
 }
 
+/// Review H7, the option: an app that uses `;` path parameters (Java session ids) gets a port
+/// that strips them before the path is matched and forwarded (`pathParameters: strip`); a dot
+/// segment with parameters stays refused, and what the app receives is what was matched.
+#[test]
+fn h7_path_parameters_are_stripped_where_the_port_says_so() {
+    let mesh = mesh_with(", pathParameters: strip", ", pathParameters: strip");
+    let get = |target: &str| {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: api.shop\r\nConnection: close\r\n\r\n");
+        raw(mesh.route, request.as_bytes())
+    };
+    for (target, seen) in [
+        ("/v1/orders;jsessionid=1", "GET /v1/orders "),
+        ("/v1;x/orders/7;y=2", "GET /v1/orders/7 "),
+        ("/static;v=2/app.js?x=1", "GET /static/app.js?x=1 "),
+    ] {
+        let response = get(target);
+        assert_eq!(status(&response), 200, "{target}\n{response}");
+        assert!(response.contains(seen), "{target}\n{response}");
+    }
+    for (target, expected) in [
+        ("/static/..;/admin/x", 400),
+        ("/v1/orders/.;x/7", 400),
+        ("/admin;x/users", 403),
+    ] {
+        assert_eq!(status(&get(target)), expected, "{target}");
+    }
+    assert_eq!(mesh.seen.lock().unwrap().len(), 3, "{:?}", mesh.seen);
+}
+
 #[test]
 fn http2_to_the_app_with_the_host_as_authority() {
-    let mesh = mesh_with(", appProtocol: http2");
+    let mesh = mesh_with(", appProtocol: http2", "");
     for path in ["/v1/orders", "/v1/orders/2?x=1", "/v1//orders/./3"] {
         let response = raw(
             mesh.route,

@@ -7,6 +7,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 /// Why a method, path pattern or host pattern in a policy is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatternError {
@@ -266,6 +268,45 @@ pub enum PathError {
     /// Any other byte that is not allowed in a request path (space, non-ASCII).
     #[error("byte 0x{0:02x} is not allowed in a request path")]
     InvalidByte(u8),
+}
+
+/// What a port does with `;` path parameters (`/orders;jsessionid=1`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathParameters {
+    /// Refused with `400` (default): see [`PathError::PathParameter`].
+    #[default]
+    Refuse,
+    /// Removed from every segment before the path is normalized, matched and forwarded, for
+    /// apps that use them (Java session ids). A segment `..;…` or `.;…` is still refused.
+    Strip,
+}
+
+impl PathParameters {
+    /// Whether this is the default.
+    pub fn is_refuse(&self) -> bool {
+        *self == PathParameters::Refuse
+    }
+}
+
+/// Removes `;` path parameters from every segment of a raw request path (`%3B` is data and
+/// stays). A dot segment with parameters (`..;x`, `.;`) is refused: servers disagree on it.
+pub fn strip_path_parameters(path: &str) -> Result<Cow<'_, str>, PathError> {
+    if !path.contains(';') {
+        return Ok(Cow::Borrowed(path));
+    }
+    let mut stripped = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            stripped.push('/');
+        }
+        match segment.split_once(';') {
+            Some(("." | "..", _)) => return Err(PathError::PathParameter),
+            Some((name, _)) => stripped.push_str(name),
+            None => stripped.push_str(segment),
+        }
+    }
+    Ok(Cow::Owned(stripped))
 }
 
 /// Normalizes a request path (without its query) per RFC 3986 before matching.

@@ -10,6 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::http::PathParameters;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::policy::{Policy, PolicySet, Protocol};
 
@@ -102,6 +103,10 @@ pub struct ServicePort {
     /// Its protocol, as the service's own sidecar declares it.
     #[serde(default)]
     pub protocol: Protocol,
+    /// What the service's sidecar does with `;` path parameters on this (HTTP) port; a
+    /// client sidecar lets them through only where the server strips them.
+    #[serde(default, skip_serializing_if = "PathParameters::is_refuse")]
+    pub path_parameters: PathParameters,
 }
 
 /// One service in the directory: where its sidecars listen and what it serves.
@@ -211,6 +216,7 @@ mod tests {
                 ports: vec![ServicePort {
                     port: 8080,
                     protocol: Protocol::Http,
+                    path_parameters: PathParameters::Strip,
                 }],
                 addresses: vec!["10.96.0.10:8080".into()],
             }],

@@ -13,6 +13,7 @@
 //!   ports:                          # the app ports behind this sidecar
 //!     - {port: 8080, protocol: tcp, app: 127.0.0.1:8080}
 //!     - {port: 9090, protocol: http, app: 127.0.0.1:9090, appProtocol: http2}  # h2c to the app
+//!     - {port: 8081, protocol: http, app: 127.0.0.1:8081, pathParameters: strip}  # apps using ;jsessionid
 //! outbound:
 //!   transparent: {listen: 127.0.0.1:4640}   # transparent mode (with `sidewall iptables`)
 //!   egress: [203.0.113.7:443]       # plaintext destinations outside the mesh, allowed through
@@ -36,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use sidewall_policies::http::PathParameters;
 pub use sidewall_policies::policy::ConfigDuration;
 use sidewall_policies::{Protocol, SpiffeId};
 
@@ -71,6 +73,11 @@ pub struct InboundPort {
     /// connection). Peers may use either version; the sidecar translates.
     #[serde(default)]
     pub app_protocol: AppProtocol,
+    /// HTTP ports only: `refuse` (default) answers `400` to a path with `;` parameters;
+    /// `strip` removes them before the path is matched and forwarded, for apps that use them
+    /// (a segment `..;` is refused either way). Registered, so client sidecars know.
+    #[serde(default)]
+    pub path_parameters: PathParameters,
 }
 
 /// The HTTP version the sidecar speaks to the app.
@@ -212,6 +219,9 @@ pub struct LocalPort {
     /// Its protocol. Default is `tcp`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// What its sidecar does with `;` path parameters (see [`InboundPort::path_parameters`]).
+    #[serde(default)]
+    pub path_parameters: PathParameters,
 }
 
 /// A snapshot built from local files instead of the control plane's distribution.
@@ -395,6 +405,12 @@ impl Config {
             if port.port == 0 || !ports.insert(port.port) {
                 return Err(format!(
                     "inbound.ports: port {} is zero or listed twice",
+                    port.port
+                ));
+            }
+            if !port.path_parameters.is_refuse() && port.protocol != Protocol::Http {
+                return Err(format!(
+                    "inbound.ports: port {} has pathParameters, which needs protocol: http",
                     port.port
                 ));
             }

@@ -20,7 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
 use serde_json::json;
 use sidewall_policies::Protocol;
-use sidewall_policies::snapshot::{Snapshot, SnapshotVersion};
+use sidewall_policies::snapshot::{ServicePort, Snapshot, SnapshotVersion};
 use tokio::sync::watch;
 
 use crate::Context;
@@ -257,7 +257,11 @@ fn registration(context: &Context) -> Option<serde_json::Value> {
         .inbound
         .ports
         .iter()
-        .map(|p| json!({"port": p.port, "protocol": p.protocol}))
+        .map(|p| ServicePort {
+            port: p.port,
+            protocol: p.protocol,
+            path_parameters: p.path_parameters,
+        })
         .collect();
     Some(
         json!({"instance": context.instance, "endpoint": endpoint.to_string(), "ports": ports, "addresses": config.inbound.addresses}),

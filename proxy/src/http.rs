@@ -308,7 +308,7 @@ async fn handle(
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let who = peer.map_or("plaintext (permissive port)", SpiffeId::as_str);
-    let checked = match request::check(&request) {
+    let checked = match request::check(&request, port.path_parameters) {
         Ok(checked) => checked,
         Err(refusal) => {
             tracing::warn!(peer = who, method = %request.method(), path = request.uri().path(), reason = refusal.reason, "request refused");

@@ -483,6 +483,7 @@ mod tests {
             ports: vec![ServicePort {
                 port,
                 protocol: sidewall_policies::Protocol::Tcp,
+                path_parameters: Default::default(),
             }],
             addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
         }

@@ -67,6 +67,7 @@ fn build(local: &LocalConfig, workload: &SpiffeId, counter: u64) -> Result<Activ
                 .map(|p| ServicePort {
                     port: p.port,
                     protocol: p.protocol,
+                    path_parameters: p.path_parameters,
                 })
                 .collect(),
             addresses: Vec::new(),

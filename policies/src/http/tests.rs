@@ -57,6 +57,32 @@ fn normalization_table() {
 }
 
 #[test]
+fn path_parameters_are_stripped_on_request() {
+    let stripped = [
+        ("/v1/orders;jsessionid=1", "/v1/orders"),
+        ("/v1;x/orders/7;y=2;z", "/v1/orders/7"),
+        ("/admin;x/users", "/admin/users"),
+        ("/;", "/"),
+        ("/a%3Bb;c", "/a%3Bb"),
+        ("/plain", "/plain"),
+    ];
+    for (input, expected) in stripped {
+        assert_eq!(
+            strip_path_parameters(input).as_deref(),
+            Ok(expected),
+            "{input:?}"
+        );
+    }
+    for refused in ["/static/..;/admin/x", "/a/.;x/b", "/..;"] {
+        assert_eq!(
+            strip_path_parameters(refused),
+            Err(PathError::PathParameter),
+            "{refused:?}"
+        );
+    }
+}
+
+#[test]
 fn unchanged_paths_are_borrowed() {
     assert!(matches!(
         normalize_path("/v1/orders/7"),

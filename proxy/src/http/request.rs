@@ -4,7 +4,7 @@
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use hyper::{Method, Request, StatusCode, Version};
-use sidewall_policies::http::{normalize_path, valid_host};
+use sidewall_policies::http::{PathParameters, normalize_path, strip_path_parameters, valid_host};
 
 /// Hop-by-hop headers, never forwarded to the app (RFC 9110 §7.6.1).
 pub(crate) const HOP_BY_HOP: &[&str] = &[
@@ -45,7 +45,10 @@ pub(crate) struct Checked {
 }
 
 /// Checks a request; see the module doc.
-pub(crate) fn check(request: &Request<Incoming>) -> Result<Checked, Refusal> {
+pub(crate) fn check(
+    request: &Request<Incoming>,
+    parameters: PathParameters,
+) -> Result<Checked, Refusal> {
     let headers = request.headers();
     let hosts: Vec<_> = headers.get_all(HOST).iter().collect();
     if hosts.len() > 1 {
@@ -130,7 +133,13 @@ pub(crate) fn check(request: &Request<Incoming>) -> Result<Checked, Refusal> {
         // Absolute-form (a proxy request) is not how clients talk to a service.
         return Err(bad("absolute-form request target"));
     }
-    let path = normalize_path(raw_path)
+    let raw_path = match parameters {
+        PathParameters::Refuse => std::borrow::Cow::Borrowed(raw_path),
+        PathParameters::Strip => {
+            strip_path_parameters(raw_path).map_err(|_| bad("dot segment with path parameters"))?
+        }
+    };
+    let path = normalize_path(&raw_path)
         .map_err(|_| bad("path refused by normalization"))?
         .into_owned();
     Ok(Checked {

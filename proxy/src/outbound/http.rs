@@ -84,7 +84,21 @@ async fn handle(
     port: u16,
     mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
-    let checked = match request::check(&request) {
+    // `;` path parameters pass only to a port whose sidecar strips them (as it registered).
+    let parameters = context
+        .snapshot
+        .borrow()
+        .as_ref()
+        .and_then(|active| {
+            let entry = active.snapshot.service(service)?;
+            entry
+                .ports
+                .iter()
+                .find(|p| p.port == port)
+                .map(|p| p.path_parameters)
+        })
+        .unwrap_or_default();
+    let checked = match request::check(&request, parameters) {
         Ok(checked) => checked,
         Err(refusal) => {
             return refused(
