@@ -39,6 +39,12 @@ fn validate_reports_every_error_with_position_and_exits_1() {
         "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: a}\nspec:\n  target: spiffe://example.org/x\n  rules: []\n  colour: blue\n",
     )
     .unwrap();
+    // A repeated key is reported where it repeats (line 7), not where its mapping starts.
+    fs::write(
+        dir.path().join("c.yaml"),
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {name: c}\nspec:\n  target: spiffe://example.org/x\n  mode: audit\n  mode: enforce\n  rules: []\n",
+    )
+    .unwrap();
     let run = sidewall([
         "policy".as_ref(),
         "validate".as_ref(),
@@ -48,8 +54,9 @@ fn validate_reports_every_error_with_position_and_exits_1() {
     assert_eq!(run.stdout, "");
     let a = dir.path().join("a.yaml").display().to_string();
     let b = dir.path().join("b.yml").display().to_string();
+    let c = dir.path().join("c.yaml").display().to_string();
     let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 3, "{}", run.stderr);
+    assert_eq!(lines.len(), 4, "{}", run.stderr);
     assert!(
         lines[0].starts_with(&format!(
             "{a}:9:15: spec.rules[0].ports[0]: port range 20-10 is out of order"
@@ -62,7 +69,12 @@ fn validate_reports_every_error_with_position_and_exits_1() {
         "{}",
         lines[1]
     );
-    assert_eq!(lines[2], "2 errors");
+    assert!(
+        lines[2].starts_with(&format!("{c}:7:3: spec: duplicate key `mode`")),
+        "{}",
+        lines[2]
+    );
+    assert_eq!(lines[3], "3 errors");
 }
 
 #[test]

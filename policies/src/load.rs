@@ -171,7 +171,7 @@ impl LoadErrorKind {
 
 /// Hints for parser messages, by what the message says.
 fn hint_for(message: &str) -> &'static str {
-    let table: [(&str, &str); 19] = [
+    let table: [(&str, &str); 18] = [
         (
             "invalid socket address",
             "addresses are IP:port, e.g. 10.96.0.10:8080 or \"[fd00::10]:8080\"",
@@ -202,11 +202,7 @@ fn hint_for(message: &str) -> &'static str {
             "check the spelling; the fields allowed here are listed",
         ),
         (
-            "duplicate field",
-            "each key may appear only once in a mapping",
-        ),
-        (
-            "duplicate entry",
+            "duplicate key",
             "each key may appear only once in a mapping",
         ),
         ("missing field", "add the required field"),

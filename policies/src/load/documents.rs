@@ -312,6 +312,7 @@ pub(super) fn parse(text: &str, tests: bool) -> Result<Parsed, DocumentError> {
     else {
         return Ok(Parsed::Empty);
     };
+    no_duplicate_keys(text)?;
     match header.kind {
         Kind::Policy => {
             let document = PolicyDocument::deserialize(serde_yaml::Deserializer::from_str(text))?;
@@ -332,7 +333,119 @@ pub(super) fn parse(text: &str, tests: bool) -> Result<Parsed, DocumentError> {
 
 /// Parses a configuration document (one document, strict by the type's own attributes).
 pub(super) fn parse_config<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, DocumentError> {
+    no_duplicate_keys(text)?;
     Ok(T::deserialize(serde_yaml::Deserializer::from_str(text))?)
+}
+
+/// Refuses a key repeated in any mapping of the document, at its second occurrence.
+///
+/// serde_yaml reports a repeated struct field at the start of the enclosing mapping (and keeps
+/// the last value of a repeated map key); this walk fails inside the repeated key's own
+/// visitor instead, where serde_yaml records the key's line and column.
+fn no_duplicate_keys(text: &str) -> Result<(), DocumentError> {
+    struct Walk;
+    impl<'de> Deserialize<'de> for Walk {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_any(Walk)
+        }
+    }
+    impl<'de> Visitor<'de> for Walk {
+        type Value = Walk;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any YAML value")
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Walk, E> {
+            Ok(Walk)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Walk, D::Error> {
+            Walk::deserialize(deserializer)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Walk, A::Error> {
+            while seq.next_element::<Walk>()?.is_some() {}
+            Ok(Walk)
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Walk, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while map.next_key_seed(Key(&mut seen))?.is_some() {
+                map.next_value::<Walk>()?;
+            }
+            Ok(Walk)
+        }
+        fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Walk, A::Error> {
+            // A tagged value (`!tag value`): walk the value.
+            let (_, variant) = data.variant::<de::IgnoredAny>()?;
+            de::VariantAccess::newtype_variant::<Walk>(variant)?;
+            Ok(Walk)
+        }
+    }
+    /// A mapping key, refused when the mapping already had it.
+    struct Key<'a>(&'a mut std::collections::HashSet<String>);
+    impl<'de> de::DeserializeSeed<'de> for Key<'_> {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+            deserializer.deserialize_any(self)
+        }
+    }
+    impl Key<'_> {
+        fn record<E: de::Error>(self, key: String) -> Result<(), E> {
+            if self.0.contains(&key) {
+                return Err(E::custom(format!("duplicate key `{key}`")));
+            }
+            self.0.insert(key);
+            Ok(())
+        }
+    }
+    impl<'de> Visitor<'de> for Key<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping key")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+            self.record(v.to_owned())
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+            self.record(v.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+            self.record(v.to_string())
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+            self.record(v.to_string())
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+            self.record(v.to_string())
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+            self.record("~".to_owned())
+        }
+        // A complex key (a sequence or a mapping): not compared, but walked.
+        fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+            Walk.visit_seq(seq).map(|_| ())
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+            Walk.visit_map(map).map(|_| ())
+        }
+    }
+    Walk::deserialize(serde_yaml::Deserializer::from_str(text))?;
+    Ok(())
 }
 
 /// The position of `metadata.name` in a document that is known to parse.

@@ -19,10 +19,10 @@ fn invalid_policy_files_report_line_column_and_message() {
     let cases: Vec<(String, usize, usize, &str)> = vec![
         // 1. unknown field (a typo)
         (format!("{HEAD}{SPEC}{RULE}  tagret: x\n"), 10, 3, "unknown field `tagret`, expected one of `target`, `mode`, `onRevoke`, `addresses`, `rules`"),
-        // 2. duplicate map key (serde_yaml would otherwise keep the last one)
-        (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n  target: spiffe://example.org/b\n  rules: []\n"), 6, 3, "duplicate field `target`"),
+        // 2. duplicate key: reported at its second occurrence, not at the enclosing mapping
+        (format!("{HEAD}spec:\n  target: spiffe://example.org/a\n  target: spiffe://example.org/b\n  rules: []\n"), 7, 3, "duplicate key `target`"),
         // 3. duplicate key in a rule
-        (format!("{HEAD}{SPEC}{RULE}      action: deny\n"), 8, 7, "duplicate field `action`"),
+        (format!("{HEAD}{SPEC}{RULE}      action: deny\n"), 10, 7, "duplicate key `action`"),
         // 4. wrong type
         (format!("{HEAD}{SPEC}{RULE}      ports: 8080\n"), 10, 14, "invalid type: integer `8080`, expected a non-empty list"),
         // 5. unknown apiVersion
@@ -353,4 +353,30 @@ fn variables_table() {
         expand_variables("f.yaml", "no dollars", lookup),
         Ok(std::borrow::Cow::Borrowed(_))
     ));
+}
+
+/// Review (issue 17): a repeated key was reported at the start of the enclosing mapping, or,
+/// in a map field, silently kept its last value. Configuration files get the same walk.
+#[test]
+fn duplicate_keys_in_configuration_files_point_at_the_second_occurrence() {
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)] // read only to be refused
+    struct Config {
+        limits: std::collections::BTreeMap<String, u32>,
+        listen: String,
+    }
+    let text = "listen: a\nlimits:\n  x: 1\n  y: 2\n  x: 3\n";
+    let error = config_from_yaml::<Config>("c.yaml", text).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "c.yaml:5:3: limits: duplicate key `x` (hint: each key may appear only once in a mapping)"
+    );
+    let error =
+        config_from_yaml::<Config>("c.yaml", "listen: a\nlimits: {}\nlisten: b\n").unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("c.yaml:3:1: duplicate key `listen`"),
+        "{error}"
+    );
 }
