@@ -20,6 +20,8 @@ struct Mesh {
     cp: ControlPlaneProcess,
     app: EchoApp,
     api_inbound: u16,
+    /// More `limits` for api's sidecar (`, key: value…`).
+    api_limits: String,
 }
 
 impl Mesh {
@@ -37,6 +39,7 @@ impl Mesh {
             cp,
             app: EchoApp::start(),
             api_inbound: free_port(),
+            api_limits: String::new(),
         }
     }
 
@@ -94,8 +97,13 @@ impl Mesh {
             format!("{{listen: 127.0.0.1:{route_port}, service: {TD}/api, port: 8080}}")
         };
         let admin = free_port();
+        let limits = if name == "api" {
+            self.api_limits.as_str()
+        } else {
+            ""
+        };
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{cp}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\n{outbound_extra}admin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api}], ports: [{{port: 8080}}]}}\n{extra_directory}workerThreads: 1\nlimits: {{drainTimeout: 2s}}\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{cp}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\n{outbound_extra}admin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api}], ports: [{{port: 8080}}]}}\n{extra_directory}workerThreads: 1\nlimits: {{drainTimeout: 2s{limits}}}\n",
             cp = self.cp.api_port,
             api = self.api_inbound,
         );
@@ -714,4 +722,46 @@ fn openssl_s_client_is_accepted_or_refused_as_policy_says() {
         "batch is denied: status 1, then close"
     );
     assert_eq!(mesh.app.accepted(), before + 1);
+}
+
+/// Review H1: one connection budget covered everything, and a permit was taken at accept,
+/// before anything was known about the client: idle TCP connections (1,000 per second from one
+/// laptop) kept a sidecar full, and its authenticated peers and its own app's outbound calls
+/// were refused. Connections not yet authenticated now have their own budget, capped per
+/// source address and timed; authenticated inbound and outbound connections each have theirs.
+#[test]
+fn h1_idle_unauthenticated_connections_do_not_take_the_authenticated_budget() {
+    let mut mesh = Mesh::new("{}");
+    mesh.api_limits = ", maxConnections: 20, handshakesPerSource: 50".into();
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let route = free_port();
+    let _web = mesh.sidecar("web", route, "");
+    assert_eq!(exchange(route, b"before").as_deref(), Some(&b"before"[..]));
+
+    // 80 idle TCP connections to api's inbound port: four times its authenticated budget, and
+    // 30 over what one source address may hold before authenticating.
+    let idle: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", mesh.api_inbound)).unwrap())
+        .collect();
+    eventually(
+        10,
+        "api to refuse the connections over the per-source cap",
+        || {
+            metric(
+                &api.metrics(),
+                "sidewall_proxy_connections_refused_total",
+                &[("direction", "inbound"), ("reason", "source_limit")],
+            ) >= 30
+        },
+    );
+    for i in 0..5 {
+        let payload = format!("during {i}");
+        assert_eq!(
+            exchange(route, payload.as_bytes()).as_deref(),
+            Some(payload.as_bytes()),
+            "web's app connection was refused while idle connections held api's budget"
+        );
+    }
+    drop(idle);
 }

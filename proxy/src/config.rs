@@ -28,7 +28,7 @@
 //!   directory:
 //!     - {identity: spiffe://example.org/ns/shop/svc/db, endpoints: [127.0.0.1:5643], ports: [{port: 5432, protocol: tcp}]}
 //! workerThreads: 2
-//! limits: {maxConnections: 10000, handshakeTimeout: 10s, connectTimeout: 5s, idleTimeout: 1h, drainTimeout: 30s}
+//! limits: {maxConnections: 10000, maxHandshakes: 1024, handshakesPerSource: 256, handshakeTimeout: 10s, connectTimeout: 5s, idleTimeout: 1h, drainTimeout: 30s}
 //! tls: {allowTls12: false}
 //! ```
 
@@ -239,9 +239,17 @@ pub struct LocalConfig {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Limits {
-    /// Open connections at most, inbound and outbound together. Default is 10,000.
+    /// Authenticated inbound connections (and app connections carried on shared ones) at
+    /// most, and, separately, outbound connections at most. Default is 10,000 each.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Inbound connections not yet authenticated (TLS handshake and port header under way) at
+    /// most. Default is 1,024.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Of those, from one source address at most. Default is 256.
+    #[serde(default = "default_handshakes_per_source")]
+    pub handshakes_per_source: usize,
     /// TLS handshake plus the port header. Default is 10 s.
     #[serde(default = "default_handshake")]
     pub handshake_timeout: ConfigDuration,
@@ -258,6 +266,12 @@ pub struct Limits {
 
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_handshakes_per_source() -> usize {
+    256
 }
 fn default_handshake() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))
@@ -276,6 +290,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+            handshakes_per_source: default_handshakes_per_source(),
             handshake_timeout: default_handshake(),
             connect_timeout: default_connect(),
             idle_timeout: default_idle(),
@@ -452,6 +468,11 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return Err("limits.maxConnections must be at least 1".into());
+        }
+        if self.limits.max_handshakes == 0 || self.limits.handshakes_per_source == 0 {
+            return Err(
+                "limits.maxHandshakes and limits.handshakesPerSource must be at least 1".into(),
+            );
         }
         Ok(())
     }

@@ -34,9 +34,9 @@ pub(crate) async fn serve(
         context,
         listener,
         stop,
-        "inbound",
-        |context, stream, remote| async move {
-            handle(&context, stream, remote).await;
+        crate::listen::Budget::Inbound,
+        |context, stream, remote, pending| async move {
+            handle(&context, stream, remote, pending).await;
         },
     )
     .await;
@@ -47,7 +47,12 @@ pub(super) fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std
     tracing::info!(%remote, reason, %detail, "inbound connection refused");
 }
 
-async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
+async fn handle(
+    context: &Arc<Context>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    mut pending: crate::listen::Pending,
+) {
     let config = &context.config;
     let Some(tls) = context.tls.borrow().clone() else {
         // No certificate yet: fail closed.
@@ -75,7 +80,7 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         .filter(|d| d.port() != config.inbound.listen.port())
         .map(|d| d.port());
     if !starts_with_tls(&stream, timeout).await {
-        return plaintext(context, stream, remote, redirected_port).await;
+        return plaintext(context, stream, remote, redirected_port, pending).await;
     }
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let handshake = async {
@@ -101,9 +106,11 @@ async fn handle(context: &Arc<Context>, stream: TcpStream, remote: SocketAddr) {
         Ok((stream, Some(port)))
     };
     let (mut stream, port) = match tokio::time::timeout(timeout, handshake).await {
+        // Authenticated: out of the handshake budget, into the inbound one.
+        Ok(Ok(_)) if !pending.authenticated(context) => return,
         Ok(Ok((stream, Some(port)))) => (stream, port),
         Ok(Ok((stream, None))) => {
-            return mux::serve(context, stream, remote, redirected_port).await;
+            return mux::serve(context, stream, remote, redirected_port, pending).await;
         }
         Ok(Err((reason, detail))) => return refused(reason, remote, &detail),
         Err(_) => return refused("timeout", remote, &"handshake or port header too slow"),
@@ -198,6 +205,7 @@ async fn plaintext(
     stream: TcpStream,
     remote: SocketAddr,
     port: Option<u16>,
+    mut pending: crate::listen::Pending,
 ) {
     let config = &context.config;
     let Some(entry) = port
@@ -210,6 +218,9 @@ async fn plaintext(
             &"plaintext on an mTLS port (not permissive)",
         );
     };
+    if !pending.authenticated(context) {
+        return;
+    }
     metrics::counter!("sidewall_proxy_plaintext_accepted_total", "port" => entry.port.to_string())
         .increment(1);
     tracing::info!(%remote, port = entry.port, "plaintext accepted on a permissive port (no identity, no policy)");

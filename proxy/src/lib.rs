@@ -34,7 +34,7 @@ pub mod distribution;
 pub mod http;
 pub mod identity;
 pub mod inbound;
-mod listen;
+pub mod listen;
 mod mux;
 pub mod outbound;
 pub mod redirect;
@@ -58,8 +58,14 @@ pub struct Context {
     pub snapshot: watch::Receiver<Option<Arc<Active>>>,
     /// Open inbound connections.
     pub connections: Table,
-    /// The connection limit.
+    /// Authenticated inbound connections (`limits.maxConnections`).
     pub permits: Arc<Semaphore>,
+    /// Outbound connections (`limits.maxConnections`, a budget of their own).
+    pub outbound_permits: Arc<Semaphore>,
+    /// Inbound connections not yet authenticated (`limits.maxHandshakes`).
+    pub handshakes: Arc<Semaphore>,
+    /// Those per source address (`limits.handshakesPerSource`).
+    pub sources: Arc<listen::Sources>,
     /// True once shutdown has begun.
     pub stopping: watch::Receiver<bool>,
     /// This sidecar process's id in the control plane's fleet view.
@@ -214,6 +220,9 @@ pub async fn run(
         snapshot: snapshot_rx.clone(),
         connections: Table::default(),
         permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        outbound_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+        handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
+        sources: Arc::default(),
         stopping: stop_rx.clone(),
         instance: instance_id(),
         flows: distribution::Flows::default(),

@@ -37,10 +37,11 @@ pub(crate) async fn serve(
         context,
         listener,
         stop,
-        "outbound",
-        move |context, app, _| {
+        crate::listen::Budget::Outbound,
+        move |context, app, _, pending| {
             let route = route.clone();
             async move {
+                let _pending = pending;
                 if let Err(reason) = handle(&context, &route, app).await {
                     metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
                         .increment(1);
@@ -383,7 +384,8 @@ pub(crate) async fn serve_transparent(
     stop: watch::Receiver<bool>,
 ) {
     let own = listener.local_addr().ok();
-    crate::listen::accept_loop(context, listener, stop, "outbound", move |context, app, _| async move {
+    crate::listen::accept_loop(context, listener, stop, crate::listen::Budget::Outbound, move |context, app, _, pending| async move {
+        let _pending = pending;
         let result = match crate::transport::original_destination(&app) {
             Ok(destination) if Some(destination) != own => Box::pin(transparent(&context, destination, app)).await,
             Ok(_) => Err("not_redirected"),

@@ -36,7 +36,10 @@ pub(super) async fn serve(
     stream: TlsStream<ReadAhead<TcpStream>>,
     remote: SocketAddr,
     redirected: Option<u16>,
+    pending: crate::listen::Pending,
 ) {
+    // The shared connection holds its inbound permit while it lasts; each stream takes one more.
+    let _pending = pending;
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return refused("no_certificate", remote, &"no client SVID");
     };
