@@ -89,3 +89,34 @@ fn sample_process() {
         metrics::gauge!("process_max_fds").set(soft as f64);
     }
 }
+
+/// Raises the soft limit on open files to the hard limit (review L3: systemd's default soft
+/// limit of 1024 would make a few hundred connections fail with EMFILE), and warns when even
+/// that is below what the configured budgets may open (`needed` descriptors).
+pub(crate) fn raise_open_files_limit(needed: u64, budgets: &str) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(error) => {
+                tracing::warn!(soft, hard, %error, "cannot raise the open-files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if limit < needed {
+        tracing::warn!(
+            limit,
+            needed,
+            budgets,
+            "the open-files limit is below what the connection budgets may need: connections will fail with EMFILE before the budgets refuse them; raise LimitNOFILE (systemd), --ulimit nofile (Docker) or lower the budgets"
+        );
+    } else {
+        tracing::info!(limit, needed, "open-files limit");
+    }
+}

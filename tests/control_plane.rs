@@ -615,3 +615,133 @@ fn flags_take_their_environment_names() {
         assert!(help.contains(&format!("[env: {name}=")), "{name}:\n{help}");
     }
 }
+
+/// Opens `COUNT` TLS connections to 127.0.0.1:`PORT` without a client certificate (ALPN `ALPN`),
+/// sends `SEND` on each (`nothing`, `preface`: the HTTP/2 preface alone, `get`: one HTTP/1.1
+/// request), and prints one line per connection: `closed` when the server closed it within 20
+/// s, else `open`.
+const HOLD_TLS: &str = r#"
+import socket, ssl, sys, threading
+port, alpn, send, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.set_alpn_protocols([alpn])
+held = []
+for _ in range(count):
+    s = context.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+    if send == "preface":
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    elif send == "get":
+        s.sendall(b"GET /v1/trust-bundle HTTP/1.1\r\nHost: cp\r\n\r\n")
+    held.append(s)
+results = [None] * count
+def wait(i, s):
+    s.settimeout(20)
+    try:
+        while s.recv(65536):
+            pass
+        results[i] = "closed"
+    except socket.timeout:
+        results[i] = "open"
+    except OSError:
+        results[i] = "closed"
+threads = [threading.Thread(target=wait, args=(i, s)) for i, s in enumerate(held)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("\n".join(results))
+"#;
+
+/// Review H2: a client that completed TLS without a certificate and sent nothing (or only the
+/// HTTP/2 preface) held an API connection for ever; 20,000 of them (fewer under a 1024-FD
+/// limit) shut every sidecar out of renewal. Now every connection must start a request within
+/// `limits.requestTimeout`, an idle one is closed after `limits.idleTimeout`, and one source may
+/// hold only `limits.unauthenticatedPerSource` connections without a client certificate.
+#[test]
+fn h2_api_connections_that_send_no_request_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cp.yaml");
+    std::fs::write(
+        &file,
+        "limits:\n  requestTimeout: 2s\n  idleTimeout: 4s\n  unauthenticatedPerSource: 3\n",
+    )
+    .unwrap();
+    let cp = ControlPlaneProcess::start(
+        &dir.path().join("cp"),
+        &["--config", file.to_str().unwrap()],
+    );
+    let hold = |alpn: &str, send: &str, count: usize| {
+        let output = Command::new("python3")
+            .args([
+                "-c",
+                HOLD_TLS,
+                &cp.api_port.to_string(),
+                alpn,
+                send,
+                &count.to_string(),
+            ])
+            .output()
+            .expect("python3 (scripts/test-deps installs it)");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        hold("h2", "nothing", 1),
+        ["closed"],
+        "a silent HTTP/2 client"
+    );
+    assert_eq!(hold("h2", "preface", 1), ["closed"], "the preface alone");
+    assert_eq!(
+        hold("http/1.1", "nothing", 1),
+        ["closed"],
+        "a silent HTTP/1.1 client"
+    );
+    assert_eq!(
+        hold("http/1.1", "get", 1),
+        ["closed"],
+        "idle after one request"
+    );
+    // Five at once from one address: two over the cap are refused at once.
+    assert_eq!(hold("h2", "nothing", 5), ["closed"; 5]);
+    let (_, metrics) = support::http_get(cp.admin_port, "/metrics");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_connections_refused_total",
+            &[("reason", "unauthenticated_per_source")]
+        ),
+        2,
+        "{metrics}"
+    );
+    assert!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_connections_closed_total",
+            &[("reason", "no_request")]
+        ) >= 4,
+        "{metrics}"
+    );
+}
+
+/// Review L3: the binary kept the soft open-files limit it was given (1024 under systemd),
+/// so about a thousand connections ended in EMFILE long before any budget refused them. It
+/// now raises the soft limit to the hard one at start, and says so.
+#[test]
+fn l3_the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::start_under(
+        &dir.path().join("cp"),
+        &[],
+        "127.0.0.1",
+        &["prlimit", "--nofile=1024:8192"],
+    );
+    let (_, metrics) = support::http_get(cp.admin_port, "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("process_max_fds "))
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(line, "process_max_fds 8192", "{metrics}");
+}

@@ -12,7 +12,9 @@
 //! tokens:
 //!   maxTtl: 24h                    # cap on `token create --ttl`; default 24h, at most 30d
 //! limits:
-//!   requestTimeout: 10s            # TLS handshake, request headers, body: each; default 10s
+//!   requestTimeout: 10s            # TLS handshake, first request, request headers, body: each
+//!   idleTimeout: 5m                # a connection with no request in flight; default 5m
+//!   unauthenticatedPerSource: 64   # connections without a client certificate per address
 //! registrations:
 //!   lease: 30s                     # a registration outlives its sidecar's watch by this; default 30s
 //! policiesDir: ./policies          # optional: watch this directory and apply it (GitOps)
@@ -168,6 +170,8 @@ pub enum StoreConfig {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct LimitsSection {
     request_timeout: Option<ConfigDuration>,
+    idle_timeout: Option<ConfigDuration>,
+    unauthenticated_per_source: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,9 +261,13 @@ pub struct Config {
     pub server_lifetime: Duration,
     /// A plugged-in CA, if configured.
     pub plug_in: Option<PlugIn>,
-    /// How long a client may take for its TLS handshake, its request headers and its body,
-    /// each. Default is 10 s.
+    /// How long a client may take for its TLS handshake, to start its first request, its
+    /// request headers and its body, each. Default is 10 s.
     pub request_timeout: Duration,
+    /// How long a connection may stay without a request in flight. Default is 5 min.
+    pub idle_timeout: Duration,
+    /// Connections without a client certificate one source address may hold. Default is 64.
+    pub unauthenticated_per_source: usize,
     /// DNS names added to the serving certificate beside its SPIFFE ID, so that ordinary
     /// HTTPS clients (curl) can verify it too. `localhost` and the listen IP are always added.
     pub server_names: Vec<String>,
@@ -346,6 +354,12 @@ impl Config {
                 )));
             }
         }
+        let unauthenticated_per_source = file.limits.unauthenticated_per_source.unwrap_or(64);
+        if unauthenticated_per_source == 0 {
+            return Err(ConfigError::Value(
+                "limits.unauthenticatedPerSource must be at least 1".into(),
+            ));
+        }
         let registration_lease = file
             .registrations
             .lease
@@ -396,6 +410,11 @@ impl Config {
                 .limits
                 .request_timeout
                 .map_or(Duration::from_secs(10), |d| d.0),
+            idle_timeout: file
+                .limits
+                .idle_timeout
+                .map_or(Duration::from_secs(300), |d| d.0),
+            unauthenticated_per_source,
             server_names: file.server_names,
             policies_dir: overrides.policies_dir.or(file.policies_dir),
             registration_lease,

@@ -29,6 +29,7 @@ pub mod backup;
 pub mod ca;
 pub mod client;
 pub mod config;
+mod connection;
 pub mod distribution;
 pub mod gitops;
 pub mod random;

@@ -8,16 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::{Api, Peer, handle};
+use crate::api::{Api, Peer};
 #[cfg(feature = "etcd")]
 use crate::ca::sealed::{Kek, SealedCa, kek_path_required};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
@@ -358,6 +355,7 @@ pub async fn run(
         .map(|dir| tokio::spawn(crate::gitops::watch(api.clone(), dir, stop_rx.clone())));
     let acceptor = TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(crate::connection::Sources::default());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -381,6 +379,7 @@ pub async fn run(
         };
         let acceptor = acceptor.clone();
         let api = api.clone();
+        let sources = sources.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
@@ -405,22 +404,21 @@ pub async fn run(
                     sidewall_policies::svid::Usage::Client,
                 ),
             });
-            let service = service_fn(move |request| handle(api.clone(), peer.clone(), request));
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeout)
-                .max_buf_size(64 * 1024);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(100)
-                .max_header_list_size(32 * 1024);
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(error) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%remote, %error, "connection ended with an error");
-            }
+            // Clients without a certificate (joining sidecars, the public trust bundle): a
+            // few connections per source address.
+            let _counted = if peer.svid.is_none() {
+                match sources.admit(remote.ip(), api.config.unauthenticated_per_source) {
+                    Some(counted) => Some(counted),
+                    None => {
+                        metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "unauthenticated_per_source").increment(1);
+                        tracing::info!(%remote, "connection without a client certificate refused: too many from this address");
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            crate::connection::serve(api, tls, peer, watcher).await;
         });
     }
     let _ = stop_tx.send(true);

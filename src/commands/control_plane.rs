@@ -138,6 +138,10 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(command) = args.backup {
         return backup(command, &config);
     }
+    crate::telemetry::raise_open_files_limit(
+        sidewall_control_plane::server::MAX_CONNECTIONS as u64 + 256,
+        "20000 API connections + 256",
+    );
     let metrics = crate::telemetry::install("control-plane");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

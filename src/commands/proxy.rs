@@ -45,6 +45,13 @@ pub(crate) fn run(args: Args) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // Each authenticated inbound and each outbound connection holds two descriptors (peer and
+    // app), a handshake one.
+    let limits = &config.limits;
+    crate::telemetry::raise_open_files_limit(
+        (4 * limits.max_connections + limits.max_handshakes + 64) as u64,
+        "2 x limits.maxConnections (inbound) + 2 x limits.maxConnections (outbound) + limits.maxHandshakes + 64",
+    );
     let metrics = crate::telemetry::install("proxy");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)

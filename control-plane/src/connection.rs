@@ -1,0 +1,210 @@
+//! One API connection after its TLS handshake, bounded in time and per source (review H2).
+//!
+//! - A connection must start a request within `limits.requestTimeout` of its handshake (HTTP/1.1
+//!   or HTTP/2 alike: a silent client, or one that sends only the HTTP/2 preface, is closed).
+//! - A connection with no request in flight for `limits.idleTimeout` is closed. A snapshot watch
+//!   is a request in flight for as long as it streams, so sidecars keep theirs.
+//! - HTTP/2 keep-alive pings find peers that vanished.
+//! - One source address may hold `limits.unauthenticatedPerSource` connections without a client
+//!   certificate (joining sidecars, `/v1/trust-bundle`); more are closed at once.
+//!
+//! Each closing is counted in `sidewall_control_plane_connections_closed_total{reason}` or
+//! `sidewall_control_plane_connections_refused_total{reason}`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::api::{Api, Peer, handle};
+
+/// Interval of HTTP/2 keep-alive pings, and how long a ping may go unanswered.
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
+
+/// Connections without a client certificate, per source address.
+#[derive(Default)]
+pub(crate) struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its source; uncounted when dropped.
+pub(crate) struct Counted {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Sources {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts a connection from `ip`, or `None` when it already has `cap`.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<Counted> {
+        let ip = ip.to_canonical();
+        let mut counts = self.lock();
+        let count = counts.entry(ip).or_default();
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(Counted {
+            sources: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut counts = self.sources.lock();
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What a connection's requests are doing.
+struct Activity {
+    in_flight: AtomicUsize,
+    started: AtomicBool,
+    idle_since: Mutex<Instant>,
+    idle: Notify,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.started.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    fn idle_since(&self) -> Instant {
+        *self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One request in flight, until its response body has been sent (or dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request in flight while it is being sent.
+struct Tracked {
+    body: http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>,
+    _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves one connection until it ends, stays without a request for too long, or the control
+/// plane stops (`watcher`).
+pub(crate) async fn serve<S>(api: Arc<Api>, stream: S, peer: Arc<Peer>, watcher: Watcher)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let remote: Option<SocketAddr> = peer.remote;
+    let first_request = api.config.request_timeout;
+    let idle = api.config.idle_timeout;
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        started: AtomicBool::new(false),
+        idle_since: Mutex::new(Instant::now()),
+        idle: Notify::new(),
+    });
+    let requests = activity.clone();
+    let service = service_fn(move |request| {
+        let in_flight = requests.begin();
+        let response = handle(api.clone(), peer.clone(), request);
+        async move {
+            let response = response.await?;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked {
+                body,
+                _in_flight: in_flight,
+            }))
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(first_request)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE.0)
+        .keep_alive_timeout(KEEPALIVE.1)
+        .max_concurrent_streams(100)
+        .max_header_list_size(32 * 1024);
+    let connection = watcher.watch(
+        builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned(),
+    );
+    tokio::pin!(connection);
+    loop {
+        let (limit, reason) = if activity.started.load(Ordering::Relaxed) {
+            (idle, "idle")
+        } else {
+            (first_request, "no_request")
+        };
+        let busy = activity.in_flight.load(Ordering::Acquire) > 0;
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    tracing::debug!(?remote, %error, "connection ended with an error");
+                }
+                return;
+            }
+            () = activity.idle.notified(), if busy => {}
+            () = tokio::time::sleep_until(activity.idle_since() + limit), if !busy => {
+                let quiet = activity.in_flight.load(Ordering::Acquire) == 0
+                    && activity.idle_since().elapsed() >= limit;
+                if quiet {
+                    metrics::counter!("sidewall_control_plane_connections_closed_total", "reason" => reason).increment(1);
+                    tracing::debug!(?remote, reason, "API connection closed: no request in time");
+                    return;
+                }
+            }
+        }
+    }
+}
