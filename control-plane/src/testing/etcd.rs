@@ -82,6 +82,29 @@ impl EtcdCluster {
             return None;
         }
         std::fs::create_dir_all(dir).unwrap();
+        // Ports are picked free, then bound by etcd a moment later: another process may take
+        // one in between (or a loaded machine may be slow to elect). A cluster that is not
+        // healthy in time, or a member that exits, is started again on fresh ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut cluster = Self::spawn_all(dir, size, tls.clone(), attempt);
+            match cluster.healthy_within(&(0..size).collect::<Vec<_>>(), Duration::from_secs(40)) {
+                Ok(()) => return Some(cluster),
+                Err(why) if attempt < 3 => {
+                    eprintln!(
+                        "etcd test cluster, attempt {attempt}: {why}; starting it again on fresh ports"
+                    );
+                    drop(cluster);
+                }
+                Err(why) => panic!("etcd test cluster: {why}; logs in {}", dir.display()),
+            }
+        }
+    }
+
+    fn spawn_all(dir: &Path, size: usize, tls: Option<EtcdTls>, attempt: usize) -> Self {
+        let dir = dir.join(format!("attempt-{attempt}"));
+        std::fs::create_dir_all(&dir).unwrap();
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -97,7 +120,7 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Self {
-            dir: dir.to_path_buf(),
+            dir,
             members,
             initial_cluster,
             tls,
@@ -105,8 +128,27 @@ impl EtcdCluster {
         for i in 0..size {
             cluster.spawn(i);
         }
-        cluster.wait_healthy(&(0..size).collect::<Vec<_>>());
-        Some(cluster)
+        cluster
+    }
+
+    /// Waits until the members `which` are healthy; an error when one of them exits or
+    /// `timeout` passes first.
+    fn healthy_within(&mut self, which: &[usize], timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while !which.iter().all(|&i| self.healthy(i)) {
+            for &i in which {
+                if let Some(child) = self.members[i].child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    return Err(format!("member {i} exited ({status})"));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("members {which:?} not healthy after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
     }
 
     fn spawn(&mut self, i: usize) {
