@@ -1543,3 +1543,95 @@ fn h9_registrations_expire_when_their_sidecar_stops_watching() {
         "{metrics}"
     );
 }
+
+/// A TCP forwarder: `python3 -c FORWARD LISTEN_PORT TARGET_PORT` on loopback; prints "ready".
+/// Stopped with SIGSTOP, it freezes every connection while the kernel still acknowledges.
+const FORWARD: &str = r#"
+import socket, sys, threading
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def pipe(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+print("ready", flush=True)
+while True:
+    client, _ = server.accept()
+    upstream = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+    threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+"#;
+
+/// Review M10: the sidecar never checked the watch's keep-alive lines, so a control plane that
+/// froze (or a partition without a reset) left it enforcing a stale policy and revocation list
+/// for hours instead of moving to the next URL. Three missed keep-alives now end the watch.
+#[test]
+fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
+    use std::io::BufRead;
+    let mesh = Mesh::new(&[]);
+    let via = free_port();
+    /// Killed when dropped, also when the test fails.
+    struct Forwarder(std::process::Child);
+    impl Drop for Forwarder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut forwarder = Forwarder(
+        std::process::Command::new("python3")
+            .args([
+                "-c",
+                FORWARD,
+                &via.to_string(),
+                &mesh.cp.api_port.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (scripts/test-deps installs it)"),
+    );
+    let mut ready = String::new();
+    std::io::BufReader::new(forwarder.0.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let run = mesh.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
+    std::fs::write(
+        mesh.path().join("api.token"),
+        run.stdout.lines().last().unwrap(),
+    )
+    .unwrap();
+    let admin = free_port();
+    let (frozen, direct) = (
+        format!("https://127.0.0.1:{via}"),
+        format!("https://127.0.0.1:{}", mesh.cp.api_port),
+    );
+    let config = format!(
+        "identity: {TD}/api\ncontrolPlane:\n  urls: [{frozen}, {direct}]\n  tokenFile: api.token\n  watchKeepalive: 1s\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: []\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\n",
+        mesh.api_inbound
+    );
+    let api = ProxyProcess::start(mesh.path(), "api", &config, admin);
+    api.wait_ready();
+    let watching = || {
+        let (_, config) = http_get(admin, "/config");
+        serde_json::from_str::<serde_json::Value>(&config).unwrap()["control_plane"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    eventually(20, "api to watch through the forwarder", || {
+        watching().as_deref() == Some(frozen.as_str())
+    });
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &forwarder.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    eventually(
+        30,
+        "api to give up the silent watch and use the next URL",
+        || watching().as_deref() == Some(direct.as_str()),
+    );
+    assert!(api.log().contains("taken for dead"), "{}", api.log());
+}

@@ -765,3 +765,129 @@ fn h1_idle_unauthenticated_connections_do_not_take_the_authenticated_budget() {
     }
     drop(idle);
 }
+
+/// Opens `COUNT` TLS connections to 127.0.0.1:`PORT` with the certificate `CERT` and key `KEY`,
+/// ALPN `sidewall-mux/1`, sends nothing, and prints how many the sidecar closed within 20 s.
+const HOLD_MUX: &str = r#"
+import socket, ssl, sys, threading
+port, cert, key, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.load_cert_chain(cert, key)
+context.set_alpn_protocols(["sidewall-mux/1"])
+held = [context.wrap_socket(socket.create_connection(("127.0.0.1", port))) for _ in range(count)]
+print("held", flush=True)
+closed = []
+def wait(s):
+    s.settimeout(20)
+    try:
+        while s.recv(65536):
+            pass
+        closed.append(1)
+    except socket.timeout:
+        pass
+    except OSError:
+        closed.append(1)
+threads = [threading.Thread(target=wait, args=(s,)) for s in held]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(closed), flush=True)
+"#;
+
+/// Review M8: a peer that no policy allows completed TLS with ALPN `sidewall-mux/1`, never sent
+/// the HTTP/2 preface, and kept the shared connection (and its permit) until its certificate
+/// expired: a handful of them filled api's budget. Now such a peer's shared connection stays in
+/// the handshake budget and is closed at `limits.handshakeTimeout`, and any shared connection
+/// must send its preface and first stream within it.
+#[test]
+fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
+    use std::io::BufRead;
+    let mut mesh = Mesh::new("{}");
+    mesh.api_limits = ", maxConnections: 20, handshakeTimeout: 2s".into();
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let route = free_port();
+    let _web = mesh.sidecar("web", route, "");
+    let _intruder = mesh.sidecar("intruder", free_port(), "");
+    let hold = |name: &str, count: usize| {
+        let state = mesh.path().join("state").join(name);
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", HOLD_MUX, &mesh.api_inbound.to_string()])
+            .arg(state.join("certificate.pem"))
+            .arg(state.join("key.pem"))
+            .arg(count.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (scripts/test-deps installs it)");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "held");
+        (child, out)
+    };
+    // 30 silent shared connections from a peer no policy allows: more than api's budget.
+    let (mut intruder, mut out) = hold("intruder", 30);
+    for i in 0..3 {
+        let payload = format!("while held {i}");
+        assert_eq!(
+            exchange(route, payload.as_bytes()).as_deref(),
+            Some(payload.as_bytes()),
+            "web was refused while the intruder held shared connections"
+        );
+    }
+    let mut closed = String::new();
+    out.read_line(&mut closed).unwrap();
+    let _ = intruder.wait();
+    assert_eq!(
+        closed.trim(),
+        "30",
+        "the intruder's connections stayed open"
+    );
+    // Closed at the handshake deadline, as having no policy or as having sent no preface.
+    let metrics = api.metrics();
+    let closed = metric(
+        &metrics,
+        "sidewall_proxy_connections_closed_total",
+        &[("reason", "shared_no_policy")],
+    ) + metric(
+        &metrics,
+        "sidewall_proxy_handshake_failures_total",
+        &[("direction", "inbound"), ("reason", "timeout")],
+    );
+    assert!(closed >= 30, "{metrics}");
+    // An allowed peer's silent shared connection is closed after the deadline too.
+    let (mut web_held, mut out) = hold("web", 1);
+    let mut closed = String::new();
+    out.read_line(&mut closed).unwrap();
+    let _ = web_held.wait();
+    assert_eq!(closed.trim(), "1", "a silent shared connection stayed open");
+}
+
+/// Review L9: every refused stream of an authenticated peer wrote a warning, at stream rate.
+/// Refusals from one peer on one port, for one reason, are now one line per 10 s with how many
+/// were folded into it; the metrics count each.
+#[test]
+fn l9_denials_from_one_peer_are_logged_once_per_window() {
+    let mesh = Mesh::new("{}");
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let route = free_port();
+    let _batch = mesh.sidecar("batch", route, "");
+    for _ in 0..30 {
+        assert_eq!(exchange(route, b"denied"), None);
+    }
+    let metrics = api.metrics();
+    let refused = metric(
+        &metrics,
+        "sidewall_proxy_authorizations_total",
+        &[("outcome", "deny"), ("policy", "-")],
+    );
+    assert!(refused >= 30, "{metrics}");
+    let log = api.log();
+    let lines = log.matches("connection denied").count();
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} lines for {refused} refusals:\n{log}"
+    );
+}

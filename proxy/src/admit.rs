@@ -115,11 +115,15 @@ impl Refusal {
                 } else {
                     metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "inbound", "reason" => self.label()).increment(1);
                 }
-                tracing::info!(%peer, port, reason = self.label(), "inbound connection refused");
+                if let Some(folded) = crate::lograte::admit(peer.as_str(), port, self.label()) {
+                    tracing::info!(%peer, port, reason = self.label(), folded, "inbound connection refused");
+                }
             }
             Refusal::UnknownPort | Refusal::NotHttp | Refusal::NotTcp | Refusal::Revoked => {
                 metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => self.label(), "policy" => "-").increment(1);
-                tracing::warn!(%peer, port, reason = self.label(), "inbound connection refused");
+                if let Some(folded) = crate::lograte::admit(peer.as_str(), port, self.label()) {
+                    tracing::warn!(%peer, port, reason = self.label(), folded, "inbound connection refused");
+                }
             }
         }
     }
@@ -191,6 +195,30 @@ pub fn admit<'c>(
     admitted
 }
 
+/// Whether the snapshot in force lets `peer` reach some TCP port of ours: what a shared
+/// connection (which carries TCP only) is for. Not counted; each stream is decided by [`admit`].
+pub fn may_carry(context: &Context, peer: &Svid) -> bool {
+    let Some(active) = context.snapshot.borrow().clone() else {
+        return false;
+    };
+    !active
+        .snapshot
+        .revocations
+        .is_revoked(&peer.id, &peer.serial)
+        && context.config.inbound.ports.iter().any(|entry| {
+            entry.protocol == Protocol::Tcp
+                && active
+                    .engine
+                    .decide_connection(
+                        &peer.id,
+                        &context.config.identity,
+                        entry.port,
+                        Protocol::Tcp,
+                    )
+                    .permits()
+        })
+}
+
 /// Counts a connection-level decision, with the deciding policy.
 pub(crate) fn record(decision: &Decision) {
     let outcome = match decision.outcome {
@@ -249,7 +277,10 @@ fn account(
             .count(peer.as_str(), port, protocol, None, &decision);
     }
     if !decision.permits() {
-        tracing::warn!(%peer, %target, port, %decision, "connection denied");
+        // One line per peer and port per window, with how many were folded into it.
+        if let Some(folded) = crate::lograte::admit(peer.as_str(), port, "deny") {
+            tracing::warn!(%peer, %target, port, %decision, folded, "connection denied");
+        }
         return None;
     }
     if decision.outcome == Outcome::Audit || decision.shadow.is_some() {

@@ -5,6 +5,7 @@
 //! controlPlane:
 //!   urls: [https://127.0.0.1:4600]  # tried in order
 //!   tokenFile: ./api.token          # used until the first certificate is saved
+//!   watchKeepalive: 15s             # keep-alive asked of the watch; 3 missed = dead, next URL
 //! stateDir: ./state/api             # certificate, key (0600), trust bundle
 //! inbound:
 //!   listen: 0.0.0.0:4643            # mTLS from peer sidecars
@@ -50,6 +51,15 @@ pub struct ControlPlaneConfig {
     /// A file holding the join token, used until the first certificate is saved.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// How often the control plane sends a keep-alive line on an idle snapshot watch (1 s to
+    /// 60 s); a watch silent for three of them is taken for dead and the next URL is tried.
+    /// Default is 15 s.
+    #[serde(default = "default_watch_keepalive")]
+    pub watch_keepalive: ConfigDuration,
+}
+
+fn default_watch_keepalive() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(15))
 }
 
 /// One app port behind the sidecar.
@@ -462,6 +472,10 @@ impl Config {
             tracing::warn!(
                 "inbound ports marked permissive accept plaintext without authentication"
             );
+        }
+        let keepalive = self.control_plane.watch_keepalive.0;
+        if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(60) {
+            return Err("controlPlane.watchKeepalive must be from 1s to 60s".into());
         }
         if !(1..=64).contains(&self.worker_threads) {
             return Err("workerThreads must be from 1 to 64".into());

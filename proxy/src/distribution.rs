@@ -276,9 +276,17 @@ async fn session(
 ) -> Result<(), String> {
     let mut sender = connect(url, credential, true).await?;
     let mut registered = register(context, &mut sender).await?;
+    // The control plane sends a keep-alive line this often; three missed and the watch is
+    // taken for dead (a frozen or partitioned control plane whose kernel still acknowledges).
+    let keepalive = context.config.control_plane.watch_keepalive.0;
+    let silence = keepalive * 3;
     let request = Request::builder()
         .method(Method::GET)
-        .uri(format!("/v1/snapshots/watch?instance={}", context.instance))
+        .uri(format!(
+            "/v1/snapshots/watch?instance={}&keepalive={}",
+            context.instance,
+            keepalive.as_secs()
+        ))
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let response = sender
@@ -311,7 +319,11 @@ async fn session(
         tokio::select! {
             // An endpoint still held by a stale registration frees up when that lease ends.
             _ = retry.tick(), if !registered => registered = register(context, &mut sender).await?,
-            frame = body.frame() => {
+            frame = tokio::time::timeout(silence, body.frame()) => {
+                let Ok(frame) = frame else {
+                    metrics::counter!("sidewall_proxy_watch_silent_total").increment(1);
+                    return Err(format!("the watch was silent for {} s (keep-alive every {} s): taken for dead", silence.as_secs(), keepalive.as_secs()));
+                };
                 let Some(frame) = frame else { return Err("stream ended".into()) };
                 let frame = frame.map_err(|e| e.to_string())?;
                 let Ok(data) = frame.into_data() else { continue };

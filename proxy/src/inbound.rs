@@ -44,7 +44,9 @@ pub(crate) async fn serve(
 
 pub(super) fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {
     metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
-    tracing::info!(%remote, reason, %detail, "inbound connection refused");
+    if let Some(folded) = crate::lograte::admit(&remote.ip().to_string(), 0, reason) {
+        tracing::info!(%remote, reason, %detail, folded, "inbound connection refused");
+    }
 }
 
 async fn handle(
@@ -106,8 +108,9 @@ async fn handle(
         Ok((stream, Some(port)))
     };
     let (mut stream, port) = match tokio::time::timeout(timeout, handshake).await {
-        // Authenticated: out of the handshake budget, into the inbound one.
-        Ok(Ok(_)) if !pending.authenticated(context) => return,
+        // Authenticated: out of the handshake budget, into the inbound one (a shared
+        // connection decides that itself, see `mux::serve`).
+        Ok(Ok((_, Some(_)))) if !pending.authenticated(context) => return,
         Ok(Ok((stream, Some(port)))) => (stream, port),
         Ok(Ok((stream, None))) => {
             return mux::serve(context, stream, remote, redirected_port, pending).await;

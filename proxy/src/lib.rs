@@ -35,6 +35,7 @@ pub mod http;
 pub mod identity;
 pub mod inbound;
 pub mod listen;
+pub mod lograte;
 mod mux;
 pub mod outbound;
 pub mod redirect;

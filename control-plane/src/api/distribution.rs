@@ -22,7 +22,8 @@ use crate::attestation::workload_identity;
 use crate::distribution::{FlowKey, FlowStats};
 use crate::store::RegistrationRecord;
 
-/// How often an idle watch stream sends a keep-alive line.
+/// How often an idle watch stream sends a keep-alive line, unless the sidecar asks for another
+/// interval (`&keepalive=SECONDS`, 1 to 60): it takes the stream for dead after three missed.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// The workload identity of the caller, or why it may not use these routes (not a workload,
@@ -105,6 +106,10 @@ pub(super) fn watch(
         })?
         .to_owned();
     claim(api, &instance, &identity)?;
+    let keepalive = query_value(request, "keepalive")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|s| (1..=60).contains(s))
+        .map_or(KEEPALIVE, Duration::from_secs);
     let distribution = api.distribution.clone();
     let (sender, receiver) = mpsc::channel::<Bytes>(4);
     let mut changes = distribution.subscribe();
@@ -136,7 +141,7 @@ pub(super) fn watch(
             tokio::select! {
                 _ = closing.changed() => break,
                 changed = changes.changed() => if changed.is_err() { break },
-                () = tokio::time::sleep(KEEPALIVE) => {
+                () = tokio::time::sleep(keepalive) => {
                     if sender.send(Bytes::from_static(b"\n")).await.is_err() {
                         break;
                     }

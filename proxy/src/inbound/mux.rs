@@ -10,6 +10,12 @@
 //! (`403` denied, `404` unknown port, `421` an HTTP port, `502` app unreachable, `503` at the
 //! connection limit) and nothing reaches the app. HTTP/2 flow control is per stream, so a slow
 //! reader stalls only its own stream.
+//!
+//! A peer that no policy lets reach any TCP port here has nothing to carry: its streams are
+//! refused one by one, its connection stays in the handshake budget and is closed at
+//! `limits.handshakeTimeout`. Any other must send the HTTP/2 preface and its first stream
+//! within `limits.handshakeTimeout`, and a connection with no stream open for
+//! `limits.idleTimeout` is closed (review M8).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,47 +44,102 @@ pub(super) async fn serve(
     redirected: Option<u16>,
     pending: crate::listen::Pending,
 ) {
-    // The shared connection holds its inbound permit while it lasts; each stream takes one more.
-    let _pending = pending;
+    let mut pending = pending;
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return refused("no_certificate", remote, &"no client SVID");
     };
     if peer.not_after <= now_unix() {
         return refused("certificate_expired", remote, &peer.id);
     }
+    // A peer that some policy lets reach a TCP port here holds an inbound permit for its
+    // shared connection (each stream takes one more). One that no policy allows has nothing
+    // to carry: its streams are refused one by one (counted, recorded as flows) while the
+    // connection stays in the handshake budget, and it is closed at the handshake deadline.
+    let limits = &context.config.limits;
     let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
+    let lifetime = if crate::admit::may_carry(context, &peer) {
+        if !pending.authenticated(context) {
+            return;
+        }
+        expiry
+    } else {
+        expiry.min(limits.handshake_timeout.0)
+    };
+    let _pending = pending;
     let peer = Arc::new(peer);
-    let streams = u32::try_from(context.config.limits.max_connections).unwrap_or(u32::MAX);
+    let streams = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let accept = async {
-        let mut connection = match crate::mux::server_builder(streams)
-            .handshake::<_, Bytes>(stream)
-            .await
+        // The preface, then a first stream, each within the handshake deadline; later, a
+        // connection with no stream open for the idle timeout is closed.
+        let handshake = crate::mux::server_builder(streams).handshake::<_, Bytes>(stream);
+        let mut connection = match tokio::time::timeout(limits.handshake_timeout.0, handshake).await
         {
-            Ok(connection) => connection,
-            Err(error) => {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
                 tracing::debug!(%remote, %error, "shared connection: no HTTP/2 preface");
                 return;
             }
+            Err(_) => return refused("timeout", remote, &"no HTTP/2 preface in time"),
         };
-        while let Some(next) = connection.accept().await {
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut quiet_limit = limits.handshake_timeout.0;
+        loop {
+            let next = match tokio::time::timeout(quiet_limit, connection.accept()).await {
+                Ok(next) => next,
+                Err(_) if open.load(std::sync::atomic::Ordering::Acquire) > 0 => continue,
+                Err(_) => {
+                    metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "shared_idle").increment(1);
+                    tracing::debug!(%remote, "shared connection closed: no stream in time");
+                    return;
+                }
+            };
             match next {
-                Ok((request, respond)) => {
+                Some(Ok((request, respond))) => {
+                    quiet_limit = limits.idle_timeout.0;
                     let context = context.clone();
                     let peer = peer.clone();
-                    tokio::spawn(carried(context, peer, redirected, request, respond));
+                    let guard = Streaming::new(&open);
+                    tokio::spawn(async move {
+                        let _guard = guard;
+                        carried(context, peer, redirected, request, respond).await;
+                    });
                 }
-                Err(error) => {
+                Some(Err(error)) => {
                     tracing::debug!(%remote, %error, "shared connection ended with an error");
                     return;
                 }
+                None => return,
             }
         }
     };
     tokio::select! {
         () = accept => {}
-        () = tokio::time::sleep(expiry) => {
-            tracing::info!(%remote, "peer certificate expired: shared connection closed");
+        () = tokio::time::sleep(lifetime) => {
+            if lifetime < expiry {
+                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "shared_no_policy").increment(1);
+                if let Some(folded) = crate::lograte::admit(peer.id.as_str(), 0, "shared_no_policy") {
+                    tracing::info!(%remote, peer = %peer.id, folded, "shared connection closed: no policy lets this peer reach a TCP port here");
+                }
+            } else {
+                tracing::info!(%remote, "peer certificate expired: shared connection closed");
+            }
         }
+    }
+}
+
+/// One open stream of a shared connection, counted while it lasts.
+struct Streaming(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Streaming {
+    fn new(open: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(open.clone())
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
