@@ -34,13 +34,9 @@ pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
-/// A free loopback port (bound and released; good enough for tests on one machine).
+/// A free loopback port, never handed out twice in this test binary.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    sidewall_control_plane::testing::free_port()
 }
 
 /// A `sidewall control-plane` process on loopback, stopped (SIGTERM) when dropped.

@@ -12,6 +12,24 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sidewall_policies::TrustDomain;
 use tokio::sync::oneshot;
+
+/// A free loopback port, bound and released, and never handed out twice in this process: the
+/// kernel may give the same ephemeral port to two `bind(0)` calls once the first listener is
+/// closed, and two parallel tests (or two members of one etcd cluster) then fight for it.
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind a loopback port");
+        if given.insert(port) {
+            return port;
+        }
+    }
+}
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509Certificate};
 

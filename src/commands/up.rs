@@ -35,8 +35,20 @@ pub(crate) struct Args {
     timeout_seconds: u64,
 }
 
+/// A loopback port free now and not handed out before by this `up`: the kernel may give the
+/// same ephemeral port to two `bind(0)` calls once the first listener is closed, and two
+/// sidecars then fight for one address.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..64 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port found that was not already given out")
 }
 
 /// Set on every process `up` starts: the pid of the `up` that started it.

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
+
 /// One member.
 struct Member {
     name: String,
@@ -36,13 +38,6 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     tls: Option<EtcdTls>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
 }
 
 /// Whether tests may use etcd; prints why not (and panics where it is required).
