@@ -21,6 +21,9 @@ struct Mesh {
     app: EchoApp,
     api_inbound: u16,
     routes: std::collections::HashMap<String, u16>,
+    /// More `limits` for every sidecar started after it is set (`, key: value…`); by
+    /// default a long handshake deadline, for tests that hold a handshake open on purpose.
+    limits: String,
 }
 
 fn policy(name: &str, on_revoke: &str, rules: &str) -> String {
@@ -53,6 +56,7 @@ impl Mesh {
             app: EchoApp::start(),
             api_inbound: free_port(),
             routes: Default::default(),
+            limits: ", handshakeTimeout: 30s".into(),
         }
     }
 
@@ -116,8 +120,8 @@ impl Mesh {
         };
         let admin = free_port();
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s, handshakeTimeout: 30s}}\n",
-            self.cp.api_port
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s{}}}\n",
+            self.cp.api_port, self.limits
         );
         let proxy = ProxyProcess::start(self.path(), name, &config, admin);
         proxy.wait_ready();
@@ -1225,7 +1229,6 @@ print(status.hex(), "echo" if echo == b"held" else "closed", flush=True)
 /// force after that, revocations included.
 #[test]
 fn m1_a_held_back_port_header_is_decided_on_the_snapshot_in_force() {
-    use std::io::BufRead;
     let mut mesh = Mesh::new(&[]);
     let _api = mesh.sidecar("api");
     let _web = mesh.sidecar("web");
@@ -1233,28 +1236,16 @@ fn m1_a_held_back_port_header_is_decided_on_the_snapshot_in_force() {
     assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
     let state = mesh.path().join("state/web");
     let hold = || {
-        let mut child = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(HELD_HEADER)
-            .arg(mesh.api_inbound.to_string())
-            .arg(state.join("certificate.pem"))
-            .arg(state.join("key.pem"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (scripts/test-deps installs it)");
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        (child, out)
+        let args = [
+            mesh.api_inbound.to_string().into(),
+            state.join("certificate.pem").into_os_string(),
+            state.join("key.pem").into_os_string(),
+        ];
+        support::Helper::start(HELD_HEADER, &args, "ready")
     };
-    let release = |(mut child, mut out): (std::process::Child, std::io::BufReader<_>)| {
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let _ = child.wait();
-        line.trim().to_owned()
+    let release = |mut held: support::Helper| {
+        held.say("go");
+        held.line()
     };
     // Sanity: a header sent at once is allowed and reaches the app.
     assert_eq!(release(hold()), "00 echo");
@@ -1568,35 +1559,13 @@ while True:
 /// for hours instead of moving to the next URL. Three missed keep-alives now end the watch.
 #[test]
 fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
-    use std::io::BufRead;
     let mesh = Mesh::new(&[]);
     let via = free_port();
-    /// Killed when dropped, also when the test fails.
-    struct Forwarder(std::process::Child);
-    impl Drop for Forwarder {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut forwarder = Forwarder(
-        std::process::Command::new("python3")
-            .args([
-                "-c",
-                FORWARD,
-                &via.to_string(),
-                &mesh.cp.api_port.to_string(),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 (scripts/test-deps installs it)"),
+    let forwarder = support::Helper::start(
+        FORWARD,
+        &[via.to_string(), mesh.cp.api_port.to_string()],
+        "ready",
     );
-    let mut ready = String::new();
-    std::io::BufReader::new(forwarder.0.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
     let run = mesh.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
     std::fs::write(
         mesh.path().join("api.token"),
@@ -1624,7 +1593,7 @@ fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
         watching().as_deref() == Some(frozen.as_str())
     });
     let stopped = std::process::Command::new("kill")
-        .args(["-STOP", &forwarder.0.id().to_string()])
+        .args(["-STOP", &forwarder.child.id().to_string()])
         .status()
         .unwrap();
     assert!(stopped.success());
@@ -1634,4 +1603,45 @@ fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
         || watching().as_deref() == Some(direct.as_str()),
     );
     assert!(api.log().contains("taken for dead"), "{}", api.log());
+}
+
+/// Review M9: a shared connection to a peer sidecar that froze (SIGSTOP, a blackhole without a
+/// reset) still looked usable: every new app connection opened a stream on it and waited for
+/// ever, and the healthy endpoints were never tried. A `CONNECT` unanswered within 2 x
+/// `limits.connectTimeout` now abandons the connection, and the next app connection goes
+/// elsewhere.
+#[test]
+fn m9_a_frozen_peer_sidecar_is_abandoned_for_the_next_endpoint() {
+    let mut mesh = Mesh::new(&[]);
+    mesh.limits = ", handshakeTimeout: 3s, connectTimeout: 1s".into();
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    let frozen = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    assert_eq!(
+        exchange(mesh.route("web"), b"one").as_deref(),
+        Some(&b"one"[..])
+    );
+    // A second api sidecar, listed after the first in web's directory.
+    let app = format!("{{port: 8080, app: 127.0.0.1:{}}}", mesh.app.port);
+    let second = port_sorting_after(mesh.api_inbound);
+    let _healthy = mesh.sidecar_on("api", Some(second), &app);
+    eventually(20, "web's directory to list both api endpoints", || {
+        mesh.directory_entry("web", "api")
+            .is_some_and(|e| e["endpoints"].as_array().unwrap().len() == 2)
+    });
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &frozen.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // The stream already open on the frozen connection is lost; later ones get through.
+    eventually(
+        60,
+        "web's app connections to reach the healthy api sidecar",
+        || exchange(mesh.route("web"), b"two").as_deref() == Some(&b"two"[..]),
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &frozen.child.id().to_string()])
+        .status();
 }

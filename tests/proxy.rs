@@ -802,7 +802,6 @@ print(len(closed), flush=True)
 /// must send its preface and first stream within it.
 #[test]
 fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
-    use std::io::BufRead;
     let mut mesh = Mesh::new("{}");
     mesh.api_limits = ", maxConnections: 20, handshakeTimeout: 2s".into();
     mesh.policy("api", ALLOW_WEB);
@@ -812,22 +811,16 @@ fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
     let _intruder = mesh.sidecar("intruder", free_port(), "");
     let hold = |name: &str, count: usize| {
         let state = mesh.path().join("state").join(name);
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", HOLD_MUX, &mesh.api_inbound.to_string()])
-            .arg(state.join("certificate.pem"))
-            .arg(state.join("key.pem"))
-            .arg(count.to_string())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 (scripts/test-deps installs it)");
-        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "held");
-        (child, out)
+        let args = [
+            mesh.api_inbound.to_string().into(),
+            state.join("certificate.pem").into_os_string(),
+            state.join("key.pem").into_os_string(),
+            count.to_string().into(),
+        ];
+        support::Helper::start(HOLD_MUX, &args, "held")
     };
     // 30 silent shared connections from a peer no policy allows: more than api's budget.
-    let (mut intruder, mut out) = hold("intruder", 30);
+    let mut intruder = hold("intruder", 30);
     for i in 0..3 {
         let payload = format!("while held {i}");
         assert_eq!(
@@ -836,11 +829,8 @@ fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
             "web was refused while the intruder held shared connections"
         );
     }
-    let mut closed = String::new();
-    out.read_line(&mut closed).unwrap();
-    let _ = intruder.wait();
     assert_eq!(
-        closed.trim(),
+        intruder.line(),
         "30",
         "the intruder's connections stayed open"
     );
@@ -857,11 +847,11 @@ fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
     );
     assert!(closed >= 30, "{metrics}");
     // An allowed peer's silent shared connection is closed after the deadline too.
-    let (mut web_held, mut out) = hold("web", 1);
-    let mut closed = String::new();
-    out.read_line(&mut closed).unwrap();
-    let _ = web_held.wait();
-    assert_eq!(closed.trim(), "1", "a silent shared connection stayed open");
+    assert_eq!(
+        hold("web", 1).line(),
+        "1",
+        "a silent shared connection stayed open"
+    );
 }
 
 /// Review L9: every refused stream of an authenticated peer wrote a warning, at stream rate.

@@ -329,3 +329,54 @@ impl Drop for ProxyProcess {
         }
     }
 }
+
+/// A Python helper (`python3 -c SCRIPT ARGS…`) that prints `first` on its first line once it
+/// is set up; returns it, killed when dropped, with the rest of its output to read.
+pub(crate) struct Helper {
+    pub(crate) child: std::process::Child,
+    pub(crate) out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Helper {
+    pub(crate) fn start<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S], first: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 (scripts/test-deps installs it)");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), first, "the helper did not start");
+        Self { child, out }
+    }
+
+    /// The next line it prints, trimmed.
+    pub(crate) fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+
+    /// Writes a line to its standard input.
+    pub(crate) fn say(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

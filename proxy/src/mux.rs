@@ -106,7 +106,7 @@ impl Pool {
         service: &SpiffeId,
         connect: &F,
         fresh: bool,
-    ) -> Result<SendRequest<Bytes>, Refusal>
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), Refusal>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Opened, Refusal>>,
@@ -119,13 +119,13 @@ impl Pool {
             })
         {
             metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
-            return Ok(opened.sender.clone());
+            return Ok((opened.sender.clone(), opened.closed.clone()));
         }
         // Boxed: the handshake's state is large and rarely needed; inline, every carried
         // connection's task would be that large for its whole life.
         let opened = Box::pin(connect()).await?;
         metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
-        let sender = opened.sender.clone();
+        let sender = (opened.sender.clone(), opened.closed.clone());
         *held = Some(opened);
         Ok(sender)
     }
@@ -136,6 +136,7 @@ impl Pool {
         &self,
         service: &SpiffeId,
         port: u16,
+        answer_within: Duration,
         connect: F,
     ) -> Result<(SendStream<Bytes>, RecvStream), Refusal>
     where
@@ -144,8 +145,8 @@ impl Pool {
     {
         let authority = format!("{HOST}:{port}");
         let mut fresh = false;
-        let (response, send) = loop {
-            let sender = self.sender(service, &connect, fresh).await?;
+        let (response, send, closed) = loop {
+            let (sender, closed) = self.sender(service, &connect, fresh).await?;
             // A connection that ended between two uses fails here; once more on a new one.
             let attempt = match sender.ready().await {
                 Ok(mut ready) => {
@@ -157,7 +158,7 @@ impl Pool {
                 Err(error) => Err(error),
             };
             match attempt {
-                Ok(pair) => break pair,
+                Ok((response, send)) => break (response, send, closed),
                 Err(error) if !fresh => {
                     tracing::debug!(%service, %error, "shared connection unusable: opening another");
                     fresh = true;
@@ -168,10 +169,23 @@ impl Pool {
                 }
             }
         };
-        let response = response.await.map_err(|error| {
-            tracing::warn!(%service, port, %error, "carried connection failed before an answer");
-            "stream_failed"
-        })?;
+        let response = match tokio::time::timeout(answer_within, response).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                tracing::warn!(%service, port, %error, "carried connection failed before an answer");
+                return Err("stream_failed");
+            }
+            Err(_) => {
+                // A frozen or blackholed peer sidecar: this connection is not used again, the
+                // next app connection opens another (to the next endpoint if this one still
+                // does not answer).
+                closed.store(true, Ordering::Relaxed);
+                metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "abandoned")
+                    .increment(1);
+                tracing::warn!(%service, port, waited = ?answer_within, "the peer sidecar did not answer on the shared connection: abandoned");
+                return Err("peer_timeout");
+            }
+        };
         let refusal = match response.status() {
             hyper::StatusCode::OK => None,
             hyper::StatusCode::FORBIDDEN => Some("denied"),

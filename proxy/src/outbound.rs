@@ -224,7 +224,12 @@ async fn carry(
     app: TcpStream,
 ) -> Result<(), &'static str> {
     let connect = || connect_shared(context, service);
-    let (send, recv) = context.peers_mux.open(service, port, connect).await?;
+    // The server connects its app (within its connectTimeout) before it answers.
+    let answer_within = context.config.limits.connect_timeout.0 * 2;
+    let (send, recv) = context
+        .peers_mux
+        .open(service, port, answer_within, connect)
+        .await?;
     if let Ok(counts) =
         crate::mux::forward(app, send, recv, context.config.limits.idle_timeout.0).await
     {
