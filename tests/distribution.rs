@@ -153,8 +153,13 @@ impl Mesh {
             .arg(state.join("certificate.pem"))
             .arg("--key")
             .arg(state.join("key.pem"));
+        // The body from a file: a large one does not fit in an argument.
+        let file = self.path().join(format!("body-{}.json", free_port()));
         if let Some(body) = body {
-            command.args(["-d", body]);
+            std::fs::write(&file, body).unwrap();
+            command
+                .arg("--data-binary")
+                .arg(format!("@{}", file.display()));
         }
         command.arg(format!("https://127.0.0.1:{}{path}", self.cp.api_port));
         String::from_utf8_lossy(&command.output().unwrap().stdout).into_owned()
@@ -1644,4 +1649,56 @@ fn m9_a_frozen_peer_sidecar_is_abandoned_for_the_next_endpoint() {
     let _ = std::process::Command::new("kill")
         .args(["-CONT", &frozen.child.id().to_string()])
         .status();
+}
+
+/// Review M5: the control plane kept the first 10,000 distinct flows reported and dropped every
+/// new one after that, so one workload posting made-up flows for itself (or one peer sending
+/// requests to 10,000 distinct paths) blinded `policy impact` mesh-wide. A reporter now keeps
+/// at most 2,000 flows, a peer of it at most 500, and a full table evicts the flow seen
+/// longest ago.
+#[test]
+fn m5_one_reporter_cannot_blind_policy_impact() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    // web reports 10,000 made-up flows for itself, from as many peers, in two reports.
+    for report in 0..2 {
+        let flows: Vec<serde_json::Value> = (0..5_000)
+            .map(|i| serde_json::json!({"peer": format!("{TD}/made-up-{report}-{i}"), "port": 1, "count": 1, "allow": 1}))
+            .collect();
+        let body = serde_json::json!({ "flows": flows }).to_string();
+        let answer = mesh.curl_as("web", "POST", "/v1/flows", Some(&body));
+        assert!(answer.ends_with("200"), "{answer}");
+    }
+    // Real traffic: api reports web's flow; impact of a set without web's rule names it.
+    assert_eq!(
+        exchange(mesh.route("web"), b"real").as_deref(),
+        Some(&b"real"[..])
+    );
+    let candidate = mesh.path().join("candidate");
+    std::fs::create_dir_all(&candidate).unwrap();
+    std::fs::write(
+        candidate.join("api.yaml"),
+        policy("api-access", "terminate", &allow("batch", 8080)),
+    )
+    .unwrap();
+    let mut impact = mesh.cli(&["policy", "impact", candidate.to_str().unwrap()]);
+    eventually(20, "web's real flow in policy impact", || {
+        impact = mesh.cli(&["policy", "impact", candidate.to_str().unwrap()]);
+        impact
+            .stdout
+            .contains(&format!("{TD}/web -> {TD}/api port 8080: ALLOW -> DENY"))
+    });
+    let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_flows_dropped_total",
+            &[("reason", "target_quota")]
+        ),
+        8_000,
+        "{metrics}"
+    );
 }

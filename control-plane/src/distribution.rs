@@ -29,6 +29,10 @@ use crate::store::{PolicyFile, RegistrationRecord, RevocationRecord};
 
 /// Most distinct flows kept for `policy impact`.
 pub const MAX_FLOWS: usize = 10_000;
+/// Distinct flows kept for one reporting sidecar (target identity).
+pub const MAX_FLOWS_PER_TARGET: usize = 2_000;
+/// Distinct flows kept for one peer of one target.
+pub const MAX_FLOWS_PER_PEER: usize = 500;
 
 /// What the fleet view shows for one sidecar process.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -167,6 +171,61 @@ pub struct FlowKey {
     pub path: Option<String>,
 }
 
+/// The observed flows, with how many each reporter and each (peer, reporter) pair holds.
+#[derive(Default)]
+struct FlowTable {
+    flows: BTreeMap<FlowKey, FlowStats>,
+    per_target: HashMap<String, usize>,
+    per_pair: HashMap<(String, String), usize>,
+}
+
+impl FlowTable {
+    /// Whether a new flow `key` may be added: refused (counted) over its reporter's or its
+    /// pair's quota; when the table is full, the flow seen longest ago is evicted for it.
+    fn make_room(&mut self, key: &FlowKey) -> bool {
+        let pair = (key.peer.clone(), key.target.clone());
+        let over = if self.per_target.get(&key.target).copied().unwrap_or(0) >= MAX_FLOWS_PER_TARGET
+        {
+            Some("target_quota")
+        } else if self.per_pair.get(&pair).copied().unwrap_or(0) >= MAX_FLOWS_PER_PEER {
+            Some("peer_quota")
+        } else {
+            None
+        };
+        if let Some(reason) = over {
+            metrics::counter!("sidewall_control_plane_flows_dropped_total", "reason" => reason)
+                .increment(1);
+            return false;
+        }
+        if self.flows.len() >= MAX_FLOWS {
+            let oldest = self
+                .flows
+                .iter()
+                .min_by_key(|(_, v)| v.last_seen)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                self.flows.remove(&oldest);
+                Self::uncount(&mut self.per_target, oldest.target.clone());
+                Self::uncount(&mut self.per_pair, (oldest.peer, oldest.target));
+                metrics::counter!("sidewall_control_plane_flows_dropped_total", "reason" => "evicted")
+                    .increment(1);
+            }
+        }
+        *self.per_target.entry(key.target.clone()).or_default() += 1;
+        *self.per_pair.entry(pair).or_default() += 1;
+        true
+    }
+
+    fn uncount<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
+        if let Some(count) = counts.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
+
 /// What was observed on one flow.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowStats {
@@ -212,7 +271,7 @@ pub struct Distribution {
     state: RwLock<State>,
     changes: watch::Sender<u64>,
     fleet: Mutex<BTreeMap<String, FleetEntry>>,
-    flows: Mutex<BTreeMap<FlowKey, FlowStats>>,
+    flows: Mutex<FlowTable>,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
 }
@@ -285,7 +344,7 @@ impl Distribution {
             }),
             changes,
             fleet: Mutex::new(BTreeMap::new()),
-            flows: Mutex::new(BTreeMap::new()),
+            flows: Mutex::new(FlowTable::default()),
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
         }
@@ -699,16 +758,19 @@ impl Distribution {
         Some(pending)
     }
 
-    /// Adds reported flow counts, within [`MAX_FLOWS`] distinct flows.
+    /// Adds reported flow counts (review M5: one noisy reporter or peer cannot blind
+    /// `policy impact` for the others). A reporting sidecar keeps at most
+    /// [`MAX_FLOWS_PER_TARGET`] distinct flows, one peer of it at most [`MAX_FLOWS_PER_PEER`];
+    /// new flows over a quota are dropped and counted by reason. When the whole table holds
+    /// [`MAX_FLOWS`], the flow seen longest ago makes room.
     pub fn report_flows(&self, flows: Vec<(FlowKey, FlowStats)>) {
-        let mut table = lock(&self.flows);
+        let mut held = lock(&self.flows);
         let now = now_unix();
         for (key, stats) in flows {
-            if !table.contains_key(&key) && table.len() >= MAX_FLOWS {
-                metrics::counter!("sidewall_control_plane_flows_dropped_total").increment(1);
+            if !held.flows.contains_key(&key) && !held.make_room(&key) {
                 continue;
             }
-            let entry = table.entry(key).or_default();
+            let entry = held.flows.entry(key).or_default();
             entry.count = entry.count.saturating_add(stats.count);
             entry.allow = entry.allow.saturating_add(stats.allow);
             entry.deny = entry.deny.saturating_add(stats.deny);
@@ -723,6 +785,7 @@ impl Distribution {
     /// Every observed flow.
     pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
         lock(&self.flows)
+            .flows
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
@@ -731,7 +794,7 @@ impl Distribution {
     /// The observed flows whose outcome differs between the set in force and `candidate`.
     pub fn impact(&self, candidate: &Engine) -> Vec<(FlowKey, u64, Outcome, Outcome)> {
         let current = self.read().engine.clone();
-        let flows = lock(&self.flows).clone();
+        let flows = lock(&self.flows).flows.clone();
         let mut flips = Vec::new();
         for (key, stats) in flows {
             let count = stats.count;
@@ -778,4 +841,64 @@ fn to_revocations(records: &[RevocationRecord]) -> Revocations {
         }
     }
     revocations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(peer: usize, target: usize, path: usize) -> FlowKey {
+        FlowKey {
+            peer: format!("spiffe://td/p{peer}"),
+            target: format!("spiffe://td/t{target}"),
+            port: 80,
+            protocol: Protocol::Http,
+            method: Some("GET".into()),
+            path: Some(format!("/{path}")),
+        }
+    }
+
+    fn add(table: &mut FlowTable, key: FlowKey, seen: i64) -> bool {
+        if !table.make_room(&key) {
+            return false;
+        }
+        table.flows.entry(key).or_default().last_seen = seen;
+        true
+    }
+
+    #[test]
+    fn flow_quotas_per_reporter_and_pair_and_eviction_of_the_oldest() {
+        let mut table = FlowTable::default();
+        // One pair: 500 flows, then its quota.
+        for path in 0..MAX_FLOWS_PER_PEER {
+            assert!(add(&mut table, key(0, 0, path), 1));
+        }
+        assert!(
+            !add(&mut table, key(0, 0, 9_999), 1),
+            "over the pair's quota"
+        );
+        // The same reporter, other peers: up to 2000 in all, then its quota.
+        for i in 0..MAX_FLOWS_PER_TARGET - MAX_FLOWS_PER_PEER {
+            assert!(add(&mut table, key(1 + i, 0, 0), 2));
+        }
+        assert!(
+            !add(&mut table, key(9_999, 0, 0), 2),
+            "over the reporter's quota"
+        );
+        // Other reporters fill the table; the next new flow evicts the one seen longest ago.
+        for target in 1..MAX_FLOWS / MAX_FLOWS_PER_TARGET {
+            for i in 0..MAX_FLOWS_PER_TARGET {
+                assert!(add(&mut table, key(i, target, 0), 3));
+            }
+        }
+        assert_eq!(table.flows.len(), MAX_FLOWS);
+        assert!(add(&mut table, key(0, 99, 0), 4));
+        assert_eq!(table.flows.len(), MAX_FLOWS);
+        assert_eq!(
+            table.flows.values().filter(|v| v.last_seen == 1).count(),
+            MAX_FLOWS_PER_PEER - 1
+        );
+        // The evicted flow's pair has room again.
+        assert!(add(&mut table, key(0, 0, 9_999), 5));
+    }
 }
