@@ -88,6 +88,16 @@ fn valid_instance(instance: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// After a write to the registrations: distribution follows a store with a change feed by
+/// itself; otherwise it is given the registrations now.
+async fn registrations_changed(api: &Api) -> Result<(), ApiError> {
+    if !api.follows_store().await {
+        api.distribution
+            .set_registrations(api.store.registrations().await?);
+    }
+    Ok(())
+}
+
 /// `GET /v1/snapshots/watch?instance=ID`: newline-delimited JSON snapshots for the caller's
 /// workload, one whenever its content changes, keep-alive blank lines in between.
 pub(super) fn watch(
@@ -252,10 +262,7 @@ pub(super) async fn register(
             format!("endpoint {endpoint} is registered to {holder}"),
         ));
     }
-    if !api.follows_store().await {
-        api.distribution
-            .set_registrations(api.store.registrations().await?);
-    }
+    registrations_changed(api).await?;
     api.distribution.fleet_update(&body.instance, |entry| {
         entry.identity = identity.to_string();
         entry.endpoint = Some(endpoint.to_string());
@@ -289,10 +296,7 @@ pub(super) async fn deregister(
         ));
     }
     api.store.remove_registration(&identity, instance).await?;
-    if !api.follows_store().await {
-        api.distribution
-            .set_registrations(api.store.registrations().await?);
-    }
+    registrations_changed(api).await?;
     Ok(json_response(StatusCode::OK, &json!({"removed": instance})))
 }
 
@@ -372,11 +376,8 @@ async fn expire(api: &Api, reason: &'static str, stale: impl Fn(&RegistrationRec
             "registration expired: its sidecar stopped watching"
         );
     }
-    if removed && !api.follows_store().await {
-        match api.store.registrations().await {
-            Ok(now) => api.distribution.set_registrations(now),
-            Err(error) => tracing::warn!(%error, "cannot reload registrations"),
-        }
+    if removed && let Err(error) = registrations_changed(api).await {
+        tracing::warn!(?error, "cannot reload registrations");
     }
 }
 
@@ -411,10 +412,7 @@ pub(super) async fn remove(
         tracing::warn!(%operator, identity = record.identity, instance, endpoint = record.endpoint, "registration removed by an operator");
         identities.push(record.identity.clone());
     }
-    if !api.follows_store().await {
-        api.distribution
-            .set_registrations(api.store.registrations().await?);
-    }
+    registrations_changed(api).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"removed": instance, "identities": identities}),
