@@ -1702,3 +1702,163 @@ fn m5_one_reporter_cannot_blind_policy_impact() {
         "{metrics}"
     );
 }
+
+/// Opens `GET /v1/snapshots/watch?instance=ID` with a workload's certificate and prints the
+/// status, `snapshot` when the first snapshot line arrives, and `closed` when the server ends
+/// the stream.
+const WATCH: &str = r#"
+import http.client, ssl, sys
+port, cert, key, ca, instance = sys.argv[1:6]
+context = ssl.create_default_context(cafile=ca)
+context.check_hostname = False
+context.load_cert_chain(cert, key)
+print("started", flush=True)
+connection = http.client.HTTPSConnection("127.0.0.1", int(port), context=context, timeout=60)
+connection.request("GET", "/v1/snapshots/watch?instance=" + instance)
+response = connection.getresponse()
+print(response.status, flush=True)
+if response.status != 200:
+    print(response.read().decode(errors="replace").replace("\n", " "), flush=True)
+    sys.exit()
+response.readline()
+print("snapshot", flush=True)
+while response.readline():
+    pass
+print("closed", flush=True)
+"#;
+
+impl Mesh {
+    /// A snapshot watch opened with `name`'s certificate for `instance`.
+    fn watch_as(&self, name: &str, instance: &str) -> support::Helper {
+        let state = self.path().join("state").join(name);
+        let args = [
+            self.cp.api_port.to_string(),
+            state.join("certificate.pem").display().to_string(),
+            state.join("key.pem").display().to_string(),
+            self.path()
+                .join("cp/trust-bundle.pem")
+                .display()
+                .to_string(),
+            instance.to_owned(),
+        ];
+        support::Helper::start(WATCH, &args, "started")
+    }
+
+    /// The fleet rows of `name`'s identity, by instance.
+    fn fleet_rows(&self, name: &str) -> Vec<String> {
+        let status: serde_json::Value =
+            serde_json::from_str(&self.cli(&["status", "--json"]).stdout).unwrap();
+        status["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["identity"] == format!("{TD}/{name}").as_str())
+            .map(|p| p["instance"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// Review M4: any workload grew the control plane without bound: a fleet row for every
+/// instance id it made up (never removed), registrations and addresses without number, and
+/// watch streams without number. Now one identity holds at most `limits.instancesPerIdentity`
+/// fleet rows (its oldest disconnected row makes room; watches beyond it are refused), as
+/// many registrations, `limits.addressesPerIdentity` distinct addresses, one watch per
+/// instance, and a disconnected row is forgotten after `limits.disconnectedRetention`.
+#[test]
+fn m4_one_workload_cannot_grow_the_control_plane_without_bound() {
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("cp.yaml");
+    std::fs::write(
+        &file,
+        "limits:\n  instancesPerIdentity: 3\n  addressesPerIdentity: 2\n",
+    )
+    .unwrap();
+    let args = ["--config", file.to_str().unwrap()];
+    let mut mesh = Mesh::new(&args);
+    let _api = mesh.sidecar("api");
+    let web = mesh.sidecar("web");
+    let web_instance = instance_of(&web);
+
+    // Made-up instance ids: web keeps three rows, its own live one among them.
+    for i in 0..10 {
+        let ack = serde_json::json!({"instance": format!("made-up-{i}"), "version": {"epoch": "e", "counter": 1}, "status": "applied"});
+        let answer = mesh.curl_as("web", "POST", "/v1/acks", Some(&ack.to_string()));
+        assert!(answer.ends_with("200"), "{answer}");
+    }
+    let rows = mesh.fleet_rows("web");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.contains(&web_instance), "{rows:?}");
+    assert!(rows.contains(&"made-up-9".to_owned()), "{rows:?}");
+
+    // Registrations: three (web's sidecar holds one), then refused; an update of one of them
+    // is not a new one.
+    let register = |instance: &str, endpoint: u16, addresses: &[&str]| {
+        let body = serde_json::json!({"instance": instance, "endpoint": format!("127.0.0.1:{endpoint}"), "ports": [{"port": 80}], "addresses": addresses});
+        mesh.curl_as("web", "POST", "/v1/registrations", Some(&body.to_string()))
+    };
+    for (i, endpoint) in [(1, 61001), (2, 61002)] {
+        let answer = register(&format!("reg-{i}"), endpoint, &[]);
+        assert!(answer.ends_with("200"), "{answer}");
+    }
+    let answer = register("reg-3", 61003, &[]);
+    assert!(
+        answer.ends_with("429") && answer.contains("registrations_exceeded"),
+        "{answer}"
+    );
+    let answer = register("reg-1", 61001, &["10.9.0.1:80", "10.9.0.2:80"]);
+    assert!(answer.ends_with("200"), "{answer}");
+    // A third distinct address, on another registration of the same identity.
+    let answer = register("reg-2", 61002, &["10.9.0.2:80", "10.9.0.3:80"]);
+    assert!(
+        answer.ends_with("429") && answer.contains("addresses_exceeded"),
+        "{answer}"
+    );
+
+    // Watches: one per instance (a second one on the same instance replaces the first), and
+    // no more live ones than the cap.
+    let mut first = mesh.watch_as("web", "watch-1");
+    assert_eq!(first.line(), "200");
+    assert_eq!(first.line(), "snapshot");
+    let mut again = mesh.watch_as("web", "watch-1");
+    assert_eq!(again.line(), "200");
+    assert_eq!(again.line(), "snapshot");
+    assert_eq!(first.line(), "closed");
+    let mut second = mesh.watch_as("web", "watch-2");
+    assert_eq!(second.line(), "200");
+    let mut refused = mesh.watch_as("web", "watch-3");
+    assert_eq!(refused.line(), "429");
+    assert!(refused.line().contains("instances_exceeded"));
+    let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
+    for (reason, count) in [("registrations", 1), ("addresses", 1), ("instances", 1)] {
+        assert_eq!(
+            support::metric(
+                &metrics,
+                "sidewall_control_plane_identity_limit_total",
+                &[("limit", reason)]
+            ),
+            count,
+            "{reason}: {metrics}"
+        );
+    }
+    drop((again, second));
+
+    // A disconnected row is forgotten after the retention; a live one stays.
+    std::fs::write(
+        &file,
+        "limits:\n  instancesPerIdentity: 3\n  disconnectedRetention: 2s\n",
+    )
+    .unwrap();
+    assert_eq!(mesh.cp.stop(), Some(0));
+    mesh.cp.restart(&args);
+    eventually(30, "web's sidecar to watch again", || {
+        mesh.fleet_rows("web").contains(&web_instance)
+    });
+    let ack = serde_json::json!({"instance": "gone-soon", "version": {"epoch": "e", "counter": 1}, "status": "applied"});
+    let answer = mesh.curl_as("web", "POST", "/v1/acks", Some(&ack.to_string()));
+    assert!(answer.ends_with("200"), "{answer}");
+    assert!(mesh.fleet_rows("web").contains(&"gone-soon".to_owned()));
+    eventually(20, "the disconnected row to be forgotten", || {
+        !mesh.fleet_rows("web").contains(&"gone-soon".to_owned())
+    });
+    assert!(mesh.fleet_rows("web").contains(&web_instance));
+}

@@ -15,6 +15,9 @@
 //!   requestTimeout: 10s            # TLS handshake, first request, request headers, body: each
 //!   idleTimeout: 5m                # a connection with no request in flight; default 5m
 //!   unauthenticatedPerSource: 64   # connections without a client certificate per address
+//!   instancesPerIdentity: 1024     # sidecar processes (fleet rows, watches, registrations) per identity
+//!   addressesPerIdentity: 64       # distinct extra addresses across one identity's registrations
+//!   disconnectedRetention: 1h      # a sidecar disconnected this long leaves the fleet view
 //! registrations:
 //!   lease: 30s                     # a registration outlives its sidecar's watch by this; default 30s
 //! policiesDir: ./policies          # optional: watch this directory and apply it (GitOps)
@@ -172,6 +175,9 @@ struct LimitsSection {
     request_timeout: Option<ConfigDuration>,
     idle_timeout: Option<ConfigDuration>,
     unauthenticated_per_source: Option<usize>,
+    instances_per_identity: Option<usize>,
+    addresses_per_identity: Option<usize>,
+    disconnected_retention: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -268,6 +274,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Connections without a client certificate one source address may hold. Default is 64.
     pub unauthenticated_per_source: usize,
+    /// What one workload identity may hold in the control plane (review M4).
+    pub identity_limits: crate::distribution::IdentityLimits,
     /// DNS names added to the serving certificate beside its SPIFFE ID, so that ordinary
     /// HTTPS clients (curl) can verify it too. `localhost` and the listen IP are always added.
     pub server_names: Vec<String>,
@@ -281,6 +289,39 @@ pub struct Config {
     /// The key-encryption key that seals the CA's keys in a replicated store (64 hex digits,
     /// not readable by others). Required with etcd; unused otherwise.
     pub ca_kek_file: Option<PathBuf>,
+}
+
+/// `limits.instancesPerIdentity`, `limits.addressesPerIdentity` and
+/// `limits.disconnectedRetention`, checked.
+fn identity_limits(
+    limits: &LimitsSection,
+) -> Result<crate::distribution::IdentityLimits, ConfigError> {
+    let defaults = crate::distribution::IdentityLimits::default();
+    let instances = limits.instances_per_identity.unwrap_or(defaults.instances);
+    if !(1..=100_000).contains(&instances) {
+        return Err(ConfigError::Value(
+            "limits.instancesPerIdentity must be between 1 and 100000".into(),
+        ));
+    }
+    let addresses = limits.addresses_per_identity.unwrap_or(defaults.addresses);
+    if !(1..=4096).contains(&addresses) {
+        return Err(ConfigError::Value(
+            "limits.addressesPerIdentity must be between 1 and 4096".into(),
+        ));
+    }
+    let retention = limits
+        .disconnected_retention
+        .map_or(defaults.retention, |d| d.0);
+    if retention < Duration::from_secs(1) || retention > MAX_LIFETIME {
+        return Err(ConfigError::Value(
+            "limits.disconnectedRetention must be between 1s and 30d".into(),
+        ));
+    }
+    Ok(crate::distribution::IdentityLimits {
+        instances,
+        addresses,
+        retention,
+    })
 }
 
 /// Why the configuration is unusable.
@@ -360,6 +401,7 @@ impl Config {
                 "limits.unauthenticatedPerSource must be at least 1".into(),
             ));
         }
+        let identity_limits = identity_limits(&file.limits)?;
         let registration_lease = file
             .registrations
             .lease
@@ -415,6 +457,7 @@ impl Config {
                 .idle_timeout
                 .map_or(Duration::from_secs(300), |d| d.0),
             unauthenticated_per_source,
+            identity_limits,
             server_names: file.server_names,
             policies_dir: overrides.policies_dir.or(file.policies_dir),
             registration_lease,

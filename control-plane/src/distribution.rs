@@ -12,18 +12,18 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sidewall_policies::engine::{Query, Request, Subject};
 use sidewall_policies::load::{LoadErrors, LoadOptions, Source, load_sources};
 use sidewall_policies::policy::Action;
-use sidewall_policies::snapshot::{
-    Revocations, Schema, ServiceEntry, ServicePort, Snapshot, SnapshotVersion,
-};
+use sidewall_policies::snapshot::{Revocations, Schema, ServiceEntry, Snapshot, SnapshotVersion};
 use sidewall_policies::{Engine, Outcome, PolicySet, Protocol, SpiffeId, TrustDomain};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::store::{PolicyFile, RegistrationRecord, RevocationRecord};
 
@@ -67,6 +67,39 @@ pub struct FleetEntry {
     pub processed: u64,
 }
 
+/// What one workload identity may hold in the control plane (review M4), so that one
+/// compromised workload cannot grow it without bound or inflate its callers' snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityLimits {
+    /// Sidecar processes (fleet rows), hence live watch streams and registrations. When a new
+    /// one would pass it, the identity's row disconnected longest makes room; with every row
+    /// connected, the new one is refused. Default is 1024.
+    pub instances: usize,
+    /// Distinct extra addresses over all its registrations. Default is 64.
+    pub addresses: usize,
+    /// How long a disconnected sidecar's row stays in the fleet view. Default is 1 h.
+    pub retention: Duration,
+}
+
+impl Default for IdentityLimits {
+    fn default() -> Self {
+        Self {
+            instances: 1024,
+            addresses: 64,
+            retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why an instance id cannot be used by an identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// Another identity uses it (named).
+    Taken(String),
+    /// The identity already has [`IdentityLimits::instances`] sidecars connected.
+    Full(usize),
+}
+
 /// An address a workload registered that its callers are not sent to.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RefusedAddress {
@@ -77,11 +110,44 @@ pub struct RefusedAddress {
     pub reason: String,
 }
 
+/// The registrations by endpoint host, built once per directory assembly so that checking an
+/// address costs one lookup, not a pass over every registration.
+struct Hosts<'a>(HashMap<IpAddr, Vec<(&'a RegistrationRecord, u16)>>);
+
+impl<'a> Hosts<'a> {
+    fn new(registrations: &'a [RegistrationRecord]) -> Self {
+        let mut hosts: HashMap<IpAddr, Vec<_>> = HashMap::new();
+        for record in registrations {
+            if let Ok(endpoint) = record.endpoint.parse::<std::net::SocketAddr>() {
+                hosts
+                    .entry(endpoint.ip().to_canonical())
+                    .or_default()
+                    .push((record, endpoint.port()));
+            }
+        }
+        Self(hosts)
+    }
+
+    /// Whether a registration of another identity than `identity` serves `address` (its
+    /// endpoint, or one of its ports on its endpoint's host).
+    fn another_serves(&self, identity: &SpiffeId, address: std::net::SocketAddr) -> bool {
+        self.0
+            .get(&address.ip().to_canonical())
+            .into_iter()
+            .flatten()
+            .any(|(record, port)| {
+                record.identity != identity.as_str()
+                    && (*port == address.port()
+                        || record.ports.iter().any(|p| p.port == address.port()))
+            })
+    }
+}
+
 /// Why `identity` may not be reached at `address`: only an address an operator declared for
 /// it, and never one that resolves to another service's endpoint (review H8).
 fn address_refusal(
     engine: &Engine,
-    registrations: &[RegistrationRecord],
+    hosts: &Hosts<'_>,
     identity: &SpiffeId,
     address: &str,
 ) -> Option<&'static str> {
@@ -91,17 +157,9 @@ fn address_refusal(
     if !engine.policy_set().declares(identity, address) {
         return Some("not_declared");
     }
-    let another = registrations.iter().any(|r| {
-        r.identity != identity.as_str()
-            && r.endpoint
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|endpoint| {
-                    endpoint.ip().to_canonical() == address.ip().to_canonical()
-                        && (endpoint.port() == address.port()
-                            || r.ports.iter().any(|p| p.port == address.port()))
-                })
-    });
-    another.then_some("endpoint_of_another")
+    hosts
+        .another_serves(identity, address)
+        .then_some("endpoint_of_another")
 }
 
 /// The fleet view as `GET /v1/fleet` and the dashboard serve it.
@@ -271,6 +329,10 @@ pub struct Distribution {
     state: RwLock<State>,
     changes: watch::Sender<u64>,
     fleet: Mutex<BTreeMap<String, FleetEntry>>,
+    limits: IdentityLimits,
+    /// The open watch of each instance (one each), by number: dropping its sender ends it.
+    watches: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    next_watch: AtomicU64,
     flows: Mutex<FlowTable>,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
@@ -344,10 +406,20 @@ impl Distribution {
             }),
             changes,
             fleet: Mutex::new(BTreeMap::new()),
+            limits: IdentityLimits::default(),
+            watches: Mutex::new(HashMap::new()),
+            next_watch: AtomicU64::new(0),
             flows: Mutex::new(FlowTable::default()),
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
         }
+    }
+
+    /// With `limits` instead of the defaults.
+    #[must_use]
+    pub fn with_limits(mut self, limits: IdentityLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Follows a replicated store: puts the state last changed at etcd `loaded.revision` in
@@ -517,7 +589,12 @@ impl Distribution {
             .into_iter()
             .cloned()
             .collect();
+        let hosts = Hosts::new(&state.registrations);
         let mut by_service: BTreeMap<String, ServiceEntry> = BTreeMap::new();
+        // What each entry holds already: a pass over its list per registration would be
+        // quadratic in a service's registrations.
+        let mut seen_ports: HashMap<String, HashSet<u16>> = HashMap::new();
+        let mut seen_addresses: HashSet<(&str, &str)> = HashSet::new();
         for registration in &state.registrations {
             let Ok(service) = SpiffeId::parse(&registration.identity) else {
                 continue;
@@ -534,19 +611,17 @@ impl Distribution {
                     addresses: Vec::new(),
                 });
             entry.endpoints.push(registration.endpoint.clone());
+            let ports = seen_ports.entry(registration.identity.clone()).or_default();
             for port in &registration.ports {
-                if !entry
-                    .ports
-                    .iter()
-                    .any(|p: &ServicePort| p.port == port.port)
-                {
+                if ports.insert(port.port) {
                     entry.ports.push(*port);
                 }
             }
             for address in &registration.addresses {
-                if address_refusal(&state.engine, &state.registrations, &service, address).is_none()
-                    && !entry.addresses.contains(address)
+                if !seen_addresses.contains(&(registration.identity.as_str(), address.as_str()))
+                    && address_refusal(&state.engine, &hosts, &service, address).is_none()
                 {
+                    seen_addresses.insert((registration.identity.as_str(), address.as_str()));
                     entry.addresses.push(address.clone());
                 }
             }
@@ -583,16 +658,83 @@ impl Distribution {
     }
 
     /// Binds `instance` to `identity`: the first identity to use an instance id owns it, and
-    /// no other may watch, register or ack with it. `Err` names the holder.
-    pub fn claim(&self, instance: &str, identity: &SpiffeId) -> Result<(), String> {
-        if let Some(entry) = lock(&self.fleet).get(instance)
-            && !entry.identity.is_empty()
-            && entry.identity != identity.as_str()
-        {
-            return Err(entry.identity.clone());
+    /// no other may watch, register or ack with it. A new instance of an identity that holds
+    /// [`IdentityLimits::instances`] rows takes the place of its row disconnected longest, or
+    /// is refused when all of them are connected.
+    pub fn claim(&self, instance: &str, identity: &SpiffeId) -> Result<(), ClaimRefused> {
+        let mut fleet = lock(&self.fleet);
+        self.forget_disconnected(&mut fleet);
+        match fleet.get(instance) {
+            Some(entry) if !entry.identity.is_empty() && entry.identity != identity.as_str() => {
+                return Err(ClaimRefused::Taken(entry.identity.clone()));
+            }
+            Some(_) => {}
+            None => {
+                let mut held = 0;
+                let mut oldest: Option<&FleetEntry> = None;
+                for entry in fleet.values().filter(|e| e.identity == identity.as_str()) {
+                    held += 1;
+                    if !entry.connected && oldest.is_none_or(|o| entry.since < o.since) {
+                        oldest = Some(entry);
+                    }
+                }
+                if held >= self.limits.instances {
+                    let Some(oldest) = oldest.map(|e| e.instance.clone()) else {
+                        metrics::counter!("sidewall_control_plane_identity_limit_total", "limit" => "instances").increment(1);
+                        tracing::warn!(%identity, instance, limit = self.limits.instances, "new sidecar instance refused: the identity has as many connected (limits.instancesPerIdentity)");
+                        return Err(ClaimRefused::Full(self.limits.instances));
+                    };
+                    fleet.remove(&oldest);
+                    metrics::counter!("sidewall_control_plane_fleet_rows_forgotten_total", "reason" => "identity_limit").increment(1);
+                }
+            }
         }
+        drop(fleet);
         self.fleet_update(instance, |entry| entry.identity = identity.to_string());
         Ok(())
+    }
+
+    /// Forgets rows disconnected for longer than [`IdentityLimits::retention`].
+    fn forget_disconnected(&self, fleet: &mut BTreeMap<String, FleetEntry>) {
+        let retention = i64::try_from(self.limits.retention.as_secs()).unwrap_or(i64::MAX);
+        let now = now_unix();
+        let before = fleet.len();
+        fleet.retain(|_, e| e.connected || now.saturating_sub(e.since) < retention);
+        let forgotten = before - fleet.len();
+        if forgotten > 0 {
+            metrics::counter!("sidewall_control_plane_fleet_rows_forgotten_total", "reason" => "retention").increment(forgotten as u64);
+        }
+    }
+
+    /// Opens the one watch stream of `instance`: one still open for it is ended (a sidecar
+    /// reconnecting before its old stream was noticed gone). Returns the watch's number and
+    /// what resolves when it is replaced.
+    pub fn open_watch(&self, instance: &str) -> (u64, oneshot::Receiver<()>) {
+        let number = self.next_watch.fetch_add(1, Ordering::Relaxed);
+        let (replaced, ended) = oneshot::channel();
+        if lock(&self.watches)
+            .insert(instance.to_owned(), (number, replaced))
+            .is_some()
+        {
+            metrics::counter!("sidewall_control_plane_watches_replaced_total").increment(1);
+        }
+        (number, ended)
+    }
+
+    /// Closes watch `number` of `instance`: true if it was the instance's current one (its row
+    /// is then disconnected), false if a newer one replaced it.
+    pub fn close_watch(&self, instance: &str, number: u64) -> bool {
+        let mut watches = lock(&self.watches);
+        if watches.get(instance).is_some_and(|(n, _)| *n == number) {
+            watches.remove(instance);
+            return true;
+        }
+        false
+    }
+
+    /// What one identity may hold.
+    pub fn limits(&self) -> IdentityLimits {
+        self.limits
     }
 
     /// The addresses of a registration by `identity` that its callers would not be sent to
@@ -604,10 +746,11 @@ impl Distribution {
         registrations: &[RegistrationRecord],
     ) -> Vec<RefusedAddress> {
         let state = self.read();
+        let hosts = Hosts::new(registrations);
         addresses
             .iter()
             .filter_map(|address| {
-                let reason = address_refusal(&state.engine, registrations, identity, address)?;
+                let reason = address_refusal(&state.engine, &hosts, identity, address)?;
                 metrics::counter!("sidewall_control_plane_addresses_refused_total", "reason" => reason)
                     .increment(1);
                 tracing::warn!(%identity, address, reason, "registered address refused: callers are not sent there");
@@ -685,7 +828,9 @@ impl Distribution {
 
     /// The fleet view, one row per sidecar process.
     pub fn fleet(&self) -> Vec<FleetEntry> {
-        lock(&self.fleet).values().cloned().collect()
+        let mut fleet = lock(&self.fleet);
+        self.forget_disconnected(&mut fleet);
+        fleet.values().cloned().collect()
     }
 
     /// The fleet with the policy version in force, this replica and the source error.

@@ -148,15 +148,18 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             .map_or(0, |d| d.as_millis()),
     )
     .unwrap_or(0);
-    let distribution = Arc::new(Distribution::new(
-        store.epoch().await?,
-        store.reserve_counters(now_ms).await?,
-        ca.trust_domain().clone(),
-        ca.trust_bundle_pem().to_owned(),
-        latest,
-        store.registrations().await?,
-        &store.revocations().await?,
-    ));
+    let distribution = Arc::new(
+        Distribution::new(
+            store.epoch().await?,
+            store.reserve_counters(now_ms).await?,
+            ca.trust_domain().clone(),
+            ca.trust_bundle_pem().to_owned(),
+            latest,
+            store.registrations().await?,
+            &store.revocations().await?,
+        )
+        .with_limits(config.identity_limits),
+    );
     #[cfg(feature = "etcd")]
     if let Some(etcd) = &follower {
         // Snapshot counters are etcd revisions from the first snapshot on.

@@ -313,6 +313,7 @@ async fn session(
     tracing::info!(url, "watching snapshots");
     let mut body = response.into_body();
     let mut buffer = BytesMut::new();
+    let mut scanned = 0;
     let mut reports = tokio::time::interval(FLOW_REPORT);
     let mut retry = tokio::time::interval(REGISTRATION_RETRY);
     loop {
@@ -331,12 +332,15 @@ async fn session(
                 if buffer.len() > 64 * 1024 * 1024 {
                     return Err("snapshot line over 64 MiB".into());
                 }
-                while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
-                    let line = buffer.split_to(end + 1);
+                // Only the bytes not yet searched: a line arriving in many frames is scanned once.
+                while let Some(end) = buffer[scanned..].iter().position(|&b| b == b'\n') {
+                    let line = buffer.split_to(scanned + end + 1);
+                    scanned = 0;
                     if line.len() > 1 {
                         apply_line(context, &mut sender, &line[..line.len() - 1], credential, snapshot).await;
                     }
                 }
+                scanned = buffer.len();
             }
             _ = reports.tick() => report_flows(context, &mut sender).await,
         }

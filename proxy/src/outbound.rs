@@ -414,18 +414,13 @@ fn resolve(
     egress: &[String],
     destination: SocketAddr,
 ) -> Result<Option<SpiffeId>, &'static str> {
-    let mut claimants = active.snapshot.directory.iter().filter(|entry| {
-        let serves = entry.ports.iter().any(|p| p.port == destination.port());
-        let on_host = entry.endpoints.iter().any(|e| {
-            e.parse::<SocketAddr>()
-                .is_ok_and(|a| a.ip() == destination.ip())
-        });
-        let listed = entry
-            .addresses
-            .iter()
-            .any(|a| a.parse::<SocketAddr>().is_ok_and(|a| a == destination));
-        (serves && on_host) || listed
-    });
+    let mut claimants = active
+        .snapshot
+        .directory
+        .iter()
+        .zip(&active.hosts)
+        .filter(|(_, hosts)| hosts.claims(destination))
+        .map(|(entry, _)| entry);
     let Some(first) = claimants.next() else {
         return Ok(None);
     };

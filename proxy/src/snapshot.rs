@@ -5,7 +5,8 @@
 //! same strict loader as `sidewall policy validate`, re-read when they change, and a set that
 //! does not load never replaces the last good one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -29,13 +30,54 @@ pub struct Active {
     pub snapshot: Snapshot,
     /// Its policies, compiled.
     pub engine: Engine,
+    /// Its directory's addresses, parsed once (index = the directory entry's).
+    pub hosts: Vec<Hosts>,
+}
+
+/// Where one directory entry's service can be reached: its endpoints' hosts with the ports it
+/// serves, and the extra addresses (virtual IPs) declared for it.
+#[derive(Debug, Default)]
+pub struct Hosts {
+    /// The endpoints' IP addresses.
+    pub ips: HashSet<IpAddr>,
+    /// The ports the service serves.
+    pub ports: HashSet<u16>,
+    /// Its extra addresses.
+    pub addresses: HashSet<SocketAddr>,
+}
+
+impl Hosts {
+    fn of(entry: &ServiceEntry) -> Self {
+        Self {
+            ips: entry
+                .endpoints
+                .iter()
+                .filter_map(|e| e.parse::<SocketAddr>().ok())
+                .map(|a| a.ip())
+                .collect(),
+            ports: entry.ports.iter().map(|p| p.port).collect(),
+            addresses: entry
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+        }
+    }
+
+    /// Whether `destination` is this service: one of its ports on one of its endpoints' hosts,
+    /// or one of its addresses.
+    pub fn claims(&self, destination: SocketAddr) -> bool {
+        (self.ports.contains(&destination.port()) && self.ips.contains(&destination.ip()))
+            || self.addresses.contains(&destination)
+    }
 }
 
 impl Active {
-    /// Compiles a snapshot's policies.
+    /// Compiles a snapshot's policies and parses its directory's addresses.
     pub fn new(snapshot: Snapshot) -> Self {
         Self {
             engine: Engine::new(snapshot.policies.clone()),
+            hosts: snapshot.directory.iter().map(Hosts::of).collect(),
             snapshot,
         }
     }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json};
 use crate::attestation::workload_identity;
-use crate::distribution::{FlowKey, FlowStats};
+use crate::distribution::{ClaimRefused, FlowKey, FlowStats};
 use crate::store::RegistrationRecord;
 
 /// How often an idle watch stream sends a keep-alive line, unless the sidecar asks for another
@@ -46,15 +46,38 @@ fn workload(api: &Api, peer: &Peer) -> Result<SpiffeId, ApiError> {
     Ok(svid.id.clone())
 }
 
-/// Binds `instance` to the caller, or refuses an instance id another identity uses.
+/// Binds `instance` to the caller, or refuses an instance id another identity uses, or a new
+/// one past `limits.instancesPerIdentity` live sidecars.
 fn claim(api: &Api, instance: &str, identity: &SpiffeId) -> Result<(), ApiError> {
-    api.distribution.claim(instance, identity).map_err(|_| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "instance_taken",
-            format!("instance {instance} belongs to another workload; use an id of your own"),
-        )
-    })
+    api.distribution
+        .claim(instance, identity)
+        .map_err(|refused| match refused {
+            ClaimRefused::Taken(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "instance_taken",
+                format!("instance {instance} belongs to another workload; use an id of your own"),
+            ),
+            ClaimRefused::Full(limit) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "instances_exceeded",
+                format!("{identity} already has {limit} sidecars connected (limits.instancesPerIdentity)"),
+            ),
+        })
+}
+
+/// Counts and answers a registration past one of `limit`'s caps.
+fn over_limit(identity: &SpiffeId, limit: &'static str, message: String) -> ApiError {
+    metrics::counter!("sidewall_control_plane_identity_limit_total", "limit" => limit).increment(1);
+    tracing::warn!(%identity, limit, "registration refused: {message}");
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        if limit == "registrations" {
+            "registrations_exceeded"
+        } else {
+            "addresses_exceeded"
+        },
+        message,
+    )
 }
 
 /// A body fed by a channel: one frame per snapshot line.
@@ -123,6 +146,7 @@ pub(super) fn watch(
     let distribution = api.distribution.clone();
     let (sender, receiver) = mpsc::channel::<Bytes>(4);
     let mut changes = distribution.subscribe();
+    let (number, mut replaced) = distribution.open_watch(&instance);
     distribution.fleet_update(&instance, |entry| {
         entry.identity = identity.to_string();
         entry.connected = true;
@@ -150,6 +174,10 @@ pub(super) fn watch(
             distribution.fleet_update(&instance, |entry| entry.processed = generation);
             tokio::select! {
                 _ = closing.changed() => break,
+                _ = &mut replaced => {
+                    tracing::info!(%identity, instance, "snapshot watch replaced by a newer one of the same instance");
+                    break;
+                }
                 changed = changes.changed() => if changed.is_err() { break },
                 () = tokio::time::sleep(keepalive) => {
                     if sender.send(Bytes::from_static(b"\n")).await.is_err() {
@@ -157,6 +185,9 @@ pub(super) fn watch(
                     }
                 }
             }
+        }
+        if !distribution.close_watch(&instance, number) {
+            return;
         }
         let closed_at = now_unix();
         distribution.fleet_update(&instance, |entry| {
@@ -242,11 +273,45 @@ pub(super) async fn register(
     // while an operator declares it for this identity and it is no other service's endpoint
     // (checked again whenever the directory is assembled); what is not is answered, counted
     // and shown in the fleet view.
-    let refused = api.distribution.refuse_addresses(
-        &identity,
-        &body.addresses,
-        &api.store.registrations().await?,
-    );
+    // What one identity may hold (review M4): as many registrations as sidecars, and a few
+    // distinct addresses over all of them. This registration replaces one at its endpoint.
+    let registrations = api.store.registrations().await?;
+    let endpoint_text = endpoint.to_string();
+    let others: Vec<&RegistrationRecord> = registrations
+        .iter()
+        .filter(|r| r.identity == identity.as_str() && r.endpoint != endpoint_text)
+        .collect();
+    let limits = api.distribution.limits();
+    if others.len() >= limits.instances {
+        return Err(over_limit(
+            &identity,
+            "registrations",
+            format!(
+                "{identity} already has {} registrations (limits.instancesPerIdentity)",
+                others.len()
+            ),
+        ));
+    }
+    let addresses: std::collections::HashSet<&str> = others
+        .iter()
+        .flat_map(|r| r.addresses.iter())
+        .chain(&body.addresses)
+        .map(String::as_str)
+        .collect();
+    if addresses.len() > limits.addresses {
+        return Err(over_limit(
+            &identity,
+            "addresses",
+            format!(
+                "{identity} would register {} distinct addresses, more than {} (limits.addressesPerIdentity)",
+                addresses.len(),
+                limits.addresses
+            ),
+        ));
+    }
+    let refused = api
+        .distribution
+        .refuse_addresses(&identity, &body.addresses, &registrations);
     let record = RegistrationRecord {
         instance: body.instance.clone(),
         identity: identity.to_string(),
