@@ -1862,3 +1862,152 @@ fn m4_one_workload_cannot_grow_the_control_plane_without_bound() {
     });
     assert!(mesh.fleet_rows("web").contains(&web_instance));
 }
+
+/// An app that never reads from its first `N` connections (argv[1]) and echoes the later ones.
+const SINK_THEN_ECHO: &str = r#"
+import socket, sys, threading
+held = []
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", 0))
+listener.listen(256)
+print("ready", flush=True)
+print(listener.getsockname()[1], flush=True)
+def echo(connection):
+    while True:
+        data = connection.recv(65536)
+        if not data:
+            break
+        connection.sendall(data)
+    connection.close()
+while True:
+    connection, _ = listener.accept()
+    if len(held) < int(sys.argv[1]):
+        held.append(connection)
+        continue
+    threading.Thread(target=echo, args=(connection,), daemon=True).start()
+"#;
+
+/// Review M9: eight carried connections whose app never reads pinned the shared connection's
+/// whole 8 MiB window, and every other app connection to that service froze. The connection
+/// window now holds every stream's full window, so stalled streams stall only themselves.
+#[test]
+fn m9_stalled_streams_do_not_freeze_the_others_on_a_shared_connection() {
+    const STALLED: usize = 10;
+    let mut sink = support::Helper::start(SINK_THEN_ECHO, &[STALLED.to_string()], "ready");
+    let app_port: u16 = sink.line().parse().unwrap();
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar_serving("api", &format!("{{port: 8080, app: 127.0.0.1:{app_port}}}"));
+    let _web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let route = mesh.route("web");
+    // Each stalled connection writes 24 MiB (far more than the socket buffers and the stream
+    // window hold) from a thread of its own, which blocks once everything is full.
+    let mut writers = Vec::new();
+    for _ in 0..STALLED {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", route)).unwrap();
+        writers.push(std::thread::spawn(move || {
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..24 {
+                if stream.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            stream
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        exchange(route, b"still flowing").as_deref(),
+        Some(&b"still flowing"[..]),
+        "a new app connection to the service froze behind the stalled ones"
+    );
+    drop(sink);
+    for writer in writers {
+        let _ = writer.join();
+    }
+}
+
+/// Review M9: a shared connection had no keep-alive: when the peer sidecar froze (or its host
+/// vanished without a reset), the app connections carried on it hung until the idle timeout.
+/// Now a ping every `limits.keepalive` unanswered within it ends the shared connection and
+/// every app connection carried on it.
+#[test]
+fn m9_a_frozen_peer_is_noticed_by_keepalive_and_its_streams_end() {
+    let mut mesh = Mesh::new(&[]);
+    mesh.limits = ", keepalive: 1s".into();
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    let frozen = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", mesh.route("web"))).unwrap();
+    held.write_all(b"open").unwrap();
+    let mut echoed = [0u8; 4];
+    held.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    held.read_exact(&mut echoed).unwrap();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &frozen.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    held.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let ended = held.read_to_end(&mut rest);
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &frozen.child.id().to_string()])
+        .status();
+    assert!(
+        ended.is_ok()
+            || ended
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the carried connection was not ended after {:?}: {ended:?}",
+        started.elapsed()
+    );
+    let metrics = _web.metrics();
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_proxy_h2_pool_total",
+            &[("event", "keepalive_timeout")]
+        ),
+        1,
+        "{metrics}"
+    );
+}
+
+/// A shared connection carries at most 128 app connections at once; more open another.
+#[test]
+fn m9_more_app_connections_than_one_shared_connection_carries_open_another() {
+    let mut mesh = Mesh::new(&[]);
+    let _api = mesh.sidecar("api");
+    let web = mesh.sidecar("web");
+    let set = policy("api-access", "terminate", &allow("web", 8080));
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let mut open = Vec::new();
+    for i in 0..130u32 {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", mesh.route("web"))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(&i.to_be_bytes()).unwrap();
+        let mut echoed = [0u8; 4];
+        stream.read_exact(&mut echoed).unwrap();
+        assert_eq!(u32::from_be_bytes(echoed), i);
+        open.push(stream);
+    }
+    let metrics = web.metrics();
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_proxy_h2_pool_total",
+            &[("event", "opened")]
+        ),
+        2,
+        "{metrics}"
+    );
+}

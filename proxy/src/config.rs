@@ -29,7 +29,7 @@
 //!   directory:
 //!     - {identity: spiffe://example.org/ns/shop/svc/db, endpoints: [127.0.0.1:5643], ports: [{port: 5432, protocol: tcp}]}
 //! workerThreads: 2
-//! limits: {maxConnections: 10000, maxHandshakes: 1024, handshakesPerSource: 256, handshakeTimeout: 10s, connectTimeout: 5s, idleTimeout: 1h, drainTimeout: 30s}
+//! limits: {maxConnections: 10000, maxHandshakes: 1024, handshakesPerSource: 256, handshakeTimeout: 10s, connectTimeout: 5s, idleTimeout: 1h, drainTimeout: 30s, keepalive: 10s}
 //! tls: {allowTls12: false}
 //! ```
 
@@ -272,6 +272,10 @@ pub struct Limits {
     /// On SIGTERM, open connections get this long to finish. Default is 30 s.
     #[serde(default = "default_drain")]
     pub drain_timeout: ConfigDuration,
+    /// A shared connection to a peer sidecar is pinged this often, and closed (with every app
+    /// connection it carries) when a ping is not answered within it. Default is 10 s.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: ConfigDuration,
 }
 
 fn default_max_connections() -> usize {
@@ -292,6 +296,9 @@ fn default_connect() -> ConfigDuration {
 fn default_idle() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(3600))
 }
+fn default_keepalive() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
 fn default_drain() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(30))
 }
@@ -306,6 +313,7 @@ impl Default for Limits {
             connect_timeout: default_connect(),
             idle_timeout: default_idle(),
             drain_timeout: default_drain(),
+            keepalive: default_keepalive(),
         }
     }
 }
@@ -476,6 +484,10 @@ impl Config {
         let keepalive = self.control_plane.watch_keepalive.0;
         if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(60) {
             return Err("controlPlane.watchKeepalive must be from 1s to 60s".into());
+        }
+        let keepalive = self.limits.keepalive.0;
+        if keepalive < Duration::from_secs(1) || keepalive > Duration::from_secs(300) {
+            return Err("limits.keepalive must be from 1s to 300s".into());
         }
         if !(1..=64).contains(&self.worker_threads) {
             return Err("workerThreads must be from 1 to 64".into());

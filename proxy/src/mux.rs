@@ -7,12 +7,17 @@
 //! connect per app connection, only a stream opened on a connection that exists. It uses the
 //! `h2` crate directly rather than hyper's upgrade so that the bytes are not copied twice more:
 //! data read from the app goes out as the same buffer ([`Bytes`]), and data received is written
-//! to the app from the frame it arrived in. HTTP/2 flow control is per stream (one slow reader
-//! stalls only its own stream) and per connection.
+//! to the app from the frame it arrived in.
+//!
+//! A connection carries at most [`STREAMS_PER_CONNECTION`] app connections; more open another
+//! one. Its connection window holds every stream's full window, so HTTP/2 flow control works
+//! per stream only: an app that stops reading stalls its own stream, never the others (review
+//! M9). Each connection is pinged every `limits.keepalive`, and closed when a ping goes
+//! unanswered that long: a frozen or vanished peer sidecar holds no app connection.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,12 +41,20 @@ const MAX_READ: usize = 64 * 1024;
 /// Frames written to the app in one call at most.
 const BATCH: usize = 16;
 
+/// App connections one shared connection carries at once at most.
+pub(crate) const STREAMS_PER_CONNECTION: usize = 128;
+
+/// Room for every stream's full window (128 MiB): a stalled stream never takes another's
+/// share. Memory is bounded per stream all the same (a stream's window is what can wait
+/// unread for its app), and only by streams that actually hold data.
+const CONNECTION_WINDOW: u32 = STREAMS_PER_CONNECTION as u32 * crate::http::STREAM_WINDOW;
+
 /// HTTP/2 settings of both ends of a shared connection.
 pub(crate) fn client_builder() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
     builder
         .initial_window_size(crate::http::STREAM_WINDOW)
-        .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(crate::http::MAX_FRAME)
         .max_header_list_size(4096)
         .max_concurrent_reset_streams(1024)
@@ -49,15 +62,16 @@ pub(crate) fn client_builder() -> h2::client::Builder {
     builder
 }
 
-/// See [`client_builder`]; `streams` is the server's limit of carried connections at once.
+/// See [`client_builder`]; `streams` is the server's limit of carried connections at once
+/// (one connection carries [`STREAMS_PER_CONNECTION`] at most).
 pub(crate) fn server_builder(streams: u32) -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(crate::http::STREAM_WINDOW)
-        .initial_connection_window_size(crate::http::CONNECTION_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(crate::http::MAX_FRAME)
         .max_header_list_size(4096)
-        .max_concurrent_streams(streams)
+        .max_concurrent_streams(streams.min(STREAMS_PER_CONNECTION as u32))
         .max_pending_accept_reset_streams(crate::http::MAX_PENDING_RESETS)
         .max_concurrent_reset_streams(1024)
         .max_send_buffer_size(crate::http::STREAM_WINDOW as usize);
@@ -75,9 +89,37 @@ pub(crate) struct Opened {
     pub(crate) closed: Arc<AtomicBool>,
     /// The server it reached: no new stream once it is revoked.
     pub(crate) server: crate::outbound::Server,
+    /// App connections it carries now.
+    pub(crate) streams: Arc<AtomicUsize>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Opened>>>;
+impl Opened {
+    /// Whether new streams may go on it: open, not too old, its server not revoked.
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed)
+            && Instant::now() < self.until
+            && !self.server.revoked()
+    }
+}
+
+/// One carried app connection counted on its shared connection while it lives.
+pub(crate) struct Carried(Arc<AtomicUsize>);
+
+impl Carried {
+    fn on(streams: &Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Self(streams.clone())
+    }
+}
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The shared connections to one service.
+type Slot = Arc<tokio::sync::Mutex<Vec<Opened>>>;
 
 /// The shared connections of one sidecar, by service.
 #[derive(Default)]
@@ -101,32 +143,42 @@ impl Pool {
         slots.entry(service.clone()).or_default().clone()
     }
 
+    /// A shared connection with room for one more stream (a new one when none has, or when
+    /// `fresh`), and the stream counted on it.
     async fn sender<F, Fut>(
         &self,
         service: &SpiffeId,
         connect: &F,
         fresh: bool,
-    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>), Refusal>
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, Carried), Refusal>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Opened, Refusal>>,
     {
         let slot = self.slot(service);
         let mut held = slot.lock().await;
+        // A connection no longer usable leaves the pool; its driver keeps it for the streams
+        // it still carries.
+        held.retain(Opened::usable);
         if !fresh
-            && let Some(opened) = held.as_ref().filter(|o| {
-                !o.closed.load(Ordering::Relaxed) && Instant::now() < o.until && !o.server.revoked()
-            })
+            && let Some(opened) = held
+                .iter()
+                .find(|o| o.usable() && o.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
         {
             metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
-            return Ok((opened.sender.clone(), opened.closed.clone()));
+            let carried = Carried::on(&opened.streams);
+            return Ok((opened.sender.clone(), opened.closed.clone(), carried));
         }
         // Boxed: the handshake's state is large and rarely needed; inline, every carried
         // connection's task would be that large for its whole life.
         let opened = Box::pin(connect()).await?;
         metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
-        let sender = (opened.sender.clone(), opened.closed.clone());
-        *held = Some(opened);
+        let sender = (
+            opened.sender.clone(),
+            opened.closed.clone(),
+            Carried::on(&opened.streams),
+        );
+        held.push(opened);
         Ok(sender)
     }
 
@@ -138,15 +190,15 @@ impl Pool {
         port: u16,
         answer_within: Duration,
         connect: F,
-    ) -> Result<(SendStream<Bytes>, RecvStream), Refusal>
+    ) -> Result<(SendStream<Bytes>, RecvStream, Carried), Refusal>
     where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Opened, Refusal>>,
     {
         let authority = format!("{HOST}:{port}");
         let mut fresh = false;
-        let (response, send, closed) = loop {
-            let (sender, closed) = self.sender(service, &connect, fresh).await?;
+        let (response, send, closed, carried) = loop {
+            let (sender, closed, carried) = self.sender(service, &connect, fresh).await?;
             // A connection that ended between two uses fails here; once more on a new one.
             let attempt = match sender.ready().await {
                 Ok(mut ready) => {
@@ -158,9 +210,10 @@ impl Pool {
                 Err(error) => Err(error),
             };
             match attempt {
-                Ok((response, send)) => break (response, send, closed),
+                Ok((response, send)) => break (response, send, closed, carried),
                 Err(error) if !fresh => {
                     tracing::debug!(%service, %error, "shared connection unusable: opening another");
+                    closed.store(true, Ordering::Relaxed);
                     fresh = true;
                 }
                 Err(error) => {
@@ -199,22 +252,25 @@ impl Pool {
             tracing::warn!(%service, port, status = reason, code = %response.status(), "peer sidecar refused the connection");
             return Err(reason);
         }
-        Ok((send, response.into_body()))
+        Ok((send, response.into_body(), carried))
     }
 }
 
 /// Starts driving a new client connection; the flag turns true when it ends (or when `gone`
-/// resolves, at the server's expiry or revocation: it is closed then).
+/// resolves, at the server's expiry or revocation, or when a ping sent every `keepalive` is
+/// not answered within it: it is closed then).
 pub(crate) fn drive<T>(
-    connection: h2::client::Connection<T, Bytes>,
+    mut connection: h2::client::Connection<T, Bytes>,
     gone: impl Future<Output = crate::outbound::Gone> + Send + 'static,
     service: SpiffeId,
+    keepalive: Duration,
 ) -> Arc<AtomicBool>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let closed = Arc::new(AtomicBool::new(false));
     let flag = closed.clone();
+    let pings = connection.ping_pong();
     tokio::spawn(async move {
         tokio::select! {
             result = connection => {
@@ -224,10 +280,30 @@ where
             }
             // Dropping the connection ends every stream on it.
             gone = gone => gone.record(&service, crate::outbound::Carrier::Shared),
+            () = unanswered(pings, keepalive) => {
+                metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "keepalive_timeout").increment(1);
+                tracing::warn!(%service, ?keepalive, "the peer sidecar did not answer a ping on the shared connection: closed with the app connections it carried");
+            }
         }
         flag.store(true, Ordering::Relaxed);
     });
     closed
+}
+
+/// Pings every `keepalive`; resolves when a ping is not answered within `keepalive` (never
+/// when the connection has no ping handle, or once it has ended: its driver sees that).
+async fn unanswered(pings: Option<h2::PingPong>, keepalive: Duration) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(keepalive).await;
+        match tokio::time::timeout(keepalive, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_ended)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
 }
 
 fn h2_io(error: h2::Error) -> std::io::Error {

@@ -226,7 +226,7 @@ async fn carry(
     let connect = || connect_shared(context, service);
     // The server connects its app (within its connectTimeout) before it answers.
     let answer_within = context.config.limits.connect_timeout.0 * 2;
-    let (send, recv) = context
+    let (send, recv, _carried) = context
         .peers_mux
         .open(service, port, answer_within, connect)
         .await?;
@@ -249,12 +249,18 @@ async fn connect_shared(
         .handshake(stream)
         .await
         .map_err(|_| "h2_handshake")?;
-    let closed = crate::mux::drive(connection, server.clone().gone(), service.clone());
+    let closed = crate::mux::drive(
+        connection,
+        server.clone().gone(),
+        service.clone(),
+        context.config.limits.keepalive.0,
+    );
     Ok(crate::mux::Opened {
         sender,
         until: std::time::Instant::now() + server.lifetime / 2,
         closed,
         server,
+        streams: Arc::default(),
     })
 }
 
