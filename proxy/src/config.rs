@@ -389,14 +389,23 @@ impl Config {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         let name = path.display().to_string();
-        let text = sidewall_policies::load::expand_variables(&name, &text, |variable| {
-            std::env::var(variable).ok()
-        })?;
-        let mut config: Config = sidewall_policies::load::config_from_yaml(&name, &text)?;
         let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_text(&name, &text, base, |variable| std::env::var(variable).ok())
+    }
+
+    /// Parses and validates the text of a file named `name` (for messages), with `${VAR}`
+    /// references looked up by `lookup` and relative paths taken relative to `base`.
+    pub fn from_text(
+        name: &str,
+        text: &str,
+        base: &Path,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = sidewall_policies::load::expand_variables(name, text, lookup)?;
+        let mut config: Config = sidewall_policies::load::config_from_yaml(name, &text)?;
         config.resolve_paths(base);
         config.validate().map_err(|message| ConfigError::Value {
-            file: name,
+            file: name.to_owned(),
             message,
         })?;
         Ok(config)

@@ -43,6 +43,16 @@ pub mod snapshot;
 pub mod tls;
 pub mod transport;
 
+/// Entry points for the fuzz targets in `fuzz/` into what is not public otherwise; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Feeds `input` to the HTTP/1 request framing scanner in pieces of `step` bytes; which of
+    /// the first `count` requests it would refuse.
+    pub fn http_framing(input: &[u8], step: usize, count: usize) -> Vec<bool> {
+        crate::http::framing::refused(input, step, count)
+    }
+}
+
 use config::Config;
 use connections::{CloseReason, Table};
 use identity::Credential;

@@ -81,13 +81,20 @@ pub fn parse(pem: &str) -> Result<RequestedKey, CsrError> {
     let blocks: Vec<_> = CertificateSigningRequestDer::pem_slice_iter(pem.as_bytes())
         .filter_map(Result::ok)
         .collect();
-    let der = match blocks.as_slice() {
-        [] => return Err(CsrError::NotPem),
-        [one] => one,
-        several => return Err(CsrError::Several(several.len())),
-    };
-    let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
-        .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    match blocks.as_slice() {
+        [] => Err(CsrError::NotPem),
+        [one] => parse_der(one.as_ref()),
+        several => Err(CsrError::Several(several.len())),
+    }
+}
+
+/// Parses a DER CSR, verifies its signature and returns only its public key.
+pub fn parse_der(der: &[u8]) -> Result<RequestedKey, CsrError> {
+    if der.len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(der.len()));
+    }
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(CsrError::TrailingBytes(rest.len()));
     }

@@ -339,25 +339,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Scanned<S> {
     }
 }
 
+/// Feeds `input` to a scanner in pieces of `step` bytes (at least 1); returns which of the
+/// first `count` requests it would refuse. For the tests and the fuzz target.
+pub(crate) fn refused(input: &[u8], step: usize, count: usize) -> Vec<bool> {
+    let scan = Scan::new();
+    let mut scanner = Scanner {
+        state: State::Head(Vec::new()),
+        heads: 0,
+        scan: scan.clone(),
+    };
+    for piece in input.chunks(step.max(1)) {
+        scanner.feed(piece);
+    }
+    (0..count).map(|_| scan.refuses()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    /// Feeds `input` in pieces of `step` bytes; returns which of `count` requests are refused.
-    fn refused(input: &[u8], step: usize, count: usize) -> Vec<bool> {
-        let scan = Scan::new();
-        let mut scanner = Scanner {
-            state: State::Head(Vec::new()),
-            heads: 0,
-            scan: scan.clone(),
-        };
-        for piece in input.chunks(step) {
-            scanner.feed(piece);
-        }
-        (0..count).map(|_| scan.refuses()).collect()
-    }
 
     const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     const SMUGGLE: &[u8] =
