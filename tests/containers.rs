@@ -107,7 +107,7 @@ impl Mesh {
         let token = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
         std::fs::write(dir.join("token"), token.lines().last().unwrap()).unwrap();
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://{}:4600]\n  tokenFile: token\nstateDir: state\ninbound:\n  listen: {listen}\n  advertise: {}:4643\n  ports: [{ports}]\noutbound:\n  transparent: {{listen: 127.0.0.1:4640}}\n  egress: [{egress}]\nadmin:\n  listen: 127.0.0.1:4691\nworkerThreads: 1\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://{}:4600]\n  tokenFile: token\nstateDir: state\ninbound:\n  listen: {listen}\n  advertise: {}:4643\n  ports: [{ports}]\noutbound:\n  transparent: {{listen: 127.0.0.1:4640}}\n  egress: [{egress}]\nadmin:\n  listen: 127.0.0.1:4691\nworkerThreads: 1\nlimits: {{handshakeTimeout: 3s}}\n",
             self.cp.ipv4, host.ipv4
         );
         std::fs::write(dir.join("sidecar.yaml"), config).unwrap();
@@ -266,7 +266,7 @@ fn mesh() -> Option<Mesh> {
     mesh.sidecar(
         &api,
         "api",
-        "{port: 8080, protocol: http, app: 127.0.0.1:8080}, {port: 9090, protocol: tcp, app: 127.0.0.1:9090, permissive: true}",
+        "{port: 8080, protocol: http, app: 127.0.0.1:8080}, {port: 9090, protocol: tcp, app: 127.0.0.1:9090, permissive: true}, {port: 9091, protocol: http, app: 127.0.0.1:8080, permissive: true}",
         "",
         uid,
     );
@@ -442,8 +442,50 @@ fn containers() {
         mesh.curl(&outsider, User::Root, &api_url).is_err(),
         "the HTTP port stays mTLS-only"
     );
+
+    // 10. Review H1: on a permissive HTTP port, a client that sent one byte (or only the HTTP/2
+    // preface) and nothing more held its connection, and a slot of the authenticated budget,
+    // forever: the HTTP version sniff had no deadline. Now the first request must arrive
+    // within limits.handshakeTimeout (3 s here), and the connection stays in the handshake
+    // budget until it does.
+    let legacy_http = format!("http://{}:9091/v1/orders", api.ipv4);
+    assert_eq!(
+        mesh.curl(&outsider, User::Root, &legacy_http),
+        Ok("orders\n 200".to_owned()),
+        "permissive HTTP port"
+    );
+    for stall in ["one-byte", "h2-preface"] {
+        let run = mesh.net.exec(
+            &outsider,
+            User::Root,
+            &[python(), "-c", STALL, &api.ipv4.to_string(), "9091", stall],
+        );
+        assert_eq!(run.code, 0, "{stall}: {}{}", run.stdout, run.stderr);
+    }
     let _ = &mut mesh;
 }
+
+/// Connects, sends one byte (`one-byte`) or the HTTP/2 preface and an empty SETTINGS frame
+/// (`h2-preface`), then waits up to 20 s for the server to close; exit 1 if it did not.
+const STALL: &str = r#"
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+if sys.argv[3] == "one-byte":
+    conn.sendall(b"P")
+else:
+    conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+conn.settimeout(20)
+start = time.monotonic()
+try:
+    while conn.recv(65536):
+        pass
+except ConnectionResetError:
+    pass
+except socket.timeout:
+    print("still open after 20 s")
+    sys.exit(1)
+print(f"closed after {time.monotonic() - start:.1f} s")
+"#;
 
 fn wait_for(net: &Topology, label: &str, text: &str, seconds: u64) {
     let deadline = Instant::now() + Duration::from_secs(seconds);

@@ -41,6 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sidewall_policies::engine::Request as Facts;
 use sidewall_policies::{Outcome, SpiffeId};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 
 use crate::Context;
 use crate::config::{AppProtocol, InboundPort};
@@ -170,15 +171,27 @@ pub(crate) fn smuggling_refused() -> Response<ResponseBody> {
     response
 }
 
+/// What an HTTP connection must do before its first request is in: arrive within a deadline
+/// (the HTTP version sniff and the request head included), and, for plaintext on a permissive
+/// port, hold only a handshake slot until then (review H1).
+pub(crate) struct FirstRequest {
+    /// The deadline (`limits.handshakeTimeout`).
+    pub(crate) within: Duration,
+    /// A permissive port's connection, still in the handshake budget: it moves to the inbound
+    /// one with its first request.
+    pub(crate) pending: Option<crate::listen::Pending>,
+}
+
 /// Serves one authorized HTTP connection from `peer` until it ends. `h2` says the peer sidecar
 /// negotiated HTTP/2 (no sniffing then).
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     context: Arc<Context>,
     stream: S,
     peer: Option<SpiffeId>,
     port: InboundPort,
     remote: SocketAddr,
     h2: bool,
+    first: FirstRequest,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -187,12 +200,18 @@ pub async fn serve<S>(
         .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
     let (stream, scan) = framing::Scanned::new(stream);
     let (tunnels, mut upgraded) = tokio::sync::mpsc::unbounded_channel::<Tunnel>();
+    let started = Arc::new((std::sync::atomic::AtomicBool::new(false), Notify::new()));
+    let first_seen = started.clone();
+    let budget_context = context.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
         let peer = peer.clone();
         let peer_value = peer_value.clone();
         let tunnels = tunnels.clone();
         let smuggling = scan.refuses();
+        if !started.0.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            started.1.notify_one();
+        }
         async move {
             if smuggling {
                 tracing::warn!(peer = peer.as_ref().map_or("plaintext (permissive port)", SpiffeId::as_str), method = %request.method(), path = request.uri().path(), reason = "Content-Length with Transfer-Encoding", "request refused");
@@ -216,8 +235,28 @@ pub async fn serve<S>(
     // connection is in the channel by the time the connection future ends.
     let mut running = tokio::task::JoinSet::new();
     let mut serving = true;
+    let FirstRequest {
+        within,
+        pending: mut budget,
+    } = first;
+    let deadline = tokio::time::sleep(within);
+    tokio::pin!(deadline);
+    let mut waiting = true;
     while serving || !running.is_empty() {
         tokio::select! {
+            () = first_seen.1.notified(), if waiting => {
+                waiting = false;
+                if let Some(pending) = budget.as_mut()
+                    && !pending.authenticated(&budget_context)
+                {
+                    return;
+                }
+            }
+            () = &mut deadline, if waiting => {
+                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "no_request").increment(1);
+                tracing::debug!(%remote, ?within, "HTTP connection closed: no request within the handshake deadline");
+                return;
+            }
             result = &mut connection, if serving => {
                 if let Err(error) = result {
                     tracing::debug!(%remote, %error, "HTTP connection ended with an error");

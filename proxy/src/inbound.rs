@@ -150,6 +150,10 @@ async fn handle(
             entry,
             remote,
             h2,
+            crate::http::FirstRequest {
+                within: timeout,
+                pending: None,
+            },
         );
         admission.supervise(serve).await;
         return;
@@ -221,14 +225,19 @@ async fn plaintext(
             &"plaintext on an mTLS port (not permissive)",
         );
     };
-    if !pending.authenticated(context) {
-        return;
-    }
     metrics::counter!("sidewall_proxy_plaintext_accepted_total", "port" => entry.port.to_string())
         .increment(1);
     tracing::info!(%remote, port = entry.port, "plaintext accepted on a permissive port (no identity, no policy)");
     if entry.protocol == sidewall_policies::Protocol::Http {
-        crate::http::serve(context.clone(), stream, None, *entry, remote, false).await;
+        // Unauthenticated: it holds a handshake slot until its first request is in.
+        let first = crate::http::FirstRequest {
+            within: config.limits.handshake_timeout.0,
+            pending: Some(pending),
+        };
+        crate::http::serve(context.clone(), stream, None, *entry, remote, false, first).await;
+        return;
+    }
+    if !pending.authenticated(context) {
         return;
     }
     let Ok(Ok(app)) = tokio::time::timeout(
