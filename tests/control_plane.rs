@@ -725,6 +725,33 @@ fn h2_api_connections_that_send_no_request_are_closed() {
     );
 }
 
+/// Review L3: the control plane's admin listener (probes, metrics) took any number of
+/// connections and kept one that sent nothing for ever. Now it holds 64 at most and closes one
+/// whose request head is not in within `limits.requestTimeout`.
+#[test]
+fn l3_the_admin_listener_is_capped_and_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cp.yaml");
+    std::fs::write(&file, "limits:\n  requestTimeout: 2s\n").unwrap();
+    let cp = ControlPlaneProcess::start(
+        &dir.path().join("cp"),
+        &["--config", file.to_str().unwrap()],
+    );
+    assert_eq!(support::hold_plain(cp.admin_port, "nothing", 1), 1);
+    assert_eq!(support::hold_plain(cp.admin_port, "byte", 1), 1);
+    assert_eq!(support::hold_plain(cp.admin_port, "nothing", 70), 70);
+    let (_, metrics) = support::http_get(cp.admin_port, "/metrics");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_connections_refused_total",
+            &[("reason", "admin_limit")]
+        ),
+        6,
+        "{metrics}"
+    );
+}
+
 /// Review L3: the binary kept the soft open-files limit it was given (1024 under systemd),
 /// so about a thousand connections ended in EMFILE long before any budget refused them. It
 /// now raises the soft limit to the hard one at start, and says so.

@@ -881,3 +881,33 @@ fn l9_denials_from_one_peer_are_logged_once_per_window() {
         "{lines} lines for {refused} refusals:\n{log}"
     );
 }
+
+/// Review L3: the sidecar's admin listener (probes, metrics) took any number of connections
+/// and kept one that sent nothing (or half a request) for ever, so a few hundred idle
+/// connections to it failed the kubelet's probes. Now it holds 64 at most and closes one whose
+/// request head is not in within `limits.handshakeTimeout`.
+#[test]
+fn l3_the_admin_listener_is_capped_and_timed() {
+    let mut mesh = Mesh::new("{}");
+    mesh.api_limits = ", handshakeTimeout: 2s".into();
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    assert_eq!(support::hold_plain(api.admin_port, "nothing", 1), 1);
+    assert_eq!(support::hold_plain(api.admin_port, "byte", 1), 1);
+    // 70 at once: 64 held until the deadline, 6 closed at once.
+    assert_eq!(support::hold_plain(api.admin_port, "nothing", 70), 70);
+    let metrics = api.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "sidewall_proxy_connections_refused_total",
+            &[("direction", "admin"), ("reason", "limit")]
+        ),
+        6,
+        "{metrics}"
+    );
+    assert_eq!(
+        support::http_get(api.admin_port, "/live"),
+        (200, "ok\n".to_owned())
+    );
+}

@@ -380,3 +380,45 @@ impl Drop for Helper {
         let _ = self.child.wait();
     }
 }
+
+/// Opens `count` plain TCP connections to 127.0.0.1:`port`, sends nothing (`nothing`) or one
+/// byte of a request (`byte`) on each, and returns how many the server closed within 20 s.
+pub(crate) fn hold_plain(port: u16, send: &str, count: usize) -> usize {
+    const HOLD_PLAIN: &str = r#"
+import socket, sys, threading
+port, send, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+for s in held:
+    if send == "byte":
+        s.sendall(b"G")
+closed = []
+def wait(s):
+    s.settimeout(20)
+    try:
+        while s.recv(65536):
+            pass
+        closed.append(1)
+    except socket.timeout:
+        pass
+    except OSError:
+        closed.append(1)
+threads = [threading.Thread(target=wait, args=(s,)) for s in held]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(closed), flush=True)
+"#;
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            HOLD_PLAIN,
+            &port.to_string(),
+            send,
+            &count.to_string(),
+        ])
+        .output()
+        .expect("python3 (scripts/test-deps installs it)");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&output.stderr)))
+}

@@ -7,10 +7,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+use tokio::sync::{Semaphore, watch};
 
 /// The Prometheus text exposition format; a scrape of a body without it fails on current
 /// Prometheus.
@@ -30,23 +32,40 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
-/// Serves the admin routes until `stop` turns true.
+/// Admin connections at once; more are closed on accept (review L3).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin routes until `stop` turns true: HTTP/1.1 (probes and Prometheus speak it),
+/// at most [`MAX_CONNECTIONS`] at once, each request head within `header_timeout`
+/// (`limits.requestTimeout`).
 pub async fn serve(
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
+    header_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(_) => continue,
+                Err(error) => {
+                    metrics::counter!("sidewall_control_plane_accept_errors_total", "listener" => "admin").increment(1);
+                    tracing::warn!(%error, "admin: accept failed; backing off");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = stop.changed() => return,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "admin_limit").increment(1);
+            continue;
         };
         let metrics = metrics.clone();
         let ready = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 let stopping = *ready.borrow();
@@ -67,7 +86,10 @@ pub async fn serve(
                     })
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -329,7 +329,12 @@ pub async fn run(
         certificate,
         stop_rx.clone(),
     ));
-    let admin_task = tokio::spawn(admin::serve(listeners.admin, metrics, stop_rx.clone()));
+    let admin_task = tokio::spawn(admin::serve(
+        listeners.admin,
+        metrics,
+        api.config.request_timeout,
+        stop_rx.clone(),
+    ));
     let expiry = tokio::spawn(crate::api::distribution::expire_unclaimed(
         api.clone(),
         crate::api::now_unix(),
@@ -369,7 +374,8 @@ pub async fn run(
         let (stream, remote) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
-                tracing::warn!(%error, "accept failed");
+                metrics::counter!("sidewall_control_plane_accept_errors_total", "listener" => "api").increment(1);
+                tracing::warn!(%error, "accept failed; backing off");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -8,11 +8,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::Context;
 use crate::outbound::describe;
@@ -72,23 +72,39 @@ fn config_view(context: &Context) -> serde_json::Value {
     })
 }
 
-/// Serves until `stop` turns true.
+/// Admin connections at once; more are closed on accept (review L3).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves until `stop` turns true: HTTP/1.1 (probes and Prometheus speak it), at most
+/// [`MAX_CONNECTIONS`] at once, each request head within `limits.handshakeTimeout`.
 pub(crate) async fn serve(
     context: Arc<Context>,
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let header_timeout = context.config.limits.handshake_timeout.0;
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(_) => continue,
+                Err(error) => {
+                    metrics::counter!("sidewall_proxy_accept_errors_total", "direction" => "admin").increment(1);
+                    tracing::warn!(%error, "admin: accept failed; backing off");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             },
             _ = stop.changed() => return,
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "admin", "reason" => "limit").increment(1);
+            continue;
+        };
         let (context, metrics) = (context.clone(), metrics.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                 let (context, metrics) = (context.clone(), metrics.clone());
                 async move {
@@ -125,7 +141,10 @@ pub(crate) async fn serve(
                     })
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
