@@ -1701,6 +1701,17 @@ fn m5_one_reporter_cannot_blind_policy_impact() {
         8_000,
         "{metrics}"
     );
+    // What was not kept is said where the flows are read: by `policy impact` and the dashboard.
+    assert!(
+        impact.stdout.contains(
+            "8000 reported flows were not kept (target_quota: 8000): `policy impact` cannot judge them"
+        ),
+        "{}",
+        impact.stdout
+    );
+    let (_, graph) = http_get(mesh.cp.ui_port, "/api/graph");
+    let graph: serde_json::Value = serde_json::from_str(&graph).unwrap();
+    assert_eq!(graph["flows_dropped"]["target_quota"], 8000, "{graph}");
 }
 
 /// Opens `GET /v1/snapshots/watch?instance=ID` with a workload's certificate and prints the

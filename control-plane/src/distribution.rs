@@ -235,6 +235,8 @@ struct FlowTable {
     flows: BTreeMap<FlowKey, FlowStats>,
     per_target: HashMap<String, usize>,
     per_pair: HashMap<(String, String), usize>,
+    /// Reported flows not kept since start, by reason.
+    dropped: BTreeMap<&'static str, u64>,
 }
 
 impl FlowTable {
@@ -251,8 +253,7 @@ impl FlowTable {
             None
         };
         if let Some(reason) = over {
-            metrics::counter!("sidewall_control_plane_flows_dropped_total", "reason" => reason)
-                .increment(1);
+            self.drop_one(reason);
             return false;
         }
         if self.flows.len() >= MAX_FLOWS {
@@ -265,13 +266,19 @@ impl FlowTable {
                 self.flows.remove(&oldest);
                 Self::uncount(&mut self.per_target, oldest.target.clone());
                 Self::uncount(&mut self.per_pair, (oldest.peer, oldest.target));
-                metrics::counter!("sidewall_control_plane_flows_dropped_total", "reason" => "evicted")
-                    .increment(1);
+                self.drop_one("evicted");
             }
         }
         *self.per_target.entry(key.target.clone()).or_default() += 1;
         *self.per_pair.entry(pair).or_default() += 1;
         true
+    }
+
+    /// Counts a reported flow not kept (or evicted), in the metric and for the readers.
+    fn drop_one(&mut self, reason: &'static str) {
+        metrics::counter!("sidewall_control_plane_flows_dropped_total", "reason" => reason)
+            .increment(1);
+        *self.dropped.entry(reason).or_default() += 1;
     }
 
     fn uncount<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) {
@@ -933,6 +940,16 @@ impl Distribution {
             .flows
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Reported flows not kept since start, by reason (`target_quota`, `peer_quota`,
+    /// `evicted`): what `policy impact` and the dashboard cannot show.
+    pub fn flows_dropped(&self) -> BTreeMap<String, u64> {
+        lock(&self.flows)
+            .dropped
+            .iter()
+            .map(|(reason, count)| ((*reason).to_owned(), *count))
             .collect()
     }
 

@@ -78,11 +78,15 @@ impl Dashboard {
             "/" => asset(INDEX_HTML, "text/html; charset=utf-8"),
             "/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
             "/style.css" => asset(STYLE_CSS, "text/css; charset=utf-8"),
-            "/api/graph" => json(&graph(
-                &distribution.flows(),
-                &distribution.fleet(),
-                &distribution.registrations(),
-            )),
+            "/api/graph" => {
+                let mut graph = graph(
+                    &distribution.flows(),
+                    &distribution.fleet(),
+                    &distribution.registrations(),
+                );
+                graph.flows_dropped = distribution.flows_dropped();
+                json(&graph)
+            }
             "/api/fleet" => json(&distribution.fleet_view()),
             "/api/policies" => json(&policies(distribution)),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -178,6 +182,9 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// Flows, by (from, to, port, protocol).
     pub edges: Vec<Edge>,
+    /// Reported flows the control plane did not keep, by reason (quota or eviction): the
+    /// graph and `policy impact` do not show them.
+    pub flows_dropped: BTreeMap<String, u64>,
 }
 
 /// One workload in the graph.
@@ -280,6 +287,7 @@ pub fn graph(
     Graph {
         nodes: nodes.into_values().collect(),
         edges: edges.into_values().map(|(edge, _)| edge).collect(),
+        flows_dropped: BTreeMap::new(),
     }
 }
 

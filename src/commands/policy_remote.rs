@@ -288,6 +288,17 @@ pub(crate) fn impact(args: ImpactArgs) -> ExitCode {
                 flip["count"],
             );
         }
+        if let Some(dropped) = body["flows_dropped"].as_object().filter(|d| !d.is_empty()) {
+            let total: u64 = dropped.values().filter_map(serde_json::Value::as_u64).sum();
+            let reasons: Vec<String> = dropped
+                .iter()
+                .map(|(reason, count)| format!("{reason}: {count}"))
+                .collect();
+            println!(
+                "{total} reported flows were not kept ({}): `policy impact` cannot judge them",
+                reasons.join(", ")
+            );
+        }
         if let Some(open) = body["audit_only_targets"]
             .as_array()
             .filter(|a| !a.is_empty())

@@ -226,7 +226,8 @@ pub(super) async fn impact(
         .collect();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"flips": flips, "audit_only_targets": open}),
+        &json!({"flips": flips, "audit_only_targets": open,
+                "flows_dropped": api.distribution.flows_dropped()}),
     ))
 }
 

@@ -247,6 +247,14 @@
       rows.push(el("tr", { class: "empty" }, el("td", { colspan: 8, text: "No flows observed yet. Sidecars report them every few seconds." })));
     }
     body.replaceChildren(...rows);
+    // Flows the control plane did not keep (a reporter's or a pair's quota, or evicted as the
+    // oldest): the table cannot show them, so say how many.
+    const dropped = Object.entries(graph.flows_dropped || {});
+    const note = document.querySelector("#flows-dropped");
+    const total = dropped.reduce((sum, [, count]) => sum + count, 0);
+    note.hidden = total === 0;
+    note.textContent = total === 0 ? "" :
+      `${total} reported flows were not kept (${dropped.map(([reason, count]) => `${reason}: ${count}`).join(", ")}); they are not shown here.`;
   }
 
   // ---- the fleet --------------------------------------------------------------------------
