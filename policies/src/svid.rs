@@ -215,11 +215,21 @@ impl Svid {
             Usage::Server if !server => return Err(SvidError::WrongUsage("serverAuth")),
             _ => {}
         }
+        let (not_before, not_after) = (
+            cert.validity().not_before.timestamp(),
+            cert.validity().not_after.timestamp(),
+        );
+        // Never valid at any time: refused whatever the clock says (found by fuzzing).
+        if not_after < not_before {
+            return Err(SvidError::Malformed(
+                "the validity ends before it starts".into(),
+            ));
+        }
         Ok(Svid {
             id,
             serial: serial_hex(cert.raw_serial()),
-            not_before: cert.validity().not_before.timestamp(),
-            not_after: cert.validity().not_after.timestamp(),
+            not_before,
+            not_after,
         })
     }
 }
