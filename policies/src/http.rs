@@ -61,6 +61,9 @@ pub enum PatternError {
     /// A character that is not valid in a host name or IP literal.
     #[error("host contains {0:?} (allowed: letters, digits, '-', '_', '.', or an [IPv6] literal)")]
     HostChar(char),
+    /// An empty label: `..`, a leading `.`, or more than one trailing `.`.
+    #[error("host has an empty label ('..', a leading '.', or more than one trailing '.')")]
+    HostEmptyLabel,
 }
 
 /// An HTTP method as written in a policy (`GET`, `POST`, …): an uppercase token.
@@ -442,6 +445,11 @@ impl HostPattern {
                 || (literal && matches!(c, ':' | '[' | ']')))
         }) {
             return Err(PatternError::HostChar(c));
+        }
+        // One trailing dot (the DNS root) is dropped above; any other empty label would make
+        // the normalized text read back differently.
+        if !literal && name.split('.').any(str::is_empty) {
+            return Err(PatternError::HostEmptyLabel);
         }
         let mut normalized = host.to_owned();
         if let Some(port) = port {

@@ -205,6 +205,12 @@ fn host_patterns() {
         ("api.shop:99999", E::HostPort("99999".into())),
         ("api shop", E::HostChar(' ')),
         ("api/shop", E::HostChar('/')),
+        // Found by the snapshot_json fuzz target: "*.sh.." became "*.sh." and, written and
+        // read again, "*.sh" (an empty label is no host name).
+        ("*.sh..", E::HostEmptyLabel),
+        ("api..shop", E::HostEmptyLabel),
+        (".shop", E::HostEmptyLabel),
+        ("*..shop", E::HostEmptyLabel),
     ] {
         assert_eq!(HostPattern::parse(input).err(), Some(expected), "{input:?}");
     }
