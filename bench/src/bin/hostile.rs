@@ -1,0 +1,786 @@
+//! The hostile-load suite (issue 18): a sidecar under attack keeps serving its allowed clients.
+//!
+//! It starts two real `sidewall proxy` processes (A, the client side, with a route to B; B, the
+//! server side, with the default limits and an echo app), keeps an allowed client calling
+//! through A at a fixed rate (a new connection per call: 32 bytes there and back), and runs
+//! each attack below against B's inbound port from other loopback addresses (127.0.0.2 and
+//! up). For every attack it reports the allowed client's success rate and p99 before (quiet)
+//! and during the attack, B's peak RSS, and how long after the attack the client was back to
+//! quiet latency (recovery).
+//!
+//! | attack | what it does |
+//! |---|---|
+//! | `idle-tcp` | opens TCP connections at 1,000/s and sends nothing |
+//! | `tls-no-cert` | TLS handshakes as fast as 64 loops can, without a client certificate |
+//! | `tls-denied` | the same with a valid certificate of an identity no policy allows, then the port header |
+//! | `slow-hello` | 5,000 connections each sending a ClientHello one byte per second |
+//! | `slow-header` | 1,000 TLS connections with a valid certificate sending the port header one byte per second |
+//!
+//! Nothing is asserted: the figures are printed (Markdown) and written as JSON with `--out`.
+//! Every attack's traffic goes to loopback only, bounded in count and time.
+//!
+//! `cargo run --release -p sidewall-bench --bin hostile -- [--quick] [--only ATTACK] [--out DIR]`
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use serde::Serialize;
+use sidewall_bench::pki::{Leaf, Pki, seed_state_dir, spiffe_id};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Flags of the hostile-load suite.
+#[derive(Parser)]
+#[command(
+    about = "Attack a sidecar on loopback while an allowed client keeps calling; report what it sees"
+)]
+struct Args {
+    /// Short phases and small attacks (CI): checks the suite runs, not the figures.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these attacks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Write `hostile.json` here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The allowed client's calls per second.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// The `sidewall` binary (default: next to this one).
+    #[arg(long)]
+    sidewall: Option<PathBuf>,
+}
+
+const ATTACKS: [&str; 5] = [
+    "idle-tcp",
+    "tls-no-cert",
+    "tls-denied",
+    "slow-hello",
+    "slow-header",
+];
+
+/// The service port B serves.
+const PORT: u16 = 8080;
+
+/// How long each phase lasts and how big each attack is.
+#[derive(Clone, Copy)]
+struct Scale {
+    quiet: Duration,
+    attack: Duration,
+    after: Duration,
+    idle_connections: usize,
+    flood_loops: usize,
+    slow_hello: usize,
+    slow_header: usize,
+    handshake_timeout: Duration,
+}
+
+impl Scale {
+    fn of(quick: bool) -> Self {
+        if quick {
+            Self {
+                quiet: Duration::from_secs(2),
+                attack: Duration::from_secs(3),
+                after: Duration::from_secs(2),
+                idle_connections: 300,
+                flood_loops: 8,
+                slow_hello: 300,
+                slow_header: 100,
+                handshake_timeout: Duration::from_secs(2),
+            }
+        } else {
+            Self {
+                quiet: Duration::from_secs(5),
+                attack: Duration::from_secs(15),
+                after: Duration::from_secs(5),
+                idle_connections: 5_000,
+                flood_loops: 64,
+                slow_hello: 5_000,
+                slow_header: 1_000,
+                handshake_timeout: Duration::from_secs(10),
+            }
+        }
+    }
+}
+
+/// What the allowed client saw in one phase.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+struct Calls {
+    ok: u64,
+    failed: u64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+impl Calls {
+    fn success(&self) -> f64 {
+        let all = self.ok + self.failed;
+        if all == 0 {
+            0.0
+        } else {
+            self.ok as f64 * 100.0 / all as f64
+        }
+    }
+}
+
+/// One attack's figures.
+#[derive(Debug, Serialize)]
+struct Outcome {
+    attack: String,
+    quiet: Calls,
+    during: Calls,
+    after: Calls,
+    /// B's largest RSS during the attack, KiB (and before it).
+    rss_quiet_kib: u64,
+    rss_peak_kib: u64,
+    /// From the end of the attack to ten calls in a row at quiet latency, ms.
+    recovery_ms: Option<u64>,
+    /// What the attacker managed: attempts, and how many of them the sidecar closed or
+    /// refused.
+    attempts: u64,
+    closed_by_sidecar: u64,
+}
+
+/// The processes and addresses of one run.
+struct Mesh {
+    children: Vec<Child>,
+    b_pid: u32,
+    b_inbound: SocketAddr,
+    route: SocketAddr,
+    intruder: Leaf,
+    dir: PathBuf,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sidewall_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path);
+    }
+    let exe = std::env::current_exe()?;
+    let next = exe.with_file_name("sidewall");
+    if next.is_file() {
+        return Ok(next);
+    }
+    bail!(
+        "no sidewall binary at {}: build it (`cargo build --release --bin sidewall`) or give --sidewall",
+        next.display()
+    )
+}
+
+/// An echo app on loopback.
+async fn echo_app() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// Starts B (server, default limits but `handshakeTimeout`) and A (client, a route to B).
+async fn start(binary: &Path, scale: Scale) -> anyhow::Result<Mesh> {
+    let dir = std::env::temp_dir().join(format!("sidewall-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let pki = Pki::generate()?;
+    let app = echo_app().await?;
+    let [route, a_inbound, a_admin, b_inbound, b_admin] = [
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+        free_port()?,
+    ];
+    let (a, b) = (spiffe_id("a"), spiffe_id("b"));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(
+        policies.join("allow.yaml"),
+        format!(
+            "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata:\n  name: a-to-b\nspec:\n  \
+             target: {b}\n  rules:\n    - action: allow\n      from: [{a}]\n      ports: [{PORT}]\n"
+        ),
+    )?;
+    for name in ["a", "b"] {
+        seed_state_dir(
+            &dir.join(format!("state-{name}")),
+            &pki.svid(name)?,
+            pki.root_pem(),
+        )?;
+    }
+    let handshake = format!("{}s", scale.handshake_timeout.as_secs());
+    let common = |name: &str, admin: u16| {
+        format!(
+            "identity: {id}\ncontrolPlane:\n  urls: [https://127.0.0.1:1]\n\
+             stateDir: {dir}/state-{name}\nadmin:\n  listen: 127.0.0.1:{admin}\n\
+             workerThreads: 1\nlimits: {{handshakeTimeout: {handshake}}}\n",
+            id = spiffe_id(name),
+            dir = dir.display(),
+        )
+    };
+    let config_b = format!(
+        "{}inbound:\n  listen: 127.0.0.1:{b_inbound}\n  ports:\n    \
+         - {{port: {PORT}, protocol: tcp, app: {app}}}\nlocal:\n  policies: [{policies}]\n",
+        common("b", b_admin),
+        policies = policies.display(),
+    );
+    let config_a = format!(
+        "{}inbound:\n  listen: 127.0.0.1:{a_inbound}\noutbound:\n  routes:\n    \
+         - {{listen: 127.0.0.1:{route}, service: {b}, port: {PORT}}}\n\
+         local:\n  policies: [{policies}]\n  directory:\n    \
+         - {{identity: {b}, endpoints: [127.0.0.1:{b_inbound}], ports: [{{port: {PORT}}}]}}\n",
+        common("a", a_admin),
+        policies = policies.display(),
+    );
+    let mut children = Vec::new();
+    let mut b_pid = 0;
+    for (name, config, admin) in [("b", config_b, b_admin), ("a", config_a, a_admin)] {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, config)?;
+        let log = std::fs::File::create(dir.join("logs").join(format!("{name}.log")))?;
+        let child = Command::new(binary)
+            .arg("proxy")
+            .arg("--config")
+            .arg(&file)
+            .env("SIDEWALL_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        if name == "b" {
+            b_pid = child.id();
+        }
+        children.push(child);
+        wait_ready(admin).await?;
+    }
+    Ok(Mesh {
+        children,
+        b_pid,
+        b_inbound: SocketAddr::from(([127, 0, 0, 1], b_inbound)),
+        route: SocketAddr::from(([127, 0, 0, 1], route)),
+        intruder: pki.svid("intruder")?,
+        dir,
+    })
+}
+
+async fn wait_ready(admin: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", admin)).await {
+            let _ = stream
+                .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            if answer.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("a sidecar was not ready within 20 s")
+}
+
+/// One allowed call: a new connection through A, 32 bytes there and back.
+async fn call(route: SocketAddr) -> Option<Duration> {
+    let started = Instant::now();
+    let exchange = async {
+        let mut stream = TcpStream::connect(route).await.ok()?;
+        stream.write_all(&[7u8; 32]).await.ok()?;
+        let mut answer = [0u8; 32];
+        stream.read_exact(&mut answer).await.ok()?;
+        Some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+        .map(|()| started.elapsed())
+}
+
+/// The allowed client at `rate` calls per second for `length` (open loop: a late call does not
+/// delay the next).
+async fn calls(route: SocketAddr, rate: u32, length: Duration) -> Calls {
+    let mut tasks = tokio::task::JoinSet::new();
+    let interval = Duration::from_secs(1) / rate.max(1);
+    let started = Instant::now();
+    let mut next = started;
+    while next < started + length {
+        tokio::time::sleep_until(next.into()).await;
+        tasks.spawn(call(route));
+        next += interval;
+    }
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    while let Some(result) = tasks.join_next().await {
+        match result.ok().flatten() {
+            Some(latency) => latencies.push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX)),
+            None => failed += 1,
+        }
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Calls {
+        ok: latencies.len() as u64,
+        failed,
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+    }
+}
+
+/// Time until ten calls in a row succeed within `bound` each, polling for up to a minute.
+async fn recovery(route: SocketAddr, bound: Duration) -> Option<u64> {
+    let started = Instant::now();
+    let mut streak = 0;
+    while started.elapsed() < Duration::from_secs(60) {
+        match call(route).await {
+            Some(latency) if latency <= bound => streak += 1,
+            _ => streak = 0,
+        }
+        if streak >= 10 {
+            return u64::try_from(started.elapsed().as_millis()).ok();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A connection from `127.0.0.(2 + n % 200)`, so that attacks come from many sources.
+async fn connect_from(n: usize, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    let last = u8::try_from(2 + n % 200).unwrap_or(2);
+    socket.bind(SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+        0,
+    ))?;
+    socket.connect(target).await
+}
+
+/// Accepts any server certificate: an attacker does not care who it floods.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_client(certificate: Option<&Leaf>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match certificate {
+        Some(leaf) => {
+            let chain = CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"sidewall-l4/1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// What an attack counts while it runs.
+#[derive(Default)]
+struct Tally {
+    attempts: AtomicU64,
+    closed: AtomicU64,
+}
+
+/// Waits for the server to close `stream` (or for `stop`), counting a close.
+async fn watch_close<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    stop: &AtomicBool,
+    tally: &Tally,
+) {
+    let mut byte = [0u8; 1];
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(250), stream.read(&mut byte)).await
+        {
+            tally.closed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Where an attack goes, and its TLS clients.
+#[derive(Clone)]
+struct Attacker {
+    target: SocketAddr,
+    without_certificate: tokio_rustls::TlsConnector,
+    /// With the certificate of an identity no policy allows.
+    denied: tokio_rustls::TlsConnector,
+}
+
+async fn attack(
+    name: &str,
+    attacker: Attacker,
+    scale: Scale,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> anyhow::Result<()> {
+    let target = attacker.target;
+    let mut tasks = tokio::task::JoinSet::new();
+    match name {
+        "idle-tcp" => {
+            // 1,000 new connections a second, each held silent until the attack ends.
+            for n in 0..scale.idle_connections {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (stop, tally) = (stop.clone(), tally.clone());
+                tasks.spawn(async move {
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut stream) = connect_from(n, target).await {
+                        watch_close(&mut stream, &stop, &tally).await;
+                    }
+                });
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        "tls-no-cert" | "tls-denied" => {
+            let connector = if name == "tls-denied" {
+                attacker.denied.clone()
+            } else {
+                attacker.without_certificate.clone()
+            };
+            for n in 0..scale.flood_loops {
+                let (stop, tally, connector) = (stop.clone(), tally.clone(), connector.clone());
+                tasks.spawn(async move {
+                    let mut k = n;
+                    while !stop.load(Ordering::Relaxed) {
+                        tally.attempts.fetch_add(1, Ordering::Relaxed);
+                        k += scale.flood_loops;
+                        let Ok(stream) = connect_from(k, target).await else {
+                            continue;
+                        };
+                        let name = ServerName::try_from("sidewall")
+                            .unwrap_or_else(|_| ServerName::IpAddress(Ipv4Addr::LOCALHOST.into()));
+                        let handshake = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            connector.connect(name, stream),
+                        );
+                        // Refused: the handshake fails (TLS 1.3 lets the client finish first,
+                        // so without a certificate it fails at the first read), or the port
+                        // header is answered with anything but `Allowed` (0).
+                        let refused = match handshake.await {
+                            Ok(Ok(mut tls)) => {
+                                let _ = tls.write_all(&[0x53, 0x57, 0x01, 0x1f, 0x90]).await;
+                                let mut status = [0u8; 1];
+                                let read = tokio::time::timeout(
+                                    Duration::from_secs(5),
+                                    tls.read(&mut status),
+                                )
+                                .await;
+                                !matches!(read, Ok(Ok(1)) if status[0] == 0)
+                            }
+                            _ => true,
+                        };
+                        if refused {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+        "slow-hello" => {
+            // A TLS record header, then one byte of a ClientHello a second.
+            for n in 0..scale.slow_hello {
+                let (stop, tally) = (stop.clone(), tally.clone());
+                tasks.spawn(async move {
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    let Ok(mut stream) = connect_from(n, target).await else {
+                        return;
+                    };
+                    if stream
+                        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+                        .await
+                        .is_err()
+                    {
+                        tally.closed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if stream.write_all(&[0x01]).await.is_err() {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                });
+                if n % 100 == 99 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        "slow-header" => {
+            let connector = attacker.denied.clone();
+            for n in 0..scale.slow_header {
+                let (stop, tally, connector) = (stop.clone(), tally.clone(), connector.clone());
+                tasks.spawn(async move {
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    let Ok(stream) = connect_from(n, target).await else {
+                        return;
+                    };
+                    let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+                    let Ok(mut tls) = connector.connect(name, stream).await else {
+                        tally.closed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    };
+                    for byte in [0x53, 0x57, 0x01, 0x1f] {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if tls.write_all(&[byte]).await.is_err() || tls.flush().await.is_err() {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    watch_close(&mut tls, &stop, &tally).await;
+                });
+                if n % 50 == 49 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        other => bail!(
+            "no attack {other:?}; the attacks are {}",
+            ATTACKS.join(", ")
+        ),
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn run_attack(name: &str, mesh: &Mesh, scale: Scale, rate: u32) -> anyhow::Result<Outcome> {
+    let quiet = calls(mesh.route, rate, scale.quiet).await;
+    let rss_quiet_kib = rss_kib(mesh.b_pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let attacker = Attacker {
+        target: mesh.b_inbound,
+        without_certificate: tls_client(None)?,
+        denied: tls_client(Some(&mesh.intruder))?,
+    };
+    let running = {
+        let (name, stop, tally) = (name.to_owned(), stop.clone(), tally.clone());
+        tokio::spawn(async move { attack(&name, attacker, scale, stop, tally).await })
+    };
+    // RSS sampled every 100 ms while the client measures.
+    let peak = Arc::new(AtomicU64::new(rss_quiet_kib));
+    let sampler = {
+        let (peak, stop, pid) = (peak.clone(), stop.clone(), mesh.b_pid);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = calls(mesh.route, rate, scale.attack).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.await;
+    let bound = Duration::from_micros(quiet.p99_us.max(1_000) * 2);
+    let recovery_ms = recovery(mesh.route, bound).await;
+    let attacked = running.await.context("the attack task")?;
+    attacked?;
+    let after = calls(mesh.route, rate, scale.after).await;
+    Ok(Outcome {
+        attack: name.to_owned(),
+        quiet,
+        during,
+        after,
+        rss_quiet_kib,
+        rss_peak_kib: peak.load(Ordering::Relaxed),
+        recovery_ms,
+        attempts: tally.attempts.load(Ordering::Relaxed),
+        closed_by_sidecar: tally.closed.load(Ordering::Relaxed),
+    })
+}
+
+fn report(outcomes: &[Outcome], scale: Scale, rate: u32) -> String {
+    let mut text = format!(
+        "Allowed client: {rate} calls/s, a new connection each, through A to B. Phases: quiet {} s, \
+         attack {} s, after {} s; B's handshakeTimeout {} s.\n\n\
+         | attack | quiet p99 | during: success | during: p99 (× quiet) | after: success | recovery | B RSS quiet → peak | attacker's attempts | closed by B |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        scale.quiet.as_secs(),
+        scale.attack.as_secs(),
+        scale.after.as_secs(),
+        scale.handshake_timeout.as_secs(),
+    );
+    for o in outcomes {
+        let ratio = o.during.p99_us as f64 / o.quiet.p99_us.max(1) as f64;
+        text.push_str(&format!(
+            "| {} | {:.2} ms | {:.2} % ({} of {}) | {:.2} ms (×{ratio:.1}) | {:.2} % | {} | {:.1} → {:.1} MiB | {} ({:.0}/s) | {} |\n",
+            o.attack,
+            o.quiet.p99_us as f64 / 1000.0,
+            o.during.success(),
+            o.during.ok,
+            o.during.ok + o.during.failed,
+            o.during.p99_us as f64 / 1000.0,
+            o.after.success(),
+            o.recovery_ms
+                .map_or("not within 60 s".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+            o.rss_quiet_kib as f64 / 1024.0,
+            o.rss_peak_kib as f64 / 1024.0,
+            o.attempts,
+            o.attempts as f64 / (scale.attack.as_secs_f64() + 1.0),
+            o.closed_by_sidecar,
+        ));
+    }
+    text
+}
+
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = hard.max(65_536);
+        if setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_err() {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    for name in &args.only {
+        if !ATTACKS.contains(&name.as_str()) {
+            bail!(
+                "--only {name}: no such attack (the attacks are {})",
+                ATTACKS.join(", ")
+            );
+        }
+    }
+    let binary = sidewall_binary(args.sidewall.clone())?;
+    raise_file_limit();
+    let scale = Scale::of(args.quick);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let outcomes = runtime.block_on(async {
+        let mesh = start(&binary, scale).await?;
+        let mut outcomes = Vec::new();
+        for name in ATTACKS {
+            if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
+                continue;
+            }
+            eprintln!("hostile: {name}…");
+            let outcome = run_attack(name, &mesh, scale, args.rate).await?;
+            eprintln!(
+                "hostile: {name}: {:.2} % of allowed calls succeeded during the attack",
+                outcome.during.success()
+            );
+            outcomes.push(outcome);
+        }
+        anyhow::Ok(outcomes)
+    })?;
+    let text = report(&outcomes, scale, args.rate);
+    println!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            out.join("hostile.json"),
+            serde_json::to_vec_pretty(&outcomes)?,
+        )?;
+        std::fs::write(out.join("hostile.md"), &text)?;
+    }
+    Ok(())
+}
