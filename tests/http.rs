@@ -22,7 +22,16 @@ const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
 type Seen = Arc<Mutex<Vec<String>>>;
 
 /// An HTTP app (hyper) that records each request and answers 200 with what it saw; it echoes
-/// after a WebSocket upgrade and counts the bytes of a POST body to /v1/orders/upload.
+/// after a WebSocket upgrade, counts the bytes of a POST body to /v1/orders/upload, and answers
+/// /static/big with [`big_body`].
+/// 64 MiB, one allocation shared by every response: more than the socket buffers of both
+/// loopback hops hold, so a client that stops reading stalls the response's HTTP/2 stream.
+fn big_body() -> Bytes {
+    static BIG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BIG.get_or_init(|| Bytes::from(vec![b'x'; 64 << 20]))
+        .clone()
+}
+
 fn start_app(runtime: &tokio::runtime::Runtime) -> (u16, Seen) {
     let seen: Seen = Arc::default();
     let listener = runtime
@@ -73,6 +82,9 @@ fn start_app(runtime: &tokio::runtime::Runtime) -> (u16, Seen) {
                                     .headers_mut()
                                     .insert(hyper::header::CONNECTION, "Upgrade".parse().unwrap());
                                 return Ok::<_, hyper::Error>(response);
+                            }
+                            if request.uri().path() == "/static/big" {
+                                return Ok(Response::new(Full::new(big_body())));
                             }
                             let mut total = 0usize;
                             let mut body = request.into_body();
@@ -631,4 +643,32 @@ impl futures_core::Stream for ChunkStream {
         self.left -= 1;
         std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.chunk.clone()))))
     }
+}
+
+/// Review M9 found that stalled streams froze the shared TCP connections between sidecars; this
+/// checks the same on HTTP ports: ten 64 MiB responses whose client stopped reading do not
+/// freeze another request to the service on the shared HTTP/2 connection. (It held before the
+/// fix of the TCP connections too: a guard, not a reproduction.)
+#[test]
+fn m9_stalled_responses_do_not_freeze_other_requests() {
+    let mesh = mesh();
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
+        stream
+            .write_all(b"GET /static/big HTTP/1.1\r\nHost: api.shop\r\n\r\n")
+            .unwrap();
+        stalled.push(stream);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let response = raw(
+        mesh.route,
+        b"GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        status(&response),
+        200,
+        "a request froze behind the stalled responses: {response:?}"
+    );
+    drop(stalled);
 }

@@ -1,6 +1,8 @@
 //! Snapshots found by the `snapshot_json` fuzz target, kept as regression inputs: each either
 //! is refused or reads back equal after it is written.
 
+#![allow(clippy::expect_used)] // a helper of the tests: it panics to report
+
 use sidewall_policies::snapshot::Snapshot;
 
 fn round_trips(input: &[u8]) {

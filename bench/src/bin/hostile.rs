@@ -1,12 +1,13 @@
-//! The hostile-load suite (issue 18): a sidecar under attack keeps serving its allowed clients.
+//! The hostile-load suite (issue 18): a sidecar, and the control plane, under attack keep
+//! serving their allowed clients.
 //!
-//! It starts two real `sidewall proxy` processes (A, the client side, with a route to B; B, the
-//! server side, with the default limits and an echo app), keeps an allowed client calling
-//! through A at a fixed rate (a new connection per call: 32 bytes there and back), and runs
-//! each attack below against B's inbound port from other loopback addresses (127.0.0.2 and
-//! up). For every attack it reports the allowed client's success rate and p99 before (quiet)
-//! and during the attack, B's peak RSS, and how long after the attack the client was back to
-//! quiet latency (recovery).
+//! For the sidecar attacks it starts two real `sidewall proxy` processes (A, the client side,
+//! with a route to B; B, the server side, with the default limits and an echo app), keeps an
+//! allowed client calling through A at a fixed rate (a new connection per call: 32 bytes there
+//! and back), and runs each attack below against B's inbound port from other loopback addresses
+//! (127.0.0.2 and up). For every attack it reports the allowed client's success rate and p99
+//! before (quiet) and during the attack, the attacked process's peak RSS, and how long after the
+//! attack the client was back to quiet latency (recovery).
 //!
 //! | attack | what it does |
 //! |---|---|
@@ -15,14 +16,23 @@
 //! | `tls-denied` | the same with a valid certificate of an identity no policy allows, then the port header |
 //! | `slow-hello` | 5,000 connections each sending a ClientHello one byte per second |
 //! | `slow-header` | 1,000 TLS connections with a valid certificate sending the port header one byte per second |
+//! | `cp-idle-tls` | 20,000 TLS connections to the control plane's API without a client certificate, then silence |
+//! | `cp-csr-flood` | certificate requests with made-up join tokens, as fast as 16 loops can |
+//! | `cp-watch-loop` | a valid workload opening snapshot watches and registrations under new instance ids, 8 loops |
+//!
+//! For the control-plane attacks the allowed client is a workload acknowledging a snapshot on a
+//! new mTLS connection each time (as sidecars do), 50 times a second, and the RSS is the control
+//! plane's.
 //!
 //! Nothing is asserted: the figures are printed (Markdown) and written as JSON with `--out`.
 //! Every attack's traffic goes to loopback only, bounded in count and time.
 //!
 //! `cargo run --release -p sidewall-bench --bin hostile -- [--quick] [--only ATTACK] [--out DIR]`
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +46,8 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 use sidewall_bench::pki::{Leaf, Pki, seed_state_dir, spiffe_id};
+use sidewall_control_plane::client::{Client, key_and_csr};
+use sidewall_policies::TrustDomain;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -54,21 +66,29 @@ struct Args {
     /// Write `hostile.json` here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// The allowed client's calls per second.
+    /// The allowed client's calls per second through the sidecars.
     #[arg(long, default_value_t = 200)]
     rate: u32,
+    /// The allowed workload's calls per second to the control plane (a new mTLS connection
+    /// each, as a sidecar's acks and renewals).
+    #[arg(long, default_value_t = 50)]
+    cp_rate: u32,
     /// The `sidewall` binary (default: next to this one).
     #[arg(long)]
     sidewall: Option<PathBuf>,
 }
 
-const ATTACKS: [&str; 5] = [
+/// Attacks on a sidecar's inbound port.
+const SIDECAR_ATTACKS: [&str; 5] = [
     "idle-tcp",
     "tls-no-cert",
     "tls-denied",
     "slow-hello",
     "slow-header",
 ];
+
+/// Attacks on the control plane's API.
+const CONTROL_PLANE_ATTACKS: [&str; 3] = ["cp-idle-tls", "cp-csr-flood", "cp-watch-loop"];
 
 /// The service port B serves.
 const PORT: u16 = 8080;
@@ -80,6 +100,7 @@ struct Scale {
     attack: Duration,
     after: Duration,
     idle_connections: usize,
+    cp_idle_connections: usize,
     flood_loops: usize,
     slow_hello: usize,
     slow_header: usize,
@@ -94,6 +115,7 @@ impl Scale {
                 attack: Duration::from_secs(3),
                 after: Duration::from_secs(2),
                 idle_connections: 300,
+                cp_idle_connections: 300,
                 flood_loops: 8,
                 slow_hello: 300,
                 slow_header: 100,
@@ -105,6 +127,7 @@ impl Scale {
                 attack: Duration::from_secs(15),
                 after: Duration::from_secs(5),
                 idle_connections: 5_000,
+                cp_idle_connections: 20_000,
                 flood_loops: 64,
                 slow_hello: 5_000,
                 slow_header: 1_000,
@@ -339,16 +362,19 @@ async fn call(route: SocketAddr) -> Option<Duration> {
         .map(|()| started.elapsed())
 }
 
+/// One allowed call, made anew each time: its latency, or `None` when it failed.
+type Call = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<Duration>> + Send>> + Send + Sync>;
+
 /// The allowed client at `rate` calls per second for `length` (open loop: a late call does not
 /// delay the next).
-async fn calls(route: SocketAddr, rate: u32, length: Duration) -> Calls {
+async fn calls(call: &Call, rate: u32, length: Duration) -> Calls {
     let mut tasks = tokio::task::JoinSet::new();
     let interval = Duration::from_secs(1) / rate.max(1);
     let started = Instant::now();
     let mut next = started;
     while next < started + length {
         tokio::time::sleep_until(next.into()).await;
-        tasks.spawn(call(route));
+        tasks.spawn(call());
         next += interval;
     }
     let mut latencies = Vec::new();
@@ -375,11 +401,11 @@ async fn calls(route: SocketAddr, rate: u32, length: Duration) -> Calls {
 }
 
 /// Time until ten calls in a row succeed within `bound` each, polling for up to a minute.
-async fn recovery(route: SocketAddr, bound: Duration) -> Option<u64> {
+async fn recovery(call: &Call, bound: Duration) -> Option<u64> {
     let started = Instant::now();
     let mut streak = 0;
     while started.elapsed() < Duration::from_secs(60) {
-        match call(route).await {
+        match call().await {
             Some(latency) if latency <= bound => streak += 1,
             _ => streak = 0,
         }
@@ -638,33 +664,45 @@ async fn attack(
                 }
             }
         }
-        other => bail!(
-            "no attack {other:?}; the attacks are {}",
-            ATTACKS.join(", ")
-        ),
+        other => bail!("no sidecar attack {other:?}"),
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
 
-async fn run_attack(name: &str, mesh: &Mesh, scale: Scale, rate: u32) -> anyhow::Result<Outcome> {
-    let quiet = calls(mesh.route, rate, scale.quiet).await;
-    let rss_quiet_kib = rss_kib(mesh.b_pid);
+/// What is attacked, and how the allowed client reaches it.
+struct Target {
+    /// The attacked process.
+    pid: u32,
+    /// The allowed client's call.
+    call: Call,
+    /// Its calls per second.
+    rate: u32,
+}
+
+/// One attack: quiet, then the attack with the client measured and the target's RSS sampled,
+/// then recovery and after.
+async fn run_attack(
+    name: &str,
+    target: &Target,
+    scale: Scale,
+    start_attack: impl FnOnce(
+        Arc<AtomicBool>,
+        Arc<Tally>,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<Outcome> {
+    let (call, rate) = (&target.call, target.rate);
+    // What the attack before left (connections closing at their deadline) settles first.
+    tokio::time::sleep(scale.handshake_timeout).await;
+    let quiet = calls(call, rate, scale.quiet).await;
+    let rss_quiet_kib = rss_kib(target.pid);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let attacker = Attacker {
-        target: mesh.b_inbound,
-        without_certificate: tls_client(None)?,
-        denied: tls_client(Some(&mesh.intruder))?,
-    };
-    let running = {
-        let (name, stop, tally) = (name.to_owned(), stop.clone(), tally.clone());
-        tokio::spawn(async move { attack(&name, attacker, scale, stop, tally).await })
-    };
+    let running = start_attack(stop.clone(), tally.clone());
     // RSS sampled every 100 ms while the client measures.
     let peak = Arc::new(AtomicU64::new(rss_quiet_kib));
     let sampler = {
-        let (peak, stop, pid) = (peak.clone(), stop.clone(), mesh.b_pid);
+        let (peak, stop, pid) = (peak.clone(), stop.clone(), target.pid);
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
@@ -673,14 +711,14 @@ async fn run_attack(name: &str, mesh: &Mesh, scale: Scale, rate: u32) -> anyhow:
         })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let during = calls(mesh.route, rate, scale.attack).await;
+    let during = calls(call, rate, scale.attack).await;
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.await;
     let bound = Duration::from_micros(quiet.p99_us.max(1_000) * 2);
-    let recovery_ms = recovery(mesh.route, bound).await;
+    let recovery_ms = recovery(call, bound).await;
     let attacked = running.await.context("the attack task")?;
     attacked?;
-    let after = calls(mesh.route, rate, scale.after).await;
+    let after = calls(call, rate, scale.after).await;
     Ok(Outcome {
         attack: name.to_owned(),
         quiet,
@@ -694,11 +732,240 @@ async fn run_attack(name: &str, mesh: &Mesh, scale: Scale, rate: u32) -> anyhow:
     })
 }
 
-fn report(outcomes: &[Outcome], scale: Scale, rate: u32) -> String {
+/// A control plane, an allowed workload and an attacking one (a valid identity no policy
+/// concerns), each with a certificate the control plane issued.
+struct ControlPlane {
+    child: Child,
+    api: SocketAddr,
+    allowed: Client,
+    intruder: Client,
+    anonymous: Client,
+    dir: PathBuf,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn start_control_plane(binary: &Path, scale: Scale) -> anyhow::Result<ControlPlane> {
+    let dir = std::env::temp_dir().join(format!("sidewall-hostile-cp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("cp.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "limits:\n  requestTimeout: {}s\n",
+            scale.handshake_timeout.as_secs()
+        ),
+    )?;
+    let (api, admin, ui) = (free_port()?, free_port()?, free_port()?);
+    let data = dir.join("data");
+    let child = Command::new(binary)
+        .arg("control-plane")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{api}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--ui-listen",
+            &format!("127.0.0.1:{ui}"),
+        ])
+        .env("SIDEWALL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("cp.log"))?)
+        .spawn()
+        .context("starting the control plane")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !data.join("control-plane.json").exists() {
+        if Instant::now() > deadline {
+            bail!("the control plane did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let url = format!("https://127.0.0.1:{api}");
+    let operator = Client::operator(&data, "admin", Some(&url))?;
+    let roots: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&std::fs::read(data.join("trust-bundle.pem"))?)
+            .collect::<Result<_, _>>()?;
+    let td = TrustDomain::default();
+    let anonymous = Client::new(&url, &td, roots.clone(), None)?;
+    let mut enrolled = Vec::new();
+    for name in ["allowed", "intruder"] {
+        let identity = format!("spiffe://sidewall.local/ns/hostile/svc/{name}");
+        let (status, body) = operator
+            .call(
+                hyper::Method::POST,
+                "/v1/tokens",
+                Some(&serde_json::json!({"identity": identity, "ttl_seconds": 3600})),
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("token for {name}: {status} {body}");
+        }
+        let (key, csr) = key_and_csr()?;
+        let (status, body) = anonymous
+            .call(
+                hyper::Method::POST,
+                "/v1/certificates",
+                Some(&serde_json::json!({"csr": csr, "token": body["token"]})),
+            )
+            .await?;
+        if !status.is_success() {
+            bail!("certificate for {name}: {status} {body}");
+        }
+        let chain = CertificateDer::pem_slice_iter(
+            body["certificate_chain"]
+                .as_str()
+                .unwrap_or_default()
+                .as_bytes(),
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?;
+        enrolled.push(Client::new(&url, &td, roots.clone(), Some((chain, key)))?);
+    }
+    let intruder = enrolled.pop().context("two workloads")?;
+    let allowed = enrolled.pop().context("two workloads")?;
+    Ok(ControlPlane {
+        child,
+        api: SocketAddr::from(([127, 0, 0, 1], api)),
+        allowed,
+        intruder,
+        anonymous,
+        dir,
+    })
+}
+
+/// The allowed workload's call: an ack, on a new mTLS connection.
+fn ack_call(client: Client) -> Call {
+    Arc::new(move || {
+        let client = client.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let body = serde_json::json!({"instance": "allowed-1", "version": {"epoch": "e", "counter": 1}, "status": "applied"});
+            match client
+                .call(hyper::Method::POST, "/v1/acks", Some(&body))
+                .await
+            {
+                Ok((status, _)) if status.is_success() => Some(started.elapsed()),
+                _ => None,
+            }
+        })
+    })
+}
+
+async fn control_plane_attack(
+    name: &str,
+    cp: (SocketAddr, Client, Client),
+    scale: Scale,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> anyhow::Result<()> {
+    let (target, anonymous, intruder) = cp;
+    let mut tasks = tokio::task::JoinSet::new();
+    match name {
+        "cp-idle-tls" => {
+            // TLS without a client certificate, then silence, on up to 20,000 connections.
+            let connector = tls_client(None)?;
+            for n in 0..scale.cp_idle_connections {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (stop, tally, connector) = (stop.clone(), tally.clone(), connector.clone());
+                tasks.spawn(async move {
+                    tally.attempts.fetch_add(1, Ordering::Relaxed);
+                    let Ok(stream) = connect_from(n, target).await else {
+                        return;
+                    };
+                    let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+                    match connector.connect(name, stream).await {
+                        Ok(mut tls) => watch_close(&mut tls, &stop, &tally).await,
+                        Err(_) => {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+                if n % 100 == 99 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        "cp-csr-flood" => {
+            // Certificate requests with made-up tokens, as fast as 16 loops can.
+            for _ in 0..16 {
+                let (stop, tally, anonymous) = (stop.clone(), tally.clone(), anonymous.clone());
+                tasks.spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tally.attempts.fetch_add(1, Ordering::Relaxed);
+                        let Ok((_, csr)) = key_and_csr() else {
+                            continue;
+                        };
+                        let body = serde_json::json!({"csr": csr, "token": "swt_madeupmadeupmadeupmadeup"});
+                        let answer = anonymous
+                            .call(hyper::Method::POST, "/v1/certificates", Some(&body))
+                            .await;
+                        if !matches!(answer, Ok((status, _)) if status.is_success()) {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+        "cp-watch-loop" => {
+            // A valid workload opening watches and registrations under new instance ids.
+            for loop_number in 0..8u32 {
+                let (stop, tally, intruder) = (stop.clone(), tally.clone(), intruder.clone());
+                tasks.spawn(async move {
+                    let mut k = 0u32;
+                    while !stop.load(Ordering::Relaxed) {
+                        k += 1;
+                        tally.attempts.fetch_add(1, Ordering::Relaxed);
+                        let instance = format!("x{loop_number}-{k}");
+                        let answer = if k.is_multiple_of(2) {
+                            let port = 10_000 + (loop_number * 5_000 + k) % 50_000;
+                            let body = serde_json::json!({"instance": instance, "endpoint": format!("127.0.0.1:{port}"), "ports": [{"port": 80}]});
+                            intruder
+                                .call(hyper::Method::POST, "/v1/registrations", Some(&body))
+                                .await
+                                .map(|(status, _)| status)
+                        } else {
+                            // The watch's first line comes at once; the stream is then left.
+                            let path = format!("/v1/snapshots/watch?instance={instance}");
+                            match tokio::time::timeout(
+                                Duration::from_millis(300),
+                                intruder.call(hyper::Method::GET, &path, None),
+                            )
+                            .await
+                            {
+                                Ok(result) => result.map(|(status, _)| status),
+                                Err(_) => Ok(hyper::StatusCode::OK),
+                            }
+                        };
+                        if !matches!(answer, Ok(status) if status.is_success()) {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        }
+        other => bail!("no control-plane attack {other:?}"),
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One table of outcomes, under `heading` (who is attacked, and the allowed client).
+fn report(heading: &str, outcomes: &[Outcome], scale: Scale) -> String {
     let mut text = format!(
-        "Allowed client: {rate} calls/s, a new connection each, through A to B. Phases: quiet {} s, \
-         attack {} s, after {} s; B's handshakeTimeout {} s.\n\n\
-         | attack | quiet p99 | during: success | during: p99 (× quiet) | after: success | recovery | B RSS quiet → peak | attacker's attempts | closed by B |\n\
+        "{heading} Phases: quiet {} s, attack {} s, after {} s; handshake or request deadline {} s.\n\n\
+         | attack | quiet p99 | during: success | during: p99 (× quiet) | after: success | recovery | RSS quiet → peak | attacker's attempts | closed or refused |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         scale.quiet.as_secs(),
         scale.attack.as_secs(),
@@ -740,14 +1007,16 @@ fn raise_file_limit() {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let known = || SIDECAR_ATTACKS.iter().chain(&CONTROL_PLANE_ATTACKS);
     for name in &args.only {
-        if !ATTACKS.contains(&name.as_str()) {
+        if !known().any(|a| a == name) {
             bail!(
                 "--only {name}: no such attack (the attacks are {})",
-                ATTACKS.join(", ")
+                known().copied().collect::<Vec<_>>().join(", ")
             );
         }
     }
+    let chosen = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let binary = sidewall_binary(args.sidewall.clone())?;
     raise_file_limit();
     let scale = Scale::of(args.quick);
@@ -755,31 +1024,86 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let outcomes = runtime.block_on(async {
-        let mesh = start(&binary, scale).await?;
-        let mut outcomes = Vec::new();
-        for name in ATTACKS {
-            if !args.only.is_empty() && !args.only.iter().any(|o| o == name) {
-                continue;
+    let (sidecar, control_plane) = runtime.block_on(async {
+        let mut sidecar = Vec::new();
+        if SIDECAR_ATTACKS.iter().any(|a| chosen(a)) {
+            let mesh = start(&binary, scale).await?;
+            let route = mesh.route;
+            let target = Target {
+                pid: mesh.b_pid,
+                call: Arc::new(move || Box::pin(call(route))),
+                rate: args.rate,
+            };
+            for name in SIDECAR_ATTACKS.into_iter().filter(|a| chosen(a)) {
+                eprintln!("hostile: {name}…");
+                let attacker = Attacker {
+                    target: mesh.b_inbound,
+                    without_certificate: tls_client(None)?,
+                    denied: tls_client(Some(&mesh.intruder))?,
+                };
+                let outcome = run_attack(name, &target, scale, |stop, tally| {
+                    tokio::spawn(async move { attack(name, attacker, scale, stop, tally).await })
+                })
+                .await?;
+                eprintln!(
+                    "hostile: {name}: {:.2} % of allowed calls succeeded during the attack",
+                    outcome.during.success()
+                );
+                sidecar.push(outcome);
             }
-            eprintln!("hostile: {name}…");
-            let outcome = run_attack(name, &mesh, scale, args.rate).await?;
-            eprintln!(
-                "hostile: {name}: {:.2} % of allowed calls succeeded during the attack",
-                outcome.during.success()
-            );
-            outcomes.push(outcome);
         }
-        anyhow::Ok(outcomes)
+        let mut control_plane = Vec::new();
+        if CONTROL_PLANE_ATTACKS.iter().any(|a| chosen(a)) {
+            let cp = start_control_plane(&binary, scale).await?;
+            let target = Target {
+                pid: cp.child.id(),
+                call: ack_call(cp.allowed.clone()),
+                rate: args.cp_rate,
+            };
+            for name in CONTROL_PLANE_ATTACKS.into_iter().filter(|a| chosen(a)) {
+                eprintln!("hostile: {name}…");
+                let parts = (cp.api, cp.anonymous.clone(), cp.intruder.clone());
+                let outcome = run_attack(name, &target, scale, |stop, tally| {
+                    tokio::spawn(async move {
+                        control_plane_attack(name, parts, scale, stop, tally).await
+                    })
+                })
+                .await?;
+                eprintln!(
+                    "hostile: {name}: {:.2} % of allowed calls succeeded during the attack",
+                    outcome.during.success()
+                );
+                control_plane.push(outcome);
+            }
+        }
+        anyhow::Ok((sidecar, control_plane))
     })?;
-    let text = report(&outcomes, scale, args.rate);
+    let mut text = String::new();
+    if !sidecar.is_empty() {
+        text.push_str(&report(
+            &format!(
+                "Sidecar B under attack; allowed client: {} calls/s through A to B, a new app connection each.",
+                args.rate
+            ),
+            &sidecar,
+            scale,
+        ));
+    }
+    if !control_plane.is_empty() {
+        text.push_str(&report(
+            &format!(
+                "\nControl plane under attack; allowed workload: {} acks/s, a new mTLS connection each.",
+                args.cp_rate
+            ),
+            &control_plane,
+            scale,
+        ));
+    }
     println!("{text}");
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
-        std::fs::write(
-            out.join("hostile.json"),
-            serde_json::to_vec_pretty(&outcomes)?,
-        )?;
+        let json = serde_json::json!({"sidecar": sidecar, "control_plane": control_plane});
+        std::fs::write(out.join("hostile.json"), serde_json::to_vec_pretty(&json)?)?;
         std::fs::write(out.join("hostile.md"), &text)?;
     }
     Ok(())
