@@ -239,7 +239,10 @@ async fn the_dashboard_serves_only_get_on_its_paths_and_only_on_its_address() {
     }
     // An empty control plane: no nodes, no policy.
     let (status, _, body) = http_request(cp.ui, "GET", "/api/graph?x=1", "[::1]:4680").await;
-    assert_eq!((status, body.as_str()), (200, r#"{"nodes":[],"edges":[]}"#));
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"nodes":[],"edges":[],"flows_dropped":{}}"#)
+    );
 
     let refused = [
         ("POST", "/api/graph", "127.0.0.1", 404),
