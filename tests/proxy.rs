@@ -767,7 +767,8 @@ fn h1_idle_unauthenticated_connections_do_not_take_the_authenticated_budget() {
 }
 
 /// Opens `COUNT` TLS connections to 127.0.0.1:`PORT` with the certificate `CERT` and key `KEY`,
-/// ALPN `sidewall-mux/1`, sends nothing, and prints how many the sidecar closed within 20 s.
+/// ALPN `sidewall-mux/1`, sends nothing, and prints `held` (then [`support::WAIT_FOR_CLOSE`]
+/// prints how many the sidecar closed within 20 s).
 const HOLD_MUX: &str = r#"
 import socket, ssl, sys, threading
 port, cert, key, count = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -778,21 +779,6 @@ context.load_cert_chain(cert, key)
 context.set_alpn_protocols(["sidewall-mux/1"])
 held = [context.wrap_socket(socket.create_connection(("127.0.0.1", port))) for _ in range(count)]
 print("held", flush=True)
-closed = []
-def wait(s):
-    s.settimeout(20)
-    try:
-        while s.recv(65536):
-            pass
-        closed.append(1)
-    except socket.timeout:
-        pass
-    except OSError:
-        closed.append(1)
-threads = [threading.Thread(target=wait, args=(s,)) for s in held]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(len(closed), flush=True)
 "#;
 
 /// Review M8: a peer that no policy allows completed TLS with ALPN `sidewall-mux/1`, never sent
@@ -817,7 +803,11 @@ fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
             state.join("key.pem").into_os_string(),
             count.to_string().into(),
         ];
-        support::Helper::start(HOLD_MUX, &args, "held")
+        support::Helper::start(
+            &format!("{HOLD_MUX}{}", support::WAIT_FOR_CLOSE),
+            &args,
+            "held",
+        )
     };
     // 30 silent shared connections from a peer no policy allows: more than api's budget.
     let mut intruder = hold("intruder", 30);

@@ -381,16 +381,9 @@ impl Drop for Helper {
     }
 }
 
-/// Opens `count` plain TCP connections to 127.0.0.1:`port`, sends nothing (`nothing`) or one
-/// byte of a request (`byte`) on each, and returns how many the server closed within 20 s.
-pub(crate) fn hold_plain(port: u16, send: &str, count: usize) -> usize {
-    const HOLD_PLAIN: &str = r#"
-import socket, sys, threading
-port, send, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
-for s in held:
-    if send == "byte":
-        s.sendall(b"G")
+/// Python that waits up to 20 s for the server to close each socket in `held` and prints how
+/// many it closed (after a script that opened them).
+pub(crate) const WAIT_FOR_CLOSE: &str = r#"
 closed = []
 def wait(s):
     s.settimeout(20)
@@ -407,14 +400,21 @@ threads = [threading.Thread(target=wait, args=(s,)) for s in held]
 [t.join() for t in threads]
 print(len(closed), flush=True)
 "#;
+
+/// Opens `count` plain TCP connections to 127.0.0.1:`port`, sends nothing (`nothing`) or one
+/// byte of a request (`byte`) on each, and returns how many the server closed within 20 s.
+pub(crate) fn hold_plain(port: u16, send: &str, count: usize) -> usize {
+    const HOLD_PLAIN: &str = r#"
+import socket, sys, threading
+port, send, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+for s in held:
+    if send == "byte":
+        s.sendall(b"G")
+"#;
     let output = Command::new("python3")
-        .args([
-            "-c",
-            HOLD_PLAIN,
-            &port.to_string(),
-            send,
-            &count.to_string(),
-        ])
+        .args(["-c", &format!("{HOLD_PLAIN}{WAIT_FOR_CLOSE}")])
+        .args([&port.to_string(), send, &count.to_string()])
         .output()
         .expect("python3 (scripts/test-deps installs it)");
     String::from_utf8_lossy(&output.stdout)

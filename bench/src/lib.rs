@@ -16,9 +16,12 @@
 //! - [`unbuffered`]: the copy loop on rustls' unbuffered API, measured against the sidecar's
 //!   buffered one by the criterion benchmark.
 //!
+//! - [`host`]: a process's resident size and a free loopback port, for every binary here.
+//!
 //! Timings are never asserted in tests: a test checks the arithmetic and the shapes.
 
 pub mod goals;
+pub mod host;
 pub mod model;
 pub mod pki;
 pub mod plot;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use sidewall_bench::host::rss_kib;
 
 /// Clock ticks per second in `/proc/<pid>/stat`: USER_HZ, fixed at 100 by the Linux ABI on
 /// every architecture this runs on.
@@ -140,15 +141,6 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
         .iter()
         .map(|f| f.parse::<u64>().ok())
         .sum()
-}
-
-/// `VmRSS` of `/proc/<pid>/status`, KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// `roots` and every process descending from them.

@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
+use sidewall_bench::host::free_port;
 use sidewall_control_plane::client::{Client, key_and_csr};
 use sidewall_policies::TrustDomain;
 use tokio::sync::{Semaphore, mpsc};
@@ -53,12 +54,6 @@ struct Args {
     replicas: usize,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Stops the control plane on drop.
 struct ControlPlane(Child);
 
@@ -70,14 +65,7 @@ impl Drop for ControlPlane {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    sidewall_bench::host::rss_kib(pid).unwrap_or(0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -45,6 +45,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
+use sidewall_bench::host::free_port;
 use sidewall_bench::pki::{Leaf, Pki, seed_state_dir, spiffe_id};
 use sidewall_control_plane::client::{Client, key_and_csr};
 use sidewall_policies::TrustDomain;
@@ -195,21 +196,8 @@ impl Drop for Mesh {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    sidewall_bench::host::rss_kib(pid).unwrap_or(0)
 }
 
 fn sidewall_binary(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
