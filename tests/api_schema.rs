@@ -86,11 +86,18 @@ fn workload(cp: &ControlPlaneProcess, dir: &Path, name: &str) -> (String, String
     (chain.display().to_string(), key.display().to_string())
 }
 
-/// Runs Schemathesis on the operations tagged `tag`, with `certificate` if any; returns its
-/// output after checking that it passed.
-fn schemathesis(cp: &ControlPlaneProcess, tag: &str, certificate: Option<(&str, &str)>) -> String {
+/// Runs Schemathesis (in `dir`) on the operations tagged `tag`, with `certificate` if any;
+/// returns its output after checking that it passed.
+fn schemathesis(
+    cp: &ControlPlaneProcess,
+    dir: &Path,
+    tag: &str,
+    certificate: Option<(&str, &str)>,
+) -> String {
     let mut command = Command::new("schemathesis");
+    // Its example database goes to the working directory: the test's, not the repository.
     command
+        .current_dir(dir)
         .arg("run")
         .arg(repo_root().join("docs/openapi.yaml"))
         .args(["--url", &format!("https://127.0.0.1:{}", cp.api_port)])
@@ -127,9 +134,14 @@ fn schemathesis_finds_no_server_error_and_no_answer_off_the_description() {
         admin.join("admin.pem").display().to_string(),
         admin.join("admin.key").display().to_string(),
     );
-    schemathesis(&cp, "public", None);
-    schemathesis(&cp, "workload", Some((&chain, &key)));
-    schemathesis(&cp, "operator", Some((&admin_chain, &admin_key)));
+    schemathesis(&cp, dir.path(), "public", None);
+    schemathesis(&cp, dir.path(), "workload", Some((&chain, &key)));
+    schemathesis(
+        &cp,
+        dir.path(),
+        "operator",
+        Some((&admin_chain, &admin_key)),
+    );
     // Whatever it sent, the control plane still serves.
     let (status, _) = support::http_get(cp.admin_port, "/ready");
     assert_eq!(status, 200);
