@@ -16,6 +16,9 @@
 //! | `tls-denied` | the same with a valid certificate of an identity no policy allows, then the port header |
 //! | `slow-hello` | 5,000 connections each sending a ClientHello one byte per second |
 //! | `slow-header` | 1,000 TLS connections with a valid certificate sending the port header one byte per second |
+//! | `h2-rapid-reset` | an allowed peer on B's HTTP port opening and cancelling streams in bursts (CVE-2023-44487), 16 connections |
+//! | `h2-continuation` | the same peer sending one request's headers as endless CONTINUATION frames, 16 connections |
+//! | `h2-ping-flood` | the same peer sending PINGs in bursts of 1,000 without reading the answers, 16 connections |
 //! | `cp-idle-tls` | 20,000 TLS connections to the control plane's API without a client certificate, then silence |
 //! | `cp-csr-flood` | certificate requests with made-up join tokens, as fast as 16 loops can |
 //! | `cp-watch-loop` | a valid workload opening snapshot watches and registrations under new instance ids, 8 loops |
@@ -80,12 +83,15 @@ struct Args {
 }
 
 /// Attacks on a sidecar's inbound port.
-const SIDECAR_ATTACKS: [&str; 5] = [
+const SIDECAR_ATTACKS: [&str; 8] = [
     "idle-tcp",
     "tls-no-cert",
     "tls-denied",
     "slow-hello",
     "slow-header",
+    "h2-rapid-reset",
+    "h2-continuation",
+    "h2-ping-flood",
 ];
 
 /// Attacks on the control plane's API.
@@ -93,6 +99,8 @@ const CONTROL_PLANE_ATTACKS: [&str; 3] = ["cp-idle-tls", "cp-csr-flood", "cp-wat
 
 /// The service port B serves.
 const PORT: u16 = 8080;
+/// B's HTTP port (the same app), which the HTTP/2 attacks use as an allowed peer.
+const HTTP_PORT: u16 = 8081;
 
 /// How long each phase lasts and how big each attack is.
 #[derive(Clone, Copy)]
@@ -183,6 +191,8 @@ struct Mesh {
     b_inbound: SocketAddr,
     route: SocketAddr,
     intruder: Leaf,
+    /// A's certificate again: the HTTP/2 attacks come from an allowed (compromised) peer.
+    allowed: Leaf,
     dir: PathBuf,
 }
 
@@ -250,7 +260,7 @@ async fn start(binary: &Path, scale: Scale) -> anyhow::Result<Mesh> {
         policies.join("allow.yaml"),
         format!(
             "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata:\n  name: a-to-b\nspec:\n  \
-             target: {b}\n  rules:\n    - action: allow\n      from: [{a}]\n      ports: [{PORT}]\n"
+             target: {b}\n  rules:\n    - action: allow\n      from: [{a}]\n      ports: [{PORT}, {HTTP_PORT}]\n"
         ),
     )?;
     for name in ["a", "b"] {
@@ -272,7 +282,8 @@ async fn start(binary: &Path, scale: Scale) -> anyhow::Result<Mesh> {
     };
     let config_b = format!(
         "{}inbound:\n  listen: 127.0.0.1:{b_inbound}\n  ports:\n    \
-         - {{port: {PORT}, protocol: tcp, app: {app}}}\nlocal:\n  policies: [{policies}]\n",
+         - {{port: {PORT}, protocol: tcp, app: {app}}}\n    \
+         - {{port: {HTTP_PORT}, protocol: http, app: {app}}}\nlocal:\n  policies: [{policies}]\n",
         common("b", b_admin),
         policies = policies.display(),
     );
@@ -311,6 +322,7 @@ async fn start(binary: &Path, scale: Scale) -> anyhow::Result<Mesh> {
         b_inbound: SocketAddr::from(([127, 0, 0, 1], b_inbound)),
         route: SocketAddr::from(([127, 0, 0, 1], route)),
         intruder: pki.svid("intruder")?,
+        allowed: pki.svid("a")?,
         dir,
     })
 }
@@ -466,6 +478,13 @@ impl ServerCertVerifier for AnyServer {
 }
 
 fn tls_client(certificate: Option<&Leaf>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    tls_client_with(certificate, b"sidewall-l4/1")
+}
+
+fn tls_client_with(
+    certificate: Option<&Leaf>,
+    alpn: &[u8],
+) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
@@ -480,7 +499,7 @@ fn tls_client(certificate: Option<&Leaf>) -> anyhow::Result<tokio_rustls::TlsCon
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"sidewall-l4/1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
@@ -518,6 +537,107 @@ struct Attacker {
     without_certificate: tokio_rustls::TlsConnector,
     /// With the certificate of an identity no policy allows.
     denied: tokio_rustls::TlsConnector,
+    /// With an allowed identity's certificate, ALPN `sidewall-h2/1`.
+    allowed_h2: tokio_rustls::TlsConnector,
+}
+
+/// An HTTP/2 frame: 9-byte header, then `payload`.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+    let mut bytes = vec![length[1], length[2], length[3], kind, flags];
+    bytes.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// `GET /` for `sidewall`, HPACK: static `:method GET`, `:scheme https`, `:path /`, and
+/// `:authority` as a literal with the static name.
+const REQUEST_BLOCK: [u8; 13] = [
+    0x82, 0x87, 0x84, 0x01, 0x08, b's', b'i', b'd', b'e', b'w', b'a', b'l', b'l',
+];
+
+/// One HTTP/2 abuse connection: TLS as an allowed peer, the port header for the HTTP port, the
+/// preface, then `attack`'s frames over and over until B closes it or the attack stops.
+/// Returns whether B closed it.
+async fn h2_abuse(
+    connector: &tokio_rustls::TlsConnector,
+    n: usize,
+    target: SocketAddr,
+    attack: &str,
+    stop: &AtomicBool,
+) -> bool {
+    let Ok(stream) = connect_from(n, target).await else {
+        return false;
+    };
+    let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    let Ok(mut tls) = connector.connect(name, stream).await else {
+        return true;
+    };
+    let [high, low] = HTTP_PORT.to_be_bytes();
+    let mut status = [0u8; 1];
+    if tls.write_all(&[0x53, 0x57, 0x01, high, low]).await.is_err()
+        || tls.read_exact(&mut status).await.is_err()
+        || status[0] != 0
+    {
+        return true;
+    }
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(4, 0, 0, &[]));
+    if tls.write_all(&opening).await.is_err() {
+        return true;
+    }
+    let (mut read, mut write) = tokio::io::split(tls);
+    // Whatever B sends is read and dropped, so that only B's limits end the connection.
+    let drain = tokio::spawn(async move {
+        let mut sink = vec![0u8; 16 * 1024];
+        while matches!(read.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    let mut stream_id = 1u32;
+    let mut burst = Vec::with_capacity(64 * 1024);
+    let closed = loop {
+        if stop.load(Ordering::Relaxed) {
+            break false;
+        }
+        burst.clear();
+        match attack {
+            "h2-rapid-reset" => {
+                // A request, then its cancellation, 100 times per write.
+                for _ in 0..100 {
+                    burst.extend(frame(1, 0x5, stream_id, &REQUEST_BLOCK));
+                    burst.extend(frame(3, 0, stream_id, &8u32.to_be_bytes()));
+                    stream_id = stream_id.wrapping_add(2);
+                }
+            }
+            "h2-continuation" => {
+                // One request's headers that never end: CONTINUATION frames of 1 KiB of
+                // literal headers, 32 per write.
+                if stream_id == 1 {
+                    burst.extend(frame(1, 0x1, 1, &REQUEST_BLOCK));
+                    stream_id = 3;
+                }
+                let mut block = Vec::with_capacity(1024);
+                while block.len() < 1000 {
+                    block.extend_from_slice(&[0x00, 0x01, b'x', 0x10]);
+                    block.extend_from_slice(&[b'a'; 16]);
+                }
+                for _ in 0..32 {
+                    burst.extend(frame(9, 0, 1, &block));
+                }
+            }
+            _ => {
+                // PINGs, 1,000 per write, their answers never awaited.
+                for k in 0..1000u64 {
+                    burst.extend(frame(6, 0, 0, &k.to_be_bytes()));
+                }
+            }
+        }
+        if write.write_all(&burst).await.is_err() {
+            break true;
+        }
+        tokio::task::yield_now().await;
+    };
+    drain.abort();
+    closed
 }
 
 async fn attack(
@@ -619,6 +739,24 @@ async fn attack(
                 if n % 100 == 99 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+            }
+        }
+        "h2-rapid-reset" | "h2-continuation" | "h2-ping-flood" => {
+            // 16 allowed-peer connections at a time, each replaced when B closes it.
+            for n in 0..16 {
+                let (stop, tally, connector) =
+                    (stop.clone(), tally.clone(), attacker.allowed_h2.clone());
+                let attack = name.to_owned();
+                tasks.spawn(async move {
+                    let mut k = n;
+                    while !stop.load(Ordering::Relaxed) {
+                        tally.attempts.fetch_add(1, Ordering::Relaxed);
+                        if h2_abuse(&connector, k, target, &attack, &stop).await {
+                            tally.closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        k += 16;
+                    }
+                });
             }
         }
         "slow-header" => {
@@ -1028,6 +1166,7 @@ fn main() -> anyhow::Result<()> {
                     target: mesh.b_inbound,
                     without_certificate: tls_client(None)?,
                     denied: tls_client(Some(&mesh.intruder))?,
+                    allowed_h2: tls_client_with(Some(&mesh.allowed), b"sidewall-h2/1")?,
                 };
                 let outcome = run_attack(name, &target, scale, |stop, tally| {
                     tokio::spawn(async move { attack(name, attacker, scale, stop, tally).await })
