@@ -670,13 +670,15 @@ impl Distribution {
     /// is refused when all of them are connected.
     pub fn claim(&self, instance: &str, identity: &SpiffeId) -> Result<(), ClaimRefused> {
         let mut fleet = lock(&self.fleet);
-        self.forget_disconnected(&mut fleet);
         match fleet.get(instance) {
             Some(entry) if !entry.identity.is_empty() && entry.identity != identity.as_str() => {
                 return Err(ClaimRefused::Taken(entry.identity.clone()));
             }
             Some(_) => {}
             None => {
+                // Only a new instance pays for the pass over the fleet (acks of known ones,
+                // the common case, do not).
+                self.forget_disconnected(&mut fleet);
                 let mut held = 0;
                 let mut oldest: Option<&FleetEntry> = None;
                 for entry in fleet.values().filter(|e| e.identity == identity.as_str()) {
