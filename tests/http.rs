@@ -127,7 +127,8 @@ spec:
 struct Mesh {
     _dir: tempfile::TempDir,
     _cp: ControlPlaneProcess,
-    _api: ProxyProcess,
+    api: ProxyProcess,
+    api_inbound: u16,
     web: ProxyProcess,
     route: u16,
     seen: Seen,
@@ -187,7 +188,8 @@ fn mesh_with(extra: &str, listed: &str) -> Mesh {
     Mesh {
         _dir: dir,
         _cp: cp,
-        _api: api,
+        api,
+        api_inbound,
         web,
         route,
         seen,
@@ -470,7 +472,7 @@ fn keep_alive_with_mixed_outcomes_on_one_connection() {
         .collect();
     assert_eq!(statuses, ["200", "403", "200"], "{text}");
     // Request latencies are a histogram with buckets (a fleet-wide p99 can be computed).
-    let metrics = mesh._api.metrics();
+    let metrics = mesh.api.metrics();
     assert!(
         metrics.contains("sidewall_proxy_http_request_seconds_bucket{"),
         "{metrics}"
@@ -671,4 +673,53 @@ fn m9_stalled_responses_do_not_freeze_other_requests() {
         "a request froze behind the stalled responses: {response:?}"
     );
     drop(stalled);
+}
+
+/// Hostile suite `h2-ping-flood`: an allowed peer streaming `PING`s (or `SETTINGS`) on an
+/// HTTP/2 connection to an HTTP port kept a worker answering them, with no limit. Now a
+/// connection that sends more than a burst of 100 control frames (refilled at 10 a second) is
+/// closed and counted, and requests keep working.
+#[test]
+fn control_frame_floods_close_the_http2_connection() {
+    let mesh = mesh();
+    assert_eq!(
+        status(&raw(
+            mesh.route,
+            b"GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\n\r\n"
+        )),
+        200
+    );
+    let peer_state = mesh._dir.path().join("state/web");
+    let target = support::FloodTarget {
+        port: mesh.api_inbound,
+        control_plane: &mesh._dir.path().join("cp"),
+        peer_state: &peer_state,
+        server: &format!("{TD}/api"),
+        alpn: "sidewall-h2/1",
+        port_header: Some(8080),
+    };
+    for (kind, name) in [(6, "PING"), (4, "SETTINGS")] {
+        let sent = support::h2_control_flood(&target, kind);
+        assert!(
+            sent.is_some_and(|sent| sent <= 10_000),
+            "a {name} flood was still served after {sent:?} frames"
+        );
+    }
+    let metrics = mesh.api.metrics();
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_proxy_connections_closed_total",
+            &[("reason", "control_flood")]
+        ),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(
+        status(&raw(
+            mesh.route,
+            b"GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\n\r\n"
+        )),
+        200
+    );
 }

@@ -844,6 +844,52 @@ fn m8_shared_connections_from_peers_no_policy_allows_are_closed() {
     );
 }
 
+/// Hostile suite `h2-ping-flood`: an allowed peer streaming `PING`s (or `SETTINGS`) on a shared
+/// connection kept a worker answering them, with no limit; other peers' requests waited 50
+/// times longer. Now a connection that sends more than a burst of 100 control frames (refilled
+/// at 10 a second) is closed and counted, and the peer's next connection works.
+#[test]
+fn control_frame_floods_close_the_shared_connection() {
+    let mesh = Mesh::new("{}");
+    mesh.policy("api", ALLOW_WEB);
+    let api = mesh.sidecar("api", 0, "");
+    let route = free_port();
+    let _web = mesh.sidecar("web", route, "");
+    // web's sidecar opens its shared connection (and so has its SVID on disk).
+    assert_eq!(exchange(route, b"before").as_deref(), Some(&b"before"[..]));
+    let peer_state = mesh.path().join("state/web");
+    let target = support::FloodTarget {
+        port: mesh.api_inbound,
+        control_plane: &mesh.path().join("cp"),
+        peer_state: &peer_state,
+        server: &format!("{TD}/api"),
+        alpn: "sidewall-mux/1",
+        port_header: None,
+    };
+    for (kind, name) in [(6, "PING"), (4, "SETTINGS")] {
+        let sent = support::h2_control_flood(&target, kind);
+        assert!(
+            sent.is_some_and(|sent| sent <= 10_000),
+            "a {name} flood was still served after {sent:?} frames"
+        );
+    }
+    let metrics = api.metrics();
+    assert_eq!(
+        metric(
+            &metrics,
+            "sidewall_proxy_connections_closed_total",
+            &[("reason", "control_flood")]
+        ),
+        2,
+        "{metrics}"
+    );
+    assert!(
+        api.log()
+            .contains("more HTTP/2 PING and SETTINGS frames than allowed")
+    );
+    assert_eq!(exchange(route, b"after").as_deref(), Some(&b"after"[..]));
+}
+
 /// Review L9: every refused stream of an authenticated peer wrote a warning, at stream rate.
 /// Refusals from one peer on one port, for one reason, are now one line per 10 s with how many
 /// were folded into it; the metrics count each.

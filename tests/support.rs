@@ -422,3 +422,114 @@ for s in held:
         .parse()
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&output.stderr)))
 }
+
+/// Where [`h2_control_flood`] connects, and as whom.
+pub(crate) struct FloodTarget<'a> {
+    /// The sidecar's inbound port.
+    pub(crate) port: u16,
+    /// The control plane's data directory (for `trust-bundle.pem`).
+    pub(crate) control_plane: &'a Path,
+    /// The sidecar state directory of the peer the flood comes from (its SVID and key).
+    pub(crate) peer_state: &'a Path,
+    /// The target sidecar's SPIFFE ID.
+    pub(crate) server: &'a str,
+    /// `sidewall-mux/1` (a shared connection) or `sidewall-h2/1` (an HTTP port).
+    pub(crate) alpn: &'a str,
+    /// The port header to send first (an HTTP port), or none (a shared connection).
+    pub(crate) port_header: Option<u16>,
+}
+
+/// Opens an HTTP/2 connection to `target` as its peer, sends the preface, then control frames
+/// of `kind` (4 `SETTINGS`, 6 `PING`) in writes of 500, reading (and dropping) whatever comes
+/// back, for at most 10 s or 100,000 frames. Returns the frames sent before the sidecar closed
+/// the connection, `None` if it was still open.
+pub(crate) fn h2_control_flood(target: &FloodTarget<'_>, kind: u8) -> Option<usize> {
+    use rustls_pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    let pem = |path: PathBuf| std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let roots: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem(target
+        .control_plane
+        .join("trust-bundle.pem")))
+    .map(Result::unwrap)
+    .collect();
+    let mut bundles = sidewall_policies::svid::TrustBundles::default();
+    let domain = sidewall_policies::SpiffeId::parse(target.server).unwrap();
+    bundles.add(domain.trust_domain(), roots).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier =
+        sidewall_policies::svid::SpiffeServerVerifier::new(domain, bundles, &provider, None);
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_client_auth_cert(
+            rustls_pki_types::CertificateDer::pem_slice_iter(&pem(target
+                .peer_state
+                .join("certificate.pem")))
+            .map(Result::unwrap)
+            .collect(),
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(&pem(target
+                .peer_state
+                .join("key.pem")))
+            .unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![target.alpn.as_bytes().to_vec()];
+    let mut connection =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "sidewall".try_into().unwrap())
+            .unwrap();
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", target.port)).unwrap();
+    tcp.set_write_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut connection, &mut tcp);
+    let frame = |kind: u8, payload: &[u8]| {
+        let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut bytes = vec![length[1], length[2], length[3], kind, 0, 0, 0, 0, 0];
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    if let Some(port) = target.port_header {
+        let [high, low] = port.to_be_bytes();
+        tls.write_all(&[0x53, 0x57, 0x01, high, low]).unwrap();
+        let mut status = [0u8];
+        tls.read_exact(&mut status).unwrap();
+        assert_eq!(status[0], 0, "the port header was refused");
+    }
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(4, &[]));
+    tls.write_all(&opening).unwrap();
+    let payload: &[u8] = if kind == 6 { &[0; 8] } else { &[] };
+    let burst: Vec<u8> = (0..500).flat_map(|_| frame(kind, payload)).collect();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    let mut sink = vec![0u8; 64 * 1024];
+    while started.elapsed() < std::time::Duration::from_secs(10) && sent < 100_000 {
+        if tls.write_all(&burst).and_then(|()| tls.flush()).is_err() {
+            return Some(sent);
+        }
+        sent += 500;
+        // Read what the sidecar answered so far, so that only its limits end the connection.
+        tls.sock
+            .set_read_timeout(Some(std::time::Duration::from_millis(1)))
+            .unwrap();
+        loop {
+            match tls.read(&mut sink) {
+                Ok(0) => return Some(sent),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(_) => return Some(sent),
+            }
+        }
+    }
+    None
+}

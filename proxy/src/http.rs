@@ -199,6 +199,12 @@ pub(crate) async fn serve<S>(
         .as_ref()
         .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
     let (stream, scan) = framing::Scanned::new(stream);
+    let stream = crate::h2frames::Watched::new(
+        stream,
+        peer.as_ref()
+            .map_or_else(|| remote.ip().to_string(), ToString::to_string),
+        port.port,
+    );
     let (tunnels, mut upgraded) = tokio::sync::mpsc::unbounded_channel::<Tunnel>();
     let started = Arc::new((std::sync::atomic::AtomicBool::new(false), Notify::new()));
     let first_seen = started.clone();

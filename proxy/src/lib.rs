@@ -31,6 +31,7 @@ pub mod admit;
 pub mod config;
 pub mod connections;
 pub mod distribution;
+pub mod h2frames;
 pub mod http;
 pub mod identity;
 pub mod inbound;
