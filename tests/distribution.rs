@@ -1610,6 +1610,70 @@ fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
     assert!(api.log().contains("taken for dead"), "{}", api.log());
 }
 
+/// Review M10, the rest: while a sidecar's watch is silent (a frozen control-plane path), the
+/// fleet view still showed it connected and fine. The sidecar now answers each keep-alive line
+/// with an ack, and a connected sidecar not heard from for three keep-alives is shown as stale
+/// (`stale: true`, and `sidewall status` says so) until it is heard again.
+#[test]
+fn m10_status_shows_a_sidecar_with_a_silent_watch_as_stale() {
+    let mesh = Mesh::new(&[]);
+    let via = free_port();
+    let forwarder = support::Helper::start(
+        FORWARD,
+        &[via.to_string(), mesh.cp.api_port.to_string()],
+        "ready",
+    );
+    let run = mesh.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
+    std::fs::write(
+        mesh.path().join("api.token"),
+        run.stdout.lines().last().unwrap(),
+    )
+    .unwrap();
+    let admin = free_port();
+    // One URL only: through the forwarder, so the sidecar cannot fail over.
+    let config = format!(
+        "identity: {TD}/api\ncontrolPlane:\n  urls: [https://127.0.0.1:{via}]\n  tokenFile: api.token\n  watchKeepalive: 2s\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: []\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\n",
+        mesh.api_inbound
+    );
+    let api = ProxyProcess::start(mesh.path(), "api", &config, admin);
+    api.wait_ready();
+    let row = || {
+        let run = mesh.cli(&["status", "--json"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let view: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        view["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["identity"] == format!("{TD}/api").as_str())
+            .cloned()
+    };
+    eventually(20, "api to watch and acknowledge", || {
+        row().is_some_and(|p| p["connected"] == true && p["applied"].is_u64())
+    });
+    // Heard through several keep-alives: not stale.
+    std::thread::sleep(Duration::from_secs(8));
+    let fresh = row().unwrap();
+    assert_eq!(fresh["stale"], false, "{fresh}");
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &forwarder.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-STOP");
+    eventually(30, "the silent sidecar to be shown as stale", || {
+        row().is_some_and(|p| p["stale"] == true)
+    });
+    let text = mesh.cli(&["status"]).stdout;
+    assert!(text.contains("stale"), "{text}");
+    signal("-CONT");
+    eventually(60, "the sidecar to be heard again", || {
+        row().is_some_and(|p| p["connected"] == true && p["stale"] == false)
+    });
+}
+
 /// Review M9: a shared connection to a peer sidecar that froze (SIGSTOP, a blackhole without a
 /// reset) still looked usable: every new app connection opened a stream on it and waited for
 /// ever, and the healthy endpoints were never tried. A `CONNECT` unanswered within 2 x

@@ -62,6 +62,15 @@ pub struct FleetEntry {
     /// Addresses it registered that callers are not sent to, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses_refused: Vec<RefusedAddress>,
+    /// The keep-alive interval its watch asked for, seconds: it answers each keep-alive line
+    /// with an ack, and takes a watch silent for three for dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<u64>,
+    /// Connected, but nothing heard from it (an ack) for more than three keep-alives: its
+    /// watch is silent or its path to the control plane frozen; it reconnects on its own
+    /// (review M10). Computed when the fleet is read.
+    #[serde(default)]
+    pub stale: bool,
     /// The last generation its stream has processed (internal).
     #[serde(skip)]
     pub processed: u64,
@@ -794,6 +803,8 @@ impl Distribution {
                 last_rejection: None,
                 certificate_expires_at: None,
                 addresses_refused: Vec::new(),
+                keepalive: None,
+                stale: false,
                 processed: 0,
             });
         update(entry);
@@ -810,6 +821,7 @@ impl Distribution {
         rejection: Option<String>,
         expires_at: Option<i64>,
     ) {
+        let mut newly_applied = false;
         self.fleet_update(instance, |entry| {
             entry.identity = identity.to_string();
             entry.last_ack_at = Some(now_unix());
@@ -817,12 +829,18 @@ impl Distribution {
                 entry.certificate_expires_at = expires_at;
             }
             match rejection {
-                None => entry.applied = Some(counter),
+                None => {
+                    // A sidecar acks again at every keep-alive line: only a new counter
+                    // tells how long a version took to arrive.
+                    newly_applied = entry.applied != Some(counter);
+                    entry.applied = Some(counter);
+                }
                 Some(reason) => entry.last_rejection = Some(reason),
             }
         });
         let state = self.read();
         if let Some((generation, at)) = state.version_generation.get(&state.policy_version)
+            && newly_applied
             && counter >= *generation
         {
             metrics::gauge!("sidewall_control_plane_propagation_seconds")
@@ -839,7 +857,20 @@ impl Distribution {
     pub fn fleet(&self) -> Vec<FleetEntry> {
         let mut fleet = lock(&self.fleet);
         self.forget_disconnected(&mut fleet);
-        fleet.values().cloned().collect()
+        let now = now_unix();
+        fleet
+            .values()
+            .cloned()
+            .map(|mut entry| {
+                let heard = entry.last_ack_at.unwrap_or(entry.since).max(entry.since);
+                entry.stale = entry.connected
+                    && entry.keepalive.is_some_and(|k| {
+                        now.saturating_sub(heard)
+                            > i64::try_from(k.saturating_mul(3)).unwrap_or(i64::MAX)
+                    });
+                entry
+            })
+            .collect()
     }
 
     /// The fleet with the policy version in force, this replica and the source error.

@@ -338,6 +338,13 @@ async fn session(
                     scanned = 0;
                     if line.len() > 1 {
                         apply_line(context, &mut sender, &line[..line.len() - 1], credential, snapshot).await;
+                    } else {
+                        // A keep-alive line: answered with an ack of the version in force,
+                        // so the control plane sees the watch alive (stale otherwise).
+                        let current = snapshot.borrow().as_ref().map(|a| a.snapshot.version.clone());
+                        if let Some(version) = current {
+                            ack(context, &mut sender, credential, &version, None).await;
+                        }
                     }
                 }
                 scanned = buffer.len();

@@ -63,7 +63,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
             "IDENTITY", "ENDPOINT", "CONNECTED", "APPLIED", "LATEST", "LAST ACK", "CERT EXPIRY",
         );
         for p in body["proxies"].as_array().into_iter().flatten() {
-            let connected = if p["connected"] == true {
+            let connected = if p["stale"] == true {
+                format!("stale, ack {}", when(&p["last_ack_at"]))
+            } else if p["connected"] == true {
                 format!("yes, {}", when(&p["since"]))
             } else {
                 format!("no, {}", when(&p["since"]))

@@ -23,7 +23,8 @@ use crate::distribution::{ClaimRefused, FlowKey, FlowStats};
 use crate::store::RegistrationRecord;
 
 /// How often an idle watch stream sends a keep-alive line, unless the sidecar asks for another
-/// interval (`&keepalive=SECONDS`, 1 to 60): it takes the stream for dead after three missed.
+/// interval (`&keepalive=SECONDS`, 1 to 60): it takes the stream for dead after three missed,
+/// and answers each with an ack, so that the fleet view shows it stale when nothing comes back.
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// The workload identity of the caller, or why it may not use these routes (not a workload,
@@ -152,6 +153,7 @@ pub(super) fn watch(
         entry.connected = true;
         entry.since = now_unix();
         entry.replica = distribution.replica().to_owned();
+        entry.keepalive = Some(keepalive.as_secs());
     });
     tracing::info!(%identity, instance, "snapshot watch opened");
     let mut closing = distribution.closing();

@@ -70,6 +70,8 @@ fn flows_fold_over_methods_and_peers_become_nodes() {
         last_rejection: None,
         certificate_expires_at: None,
         addresses_refused: Vec::new(),
+        keepalive: None,
+        stale: false,
         processed: 0,
     }];
     let graph = graph(&flows, &fleet, &registrations);
