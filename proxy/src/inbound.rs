@@ -2,7 +2,7 @@
 //! app, then forwarding.
 //!
 //! ```text
-//! accept (permit) → TLS (client SVID required, strict) → port header
+//! accept (permit) → TLS (client SVID required, strict) → port header    [handshake thread]
 //!   → crate::admit (expiry, port in inbound.ports, registered, snapshot now, revocation,
 //!   Engine::decide_connection) → Refusal: its status byte, close │ Admission: connect the app,
 //!   status Allowed, forward until EOF, idle, revocation (onRevoke) or the peer certificate's
@@ -85,7 +85,7 @@ async fn handle(
         return plaintext(context, stream, remote, redirected_port, pending).await;
     }
     let acceptor = TlsAcceptor::from(tls.server.clone());
-    let handshake = async {
+    let handshake = async move {
         let mut stream = acceptor
             .accept(crate::transport::ReadAhead::new(stream))
             .await
@@ -107,7 +107,13 @@ async fn handle(
             .map_err(|e| ("bad_header", e.to_string()))?;
         Ok((stream, Some(port)))
     };
-    let (mut stream, port) = match tokio::time::timeout(timeout, handshake).await {
+    // On the handshake thread (see `crate::handshakes`): a flood of handshakes does not queue
+    // the authenticated connections' work.
+    let Some(outcome) = crate::handshakes::run(tokio::time::timeout(timeout, handshake)).await
+    else {
+        return refused("internal", remote, &"the handshake task was lost");
+    };
+    let (mut stream, port) = match outcome {
         // Authenticated: out of the handshake budget, into the inbound one (a shared
         // connection decides that itself, see `mux::serve`).
         Ok(Ok((_, Some(_)))) if !pending.authenticated(context) => return,

@@ -32,6 +32,7 @@ pub mod config;
 pub mod connections;
 pub mod distribution;
 pub mod h2frames;
+mod handshakes;
 pub mod http;
 pub mod identity;
 pub mod inbound;
