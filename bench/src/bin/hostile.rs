@@ -18,7 +18,9 @@
 //! | `slow-header` | 1,000 TLS connections with a valid certificate sending the port header one byte per second |
 //! | `h2-rapid-reset` | an allowed peer on B's HTTP port opening and cancelling streams in bursts (CVE-2023-44487), 16 connections |
 //! | `h2-continuation` | the same peer sending one request's headers as endless CONTINUATION frames, 16 connections |
-//! | `h2-ping-flood` | the same peer sending PINGs in bursts of 1,000 without reading the answers, 16 connections |
+//! | `h2-ping-flood` | the same peer sending PINGs in bursts of 1,000, 16 connections, each replaced when closed |
+//! | `h2-settings-flood` | the same peer sending SETTINGS (a new initial window each time) in bursts of 1,000, 16 connections |
+//! | `h2-hpack-bomb` | the same peer putting a 4 KiB header in the HPACK table and referring to it 12,000 times per request (48 MiB of headers from 16 KiB), 16 connections |
 //! | `cp-idle-tls` | 20,000 TLS connections to the control plane's API without a client certificate, then silence |
 //! | `cp-csr-flood` | certificate requests with made-up join tokens, as fast as 16 loops can |
 //! | `cp-watch-loop` | a valid workload opening snapshot watches and registrations under new instance ids, 8 loops |
@@ -26,6 +28,9 @@
 //! For the control-plane attacks the allowed client is a workload acknowledging a snapshot on a
 //! new mTLS connection each time (as sidecars do), 50 times a second, and the RSS is the control
 //! plane's.
+//!
+//! The attacks run on a runtime and thread of their own, apart from the allowed client and the
+//! echo app (as another machine would); all of it shares the machine's cores with A and B.
 //!
 //! Nothing is asserted: the figures are printed (Markdown) and written as JSON with `--out`.
 //! Every attack's traffic goes to loopback only, bounded in count and time.
@@ -83,7 +88,7 @@ struct Args {
 }
 
 /// Attacks on a sidecar's inbound port.
-const SIDECAR_ATTACKS: [&str; 8] = [
+const SIDECAR_ATTACKS: [&str; 10] = [
     "idle-tcp",
     "tls-no-cert",
     "tls-denied",
@@ -92,6 +97,8 @@ const SIDECAR_ATTACKS: [&str; 8] = [
     "h2-rapid-reset",
     "h2-continuation",
     "h2-ping-flood",
+    "h2-settings-flood",
+    "h2-hpack-bomb",
 ];
 
 /// Attacks on the control plane's API.
@@ -624,6 +631,33 @@ async fn h2_abuse(
                     burst.extend(frame(9, 0, 1, &block));
                 }
             }
+            "h2-settings-flood" => {
+                // SETTINGS, each changing the initial stream window (every open stream's
+                // window must be adjusted), 1,000 per write.
+                for k in 0..1000u32 {
+                    let mut setting = vec![0x00, 0x04];
+                    setting.extend_from_slice(&(65_535 + (k % 2)).to_be_bytes());
+                    burst.extend(frame(4, 0, 0, &setting));
+                }
+            }
+            "h2-hpack-bomb" => {
+                // The first request adds `x-bomb: <4,050 bytes>` to the HPACK dynamic table
+                // (literal with incremental indexing, new name); every request then refers to
+                // it (index 62, one byte) 12,000 times: 48 MiB of headers from 16 KiB.
+                for _ in 0..16 {
+                    let mut block = REQUEST_BLOCK.to_vec();
+                    if stream_id == 1 {
+                        block.extend_from_slice(&[0x40, 0x06]);
+                        block.extend_from_slice(b"x-bomb");
+                        // Value length 4,050: HPACK integer, 7-bit prefix (127 + 3,923).
+                        block.extend_from_slice(&[0x7f, 0xd3, 0x1e]);
+                        block.extend(std::iter::repeat_n(b'b', 4050));
+                    }
+                    block.extend(std::iter::repeat_n(0xbe, 12_000));
+                    burst.extend(frame(1, 0x5, stream_id, &block));
+                    stream_id = stream_id.wrapping_add(2);
+                }
+            }
             _ => {
                 // PINGs, 1,000 per write, their answers never awaited.
                 for k in 0..1000u64 {
@@ -741,7 +775,8 @@ async fn attack(
                 }
             }
         }
-        "h2-rapid-reset" | "h2-continuation" | "h2-ping-flood" => {
+        "h2-rapid-reset" | "h2-continuation" | "h2-ping-flood" | "h2-settings-flood"
+        | "h2-hpack-bomb" => {
             // 16 allowed-peer connections at a time, each replaced when B closes it.
             for n in 0..16 {
                 let (stop, tally, connector) =
@@ -1150,6 +1185,14 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?;
+    // The attacks run on a runtime (and thread) of their own: an attacker is another machine,
+    // and its client-side work must not queue the allowed client's calls or the echo app.
+    let attacker_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("hostile-attacker")
+        .enable_all()
+        .build()?;
+    let attackers = attacker_runtime.handle().clone();
     let (sidecar, control_plane) = runtime.block_on(async {
         let mut sidecar = Vec::new();
         if SIDECAR_ATTACKS.iter().any(|a| chosen(a)) {
@@ -1169,7 +1212,7 @@ fn main() -> anyhow::Result<()> {
                     allowed_h2: tls_client_with(Some(&mesh.allowed), b"sidewall-h2/1")?,
                 };
                 let outcome = run_attack(name, &target, scale, |stop, tally| {
-                    tokio::spawn(async move { attack(name, attacker, scale, stop, tally).await })
+                    attackers.spawn(async move { attack(name, attacker, scale, stop, tally).await })
                 })
                 .await?;
                 eprintln!(
@@ -1191,7 +1234,7 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("hostile: {name}…");
                 let parts = (cp.api, cp.anonymous.clone(), cp.intruder.clone());
                 let outcome = run_attack(name, &target, scale, |stop, tally| {
-                    tokio::spawn(async move {
+                    attackers.spawn(async move {
                         control_plane_attack(name, parts, scale, stop, tally).await
                     })
                 })
