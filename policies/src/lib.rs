@@ -88,6 +88,7 @@ pub mod snapshot;
 #[cfg(feature = "x509")]
 pub mod svid;
 pub mod testing;
+pub mod wire;
 
 pub use engine::{Decision, Engine, Outcome};
 pub use identity::{IdentityError, IdentityPattern, SpiffeId, TrustDomain};

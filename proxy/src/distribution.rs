@@ -18,9 +18,9 @@ use hyper::{Method, Request};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
-use serde_json::json;
 use sidewall_policies::Protocol;
 use sidewall_policies::snapshot::{ServicePort, Snapshot, SnapshotVersion};
+use sidewall_policies::wire;
 use tokio::sync::watch;
 
 use crate::Context;
@@ -222,16 +222,17 @@ async fn connect(url: &str, credential: &Credential, alpn_h2: bool) -> Result<Se
     Ok(sender)
 }
 
-async fn post(
+async fn post<T: serde::Serialize>(
     sender: &mut Sender,
     path: &str,
-    body: serde_json::Value,
+    body: &T,
 ) -> Result<(u16, Bytes), String> {
+    let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
     let request = Request::builder()
         .method(Method::POST)
         .uri(path)
         .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+        .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
         .await
@@ -247,7 +248,7 @@ async fn post(
     Ok((status, body))
 }
 
-fn registration(context: &Context) -> Option<serde_json::Value> {
+fn registration(context: &Context) -> Option<wire::Registration> {
     let config = &context.config;
     let endpoint = config.inbound.advertise.or_else(|| {
         let listen = config.inbound.listen;
@@ -263,9 +264,12 @@ fn registration(context: &Context) -> Option<serde_json::Value> {
             path_parameters: p.path_parameters,
         })
         .collect();
-    Some(
-        json!({"instance": context.instance, "endpoint": endpoint.to_string(), "ports": ports, "addresses": config.inbound.addresses}),
-    )
+    Some(wire::Registration {
+        instance: context.instance.clone(),
+        endpoint: endpoint.to_string(),
+        ports,
+        addresses: config.inbound.addresses.clone(),
+    })
 }
 
 async fn session(
@@ -361,7 +365,7 @@ async fn register(context: &Context, sender: &mut Sender) -> Result<bool, String
     let Some(body) = registration(context) else {
         return Ok(true);
     };
-    let (status, answer) = post(sender, "/v1/registrations", body).await?;
+    let (status, answer) = post(sender, "/v1/registrations", &body).await?;
     let answer_text = String::from_utf8_lossy(&answer);
     if status == 409 && answer_text.contains("endpoint_taken") {
         metrics::counter!("sidewall_proxy_registrations_refused_total", "reason" => "endpoint_taken").increment(1);
@@ -459,14 +463,18 @@ async fn ack(
     version: &SnapshotVersion,
     rejection: Option<String>,
 ) {
-    let body = json!({
-        "instance": context.instance,
-        "version": version,
-        "status": if rejection.is_none() { "applied" } else { "rejected" },
-        "reason": rejection,
-        "certificate_expires_at": credential.svid.not_after,
-    });
-    if let Err(error) = post(sender, "/v1/acks", body).await {
+    let body = wire::Ack {
+        instance: context.instance.clone(),
+        version: version.clone(),
+        status: if rejection.is_none() {
+            wire::AckStatus::Applied
+        } else {
+            wire::AckStatus::Rejected
+        },
+        reason: rejection,
+        certificate_expires_at: Some(credential.svid.not_after),
+    };
+    if let Err(error) = post(sender, "/v1/acks", &body).await {
         tracing::warn!(%error, "ack not delivered");
     }
 }
@@ -476,15 +484,24 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
     if flows.is_empty() {
         return;
     }
-    let list: Vec<_> = flows
+    let flows = flows
         .into_iter()
-        .map(|((peer, port, protocol, method, path), c)| {
-            json!({"peer": peer, "port": port, "protocol": protocol, "method": method, "path": path,
-                   "count": c.allow + c.deny + c.audit, "allow": c.allow, "deny": c.deny, "audit": c.audit,
-                   "last_denial": c.last_denial})
-        })
+        .map(
+            |((peer, port, protocol, method, path), c)| wire::FlowRecord {
+                peer,
+                port,
+                protocol,
+                method,
+                path,
+                count: c.allow + c.deny + c.audit,
+                allow: c.allow,
+                deny: c.deny,
+                audit: c.audit,
+                last_denial: c.last_denial,
+            },
+        )
         .collect();
-    if let Err(error) = post(sender, "/v1/flows", json!({"flows": list})).await {
+    if let Err(error) = post(sender, "/v1/flows", &wire::FlowReport { flows }).await {
         tracing::debug!(%error, "flow report not delivered");
     }
 }

@@ -11,10 +11,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use serde::Deserialize;
 use serde_json::json;
 use sidewall_policies::SpiffeId;
-use sidewall_policies::snapshot::{ServicePort, SnapshotVersion};
+use sidewall_policies::wire::{self, AckStatus, valid_instance};
 use tokio::sync::mpsc;
 
 use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json};
@@ -103,13 +102,6 @@ fn query_value<'a>(request: &'a Request<Incoming>, key: &str) -> Option<&'a str>
         let (k, v) = pair.split_once('=')?;
         (k == key).then_some(v)
     })
-}
-
-fn valid_instance(instance: &str) -> bool {
-    (1..=64).contains(&instance.len())
-        && instance
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// After a write to the registrations: distribution follows a store with a change feed by
@@ -207,16 +199,6 @@ pub(super) fn watch(
     Ok(response)
 }
 
-#[derive(Debug, Deserialize)]
-struct RegistrationRequest {
-    instance: String,
-    endpoint: String,
-    #[serde(default)]
-    ports: Vec<ServicePort>,
-    #[serde(default)]
-    addresses: Vec<String>,
-}
-
 /// `POST /v1/registrations`: the endpoint a sidecar advertises and the ports it serves.
 pub(super) async fn register(
     api: &Api,
@@ -225,7 +207,7 @@ pub(super) async fn register(
 ) -> Result<HttpResponse, ApiError> {
     // The body first: an answer sent before an HTTP/1.1 body is read can reach the client
     // as a connection reset instead of the answer.
-    let body: RegistrationRequest = read_json(api, request).await?;
+    let body: wire::Registration = read_json(api, request).await?;
     let identity = workload(api, peer)?;
     if !valid_instance(&body.instance) {
         return Err(ApiError::bad_request(
@@ -486,17 +468,6 @@ pub(super) async fn remove(
     ))
 }
 
-#[derive(Debug, Deserialize)]
-struct AckRequest {
-    instance: String,
-    version: SnapshotVersion,
-    status: String,
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    certificate_expires_at: Option<i64>,
-}
-
 /// `POST /v1/acks`: the version a sidecar applied, or why it rejected one.
 pub(super) async fn ack(
     api: &Api,
@@ -504,7 +475,7 @@ pub(super) async fn ack(
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     // The body first, as for registrations.
-    let body: AckRequest = read_json(api, request).await?;
+    let body: wire::Ack = read_json(api, request).await?;
     let identity = workload(api, peer)?;
     if !valid_instance(&body.instance) {
         return Err(ApiError::bad_request(
@@ -513,21 +484,15 @@ pub(super) async fn ack(
         ));
     }
     claim(api, &body.instance, &identity)?;
-    let rejection = match body.status.as_str() {
-        "applied" => None,
-        "rejected" => Some(
+    let rejection = match body.status {
+        AckStatus::Applied => None,
+        AckStatus::Rejected => Some(
             body.reason
                 .unwrap_or_else(|| "no reason given".into())
                 .chars()
                 .take(500)
                 .collect(),
         ),
-        other => {
-            return Err(ApiError::bad_request(
-                "status_invalid",
-                format!("status {other:?} must be applied or rejected"),
-            ));
-        }
     };
     if let Some(reason) = &rejection {
         tracing::warn!(%identity, instance = body.instance, version = %body.version, reason, "snapshot rejected by a sidecar");
@@ -542,32 +507,6 @@ pub(super) async fn ack(
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
 }
 
-#[derive(Debug, Deserialize)]
-struct FlowReport {
-    flows: Vec<FlowRecord>,
-}
-
-#[derive(Debug, Deserialize)]
-struct FlowRecord {
-    peer: String,
-    port: u16,
-    #[serde(default)]
-    protocol: sidewall_policies::Protocol,
-    #[serde(default)]
-    method: Option<String>,
-    #[serde(default)]
-    path: Option<String>,
-    count: u64,
-    #[serde(default)]
-    allow: u64,
-    #[serde(default)]
-    deny: u64,
-    #[serde(default)]
-    audit: u64,
-    #[serde(default)]
-    last_denial: Option<String>,
-}
-
 /// `POST /v1/flows`: decision counts a sidecar observed (for `policy impact`).
 pub(super) async fn flows(
     api: &Api,
@@ -575,7 +514,7 @@ pub(super) async fn flows(
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
     // The body first, as for registrations.
-    let body: FlowReport = read_json(api, request).await?;
+    let body: wire::FlowReport = read_json(api, request).await?;
     let identity = workload(api, peer)?;
     if body.flows.len() > 10_000 {
         return Err(ApiError::bad_request(
@@ -586,7 +525,7 @@ pub(super) async fn flows(
     let flows = body
         .flows
         .into_iter()
-        .filter(|f| SpiffeId::parse(&f.peer).is_ok())
+        .filter_map(wire::FlowRecord::sanitized)
         .map(|f| {
             (
                 FlowKey {
@@ -594,15 +533,15 @@ pub(super) async fn flows(
                     target: identity.to_string(),
                     port: f.port,
                     protocol: f.protocol,
-                    method: f.method.filter(|m| m.len() <= 32),
-                    path: f.path.filter(|p| p.len() <= 256),
+                    method: f.method,
+                    path: f.path,
                 },
                 FlowStats {
                     count: f.count,
                     allow: f.allow,
                     deny: f.deny,
                     audit: f.audit,
-                    last_denial: f.last_denial.map(|d| d.chars().take(200).collect()),
+                    last_denial: f.last_denial,
                     last_seen: 0,
                 },
             )

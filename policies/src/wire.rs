@@ -1,0 +1,223 @@
+//! The bodies a sidecar sends the control plane, typed once (issue 16, first part): the
+//! control plane reads them with these types and `sidewall proxy` writes them with the same
+//! ones, so a renamed field is a compile error, not a silent `400`.
+//!
+//! Forward compatibility: every type here accepts unknown fields (serde's default), so that a
+//! newer sidecar can add a field an older control plane does not know yet; fields added later
+//! carry `#[serde(default)]` for the same reason the other way round.
+
+use serde::{Deserialize, Serialize};
+
+use crate::snapshot::{ServicePort, SnapshotVersion};
+use crate::{Protocol, SpiffeId};
+
+/// Longest instance id, in characters.
+pub const MAX_INSTANCE: usize = 64;
+
+/// Whether `instance` is a valid sidecar process id: 1 to [`MAX_INSTANCE`] of `a-z A-Z 0-9 -`.
+pub fn valid_instance(instance: &str) -> bool {
+    (1..=MAX_INSTANCE).contains(&instance.len())
+        && instance
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `POST /v1/registrations`: the endpoint a sidecar advertises and the ports it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The sidecar process.
+    pub instance: String,
+    /// Its inbound mTLS endpoint, `IP:port`.
+    pub endpoint: String,
+    /// The service ports it serves.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// Other addresses callers may dial for it (`inbound.addresses`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// What a sidecar did with a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckStatus {
+    /// It is in force.
+    Applied,
+    /// It was refused; the last good one stays in force.
+    Rejected,
+}
+
+/// `POST /v1/acks`: the version a sidecar applied, or why it rejected one. Also sent again at
+/// every keep-alive line of the watch, so that the control plane hears from a live sidecar.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The sidecar process.
+    pub instance: String,
+    /// The snapshot's version.
+    pub version: SnapshotVersion,
+    /// Applied or rejected.
+    pub status: AckStatus,
+    /// Why it was rejected.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When the sidecar's certificate expires, Unix seconds.
+    #[serde(default)]
+    pub certificate_expires_at: Option<i64>,
+}
+
+/// `POST /v1/flows`: decision counts a sidecar observed since its last report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowReport {
+    /// One record per distinct flow.
+    pub flows: Vec<FlowRecord>,
+}
+
+/// One observed flow to the reporting sidecar's workload and its counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// The peer identity (a SPIFFE ID; records with anything else are dropped).
+    pub peer: String,
+    /// The service port.
+    pub port: u16,
+    /// The port's protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The HTTP method, on HTTP ports.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// The first two path segments, on HTTP ports.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Decisions in all.
+    pub count: u64,
+    /// Of which allowed.
+    #[serde(default)]
+    pub allow: u64,
+    /// Of which denied.
+    #[serde(default)]
+    pub deny: u64,
+    /// Of which allowed in audit mode only.
+    #[serde(default)]
+    pub audit: u64,
+    /// The last denial's reason.
+    #[serde(default)]
+    pub last_denial: Option<String>,
+}
+
+/// The control plane's limits on one flow record's fields: the method at most this long.
+pub const MAX_FLOW_METHOD: usize = 32;
+/// The path at most this long.
+pub const MAX_FLOW_PATH: usize = 256;
+/// The last denial's reason, in characters, kept at most.
+pub const MAX_FLOW_DENIAL: usize = 200;
+
+impl FlowRecord {
+    /// The record as the control plane keeps it: `None` when the peer is not a SPIFFE ID; an
+    /// over-long method or path is dropped, the denial reason cut to [`MAX_FLOW_DENIAL`].
+    pub fn sanitized(self) -> Option<Self> {
+        SpiffeId::parse(&self.peer).ok()?;
+        Some(Self {
+            method: self.method.filter(|m| m.len() <= MAX_FLOW_METHOD),
+            path: self.path.filter(|p| p.len() <= MAX_FLOW_PATH),
+            last_denial: self
+                .last_denial
+                .map(|d| d.chars().take(MAX_FLOW_DENIAL).collect()),
+            ..self
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T>(value: &T)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let text = serde_json::to_string(value).unwrap_or_default();
+        let back: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(&back, value);
+    }
+
+    #[test]
+    fn every_body_reads_back_what_was_written() {
+        round_trip(&Registration {
+            instance: "api-1".into(),
+            endpoint: "127.0.0.1:4643".into(),
+            ports: vec![ServicePort {
+                port: 8080,
+                protocol: Protocol::Http,
+                path_parameters: crate::http::PathParameters::Strip,
+            }],
+            addresses: vec!["10.0.0.1:80".into()],
+        });
+        for status in [AckStatus::Applied, AckStatus::Rejected] {
+            round_trip(&Ack {
+                instance: "api-1".into(),
+                version: SnapshotVersion {
+                    epoch: "e".into(),
+                    counter: 7,
+                },
+                status,
+                reason: Some("why".into()),
+                certificate_expires_at: Some(1),
+            });
+        }
+        round_trip(&FlowReport {
+            flows: vec![FlowRecord {
+                peer: "spiffe://sidewall.local/web".into(),
+                port: 8080,
+                protocol: Protocol::Http,
+                method: Some("GET".into()),
+                path: Some("/v1/orders".into()),
+                count: 3,
+                allow: 2,
+                deny: 1,
+                audit: 0,
+                last_denial: Some("no rule".into()),
+            }],
+        });
+    }
+
+    #[test]
+    fn unknown_fields_are_accepted_and_the_status_is_one_of_two() {
+        let ack: Ack = serde_json::from_str(
+            r#"{"instance":"a","version":{"epoch":"e","counter":1},"status":"applied","later":true}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ack.status, AckStatus::Applied);
+        assert!(
+            serde_json::from_str::<Ack>(
+                r#"{"instance":"a","version":{"epoch":"e","counter":1},"status":"done"}"#
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn instances_and_flow_records_are_checked() {
+        assert!(valid_instance("api-7f3a"));
+        for bad in ["", "a b", "a/b", &"x".repeat(65), "é"] {
+            assert!(!valid_instance(bad), "{bad:?}");
+        }
+        let record = |peer: &str, method: &str| FlowRecord {
+            peer: peer.into(),
+            port: 1,
+            protocol: Protocol::Http,
+            method: Some(method.into()),
+            path: None,
+            count: 1,
+            allow: 1,
+            deny: 0,
+            audit: 0,
+            last_denial: Some("d".repeat(300)),
+        };
+        assert_eq!(record("not an id", "GET").sanitized(), None);
+        let kept = record("spiffe://td/web", &"M".repeat(33))
+            .sanitized()
+            .unwrap_or_else(|| panic!("kept"));
+        assert_eq!(kept.method, None);
+        assert_eq!(kept.last_denial.map(|d| d.len()), Some(200));
+    }
+}
