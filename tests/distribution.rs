@@ -1778,6 +1778,144 @@ fn m5_one_reporter_cannot_blind_policy_impact() {
     assert_eq!(graph["flows_dropped"]["target_quota"], 8000, "{graph}");
 }
 
+/// Review M5, found by the hostile suite's `impact-denials`: a sidecar sent each report's flows
+/// in one body. A peer sending denied requests to thousands of distinct paths made that body
+/// larger than the control plane accepts (1 MiB), so the whole report was refused, and every
+/// other peer's flows of that window with it; the sidecar's own table also let one peer take
+/// all of its 10,000 places. Now a peer keeps at most 500 places in a sidecar's table (the rest
+/// counted as dropped), and a report is sent in bodies the control plane accepts.
+#[test]
+fn m5_a_peer_flooding_denied_requests_does_not_lose_other_peers_flows() {
+    let mut mesh = Mesh::new(&[]);
+    let app = format!(
+        "{{port: 8080, protocol: http, app: 127.0.0.1:{}}}",
+        mesh.app.port
+    );
+    let api = mesh.sidecar_serving("api", &app);
+    let _web = mesh.sidecar("web");
+    let batch_sidecar = mesh.sidecar("batch");
+    let set = format!(
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api-http}}\nspec:\n  target: {TD}/api\n  rules:\n    - action: allow\n      from: [{TD}/web]\n      ports: [8080]\n      http: {{paths: [\"/**\"]}}\n    - action: allow\n      from: [{TD}/batch]\n      ports: [8080]\n      http: {{paths: [/health]}}\n"
+    );
+    assert_eq!(mesh.apply("v1", &[("p.yaml", set)]).code, 0);
+    let (web, batch) = (mesh.route("web"), mesh.route("batch"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (made, flood) = runtime.block_on(async move {
+        let client = |port: u16| async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tcp),
+                )
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            sender
+        };
+        let get = |path: String| {
+            hyper::Request::get(format!("http://api{path}"))
+                .body(http_body_util::Empty::new())
+                .unwrap()
+        };
+        // batch: 12,000 denied requests, each to a long path of its own, 50 at a time.
+        let flood = {
+            let sender = client(batch).await;
+            tokio::spawn(async move {
+                let long = "s".repeat(200);
+                for chunk in 0..240 {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for i in 0..50 {
+                        let mut sender = sender.clone();
+                        let request = get(format!("/{long}{}/x", chunk * 50 + i));
+                        tasks.spawn(async move {
+                            use http_body_util::BodyExt;
+                            sender.ready().await?;
+                            // Each answer read to its end: the stream closes cleanly.
+                            let response = sender.send_request(request).await?;
+                            let status = response.status();
+                            response.into_body().collect().await?;
+                            Ok::<_, hyper::Error>(status)
+                        });
+                    }
+                    while let Some(status) = tasks.join_next().await {
+                        match status.unwrap() {
+                            Ok(status) if status == 403 => {}
+                            other => return Err(format!("{other:?}")),
+                        }
+                    }
+                }
+                Ok(())
+            })
+        };
+        // web: one allowed request every 50 ms meanwhile.
+        let mut sender = client(web).await;
+        let mut made = 0u64;
+        while !flood.is_finished() {
+            use http_body_util::BodyExt;
+            sender.ready().await.unwrap();
+            let response = sender.send_request(get("/orders".into())).await.unwrap();
+            response.into_body().collect().await.unwrap();
+            made += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        (made, flood.await.unwrap())
+    });
+    if let Err(error) = flood {
+        panic!(
+            "batch's flood failed: {error}\nbatch:\n{}\napi:\n{}",
+            batch_sidecar.log(),
+            api.log()
+        );
+    }
+    let candidate = mesh.path().join("candidate");
+    std::fs::create_dir_all(&candidate).unwrap();
+    std::fs::write(
+        candidate.join("api.yaml"),
+        policy("api-access", "terminate", &allow("batch", 8080)),
+    )
+    .unwrap();
+    let expected =
+        format!("{TD}/web -> {TD}/api port 8080 GET /orders: ALLOW -> DENY ({made} decisions)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let impact = mesh
+            .cli(&["policy", "impact", candidate.to_str().unwrap()])
+            .stdout;
+        if impact.contains(&expected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every web request was counted: want {expected:?}, policy impact says\n{impact}\napi's log:\n{}",
+            api.log()
+                .lines()
+                .filter(|l| !l.contains("request denied"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let metrics = api.metrics();
+    assert!(
+        support::metric(
+            &metrics,
+            "sidewall_proxy_flows_dropped_total",
+            &[("reason", "peer_quota")]
+        ) > 0,
+        "{metrics}"
+    );
+    // Review L9 on HTTP ports: the 12,000 denials are logged once per peer, port and 10 s.
+    let lines = api.log().matches("request denied").count();
+    assert!((1..=10).contains(&lines), "{lines} log lines for 12,000 denials");
+}
+
 /// Opens `GET /v1/snapshots/watch?instance=ID` with a workload's certificate and prints the
 /// status, `snapshot` when the first snapshot line arrives, and `closed` when the server ends
 /// the stream.

@@ -35,6 +35,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const FLOW_REPORT: Duration = Duration::from_secs(5);
 /// Most distinct flows counted between reports.
 const MAX_FLOWS: usize = 10_000;
+/// Of those, from one peer at most (review M5: one peer sending requests to thousands of
+/// distinct paths must not take the places of the others). The control plane keeps as many
+/// per peer of a reporting sidecar.
+const MAX_FLOWS_PER_PEER: usize = 500;
+/// Flow records per report body: at most about 2.7 KB each once sanitized (a SPIFFE ID of
+/// 2,048 bytes, a path of 256), so a body stays well under the control plane's 1 MiB.
+const FLOWS_PER_BODY: usize = 300;
 /// The file the last good snapshot is kept in.
 const SNAPSHOT_FILE: &str = "snapshot.json";
 /// How often a registration refused for a taken endpoint is tried again.
@@ -52,9 +59,17 @@ struct FlowCounts {
     last_denial: Option<String>,
 }
 
-/// Flow counts since the last report, bounded to [`MAX_FLOWS`] distinct flows.
+/// Flow counts since the last report, bounded to [`MAX_FLOWS`] distinct flows and
+/// [`MAX_FLOWS_PER_PEER`] per peer.
 #[derive(Default)]
-pub struct Flows(std::sync::Mutex<HashMap<FlowKey, FlowCounts>>);
+pub struct Flows(std::sync::Mutex<FlowTable>);
+
+#[derive(Default)]
+struct FlowTable {
+    flows: HashMap<FlowKey, FlowCounts>,
+    /// Distinct flows per peer in `flows`.
+    per_peer: HashMap<String, usize>,
+}
 
 /// The first two segments of a normalized path (`/v1/orders/7/items` → `/v1/orders`), so
 /// that flow tables stay bounded whatever paths clients send.
@@ -83,7 +98,7 @@ impl Flows {
         request: Option<(&str, &str)>,
         decision: &sidewall_policies::Decision,
     ) {
-        let mut flows = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let key = (
             peer.to_owned(),
             port,
@@ -91,10 +106,23 @@ impl Flows {
             request.map(|(method, _)| method.to_owned()),
             request.map(|(_, path)| path_prefix(path)),
         );
-        if !flows.contains_key(&key) && flows.len() >= MAX_FLOWS {
-            return;
+        if !table.flows.contains_key(&key) {
+            let of_peer = table.per_peer.get(peer).copied().unwrap_or(0);
+            let full = if table.flows.len() >= MAX_FLOWS {
+                Some("table_full")
+            } else if of_peer >= MAX_FLOWS_PER_PEER {
+                Some("peer_quota")
+            } else {
+                None
+            };
+            if let Some(reason) = full {
+                metrics::counter!("sidewall_proxy_flows_dropped_total", "reason" => reason)
+                    .increment(1);
+                return;
+            }
+            *table.per_peer.entry(peer.to_owned()).or_default() += 1;
         }
-        let counts = flows.entry(key).or_default();
+        let counts = table.flows.entry(key).or_default();
         match decision.outcome {
             sidewall_policies::Outcome::Allow => counts.allow += 1,
             sidewall_policies::Outcome::Audit => counts.audit += 1,
@@ -109,7 +137,8 @@ impl Flows {
     }
 
     fn take(&self) -> HashMap<FlowKey, FlowCounts> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        let taken = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        taken.flows
     }
 }
 
@@ -484,7 +513,7 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
     if flows.is_empty() {
         return;
     }
-    let flows = flows
+    let flows: Vec<_> = flows
         .into_iter()
         .map(
             |((peer, port, protocol, method, path), c)| wire::FlowRecord {
@@ -500,9 +529,25 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
                 last_denial: c.last_denial,
             },
         )
+        .filter_map(wire::FlowRecord::sanitized)
         .collect();
-    if let Err(error) = post(sender, "/v1/flows", &wire::FlowReport { flows }).await {
-        tracing::debug!(%error, "flow report not delivered");
+    // In bodies the control plane accepts: one too large would be refused whole, with every
+    // peer's flows in it.
+    for chunk in flows.chunks(FLOWS_PER_BODY) {
+        let body = wire::FlowReport {
+            flows: chunk.to_vec(),
+        };
+        match post(sender, "/v1/flows", &body).await {
+            Ok((200, _)) => {}
+            Ok((status, answer)) => {
+                metrics::counter!("sidewall_proxy_flow_reports_failed_total").increment(1);
+                tracing::warn!(status, answer = %String::from_utf8_lossy(&answer), "flow report refused");
+            }
+            Err(error) => {
+                metrics::counter!("sidewall_proxy_flow_reports_failed_total").increment(1);
+                tracing::debug!(%error, "flow report not delivered");
+            }
+        }
     }
 }
 

@@ -319,7 +319,10 @@ fn authorize(
         .as_ref()
         .map_or_else(|| "-".to_owned(), |r| r.policy.to_string());
     if !decision.permits() {
-        tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %decision, "request denied");
+        // Once per peer, port and 10 s (review L9); the metric counts each.
+        if let Some(folded) = crate::lograte::admit(peer.as_str(), port.port, "request_denied") {
+            tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %decision, folded, "request denied");
+        }
         metrics::counter!("sidewall_proxy_http_denials_total", "policy" => policy).increment(1);
         if request.method() == hyper::Method::CONNECT {
             return Err((StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));

@@ -53,7 +53,7 @@ pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: Spiffe
         .serve_connection_with_upgrades(TokioIo::new(app), handler)
         .await
     {
-        tracing::debug!(?remote, %error, "app HTTP connection ended with an error");
+        tracing::debug!(?remote, error = ?error, "app HTTP connection ended with an error");
     }
 }
 
