@@ -24,6 +24,7 @@
 //! | `cp-idle-tls` | 20,000 TLS connections to the control plane's API without a client certificate, then silence |
 //! | `cp-csr-flood` | certificate requests with made-up join tokens, as fast as 16 loops can |
 //! | `cp-watch-loop` | a valid workload opening snapshot watches and registrations under new instance ids, 8 loops |
+//! | `impact-denials` | 100,000 denied HTTP requests, each to a path of its own, from one peer to a sidecar of the control plane, while an operator asks `policy impact` about another peer's flow ten times a second |
 //!
 //! For the control-plane attacks the allowed client is a workload acknowledging a snapshot on a
 //! new mTLS connection each time (as sidecars do), 50 times a second, and the RSS is the control
@@ -103,6 +104,10 @@ const SIDECAR_ATTACKS: [&str; 10] = [
 
 /// Attacks on the control plane's API.
 const CONTROL_PLANE_ATTACKS: [&str; 3] = ["cp-idle-tls", "cp-csr-flood", "cp-watch-loop"];
+
+/// Denied requests from one peer while an operator asks `policy impact` about another: the
+/// control plane's flow table under poisoning (see [`impact_under_denials`]).
+const IMPACT_ATTACK: &str = "impact-denials";
 
 /// The service port B serves.
 const PORT: u16 = 8080;
@@ -901,6 +906,10 @@ struct ControlPlane {
     allowed: Client,
     intruder: Client,
     anonymous: Client,
+    operator: Client,
+    /// The certificates of `allowed` and `intruder`, for TLS to a sidecar.
+    allowed_leaf: Leaf,
+    intruder_leaf: Leaf,
     dir: PathBuf,
 }
 
@@ -989,17 +998,31 @@ async fn start_control_plane(binary: &Path, scale: Scale) -> anyhow::Result<Cont
                 .as_bytes(),
         )
         .collect::<Result<Vec<_>, _>>()?;
-        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?;
-        enrolled.push(Client::new(&url, &td, roots.clone(), Some((chain, key)))?);
+        let leaf = Leaf {
+            leaf_pem: String::new(),
+            chain_pem: body["certificate_chain"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            key_pem: key.serialize_pem(),
+        };
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+        enrolled.push((
+            Client::new(&url, &td, roots.clone(), Some((chain, key)))?,
+            leaf,
+        ));
     }
-    let intruder = enrolled.pop().context("two workloads")?;
-    let allowed = enrolled.pop().context("two workloads")?;
+    let (intruder, intruder_leaf) = enrolled.pop().context("two workloads")?;
+    let (allowed, allowed_leaf) = enrolled.pop().context("two workloads")?;
     Ok(ControlPlane {
         child,
         api: SocketAddr::from(([127, 0, 0, 1], api)),
         allowed,
         intruder,
         anonymous,
+        operator,
+        allowed_leaf,
+        intruder_leaf,
         dir,
     })
 }
@@ -1016,6 +1039,268 @@ fn ack_call(client: Client) -> Call {
                 .await
             {
                 Ok((status, _)) if status.is_success() => Some(started.elapsed()),
+                _ => None,
+            }
+        })
+    })
+}
+
+/// B's HTTP port in the impact attack.
+const IMPACT_PORT: u16 = 8081;
+
+/// The flow-table attack: sidecar B, joined to the control plane, serves an HTTP port; the
+/// allowed workload makes one request to it, which B reports as a flow. Then the intruder (a
+/// valid identity allowed `/health` only) sends 100,000 denied requests to B, each to a path of its
+/// own (pipelined, 16 connections), while an operator asks `policy impact` ten times a second
+/// what a candidate denying the allowed workload would flip. An answer counts as a success when
+/// it still lists the allowed workload's flow; the RSS is the control plane's.
+async fn impact_under_denials(
+    binary: &Path,
+    cp: &ControlPlane,
+    scale: Scale,
+    quick: bool,
+    attackers: &tokio::runtime::Handle,
+) -> anyhow::Result<Outcome> {
+    let b = "spiffe://sidewall.local/ns/hostile/svc/b";
+    let allowed = "spiffe://sidewall.local/ns/hostile/svc/allowed";
+    let intruder = "spiffe://sidewall.local/ns/hostile/svc/intruder";
+    // The intruder may reach `/health` only: its connections are admitted, and every other
+    // request on them is denied one by one (a peer no rule mentions is refused per connection).
+    let policy = |from: &str| {
+        serde_json::json!({"files": [{"name": "b.yaml", "text": format!(
+            "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: b}}\nspec:\n  target: {b}\n  rules:\n    - action: allow\n      from: [{from}]\n      ports: [{IMPACT_PORT}]\n      http: {{paths: [\"/**\"]}}\n    - action: allow\n      from: [{intruder}]\n      ports: [{IMPACT_PORT}]\n      http: {{paths: [/health]}}\n"
+        )}]})
+    };
+    let (status, body) = cp
+        .operator
+        .call(hyper::Method::POST, "/v1/policies", Some(&policy(allowed)))
+        .await?;
+    if !status.is_success() {
+        bail!("applying B's policy: {status} {body}");
+    }
+    let (status, body) = cp
+        .operator
+        .call(
+            hyper::Method::POST,
+            "/v1/tokens",
+            Some(&serde_json::json!({"identity": b, "ttl_seconds": 3600})),
+        )
+        .await?;
+    if !status.is_success() {
+        bail!("token for B: {status} {body}");
+    }
+    std::fs::write(
+        cp.dir.join("b.token"),
+        body["token"].as_str().unwrap_or_default(),
+    )?;
+    let app = echo_app().await?;
+    let (inbound, admin) = (free_port()?, free_port()?);
+    let config = cp.dir.join("b.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "identity: {b}\ncontrolPlane:\n  urls: [https://{api}]\n  tokenFile: {dir}/b.token\n\
+             stateDir: {dir}/state-b\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports:\n    \
+             - {{port: {IMPACT_PORT}, protocol: http, app: {app}}}\nadmin:\n  listen: 127.0.0.1:{admin}\n\
+             workerThreads: 1\n",
+            api = cp.api,
+            dir = cp.dir.display(),
+        ),
+    )?;
+    let mut child = Command::new(binary)
+        .arg("proxy")
+        .arg("--config")
+        .arg(&config)
+        .env("SIDEWALL_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(cp.dir.join("b.log"))?)
+        .spawn()
+        .context("starting sidecar B")?;
+    let outcome = async {
+        wait_ready(admin).await?;
+        let target = SocketAddr::from(([127, 0, 0, 1], inbound));
+        let allowed_tls = tls_client_with(Some(&cp.allowed_leaf), b"sidewall-l4/1")?;
+        let intruder_tls = tls_client_with(Some(&cp.intruder_leaf), b"sidewall-l4/1")?;
+        // The allowed flow, reported by B within its report interval (5 s).
+        let mut stream = http_to(&allowed_tls, 0, target).await?;
+        stream
+            .write_all(b"GET /orders/1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await;
+        let call = impact_call(
+            cp.operator.clone(),
+            policy("spiffe://sidewall.local/ns/hostile/svc/nobody"),
+            allowed,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while call().await.is_none() {
+            if Instant::now() > deadline {
+                bail!("the allowed flow never reached `policy impact`");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let requests: u64 = if quick { 5_000 } else { 100_000 };
+        let target_calls = Target {
+            pid: cp.child.id(),
+            call,
+            rate: 10,
+        };
+        let outcome = run_attack(IMPACT_ATTACK, &target_calls, scale, |stop, tally| {
+            attackers.spawn(async move {
+                denied_requests(intruder_tls, target, requests, stop, tally).await;
+                Ok(())
+            })
+        })
+        .await?;
+        // What the flood left in the flow table: the intruder's flows kept, and those dropped.
+        let (_, flows) = cp.operator.call(hyper::Method::GET, "/v1/flows", None).await?;
+        let theirs: Vec<_> = flows["flows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|f| f["flow"]["peer"] == intruder)
+            .collect();
+        let denied: u64 = theirs.iter().filter_map(|f| f["stats"]["deny"].as_u64()).sum();
+        let (_, answer) = cp
+            .operator
+            .call(
+                hyper::Method::POST,
+                "/v1/policies/impact",
+                Some(&policy("spiffe://sidewall.local/ns/hostile/svc/nobody")),
+            )
+            .await?;
+        let decided = denials(admin).await;
+        if decided == 0 {
+            let log = std::fs::read_to_string(cp.dir.join("b.log")).unwrap_or_default();
+            let tail: Vec<_> = log.lines().rev().take(5).collect();
+            eprintln!("hostile: {IMPACT_ATTACK}: B denied nothing; its log ends: {tail:?}");
+        }
+        eprintln!(
+            "hostile: {IMPACT_ATTACK}: B denied {decided} requests; the control plane holds {} of the intruder's flows ({denied} denials counted); dropped: {}",
+            theirs.len(),
+            answer["flows_dropped"]
+        );
+        anyhow::Ok(outcome)
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome
+}
+
+/// The denials a sidecar counted (`sidewall_proxy_authorizations_total{outcome="deny"}`),
+/// from its admin listener.
+async fn denials(admin: u16) -> u64 {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", admin)).await else {
+        return 0;
+    };
+    let _ = stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    text.lines()
+        .filter(|l| {
+            l.starts_with("sidewall_proxy_authorizations_total") && l.contains("outcome=\"deny\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// TLS to a sidecar as a peer, with the port header for [`IMPACT_PORT`] answered `Allowed`.
+async fn http_to(
+    connector: &tokio_rustls::TlsConnector,
+    n: usize,
+    target: SocketAddr,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let stream = connect_from(n, target).await?;
+    let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    let mut tls = connector.connect(name, stream).await?;
+    let [high, low] = IMPACT_PORT.to_be_bytes();
+    tls.write_all(&[0x53, 0x57, 0x01, high, low]).await?;
+    let mut status = [0u8; 1];
+    tls.read_exact(&mut status).await?;
+    if status[0] != 0 {
+        bail!("port header answered {}", status[0]);
+    }
+    Ok(tls)
+}
+
+/// `requests` denied requests, each to a path of its own, pipelined 100 at a time on 16
+/// connections (a connection B closes is replaced); answers are read and dropped.
+async fn denied_requests(
+    connector: tokio_rustls::TlsConnector,
+    target: SocketAddr,
+    requests: u64,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..16usize {
+        let (connector, stop, tally) = (connector.clone(), stop.clone(), tally.clone());
+        tasks.spawn(async move {
+            let mut k = n;
+            while !stop.load(Ordering::Relaxed) && tally.attempts.load(Ordering::Relaxed) < requests
+            {
+                k += 16;
+                let Ok(tls) = http_to(&connector, k, target).await else {
+                    continue;
+                };
+                let (mut read, mut write) = tokio::io::split(tls);
+                let drain = tokio::spawn(async move {
+                    let mut sink = vec![0u8; 64 * 1024];
+                    while matches!(read.read(&mut sink).await, Ok(n) if n > 0) {}
+                });
+                let mut burst = Vec::with_capacity(100 * 64);
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let first = tally.attempts.fetch_add(100, Ordering::Relaxed);
+                    if first >= requests {
+                        break;
+                    }
+                    burst.clear();
+                    for i in first..first + 100 {
+                        burst.extend_from_slice(
+                            format!("GET /p{i}/x HTTP/1.1\r\nHost: b\r\n\r\n").as_bytes(),
+                        );
+                    }
+                    if write.write_all(&burst).await.is_err() {
+                        tally.closed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let _ = write.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// `policy impact` of `candidate` as the operator: its latency when the answer still lists
+/// `peer`'s flow among the flips.
+fn impact_call(operator: Client, candidate: serde_json::Value, peer: &str) -> Call {
+    let peer = peer.to_owned();
+    Arc::new(move || {
+        let (operator, candidate, peer) = (operator.clone(), candidate.clone(), peer.clone());
+        Box::pin(async move {
+            let started = Instant::now();
+            match operator
+                .call(hyper::Method::POST, "/v1/policies/impact", Some(&candidate))
+                .await
+            {
+                Ok((status, body))
+                    if status.is_success()
+                        && body["flips"]
+                            .as_array()
+                            .is_some_and(|f| f.iter().any(|f| f["peer"] == peer.as_str())) =>
+                {
+                    Some(started.elapsed())
+                }
                 _ => None,
             }
         })
@@ -1168,7 +1453,12 @@ fn raise_file_limit() {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let known = || SIDECAR_ATTACKS.iter().chain(&CONTROL_PLANE_ATTACKS);
+    let known = || {
+        SIDECAR_ATTACKS
+            .iter()
+            .chain(&CONTROL_PLANE_ATTACKS)
+            .chain(&[IMPACT_ATTACK])
+    };
     for name in &args.only {
         if !known().any(|a| a == name) {
             bail!(
@@ -1193,7 +1483,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let attackers = attacker_runtime.handle().clone();
-    let (sidecar, control_plane) = runtime.block_on(async {
+    let (sidecar, control_plane, impact) = runtime.block_on(async {
         let mut sidecar = Vec::new();
         if SIDECAR_ATTACKS.iter().any(|a| chosen(a)) {
             let mesh = start(&binary, scale).await?;
@@ -1223,7 +1513,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let mut control_plane = Vec::new();
-        if CONTROL_PLANE_ATTACKS.iter().any(|a| chosen(a)) {
+        let mut impact = Vec::new();
+        if CONTROL_PLANE_ATTACKS.iter().any(|a| chosen(a)) || chosen(IMPACT_ATTACK) {
             let cp = start_control_plane(&binary, scale).await?;
             let target = Target {
                 pid: cp.child.id(),
@@ -1245,8 +1536,18 @@ fn main() -> anyhow::Result<()> {
                 );
                 control_plane.push(outcome);
             }
+            if chosen(IMPACT_ATTACK) {
+                eprintln!("hostile: {IMPACT_ATTACK}…");
+                let outcome =
+                    impact_under_denials(&binary, &cp, scale, args.quick, &attackers).await?;
+                eprintln!(
+                    "hostile: {IMPACT_ATTACK}: {:.2} % of impact answers listed the allowed flow during the attack",
+                    outcome.during.success()
+                );
+                impact.push(outcome);
+            }
         }
-        anyhow::Ok((sidecar, control_plane))
+        anyhow::Ok((sidecar, control_plane, impact))
     })?;
     let mut text = String::new();
     if !sidecar.is_empty() {
@@ -1269,10 +1570,17 @@ fn main() -> anyhow::Result<()> {
             scale,
         ));
     }
+    if !impact.is_empty() {
+        text.push_str(&report(
+            "\nThe control plane's flow table under poisoning; allowed client: an operator's `policy impact`, 10 a second, a success when the answer lists the allowed peer's flow.",
+            &impact,
+            scale,
+        ));
+    }
     println!("{text}");
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out)?;
-        let json = serde_json::json!({"sidecar": sidecar, "control_plane": control_plane});
+        let json = serde_json::json!({"sidecar": sidecar, "control_plane": control_plane, "impact": impact});
         std::fs::write(out.join("hostile.json"), serde_json::to_vec_pretty(&json)?)?;
         std::fs::write(out.join("hostile.md"), &text)?;
     }
