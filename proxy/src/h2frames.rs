@@ -7,7 +7,7 @@
 //! 50 times longer than in quiet (the hostile suite's `h2-ping-flood`; CVE-2019-9512 is the
 //! same attack against servers that queued the answers).
 //!
-//! [`Watched`] wraps an inbound connection that speaks HTTP/2 (an HTTP port, or a shared
+//! [`watched`] wraps an inbound connection that speaks HTTP/2 (an HTTP port, or a shared
 //! connection) and follows the frame headers as the bytes go by. Each `PING` and `SETTINGS`
 //! that is not itself an acknowledgement spends a token from a bucket of [`BURST`], refilled at
 //! [`PER_SECOND`] a second. A peer that runs out is flooding: the read fails, hyper's h2
@@ -19,11 +19,7 @@
 //! A connection that does not open with the HTTP/2 preface is not followed (an HTTP/1 port:
 //! `framing.rs` follows it instead).
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Instant;
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Control frames a connection may send at once.
 pub const BURST: f64 = 100.0;
@@ -139,85 +135,43 @@ impl Follower {
     }
 }
 
-/// An inbound HTTP/2 connection whose control frames are counted (see the module).
-pub(crate) struct Watched<S> {
-    inner: S,
+/// Counts an inbound HTTP/2 connection's control frames (see the module) and refuses it past
+/// the budget, counted and logged.
+pub(crate) struct FloodWatch {
     follower: Follower,
     /// The peer, for the log line.
     peer: String,
     port: u16,
 }
 
-impl<S> Watched<S> {
-    /// Follows `inner` from its first byte; `port` is the service port (0 for a shared
-    /// connection, which carries many).
-    pub(crate) fn new(inner: S, peer: String, port: u16) -> Self {
-        Self {
-            inner,
+/// An inbound connection followed from its first byte; `port` is the service port (0 for a
+/// shared connection, which carries many).
+pub(crate) fn watched<S>(
+    inner: S,
+    peer: String,
+    port: u16,
+) -> crate::transport::Observed<S, FloodWatch> {
+    crate::transport::Observed::new(
+        inner,
+        FloodWatch {
             follower: Follower::new(true),
             peer,
             port,
-        }
-    }
+        },
+    )
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.follower.state == State::Flooding {
-            return Poll::Ready(Err(flooding()));
+impl crate::transport::Observer for FloodWatch {
+    fn observe(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.follower.feed(bytes, Instant::now()) {
+            return Ok(());
         }
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            let this = &mut *self;
-            if !this.follower.feed(&buf.filled()[before..], Instant::now()) {
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "control_flood").increment(1);
-                if let Some(folded) = crate::lograte::admit(&this.peer, this.port, "control_flood")
-                {
-                    tracing::warn!(peer = %this.peer, port = this.port, folded, burst = BURST, per_second = PER_SECOND, "connection closed: more HTTP/2 PING and SETTINGS frames than allowed");
-                }
-                return Poll::Ready(Err(flooding()));
-            }
+        metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "control_flood")
+            .increment(1);
+        if let Some(folded) = crate::lograte::admit(&self.peer, self.port, "control_flood") {
+            tracing::warn!(peer = %self.peer, port = self.port, folded, burst = BURST, per_second = PER_SECOND, "connection closed: more HTTP/2 PING and SETTINGS frames than allowed");
         }
-        result
-    }
-}
-
-fn flooding() -> std::io::Error {
-    std::io::Error::other("HTTP/2 control frame flood")
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        Err(std::io::Error::other("HTTP/2 control frame flood"))
     }
 }
 

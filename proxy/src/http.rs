@@ -198,8 +198,8 @@ pub(crate) async fn serve<S>(
     let peer_value = peer
         .as_ref()
         .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
-    let (stream, scan) = framing::Scanned::new(stream);
-    let stream = crate::h2frames::Watched::new(
+    let (stream, scan) = framing::scanned(stream);
+    let stream = crate::h2frames::watched(
         stream,
         peer.as_ref()
             .map_or_else(|| remote.ip().to_string(), ToString::to_string),

@@ -16,10 +16,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 pub(crate) mod copy;
+mod observed;
 mod read_ahead;
 mod splice;
 
 pub use copy::{Forwarded, forward};
+pub(crate) use observed::{Observed, Observer};
 pub use read_ahead::{READ_AHEAD, ReadAhead};
 pub use splice::forward_spliced;
 

@@ -18,12 +18,8 @@
 //! ends the connection, see `crate::http`), a head hyper will refuse itself (malformed, too
 //! large, a non-chunked `Transfer-Encoding`), or a malformed chunk.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Head bytes buffered before the scan gives up (hyper answers `431` well before this).
 const MAX_HEAD: usize = 64 * 1024;
@@ -81,7 +77,7 @@ enum Chunk {
 }
 
 /// The scanner itself, fed every byte read from the client.
-struct Scanner {
+pub(crate) struct Scanner {
     state: State,
     heads: u64,
     scan: Arc<Scan>,
@@ -275,67 +271,23 @@ fn chunked(chunk: &mut Chunk, bytes: &[u8]) -> Option<Step> {
 }
 
 /// A client stream whose request heads are scanned as hyper reads them.
-pub(crate) struct Scanned<S> {
-    inner: S,
-    scanner: Scanner,
+pub(crate) type Scanned<S> = crate::transport::Observed<S, Scanner>;
+
+/// Wraps `inner`; the returned [`Scan`] is consulted once per request.
+pub(crate) fn scanned<S>(inner: S) -> (Scanned<S>, Arc<Scan>) {
+    let scan = Scan::new();
+    let scanner = Scanner {
+        state: State::Head(Vec::new()),
+        heads: 0,
+        scan: scan.clone(),
+    };
+    (crate::transport::Observed::new(inner, scanner), scan)
 }
 
-impl<S> Scanned<S> {
-    /// Wraps `inner`; the returned [`Scan`] is consulted once per request.
-    pub(crate) fn new(inner: S) -> (Self, Arc<Scan>) {
-        let scan = Scan::new();
-        let scanner = Scanner {
-            state: State::Head(Vec::new()),
-            heads: 0,
-            scan: scan.clone(),
-        };
-        (Self { inner, scanner }, scan)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Scanned<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let start = buf.filled().len();
-        let this = &mut *self;
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            this.scanner.feed(&buf.filled()[start..]);
-        }
-        result
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Scanned<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+impl crate::transport::Observer for Scanner {
+    fn observe(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.feed(bytes);
+        Ok(())
     }
 }
 

@@ -71,7 +71,7 @@ pub(super) async fn serve(
     let accept = async {
         // The preface, then a first stream, each within the handshake deadline; later, a
         // connection with no stream open for the idle timeout is closed.
-        let stream = crate::h2frames::Watched::new(stream, peer.id.to_string(), 0);
+        let stream = crate::h2frames::watched(stream, peer.id.to_string(), 0);
         let handshake = crate::mux::server_builder(streams).handshake::<_, Bytes>(stream);
         let mut connection = match tokio::time::timeout(limits.handshake_timeout.0, handshake).await
         {

@@ -32,7 +32,7 @@ use crate::http::{ResponseBody, framing, request, short};
 /// Serves the app's connection to `service`'s HTTP `port` until it ends.
 pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: SpiffeId, port: u16) {
     let remote = app.peer_addr().ok();
-    let (app, scan) = framing::Scanned::new(app);
+    let (app, scan) = framing::scanned(app);
     let service = Arc::new(service);
     let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
