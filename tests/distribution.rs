@@ -1559,6 +1559,25 @@ while True:
     threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
 "#;
 
+/// An api sidecar with no ports whose control-plane URLs are `urls` (a YAML list's items) and
+/// whose watch asks for a keep-alive line every `keepalive`; and its admin port.
+fn api_watching(mesh: &Mesh, urls: &str, keepalive: &str) -> (ProxyProcess, u16) {
+    let run = mesh.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
+    std::fs::write(
+        mesh.path().join("api.token"),
+        run.stdout.lines().last().unwrap(),
+    )
+    .unwrap();
+    let admin = free_port();
+    let config = format!(
+        "identity: {TD}/api\ncontrolPlane:\n  urls: [{urls}]\n  tokenFile: api.token\n  watchKeepalive: {keepalive}\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: []\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\n",
+        mesh.api_inbound
+    );
+    let api = ProxyProcess::start(mesh.path(), "api", &config, admin);
+    api.wait_ready();
+    (api, admin)
+}
+
 /// Review M10: the sidecar never checked the watch's keep-alive lines, so a control plane that
 /// froze (or a partition without a reset) left it enforcing a stale policy and revocation list
 /// for hours instead of moving to the next URL. Three missed keep-alives now end the watch.
@@ -1571,23 +1590,11 @@ fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
         &[via.to_string(), mesh.cp.api_port.to_string()],
         "ready",
     );
-    let run = mesh.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
-    std::fs::write(
-        mesh.path().join("api.token"),
-        run.stdout.lines().last().unwrap(),
-    )
-    .unwrap();
-    let admin = free_port();
     let (frozen, direct) = (
         format!("https://127.0.0.1:{via}"),
         format!("https://127.0.0.1:{}", mesh.cp.api_port),
     );
-    let config = format!(
-        "identity: {TD}/api\ncontrolPlane:\n  urls: [{frozen}, {direct}]\n  tokenFile: api.token\n  watchKeepalive: 1s\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: []\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\n",
-        mesh.api_inbound
-    );
-    let api = ProxyProcess::start(mesh.path(), "api", &config, admin);
-    api.wait_ready();
+    let (api, admin) = api_watching(&mesh, &format!("{frozen}, {direct}"), "1s");
     let watching = || {
         let (_, config) = http_get(admin, "/config");
         serde_json::from_str::<serde_json::Value>(&config).unwrap()["control_plane"]
@@ -1623,20 +1630,8 @@ fn m10_status_shows_a_sidecar_with_a_silent_watch_as_stale() {
         &[via.to_string(), mesh.cp.api_port.to_string()],
         "ready",
     );
-    let run = mesh.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
-    std::fs::write(
-        mesh.path().join("api.token"),
-        run.stdout.lines().last().unwrap(),
-    )
-    .unwrap();
-    let admin = free_port();
     // One URL only: through the forwarder, so the sidecar cannot fail over.
-    let config = format!(
-        "identity: {TD}/api\ncontrolPlane:\n  urls: [https://127.0.0.1:{via}]\n  tokenFile: api.token\n  watchKeepalive: 2s\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: []\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\n",
-        mesh.api_inbound
-    );
-    let api = ProxyProcess::start(mesh.path(), "api", &config, admin);
-    api.wait_ready();
+    let (_api, _) = api_watching(&mesh, &format!("https://127.0.0.1:{via}"), "2s");
     let row = || {
         let run = mesh.cli(&["status", "--json"]);
         assert_eq!(run.code, 0, "{}", run.stderr);
@@ -1913,7 +1908,10 @@ fn m5_a_peer_flooding_denied_requests_does_not_lose_other_peers_flows() {
     );
     // Review L9 on HTTP ports: the 12,000 denials are logged once per peer, port and 10 s.
     let lines = api.log().matches("request denied").count();
-    assert!((1..=10).contains(&lines), "{lines} log lines for 12,000 denials");
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} log lines for 12,000 denials"
+    );
 }
 
 /// Opens `GET /v1/snapshots/watch?instance=ID` with a workload's certificate and prints the
