@@ -1171,11 +1171,6 @@ async fn impact_under_denials(
             )
             .await?;
         let decided = denials(admin).await;
-        if decided == 0 {
-            let log = std::fs::read_to_string(cp.dir.join("b.log")).unwrap_or_default();
-            let tail: Vec<_> = log.lines().rev().take(5).collect();
-            eprintln!("hostile: {IMPACT_ATTACK}: B denied nothing; its log ends: {tail:?}");
-        }
         eprintln!(
             "hostile: {IMPACT_ATTACK}: B denied {decided} requests; the control plane holds {} of the intruder's flows ({denied} denials counted); dropped: {}",
             theirs.len(),
@@ -1189,8 +1184,8 @@ async fn impact_under_denials(
     outcome
 }
 
-/// The denials a sidecar counted (`sidewall_proxy_authorizations_total{outcome="deny"}`),
-/// from its admin listener.
+/// The HTTP requests a sidecar denied (`sidewall_proxy_http_denials_total`), from its admin
+/// listener.
 async fn denials(admin: u16) -> u64 {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", admin)).await else {
         return 0;
@@ -1201,9 +1196,7 @@ async fn denials(admin: u16) -> u64 {
     let mut text = String::new();
     let _ = stream.read_to_string(&mut text).await;
     text.lines()
-        .filter(|l| {
-            l.starts_with("sidewall_proxy_authorizations_total") && l.contains("outcome=\"deny\"")
-        })
+        .filter(|l| l.starts_with("sidewall_proxy_http_denials_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
