@@ -1559,6 +1559,17 @@ while True:
     threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
 "#;
 
+/// [`FORWARD`] from a free port to the control plane's API: the helper and its port.
+fn forwarder_to(mesh: &Mesh) -> (support::Helper, u16) {
+    let via = free_port();
+    let helper = support::Helper::start(
+        FORWARD,
+        &[via.to_string(), mesh.cp.api_port.to_string()],
+        "ready",
+    );
+    (helper, via)
+}
+
 /// An api sidecar with no ports whose control-plane URLs are `urls` (a YAML list's items) and
 /// whose watch asks for a keep-alive line every `keepalive`; and its admin port.
 fn api_watching(mesh: &Mesh, urls: &str, keepalive: &str) -> (ProxyProcess, u16) {
@@ -1584,12 +1595,7 @@ fn api_watching(mesh: &Mesh, urls: &str, keepalive: &str) -> (ProxyProcess, u16)
 #[test]
 fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
     let mesh = Mesh::new(&[]);
-    let via = free_port();
-    let forwarder = support::Helper::start(
-        FORWARD,
-        &[via.to_string(), mesh.cp.api_port.to_string()],
-        "ready",
-    );
+    let (forwarder, via) = forwarder_to(&mesh);
     let (frozen, direct) = (
         format!("https://127.0.0.1:{via}"),
         format!("https://127.0.0.1:{}", mesh.cp.api_port),
@@ -1624,12 +1630,7 @@ fn m10_a_silent_watch_is_taken_for_dead_and_the_next_url_is_tried() {
 #[test]
 fn m10_status_shows_a_sidecar_with_a_silent_watch_as_stale() {
     let mesh = Mesh::new(&[]);
-    let via = free_port();
-    let forwarder = support::Helper::start(
-        FORWARD,
-        &[via.to_string(), mesh.cp.api_port.to_string()],
-        "ready",
-    );
+    let (forwarder, via) = forwarder_to(&mesh);
     // One URL only: through the forwarder, so the sidecar cannot fail over.
     let (_api, _) = api_watching(&mesh, &format!("https://127.0.0.1:{via}"), "2s");
     let row = || {

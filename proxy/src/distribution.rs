@@ -513,7 +513,7 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
     if flows.is_empty() {
         return;
     }
-    let flows: Vec<_> = flows
+    let mut flows: Vec<_> = flows
         .into_iter()
         .map(
             |((peer, port, protocol, method, path), c)| wire::FlowRecord {
@@ -533,9 +533,10 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
         .collect();
     // In bodies the control plane accepts: one too large would be refused whole, with every
     // peer's flows in it.
-    for chunk in flows.chunks(FLOWS_PER_BODY) {
+    while !flows.is_empty() {
+        let rest = flows.split_off(flows.len().min(FLOWS_PER_BODY));
         let body = wire::FlowReport {
-            flows: chunk.to_vec(),
+            flows: std::mem::replace(&mut flows, rest),
         };
         match post(sender, "/v1/flows", &body).await {
             Ok((200, _)) => {}

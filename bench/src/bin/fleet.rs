@@ -12,7 +12,7 @@
 //! `cargo run --release -p sidewall-bench --bin fleet -- --proxies 1000 [--etcd --replicas 3]`
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
-use sidewall_bench::host::free_port;
 use sidewall_control_plane::client::{Client, key_and_csr};
 use sidewall_policies::TrustDomain;
 use tokio::sync::{Semaphore, mpsc};
@@ -111,18 +110,8 @@ async fn start_control_plane(
     log: &Path,
     extra: &[String],
 ) -> anyhow::Result<(ControlPlane, u32, u16)> {
-    let (api, admin, ui) = (free_port()?, free_port()?, free_port()?);
-    let child = Command::new(sidewall)
-        .args(["control-plane", "--data-dir"])
-        .arg(data)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--ui-listen",
-            &format!("127.0.0.1:{ui}"),
-        ])
+    let (mut command, api) = sidewall_bench::host::control_plane_command(sidewall, data)?;
+    let child = command
         .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?)

@@ -932,22 +932,11 @@ async fn start_control_plane(binary: &Path, scale: Scale) -> anyhow::Result<Cont
             scale.handshake_timeout.as_secs()
         ),
     )?;
-    let (api, admin, ui) = (free_port()?, free_port()?, free_port()?);
     let data = dir.join("data");
-    let child = Command::new(binary)
-        .arg("control-plane")
+    let (mut command, api) = sidewall_bench::host::control_plane_command(binary, &data)?;
+    let child = command
         .arg("--config")
         .arg(&config)
-        .arg("--data-dir")
-        .arg(&data)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{api}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-            "--ui-listen",
-            &format!("127.0.0.1:{ui}"),
-        ])
         .env("SIDEWALL_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("cp.log"))?)
@@ -969,23 +958,17 @@ async fn start_control_plane(binary: &Path, scale: Scale) -> anyhow::Result<Cont
     let anonymous = Client::new(&url, &td, roots.clone(), None)?;
     let mut enrolled = Vec::new();
     for name in ["allowed", "intruder"] {
-        let identity = format!("spiffe://sidewall.local/ns/hostile/svc/{name}");
-        let (status, body) = operator
-            .call(
-                hyper::Method::POST,
-                "/v1/tokens",
-                Some(&serde_json::json!({"identity": identity, "ttl_seconds": 3600})),
-            )
-            .await?;
-        if !status.is_success() {
-            bail!("token for {name}: {status} {body}");
-        }
+        let token = join_token(
+            &operator,
+            &format!("spiffe://sidewall.local/ns/hostile/svc/{name}"),
+        )
+        .await?;
         let (key, csr) = key_and_csr()?;
         let (status, body) = anonymous
             .call(
                 hyper::Method::POST,
                 "/v1/certificates",
-                Some(&serde_json::json!({"csr": csr, "token": body["token"]})),
+                Some(&serde_json::json!({"csr": csr, "token": token})),
             )
             .await?;
         if !status.is_success() {
@@ -1045,6 +1028,21 @@ fn ack_call(client: Client) -> Call {
     })
 }
 
+/// A join token for `identity` (an hour), made by the operator.
+async fn join_token(operator: &Client, identity: &str) -> anyhow::Result<String> {
+    let (status, body) = operator
+        .call(
+            hyper::Method::POST,
+            "/v1/tokens",
+            Some(&serde_json::json!({"identity": identity, "ttl_seconds": 3600})),
+        )
+        .await?;
+    match body["token"].as_str() {
+        Some(token) if status.is_success() => Ok(token.to_owned()),
+        _ => bail!("token for {identity}: {status} {body}"),
+    }
+}
+
 /// B's HTTP port in the impact attack.
 const IMPACT_PORT: u16 = 8081;
 
@@ -1078,21 +1076,7 @@ async fn impact_under_denials(
     if !status.is_success() {
         bail!("applying B's policy: {status} {body}");
     }
-    let (status, body) = cp
-        .operator
-        .call(
-            hyper::Method::POST,
-            "/v1/tokens",
-            Some(&serde_json::json!({"identity": b, "ttl_seconds": 3600})),
-        )
-        .await?;
-    if !status.is_success() {
-        bail!("token for B: {status} {body}");
-    }
-    std::fs::write(
-        cp.dir.join("b.token"),
-        body["token"].as_str().unwrap_or_default(),
-    )?;
+    std::fs::write(cp.dir.join("b.token"), join_token(&cp.operator, b).await?)?;
     let app = echo_app().await?;
     let (inbound, admin) = (free_port()?, free_port()?);
     let config = cp.dir.join("b.yaml");
