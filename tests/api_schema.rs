@@ -2,7 +2,9 @@
 //! server routes is described, and Schemathesis (from PyPI; scripts/test-deps installs it)
 //! sends a bounded run of generated requests as each kind of caller (none, a workload, an
 //! operator) and finds no 5xx, and every answer matching the description (status, content
-//! type, body schema).
+//! type, body schema, and for a refusal its code among those documented for that operation and
+//! status). That each documented refusal is reachable is the job of
+//! control-plane/tests/bad_input.rs, which gives every one of them on its operation.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
 
 mod support;

@@ -534,8 +534,14 @@ async fn issue(
     kind: &'static str,
 ) -> Result<Issued, ApiError> {
     let issued = api.ca.issue(identity, spki, lifetime).map_err(|e| {
+        // Every check on the key has passed: a signer that still fails is this server's
+        // fault, not the client's.
         tracing::error!(error = %e, "signing failed");
-        ApiError::bad_request("key_unusable", "the CSR's public key cannot be certified")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the certificate could not be signed; the control plane's log says why",
+        )
     })?;
     api.store
         .put_certificate(CertificateRecord {

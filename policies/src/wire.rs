@@ -45,6 +45,10 @@ pub enum AckStatus {
     Applied,
     /// It was refused; the last good one stays in force.
     Rejected,
+    /// Any other word: accepted by the parser so that the control plane can refuse it with its
+    /// own code (`status_invalid`) instead of a generic JSON error. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 /// `POST /v1/acks`: the version a sidecar applied, or why it rejected one. Also sent again at
@@ -181,15 +185,20 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_accepted_and_the_status_is_one_of_two() {
+    fn unknown_fields_are_accepted_and_an_unknown_status_is_told_apart() {
         let ack: Ack = serde_json::from_str(
             r#"{"instance":"a","version":{"epoch":"e","counter":1},"status":"applied","later":true}"#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(ack.status, AckStatus::Applied);
+        let ack: Ack = serde_json::from_str(
+            r#"{"instance":"a","version":{"epoch":"e","counter":1},"status":"done"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ack.status, AckStatus::Unknown);
         assert!(
             serde_json::from_str::<Ack>(
-                r#"{"instance":"a","version":{"epoch":"e","counter":1},"status":"done"}"#
+                r#"{"instance":"a","version":{"epoch":"e","counter":1},"status":7}"#
             )
             .is_err()
         );

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json};
 use crate::attestation::workload_identity;
 use crate::distribution::{ClaimRefused, FlowKey, FlowStats};
-use crate::store::RegistrationRecord;
+use crate::store::{RegistrationRecord, StoreError};
 
 /// How often an idle watch stream sends a keep-alive line, unless the sidecar asks for another
 /// interval (`&keepalive=SECONDS`, 1 to 60): it takes the stream for dead after three missed,
@@ -454,8 +454,9 @@ pub(super) async fn remove(
     }
     let mut identities = Vec::new();
     for record in &held {
-        let identity = SpiffeId::parse(&record.identity).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        let identity = SpiffeId::parse(&record.identity).map_err(|e| StoreError::Corrupt {
+            key: format!("registration {instance}"),
+            message: e.to_string(),
         })?;
         api.store.remove_registration(&identity, instance).await?;
         tracing::warn!(%operator, identity = record.identity, instance, endpoint = record.endpoint, "registration removed by an operator");
@@ -485,6 +486,12 @@ pub(super) async fn ack(
     }
     claim(api, &body.instance, &identity)?;
     let rejection = match body.status {
+        AckStatus::Unknown => {
+            return Err(ApiError::bad_request(
+                "status_invalid",
+                "status must be applied or rejected",
+            ));
+        }
         AckStatus::Applied => None,
         AckStatus::Rejected => Some(
             body.reason
