@@ -254,6 +254,28 @@ fn kubernetes_policies_configmap_is_the_three_tier_policies_and_validates() {
     );
 }
 
+/// Every manifest in examples/kubernetes is valid against the Kubernetes API's own schemas, with
+/// nothing unknown in it (kubernetes-validate from PyPI, `--strict`; `scripts/test-deps`
+/// installs it), for a Kubernetes as old as 1.29 and the newest the tool knows.
+#[test]
+fn kubernetes_manifests_validate_strictly_against_the_kubernetes_schemas() {
+    let manifests = yaml_files(&examples().join("kubernetes"));
+    assert!(manifests.len() >= 4, "{manifests:?}");
+    for version in ["1.29.0", "1.37.0"] {
+        let run = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet", "-k", version])
+            .args(&manifests)
+            .output()
+            .expect("kubernetes-validate (PyPI; scripts/test-deps installs it)");
+        assert!(
+            run.status.success(),
+            "Kubernetes {version}:\n{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+}
+
 #[test]
 fn kubernetes_control_plane_serves_probes_and_watches_the_policies() {
     let dir = examples().join("kubernetes");
