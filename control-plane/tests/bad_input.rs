@@ -84,6 +84,33 @@ fn openssl_csr(args: &[&str]) -> String {
     std::fs::read_to_string(dir.path().join("r.csr")).unwrap()
 }
 
+/// A certificate from `path` (`/v1/certificates` or `/v1/operators`) for `key`, asked by
+/// `client` with `body`: the answer, and a client presenting it.
+async fn credential(
+    cp: &TestControlPlane,
+    client: &Client,
+    path: &str,
+    body: Value,
+    key: &KeyPair,
+) -> (Value, Client) {
+    let (status, issued) = client.call(Method::POST, path, Some(&body)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{issued}");
+    let presenting = cp.with_identity(
+        issued["certificate_chain"].as_str().unwrap(),
+        &key.serialize_pem(),
+    );
+    (issued, presenting)
+}
+
+/// Revokes the `identity` or `serial` in `body`, as `operator`.
+async fn revoke(operator: &Client, body: Value) {
+    let (status, answer) = operator
+        .call(Method::POST, "/v1/revocations", Some(&body))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
 /// A leaf for `identity` signed by `issuer`, valid from `from` to `until` (Unix seconds).
 fn leaf(issuer: &Issuer<'_, KeyPair>, identity: &str, from: i64, until: i64) -> (String, String) {
     let key = KeyPair::generate().unwrap();
@@ -219,6 +246,21 @@ fn path_of(op: &str) -> String {
         .replace("{version}", "current")
 }
 
+/// A TLS connection to the API as `client`.
+async fn connect(
+    client: &Client,
+    api: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = tokio_rustls::TlsConnector::from(client.tls());
+    let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
+    tls.connect(
+        rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+        tcp,
+    )
+    .await
+    .unwrap()
+}
+
 /// Sends a request head and the start of a body over TLS as `client`; returns what the server
 /// answered before closing (or `wait` passed).
 async fn send_raw(
@@ -227,15 +269,7 @@ async fn send_raw(
     request: String,
     wait: Duration,
 ) -> String {
-    let tls = tokio_rustls::TlsConnector::from(client.tls());
-    let tcp = tokio::net::TcpStream::connect(api).await.unwrap();
-    let mut stream = tls
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut stream = connect(client, api).await;
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
@@ -322,50 +356,15 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     // Revoked identity and serial, for renewals.
     let (token_r, identity_r) = token(1).await;
     let key_r = KeyPair::generate().unwrap();
-    let (_, issued_r) = anonymous
-        .call(
-            Method::POST,
-            "/v1/certificates",
-            Some(&json!({"csr": csr(&key_r), "token": token_r})),
-        )
-        .await
-        .unwrap();
-    let as_revoked = cp.with_identity(
-        issued_r["certificate_chain"].as_str().unwrap(),
-        &key_r.serialize_pem(),
-    );
-    let (status, _) = operator
-        .call(
-            Method::POST,
-            "/v1/revocations",
-            Some(&json!({"identity": identity_r})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    let asked = json!({"csr": csr(&key_r), "token": token_r});
+    let (_, as_revoked) = credential(&cp, &anonymous, "/v1/certificates", asked, &key_r).await;
+    revoke(&operator, json!({"identity": identity_r})).await;
     let (token_s, _) = token(1).await;
     let key_s = KeyPair::generate().unwrap();
-    let (_, issued_s) = anonymous
-        .call(
-            Method::POST,
-            "/v1/certificates",
-            Some(&json!({"csr": csr(&key_s), "token": token_s})),
-        )
-        .await
-        .unwrap();
-    let as_revoked_serial = cp.with_identity(
-        issued_s["certificate_chain"].as_str().unwrap(),
-        &key_s.serialize_pem(),
-    );
-    let (status, _) = operator
-        .call(
-            Method::POST,
-            "/v1/revocations",
-            Some(&json!({"serial": issued_s["serial"]})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    let asked = json!({"csr": csr(&key_s), "token": token_s});
+    let (issued_s, as_revoked_serial) =
+        credential(&cp, &anonymous, "/v1/certificates", asked, &key_s).await;
+    revoke(&operator, json!({"serial": issued_s["serial"]})).await;
 
     // Tokens in each bad state.
     let (used_token, _) = token(1).await;
@@ -431,28 +430,9 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     let v = cp.workload("spiffe://sidewall.local/ns/bad/svc/v").await;
     // An operator whose credential was revoked.
     let gone_key = KeyPair::generate().unwrap();
-    let (status, gone) = operator
-        .call(
-            Method::POST,
-            "/v1/operators",
-            Some(&json!({"name": "gone", "csr": csr(&gone_key)})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK, "{gone}");
-    let as_gone = cp.with_identity(
-        gone["certificate_chain"].as_str().unwrap(),
-        &gone_key.serialize_pem(),
-    );
-    let (status, _) = operator
-        .call(
-            Method::POST,
-            "/v1/revocations",
-            Some(&json!({"identity": gone["identity"]})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, StatusCode::OK);
+    let asked = json!({"name": "gone", "csr": csr(&gone_key)});
+    let (gone, as_gone) = credential(&cp, &operator, "/v1/operators", asked, &gone_key).await;
+    revoke(&operator, json!({"identity": gone["identity"]})).await;
 
     let documented = documented();
     let needs = |op: &str, code: &str| documented[op].contains(&(401, code.to_owned()));
@@ -864,15 +844,7 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     );
 
     // Headers that never finish: the connection is closed.
-    let tcp = tokio::net::TcpStream::connect(cp.api).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(anonymous.tls());
-    let mut stream = tls
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut stream = connect(&anonymous, cp.api).await;
     stream
         .write_all(b"POST /v1/certificates HTTP/1.1\r\nHost: x\r\n")
         .await
