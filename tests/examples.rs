@@ -597,10 +597,14 @@ fn compose_sidecar_configs_check_and_match_compose_yaml() {
             .collect();
         app_ips.insert(ip.to_owned(), served);
 
-        // The sidecar: in the app's namespace, as UID 1337, with this config and its token.
+        // The sidecar: in the app's namespace, as the image's UID (65532), with this config and
+        // its token.
         let sidecar = &services[&format!("{name}-sidecar")];
         assert_eq!(sidecar["network_mode"], format!("service:{name}"));
-        assert_eq!(sidecar["user"], "1337:1337");
+        assert!(
+            sidecar["user"].is_null(),
+            "{name}-sidecar: runs as the image's user"
+        );
         let volumes = strings(&sidecar["volumes"]);
         let config_mount = format!("./config/{name}.yaml:");
         let mounted = volumes
@@ -608,8 +612,8 @@ fn compose_sidecar_configs_check_and_match_compose_yaml() {
             .find(|v| v.starts_with(&config_mount))
             .unwrap_or_else(|| panic!("{name}-sidecar does not mount config/{name}.yaml"));
         let inside = mounted.split(':').nth(1).unwrap();
-        let entrypoint = strings(&sidecar["entrypoint"]);
-        assert_eq!(entrypoint, ["sidewall", "proxy", "--config", inside]);
+        let command = strings(&sidecar["command"]);
+        assert_eq!(command, ["proxy", "--config", inside]);
         assert!(
             volumes
                 .iter()
@@ -623,20 +627,15 @@ fn compose_sidecar_configs_check_and_match_compose_yaml() {
         );
         assert!(docs[0]["secrets"][str_of(&secret["source"])]["file"].is_string());
 
-        // The one-shot: in the same namespace, NET_ADMIN, and rules that exempt UID 1337 and
-        // redirect to this sidecar's listeners.
+        // The one-shot: in the same namespace, as root with NET_ADMIN and NET_RAW only, and
+        // rules that exempt UID 65532 and redirect to this sidecar's listeners.
         let init = &services[&format!("{name}-iptables")];
         assert_eq!(init["network_mode"], format!("service:{name}"));
-        assert!(strings(&init["cap_add"]).contains(&"NET_ADMIN".to_owned()));
-        let script = strings(&init["entrypoint"]).join(" ");
-        let install = script
-            .split("exec ")
-            .nth(1)
-            .unwrap_or_else(|| panic!("{name}-iptables: no `exec sidewall iptables install`"));
-        let mut args: Vec<&str> = install.split_whitespace().collect();
-        assert_eq!(args[..3], ["sidewall", "iptables", "install"]);
-        args.remove(0);
-        args.push("--dry-run");
+        assert_eq!(strings(&init["cap_drop"]), ["ALL"]);
+        assert_eq!(strings(&init["cap_add"]), ["NET_ADMIN", "NET_RAW"]);
+        let mut args = strings(&init["command"]);
+        assert_eq!(args[..2], ["iptables", "install"]);
+        args.push("--dry-run".to_owned());
         let run = sidewall(&args);
         assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
         let inbound = port_of(&config["inbound"]["listen"]);
@@ -644,21 +643,20 @@ fn compose_sidecar_configs_check_and_match_compose_yaml() {
         for rule in [
             format!("-j REDIRECT --to-ports {inbound}"),
             format!("-j REDIRECT --to-ports {outbound}"),
-            "--uid-owner 1337 -j RETURN".to_owned(),
+            "--uid-owner 65532 -j RETURN".to_owned(),
         ] {
             assert!(run.stdout.contains(&rule), "{name}: no `{rule}`");
         }
         let depends = sidecar["depends_on"][format!("{name}-iptables")]["condition"].clone();
         assert_eq!(depends, "service_completed_successfully");
+        let depends = sidecar["depends_on"]["control-plane"]["condition"].clone();
+        assert_eq!(depends, "service_healthy");
     }
 
     // What the demo apps call is a service in the mesh, on a port its sidecar serves.
     for (name, service) in services {
-        let entrypoint = service["entrypoint"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        for arg in entrypoint.iter().filter_map(Value::as_str) {
+        let command = service["command"].as_array().cloned().unwrap_or_default();
+        for arg in command.iter().filter_map(Value::as_str) {
             let Some((_, url)) = arg.split_once('=') else {
                 continue;
             };
