@@ -446,8 +446,8 @@ fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the
 
     // The sidecar's own UID, the one the init container's rules exempt.
     let security = &sidecar["securityContext"];
-    assert_eq!(security["runAsUser"], 1337);
-    assert_eq!(security["runAsGroup"], 1337);
+    assert_eq!(security["runAsUser"], 65532);
+    assert_eq!(security["runAsGroup"], 65532);
     assert_eq!(security["runAsNonRoot"], true);
     // The state directory is an emptyDir; the token file is in the Secret's mount.
     let state_volume = pod["volumes"].as_array().unwrap().iter().find(|v| {
@@ -482,7 +482,7 @@ fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the
         let i = command.iter().position(|a| a == name);
         i.map(|i| command[i + 1].clone())
     };
-    assert_eq!(flag("--proxy-uid").as_deref(), Some("1337"));
+    assert_eq!(flag("--proxy-uid").as_deref(), Some("65532"));
 
     // Its rules, as it would install them: to the sidecar's listeners, never the sidecar's
     // own ports or the app's probe ports, and the sidecar's UID exempt.
@@ -498,7 +498,7 @@ fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the
         format!("-A SIDEWALL_REDIRECT -p tcp -j REDIRECT --to-ports {outbound}"),
         format!("-A SIDEWALL_INBOUND -p tcp --dport {inbound} -j RETURN"),
         format!("-A SIDEWALL_INBOUND -p tcp --dport {admin_port} -j RETURN"),
-        "-A SIDEWALL_OUTBOUND -m owner --uid-owner 1337 -j RETURN".to_owned(),
+        "-A SIDEWALL_OUTBOUND -m owner --uid-owner 65532 -j RETURN".to_owned(),
     ] {
         assert!(rules.contains(&rule), "no `{rule}` in:\n{rules}");
     }
@@ -508,7 +508,7 @@ fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the
             continue;
         }
         assert_ne!(
-            app["securityContext"]["runAsUser"], 1337,
+            app["securityContext"]["runAsUser"], 65532,
             "the app must not run as the sidecar's UID"
         );
         for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
