@@ -430,7 +430,18 @@ fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the
     };
     let deployment = doc(&docs, "Deployment", "api");
     let pod = pod_spec(deployment);
-    let sidecar = container(&pod["containers"], "sidewall");
+    // A native sidecar: an init container that keeps running, after the rules, before the app,
+    // which starts once the sidecar is ready.
+    let sidecar = container(&pod["initContainers"], "sidewall");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/ready");
+    let order: Vec<&str> = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| str_of(&c["name"]))
+        .collect();
+    assert_eq!(order, ["sidewall-iptables", "sidewall"]);
     let temp = tempfile::tempdir().unwrap();
     let (rendered, stdout) = check_kubernetes_sidecar_config(&docs, sidecar, pod, temp.path());
     assert!(
