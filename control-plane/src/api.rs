@@ -12,11 +12,12 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sidewall_policies::SpiffeId;
 use sidewall_policies::svid::Svid;
+use sidewall_policies::wire;
 
 use crate::attestation::{JoinToken, TokenError, workload_identity};
 use crate::ca::{Authority, Issued, csr};
@@ -224,24 +225,6 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     })
 }
 
-/// The certificate request body.
-#[derive(Debug, Deserialize)]
-struct CertificateRequest {
-    csr: String,
-    #[serde(default)]
-    token: Option<String>,
-}
-
-/// The certificate response body.
-#[derive(Debug, Serialize)]
-struct CertificateResponse {
-    certificate_chain: String,
-    trust_bundle: String,
-    expires_at: String,
-    identity: String,
-    serial: String,
-}
-
 /// A token creation request.
 #[derive(Debug, Deserialize)]
 struct TokenRequest {
@@ -418,7 +401,7 @@ async fn certificates(
     peer: &Peer,
     request: Request<Incoming>,
 ) -> Result<HttpResponse, ApiError> {
-    let body: CertificateRequest = read_json(api, request).await?;
+    let body: wire::CertificateRequest = read_json(api, request).await?;
     // The CSR is checked before a token is spent: a bad request consumes nothing.
     let key = csr::parse(&body.csr)?;
     let key_sha256 = crate::random::sha256_hex(&key.spki);
@@ -561,7 +544,7 @@ async fn issue(
 }
 
 fn certificate_response(api: &Api, issued: &Issued) -> HttpResponse {
-    let body = CertificateResponse {
+    let body = wire::Certificate {
         certificate_chain: issued.chain_pem.clone(),
         trust_bundle: api.ca.trust_bundle_pem().to_owned(),
         expires_at: rfc3339(issued.not_after),

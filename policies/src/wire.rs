@@ -1,6 +1,6 @@
-//! The bodies a sidecar sends the control plane, typed once (issue 16, first part): the
-//! control plane reads them with these types and `sidewall proxy` writes them with the same
-//! ones, so a renamed field is a compile error, not a silent `400`.
+//! The bodies a sidecar and the control plane exchange, typed once (issue 16, first part): one
+//! side writes them with these types and the other reads them with the same ones, so a renamed
+//! field is a compile error, not a silent `400` or an unusable answer.
 //!
 //! Forward compatibility: every type here accepts unknown fields (serde's default), so that a
 //! newer sidecar can add a field an older control plane does not know yet; fields added later
@@ -20,6 +20,32 @@ pub fn valid_instance(instance: &str) -> bool {
         && instance
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `POST /v1/certificates`: a CSR, with a join token on first contact (a renewal presents the
+/// current certificate instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    /// One PKCS#10 CSR in PEM.
+    pub csr: String,
+    /// A join token, `swt1.<id>.<secret>.<root-sha256>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The answer to `POST /v1/certificates` and `POST /v1/operators`: the new certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    /// The leaf, then the intermediate, PEM.
+    pub certificate_chain: String,
+    /// The trust domain's roots, PEM.
+    pub trust_bundle: String,
+    /// When the leaf expires, RFC 3339.
+    pub expires_at: String,
+    /// The SPIFFE ID it certifies.
+    pub identity: String,
+    /// Its serial, lowercase hex.
+    pub serial: String,
 }
 
 /// `POST /v1/registrations`: the endpoint a sidecar advertises and the ports it serves.
@@ -146,6 +172,19 @@ mod tests {
 
     #[test]
     fn every_body_reads_back_what_was_written() {
+        for token in [Some("swt1.a.b.c".to_owned()), None] {
+            round_trip(&CertificateRequest {
+                csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+                token,
+            });
+        }
+        round_trip(&Certificate {
+            certificate_chain: "leaf, intermediate".into(),
+            trust_bundle: "root".into(),
+            expires_at: "2026-12-08T00:00:00Z".into(),
+            identity: "spiffe://sidewall.local/ns/a/svc/b".into(),
+            serial: "0a1b".into(),
+        });
         round_trip(&Registration {
             instance: "api-1".into(),
             endpoint: "127.0.0.1:4643".into(),

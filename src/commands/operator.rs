@@ -9,6 +9,7 @@ use serde_json::json;
 use sidewall_control_plane::ca::write_private;
 use sidewall_control_plane::client::key_and_csr;
 use sidewall_control_plane::server::operator_paths;
+use sidewall_policies::wire;
 
 use super::{block_on, client, expect_success};
 use crate::ControlPlaneAccess;
@@ -46,12 +47,13 @@ pub(crate) fn run(command: OperatorCommand, access: &ControlPlaneAccess) -> Exit
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-        let chain = answer["certificate_chain"].as_str().unwrap_or_default();
-        write_private(&cert_path, chain.as_bytes(), 0o644)?;
+        let issued: wire::Certificate = serde_json::from_value(answer)
+            .context("the control plane's answer is not a certificate")?;
+        write_private(&cert_path, issued.certificate_chain.as_bytes(), 0o644)?;
         println!(
             "{} (expires {}): {} and {}",
-            answer["identity"].as_str().unwrap_or("?"),
-            answer["expires_at"].as_str().unwrap_or("?"),
+            issued.identity,
+            issued.expires_at,
             cert_path.display(),
             key_path.display()
         );

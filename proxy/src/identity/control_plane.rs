@@ -18,9 +18,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use serde::Deserialize;
 use sidewall_policies::SpiffeId;
 use sidewall_policies::svid::{SpiffeServerVerifier, TrustBundles};
+use sidewall_policies::wire;
 use tokio_rustls::TlsConnector;
 
 use super::Credential;
@@ -64,13 +64,6 @@ pub enum JoinError {
     /// The answer is unusable.
     #[error("unusable answer from the control plane: {0}")]
     Answer(String),
-}
-
-/// The certificate response.
-#[derive(Debug, Deserialize)]
-pub(super) struct CertificateResponse {
-    pub(super) certificate_chain: String,
-    pub(super) trust_bundle: String,
 }
 
 /// Accepts any server certificate: used only to fetch the public trust bundle, whose content
@@ -267,7 +260,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn certificate_answer(status: u16, body: &Bytes) -> Result<CertificateResponse, JoinError> {
+fn certificate_answer(status: u16, body: &Bytes) -> Result<wire::Certificate, JoinError> {
     if status == 200 {
         return serde_json::from_slice(body).map_err(|e| JoinError::Answer(e.to_string()));
     }
@@ -305,7 +298,7 @@ pub(super) async fn join(
     identity: &SpiffeId,
     token: &str,
     csr: &str,
-) -> Result<CertificateResponse, JoinError> {
+) -> Result<wire::Certificate, JoinError> {
     let mut parts = token.split('.');
     let fingerprint = match (parts.next(), parts.nth(2), parts.next()) {
         (Some("swt1"), Some(fp), None) if fp.len() == 64 => fp.to_owned(),
@@ -316,7 +309,10 @@ pub(super) async fn join(
         async move {
             let root = pinned_root(&url, &fingerprint).await?;
             let tls = config_trusting(identity, vec![root], None)?;
-            let body = serde_json::json!({"csr": csr, "token": token});
+            let body = serde_json::json!(wire::CertificateRequest {
+                csr: csr.to_owned(),
+                token: Some(token.to_owned()),
+            });
             let (status, answer) =
                 call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;
             certificate_answer(status, &answer)
@@ -330,7 +326,7 @@ pub(super) async fn renew(
     urls: &[String],
     current: &Credential,
     csr: &str,
-) -> Result<CertificateResponse, JoinError> {
+) -> Result<wire::Certificate, JoinError> {
     let chain: Vec<CertificateDer<'static>> = current.certified_key.cert.clone();
     let key = PrivateKeyDer::from_pem_slice(current.key_pem.as_bytes())
         .map_err(|e| JoinError::Answer(e.to_string()))?;
@@ -338,7 +334,10 @@ pub(super) async fn renew(
     each_url(urls, |url| {
         let tls = tls.clone();
         async move {
-            let body = serde_json::json!({"csr": csr});
+            let body = serde_json::json!(wire::CertificateRequest {
+                csr: csr.to_owned(),
+                token: None,
+            });
             let (status, answer) =
                 call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;
             certificate_answer(status, &answer)
