@@ -3,7 +3,8 @@
 //! see: allowed calls succeed, denied ones never reach the app, a container with no sidecar on
 //! the Compose network reaches no app port, a capture on that network finds no plaintext,
 //! restarting the control plane costs no request, and `down -v` leaves nothing behind. Needs
-//! Docker and docker-compose (and tshark: `scripts/test-deps`); without them it says SKIPPED.
+//! Docker and docker-compose (and tshark: `scripts/test-deps`); without them it says SKIPPED (or
+//! fails, with `SIDEWALL_REQUIRE_DOCKER` set, as in CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test: panics report failures; blocking waits are fine
 
@@ -24,13 +25,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn available(program: &str, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Copies `from` into `to`, recursively.
@@ -145,8 +139,7 @@ fn probe_from_outside(project: &Project, url: &str) -> Option<i32> {
 
 #[test]
 fn the_compose_example_comes_up_segmented_encrypted_and_leaves_nothing_behind() {
-    if !available("docker", &["info"]) || !available("docker-compose", &["version"]) {
-        eprintln!("SKIPPED: needs a reachable Docker daemon and docker-compose");
+    if !support::docker_available("compose", true) {
         return;
     }
     let name = format!("sidewall-compose-{}", std::process::id());
@@ -166,16 +159,7 @@ fn the_compose_example_comes_up_segmented_encrypted_and_leaves_nothing_behind() 
         dir: copy.path().join("compose"),
         _copy: copy,
     };
-    let build = Command::new(repo_root().join("scripts/image"))
-        .args([
-            "--binary",
-            env!("CARGO_BIN_EXE_sidewall"),
-            "--tag",
-            &project.image,
-        ])
-        .output()
-        .unwrap();
-    assert!(build.status.success(), "scripts/image: {}", text(&build));
+    support::build_image(&project.image);
 
     // The README's steps: the control plane, one token per service, then everything.
     for service in ["frontend", "api", "db"] {

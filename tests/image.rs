@@ -3,7 +3,7 @@
 //! read-only root filesystem, the control plane healthy by `sidewall probe` (there is no curl or
 //! shell in the image), and the init step writing the redirect rules with no capability but
 //! NET_ADMIN and NET_RAW, and refused clearly without them. Needs Docker; without a reachable
-//! daemon it says SKIPPED.
+//! daemon it says SKIPPED (or fails, with `SIDEWALL_REQUIRE_DOCKER` set, as in CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test: panics report failures; blocking waits are fine
 
@@ -11,8 +11,6 @@ mod support;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-use support::repo_root;
 
 fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().unwrap()
@@ -71,29 +69,15 @@ impl Drop for Built {
 
 #[test]
 fn the_image_runs_unprivileged_probes_without_curl_and_its_init_step_needs_only_net_admin() {
-    if !Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("SKIPPED: no reachable Docker daemon");
+    if !support::docker_available("image", false) {
         return;
     }
     let image = format!("sidewall-test:{}", std::process::id());
-    let build = Command::new(repo_root().join("scripts/image"))
-        .args(["--binary", env!("CARGO_BIN_EXE_sidewall"), "--tag", &image])
-        .output()
-        .unwrap();
     let mut built = Built {
         image: image.clone(),
         containers: Vec::new(),
     };
-    assert!(build.status.success(), "scripts/image: {}", text(&build));
-    assert!(
-        text(&build).contains(&format!("built {image}, ")),
-        "{}",
-        text(&build)
-    );
+    support::build_image(&image);
 
     // Non-root by default, and nothing but what it needs: no shell.
     let user = docker(&["image", "inspect", "-f", "{{.Config.User}}", &image]);

@@ -533,3 +533,43 @@ pub(crate) fn h2_control_flood(target: &FloodTarget<'_>, kind: u8) -> Option<usi
     }
     None
 }
+
+/// Whether this test can use Docker (and docker-compose, with `compose`). When it cannot, says
+/// `SKIPPED` on the terminal, or fails when `SIDEWALL_REQUIRE_DOCKER` is set (CI).
+pub(crate) fn docker_available(test: &str, compose: bool) -> bool {
+    let works = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let reason = if !works("docker", &["info", "--format", "{{.ServerVersion}}"]) {
+        "no reachable Docker daemon"
+    } else if compose && !works("docker-compose", &["version"]) {
+        "no docker-compose"
+    } else {
+        return true;
+    };
+    if std::env::var_os("SIDEWALL_REQUIRE_DOCKER").is_some_and(|v| v != "0") {
+        panic!("{test} cannot run and SIDEWALL_REQUIRE_DOCKER is set: {reason}");
+    }
+    // Written to the terminal directly: libtest captures `eprintln!` of passing tests.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {reason}");
+    false
+}
+
+/// Builds the image (`scripts/image`) from this test binary's `sidewall`, tagged `tag`.
+pub(crate) fn build_image(tag: &str) {
+    let build = Command::new(repo_root().join("scripts/image"))
+        .args(["--binary", env!("CARGO_BIN_EXE_sidewall"), "--tag", tag])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&build.stdout),
+        String::from_utf8_lossy(&build.stderr)
+    );
+    assert!(build.status.success(), "scripts/image: {said}");
+    assert!(said.contains(&format!("built {tag}, ")), "{said}");
+}
