@@ -1,7 +1,9 @@
 //! The deployment examples under `examples/` are checked without a cluster, Docker or a VM:
 //!
 //! - every YAML file parses (all documents, duplicate keys refused), through Python's PyYAML;
-//! - Kubernetes: the policies ConfigMap equals `examples/three-tier/policies` and validates; the
+//! - Kubernetes: each install (`control-plane`, `control-plane-etcd`, `api`) is rendered by
+//!   `kubectl kustomize`, as `kubectl apply -k` would, and the rendered objects are checked:
+//!   strictly valid against the Kubernetes schemas; the policies ConfigMap equals `examples/three-tier/policies` and validates; the
 //!   sidecar container's own command and arguments, with the ConfigMap's config and a `POD_IP`,
 //!   pass `sidewall proxy --check`; the init container's `iptables install`, run with
 //!   `--dry-run`, redirects to the sidecar's listeners, spares the app's probe ports and exempts
@@ -82,6 +84,38 @@ fn parse_yaml(path: &Path) -> Result<Vec<Value>, String> {
 
 fn examples() -> PathBuf {
     repo_root().join("examples")
+}
+
+/// The directories under examples/kubernetes that a platform team applies with
+/// `kubectl apply -k`.
+const KUSTOMIZATIONS: [&str; 3] = ["control-plane", "control-plane-etcd", "api"];
+
+/// Renders examples/kubernetes/`name` with `kubectl kustomize` (what `kubectl apply -k`
+/// applies) into a file under `out`. `scripts/test-deps` makes sure kubectl is there.
+fn kustomize(name: &str, out: &Path) -> PathBuf {
+    let dir = examples().join("kubernetes").join(name);
+    let run = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("kubectl (scripts/test-deps installs it)");
+    assert!(
+        run.status.success(),
+        "kubectl kustomize {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let file = out.join(format!("{name}.yaml"));
+    fs::write(&file, &run.stdout).unwrap();
+    file
+}
+
+/// The objects `kubectl apply -k examples/kubernetes/NAME` would apply, or `None` (after
+/// saying SKIPPED) when PyYAML is missing.
+fn rendered(name: &str) -> Option<Vec<Value>> {
+    let temp = tempfile::tempdir().unwrap();
+    let file = kustomize(name, temp.path());
+    yaml_docs(&file)
 }
 
 /// Every `*.yaml` / `*.yml` file under `dir`, recursively, sorted.
@@ -209,8 +243,7 @@ fn every_yaml_file_under_examples_is_well_formed() {
 
 #[test]
 fn kubernetes_policies_configmap_is_the_three_tier_policies_and_validates() {
-    let dir = examples().join("kubernetes");
-    let Some(docs) = yaml_docs(&dir.join("policies-configmap.yaml")) else {
+    let Some(docs) = rendered("control-plane") else {
         return;
     };
     let configmap = doc(&docs, "ConfigMap", "sidewall-policies");
@@ -254,13 +287,39 @@ fn kubernetes_policies_configmap_is_the_three_tier_policies_and_validates() {
     );
 }
 
-/// Every manifest in examples/kubernetes is valid against the Kubernetes API's own schemas, with
-/// nothing unknown in it (kubernetes-validate from PyPI, `--strict`; `scripts/test-deps`
-/// installs it), for a Kubernetes as old as 1.29 and the newest the tool knows.
+/// What each kustomization in examples/kubernetes renders is valid against the Kubernetes API's
+/// own schemas, with nothing unknown in it (kubernetes-validate from PyPI, `--strict`;
+/// `scripts/test-deps` installs it), for a Kubernetes as old as 1.29 and the newest the tool
+/// knows. Every YAML file there is a kustomization or named by one, so nothing goes unchecked.
 #[test]
-fn kubernetes_manifests_validate_strictly_against_the_kubernetes_schemas() {
-    let manifests = yaml_files(&examples().join("kubernetes"));
-    assert!(manifests.len() >= 4, "{manifests:?}");
+fn kubernetes_installs_render_and_validate_strictly_against_the_kubernetes_schemas() {
+    let temp = tempfile::tempdir().unwrap();
+    let manifests: Vec<PathBuf> = KUSTOMIZATIONS
+        .iter()
+        .map(|name| kustomize(name, temp.path()))
+        .collect();
+    let mut named = Vec::new();
+    for name in KUSTOMIZATIONS {
+        let dir = examples().join("kubernetes").join(name);
+        let text = fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+        for line in text.lines() {
+            let entry = line
+                .trim_start()
+                .trim_start_matches("- ")
+                .trim_start_matches("path: ");
+            if entry.ends_with(".yaml") && !entry.contains(' ') {
+                named.push(dir.join(entry).canonicalize().unwrap());
+            }
+        }
+    }
+    for file in yaml_files(&examples().join("kubernetes")) {
+        let file = file.canonicalize().unwrap();
+        assert!(
+            file.ends_with("kustomization.yaml") || named.contains(&file),
+            "{} is in no kustomization, so nothing applies or checks it",
+            file.display()
+        );
+    }
     for version in ["1.29.0", "1.37.0"] {
         let run = std::process::Command::new("kubernetes-validate")
             .args(["--strict", "--quiet", "-k", version])
@@ -278,8 +337,7 @@ fn kubernetes_manifests_validate_strictly_against_the_kubernetes_schemas() {
 
 #[test]
 fn kubernetes_control_plane_serves_probes_and_watches_the_policies() {
-    let dir = examples().join("kubernetes");
-    let Some(docs) = yaml_docs(&dir.join("control-plane.yaml")) else {
+    let Some(docs) = rendered("control-plane") else {
         return;
     };
     doc(&docs, "Namespace", "sidewall-system");
@@ -424,8 +482,7 @@ fn check_kubernetes_sidecar_config(
 
 #[test]
 fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the_pod() {
-    let dir = examples().join("kubernetes");
-    let Some(docs) = yaml_docs(&dir.join("api-workload.yaml")) else {
+    let Some(docs) = rendered("api") else {
         return;
     };
     let deployment = doc(&docs, "Deployment", "api");
@@ -757,8 +814,7 @@ fn systemd_units_verify_and_the_example_sidecar_config_checks() {
 
 #[test]
 fn kubernetes_replicated_control_plane_runs_over_the_etcd_statefulset_with_the_kek_secret() {
-    let dir = examples().join("kubernetes");
-    let Some(docs) = yaml_docs(&dir.join("control-plane-etcd.yaml")) else {
+    let Some(docs) = rendered("control-plane-etcd") else {
         return;
     };
     let etcd = doc(&docs, "StatefulSet", "sidewall-etcd");
@@ -780,6 +836,25 @@ fn kubernetes_replicated_control_plane_runs_over_the_etcd_statefulset_with_the_k
         .map(|i| format!("sidewall-etcd-{i}.{service}:2379"))
         .collect();
     assert_eq!(flag("--store"), format!("etcd://{}", expected.join(",")));
+    // The overlay took out what one replica on the embedded store needs and three must not
+    // share: the volume, and the policy directory every replica would apply.
+    assert!(
+        !command.iter().any(|a| a == "--policies-dir"),
+        "{command:?}"
+    );
+    for kind in ["PersistentVolumeClaim", "ConfigMap"] {
+        assert!(
+            !docs.iter().any(|d| d["kind"] == kind),
+            "the overlay still has a {kind}"
+        );
+    }
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.get("persistentVolumeClaim").is_none() && v.get("configMap").is_none())
+    );
     // The KEK file is in the Secret's mount, readable by the pod's group only.
     let kek = flag("--ca-kek-file");
     let mount = mount_of(pod, cp, "secret", "sidewall-ca-kek");
