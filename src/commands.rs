@@ -59,6 +59,22 @@ pub(crate) fn client(access: &ControlPlaneAccess) -> anyhow::Result<Client> {
     )?)
 }
 
+/// A successful answer to `what`, read as its wire type (`sidewall_policies::wire::operator`). A
+/// refusal, or an answer of another shape (a control plane of another version), is an error
+/// that says which.
+pub(crate) fn answer<T: serde::de::DeserializeOwned>(
+    what: &str,
+    status: hyper::StatusCode,
+    body: serde_json::Value,
+) -> anyhow::Result<T> {
+    expect_success(status, &body)?;
+    serde_json::from_value(body).map_err(|e| {
+        anyhow::anyhow!(
+            "the control plane's answer to {what} is not what this sidewall reads ({e}); is the control plane another version?"
+        )
+    })
+}
+
 /// Turns a non-success API answer into an error carrying its message.
 pub(crate) fn expect_success(
     status: hyper::StatusCode,

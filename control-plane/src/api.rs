@@ -12,12 +12,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use sidewall_policies::SpiffeId;
 use sidewall_policies::svid::Svid;
 use sidewall_policies::wire;
+use sidewall_policies::wire::operator::{
+    OperatorRequest, RevocationKind, RevocationRequest, RevocationRow, Revocations, Revoked,
+    TokenCreated, TokenRequest, TokenRevoked, TokenRow, TokenState, Tokens,
+};
 
 use crate::attestation::{JoinToken, TokenError, workload_identity};
 use crate::ca::{Authority, Issued, csr};
@@ -138,7 +141,7 @@ mod policies;
 /// Applies a policy set that came from the policy directory (see [`crate::gitops`]).
 pub async fn apply_from_source(
     api: &Api,
-    files: Vec<crate::store::PolicyFile>,
+    files: Vec<sidewall_policies::load::Source>,
     set: sidewall_policies::PolicySet,
     applied_by: String,
 ) -> Result<u64, String> {
@@ -147,8 +150,22 @@ pub async fn apply_from_source(
         .map_err(|e| e.message)
 }
 
-pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed_unsync());
+/// An answer with a JSON body: one of the `wire` types, or a `json!` value.
+pub(crate) fn json_response<T: serde::Serialize + ?Sized>(
+    status: StatusCode,
+    body: &T,
+) -> HttpResponse {
+    let (status, bytes) = match serde_json::to_vec(body) {
+        Ok(bytes) => (status, bytes),
+        // Only a map with keys that are not strings fails, and no answer has one.
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "internal", "message": error.to_string()})
+                .to_string()
+                .into_bytes(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(bytes)).boxed_unsync());
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -223,32 +240,6 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
             format!("body is not the expected JSON: {e}"),
         )
     })
-}
-
-/// A token creation request.
-#[derive(Debug, Deserialize)]
-struct TokenRequest {
-    identity: String,
-    #[serde(default)]
-    ttl_seconds: Option<u64>,
-    #[serde(default)]
-    uses: Option<u32>,
-}
-
-/// An operator credential request.
-#[derive(Debug, Deserialize)]
-struct OperatorRequest {
-    name: String,
-    csr: String,
-}
-
-/// A revocation request.
-#[derive(Debug, Deserialize)]
-struct RevocationRequest {
-    #[serde(default)]
-    identity: Option<String>,
-    #[serde(default)]
-    serial: Option<String>,
 }
 
 /// The peer of a connection, as its TLS handshake established it.
@@ -390,8 +381,8 @@ async fn is_revoked(
 ) -> Result<bool, ApiError> {
     let revocations = api.store.revocations().await?;
     Ok(revocations.iter().any(|r| {
-        (r.kind == "identity" && r.value == identity.as_str())
-            || (r.kind == "serial"
+        (r.kind == RevocationKind::Identity && r.value == identity.as_str())
+            || (r.kind == RevocationKind::Serial
                 && Some(r.value.as_str()) == serial.map(|s| s.trim_start_matches('0')))
     }))
 }
@@ -608,13 +599,13 @@ async fn create_token(
     tracing::info!(token = %token.id, %identity, uses, operator, "join token created");
     Ok(json_response(
         StatusCode::CREATED,
-        &json!({
-            "token": token.to_text(),
-            "id": token.id,
-            "identity": identity.to_string(),
-            "uses": uses,
-            "expires_at": unix_rfc3339(expires_at),
-        }),
+        &TokenCreated {
+            token: token.to_text(),
+            id: token.id,
+            identity: identity.to_string(),
+            uses,
+            expires_at: unix_rfc3339(expires_at),
+        },
     ))
 }
 
@@ -623,27 +614,31 @@ async fn list_tokens(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     let now = now_unix();
     let mut tokens = api.store.tokens().await?;
     tokens.sort_by_key(|t| t.created_at);
-    let list: Vec<_> = tokens
-        .iter()
+    let tokens = tokens
+        .into_iter()
         .map(|t| {
             let state = if t.revoked_at.is_some() {
-                "revoked"
+                TokenState::Revoked
             } else if now >= t.expires_at {
-                "expired"
+                TokenState::Expired
             } else if t.redeemed_keys.len() >= t.uses as usize {
-                "used"
+                TokenState::Used
             } else {
-                "active"
+                TokenState::Active
             };
-            json!({
-                "id": t.id, "identity": t.identity, "state": state,
-                "uses": t.uses, "used": t.redeemed_keys.len(),
-                "created_at": unix_rfc3339(t.created_at), "expires_at": unix_rfc3339(t.expires_at),
-                "created_by": t.created_by,
-            })
+            TokenRow {
+                state,
+                used: t.redeemed_keys.len(),
+                created_at: unix_rfc3339(t.created_at),
+                expires_at: unix_rfc3339(t.expires_at),
+                id: t.id,
+                identity: t.identity,
+                uses: t.uses,
+                created_by: t.created_by,
+            }
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({ "tokens": list })))
+    Ok(json_response(StatusCode::OK, &Tokens { tokens }))
 }
 
 async fn revoke_token(api: &Api, peer: &Peer, id: &str) -> Result<HttpResponse, ApiError> {
@@ -652,7 +647,10 @@ async fn revoke_token(api: &Api, peer: &Peer, id: &str) -> Result<HttpResponse, 
         tracing::info!(token = id, operator, "join token revoked");
         Ok(json_response(
             StatusCode::OK,
-            &json!({ "id": id, "state": "revoked" }),
+            &TokenRevoked {
+                id: id.to_owned(),
+                state: TokenState::Revoked,
+            },
         ))
     } else {
         Err(ApiError::new(
@@ -711,7 +709,7 @@ async fn revoke(
             let id = SpiffeId::parse(&identity).map_err(|e| {
                 ApiError::bad_request("invalid_identity", format!("identity {identity:?}: {e}"))
             })?;
-            ("identity", id.to_string())
+            (RevocationKind::Identity, id.to_string())
         }
         (None, Some(serial)) => {
             let serial = serial
@@ -727,7 +725,10 @@ async fn revoke(
                     "serial must be hex",
                 ));
             }
-            ("serial", serial.trim_start_matches('0').to_owned())
+            (
+                RevocationKind::Serial,
+                serial.trim_start_matches('0').to_owned(),
+            )
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -738,7 +739,7 @@ async fn revoke(
     };
     api.store
         .put_revocation(RevocationRecord {
-            kind: kind.to_owned(),
+            kind,
             value: value.clone(),
             at: now_unix(),
             by: operator.clone(),
@@ -748,24 +749,23 @@ async fn revoke(
         api.distribution
             .set_revocations(&api.store.revocations().await?);
     }
-    tracing::warn!(kind, value, operator, "revoked");
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "kind": kind, "value": value }),
-    ))
+    tracing::warn!(kind = kind.as_str(), value, operator, "revoked");
+    Ok(json_response(StatusCode::OK, &Revoked { kind, value }))
 }
 
 async fn list_revocations(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
-    let list: Vec<_> = api
+    let revocations = api
         .store
         .revocations()
         .await?
         .into_iter()
-        .map(|r| json!({"kind": r.kind, "value": r.value, "at": unix_rfc3339(r.at), "by": r.by}))
+        .map(|r| RevocationRow {
+            kind: r.kind,
+            at: unix_rfc3339(r.at),
+            value: r.value,
+            by: r.by,
+        })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "revocations": list }),
-    ))
+    Ok(json_response(StatusCode::OK, &Revocations { revocations }))
 }

@@ -25,7 +25,11 @@ use sidewall_policies::snapshot::{Revocations, Schema, ServiceEntry, Snapshot, S
 use sidewall_policies::{Engine, Outcome, PolicySet, Protocol, SpiffeId, TrustDomain};
 use tokio::sync::{oneshot, watch};
 
-use crate::store::{PolicyFile, RegistrationRecord, RevocationRecord};
+use crate::store::{RegistrationRecord, RevocationRecord};
+use sidewall_policies::wire::operator::{Fleet, RevocationKind};
+pub use sidewall_policies::wire::operator::{
+    FleetEntry, FlowKey, FlowStats, RefusedAddress, RefusedBecause,
+};
 
 /// Most distinct flows kept for `policy impact`.
 pub const MAX_FLOWS: usize = 10_000;
@@ -33,48 +37,6 @@ pub const MAX_FLOWS: usize = 10_000;
 pub const MAX_FLOWS_PER_TARGET: usize = 2_000;
 /// Distinct flows kept for one peer of one target.
 pub const MAX_FLOWS_PER_PEER: usize = 500;
-
-/// What the fleet view shows for one sidecar process.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FleetEntry {
-    /// The sidecar process.
-    pub instance: String,
-    /// Its identity.
-    pub identity: String,
-    /// The endpoint it registered, if any.
-    pub endpoint: Option<String>,
-    /// Whether its watch stream is open now.
-    pub connected: bool,
-    /// Since when (connected or disconnected), Unix seconds.
-    pub since: i64,
-    /// The control plane replica it is connected to.
-    pub replica: String,
-    /// The counter of the last snapshot sent to it.
-    pub sent: Option<u64>,
-    /// The counter it last acknowledged as applied.
-    pub applied: Option<u64>,
-    /// When it last acknowledged, Unix seconds.
-    pub last_ack_at: Option<i64>,
-    /// Why it last rejected a snapshot, if it did.
-    pub last_rejection: Option<String>,
-    /// When its certificate expires, Unix seconds (as it reported).
-    pub certificate_expires_at: Option<i64>,
-    /// Addresses it registered that callers are not sent to, and why.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub addresses_refused: Vec<RefusedAddress>,
-    /// The keep-alive interval its watch asked for, seconds: it answers each keep-alive line
-    /// with an ack, and takes a watch silent for three for dead.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keepalive: Option<u64>,
-    /// Connected, but nothing heard from it (an ack) for more than three keep-alives: its
-    /// watch is silent or its path to the control plane frozen; it reconnects on its own
-    /// (review M10). Computed when the fleet is read.
-    #[serde(default)]
-    pub stale: bool,
-    /// The last generation its stream has processed (internal).
-    #[serde(skip)]
-    pub processed: u64,
-}
 
 /// What one workload identity may hold in the control plane (review M4), so that one
 /// compromised workload cannot grow it without bound or inflate its callers' snapshots.
@@ -107,16 +69,6 @@ pub enum ClaimRefused {
     Taken(String),
     /// The identity already has [`IdentityLimits::instances`] sidecars connected.
     Full(usize),
-}
-
-/// An address a workload registered that its callers are not sent to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RefusedAddress {
-    /// The address as registered.
-    pub address: String,
-    /// `not_declared` (no policy targeting the identity lists it in `spec.addresses`) or
-    /// `endpoint_of_another` (another service's sidecar endpoint host with one of its ports).
-    pub reason: String,
 }
 
 /// The registrations by endpoint host, built once per directory assembly so that checking an
@@ -159,29 +111,16 @@ fn address_refusal(
     hosts: &Hosts<'_>,
     identity: &SpiffeId,
     address: &str,
-) -> Option<&'static str> {
+) -> Option<RefusedBecause> {
     let Ok(address) = address.parse::<std::net::SocketAddr>() else {
-        return Some("not_declared");
+        return Some(RefusedBecause::NotDeclared);
     };
     if !engine.policy_set().declares(identity, address) {
-        return Some("not_declared");
+        return Some(RefusedBecause::NotDeclared);
     }
     hosts
         .another_serves(identity, address)
-        .then_some("endpoint_of_another")
-}
-
-/// The fleet view as `GET /v1/fleet` and the dashboard serve it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct FleetView {
-    /// The policy version in force.
-    pub policy_version: u64,
-    /// This control plane replica's API URL.
-    pub replica: String,
-    /// The current problem with the policy directory, if any.
-    pub source_error: Option<String>,
-    /// One row per sidecar process.
-    pub proxies: Vec<FleetEntry>,
+        .then_some(RefusedBecause::EndpointOfAnother)
 }
 
 /// What one replica publishes about its own sidecars (replicated store only), so that any
@@ -217,25 +156,6 @@ pub struct Pending {
     /// Sidecars not connected for longer, and not replaced by a connected instance of the same
     /// identity and endpoint (a restart): they get the version when they reconnect.
     pub disconnected: Vec<FleetEntry>,
-}
-
-/// One observed flow, as sidecars report them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct FlowKey {
-    /// The peer identity.
-    pub peer: String,
-    /// The target identity (the reporting sidecar).
-    pub target: String,
-    /// The service port.
-    pub port: u16,
-    /// The port's protocol.
-    pub protocol: Protocol,
-    /// For HTTP: the method.
-    #[serde(default)]
-    pub method: Option<String>,
-    /// For HTTP: the first path segments.
-    #[serde(default)]
-    pub path: Option<String>,
 }
 
 /// The observed flows, with how many each reporter and each (peer, reporter) pair holds.
@@ -300,23 +220,6 @@ impl FlowTable {
     }
 }
 
-/// What was observed on one flow.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FlowStats {
-    /// Decisions in all.
-    pub count: u64,
-    /// Allowed.
-    pub allow: u64,
-    /// Denied.
-    pub deny: u64,
-    /// Allowed but recorded as "would deny" (audit mode).
-    pub audit: u64,
-    /// The rule (or "default deny") behind the last denial.
-    pub last_denial: Option<String>,
-    /// When the flow was last reported, Unix seconds.
-    pub last_seen: i64,
-}
-
 /// Why a policy set was refused.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -326,7 +229,7 @@ struct State {
     policy_version: u64,
     applied_by: String,
     engine: Arc<Engine>,
-    files: Vec<PolicyFile>,
+    files: Vec<Source>,
     registrations: Vec<RegistrationRecord>,
     revocations: Revocations,
     generation: u64,
@@ -361,15 +264,8 @@ fn now_unix() -> i64 {
 }
 
 /// Loads policy files with the same engine as `sidewall policy validate`.
-pub fn compile(files: &[PolicyFile]) -> Result<PolicySet, Refused> {
-    let sources: Vec<Source> = files
-        .iter()
-        .map(|f| Source {
-            name: f.name.clone(),
-            text: f.text.clone(),
-        })
-        .collect();
-    load_sources(&sources, &LoadOptions::default())
+pub fn compile(files: &[Source]) -> Result<PolicySet, Refused> {
+    load_sources(files, &LoadOptions::default())
         .map(|loaded| loaded.policies)
         .map_err(Refused)
 }
@@ -520,7 +416,7 @@ impl Distribution {
     }
 
     /// The policy set in force: version, who applied it, the engine, the files.
-    pub fn current(&self) -> (u64, String, Arc<Engine>, Vec<PolicyFile>) {
+    pub fn current(&self) -> (u64, String, Arc<Engine>, Vec<Source>) {
         let state = self.read();
         (
             state.policy_version,
@@ -531,7 +427,7 @@ impl Distribution {
     }
 
     /// Puts a stored policy version in force.
-    pub fn apply(&self, version: u64, applied_by: String, files: Vec<PolicyFile>, set: PolicySet) {
+    pub fn apply(&self, version: u64, applied_by: String, files: Vec<Source>, set: PolicySet) {
         let mut state = self.write();
         state.policy_version = version;
         state.applied_by = applied_by;
@@ -769,12 +665,12 @@ impl Distribution {
             .iter()
             .filter_map(|address| {
                 let reason = address_refusal(&state.engine, &hosts, identity, address)?;
-                metrics::counter!("sidewall_control_plane_addresses_refused_total", "reason" => reason)
+                metrics::counter!("sidewall_control_plane_addresses_refused_total", "reason" => reason.as_str())
                     .increment(1);
-                tracing::warn!(%identity, address, reason, "registered address refused: callers are not sent there");
+                tracing::warn!(%identity, address, reason = reason.as_str(), "registered address refused: callers are not sent there");
                 Some(RefusedAddress {
                     address: address.clone(),
-                    reason: reason.to_owned(),
+                    reason,
                 })
             })
             .collect()
@@ -874,12 +770,13 @@ impl Distribution {
     }
 
     /// The fleet with the policy version in force, this replica and the source error.
-    pub fn fleet_view(&self) -> FleetView {
-        FleetView {
+    pub fn fleet_view(&self) -> Fleet {
+        Fleet {
             policy_version: self.read().policy_version,
             replica: self.replica().to_owned(),
             source_error: self.source_error(),
             proxies: self.fleet(),
+            other_replicas: Vec::new(),
         }
     }
 
@@ -1025,14 +922,13 @@ impl Distribution {
 fn to_revocations(records: &[RevocationRecord]) -> Revocations {
     let mut revocations = Revocations::default();
     for record in records {
-        match record.kind.as_str() {
-            "identity" => {
+        match record.kind {
+            RevocationKind::Identity => {
                 if let Ok(id) = SpiffeId::parse(&record.value) {
                     revocations.identities.push(id);
                 }
             }
-            "serial" => revocations.serials.push(record.value.clone()),
-            _ => {}
+            RevocationKind::Serial => revocations.serials.push(record.value.clone()),
         }
     }
     revocations

@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sidewall_policies::load::{LoadOptions, discover_files, load_sources, read_sources};
+use sidewall_policies::load::{LoadOptions, Source, discover_files, load_sources, read_sources};
 use tokio::sync::watch;
 
 use crate::api::Api;
-use crate::store::PolicyFile;
 
 /// How often the directory is checked.
 const POLL: Duration = Duration::from_secs(1);
@@ -19,7 +18,7 @@ const POLL: Duration = Duration::from_secs(1);
 /// directories not walked, each file size-capped), named relative to `dir`. What is validated
 /// and what is stored are these same bytes. A file that resolves outside `dir` (a link to a key
 /// file, to `/dev/zero`) is refused before it is read, so its contents reach no error message.
-fn read_directory(dir: &Path) -> Result<Vec<PolicyFile>, String> {
+fn read_directory(dir: &Path) -> Result<Vec<Source>, String> {
     let root = dir
         .canonicalize()
         .map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -38,7 +37,7 @@ fn read_directory(dir: &Path) -> Result<Vec<PolicyFile>, String> {
     let sources = read_sources(&files, &LoadOptions::default()).map_err(|e| e.to_string())?;
     Ok(sources
         .into_iter()
-        .map(|source| PolicyFile {
+        .map(|source| Source {
             name: Path::new(&source.name)
                 .strip_prefix(dir)
                 .map_or(source.name.clone(), |p| p.display().to_string()),
@@ -49,7 +48,7 @@ fn read_directory(dir: &Path) -> Result<Vec<PolicyFile>, String> {
 
 /// Watches `dir` until `stop` turns true.
 pub async fn watch(api: Arc<Api>, dir: PathBuf, mut stop: watch::Receiver<bool>) {
-    let mut last: Option<Result<Vec<PolicyFile>, String>> = None;
+    let mut last: Option<Result<Vec<Source>, String>> = None;
     loop {
         let read = read_directory(&dir);
         if Some(&read) != last.as_ref() {
@@ -65,7 +64,7 @@ pub async fn watch(api: Arc<Api>, dir: PathBuf, mut stop: watch::Receiver<bool>)
 
 /// Validates what was read and applies it when it differs from the set in force; an invalid
 /// directory is logged, counted and shown (`status`, the dashboard), the last good set staying.
-async fn apply_directory(api: &Api, dir: &Path, read: &Result<Vec<PolicyFile>, String>) {
+async fn apply_directory(api: &Api, dir: &Path, read: &Result<Vec<Source>, String>) {
     let invalid = |error: &str| {
         metrics::counter!("sidewall_control_plane_policy_source_errors_total").increment(1);
         tracing::error!(dir = %dir.display(), %error, "policy directory is invalid; the last good set stays in force");
@@ -75,14 +74,7 @@ async fn apply_directory(api: &Api, dir: &Path, read: &Result<Vec<PolicyFile>, S
         Ok(files) => files,
         Err(error) => return invalid(error),
     };
-    let sources: Vec<_> = files
-        .iter()
-        .map(|f| sidewall_policies::load::Source {
-            name: f.name.clone(),
-            text: f.text.clone(),
-        })
-        .collect();
-    let loaded = match load_sources(&sources, &LoadOptions::default()) {
+    let loaded = match load_sources(files, &LoadOptions::default()) {
         Ok(loaded) => loaded,
         Err(errors) => return invalid(&errors.to_string()),
     };

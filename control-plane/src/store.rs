@@ -9,6 +9,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
+use sidewall_policies::load::Source;
+pub use sidewall_policies::wire::operator::RegistrationRecord;
+use sidewall_policies::wire::operator::RevocationKind;
 
 pub mod embedded;
 #[cfg(feature = "etcd")]
@@ -118,8 +121,8 @@ pub struct CertificateRecord {
 /// A revoked identity or serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationRecord {
-    /// `identity` or `serial`.
-    pub kind: String,
+    /// What it names.
+    pub kind: RevocationKind,
     /// The identity or serial.
     pub value: String,
     /// When, Unix seconds.
@@ -127,15 +130,6 @@ pub struct RevocationRecord {
     /// Who.
     #[serde(default)]
     pub by: String,
-}
-
-/// One policy file as applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyFile {
-    /// The file name as the operator had it.
-    pub name: String,
-    /// Its text.
-    pub text: String,
 }
 
 /// An accepted policy set: its version, who applied it, and the files themselves.
@@ -148,25 +142,7 @@ pub struct PolicyVersion {
     /// When, Unix seconds.
     pub applied_at: i64,
     /// The files, as applied.
-    pub files: Vec<PolicyFile>,
-}
-
-/// A sidecar's registration: the endpoint it advertises and what it serves there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegistrationRecord {
-    /// The sidecar process (a random id per process start).
-    pub instance: String,
-    /// Its identity (from its certificate).
-    pub identity: String,
-    /// `host:port` of its inbound listener.
-    pub endpoint: String,
-    /// Service ports and protocols.
-    pub ports: Vec<sidewall_policies::snapshot::ServicePort>,
-    /// Extra addresses clients may dial for the service.
-    #[serde(default)]
-    pub addresses: Vec<String>,
-    /// When, Unix seconds.
-    pub registered_at: i64,
+    pub files: Vec<Source>,
 }
 
 /// Everything a store holds, read at one point in time: what a backup carries (the CA aside).

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /` , `/app.js`, `/style.css` | the page |
 //! | `GET /api/graph` | [`Graph`]: workloads and the flows observed between them |
-//! | `GET /api/fleet` | [`FleetView`](crate::distribution::FleetView), as `GET /v1/fleet` |
+//! | `GET /api/fleet` | [`Fleet`](sidewall_policies::wire::operator::Fleet), as `GET /v1/fleet` |
 //! | `GET /api/policies` | the policy set in force ([`policies`]) |
 //!
 //! Anything else is `404`. The dashboard sees only the [`Distribution`] state (never the

@@ -47,8 +47,9 @@ impl Default for LoadOptions {
     }
 }
 
-/// One policy file's name (as it should appear in errors) and contents.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One policy file's name (as it should appear in errors) and contents. Also the file as the
+/// control plane stores it and as the operator API carries it (`wire::operator::PolicySet`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Source {
     /// The file name shown in errors.
     pub name: String,

@@ -5,6 +5,10 @@
 //! Forward compatibility: every type here accepts unknown fields (serde's default), so that a
 //! newer sidecar can add a field an older control plane does not know yet; fields added later
 //! carry `#[serde(default)]` for the same reason the other way round.
+//!
+//! The operator API's bodies (what the CLI sends and reads) are in [`operator`].
+
+pub mod operator;
 
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +65,17 @@ pub struct Registration {
     /// Other addresses callers may dial for it (`inbound.addresses`).
     #[serde(default)]
     pub addresses: Vec<String>,
+}
+
+/// The answer to `POST /v1/registrations`: the endpoint as registered, and the addresses in
+/// `inbound.addresses` that callers will not be sent to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registered {
+    /// The endpoint, as the control plane registered it.
+    pub endpoint: String,
+    /// The refused addresses, and why.
+    #[serde(default)]
+    pub addresses_refused: Vec<operator::RefusedAddress>,
 }
 
 /// What a sidecar did with a snapshot.
@@ -194,6 +209,13 @@ mod tests {
                 path_parameters: crate::http::PathParameters::Strip,
             }],
             addresses: vec!["10.0.0.1:80".into()],
+        });
+        round_trip(&Registered {
+            endpoint: "10.0.0.7:4643".into(),
+            addresses_refused: vec![operator::RefusedAddress {
+                address: "10.96.0.1:80".into(),
+                reason: operator::RefusedBecause::NotDeclared,
+            }],
         });
         for status in [AckStatus::Applied, AckStatus::Rejected] {
             round_trip(&Ack {

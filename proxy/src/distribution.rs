@@ -408,9 +408,18 @@ async fn register(context: &Context, sender: &mut Sender) -> Result<bool, String
         tracing::error!(status, answer = %answer_text, "registration refused");
         return Ok(true);
     }
-    if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&answer) {
-        for refused in answer["addresses_refused"].as_array().into_iter().flatten() {
-            tracing::warn!(address = %refused["address"], reason = %refused["reason"], "inbound.addresses: the control plane does not send callers to this address (an operator declares a service's addresses in a policy's spec.addresses)");
+    match serde_json::from_slice::<wire::Registered>(&answer) {
+        Ok(answer) => {
+            for refused in answer.addresses_refused {
+                tracing::warn!(
+                    address = refused.address,
+                    reason = refused.reason.as_str(),
+                    "inbound.addresses: the control plane does not send callers to this address (an operator declares a service's addresses in a policy's spec.addresses)"
+                );
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, answer = %answer_text, "the registration's answer is not what this sidecar expects")
         }
     }
     tracing::info!("registered");

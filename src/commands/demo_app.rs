@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Flags of `sidewall demo-app`.
@@ -32,19 +31,28 @@ pub(crate) struct Args {
     stats: PathBuf,
 }
 
-#[derive(Default, Clone, serde::Serialize)]
-struct CallStats {
-    ok: u64,
-    denied: u64,
-    refused: u64,
-    error: u64,
-    last: String,
+/// One `--call`'s outcomes so far.
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CallStats {
+    /// Answered by the app.
+    pub(crate) ok: u64,
+    /// Refused by policy (`403`, or the sidecar's status byte).
+    pub(crate) denied: u64,
+    /// Refused before a decision (no route, connection refused).
+    pub(crate) refused: u64,
+    /// Anything else.
+    pub(crate) error: u64,
+    /// The last refusal or error, as the call saw it.
+    pub(crate) last: String,
 }
 
-#[derive(Default)]
-struct Stats {
-    calls: BTreeMap<String, CallStats>,
-    received: BTreeMap<String, u64>,
+/// The `--stats` file: what `sidewall up` reads every second for its live view.
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Stats {
+    /// By the call's label.
+    pub(crate) calls: BTreeMap<String, CallStats>,
+    /// Requests and connections served, by caller identity (`tcp` for TCP ports).
+    pub(crate) received: BTreeMap<String, u64>,
 }
 
 type Shared = Arc<Mutex<Stats>>;
@@ -74,12 +82,9 @@ pub(crate) fn run(args: Args) -> ExitCode {
         }
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let snapshot = {
-                let stats = lock(&stats);
-                json!({"calls": stats.calls, "received": stats.received})
-            };
+            let snapshot = serde_json::to_string(&*lock(&stats))?;
             let temporary = args.stats.with_extension("tmp");
-            if std::fs::write(&temporary, snapshot.to_string()).is_ok() {
+            if std::fs::write(&temporary, snapshot).is_ok() {
                 let _ = std::fs::rename(&temporary, &args.stats);
             }
         }

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use hyper::Method;
-use serde_json::json;
+
 use sidewall_control_plane::ca::write_private;
 use sidewall_control_plane::client::key_and_csr;
 use sidewall_control_plane::server::operator_paths;
 use sidewall_policies::wire;
+use sidewall_policies::wire::operator::OperatorRequest;
 
 use super::{block_on, client, expect_success};
 use crate::ControlPlaneAccess;
@@ -33,7 +34,10 @@ pub(crate) fn run(command: OperatorCommand, access: &ControlPlaneAccess) -> Exit
         let OperatorCommand::Issue { name, out } = command;
         let client = client(access)?;
         let (key, csr) = key_and_csr().context("generating a key")?;
-        let body = json!({"name": name, "csr": csr});
+        let body = serde_json::to_value(OperatorRequest {
+            name: name.clone(),
+            csr,
+        })?;
         let (status, answer) = client
             .call(Method::POST, "/v1/operators", Some(&body))
             .await?;

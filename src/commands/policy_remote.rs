@@ -7,21 +7,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hyper::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sidewall_control_plane::client::Client;
 use sidewall_policies::load::{LoadOptions, Source, load_paths, load_sources, read_sources};
+use sidewall_policies::wire::operator::{
+    self as wire, Applied, Directory, History, Impact, PendingRow, Propagation, Version,
+};
 use sidewall_policies::{Engine, PolicySet, Protocol};
 
-use super::{block_on, client, expect_success};
+use super::{answer, block_on, client};
 use crate::ControlPlaneAccess;
 
-fn files_json(sources: &[Source]) -> Value {
-    json!(
-        sources
-            .iter()
-            .map(|s| json!({"name": s.name, "text": s.text}))
-            .collect::<Vec<_>>()
-    )
+/// The body of `POST /v1/policies` and `POST /v1/policies/impact`.
+pub(crate) fn policy_set(files: Vec<Source>) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(wire::PolicySet { files })?)
 }
 
 /// Reads and validates policy files locally (the control plane validates again).
@@ -38,20 +37,11 @@ pub(crate) async fn fetch_set(client: &Client, version: &str) -> anyhow::Result<
     let (status, body) = client
         .call(Method::GET, &format!("/v1/policies/{version}"), None)
         .await?;
-    expect_success(status, &body)?;
-    let sources: Vec<Source> = body["files"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|f| Source {
-            name: f["name"].as_str().unwrap_or_default().to_owned(),
-            text: f["text"].as_str().unwrap_or_default().to_owned(),
-        })
-        .collect();
-    let set = load_sources(&sources, &LoadOptions::default())
+    let stored: Version = answer("GET /v1/policies/{version}", status, body)?;
+    let set = load_sources(&stored.files, &LoadOptions::default())
         .with_context(|| format!("version {version} no longer loads"))?
         .policies;
-    Ok((body["version"].as_u64().unwrap_or(0), set))
+    Ok((stored.version, set))
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -80,25 +70,18 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
         let files = local_files(&args.paths)?;
         let client = client(&args.access)?;
         let (status, body) = client
-            .call(
-                Method::POST,
-                "/v1/policies",
-                Some(&json!({"files": files_json(&files)})),
-            )
+            .call(Method::POST, "/v1/policies", Some(&policy_set(files)?))
             .await?;
-        expect_success(status, &body)?;
-        let version = body["version"].as_u64().unwrap_or(0);
+        let applied: Applied = answer("POST /v1/policies", status, body)?;
+        let version = applied.version;
         println!(
             "applied version {version}: {} policies, {} rules",
-            body["policies"], body["rules"]
+            applied.policies, applied.rules
         );
-        if let Some(open) = body["audit_only_targets"]
-            .as_array()
-            .filter(|a| !a.is_empty())
-        {
+        if !applied.audit_only_targets.is_empty() {
             println!("audit mode leaves these targets open (allowed, recorded, not enforced):");
-            for target in open {
-                println!("  {}", target.as_str().unwrap_or_default());
+            for target in &applied.audit_only_targets {
+                println!("  {target}");
             }
         }
         if !args.wait {
@@ -109,9 +92,10 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
             let (status, body) = client
                 .call(Method::GET, &format!("/v1/policies/{version}/status"), None)
                 .await?;
-            expect_success(status, &body)?;
-            if body["done"].as_bool() == Some(true) {
-                let disconnected = body["disconnected"].as_array().cloned().unwrap_or_default();
+            let propagation: Propagation =
+                answer("GET /v1/policies/{version}/status", status, body)?;
+            if propagation.done {
+                let disconnected = propagation.disconnected;
                 let ms = started.elapsed().as_millis();
                 if disconnected.is_empty() {
                     println!("every affected sidecar applied version {version} ({ms} ms)");
@@ -127,12 +111,7 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
                 return Ok(());
             }
             if started.elapsed() >= args.timeout {
-                let pending: Vec<String> = body["pending"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(pending_line)
-                    .collect();
+                let pending: Vec<String> = propagation.pending.iter().map(pending_line).collect();
                 bail!(
                     "timed out after {:?}; {} sidecar(s) have not applied version {version}:\n{}",
                     args.timeout,
@@ -146,30 +125,23 @@ pub(crate) fn apply(args: ApplyArgs) -> ExitCode {
 }
 
 /// One row of a version's status: who, on which replica, and why it has not applied it.
-fn pending_line(p: &serde_json::Value) -> String {
-    if let Some(behind) = p["replica_behind"].as_u64() {
-        return format!(
-            "  replica {}: still at version {behind}",
-            p["replica"].as_str().unwrap_or("?")
-        );
+fn pending_line(p: &PendingRow) -> String {
+    if let Some(behind) = p.replica_behind {
+        return format!("  replica {}: still at version {behind}", p.replica);
     }
-    let why = if p["connected"] == false {
+    let why = if !p.connected {
         "not connected".to_owned()
-    } else if let Some(reason) = p["last_rejection"].as_str() {
+    } else if let Some(reason) = &p.last_rejection {
         format!("rejected: {reason}")
     } else {
         "not applied yet".to_owned()
     };
-    let on = p["replica"]
-        .as_str()
-        .filter(|r| !r.is_empty())
-        .map(|r| format!(", on {r}"))
-        .unwrap_or_default();
-    format!(
-        "  {} (instance {}{on}): {why}",
-        p["identity"].as_str().unwrap_or("?"),
-        p["instance"].as_str().unwrap_or("?")
-    )
+    let on = if p.replica.is_empty() {
+        String::new()
+    } else {
+        format!(", on {}", p.replica)
+    };
+    format!("  {} (instance {}{on}): {why}", p.identity, p.instance)
 }
 
 /// Flags of `policy history`.
@@ -186,31 +158,29 @@ pub(crate) fn history(args: HistoryArgs) -> ExitCode {
     block_on(async move {
         let client = client(&args.access)?;
         let (status, body) = client.call(Method::GET, "/v1/policies", None).await?;
-        expect_success(status, &body)?;
         if args.json {
+            super::expect_success(status, &body)?;
             println!("{}", serde_json::to_string_pretty(&body)?);
             return Ok(());
         }
+        let history: History = answer("GET /v1/policies", status, body)?;
         println!(
             "{:>7}  {:<20}  {:>8}  {:>5}  APPLIED BY",
             "VERSION", "APPLIED AT", "POLICIES", "RULES"
         );
-        for v in body["versions"].as_array().into_iter().flatten() {
-            let marker = if v["in_force"] == true {
-                " (in force)"
-            } else {
-                ""
-            };
+        let count = |n: Option<usize>| n.map_or("-".to_owned(), |n| n.to_string());
+        for v in &history.versions {
+            let marker = if v.in_force { " (in force)" } else { "" };
             println!(
                 "{:>7}  {:<20}  {:>8}  {:>5}  {}{marker}",
-                v["version"],
-                v["applied_at"].as_str().unwrap_or(""),
-                v["policies"],
-                v["rules"],
-                v["applied_by"].as_str().unwrap_or("")
+                v.version,
+                v.applied_at,
+                count(v.policies),
+                count(v.rules),
+                v.applied_by
             );
         }
-        if let Some(error) = body["source_error"].as_str() {
+        if let Some(error) = &history.source_error {
             println!("policy directory is invalid (last good set in force):\n{error}");
         }
         Ok(())
@@ -265,32 +235,28 @@ pub(crate) fn impact(args: ImpactArgs) -> ExitCode {
             .call(
                 Method::POST,
                 "/v1/policies/impact",
-                Some(&json!({"files": files_json(&files)})),
+                Some(&policy_set(files)?),
             )
             .await?;
-        expect_success(status, &body)?;
-        let flips = body["flips"].as_array().cloned().unwrap_or_default();
-        if flips.is_empty() {
+        let impact: Impact = answer("POST /v1/policies/impact", status, body)?;
+        if impact.flips.is_empty() {
             println!("no recently observed flow would change outcome");
         }
-        for flip in &flips {
-            let request = match (flip["method"].as_str(), flip["path"].as_str()) {
+        for flip in &impact.flips {
+            let flow = &flip.flow;
+            let request = match (&flow.method, &flow.path) {
                 (Some(m), Some(p)) => format!(" {m} {p}"),
                 _ => String::new(),
             };
             println!(
                 "{} -> {} port {}{request}: {} -> {} ({} decisions)",
-                flip["peer"].as_str().unwrap_or("?"),
-                flip["target"].as_str().unwrap_or("?"),
-                flip["port"],
-                flip["before"].as_str().unwrap_or("?"),
-                flip["after"].as_str().unwrap_or("?"),
-                flip["count"],
+                flow.peer, flow.target, flow.port, flip.before, flip.after, flip.count,
             );
         }
-        if let Some(dropped) = body["flows_dropped"].as_object().filter(|d| !d.is_empty()) {
-            let total: u64 = dropped.values().filter_map(serde_json::Value::as_u64).sum();
-            let reasons: Vec<String> = dropped
+        if !impact.flows_dropped.is_empty() {
+            let total: u64 = impact.flows_dropped.values().sum();
+            let reasons: Vec<String> = impact
+                .flows_dropped
                 .iter()
                 .map(|(reason, count)| format!("{reason}: {count}"))
                 .collect();
@@ -299,13 +265,10 @@ pub(crate) fn impact(args: ImpactArgs) -> ExitCode {
                 reasons.join(", ")
             );
         }
-        if let Some(open) = body["audit_only_targets"]
-            .as_array()
-            .filter(|a| !a.is_empty())
-        {
+        if !impact.audit_only_targets.is_empty() {
             println!("audit mode would leave these targets open:");
-            for target in open {
-                println!("  {}", target.as_str().unwrap_or_default());
+            for target in &impact.audit_only_targets {
+                println!("  {target}");
             }
         }
         Ok(())
@@ -319,21 +282,14 @@ pub(crate) async fn live_protocol(
     port: u16,
 ) -> anyhow::Result<Option<Protocol>> {
     let (status, body) = client.call(Method::GET, "/v1/directory", None).await?;
-    expect_success(status, &body)?;
-    Ok(body["registrations"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|r| r["identity"] == target)
-        .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
-        .find(|p| p["port"] == port)
-        .map(|p| {
-            if p["protocol"] == "http" {
-                Protocol::Http
-            } else {
-                Protocol::Tcp
-            }
-        }))
+    let directory: Directory = answer("GET /v1/directory", status, body)?;
+    Ok(directory
+        .registrations
+        .iter()
+        .filter(|r| r.identity == target)
+        .flat_map(|r| &r.ports)
+        .find(|p| p.port == port)
+        .map(|p| p.protocol))
 }
 
 /// The engine for `check --live`: the set in force on the control plane.

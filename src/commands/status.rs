@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use hyper::Method;
 
-use super::{block_on, client, expect_success};
+use sidewall_policies::wire::operator::Fleet;
+
+use super::{answer, block_on, client};
 use crate::ControlPlaneAccess;
 
 /// Flags of `sidewall status`.
@@ -17,8 +19,9 @@ pub(crate) struct Args {
     access: ControlPlaneAccess,
 }
 
-pub(crate) fn when(seconds: &serde_json::Value) -> String {
-    let Some(at) = seconds.as_i64() else {
+/// `in 3h` or `5m ago`, from Unix seconds; `-` for none.
+pub(crate) fn when(seconds: Option<i64>) -> String {
+    let Some(at) = seconds else {
         return "-".into();
     };
     let now = std::time::SystemTime::now()
@@ -45,53 +48,49 @@ pub(crate) fn run(args: Args) -> ExitCode {
     block_on(async move {
         let client = client(&args.access)?;
         let (status, body) = client.call(Method::GET, "/v1/fleet", None).await?;
-        expect_success(status, &body)?;
         if args.json {
+            super::expect_success(status, &body)?;
             println!("{}", serde_json::to_string_pretty(&body)?);
             return Ok(());
         }
+        let fleet: Fleet = answer("GET /v1/fleet", status, body)?;
         println!(
             "policy version {} in force on {}",
-            body["policy_version"],
-            body["replica"].as_str().unwrap_or("?")
+            fleet.policy_version, fleet.replica
         );
-        if let Some(error) = body["source_error"].as_str() {
+        if let Some(error) = &fleet.source_error {
             println!("policy directory is invalid (last good set in force): {error}");
         }
         println!(
             "{:<44} {:<21} {:<18} {:>14} {:>14} {:<10} {:<12} LAST REJECTION",
             "IDENTITY", "ENDPOINT", "CONNECTED", "APPLIED", "LATEST", "LAST ACK", "CERT EXPIRY",
         );
-        for p in body["proxies"].as_array().into_iter().flatten() {
-            let connected = if p["stale"] == true {
-                format!("stale, ack {}", when(&p["last_ack_at"]))
-            } else if p["connected"] == true {
-                format!("yes, {}", when(&p["since"]))
+        for p in &fleet.proxies {
+            let connected = if p.stale {
+                format!("stale, ack {}", when(p.last_ack_at))
+            } else if p.connected {
+                format!("yes, {}", when(Some(p.since)))
             } else {
-                format!("no, {}", when(&p["since"]))
+                format!("no, {}", when(Some(p.since)))
             };
-            let number =
-                |v: &serde_json::Value| v.as_u64().map_or("-".to_owned(), |n| n.to_string());
+            let number = |v: Option<u64>| v.map_or("-".to_owned(), |n| n.to_string());
             println!(
                 "{:<44} {:<21} {:<18} {:>14} {:>14} {:<10} {:<12} {}",
-                p["identity"].as_str().unwrap_or("?"),
-                p["endpoint"].as_str().unwrap_or("-"),
+                p.identity,
+                p.endpoint.as_deref().unwrap_or("-"),
                 connected,
-                number(&p["applied"]),
-                number(&p["sent"]),
-                when(&p["last_ack_at"]),
-                when(&p["certificate_expires_at"]),
-                p["last_rejection"].as_str().unwrap_or("-"),
+                number(p.applied),
+                number(p.sent),
+                when(p.last_ack_at),
+                when(p.certificate_expires_at),
+                p.last_rejection.as_deref().unwrap_or("-"),
             );
         }
-        for p in body["proxies"].as_array().into_iter().flatten() {
-            for refused in p["addresses_refused"].as_array().into_iter().flatten() {
+        for p in &fleet.proxies {
+            for refused in &p.addresses_refused {
                 println!(
                     "{} ({}): address {} refused ({}): callers are not sent there",
-                    p["identity"].as_str().unwrap_or("?"),
-                    p["instance"].as_str().unwrap_or("?"),
-                    refused["address"].as_str().unwrap_or("?"),
-                    refused["reason"].as_str().unwrap_or("?"),
+                    p.identity, p.instance, refused.address, refused.reason,
                 );
             }
         }

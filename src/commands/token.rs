@@ -4,10 +4,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use hyper::Method;
-use serde_json::json;
 use sidewall_policies::policy::parse_duration_within;
+use sidewall_policies::wire::operator::{TokenCreated, TokenRequest, TokenRevoked, Tokens};
 
-use super::{block_on, client, expect_success};
+use super::{answer, block_on, client};
 use crate::ControlPlaneAccess;
 
 /// The `token` subcommands.
@@ -52,47 +52,51 @@ pub(crate) fn run(command: TokenCommand, access: &ControlPlaneAccess) -> ExitCod
                 ttl,
                 uses,
             } => {
-                let body = json!({"identity": identity, "ttl_seconds": ttl.as_secs().max(1), "uses": uses});
-                let (status, answer) = client.call(Method::POST, "/v1/tokens", Some(&body)).await?;
-                expect_success(status, &answer)?;
+                let body = serde_json::to_value(TokenRequest {
+                    identity,
+                    ttl_seconds: Some(ttl.as_secs().max(1)),
+                    uses: Some(uses),
+                })?;
+                let (status, body) = client.call(Method::POST, "/v1/tokens", Some(&body)).await?;
+                let created: TokenCreated = answer("POST /v1/tokens", status, body)?;
                 eprintln!(
                     "token {} for {} ({} use{}), expires {}",
-                    answer["id"].as_str().unwrap_or("?"),
-                    answer["identity"].as_str().unwrap_or("?"),
-                    uses,
-                    if uses == 1 { "" } else { "s" },
-                    answer["expires_at"].as_str().unwrap_or("?"),
+                    created.id,
+                    created.identity,
+                    created.uses,
+                    if created.uses == 1 { "" } else { "s" },
+                    created.expires_at,
                 );
-                println!("{}", answer["token"].as_str().unwrap_or_default());
+                println!("{}", created.token);
             }
             TokenCommand::List { json } => {
-                let (status, answer) = client.call(Method::GET, "/v1/tokens", None).await?;
-                expect_success(status, &answer)?;
+                let (status, body) = client.call(Method::GET, "/v1/tokens", None).await?;
+                let list: Tokens = answer("GET /v1/tokens", status, body)?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&answer["tokens"])?);
+                    println!("{}", serde_json::to_string_pretty(&list.tokens)?);
                 } else {
                     println!(
                         "{:<16}  {:<8}  {:>4}  {:<20}  IDENTITY",
                         "ID", "STATE", "USED", "EXPIRES"
                     );
-                    for t in answer["tokens"].as_array().into_iter().flatten() {
+                    for t in &list.tokens {
                         println!(
                             "{:<16}  {:<8}  {:>4}  {:<20}  {}",
-                            t["id"].as_str().unwrap_or(""),
-                            t["state"].as_str().unwrap_or(""),
-                            format!("{}/{}", t["used"], t["uses"]),
-                            t["expires_at"].as_str().unwrap_or(""),
-                            t["identity"].as_str().unwrap_or(""),
+                            t.id,
+                            t.state,
+                            format!("{}/{}", t.used, t.uses),
+                            t.expires_at,
+                            t.identity,
                         );
                     }
                 }
             }
             TokenCommand::Revoke { id } => {
-                let (status, answer) = client
+                let (status, body) = client
                     .call(Method::DELETE, &format!("/v1/tokens/{id}"), None)
                     .await?;
-                expect_success(status, &answer)?;
-                println!("revoked token {id}");
+                let revoked: TokenRevoked = answer("DELETE /v1/tokens/{id}", status, body)?;
+                println!("revoked token {}", revoked.id);
             }
         }
         Ok(())

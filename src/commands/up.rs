@@ -14,11 +14,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hyper::Method;
-use serde_json::{Value, json};
 use sidewall_control_plane::client::Client;
 use sidewall_policies::Protocol;
 use sidewall_policies::load::{LoadOptions, read_sources};
 use sidewall_policies::mesh::{ExpectedOutcome, Mesh};
+use sidewall_policies::wire::operator::{
+    Applied, Fleet, FlowRow, Flows, TokenCreated, TokenRequest,
+};
+
+use super::demo_app::Stats;
 
 /// Flags of `sidewall up`.
 #[derive(clap::Args)]
@@ -281,14 +285,11 @@ async fn start(
         "admin",
         Some(&format!("https://127.0.0.1:{cp_api}")),
     )?;
-    let files: Vec<Value> = policies
-        .iter()
-        .map(|s| json!({"name": s.name, "text": s.text}))
-        .collect();
+    let set = super::policy_remote::policy_set(policies.to_vec())?;
     let (status, body) = client
-        .call(Method::POST, "/v1/policies", Some(&json!({"files": files})))
+        .call(Method::POST, "/v1/policies", Some(&set))
         .await?;
-    super::expect_success(status, &body)?;
+    super::answer::<Applied>("POST /v1/policies", status, body)?;
 
     let mut layout = Layout {
         cp_api,
@@ -304,18 +305,16 @@ async fn start(
         .collect::<anyhow::Result<_>>()?;
     for service in &mesh.services {
         let identity = mesh.identity(&service.name)?;
+        let request = serde_json::to_value(TokenRequest {
+            identity: identity.to_string(),
+            ttl_seconds: Some(600),
+            uses: None,
+        })?;
         let (status, body) = client
-            .call(
-                Method::POST,
-                "/v1/tokens",
-                Some(&json!({"identity": identity.to_string(), "ttl_seconds": 600})),
-            )
+            .call(Method::POST, "/v1/tokens", Some(&request))
             .await?;
-        super::expect_success(status, &body)?;
-        write_secret(
-            &dir.join(format!("{}.token", service.name)),
-            body["token"].as_str().unwrap_or_default(),
-        )?;
+        let created: TokenCreated = super::answer("POST /v1/tokens", status, body)?;
+        write_secret(&dir.join(format!("{}.token", service.name)), &created.token)?;
         let mut ports = Vec::new();
         let mut serve = Vec::new();
         for port in &service.ports {
@@ -415,11 +414,11 @@ async fn observe(
 ) -> BTreeMap<(String, String, u16), Observed> {
     let mut table: BTreeMap<(String, String, u16), Observed> = BTreeMap::new();
     for service in &mesh.services {
-        let stats: Value = std::fs::read(running.dir.join(format!("{}.stats.json", service.name)))
+        let stats: Stats = std::fs::read(running.dir.join(format!("{}.stats.json", service.name)))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        for (label, s) in stats["calls"].as_object().into_iter().flatten() {
+        for (label, s) in &stats.calls {
             let target = label.split(' ').next().unwrap_or_default();
             let Some((to, port)) = target.split_once(':') else {
                 continue;
@@ -431,34 +430,26 @@ async fn observe(
                     port.parse().unwrap_or(0),
                 ))
                 .or_default();
-            entry.ok += s["ok"].as_u64().unwrap_or(0);
-            entry.denied += s["denied"].as_u64().unwrap_or(0);
-            entry.refused += s["refused"].as_u64().unwrap_or(0);
-            if s["denied"].as_u64().unwrap_or(0) + s["refused"].as_u64().unwrap_or(0) > 0 {
-                entry.last = format!("{label}: {}", s["last"].as_str().unwrap_or(""));
+            entry.ok += s.ok;
+            entry.denied += s.denied;
+            entry.refused += s.refused;
+            if s.denied + s.refused > 0 {
+                entry.last = format!("{label}: {}", s.last);
             }
         }
     }
     let name_of = |id: &str| id.rsplit('/').next().unwrap_or(id).to_owned();
-    if let Ok((status, flows)) = client.call(Method::GET, "/v1/flows", None).await
-        && status.is_success()
+    if let Ok((status, body)) = client.call(Method::GET, "/v1/flows", None).await
+        && let Ok(flows) = super::answer::<Flows>("GET /v1/flows", status, body)
     {
-        for flow in flows["flows"].as_array().into_iter().flatten() {
-            let key = (
-                name_of(flow["flow"]["peer"].as_str().unwrap_or("")),
-                name_of(flow["flow"]["target"].as_str().unwrap_or("")),
-                flow["flow"]["port"].as_u64().unwrap_or(0) as u16,
-            );
+        for FlowRow { flow, stats } in flows.flows {
+            let key = (name_of(&flow.peer), name_of(&flow.target), flow.port);
             let entry = table.entry(key).or_default();
-            let stats = &flow["stats"];
-            entry.allow += stats["allow"].as_u64().unwrap_or(0);
-            entry.deny += stats["deny"].as_u64().unwrap_or(0);
-            entry.audit += stats["audit"].as_u64().unwrap_or(0);
-            if let Some(reason) = stats["last_denial"].as_str() {
-                let request = match (
-                    flow["flow"]["method"].as_str(),
-                    flow["flow"]["path"].as_str(),
-                ) {
+            entry.allow += stats.allow;
+            entry.deny += stats.deny;
+            entry.audit += stats.audit;
+            if let Some(reason) = stats.last_denial {
+                let request = match (flow.method, flow.path) {
                     (Some(m), Some(p)) => format!("{m} {p}: "),
                     _ => String::new(),
                 };
@@ -497,27 +488,26 @@ fn render(table: &BTreeMap<(String, String, u16), Observed>) -> String {
 }
 
 async fn fleet_lines(client: &Client) -> String {
-    let Ok((status, fleet)) = client.call(Method::GET, "/v1/fleet", None).await else {
+    let Ok((status, body)) = client.call(Method::GET, "/v1/fleet", None).await else {
         return "control plane unreachable\n".into();
     };
-    if !status.is_success() {
-        return format!("fleet: {status}\n");
-    }
+    let fleet: Fleet = match super::answer("GET /v1/fleet", status, body) {
+        Ok(fleet) => fleet,
+        Err(error) => return format!("fleet: {error}\n"),
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let mut out = format!("policy version {} in force\n", fleet["policy_version"]);
-    for p in fleet["proxies"].as_array().into_iter().flatten() {
-        let expiry = p["certificate_expires_at"]
-            .as_i64()
-            .map_or("-".into(), |t| {
-                format!("{}h{:02}m", (t - now) / 3600, ((t - now) % 3600) / 60)
-            });
+    let mut out = format!("policy version {} in force\n", fleet.policy_version);
+    for p in &fleet.proxies {
+        let expiry = p.certificate_expires_at.map_or("-".into(), |t| {
+            format!("{}h{:02}m", (t - now) / 3600, ((t - now) % 3600) / 60)
+        });
         out.push_str(&format!(
             "  {:<44} snapshot {:<14} {}  certificate expires in {expiry}\n",
-            p["identity"].as_str().unwrap_or("?"),
-            p["applied"].as_u64().map_or("-".into(), |v| v.to_string()),
-            if p["connected"] == true {
+            p.identity,
+            p.applied.map_or("-".into(), |v| v.to_string()),
+            if p.connected {
                 "connected"
             } else {
                 "disconnected"

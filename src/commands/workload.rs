@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 
 use hyper::Method;
-use serde_json::json;
+use sidewall_policies::wire::operator::{
+    Deregistered, Directory, RevocationRequest, Revocations, Revoked,
+};
 
-use super::{block_on, client, expect_success};
+use super::{answer, block_on, client};
 use crate::ControlPlaneAccess;
 
 /// The `workload` subcommands.
@@ -39,76 +41,54 @@ pub(crate) fn run(command: WorkloadCommand, access: &ControlPlaneAccess) -> Exit
         let client = client(access)?;
         match command {
             WorkloadCommand::Revoke { identity, serial } => {
-                let body = match (identity, serial) {
-                    (Some(identity), None) => json!({"identity": identity}),
-                    (None, Some(serial)) => json!({"serial": serial}),
-                    _ => anyhow::bail!("give an identity or --serial"),
-                };
-                let (status, answer) = client
+                if identity.is_some() == serial.is_some() {
+                    anyhow::bail!("give an identity or --serial");
+                }
+                let body = serde_json::to_value(RevocationRequest { identity, serial })?;
+                let (status, body) = client
                     .call(Method::POST, "/v1/revocations", Some(&body))
                     .await?;
-                expect_success(status, &answer)?;
-                println!(
-                    "revoked {} {}",
-                    answer["kind"].as_str().unwrap_or("?"),
-                    answer["value"].as_str().unwrap_or("?")
-                );
+                let revoked: Revoked = answer("POST /v1/revocations", status, body)?;
+                println!("revoked {} {}", revoked.kind, revoked.value);
             }
             WorkloadCommand::Deregister { instance } => {
                 let path = format!("/v1/directory/{instance}");
-                let (status, answer) = client.call(Method::DELETE, &path, None).await?;
-                expect_success(status, &answer)?;
-                let identities: Vec<&str> = answer["identities"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|i| i.as_str())
-                    .collect();
+                let (status, body) = client.call(Method::DELETE, &path, None).await?;
+                let removed: Deregistered =
+                    answer("DELETE /v1/directory/{instance}", status, body)?;
                 println!(
-                    "removed registration {instance} of {}",
-                    identities.join(", ")
+                    "removed registration {} of {}",
+                    removed.removed,
+                    removed.identities.join(", ")
                 );
             }
             WorkloadCommand::List => {
-                let (status, directory) = client.call(Method::GET, "/v1/directory", None).await?;
-                expect_success(status, &directory)?;
+                let (status, body) = client.call(Method::GET, "/v1/directory", None).await?;
+                let directory: Directory = answer("GET /v1/directory", status, body)?;
                 println!(
                     "{:<48} {:<18} {:<22} {:<10} PORTS",
                     "IDENTITY", "INSTANCE", "ENDPOINT", "AGE"
                 );
-                for r in directory["registrations"].as_array().into_iter().flatten() {
-                    let ports: Vec<String> = r["ports"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|p| {
-                            format!("{}/{}", p["port"], p["protocol"].as_str().unwrap_or("tcp"))
-                        })
+                for r in &directory.registrations {
+                    let ports: Vec<String> = r
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}/{}", p.port, p.protocol))
                         .collect();
                     println!(
                         "{:<48} {:<18} {:<22} {:<10} {}",
-                        r["identity"].as_str().unwrap_or("?"),
-                        r["instance"].as_str().unwrap_or("?"),
-                        r["endpoint"].as_str().unwrap_or("?"),
-                        super::status::when(&r["registered_at"]),
+                        r.identity,
+                        r.instance,
+                        r.endpoint,
+                        super::status::when(Some(r.registered_at)),
                         ports.join(" ")
                     );
                 }
-                let (status, revoked) = client.call(Method::GET, "/v1/revocations", None).await?;
-                expect_success(status, &revoked)?;
-                let list = revoked["revocations"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                println!("\n{} revoked", list.len());
-                for r in list {
-                    println!(
-                        "  {} {} at {} by {}",
-                        r["kind"].as_str().unwrap_or("?"),
-                        r["value"].as_str().unwrap_or("?"),
-                        r["at"].as_str().unwrap_or("?"),
-                        r["by"].as_str().unwrap_or("?")
-                    );
+                let (status, body) = client.call(Method::GET, "/v1/revocations", None).await?;
+                let list: Revocations = answer("GET /v1/revocations", status, body)?;
+                println!("\n{} revoked", list.revocations.len());
+                for r in &list.revocations {
+                    println!("  {} {} at {} by {}", r.kind, r.value, r.at, r.by);
                 }
             }
         }

@@ -13,6 +13,7 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 use sidewall_policies::SpiffeId;
+use sidewall_policies::wire::operator::{Deregistered, FlowRow, Flows};
 use sidewall_policies::wire::{self, AckStatus, valid_instance};
 use tokio::sync::mpsc;
 
@@ -320,7 +321,10 @@ pub(super) async fn register(
     tracing::info!(%identity, %endpoint, instance = body.instance, "registered");
     Ok(json_response(
         StatusCode::OK,
-        &json!({"endpoint": endpoint.to_string(), "addresses_refused": refused}),
+        &wire::Registered {
+            endpoint: endpoint.to_string(),
+            addresses_refused: refused,
+        },
     ))
 }
 
@@ -346,7 +350,13 @@ pub(super) async fn deregister(
     }
     api.store.remove_registration(&identity, instance).await?;
     registrations_changed(api).await?;
-    Ok(json_response(StatusCode::OK, &json!({"removed": instance})))
+    Ok(json_response(
+        StatusCode::OK,
+        &Deregistered {
+            removed: instance.to_owned(),
+            identities: Vec::new(),
+        },
+    ))
 }
 
 /// A registration is a lease on its sidecar's watch (review H9): `registrations.lease` after
@@ -465,7 +475,10 @@ pub(super) async fn remove(
     registrations_changed(api).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"removed": instance, "identities": identities}),
+        &Deregistered {
+            removed: instance.to_owned(),
+            identities,
+        },
     ))
 }
 
@@ -561,11 +574,11 @@ pub(super) async fn flows(
 /// `GET /v1/flows` (operator): every observed flow with its counts by outcome.
 pub(super) async fn list_flows(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     super::require_operator(api, peer)?;
-    let flows: Vec<_> = api
+    let flows = api
         .distribution
         .flows()
         .into_iter()
-        .map(|(key, stats)| json!({"flow": key, "stats": stats}))
+        .map(|(flow, stats)| FlowRow { flow, stats })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({"flows": flows})))
+    Ok(json_response(StatusCode::OK, &Flows { flows }))
 }

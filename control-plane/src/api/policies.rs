@@ -3,24 +3,28 @@
 
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
-use serde::Deserialize;
-use serde_json::json;
 use sidewall_policies::Engine;
-use sidewall_policies::load::to_yaml;
+use sidewall_policies::load::{Source, to_yaml};
+use sidewall_policies::wire::operator::{
+    Applied, Directory, Flip, History, Impact, PendingRow, PolicySet, Propagation, ReplicaRow,
+    Version, VersionSummary,
+};
 
 use super::{
     Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
     unix_rfc3339,
 };
 use crate::distribution::compile;
-use crate::store::{PolicyFile, PolicyVersion};
+use crate::store::PolicyVersion;
 
 /// Most files in one policy set.
 const MAX_FILES: usize = 1000;
 
-#[derive(Debug, Deserialize)]
-struct PolicySetRequest {
-    files: Vec<PolicyFile>,
+fn audit_only(set: &sidewall_policies::PolicySet) -> Vec<String> {
+    set.audit_only_targets()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn refused(errors: &sidewall_policies::load::LoadErrors) -> ApiError {
@@ -31,8 +35,8 @@ fn refused(errors: &sidewall_policies::load::LoadErrors) -> ApiError {
 async fn candidate(
     api: &Api,
     request: Request<Incoming>,
-) -> Result<(Vec<PolicyFile>, sidewall_policies::PolicySet), ApiError> {
-    let body: PolicySetRequest = read_json(api, request).await?;
+) -> Result<(Vec<Source>, sidewall_policies::PolicySet), ApiError> {
+    let body: PolicySet = read_json(api, request).await?;
     if body.files.len() > MAX_FILES {
         return Err(ApiError::bad_request(
             "too_many_files",
@@ -47,7 +51,7 @@ async fn candidate(
 /// (history), then put in force. Used by `POST /v1/policies` and the directory watcher.
 pub(crate) async fn store_and_apply(
     api: &Api,
-    files: Vec<PolicyFile>,
+    files: Vec<Source>,
     set: sidewall_policies::PolicySet,
     applied_by: String,
 ) -> Result<u64, ApiError> {
@@ -83,16 +87,17 @@ pub(super) async fn apply(
 ) -> Result<HttpResponse, ApiError> {
     let operator = require_operator(api, peer)?;
     let (files, set) = candidate(api, request).await?;
-    let open: Vec<String> = set
-        .audit_only_targets()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let audit_only_targets = audit_only(&set);
     let (policies, rules) = (set.policies().len(), set.rule_count());
     let version = store_and_apply(api, files, set, operator).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"version": version, "policies": policies, "rules": rules, "audit_only_targets": open}),
+        &Applied {
+            version,
+            policies,
+            rules,
+            audit_only_targets,
+        },
     ))
 }
 
@@ -100,7 +105,7 @@ pub(super) async fn apply(
 pub(super) async fn history(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
     let (current, ..) = api.distribution.current();
-    let versions: Vec<_> = api
+    let versions = api
         .store
         .policy_versions()
         .await?
@@ -109,20 +114,23 @@ pub(super) async fn history(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiE
             let summary = compile(&v.files)
                 .ok()
                 .map(|s| (s.policies().len(), s.rule_count()));
-            json!({
-                "version": v.version,
-                "applied_by": v.applied_by,
-                "applied_at": unix_rfc3339(v.applied_at),
-                "files": v.files.len(),
-                "policies": summary.map(|s| s.0),
-                "rules": summary.map(|s| s.1),
-                "in_force": v.version == current,
-            })
+            VersionSummary {
+                version: v.version,
+                applied_at: unix_rfc3339(v.applied_at),
+                applied_by: v.applied_by,
+                files: v.files.len(),
+                policies: summary.map(|s| s.0),
+                rules: summary.map(|s| s.1),
+                in_force: v.version == current,
+            }
         })
         .collect();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"versions": versions, "source_error": api.distribution.source_error()}),
+        &History {
+            versions,
+            source_error: api.distribution.source_error(),
+        },
     ))
 }
 
@@ -151,16 +159,16 @@ pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpRe
                 ),
             ));
         };
-        let row = |e: &crate::distribution::FleetEntry, replica: &str| json!({"instance": e.instance, "identity": e.identity, "connected": e.connected, "since": e.since, "sent": e.sent, "applied": e.applied, "last_rejection": e.last_rejection, "replica": replica});
+        let here = api.distribution.replica();
         let mut rows: Vec<_> = pending
             .waiting
             .iter()
-            .map(|e| row(e, api.distribution.replica()))
+            .map(|e| PendingRow::of(e, here))
             .collect();
-        let disconnected: Vec<_> = pending
+        let disconnected = pending
             .disconnected
             .iter()
-            .map(|e| row(e, api.distribution.replica()))
+            .map(|e| PendingRow::of(e, here))
             .collect();
         // With several replicas, each one's own sidecars, from the summary it publishes.
         for summary in api.store.replicas().await? {
@@ -168,20 +176,47 @@ pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpRe
                 continue;
             }
             if summary.policy_version < number {
-                rows.push(json!({"instance": "", "identity": "", "connected": true, "sent": null, "applied": null, "last_rejection": null, "replica": summary.replica, "replica_behind": summary.policy_version}));
+                rows.push(PendingRow {
+                    instance: String::new(),
+                    identity: String::new(),
+                    connected: true,
+                    since: None,
+                    sent: None,
+                    applied: None,
+                    last_rejection: None,
+                    replica: summary.replica,
+                    replica_behind: Some(summary.policy_version),
+                });
                 continue;
             }
-            rows.extend(summary.pending.iter().map(|e| row(e, &summary.replica)));
+            rows.extend(
+                summary
+                    .pending
+                    .iter()
+                    .map(|e| PendingRow::of(e, &summary.replica)),
+            );
         }
         return Ok(json_response(
             StatusCode::OK,
-            &json!({"version": number, "in_force": number == current, "done": rows.is_empty(), "pending": rows, "disconnected": disconnected}),
+            &Propagation {
+                version: number,
+                in_force: number == current,
+                done: rows.is_empty(),
+                pending: rows,
+                disconnected,
+            },
         ));
     }
     if number == 0 {
         return Ok(json_response(
             StatusCode::OK,
-            &json!({"version": 0, "files": [], "yaml": ""}),
+            &Version {
+                version: 0,
+                applied_by: None,
+                applied_at: None,
+                files: Vec::new(),
+                yaml: String::new(),
+            },
         ));
     }
     let Some(record) = api.store.policy_version(number).await? else {
@@ -196,7 +231,13 @@ pub(super) async fn version(api: &Api, peer: &Peer, rest: &str) -> Result<HttpRe
         .unwrap_or_default();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"version": record.version, "applied_by": record.applied_by, "applied_at": unix_rfc3339(record.applied_at), "files": record.files, "yaml": yaml}),
+        &Version {
+            version: record.version,
+            applied_by: Some(record.applied_by),
+            applied_at: Some(unix_rfc3339(record.applied_at)),
+            files: record.files,
+            yaml,
+        },
     ))
 }
 
@@ -208,26 +249,26 @@ pub(super) async fn impact(
 ) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
     let (_, set) = candidate(api, request).await?;
-    let open: Vec<String> = set
-        .audit_only_targets()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let audit_only_targets = audit_only(&set);
     let engine = Engine::new(set);
-    let flips: Vec<_> = api
+    let flips = api
         .distribution
         .impact(&engine)
         .into_iter()
-        .map(|(key, count, before, after)| {
-            json!({"peer": key.peer, "target": key.target, "port": key.port, "protocol": key.protocol,
-                   "method": key.method, "path": key.path, "count": count,
-                   "before": before.to_string(), "after": after.to_string()})
+        .map(|(flow, count, before, after)| Flip {
+            flow,
+            count,
+            before: before.to_string(),
+            after: after.to_string(),
         })
         .collect();
     Ok(json_response(
         StatusCode::OK,
-        &json!({"flips": flips, "audit_only_targets": open,
-                "flows_dropped": api.distribution.flows_dropped()}),
+        &Impact {
+            flips,
+            audit_only_targets,
+            flows_dropped: api.distribution.flows_dropped(),
+        },
     ))
 }
 
@@ -235,27 +276,26 @@ pub(super) async fn impact(
 pub(super) async fn directory(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
     let registrations = api.store.registrations().await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"registrations": registrations}),
-    ))
+    Ok(json_response(StatusCode::OK, &Directory { registrations }))
 }
 
 /// `GET /v1/fleet`: one row per sidecar process.
 pub(super) async fn fleet(api: &Api, peer: &Peer) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
-    let mut view = json!(api.distribution.fleet_view());
+    let mut fleet = api.distribution.fleet_view();
     // With several replicas: what the others report about their own sidecars.
-    let others: Vec<_> = api
+    fleet.other_replicas = api
         .store
         .replicas()
         .await?
         .into_iter()
         .filter(|s| s.replica != api.distribution.replica())
-        .map(|s| json!({"replica": s.replica, "policy_version": s.policy_version, "connected": s.connected, "pending": s.pending_count}))
+        .map(|s| ReplicaRow {
+            replica: s.replica,
+            policy_version: s.policy_version,
+            connected: s.connected,
+            pending: s.pending_count,
+        })
         .collect();
-    if !others.is_empty() {
-        view["other_replicas"] = json!(others);
-    }
-    Ok(json_response(StatusCode::OK, &view))
+    Ok(json_response(StatusCode::OK, &fleet))
 }

@@ -301,7 +301,7 @@ impl Store for EmbeddedStore {
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()> {
         self.put(
             REVOCATIONS,
-            format!("{}:{}", record.kind, record.value),
+            format!("{}:{}", record.kind.as_str(), record.value),
             &record,
         )
     }
