@@ -1,5 +1,6 @@
-//! The bodies a sidecar sends the control plane (`policies/src/wire.rs`: registration, ack,
-//! flow report), on arbitrary bytes, read as the control plane reads them.
+//! The bodies the control plane reads (`policies/src/wire.rs`: certificate request,
+//! registration, ack, flow report; `wire/operator.rs`: policy set, token, revocation and operator
+//! requests), on arbitrary bytes, read as the control plane reads them.
 //!
 //! Never panics; a body that parses writes back to JSON that parses to the same value, and a
 //! flow record the control plane keeps (`sanitized`) is within its limits.
@@ -9,8 +10,12 @@
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sidewall_policies::wire::operator::{
+    OperatorRequest, PolicySet, RevocationRequest, TokenRequest,
+};
 use sidewall_policies::wire::{
-    self, Ack, FlowReport, MAX_FLOW_DENIAL, MAX_FLOW_METHOD, MAX_FLOW_PATH, Registration,
+    self, Ack, CertificateRequest, FlowReport, MAX_FLOW_DENIAL, MAX_FLOW_METHOD, MAX_FLOW_PATH,
+    Registration,
 };
 
 fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(input: &[u8]) -> Option<T> {
@@ -22,6 +27,11 @@ fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(inp
 }
 
 fuzz_target!(|input: &[u8]| {
+    round_trip::<CertificateRequest>(input);
+    round_trip::<PolicySet>(input);
+    round_trip::<TokenRequest>(input);
+    round_trip::<RevocationRequest>(input);
+    round_trip::<OperatorRequest>(input);
     if let Some(registration) = round_trip::<Registration>(input) {
         let _ = wire::valid_instance(&registration.instance);
     }
