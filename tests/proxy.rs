@@ -213,13 +213,14 @@ fn app_connections_share_one_sidecar_connection_and_each_is_decided_on_its_own()
         exchange(web_route, b"after").is_none()
     });
     assert_eq!(pool(&web, "opened"), 1, "{}", web.log());
-    assert!(
+    // Counted once the refused app connection is closed: read it when it is there.
+    eventually(5, "web to count the denial", || {
         metric(
             &web.metrics(),
             "sidewall_proxy_outbound_failures_total",
-            &[("reason", "denied")]
+            &[("reason", "denied")],
         ) >= 1
-    );
+    });
 }
 
 #[test]
