@@ -173,11 +173,7 @@ pub(crate) fn json_response<T: serde::Serialize + ?Sized>(
     response
 }
 
-pub(crate) fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+pub(crate) use crate::now_unix;
 
 fn rfc3339(time: SystemTime) -> String {
     time::OffsetDateTime::from(time)

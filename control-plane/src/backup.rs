@@ -18,6 +18,7 @@ use crate::ca::{Authority, CaError, ca_dir, write_material};
 #[cfg(not(feature = "etcd"))]
 use crate::config::ConfigError;
 use crate::config::{Config, StoreConfig};
+use crate::now_unix;
 use crate::server::StartError;
 #[cfg(feature = "etcd")]
 use crate::server::etcd_options;
@@ -120,12 +121,6 @@ impl Target {
             Self::Etcd(store) => store.as_ref(),
         }
     }
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Takes a backup of the configured store and CA.

@@ -25,6 +25,7 @@ use sidewall_policies::snapshot::{Revocations, Schema, ServiceEntry, Snapshot, S
 use sidewall_policies::{Engine, Outcome, PolicySet, Protocol, SpiffeId, TrustDomain};
 use tokio::sync::{oneshot, watch};
 
+use crate::now_unix;
 use crate::store::{RegistrationRecord, RevocationRecord};
 use sidewall_policies::wire::operator::{Fleet, RevocationKind};
 pub use sidewall_policies::wire::operator::{
@@ -255,12 +256,6 @@ pub struct Distribution {
     flows: Mutex<FlowTable>,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Loads policy files with the same engine as `sidewall policy validate`.

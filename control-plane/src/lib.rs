@@ -40,3 +40,10 @@ pub mod store;
 pub mod testing;
 pub mod tls;
 pub mod ui;
+
+/// The control plane's one clock: Unix seconds now (0 before 1970, saturating far ahead).
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

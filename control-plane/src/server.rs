@@ -22,6 +22,7 @@ use crate::ca::{Authority, CaError, ca_dir, write_private};
 use crate::config::EtcdConfig;
 use crate::config::{Config, ConfigError, StoreConfig};
 use crate::distribution::Distribution;
+use crate::now_unix;
 use crate::ratelimit::RateLimiter;
 use crate::store::embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
@@ -254,11 +255,9 @@ fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Resul
             )
         && let Ok(svid) =
             sidewall_policies::svid::Svid::from_der(&der, sidewall_policies::svid::Usage::Client)
+        && svid.remaining(now_unix()) > lifetime / 3
     {
-        let left = svid.not_after - now_unix();
-        if left > i64::try_from(lifetime.as_secs() / 3).unwrap_or(i64::MAX) {
-            return Ok(());
-        }
+        return Ok(());
     }
     let dir = data_dir.join("operators");
     std::fs::create_dir_all(&dir).map_err(|e| StartError::Io(dir.clone(), e))?;
@@ -276,12 +275,6 @@ fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Resul
     write_private(&cert_path, issued.chain_pem.as_bytes(), 0o644)?;
     tracing::info!(path = %cert_path.display(), "wrote the admin operator credential");
     Ok(())
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// The bound sockets.

@@ -162,6 +162,16 @@ pub struct Svid {
 }
 
 impl Svid {
+    /// Whether it has expired at `now` (Unix seconds): valid up to, not including, `not_after`.
+    pub fn expired(&self, now: i64) -> bool {
+        self.not_after <= now
+    }
+
+    /// How long it stays valid after `now` (Unix seconds); zero once expired.
+    pub fn remaining(&self, now: i64) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::try_from(self.not_after - now).unwrap_or(0))
+    }
+
     /// Parses a leaf certificate and checks the X.509-SVID rules for `usage`.
     pub fn from_der(der: &[u8], usage: Usage) -> Result<Self, SvidError> {
         let (rest, cert) =
@@ -492,4 +502,28 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub fn peer_svid(certificates: Option<&[CertificateDer<'_>]>, usage: Usage) -> Option<Svid> {
     let leaf = certificates?.first()?;
     Svid::from_der(leaf, usage).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_and_time_left_are_read_at_the_instant_given() {
+        let svid = Svid {
+            id: SpiffeId::parse("spiffe://td/a").unwrap_or_else(|e| panic!("{e}")),
+            serial: "1".into(),
+            not_before: 100,
+            not_after: 200,
+        };
+        for (now, expired, left) in [
+            (150, false, 50),
+            (199, false, 1),
+            (200, true, 0),
+            (999, true, 0),
+        ] {
+            assert_eq!(svid.expired(now), expired, "at {now}");
+            assert_eq!(svid.remaining(now).as_secs(), left, "at {now}");
+        }
+    }
 }

@@ -18,7 +18,6 @@
 //! snapshot, never admitted on the old one and missed by the re-evaluation (review M1).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::StatusCode;
 use sidewall_policies::policy::OnRevoke;
@@ -134,8 +133,8 @@ pub struct Admission<'c> {
     /// The port entry it was admitted to.
     pub entry: InboundPort,
     registration: Registration<'c>,
-    peer: SpiffeId,
-    not_after: i64,
+    /// The peer's certificate, as it was admitted with.
+    peer: Svid,
 }
 
 /// Decides `peer`'s connection to `port` on the snapshot in force now (see the module docs).
@@ -147,7 +146,7 @@ pub fn admit<'c>(
     arrival: Arrival,
 ) -> Result<Admission<'c>, Refusal> {
     let admitted = (|| {
-        if peer.not_after <= now_unix() {
+        if peer.expired(now_unix()) {
             return Err(Refusal::CertificateExpired);
         }
         if redirected.is_some_and(|original| original != port) {
@@ -185,8 +184,7 @@ pub fn admit<'c>(
         Ok(Admission {
             entry,
             registration,
-            peer: peer.id.clone(),
-            not_after: peer.not_after,
+            peer: peer.clone(),
         })
     })();
     if let Err(refusal) = admitted {
@@ -304,8 +302,8 @@ impl Admission<'_> {
     /// admitted with expires.
     pub async fn supervise(mut self, work: impl std::future::Future<Output = ()>) {
         let port = self.entry.port;
-        let peer = &self.peer;
-        let expiry = Duration::from_secs(u64::try_from(self.not_after - now_unix()).unwrap_or(0));
+        let peer = &self.peer.id;
+        let expiry = self.peer.remaining(now_unix());
         tokio::select! {
             () = work => {}
             reason = self.registration.closed.wait_for(Option::is_some) => {
@@ -320,3 +318,6 @@ impl Admission<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

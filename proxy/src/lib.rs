@@ -98,6 +98,36 @@ pub struct Context {
     pub(crate) peers_mux: mux::Pool,
 }
 
+impl Context {
+    /// A sidecar's state for `config`, following the TLS configurations, the snapshot and the
+    /// shutdown flag it is given; connection tables, budgets and pools start empty.
+    pub(crate) fn new(
+        config: Arc<Config>,
+        tls: watch::Receiver<Option<Arc<TlsSet>>>,
+        snapshot: watch::Receiver<Option<Arc<Active>>>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Context {
+            tls,
+            snapshot,
+            connections: Table::default(),
+            permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            outbound_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
+            sources: Arc::default(),
+            stopping,
+            instance: instance_id(),
+            flows: distribution::Flows::default(),
+            control_plane: std::sync::Mutex::new(None),
+            app_client: http::app_client(),
+            app_h2: http::pool::Pool::default(),
+            peers_h2: http::pool::Pool::default(),
+            peers_mux: mux::Pool::default(),
+            config,
+        }
+    }
+}
+
 /// The bound sockets, in the order of the configuration.
 pub struct Listeners {
     /// `inbound.listen`.
@@ -227,24 +257,12 @@ pub async fn run(
     };
     let (snapshot_tx, snapshot_rx) = watch::channel(saved);
     let (tls_tx, tls_rx) = watch::channel(None);
-    let context = Arc::new(Context {
-        config: config.clone(),
-        tls: tls_rx,
-        snapshot: snapshot_rx.clone(),
-        connections: Table::default(),
-        permits: Arc::new(Semaphore::new(config.limits.max_connections)),
-        outbound_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
-        handshakes: Arc::new(Semaphore::new(config.limits.max_handshakes)),
-        sources: Arc::default(),
-        stopping: stop_rx.clone(),
-        instance: instance_id(),
-        flows: distribution::Flows::default(),
-        control_plane: std::sync::Mutex::new(None),
-        app_client: http::app_client(),
-        app_h2: http::pool::Pool::default(),
-        peers_h2: http::pool::Pool::default(),
-        peers_mux: mux::Pool::default(),
-    });
+    let context = Arc::new(Context::new(
+        config.clone(),
+        tls_rx,
+        snapshot_rx.clone(),
+        stop_rx.clone(),
+    ));
     let distributor = match config.local.clone() {
         Some(local) => {
             tokio::spawn(snapshot::watch_local(

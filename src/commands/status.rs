@@ -24,10 +24,7 @@ pub(crate) fn when(seconds: Option<i64>) -> String {
     let Some(at) = seconds else {
         return "-".into();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let delta = at - now;
+    let delta = at - sidewall_control_plane::now_unix();
     if delta >= 0 {
         format!("in {}", human(delta))
     } else {

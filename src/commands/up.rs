@@ -495,9 +495,7 @@ async fn fleet_lines(client: &Client) -> String {
         Ok(fleet) => fleet,
         Err(error) => return format!("fleet: {error}\n"),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now = sidewall_control_plane::now_unix();
     let mut out = format!("policy version {} in force\n", fleet.policy_version);
     for p in &fleet.proxies {
         let expiry = p.certificate_expires_at.map_or("-".into(), |t| {

@@ -19,7 +19,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -48,7 +47,7 @@ pub(super) async fn serve(
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return refused("no_certificate", remote, &"no client SVID");
     };
-    if peer.not_after <= now_unix() {
+    if peer.expired(now_unix()) {
         return refused("certificate_expired", remote, &peer.id);
     }
     // A peer that some policy lets reach a TCP port here holds an inbound permit for its
@@ -56,7 +55,7 @@ pub(super) async fn serve(
     // to carry: its streams are refused one by one (counted, recorded as flows) while the
     // connection stays in the handshake budget, and it is closed at the handshake deadline.
     let limits = &context.config.limits;
-    let expiry = Duration::from_secs(u64::try_from(peer.not_after - now_unix()).unwrap_or(0));
+    let expiry = peer.remaining(now_unix());
     let lifetime = if crate::admit::may_carry(context, &peer) {
         if !pending.authenticated(context) {
             return;
