@@ -13,25 +13,64 @@ pub(crate) mod token;
 pub(crate) mod up;
 pub(crate) mod workload;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use sidewall_control_plane::client::Client;
 
-use crate::ControlPlaneAccess;
+/// Where the CLI finds the control plane: its data directory (operator credential, trust
+/// bundle, the API address it recorded) and an optional URL override.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ControlPlaneAccess {
+    /// The control plane's data directory.
+    #[arg(
+        long,
+        env = "SIDEWALL_DATA_DIR",
+        default_value = "sidewall-data",
+        global = true
+    )]
+    pub(crate) data_dir: PathBuf,
+    /// The control plane API (default: the address it recorded in its data directory).
+    #[arg(
+        long = "control-plane",
+        value_name = "URL",
+        global = true,
+        env = "SIDEWALL_CONTROL_PLANE"
+    )]
+    pub(crate) control_plane: Option<String>,
+    /// Which operator credential (in <data-dir>/operators/) to use.
+    #[arg(
+        long,
+        env = "SIDEWALL_OPERATOR",
+        default_value = "admin",
+        global = true
+    )]
+    pub(crate) operator: String,
+}
 
-/// Runs an async CLI action on a small runtime; errors print as one line and exit 1.
-pub(crate) fn block_on(action: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(action) {
+/// The one way a command gets its runtime: on the calling thread (`None`: CLI commands) or
+/// with that many worker threads (the control plane, the sidecar).
+pub(crate) fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    match workers {
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(workers) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build(),
+    }
+}
+
+/// Runs an async action on [`runtime`]`(workers)`; errors print as one line and exit 1.
+pub(crate) fn run_on(
+    workers: Option<usize>,
+    action: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let result = runtime(workers)
+        .map_err(|error| anyhow::anyhow!("cannot start the runtime: {error}"))
+        .and_then(|runtime| runtime.block_on(action));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -40,14 +79,16 @@ pub(crate) fn block_on(action: impl std::future::Future<Output = anyhow::Result<
     }
 }
 
-/// Runs an async action on a small runtime and returns its value.
+/// Runs an async CLI action on the calling thread; errors print as one line and exit 1.
+pub(crate) fn block_on(action: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    run_on(None, action)
+}
+
+/// Runs an async action on the calling thread and returns its value.
 pub(crate) fn block_on_value<T>(
     action: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(action)
+    runtime(None)?.block_on(action)
 }
 
 /// The operator client for the control plane named by `access`.

@@ -1,12 +1,13 @@
 //! The `sidewall` command: argument parsing and wiring only; the logic lives in the crates.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod commands;
 mod telemetry;
+
+use commands::ControlPlaneAccess;
 
 /// Sidewall: mutual-TLS sidecars with SPIFFE identities and default-deny policy.
 #[derive(Parser)]
@@ -25,36 +26,6 @@ enum LogFormat {
     Human,
     /// One JSON object per line.
     Json,
-}
-
-/// Where the CLI finds the control plane: its data directory (operator credential, trust
-/// bundle, the API address it recorded) and an optional URL override.
-#[derive(clap::Args, Clone)]
-pub(crate) struct ControlPlaneAccess {
-    /// The control plane's data directory.
-    #[arg(
-        long,
-        env = "SIDEWALL_DATA_DIR",
-        default_value = "sidewall-data",
-        global = true
-    )]
-    data_dir: PathBuf,
-    /// The control plane API (default: the address it recorded in its data directory).
-    #[arg(
-        long = "control-plane",
-        value_name = "URL",
-        global = true,
-        env = "SIDEWALL_CONTROL_PLANE"
-    )]
-    control_plane: Option<String>,
-    /// Which operator credential (in <data-dir>/operators/) to use.
-    #[arg(
-        long,
-        env = "SIDEWALL_OPERATOR",
-        default_value = "admin",
-        global = true
-    )]
-    operator: String,
 }
 
 #[derive(Subcommand)]

@@ -82,7 +82,7 @@ pub struct Restored {
 async fn open(config: &Config, existing: bool) -> Result<Target, BackupError> {
     match &config.store {
         StoreConfig::Embedded => {
-            let path = config.data_dir.join("store.redb");
+            let path = crate::data_dir::store_path(&config.data_dir);
             if existing && !path.exists() {
                 return Err(BackupError::Refused(format!(
                     "no embedded store at {} (another --data-dir?)",

@@ -18,7 +18,7 @@ use sidewall_policies::{SpiffeId, TrustDomain};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::server::{Record, bundle_path, operator_paths, record_path};
+use crate::data_dir::{Record, bundle_path, operator_paths, record_path};
 use crate::tls::{CONTROL_PLANE_PATH, provider};
 
 /// How long one API call may take.

@@ -30,6 +30,7 @@ pub mod ca;
 pub mod client;
 pub mod config;
 mod connection;
+pub mod data_dir;
 pub mod distribution;
 pub mod gitops;
 pub mod random;

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -21,6 +20,7 @@ use crate::ca::{Authority, CaError, ca_dir, write_private};
 #[cfg(feature = "etcd")]
 use crate::config::EtcdConfig;
 use crate::config::{Config, ConfigError, StoreConfig};
+use crate::data_dir::{Record, bundle_path, operator_paths, record_path};
 use crate::distribution::Distribution;
 use crate::now_unix;
 use crate::ratelimit::RateLimiter;
@@ -63,36 +63,6 @@ type Follower = EtcdStore;
 #[cfg(not(feature = "etcd"))]
 type Follower = std::convert::Infallible;
 
-/// What the control plane records in its data directory so the CLI can find it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// `https://host:port` of the API.
-    pub api_url: String,
-    /// The trust domain.
-    pub trust_domain: String,
-    /// The process id.
-    pub pid: u32,
-}
-
-/// The file the control plane records itself in.
-pub fn record_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("control-plane.json")
-}
-
-/// The operator credential files for `name`.
-pub fn operator_paths(data_dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let dir = data_dir.join("operators");
-    (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    )
-}
-
-/// The trust bundle file the CLI uses to verify the control plane.
-pub fn bundle_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("trust-bundle.pem")
-}
-
 /// A control plane ready to bind: CA loaded, store open, files written.
 pub struct Prepared {
     api: Arc<Api>,
@@ -114,7 +84,9 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
                 &config.trust_domain,
                 config.plug_in.as_ref(),
             )?,
-            Arc::new(EmbeddedStore::open(&data_dir.join("store.redb"))?),
+            Arc::new(EmbeddedStore::open(&crate::data_dir::store_path(
+                &data_dir,
+            ))?),
             None,
         ),
         #[cfg(feature = "etcd")]
@@ -259,7 +231,7 @@ fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Resul
     {
         return Ok(());
     }
-    let dir = data_dir.join("operators");
+    let dir = crate::data_dir::operators_dir(data_dir);
     std::fs::create_dir_all(&dir).map_err(|e| StartError::Io(dir.clone(), e))?;
     let id = ca
         .trust_domain()

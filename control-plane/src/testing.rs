@@ -118,7 +118,7 @@ impl TestControlPlane {
 
     /// The trust bundle the control plane wrote.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        let pem = std::fs::read(server::bundle_path(&self.data_dir)).unwrap();
+        let pem = std::fs::read(crate::data_dir::bundle_path(&self.data_dir)).unwrap();
         CertificateDer::pem_slice_iter(&pem)
             .map(Result::unwrap)
             .collect()
@@ -257,7 +257,7 @@ pub async fn enroll(
         .await
         .unwrap();
     assert_eq!(status, hyper::StatusCode::CREATED, "{body}");
-    let pem = std::fs::read(server::bundle_path(data_dir)).unwrap();
+    let pem = std::fs::read(crate::data_dir::bundle_path(data_dir)).unwrap();
     let roots: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .map(Result::unwrap)
         .collect();

@@ -143,38 +143,11 @@ pub(crate) fn run(args: Args) -> ExitCode {
         "20000 API connections + 256",
     );
     let metrics = crate::telemetry::install("control-plane");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(serve(config, metrics)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(1)
-        }
-    }
+    super::run_on(Some(2), serve(config, metrics))
 }
 
 fn backup(command: BackupCommand, config: &Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    let result = runtime.block_on(async {
+    super::block_on(async {
         match command {
             BackupCommand::Export { out } => {
                 let backup = sidewall_control_plane::backup::export(config).await?;
@@ -204,14 +177,7 @@ fn backup(command: BackupCommand, config: &Config) -> ExitCode {
             }
         }
         anyhow::Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(1)
-        }
-    }
+    })
 }
 
 async fn serve(

@@ -8,12 +8,12 @@ use hyper::Method;
 
 use sidewall_control_plane::ca::write_private;
 use sidewall_control_plane::client::key_and_csr;
-use sidewall_control_plane::server::operator_paths;
+use sidewall_control_plane::data_dir::operator_paths;
 use sidewall_policies::wire;
 use sidewall_policies::wire::operator::OperatorRequest;
 
+use super::ControlPlaneAccess;
 use super::{block_on, client, expect_success};
-use crate::ControlPlaneAccess;
 
 /// The `operator` subcommands.
 #[derive(clap::Subcommand)]

@@ -100,7 +100,7 @@ pub(crate) struct CheckArgs {
     #[command(flatten)]
     limits: Limits,
     #[command(flatten)]
-    access: crate::ControlPlaneAccess,
+    access: super::ControlPlaneAccess,
 }
 
 pub(crate) fn run(command: PolicyCommand) -> ExitCode {

@@ -15,8 +15,8 @@ use sidewall_policies::wire::operator::{
 };
 use sidewall_policies::{Engine, PolicySet, Protocol};
 
+use super::ControlPlaneAccess;
 use super::{answer, block_on, client};
-use crate::ControlPlaneAccess;
 
 /// The body of `POST /v1/policies` and `POST /v1/policies/impact`.
 pub(crate) fn policy_set(files: Vec<Source>) -> anyhow::Result<Value> {

@@ -53,11 +53,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         "2 x limits.maxConnections (inbound) + 2 x limits.maxConnections (outbound) + limits.maxHandshakes + 64",
     );
     let metrics = crate::telemetry::install("proxy");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime(Some(config.worker_threads)) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");

@@ -6,8 +6,8 @@ use hyper::Method;
 
 use sidewall_policies::wire::operator::Fleet;
 
+use super::ControlPlaneAccess;
 use super::{answer, block_on, client};
-use crate::ControlPlaneAccess;
 
 /// Flags of `sidewall status`.
 #[derive(clap::Args)]

@@ -7,8 +7,8 @@ use hyper::Method;
 use sidewall_policies::policy::parse_duration_within;
 use sidewall_policies::wire::operator::{TokenCreated, TokenRequest, TokenRevoked, Tokens};
 
+use super::ControlPlaneAccess;
 use super::{answer, block_on, client};
-use crate::ControlPlaneAccess;
 
 /// The `token` subcommands.
 #[derive(clap::Subcommand)]

@@ -7,8 +7,8 @@ use sidewall_policies::wire::operator::{
     Deregistered, Directory, RevocationRequest, Revocations, Revoked,
 };
 
+use super::ControlPlaneAccess;
 use super::{answer, block_on, client};
-use crate::ControlPlaneAccess;
 
 /// The `workload` subcommands.
 #[derive(clap::Subcommand)]

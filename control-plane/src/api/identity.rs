@@ -1,0 +1,242 @@
+//! Certificates: the trust bundle, workload certificates from CSRs (a join token on first
+//! contact, the current certificate for a renewal), and operator credentials.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use sidewall_policies::SpiffeId;
+use sidewall_policies::wire;
+use sidewall_policies::wire::operator::{OperatorRequest, RevocationKind};
+
+use super::{
+    Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
+    rfc3339,
+};
+use crate::attestation::{JoinToken, TokenError, workload_identity};
+use crate::ca::{Issued, csr};
+use crate::store::{CertificateRecord, Redemption};
+
+/// `GET /v1/trust-bundle`: the roots, PEM (no client certificate needed).
+pub(super) fn trust_bundle(api: &Api) -> HttpResponse {
+    let mut response =
+        Response::new(Full::new(Bytes::from(api.ca.trust_bundle_pem().to_owned())).boxed_unsync());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-pem-file"),
+    );
+    response
+}
+
+async fn is_revoked(
+    api: &Api,
+    identity: &SpiffeId,
+    serial: Option<&str>,
+) -> Result<bool, ApiError> {
+    let revocations = api.store.revocations().await?;
+    Ok(revocations.iter().any(|r| {
+        (r.kind == RevocationKind::Identity && r.value == identity.as_str())
+            || (r.kind == RevocationKind::Serial
+                && Some(r.value.as_str()) == serial.map(|s| s.trim_start_matches('0')))
+    }))
+}
+
+/// `POST /v1/certificates`: a workload certificate from a CSR, after a join token (first
+/// contact) or the current certificate (renewal).
+pub(super) async fn certificates(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let body: wire::CertificateRequest = read_json(api, request).await?;
+    // The CSR is checked before a token is spent: a bad request consumes nothing.
+    let key = csr::parse(&body.csr)?;
+    let key_sha256 = crate::random::sha256_hex(&key.spki);
+    let now = now_unix();
+    let (identity, authenticated_by) = match (&body.token, &peer.svid) {
+        (Some(text), presented) => {
+            let token = JoinToken::parse(text)?;
+            if token.ca_fingerprint != api.ca.root_fingerprint() {
+                return Err(TokenError::OtherCa.into());
+            }
+            let record = api
+                .store
+                .token(&token.id)
+                .await?
+                .ok_or(TokenError::Unknown)?;
+            if !token.matches(&record) {
+                return Err(TokenError::Unknown.into());
+            }
+            let identity = SpiffeId::parse(&record.identity).map_err(|_| TokenError::Unknown)?;
+            if let Some(svid) = presented
+                && svid.id != identity
+            {
+                return Err(ApiError::forbidden(
+                    "identity_mismatch",
+                    format!(
+                        "the token is for {identity} but the client certificate is for {}",
+                        svid.id
+                    ),
+                ));
+            }
+            // A token made before its identity (or the certificate presented) was revoked
+            // yields nothing.
+            if is_revoked(
+                api,
+                &identity,
+                presented.as_ref().map(|s| s.serial.as_str()),
+            )
+            .await?
+            {
+                return Err(ApiError::forbidden(
+                    "revoked",
+                    format!("{identity} is revoked; its join tokens cannot be redeemed"),
+                ));
+            }
+            limit(api, &identity)?;
+            match api.store.redeem_token(&token.id, &key_sha256, now).await? {
+                Redemption::Redeemed => {}
+                Redemption::Unknown => return Err(TokenError::Unknown.into()),
+                Redemption::Expired => return Err(TokenError::Expired.into()),
+                Redemption::Revoked => return Err(TokenError::Revoked.into()),
+                Redemption::UsedUp => return Err(TokenError::UsedUp.into()),
+            }
+            (identity, format!("token:{}", token.id))
+        }
+        (None, Some(svid)) => {
+            if workload_identity(&svid.id).is_err() {
+                return Err(ApiError::forbidden(
+                    "not_a_workload",
+                    format!(
+                        "{} cannot renew here; only workload identities are issued",
+                        svid.id
+                    ),
+                ));
+            }
+            if is_revoked(api, &svid.id, Some(&svid.serial)).await? {
+                return Err(ApiError::forbidden(
+                    "revoked",
+                    format!("{} (serial {}) is revoked", svid.id, svid.serial),
+                ));
+            }
+            limit(api, &svid.id)?;
+            (svid.id.clone(), format!("renewal:{}", svid.serial))
+        }
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_missing",
+                "first contact needs a join token; renewals need the current certificate (mTLS)",
+            ));
+        }
+    };
+    let issued = issue(
+        api,
+        &identity,
+        &key.spki,
+        api.config.workload_lifetime,
+        &authenticated_by,
+        "workload",
+    )
+    .await?;
+    tracing::info!(identity = %identity, serial = %issued.serial, key = key.kind, authenticated_by, "certificate issued");
+    Ok(certificate_response(api, &issued))
+}
+
+fn limit(api: &Api, identity: &SpiffeId) -> Result<(), ApiError> {
+    if api.limiter.allow(identity.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many certificates for {identity}; retry in a minute"),
+        ))
+    }
+}
+
+async fn issue(
+    api: &Api,
+    identity: &SpiffeId,
+    spki: &[u8],
+    lifetime: Duration,
+    authenticated_by: &str,
+    kind: &'static str,
+) -> Result<Issued, ApiError> {
+    let issued = api.ca.issue(identity, spki, lifetime).map_err(|e| {
+        // Every check on the key has passed: a signer that still fails is this server's
+        // fault, not the client's.
+        tracing::error!(error = %e, "signing failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the certificate could not be signed; the control plane's log says why",
+        )
+    })?;
+    api.store
+        .put_certificate(CertificateRecord {
+            serial: issued.serial.clone(),
+            identity: identity.to_string(),
+            issued_at: now_unix(),
+            not_after: issued
+                .not_after
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            authenticated_by: authenticated_by.to_owned(),
+        })
+        .await?;
+    metrics::counter!("sidewall_control_plane_certificates_issued_total", "kind" => kind)
+        .increment(1);
+    Ok(issued)
+}
+
+fn certificate_response(api: &Api, issued: &Issued) -> HttpResponse {
+    let body = wire::Certificate {
+        certificate_chain: issued.chain_pem.clone(),
+        trust_bundle: api.ca.trust_bundle_pem().to_owned(),
+        expires_at: rfc3339(issued.not_after),
+        identity: issued.identity.to_string(),
+        serial: issued.serial.clone(),
+    };
+    json_response(StatusCode::OK, &body)
+}
+
+/// `POST /v1/operators`: a credential for a new operator, from an operator.
+pub(super) async fn issue_operator(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let operator = require_operator(api, peer)?;
+    let body: OperatorRequest = read_json(api, request).await?;
+    let identity = api
+        .ca
+        .trust_domain()
+        .id(&format!("/sidewall/operator/{}", body.name))
+        .ok()
+        .filter(|_| !body.name.is_empty() && !body.name.contains('/'))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_name",
+                format!(
+                    "operator name {:?} must be one segment of a-z A-Z 0-9 . _ -",
+                    body.name
+                ),
+            )
+        })?;
+    let key = csr::parse(&body.csr)?;
+    let issued = issue(
+        api,
+        &identity,
+        &key.spki,
+        api.config.operator_lifetime,
+        &format!("operator:{operator}"),
+        "operator",
+    )
+    .await?;
+    tracing::info!(%identity, serial = %issued.serial, by = operator, "operator credential issued");
+    Ok(certificate_response(api, &issued))
+}
