@@ -7,7 +7,6 @@
 //! good one stays in force and on disk. The connection is re-made with capped, jittered
 //! backoff, over every URL in turn, and after each certificate renewal.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,6 @@ use hyper::{Method, Request};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
-use sidewall_policies::Protocol;
 use sidewall_policies::snapshot::{ServicePort, Snapshot, SnapshotVersion};
 use sidewall_policies::wire;
 use tokio::sync::watch;
@@ -33,12 +31,6 @@ use crate::snapshot::Active;
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often observed flows are reported.
 const FLOW_REPORT: Duration = Duration::from_secs(5);
-/// Most distinct flows counted between reports.
-const MAX_FLOWS: usize = 10_000;
-/// Of those, from one peer at most (review M5: one peer sending requests to thousands of
-/// distinct paths must not take the places of the others). The control plane keeps as many
-/// per peer of a reporting sidecar.
-const MAX_FLOWS_PER_PEER: usize = 500;
 /// Flow records per report body: at most about 2.7 KB each once sanitized (a SPIFFE ID of
 /// 2,048 bytes, a path of 256), so a body stays well under the control plane's 1 MiB.
 const FLOWS_PER_BODY: usize = 300;
@@ -46,101 +38,6 @@ const FLOWS_PER_BODY: usize = 300;
 const SNAPSHOT_FILE: &str = "snapshot.json";
 /// How often a registration refused for a taken endpoint is tried again.
 const REGISTRATION_RETRY: Duration = Duration::from_secs(5);
-
-/// What a flow is: who, which port, and for HTTP the method and the first path segments.
-type FlowKey = (String, u16, Protocol, Option<String>, Option<String>);
-
-/// Decisions on one flow since the last report.
-#[derive(Debug, Default, Clone)]
-struct FlowCounts {
-    allow: u64,
-    deny: u64,
-    audit: u64,
-    last_denial: Option<String>,
-}
-
-/// Flow counts since the last report, bounded to [`MAX_FLOWS`] distinct flows and
-/// [`MAX_FLOWS_PER_PEER`] per peer.
-#[derive(Default)]
-pub struct Flows(std::sync::Mutex<FlowTable>);
-
-#[derive(Default)]
-struct FlowTable {
-    flows: HashMap<FlowKey, FlowCounts>,
-    /// Distinct flows per peer in `flows`.
-    per_peer: HashMap<String, usize>,
-}
-
-/// The first two segments of a normalized path (`/v1/orders/7/items` → `/v1/orders`), so
-/// that flow tables stay bounded whatever paths clients send.
-pub fn path_prefix(path: &str) -> String {
-    let mut end = path.len();
-    let mut slashes = 0;
-    for (i, b) in path.bytes().enumerate() {
-        if b == b'/' {
-            slashes += 1;
-            if slashes == 3 {
-                end = i;
-                break;
-            }
-        }
-    }
-    path[..end].to_owned()
-}
-
-impl Flows {
-    /// Counts one decision, within [`MAX_FLOWS`] distinct flows.
-    pub fn count(
-        &self,
-        peer: &str,
-        port: u16,
-        protocol: Protocol,
-        request: Option<(&str, &str)>,
-        decision: &sidewall_policies::Decision,
-    ) {
-        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (
-            peer.to_owned(),
-            port,
-            protocol,
-            request.map(|(method, _)| method.to_owned()),
-            request.map(|(_, path)| path_prefix(path)),
-        );
-        if !table.flows.contains_key(&key) {
-            let of_peer = table.per_peer.get(peer).copied().unwrap_or(0);
-            let full = if table.flows.len() >= MAX_FLOWS {
-                Some("table_full")
-            } else if of_peer >= MAX_FLOWS_PER_PEER {
-                Some("peer_quota")
-            } else {
-                None
-            };
-            if let Some(reason) = full {
-                metrics::counter!("sidewall_proxy_flows_dropped_total", "reason" => reason)
-                    .increment(1);
-                return;
-            }
-            *table.per_peer.entry(peer.to_owned()).or_default() += 1;
-        }
-        let counts = table.flows.entry(key).or_default();
-        match decision.outcome {
-            sidewall_policies::Outcome::Allow => counts.allow += 1,
-            sidewall_policies::Outcome::Audit => counts.audit += 1,
-            sidewall_policies::Outcome::Deny => {
-                counts.deny += 1;
-                counts.last_denial = Some(match &decision.reason {
-                    Some(r) => format!("policy={} rule={}", r.policy, r.rule),
-                    None => "default deny".to_owned(),
-                });
-            }
-        }
-    }
-
-    fn take(&self) -> HashMap<FlowKey, FlowCounts> {
-        let taken = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        taken.flows
-    }
-}
 
 /// Loads the last good snapshot from the state directory.
 pub fn load_saved(dir: &Path, workload: &sidewall_policies::SpiffeId) -> Option<Active> {
@@ -518,28 +415,10 @@ async fn ack(
 }
 
 async fn report_flows(context: &Context, sender: &mut Sender) {
-    let flows = context.flows.take();
+    let mut flows = context.flows.take_records();
     if flows.is_empty() {
         return;
     }
-    let mut flows: Vec<_> = flows
-        .into_iter()
-        .map(
-            |((peer, port, protocol, method, path), c)| wire::FlowRecord {
-                peer,
-                port,
-                protocol,
-                method,
-                path,
-                count: c.allow + c.deny + c.audit,
-                allow: c.allow,
-                deny: c.deny,
-                audit: c.audit,
-                last_denial: c.last_denial,
-            },
-        )
-        .filter_map(wire::FlowRecord::sanitized)
-        .collect();
     // In bodies the control plane accepts: one too large would be refused whole, with every
     // peer's flows in it.
     while !flows.is_empty() {
