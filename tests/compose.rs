@@ -15,17 +15,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::repo_root;
+use support::{output_text as text, repo_root};
 
 const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 /// Copies `from` into `to`, recursively.
 fn copy_tree(from: &Path, to: &Path) {

@@ -12,16 +12,10 @@ mod support;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use support::output_text as text;
+
 fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().unwrap()
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// The image and the containers of one test run, removed when dropped.

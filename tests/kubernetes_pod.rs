@@ -40,19 +40,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::repo_root;
+use support::output_text as text;
 
 const IMAGE_IN_MANIFESTS: &str = "sidewall:0.1.0";
 const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
 const CONTROL_PLANE_SERVICE: &str = "sidewall-control-plane.sidewall-system.svc.cluster.local";
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().unwrap()
@@ -66,15 +58,8 @@ fn docker_ok(args: &[&str]) -> String {
 
 /// The objects `kubectl apply -k examples/kubernetes/NAME` applies, as JSON.
 fn rendered(name: &str) -> Vec<Value> {
-    let dir = repo_root().join("examples/kubernetes").join(name);
-    let run = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("kubectl (scripts/test-deps installs it)");
-    assert!(run.status.success(), "kubectl kustomize: {}", text(&run));
-    let yaml = String::from_utf8(run.stdout).unwrap();
-    yaml.split("\n---\n")
+    support::kustomize(name)
+        .split("\n---\n")
         .map(|doc| serde_yaml::from_str::<Value>(doc).unwrap())
         .collect()
 }

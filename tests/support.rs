@@ -573,3 +573,30 @@ pub(crate) fn build_image(tag: &str) {
     assert!(build.status.success(), "scripts/image: {said}");
     assert!(said.contains(&format!("built {tag}, ")), "{said}");
 }
+
+/// A finished command's stdout then stderr, for a failure message.
+pub(crate) fn output_text(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// What `kubectl kustomize examples/kubernetes/NAME` renders (what `kubectl apply -k`
+/// applies), as YAML. `scripts/test-deps` makes sure kubectl is there.
+pub(crate) fn kustomize(name: &str) -> String {
+    let dir = repo_root().join("examples/kubernetes").join(name);
+    let run = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("kubectl (scripts/test-deps installs it)");
+    assert!(
+        run.status.success(),
+        "kubectl kustomize {}:\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    String::from_utf8(run.stdout).expect("kustomize writes UTF-8")
+}

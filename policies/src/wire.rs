@@ -176,7 +176,8 @@ impl FlowRecord {
 mod tests {
     use super::*;
 
-    fn round_trip<T>(value: &T)
+    /// Writes `value` as JSON and reads it back: the same value.
+    pub(super) fn round_trip<T>(value: &T)
     where
         T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
     {

@@ -555,15 +555,7 @@ pub struct RevocationRow {
 mod tests {
     use super::*;
     use crate::http::PathParameters;
-
-    fn round_trip<T>(value: &T)
-    where
-        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
-    {
-        let text = serde_json::to_string(value).unwrap_or_default();
-        let back: T = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
-        assert_eq!(&back, value);
-    }
+    use crate::wire::tests::round_trip;
 
     fn entry() -> FleetEntry {
         FleetEntry {
