@@ -300,9 +300,16 @@ impl ProxyProcess {
     }
 
     pub(crate) fn wait_ready(&self) {
-        eventually(30, "the sidecar to be ready", || {
-            http_get(self.admin_port, "/ready").0 == 200
-        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while http_get(self.admin_port, "/ready").0 != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sidecar is not ready after 30 s; /ready says {:?}; its log:\n{}",
+                http_get(self.admin_port, "/ready"),
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     pub(crate) fn metrics(&self) -> String {
