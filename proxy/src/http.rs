@@ -205,7 +205,7 @@ pub(crate) async fn serve<S>(
             .map_or_else(|| remote.ip().to_string(), ToString::to_string),
         port.port,
     );
-    let (tunnels, mut upgraded) = tokio::sync::mpsc::unbounded_channel::<Tunnel>();
+    let (tunnels, upgraded) = tokio::sync::mpsc::unbounded_channel::<Tunnel>();
     let started = Arc::new((std::sync::atomic::AtomicBool::new(false), Notify::new()));
     let first_seen = started.clone();
     let budget_context = context.clone();
@@ -234,11 +234,32 @@ pub(crate) async fn serve<S>(
         builder = builder.http2_only();
     }
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    drive(
+        &budget_context,
+        connection,
+        upgraded,
+        first,
+        &first_seen.1,
+        remote,
+    )
+    .await;
+}
+
+/// Runs one HTTP connection to its end: the first request must come within the handshake
+/// deadline (a permissive plaintext connection holds a handshake slot until then), and the
+/// upgraded tunnels run here, not on tasks of their own: they end with this future, so the
+/// connection's supervision (limit, revocation, `onRevoke`, expiry) covers them too. A handler
+/// hands its tunnel over before its `101` is sent, so every tunnel of this connection is in the
+/// channel by the time the connection future ends.
+async fn drive<E: std::fmt::Display>(
+    context: &Context,
+    connection: impl std::future::Future<Output = Result<(), E>>,
+    mut upgraded: tokio::sync::mpsc::UnboundedReceiver<Tunnel>,
+    first: FirstRequest,
+    first_seen: &Notify,
+    remote: SocketAddr,
+) {
     tokio::pin!(connection);
-    // Upgraded tunnels run here, not on tasks of their own: they end with this future, so the
-    // connection's supervision (limit, revocation, `onRevoke`, expiry) covers them too.
-    // A handler hands its tunnel over before its `101` is sent, so every tunnel of this
-    // connection is in the channel by the time the connection future ends.
     let mut running = tokio::task::JoinSet::new();
     let mut serving = true;
     let FirstRequest {
@@ -250,10 +271,10 @@ pub(crate) async fn serve<S>(
     let mut waiting = true;
     while serving || !running.is_empty() {
         tokio::select! {
-            () = first_seen.1.notified(), if waiting => {
+            () = first_seen.notified(), if waiting => {
                 waiting = false;
                 if let Some(pending) = budget.as_mut()
-                    && !pending.authenticated(&budget_context)
+                    && !pending.authenticated(context)
                 {
                     return;
                 }
@@ -351,7 +372,7 @@ async fn handle(
     peer: Option<&SpiffeId>,
     peer_value: Option<HeaderValue>,
     port: InboundPort,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     tunnels: &Tunnels,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
@@ -376,21 +397,54 @@ async fn handle(
         // counted here); the peer header is still stripped below.
         None => ("permissive", "-".to_owned()),
     };
-    // Rewrite: the normalized path (query kept), the peer header set by us alone.
     let h2 = port.app_protocol == AppProtocol::Http2 && !checked.websocket;
+    let Some((request, upgrade)) = rewrite(&checked, port, h2, request, peer_value) else {
+        record("bad_request", policy, started);
+        return short(StatusCode::BAD_REQUEST, "bad request\n");
+    };
+    let app = match to_app(context, port, h2, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(app = %port.app, %error, "app request failed");
+            record("app_error", policy, started);
+            return short(StatusCode::BAD_GATEWAY, "bad gateway\n");
+        }
+    };
+    record(outcome, policy, started);
+    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, app.status()) {
+        return upgraded(context, tunnels, client_side, app);
+    }
+    let mut response = app.map(|body| body.boxed_unsync());
+    if checked.websocket {
+        // A refused upgrade ends the connection: what the client sends next was meant for a
+        // protocol that never started.
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// The request as the app gets it: the normalized path (query kept), HTTP/2 or HTTP/1.1 as the
+/// port says, hop-by-hop headers dropped, the peer header set by this sidecar alone. With the
+/// client's side of a WebSocket upgrade. `None`: the rewritten target is not a URI.
+fn rewrite(
+    checked: &request::Checked,
+    port: InboundPort,
+    h2: bool,
+    mut request: Request<Incoming>,
+    peer_value: Option<HeaderValue>,
+) -> Option<(Request<Incoming>, Option<hyper::upgrade::OnUpgrade>)> {
     let authority = match (h2, checked.host.as_deref()) {
         // HTTP/2 carries the host as :authority (the connection goes to the app regardless).
         (true, Some(host)) => host.to_owned(),
         _ => port.app.to_string(),
     };
-    let target = match checked.query {
+    let target = match &checked.query {
         Some(query) => format!("http://{authority}{}?{query}", checked.path),
         None => format!("http://{authority}{}", checked.path),
     };
-    let Ok(uri) = target.parse::<hyper::Uri>() else {
-        record("bad_request", policy, started);
-        return short(StatusCode::BAD_REQUEST, "bad request\n");
-    };
+    let uri = target.parse::<hyper::Uri>().ok()?;
     let upgrade = checked.websocket.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
     parts.uri = uri;
@@ -419,9 +473,18 @@ async fn handle(
         // HTTP/2 carries the host as :authority; an HTTP/1.1 app needs a Host header.
         headers.insert(hyper::header::HOST, value);
     }
+    Some((Request::from_parts(parts, body), upgrade))
+}
 
-    let request = Request::from_parts(parts, body);
-    let answer = if h2 {
+/// Sends the rewritten request to the app: over the port's shared HTTP/2 connection, or the
+/// HTTP/1.1 keep-alive pool.
+async fn to_app(
+    context: &Context,
+    port: InboundPort,
+    h2: bool,
+    request: Request<Incoming>,
+) -> Result<Response<Incoming>, String> {
+    if h2 {
         let app = port.app;
         let timeout = context.config.limits.connect_timeout.0;
         context
@@ -438,46 +501,34 @@ async fn handle(
             .request(request)
             .await
             .map_err(|error| error.to_string())
-    };
-    let app = match answer {
-        Ok(response) => response,
-        Err(error) => {
-            tracing::warn!(app = %port.app, %error, "app request failed");
-            record("app_error", policy, started);
-            return short(StatusCode::BAD_GATEWAY, "bad gateway\n");
+    }
+}
+
+/// The app switched protocols (a WebSocket): the tunnel between the two upgraded sides is run
+/// by this connection's `serve`, under its supervision (if the connection is gone, nothing
+/// receives it and it is never opened), and the client gets the app's `101`.
+fn upgraded(
+    context: &Context,
+    tunnels: &Tunnels,
+    client_side: hyper::upgrade::OnUpgrade,
+    app: Response<Incoming>,
+) -> Response<ResponseBody> {
+    let (parts, body) = app.into_parts();
+    let mut from_app = Response::from_parts(parts.clone(), body);
+    let app_side = hyper::upgrade::on(&mut from_app);
+    let idle = context.config.limits.idle_timeout.0;
+    let _ = tunnels.send(Box::pin(async move {
+        if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
+            let _ = crate::transport::forward(TokioIo::new(client), TokioIo::new(app), idle).await;
         }
-    };
-    record(outcome, policy, started);
-    if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (upgrade, app.status()) {
-        let (parts, body) = app.into_parts();
-        let mut from_app = Response::from_parts(parts.clone(), body);
-        let app_side = hyper::upgrade::on(&mut from_app);
-        let idle = context.config.limits.idle_timeout.0;
-        // Run by this connection's `serve`, under its supervision: if the connection is gone
-        // (nothing receives it), the tunnel is never opened.
-        let _ = tunnels.send(Box::pin(async move {
-            if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
-                let _ =
-                    crate::transport::forward(TokioIo::new(client), TokioIo::new(app), idle).await;
-            }
-        }));
-        let mut response = Response::from_parts(
-            parts,
-            Full::new(Bytes::new())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        return response;
-    }
-    let mut response = app.map(|body| body.boxed_unsync());
-    if checked.websocket {
-        // A refused upgrade ends the connection: what the client sends next was meant for a
-        // protocol that never started.
-        response
-            .headers_mut()
-            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-    }
+    }));
+    let mut response = Response::from_parts(
+        parts,
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     response
 }
 

@@ -55,35 +55,47 @@ async fn handle(
     remote: SocketAddr,
     mut pending: crate::listen::Pending,
 ) {
-    let config = &context.config;
     let Some(tls) = context.tls.borrow().clone() else {
         // No certificate yet: fail closed.
-        refused(
-            "no_local_certificate",
-            remote,
-            &"the sidecar has no certificate yet",
-        );
-        return;
+        let why = &"the sidecar has no certificate yet";
+        return refused("no_local_certificate", remote, why);
     };
     if context.snapshot.borrow().is_none() {
-        refused(
-            "no_snapshot",
-            remote,
-            &"the sidecar has no policy snapshot yet",
-        );
-        return;
+        let why = &"the sidecar has no policy snapshot yet";
+        return refused("no_snapshot", remote, why);
     }
     let _ = stream.set_nodelay(true);
-    let timeout = config.limits.handshake_timeout.0;
+    let timeout = context.config.limits.handshake_timeout.0;
     // Transparent mode: a connection redirected from an app port carries that port as its
     // original destination.
     let redirected_port = crate::transport::original_destination(&stream)
         .ok()
-        .filter(|d| d.port() != config.inbound.listen.port())
+        .filter(|d| d.port() != context.config.inbound.listen.port())
         .map(|d| d.port());
     if !starts_with_tls(&stream, timeout).await {
         return plaintext(context, stream, remote, redirected_port, pending).await;
     }
+    match handshake(&tls, stream, timeout).await {
+        // Authenticated: out of the handshake budget, into the inbound one (a shared
+        // connection decides that itself, see `mux::serve`).
+        Ok((_, Some(_))) if !pending.authenticated(context) => {}
+        Ok((stream, Some(port))) => direct(context, stream, remote, port, redirected_port).await,
+        Ok((stream, None)) => mux::serve(context, stream, remote, redirected_port, pending).await,
+        Err((reason, detail)) => refused(reason, remote, &detail),
+    }
+}
+
+/// An inbound connection after its handshake.
+type Tls = tokio_rustls::server::TlsStream<crate::transport::ReadAhead<TcpStream>>;
+
+/// The TLS handshake and, on a connection of its own, the port header, within `timeout` and
+/// on the handshake thread (see `crate::handshakes`: a flood of handshakes does not queue the
+/// authenticated connections' work). `None` for the port: a shared connection.
+async fn handshake(
+    tls: &crate::tls::TlsSet,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Result<(Tls, Option<u16>), (&'static str, String)> {
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let handshake = async move {
         let mut stream = acceptor
@@ -100,30 +112,29 @@ async fn handle(
         }
         if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_MUX) {
             // A shared connection: each stream names its port and is decided on its own.
-            return Ok::<_, (&'static str, String)>((stream, None));
+            return Ok((stream, None));
         }
         let port = read_header(&mut stream)
             .await
             .map_err(|e| ("bad_header", e.to_string()))?;
         Ok((stream, Some(port)))
     };
-    // On the handshake thread (see `crate::handshakes`): a flood of handshakes does not queue
-    // the authenticated connections' work.
-    let Some(outcome) = crate::handshakes::run(tokio::time::timeout(timeout, handshake)).await
-    else {
-        return refused("internal", remote, &"the handshake task was lost");
-    };
-    let (mut stream, port) = match outcome {
-        // Authenticated: out of the handshake budget, into the inbound one (a shared
-        // connection decides that itself, see `mux::serve`).
-        Ok(Ok((_, Some(_)))) if !pending.authenticated(context) => return,
-        Ok(Ok((stream, Some(port)))) => (stream, port),
-        Ok(Ok((stream, None))) => {
-            return mux::serve(context, stream, remote, redirected_port, pending).await;
-        }
-        Ok(Err((reason, detail))) => return refused(reason, remote, &detail),
-        Err(_) => return refused("timeout", remote, &"handshake or port header too slow"),
-    };
+    match crate::handshakes::run(tokio::time::timeout(timeout, handshake)).await {
+        None => Err(("internal", "the handshake task was lost".into())),
+        Some(Ok(outcome)) => outcome,
+        Some(Err(_)) => Err(("timeout", "handshake or port header too slow".into())),
+    }
+}
+
+/// A peer's connection of its own to `port`: admitted (or answered with the refusal's status
+/// byte), then served as HTTP requests or forwarded to the app.
+async fn direct(
+    context: &Arc<Context>,
+    mut stream: Tls,
+    remote: SocketAddr,
+    port: u16,
+    redirected_port: Option<u16>,
+) {
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return refused("no_certificate", remote, &"no client SVID");
     };
@@ -144,50 +155,29 @@ async fn handle(
         }
     };
     let entry = admission.entry;
+    let limits = &context.config.limits;
     if entry.protocol == sidewall_policies::Protocol::Http {
         // The connection may carry requests: each is decided on its own from here on.
         if write_status(&mut stream, Status::Allowed).await.is_err() {
             return;
         }
-        let serve = crate::http::serve(
-            context.clone(),
-            stream,
-            Some(peer.id.clone()),
-            entry,
-            remote,
-            h2,
-            crate::http::FirstRequest {
-                within: timeout,
-                pending: None,
-            },
-        );
-        admission.supervise(serve).await;
-        return;
+        let first = crate::http::FirstRequest {
+            within: limits.handshake_timeout.0,
+            pending: None,
+        };
+        let peer = Some(peer.id.clone());
+        let serve = crate::http::serve(context.clone(), stream, peer, entry, remote, h2, first);
+        return admission.supervise(serve).await;
     }
-    let app = match tokio::time::timeout(
-        config.limits.connect_timeout.0,
-        TcpStream::connect(entry.app),
-    )
-    .await
-    {
-        Ok(Ok(app)) => app,
-        Ok(Err(error)) => {
-            tracing::warn!(app = %entry.app, %error, "app unreachable");
-            let _ = write_status(&mut stream, Status::AppUnavailable).await;
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(app = %entry.app, "app connect timed out");
-            let _ = write_status(&mut stream, Status::AppUnavailable).await;
-            return;
-        }
+    let Some(app) = connect_app(context, &entry).await else {
+        let _ = write_status(&mut stream, Status::AppUnavailable).await;
+        return;
     };
-    let _ = app.set_nodelay(true);
     if write_status(&mut stream, Status::Allowed).await.is_err() {
         return;
     }
     let copy = async {
-        match forward(stream, app, config.limits.idle_timeout.0).await {
+        match forward(stream, app, limits.idle_timeout.0).await {
             Ok(counts) => {
                 metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound")
                     .increment(counts.a_to_b + counts.b_to_a);
@@ -199,6 +189,29 @@ async fn handle(
         }
     };
     admission.supervise(copy).await;
+}
+
+/// Connects to the app behind `entry` within `limits.connectTimeout`; `None`, logged, when it
+/// does not answer (the peer is then told the app is unavailable).
+pub(crate) async fn connect_app(
+    context: &Context,
+    entry: &crate::config::InboundPort,
+) -> Option<TcpStream> {
+    let within = context.config.limits.connect_timeout.0;
+    match tokio::time::timeout(within, TcpStream::connect(entry.app)).await {
+        Ok(Ok(app)) => {
+            let _ = app.set_nodelay(true);
+            Some(app)
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(app = %entry.app, %error, "app unreachable");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(app = %entry.app, "app connect timed out");
+            None
+        }
+    }
 }
 
 /// Whether the first byte is a TLS handshake record (waits up to `timeout` for it).
@@ -246,13 +259,7 @@ async fn plaintext(
     if !pending.authenticated(context) {
         return;
     }
-    let Ok(Ok(app)) = tokio::time::timeout(
-        config.limits.connect_timeout.0,
-        TcpStream::connect(entry.app),
-    )
-    .await
-    else {
-        tracing::warn!(app = %entry.app, "app unreachable");
+    let Some(app) = connect_app(context, entry).await else {
         return;
     };
     // Plain TCP on both sides: the bytes never enter the process.

@@ -66,52 +66,7 @@ pub(super) async fn serve(
     };
     let _pending = pending;
     let peer = Arc::new(peer);
-    let streams = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let accept = async {
-        // The preface, then a first stream, each within the handshake deadline; later, a
-        // connection with no stream open for the idle timeout is closed.
-        let stream = crate::h2frames::watched(stream, peer.id.to_string(), 0);
-        let handshake = crate::mux::server_builder(streams).handshake::<_, Bytes>(stream);
-        let mut connection = match tokio::time::timeout(limits.handshake_timeout.0, handshake).await
-        {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => {
-                tracing::debug!(%remote, %error, "shared connection: no HTTP/2 preface");
-                return;
-            }
-            Err(_) => return refused("timeout", remote, &"no HTTP/2 preface in time"),
-        };
-        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut quiet_limit = limits.handshake_timeout.0;
-        loop {
-            let next = match tokio::time::timeout(quiet_limit, connection.accept()).await {
-                Ok(next) => next,
-                Err(_) if open.load(std::sync::atomic::Ordering::Acquire) > 0 => continue,
-                Err(_) => {
-                    metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "shared_idle").increment(1);
-                    tracing::debug!(%remote, "shared connection closed: no stream in time");
-                    return;
-                }
-            };
-            match next {
-                Some(Ok((request, respond))) => {
-                    quiet_limit = limits.idle_timeout.0;
-                    let context = context.clone();
-                    let peer = peer.clone();
-                    let guard = Streaming::new(&open);
-                    tokio::spawn(async move {
-                        let _guard = guard;
-                        carried(context, peer, redirected, request, respond).await;
-                    });
-                }
-                Some(Err(error)) => {
-                    tracing::debug!(%remote, %error, "shared connection ended with an error");
-                    return;
-                }
-                None => return,
-            }
-        }
-    };
+    let accept = streams(context, stream, peer.clone(), redirected, remote);
     tokio::select! {
         () = accept => {}
         () = tokio::time::sleep(lifetime) => {
@@ -123,6 +78,60 @@ pub(super) async fn serve(
             } else {
                 tracing::info!(%remote, "peer certificate expired: shared connection closed");
             }
+        }
+    }
+}
+
+/// Accepts the streams of one shared connection, each decided on its own by [`carried`]: the
+/// HTTP/2 preface, then a first stream, each within the handshake deadline; later, a
+/// connection with no stream open for the idle timeout is closed.
+async fn streams(
+    context: &Arc<Context>,
+    stream: TlsStream<ReadAhead<TcpStream>>,
+    peer: Arc<Svid>,
+    redirected: Option<u16>,
+    remote: SocketAddr,
+) {
+    let limits = &context.config.limits;
+    let streams = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let stream = crate::h2frames::watched(stream, peer.id.to_string(), 0);
+    let handshake = crate::mux::server_builder(streams).handshake::<_, Bytes>(stream);
+    let mut connection = match tokio::time::timeout(limits.handshake_timeout.0, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            tracing::debug!(%remote, %error, "shared connection: no HTTP/2 preface");
+            return;
+        }
+        Err(_) => return refused("timeout", remote, &"no HTTP/2 preface in time"),
+    };
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut quiet_limit = limits.handshake_timeout.0;
+    loop {
+        let next = match tokio::time::timeout(quiet_limit, connection.accept()).await {
+            Ok(next) => next,
+            Err(_) if open.load(std::sync::atomic::Ordering::Acquire) > 0 => continue,
+            Err(_) => {
+                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "shared_idle").increment(1);
+                tracing::debug!(%remote, "shared connection closed: no stream in time");
+                return;
+            }
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                quiet_limit = limits.idle_timeout.0;
+                let context = context.clone();
+                let peer = peer.clone();
+                let guard = Streaming::new(&open);
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    carried(context, peer, redirected, request, respond).await;
+                });
+            }
+            Some(Err(error)) => {
+                tracing::debug!(%remote, %error, "shared connection ended with an error");
+                return;
+            }
+            None => return,
         }
     }
 }
@@ -191,23 +200,9 @@ async fn carried(
             StatusCode::SERVICE_UNAVAILABLE,
         );
     };
-    let app = match tokio::time::timeout(
-        config.limits.connect_timeout.0,
-        TcpStream::connect(entry.app),
-    )
-    .await
-    {
-        Ok(Ok(app)) => app,
-        Ok(Err(error)) => {
-            tracing::warn!(app = %entry.app, %error, "app unreachable");
-            return answer(&mut respond, StatusCode::BAD_GATEWAY);
-        }
-        Err(_) => {
-            tracing::warn!(app = %entry.app, "app connect timed out");
-            return answer(&mut respond, StatusCode::BAD_GATEWAY);
-        }
+    let Some(app) = super::connect_app(&context, &entry).await else {
+        return answer(&mut respond, StatusCode::BAD_GATEWAY);
     };
-    let _ = app.set_nodelay(true);
     let Ok(send) = respond.send_response(Response::new(()), false) else {
         return;
     };
