@@ -219,3 +219,99 @@ fn l6_a_leftover_temporary_file_in_the_state_directory_gets_no_key() {
     let key = std::fs::metadata(state.join("key.pem")).unwrap();
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
 }
+
+/// A TCP relay to `target` that passes every connection through, except the `cut`-th
+/// (counting from 1): on that one, once the client has sent its second flight (its TLS
+/// Finished and its request), nothing more from the server reaches the client, and both sides
+/// are closed a second later. The server has the whole request and answers it; the client
+/// never hears the answer. Returns the relay's port.
+fn relay_losing_an_answer(target: u16, cut: usize) -> u16 {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (index, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                continue;
+            };
+            let losing = index + 1 == cut;
+            let answered = Arc::new(AtomicBool::new(true));
+            let (mut c_read, mut c_write) = (client.try_clone().unwrap(), client);
+            let (mut s_read, mut s_write) = (server.try_clone().unwrap(), server);
+            let to_client = answered.clone();
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 16 * 1024];
+                while let Ok(n @ 1..) = s_read.read(&mut buffer) {
+                    if to_client.load(Ordering::SeqCst) && c_write.write_all(&buffer[..n]).is_err()
+                    {
+                        break;
+                    }
+                }
+                let _ = c_write.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 16 * 1024];
+                let mut reads = 0;
+                while let Ok(n @ 1..) = c_read.read(&mut buffer) {
+                    reads += 1;
+                    if s_write.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                    if losing && reads >= 2 && answered.swap(false, Ordering::SeqCst) {
+                        // The handshake is done and the request follows: everything the
+                        // client sends still goes through, the server answers into the void,
+                        // and the client's connection is closed once the answer is in.
+                        let client = c_read.try_clone().unwrap();
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(1500));
+                            let _ = client.shutdown(Shutdown::Both);
+                        });
+                    }
+                }
+                let _ = s_write.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    port
+}
+
+/// A sidecar whose first certificate request reached the control plane, but whose answer was
+/// lost on the way back (a timeout, a cut connection), joins on its next attempt with the same
+/// single-use token: it asks again for the key the token was redeemed with, which the control
+/// plane accepts again, instead of a new key that finds the token used up.
+#[test]
+fn a_join_whose_answer_was_lost_is_retried_with_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    api_token(&cp, dir.path());
+    // Connection 1 fetches the trust bundle; connection 2 carries the certificate request.
+    let relay = relay_losing_an_answer(cp.api_port, 2);
+    let admin = free_port();
+    let sidecar = ProxyProcess::start(dir.path(), "api", &api_config(relay, admin), admin);
+    // The first attempt fails (its answer never comes); the retry follows within seconds.
+    let joined = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        http_get(admin, "/ready").0 == 200
+    });
+    let tokens = cp.cli(&["token", "list"]);
+    assert!(
+        joined,
+        "the sidecar never joined after its first answer was lost\ntokens:\n{}\nlog:\n{}",
+        tokens.stdout,
+        sidecar.log()
+    );
+    // One redemption: the retry asked for the key the token was already spent on.
+    assert!(
+        tokens
+            .stdout
+            .lines()
+            .any(|l| l.contains(" used ") && l.contains("1/1")),
+        "{}",
+        tokens.stdout
+    );
+    assert!(sidecar.log().contains("certificate"), "{}", sidecar.log());
+}

@@ -168,6 +168,10 @@ pub async fn maintain(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF.0;
+    // The key a join asks a certificate for, kept until a join succeeds: if an answer is lost
+    // after the control plane redeemed the token for it, the retry asks for the same key, which
+    // the token accepts again; a new key would find a single-use token used up.
+    let mut joining: Option<(String, String)> = None;
     loop {
         let current = sender.borrow().clone();
         let wait = match &current {
@@ -182,11 +186,18 @@ pub async fn maintain(
         }
         let result = match &current {
             Some(credential) if credential.seconds_left() > 0 => renew(&config, credential).await,
-            _ => join(&config).await,
+            _ => match &joining {
+                Some(key) => join(&config, key).await,
+                None => match key_and_csr() {
+                    Ok(key) => join(&config, joining.insert(key)).await,
+                    Err(error) => Err(error),
+                },
+            },
         };
         match result {
             Ok(credential) => {
                 backoff = BACKOFF.0;
+                joining = None;
                 if let Err(error) = state::save(&config.state_dir, &credential) {
                     tracing::error!(%error, "cannot save the credential; it is used but not persisted");
                 }
@@ -222,20 +233,21 @@ fn key_and_csr() -> Result<(String, String), JoinError> {
     Ok((key.serialize_pem(), csr))
 }
 
-async fn join(config: &Config) -> Result<Credential, JoinError> {
+/// Joins with the token file, asking a certificate for `key` (its PEM and its CSR).
+async fn join(config: &Config, key: &(String, String)) -> Result<Credential, JoinError> {
     let path = config
         .control_plane
         .token_file
         .as_deref()
         .ok_or(JoinError::NoToken)?;
     let token = read_token(path)?;
-    let (key_pem, csr) = key_and_csr()?;
+    let (key_pem, csr) = key;
     let response =
-        control_plane::join(&config.control_plane.urls, &config.identity, &token, &csr).await?;
+        control_plane::join(&config.control_plane.urls, &config.identity, &token, csr).await?;
     Credential::from_pem(
         &config.identity,
         response.certificate_chain,
-        key_pem,
+        key_pem.clone(),
         response.trust_bundle,
     )
     .map_err(|e| JoinError::Answer(e.to_string()))
