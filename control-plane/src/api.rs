@@ -45,14 +45,11 @@ pub struct Api {
 }
 
 impl Api {
-    /// After a write that changes snapshots. With a replicated store, waits until this
-    /// replica's change feed has put the write in force (so the answer reflects it, and the
-    /// snapshot version is the store's revision on every replica) and returns true. Returns
-    /// false for a store without a change feed: the caller updates distribution itself.
-    pub(crate) async fn follows_store(&self) -> bool {
-        let Some(revision) = self.store.written() else {
-            return false;
-        };
+    /// After a write that changes snapshots: waits until the store's change feed has put the
+    /// write in force on this replica, so the answer reflects it (and, with etcd, the snapshot
+    /// version is the store's revision on every replica).
+    pub(crate) async fn settle(&self) {
+        let revision = self.store.written();
         if !self
             .distribution
             .caught_up(revision, Duration::from_secs(10))
@@ -63,7 +60,6 @@ impl Api {
                 "the store's change feed has not reached this replica's write yet"
             );
         }
-        true
     }
 }
 

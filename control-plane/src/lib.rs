@@ -13,8 +13,9 @@
 //! - [`tls`]: the control plane's own rotating certificate and its rustls configuration.
 //! - [`server`]: [`server::prepare`] (everything that can fail before a port is bound) and
 //!   [`server::run`] (listeners and shutdown passed in).
-//! - [`distribution`]: the policy set in force, per-workload snapshots, acks, the fleet view,
-//!   observed flows; [`gitops`] watches a policy directory.
+//! - [`distribution`]: the policy set in force, followed from the store's change feed,
+//!   per-workload snapshots, acks, the fleet view, observed flows; [`gitops`] watches a policy
+//!   directory.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`.
 //! - [`ui`]: the read-only dashboard (service graph, fleet, policies) and its JSON, on its own
 //!   address.

@@ -57,19 +57,11 @@ pub enum StartError {
     Config(#[from] ConfigError),
 }
 
-/// The replicated store whose change feed a replica follows; none without the `etcd` feature.
-#[cfg(feature = "etcd")]
-type Follower = EtcdStore;
-#[cfg(not(feature = "etcd"))]
-type Follower = std::convert::Infallible;
-
 /// A control plane ready to bind: CA loaded, store open, files written.
 pub struct Prepared {
     api: Arc<Api>,
     certificate: Arc<ServingCertificate>,
     tls: Arc<rustls::ServerConfig>,
-    /// With etcd: the store whose change feed this replica follows.
-    follower: Option<Follower>,
 }
 
 /// Loads or creates the CA, opens the store, issues the serving certificate and, on first
@@ -77,7 +69,7 @@ pub struct Prepared {
 pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| StartError::Io(data_dir.clone(), e))?;
-    let (ca, store, follower): (Authority, Arc<dyn Store>, Option<Follower>) = match &config.store {
+    let (ca, store): (Authority, Arc<dyn Store>) = match &config.store {
         StoreConfig::Embedded => (
             Authority::load_or_create(
                 &ca_dir(&data_dir),
@@ -87,13 +79,12 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             Arc::new(EmbeddedStore::open(&crate::data_dir::store_path(
                 &data_dir,
             ))?),
-            None,
         ),
         #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => {
             let store = EtcdStore::connect(&etcd_options(etcd)?).await?;
             let ca = shared_ca(&config, &store).await?;
-            (ca, Arc::new(store.clone()), Some(store))
+            (ca, Arc::new(store))
         }
         // `Config::load` refuses it already; a configuration built in code ends here.
         #[cfg(not(feature = "etcd"))]
@@ -109,35 +100,25 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
     let certificate = Arc::new(certificate);
     let tls = Arc::new(server_config(&ca, certificate.clone())?);
-    let latest = match &follower {
-        // The newest version only: the history may be long.
-        #[cfg(feature = "etcd")]
-        Some(etcd) => etcd.load().await?.latest,
-        _ => store.policy_versions().await?.pop(),
-    };
     let now_ms = u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis()),
     )
     .unwrap_or(0);
+    // Embedded, counters continue above every earlier process's; with etcd they are its
+    // revisions, the same on every replica.
+    store.reserve_counters(now_ms).await?;
     let distribution = Arc::new(
         Distribution::new(
             store.epoch().await?,
-            store.reserve_counters(now_ms).await?,
             ca.trust_domain().clone(),
             ca.trust_bundle_pem().to_owned(),
-            latest,
-            store.registrations().await?,
-            &store.revocations().await?,
+            store.load().await?,
+            store.replicated(),
         )
         .with_limits(config.identity_limits),
     );
-    #[cfg(feature = "etcd")]
-    if let Some(etcd) = &follower {
-        // Snapshot counters are etcd revisions from the first snapshot on.
-        distribution.follow(etcd.load().await?);
-    }
     let api = Arc::new(Api {
         limiter: RateLimiter::new(config.issuance_per_minute),
         store,
@@ -149,7 +130,6 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         api,
         certificate,
         tls,
-        follower,
     })
 }
 
@@ -271,7 +251,6 @@ pub async fn run(
         api,
         certificate,
         tls,
-        follower,
     } = prepared;
     let api_addr = listeners
         .api
@@ -311,16 +290,9 @@ pub async fn run(
         ui::Dashboard::new(api.distribution.clone(), api.config.server_names.clone()),
         stop_rx.clone(),
     ));
-    // With etcd: follow the store's change feed, and publish this replica's summary.
-    #[cfg(feature = "etcd")]
-    let follow_task = follower.map(|etcd| {
-        let publish = tokio::spawn(
-            etcd.clone()
-                .publish(api.distribution.clone(), stop_rx.clone()),
-        );
-        let follow = tokio::spawn(etcd.follow(api.distribution.clone(), stop_rx.clone()));
-        (publish, follow)
-    });
+    // Distribution follows the store's change feed; a replica publishes its summary.
+    let follow_task = tokio::spawn(api.store.follow(api.distribution.clone(), stop_rx.clone()));
+    let publish_task = tokio::spawn(api.store.publish(api.distribution.clone(), stop_rx.clone()));
     let policies_task = api
         .config
         .policies_dir
@@ -362,12 +334,14 @@ pub async fn run(
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     let reason = sidewall_policies::svid::io_failure_label(&error);
-                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => reason).increment(1);
+                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => reason)
+                        .increment(1);
                     tracing::info!(%remote, reason, %error, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => "timeout").increment(1);
+                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => "timeout")
+                        .increment(1);
                     return;
                 }
             };
@@ -412,13 +386,8 @@ pub async fn run(
     if let Some(task) = policies_task {
         let _ = task.await;
     }
-    #[cfg(not(feature = "etcd"))]
-    let follow_task: Option<(tokio::task::JoinHandle<()>, tokio::task::JoinHandle<()>)> =
-        follower.map(|never| match never {});
-    if let Some((publish, follow)) = follow_task {
-        let _ = publish.await;
-        let _ = follow.await;
-    }
+    let _ = publish_task.await;
+    let _ = follow_task.await;
     // Connection tasks still finishing hold the API (and through it the store's file lock);
     // wait for them so that a restart in the same process can open the store again.
     let deadline =

@@ -4,14 +4,23 @@
 //! no service to run. The etcd store (`etcd::EtcdStore`, cargo feature `etcd`) backs several
 //! replicas: every operation that must be atomic across replicas (redeeming a token, numbering a
 //! policy version) is one method, an etcd transaction there, and methods are async.
+//!
+//! Both publish a change feed ([`Store::follow`]): every write that changes snapshots (a policy
+//! version, a registration, a revocation) moves the store's revision on, and distribution
+//! reloads what it needs at that revision. The API writes, then waits for the feed to put the
+//! write in force ([`Store::written`]); it never updates distribution itself.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sidewall_policies::load::Source;
 pub use sidewall_policies::wire::operator::RegistrationRecord;
 use sidewall_policies::wire::operator::RevocationKind;
+use tokio::sync::watch;
+
+use crate::distribution::Distribution;
 
 pub mod embedded;
 #[cfg(feature = "etcd")]
@@ -44,15 +53,19 @@ pub enum StoreError {
     },
 }
 
-/// The state distribution needs, read at one revision of a replicated store (which follows
-/// it: [`crate::distribution::Distribution::follow`]).
+/// A task that runs until the control plane stops ([`Store::follow`], [`Store::publish`]).
+pub type Task = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The state distribution needs, read at one revision of the store (which it follows:
+/// [`Distribution::follow`]).
 #[derive(Debug)]
 pub struct Loaded {
-    /// The revision of the last change to that state (the `changed` marker's
-    /// `mod_revision`; 0 before any): the snapshot counter. Two replicas that read the same
-    /// content read the same value, whatever else was written to etcd meanwhile.
+    /// The revision of the last change to that state: the snapshot counter. With etcd, the
+    /// `changed` marker's `mod_revision` (0 before any), so two replicas that read the same
+    /// content read the same value, whatever else was written to etcd meanwhile. Embedded,
+    /// this process's counter, from [`Store::reserve_counters`] on.
     pub revision: u64,
-    /// The etcd revision of the read itself (the change feed continues after it).
+    /// The store's revision of the read itself (etcd's change feed continues after it).
     pub read_at: u64,
     /// The newest policy version.
     pub latest: Option<PolicyVersion>,
@@ -221,15 +234,39 @@ pub trait Store: Send + Sync + 'static {
     fn reserve_counters(&self, at_least: u64) -> StoreFuture<'_, u64>;
     /// Everything, read at one point in time (one read transaction, one etcd revision).
     fn records(&self) -> StoreFuture<'_, Records>;
-    /// For a store with a change feed (etcd): the revision of this process's last write that
-    /// changes snapshots, which the feed puts in force (the API waits for it). `None` for a
-    /// store without one: the API then updates distribution itself.
-    fn written(&self) -> Option<u64> {
-        None
+    /// What distribution needs (the newest policy version, registrations, revocations), read
+    /// at one revision.
+    fn load(&self) -> StoreFuture<'_, Loaded>;
+    /// The change feed: keeps `distribution` in step with the store until `stop` turns true,
+    /// one reload per batch of changes. While the store cannot serve, distribution keeps
+    /// what it has and the feed retries with backoff.
+    fn follow(&self, distribution: Arc<Distribution>, stop: watch::Receiver<bool>) -> Task;
+    /// The revision of the newest write that changes snapshots (at least this process's last
+    /// one): once distribution has followed the feed that far, the write is in force.
+    fn written(&self) -> u64;
+    /// Whether other control-plane replicas share this store (and hold their own sidecars'
+    /// watches).
+    fn replicated(&self) -> bool {
+        false
+    }
+    /// For a replicated store: publishes this replica's summary of its sidecars until `stop`
+    /// turns true. Nothing to publish for a store that serves one control plane.
+    fn publish(&self, _distribution: Arc<Distribution>, _stop: watch::Receiver<bool>) -> Task {
+        Box::pin(async {})
     }
     /// For a replicated store: what the other replicas publish about their sidecars. Empty
     /// for a store that serves one control plane.
     fn replicas(&self) -> StoreFuture<'_, Vec<crate::distribution::ReplicaSummary>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+}
+
+/// Longest wait between two attempts to reload after the store failed.
+pub const MAX_FEED_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Counts and logs a change feed that failed; returns the next backoff (doubled, capped).
+pub(crate) fn feed_failed(error: &StoreError, backoff: std::time::Duration) -> std::time::Duration {
+    metrics::counter!("sidewall_control_plane_store_watch_failures_total").increment(1);
+    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "the store's change feed failed; serving the state in memory");
+    (backoff * 2).min(MAX_FEED_BACKOFF)
 }

@@ -325,6 +325,28 @@ impl Engine {
             .collect()
     }
 
+    /// The policies that apply to `workload`, as a set of their own (what its snapshot
+    /// carries).
+    pub fn set_for(&self, workload: &SpiffeId) -> PolicySet {
+        let mine: Vec<Policy> = self.policies_for(workload).into_iter().cloned().collect();
+        // A subset of a valid set has unique names.
+        PolicySet::new(mine).unwrap_or_default()
+    }
+
+    /// Whether `workload` may call `service` at all, so that its snapshot lists the service:
+    /// some allow rule's `from` matches it, or the service is covered only by audit policies
+    /// (not enforced yet, so anyone may reach it).
+    pub fn may_call(&self, workload: &SpiffeId, service: &SpiffeId) -> bool {
+        let policies = self.policies_for(service);
+        let audit_only = !policies.is_empty() && policies.iter().all(|p| p.mode == Mode::Audit);
+        audit_only
+            || policies.iter().any(|policy| {
+                policy.rules.iter().any(|rule| {
+                    rule.action == Action::Allow && rule.from.iter().any(|p| p.matches(workload))
+                })
+            })
+    }
+
     fn rule_ref(&self, at: Option<(u32, u32)>) -> Option<RuleRef> {
         at.map(|(policy, rule)| RuleRef {
             policy: self.set.policies()[policy as usize].name.clone(),

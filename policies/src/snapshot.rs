@@ -14,6 +14,8 @@ use crate::http::PathParameters;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::policy::{Policy, PolicySet, Protocol};
 
+pub mod directory;
+
 /// The schema major version this release reads and writes.
 pub const SCHEMA_MAJOR: u32 = 1;
 /// The schema minor version this release writes (additions only).

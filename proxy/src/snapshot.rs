@@ -15,7 +15,7 @@ use sidewall_policies::load::{LoadOptions, load_paths};
 use sidewall_policies::snapshot::{
     Revocations, Schema, ServiceEntry, ServicePort, Snapshot, SnapshotVersion,
 };
-use sidewall_policies::{Engine, PolicySet, SpiffeId};
+use sidewall_policies::{Engine, SpiffeId};
 use tokio::sync::watch;
 
 use crate::config::LocalConfig;
@@ -86,17 +86,9 @@ impl Active {
 /// The current snapshot, `None` until the first one loads.
 pub type SnapshotWatch = watch::Receiver<Option<Arc<Active>>>;
 
-/// The policies that apply to `workload`.
-fn for_workload(set: PolicySet, workload: &SpiffeId) -> PolicySet {
-    let engine = Engine::new(set);
-    let mine: Vec<_> = engine.policies_for(workload).into_iter().cloned().collect();
-    // A subset of a valid set has unique names.
-    PolicySet::new(mine).unwrap_or_default()
-}
-
 fn build(local: &LocalConfig, workload: &SpiffeId, counter: u64) -> Result<Active, String> {
     let loaded = load_paths(&local.policies, &LoadOptions::default()).map_err(|e| e.to_string())?;
-    let policies = for_workload(loaded.policies, workload);
+    let policies = Engine::new(loaded.policies).set_for(workload);
     let directory = local
         .directory
         .iter()

@@ -105,16 +105,6 @@ fn query_value<'a>(request: &'a Request<Incoming>, key: &str) -> Option<&'a str>
     })
 }
 
-/// After a write to the registrations: distribution follows a store with a change feed by
-/// itself; otherwise it is given the registrations now.
-async fn registrations_changed(api: &Api) -> Result<(), ApiError> {
-    if !api.follows_store().await {
-        api.distribution
-            .set_registrations(api.store.registrations().await?);
-    }
-    Ok(())
-}
-
 /// `GET /v1/snapshots/watch?instance=ID`: newline-delimited JSON snapshots for the caller's
 /// workload, one whenever its content changes, keep-alive blank lines in between.
 pub(super) fn watch(
@@ -312,7 +302,7 @@ pub(super) async fn register(
             format!("endpoint {endpoint} is registered to {holder}"),
         ));
     }
-    registrations_changed(api).await?;
+    api.settle().await;
     api.distribution.fleet_update(&body.instance, |entry| {
         entry.identity = identity.to_string();
         entry.endpoint = Some(endpoint.to_string());
@@ -349,7 +339,7 @@ pub(super) async fn deregister(
         ));
     }
     api.store.remove_registration(&identity, instance).await?;
-    registrations_changed(api).await?;
+    api.settle().await;
     Ok(json_response(
         StatusCode::OK,
         &Deregistered {
@@ -378,7 +368,7 @@ async fn expire_after_lease(api: &Api, identity: &SpiffeId, instance: &str, clos
 /// control plane was down) and are removed. Not with a replicated store, where other replicas
 /// may hold their watches.
 pub(crate) async fn expire_unclaimed(api: Arc<Api>, started: i64) {
-    if api.store.written().is_some() {
+    if api.store.replicated() {
         return;
     }
     if !lease_ends(&api).await {
@@ -435,8 +425,8 @@ async fn expire(api: &Api, reason: &'static str, stale: impl Fn(&RegistrationRec
             "registration expired: its sidecar stopped watching"
         );
     }
-    if removed && let Err(error) = registrations_changed(api).await {
-        tracing::warn!(?error, "cannot reload registrations");
+    if removed {
+        api.settle().await;
     }
 }
 
@@ -472,7 +462,7 @@ pub(super) async fn remove(
         tracing::warn!(%operator, identity = record.identity, instance, endpoint = record.endpoint, "registration removed by an operator");
         identities.push(record.identity.clone());
     }
-    registrations_changed(api).await?;
+    api.settle().await;
     Ok(json_response(
         StatusCode::OK,
         &Deregistered {

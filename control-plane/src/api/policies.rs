@@ -61,14 +61,11 @@ pub(crate) async fn store_and_apply(
             version: 0,
             applied_by: applied_by.clone(),
             applied_at: now_unix(),
-            files: files.clone(),
+            files,
         })
         .await?;
     let summary = (set.policies().len(), set.rule_count());
-    if !api.follows_store().await {
-        api.distribution
-            .apply(version, applied_by.clone(), files, set);
-    }
+    api.settle().await;
     tracing::info!(
         version,
         policies = summary.0,

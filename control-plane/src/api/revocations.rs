@@ -62,10 +62,7 @@ pub(super) async fn revoke(
             by: operator.clone(),
         })
         .await?;
-    if !api.follows_store().await {
-        api.distribution
-            .set_revocations(&api.store.revocations().await?);
-    }
+    api.settle().await;
     tracing::warn!(kind = kind.as_str(), value, operator, "revoked");
     Ok(json_response(StatusCode::OK, &Revoked { kind, value }))
 }

@@ -1,17 +1,25 @@
 //! The embedded store: one redb file in the data directory. Every write is a transaction that
 //! commits durably, so a crash loses nothing that was acknowledged.
+//!
+//! Its change feed is a counter in memory: a write that changes snapshots moves it on once it
+//! has committed (on the thread that committed it, so a caller that gives up waiting cannot
+//! lose the change), and [`EmbeddedStore::follow`] reloads after each move. Counters start
+//! where [`Store::reserve_counters`] put them, above anything an earlier process sent.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use super::{
-    COUNTER_BLOCK, CertificateRecord, PolicyVersion, Records, Redemption, RegistrationRecord,
-    RevocationRecord, Store, StoreError, StoreFuture, TokenRecord,
+    COUNTER_BLOCK, CertificateRecord, Loaded, PolicyVersion, Records, Redemption,
+    RegistrationRecord, RevocationRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
 };
+use crate::distribution::Distribution;
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
@@ -35,10 +43,26 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
     })
 }
 
+/// Every record of a table keyed by text.
+fn every<T: DeserializeOwned>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<'static, &'static str, &'static [u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let table = tx.open_table(table).map_err(backend)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(backend)? {
+        let (key, value) = entry.map_err(backend)?;
+        out.push(decode(key.value(), value.value())?);
+    }
+    Ok(out)
+}
+
 /// The default store.
 #[derive(Clone)]
 pub struct EmbeddedStore {
     db: Arc<Database>,
+    /// The change feed: the revision of the newest committed change to snapshot state.
+    feed: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -65,7 +89,23 @@ impl EmbeddedStore {
             }
         }
         tx.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            feed: Arc::new(watch::channel(0).0),
+        })
+    }
+
+    /// A write that changes snapshot state: the feed moves on once it has committed.
+    fn changing<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> StoreFuture<'_, T> {
+        let feed = self.feed.clone();
+        self.blocking(move |db| {
+            let value = work(db)?;
+            feed.send_modify(|revision| *revision += 1);
+            Ok(value)
+        })
     }
 
     /// Runs blocking database work off the async workers.
@@ -118,16 +158,7 @@ impl EmbeddedStore {
         &self,
         table: TableDefinition<'static, &'static str, &'static [u8]>,
     ) -> StoreFuture<'_, Vec<T>> {
-        self.blocking(move |db| {
-            let tx = db.begin_read().map_err(backend)?;
-            let table = tx.open_table(table).map_err(backend)?;
-            let mut out = Vec::new();
-            for entry in table.iter().map_err(backend)? {
-                let (key, value) = entry.map_err(backend)?;
-                out.push(decode(key.value(), value.value())?);
-            }
-            Ok(out)
-        })
+        self.blocking(move |db| every(&db.begin_read().map_err(backend)?, table))
     }
 
     /// Reads, changes and writes one token in a single write transaction.
@@ -162,7 +193,7 @@ impl EmbeddedStore {
 
 impl Store for EmbeddedStore {
     fn put_policy_version(&self, mut record: PolicyVersion) -> StoreFuture<'_, u64> {
-        self.blocking(move |db| {
+        self.changing(move |db| {
             let tx = db.begin_write().map_err(backend)?;
             let version = {
                 let mut table = tx.open_table(POLICIES).map_err(backend)?;
@@ -203,7 +234,7 @@ impl Store for EmbeddedStore {
     }
 
     fn put_registration(&self, record: RegistrationRecord) -> StoreFuture<'_, Result<(), String>> {
-        self.blocking(move |db| {
+        self.changing(move |db| {
             let tx = db.begin_write().map_err(backend)?;
             let outcome = {
                 let mut table = tx.open_table(REGISTRATIONS).map_err(backend)?;
@@ -233,7 +264,7 @@ impl Store for EmbeddedStore {
         instance: &str,
     ) -> StoreFuture<'_, ()> {
         let (identity, instance) = (identity.to_string(), instance.to_owned());
-        self.blocking(move |db| {
+        self.changing(move |db| {
             let tx = db.begin_write().map_err(backend)?;
             {
                 let mut table = tx.open_table(REGISTRATIONS).map_err(backend)?;
@@ -299,11 +330,16 @@ impl Store for EmbeddedStore {
     }
 
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()> {
-        self.put(
-            REVOCATIONS,
-            format!("{}:{}", record.kind.as_str(), record.value),
-            &record,
-        )
+        let key = format!("{}:{}", record.kind.as_str(), record.value);
+        let bytes = encode(&record);
+        self.changing(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            tx.open_table(REVOCATIONS)
+                .map_err(backend)?
+                .insert(key.as_str(), bytes?.as_slice())
+                .map_err(backend)?;
+            tx.commit().map_err(backend)
+        })
     }
 
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>> {
@@ -313,18 +349,6 @@ impl Store for EmbeddedStore {
     fn records(&self) -> StoreFuture<'_, Records> {
         self.blocking(|db| {
             let tx = db.begin_read().map_err(backend)?;
-            fn every<T: DeserializeOwned>(
-                tx: &redb::ReadTransaction,
-                table: TableDefinition<'static, &'static str, &'static [u8]>,
-            ) -> Result<Vec<T>, StoreError> {
-                let table = tx.open_table(table).map_err(backend)?;
-                let mut out = Vec::new();
-                for entry in table.iter().map_err(backend)? {
-                    let (key, value) = entry.map_err(backend)?;
-                    out.push(decode(key.value(), value.value())?);
-                }
-                Ok(out)
-            }
             let mut policy_versions = Vec::new();
             let policies = tx.open_table(POLICIES).map_err(backend)?;
             for entry in policies.iter().map_err(backend)? {
@@ -351,7 +375,7 @@ impl Store for EmbeddedStore {
     }
 
     fn reserve_counters(&self, at_least: u64) -> StoreFuture<'_, u64> {
-        self.blocking(move |db| {
+        let reserved = self.blocking(move |db| {
             let tx = db.begin_write().map_err(backend)?;
             let start = {
                 let mut meta = tx.open_table(META).map_err(backend)?;
@@ -374,7 +398,71 @@ impl Store for EmbeddedStore {
             };
             tx.commit().map_err(backend)?;
             Ok(start)
+        });
+        Box::pin(async move {
+            let start = reserved.await?;
+            self.feed.send_replace(start);
+            Ok(start)
         })
+    }
+
+    fn load(&self) -> StoreFuture<'_, Loaded> {
+        let feed = self.feed.clone();
+        self.blocking(move |db| {
+            // Read before the transaction opens: every change counted by then has committed,
+            // so the read holds it (it may hold newer ones too, which the next reload labels).
+            let revision = *feed.borrow();
+            let tx = db.begin_read().map_err(backend)?;
+            let latest = match tx
+                .open_table(POLICIES)
+                .map_err(backend)?
+                .last()
+                .map_err(backend)?
+            {
+                Some((key, value)) => Some(decode(&key.value().to_string(), value.value())?),
+                None => None,
+            };
+            Ok(Loaded {
+                revision,
+                read_at: revision,
+                latest,
+                registrations: every(&tx, REGISTRATIONS)?,
+                revocations: every(&tx, REVOCATIONS)?,
+            })
+        })
+    }
+
+    fn follow(&self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) -> Task {
+        let store = self.clone();
+        Box::pin(async move {
+            let mut changes = store.feed.subscribe();
+            let mut backoff = Duration::from_millis(250);
+            loop {
+                changes.borrow_and_update();
+                match store.load().await {
+                    Ok(loaded) => {
+                        distribution.follow(loaded);
+                        backoff = Duration::from_millis(250);
+                        tokio::select! {
+                            _ = changes.changed() => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                    Err(error) => {
+                        let wait = backoff;
+                        backoff = super::feed_failed(&error, backoff);
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn written(&self) -> u64 {
+        *self.feed.borrow()
     }
 }
 

@@ -39,9 +39,10 @@ use serde::de::DeserializeOwned;
 use super::embedded::redemption;
 use super::{
     CertificateRecord, Loaded, PolicyVersion, Records, Redemption, RegistrationRecord,
-    RevocationRecord, Store, StoreError, StoreFuture, TokenRecord,
+    RevocationRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
 };
-use crate::distribution::ReplicaSummary;
+use crate::distribution::{Distribution, ReplicaSummary};
+use tokio::sync::watch;
 
 pub mod feed;
 
@@ -341,7 +342,7 @@ impl EtcdStore {
     }
 
     /// Reads policies, registrations and revocations in one transaction (one revision).
-    pub async fn load(&self) -> Result<Loaded, StoreError> {
+    pub async fn read_state(&self) -> Result<Loaded, StoreError> {
         let newest = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Descend)
@@ -637,8 +638,24 @@ impl Store for EtcdStore {
         })
     }
 
-    fn written(&self) -> Option<u64> {
-        Some(self.written.load(Ordering::SeqCst))
+    fn load(&self) -> StoreFuture<'_, Loaded> {
+        Box::pin(self.read_state())
+    }
+
+    fn follow(&self, distribution: Arc<Distribution>, stop: watch::Receiver<bool>) -> Task {
+        Box::pin(self.clone().follow_feed(distribution, stop))
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    fn replicated(&self) -> bool {
+        true
+    }
+
+    fn publish(&self, distribution: Arc<Distribution>, stop: watch::Receiver<bool>) -> Task {
+        Box::pin(self.clone().publish_summary(distribution, stop))
     }
 
     fn replicas(&self) -> StoreFuture<'_, Vec<ReplicaSummary>> {

@@ -119,12 +119,16 @@ fn host_names() {
     let dashboard = Dashboard {
         distribution: Arc::new(Distribution::new(
             "e".into(),
-            1,
             sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
             String::new(),
-            None,
-            Vec::new(),
-            &[],
+            crate::store::Loaded {
+                revision: 1,
+                read_at: 1,
+                latest: None,
+                registrations: Vec::new(),
+                revocations: Vec::new(),
+            },
+            false,
         )),
         server_names: vec!["cp.example.org".into()],
     };

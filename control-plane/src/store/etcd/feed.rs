@@ -1,6 +1,6 @@
 //! Each replica's link to the others through etcd: the change feed that keeps its
-//! [`Distribution`] in step with the store ([`EtcdStore::follow`]), and the summary of its own
-//! sidecars it publishes for the other replicas ([`EtcdStore::publish`]).
+//! [`Distribution`] in step with the store ([`EtcdStore::follow_feed`]), and the summary of its
+//! own sidecars it publishes for the other replicas ([`EtcdStore::publish_summary`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use crate::distribution::{Distribution, ReplicaSummary};
 use crate::store::StoreError;
 
 /// Longest wait between two attempts to re-open the watch.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = crate::store::MAX_FEED_BACKOFF;
 /// How often a replica's summary is refreshed (when it changed).
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How long a replica's summary outlives the replica (a crash: no lease renewal).
@@ -25,7 +25,11 @@ impl EtcdStore {
     /// [`SUMMARY_TTL_SECONDS`] after the replica stops renewing it (a crash), or revoked at
     /// once on a clean stop. At most ten writes a second per replica, whatever the fleet, and
     /// none while nothing changes.
-    pub async fn publish(self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
+    pub async fn publish_summary(
+        self,
+        distribution: Arc<Distribution>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let key = format!(
             "{}{}",
             self.dir("replicas"),
@@ -98,22 +102,25 @@ impl EtcdStore {
     /// Keeps `distribution` in step with etcd until `stop` turns true: one reload at the start,
     /// then one after each batch of changes to policies, registrations or revocations. While
     /// etcd cannot serve (no quorum), the replica keeps what it has and retries with backoff.
-    pub async fn follow(self, distribution: Arc<Distribution>, mut stop: watch::Receiver<bool>) {
+    pub async fn follow_feed(
+        self,
+        distribution: Arc<Distribution>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut backoff = Duration::from_millis(250);
         loop {
-            match self.follow_once(&distribution, &mut stop).await {
+            let wait = match self.follow_once(&distribution, &mut stop).await {
                 Ok(()) => return,
                 Err(error) => {
-                    metrics::counter!("sidewall_control_plane_store_watch_failures_total")
-                        .increment(1);
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "lost the etcd watch; serving the state in memory");
+                    let wait = backoff;
+                    backoff = crate::store::feed_failed(&error, backoff);
+                    wait
                 }
-            }
+            };
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => return,
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -160,7 +167,7 @@ impl EtcdStore {
 
     /// Reloads and puts the state in force at its revision; returns the revision of the read.
     async fn sync(&self, distribution: &Distribution) -> Result<u64, StoreError> {
-        let loaded = self.load().await?;
+        let loaded = self.read_state().await?;
         let read_at = loaded.read_at;
         distribution.follow(loaded);
         Ok(read_at)
