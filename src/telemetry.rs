@@ -14,14 +14,17 @@ const BUCKETS: [f64; 14] = [
 /// How often the `process_*` metrics are refreshed.
 const PROCESS_EVERY: Duration = Duration::from_secs(5);
 
-/// Installs the recorder for `component` (`proxy`, `control-plane`); `None`, with a warning,
-/// if it cannot be installed (the admin listener then answers `/metrics` with 404).
-pub(crate) fn install(component: &'static str) -> Option<PrometheusHandle> {
+/// Installs the recorder for `component` (`proxy`, `control-plane`), with the help text of the
+/// component's metrics from `describe`; `None`, with a warning, if it cannot be installed (the
+/// admin listener then answers `/metrics` with 404).
+pub(crate) fn install(component: &'static str, describe: fn()) -> Option<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&BUCKETS)
         .and_then(PrometheusBuilder::install_recorder)
         .map_err(|error| eprintln!("warning: metrics disabled: {error}"))
         .ok()?;
+    describe();
+    describe_process();
     metrics::gauge!("sidewall_build_info", "version" => env!("CARGO_PKG_VERSION"), "component" => component)
         .set(1.0);
     sample_process();
@@ -39,6 +42,34 @@ pub(crate) fn install(component: &'static str) -> Option<PrometheusHandle> {
         eprintln!("warning: process metrics disabled: {error}");
     }
     Some(handle)
+}
+
+/// The help text of the metrics every component exports.
+fn describe_process() {
+    use metrics::describe_gauge;
+    describe_gauge!("sidewall_build_info", "The release running (always 1).");
+    describe_gauge!(
+        "process_cpu_seconds_total",
+        metrics::Unit::Seconds,
+        "User and system CPU time spent."
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        metrics::Unit::Bytes,
+        "Resident memory size."
+    );
+    describe_gauge!(
+        "process_virtual_memory_bytes",
+        metrics::Unit::Bytes,
+        "Virtual memory size."
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors.");
+    describe_gauge!("process_max_fds", "The limit on open file descriptors.");
+    describe_gauge!(
+        "process_start_time_seconds",
+        metrics::Unit::Seconds,
+        "Start time of the process since the Unix epoch."
+    );
 }
 
 /// `/proc` reports CPU times in USER_HZ, 100 on Linux whatever the kernel's own tick rate.

@@ -166,6 +166,11 @@ fn a_workload_bootstraps_with_openssl_and_curl() {
         "{metrics}"
     );
     assert!(metrics.contains("reason=\"token_used\"} 1"), "{metrics}");
+    // Each series says what it counts.
+    assert!(
+        metrics.contains("# HELP sidewall_control_plane_certificates_issued_total Certificates"),
+        "{metrics}"
+    );
     assert!(admin("/v1/tokens").ends_with("404"));
 
     // The token list shows it used; SIGTERM stops the control plane cleanly.

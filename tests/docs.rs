@@ -1,6 +1,8 @@
 //! The documentation's examples are checked: every `yaml` block in docs/policy.md is a
 //! complete policy set whose PolicyTest expectations pass, and every `sidewall policy check`
-//! command in a `sh` block that is followed by `# ALLOW|DENY|AUDIT ...` prints that line.
+//! command in a `sh` block that is followed by `# ALLOW|DENY|AUDIT ...` prints that line; every
+//! metric the sidecar and the control plane export is in their metrics table, and every row of
+//! those tables is a metric they export.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns panic to report failures
 
 mod support;
@@ -112,4 +114,57 @@ fn check_commands_in_the_docs_print_what_they_say() {
         }
     }
     assert!(checked >= 3, "only {checked} documented commands checked");
+}
+
+/// The metric names in `text`: every `"<prefix>…"` literal (the crate's metric module) or
+/// every `` `<prefix>…` `` at the start of a table row (the docs).
+fn metric_names(text: &str, prefix: &str, table: bool) -> std::collections::BTreeSet<String> {
+    let quote = if table { "| `" } else { "\"" };
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        let Some(at) = line.find(&format!("{quote}{prefix}")) else {
+            continue;
+        };
+        if table && at != 0 {
+            continue;
+        }
+        let name: String = line[at + quote.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        names.insert(name);
+    }
+    names
+}
+
+#[test]
+fn every_metric_is_in_its_docs_table_and_every_row_is_a_metric() {
+    let root = repo_root();
+    for (module, doc, prefix) in [
+        ("proxy/src/metric.rs", "docs/proxy.md", "sidewall_proxy_"),
+        (
+            "control-plane/src/metric.rs",
+            "docs/api.md",
+            "sidewall_control_plane_",
+        ),
+    ] {
+        let exported = metric_names(
+            &fs::read_to_string(root.join(module)).unwrap(),
+            prefix,
+            false,
+        );
+        let documented = metric_names(&fs::read_to_string(root.join(doc)).unwrap(), prefix, true);
+        assert!(exported.len() > 15, "{module}: {exported:?}");
+        let missing: Vec<_> = exported.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "not in {doc}'s metrics table: {missing:?}"
+        );
+        assert!(
+            unknown.is_empty(),
+            "in {doc} but not in {module}: {unknown:?}"
+        );
+    }
 }

@@ -151,6 +151,13 @@ fn app_connections_share_one_sidecar_connection_and_each_is_decided_on_its_own()
         )
     };
     assert_eq!(pool(&web, "opened"), 1, "{}", web.metrics());
+    // Each series says what it counts.
+    assert!(
+        web.metrics()
+            .contains("# HELP sidewall_proxy_h2_pool_total Shared and pooled"),
+        "{}",
+        web.metrics()
+    );
     assert_eq!(pool(&web, "reused"), 19);
     let carried = |outcome: &str| {
         metric(

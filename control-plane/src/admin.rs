@@ -50,7 +50,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    metrics::counter!("sidewall_control_plane_accept_errors_total", "listener" => "admin").increment(1);
+                    metrics::counter!(crate::metric::ACCEPT_ERRORS, "listener" => "admin").increment(1);
                     tracing::warn!(%error, "admin: accept failed; backing off");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
@@ -59,7 +59,8 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "admin_limit").increment(1);
+            metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "reason" => "admin_limit")
+                .increment(1);
             continue;
         };
         let metrics = metrics.clone();

@@ -302,7 +302,7 @@ pub async fn handle(
     let response = match result {
         Ok(response) => response,
         Err(error) => {
-            metrics::counter!("sidewall_control_plane_refusals_total", "route" => route, "reason" => error.code)
+            metrics::counter!(crate::metric::REFUSALS, "route" => route, "reason" => error.code)
                 .increment(1);
             tracing::warn!(route, reason = error.code, peer = ?peer.svid.as_ref().map(|s| s.id.to_string()), message = %error.message, "request refused");
             json_response(
@@ -311,7 +311,7 @@ pub async fn handle(
             )
         }
     };
-    metrics::counter!("sidewall_control_plane_requests_total", "route" => route, "status" => response.status().as_str().to_owned())
+    metrics::counter!(crate::metric::REQUESTS, "route" => route, "status" => response.status().as_str().to_owned())
         .increment(1);
     Ok(response)
 }

@@ -200,7 +200,7 @@ where
                 let quiet = activity.in_flight.load(Ordering::Acquire) == 0
                     && activity.idle_since().elapsed() >= limit;
                 if quiet {
-                    metrics::counter!("sidewall_control_plane_connections_closed_total", "reason" => reason).increment(1);
+                    metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
                     tracing::debug!(?remote, reason, "API connection closed: no request in time");
                     return;
                 }

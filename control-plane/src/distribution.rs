@@ -160,7 +160,7 @@ impl Distribution {
             state
                 .version_generation
                 .insert(version, (loaded.revision, Instant::now()));
-            metrics::gauge!("sidewall_control_plane_policy_version").set(version as f64);
+            metrics::gauge!(crate::metric::POLICY_VERSION).set(version as f64);
         }
         state.registrations = loaded.registrations;
         state.revocations = to_revocations(&loaded.revocations);
@@ -283,7 +283,7 @@ impl Distribution {
             .iter()
             .filter_map(|address| {
                 let reason = registrations.address_refusal(&state.engine, identity, address)?;
-                metrics::counter!("sidewall_control_plane_addresses_refused_total", "reason" => reason.as_str())
+                metrics::counter!(crate::metric::ADDRESSES_REFUSED, "reason" => reason.as_str())
                     .increment(1);
                 tracing::warn!(%identity, address, reason = reason.as_str(), "registered address refused: callers are not sent there");
                 Some(RefusedAddress {

@@ -66,7 +66,7 @@ pub async fn watch(api: Arc<Api>, dir: PathBuf, mut stop: watch::Receiver<bool>)
 /// directory is logged, counted and shown (`status`, the dashboard), the last good set staying.
 async fn apply_directory(api: &Api, dir: &Path, read: &Result<Vec<Source>, String>) {
     let invalid = |error: &str| {
-        metrics::counter!("sidewall_control_plane_policy_source_errors_total").increment(1);
+        metrics::counter!(crate::metric::POLICY_SOURCE_ERRORS).increment(1);
         tracing::error!(dir = %dir.display(), %error, "policy directory is invalid; the last good set stays in force");
         api.distribution.set_source_error(Some(error.to_owned()));
     };

@@ -16,7 +16,7 @@
 //! - [`distribution`]: the policy set in force, followed from the store's change feed,
 //!   per-workload snapshots, acks, the fleet view, observed flows; [`gitops`] watches a policy
 //!   directory.
-//! - [`admin`]: `/live`, `/ready`, `/metrics`.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`; [`metric`]: every metric's name and help text.
 //! - [`ui`]: the read-only dashboard (service graph, fleet, policies) and its JSON, on its own
 //!   address.
 //! - [`client`]: the operator's client for the API (used by the `sidewall` CLI).
@@ -34,6 +34,7 @@ mod connection;
 pub mod data_dir;
 pub mod distribution;
 pub mod gitops;
+pub mod metric;
 pub mod random;
 pub mod ratelimit;
 pub mod server;

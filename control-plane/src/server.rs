@@ -311,7 +311,7 @@ pub async fn run(
         let (stream, remote) = match accepted {
             Ok(pair) => pair,
             Err(error) => {
-                metrics::counter!("sidewall_control_plane_accept_errors_total", "listener" => "api").increment(1);
+                metrics::counter!(crate::metric::ACCEPT_ERRORS, "listener" => "api").increment(1);
                 tracing::warn!(%error, "accept failed; backing off");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -320,7 +320,7 @@ pub async fn run(
         // Small request/response exchanges (acks, snapshots): no Nagle delay.
         let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "limit").increment(1);
+            metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "reason" => "limit").increment(1);
             continue;
         };
         let acceptor = acceptor.clone();
@@ -334,13 +334,13 @@ pub async fn run(
                 Ok(Ok(tls)) => tls,
                 Ok(Err(error)) => {
                     let reason = sidewall_policies::svid::io_failure_label(&error);
-                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => reason)
+                    metrics::counter!(crate::metric::TLS_HANDSHAKE_FAILURES, "reason" => reason)
                         .increment(1);
                     tracing::info!(%remote, reason, %error, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {
-                    metrics::counter!("sidewall_control_plane_tls_handshake_failures_total", "reason" => "timeout")
+                    metrics::counter!(crate::metric::TLS_HANDSHAKE_FAILURES, "reason" => "timeout")
                         .increment(1);
                     return;
                 }
@@ -358,7 +358,7 @@ pub async fn run(
                 match sources.admit(remote.ip(), api.config.unauthenticated_per_source) {
                     Some(counted) => Some(counted),
                     None => {
-                        metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "unauthenticated_per_source").increment(1);
+                        metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "reason" => "unauthenticated_per_source").increment(1);
                         tracing::info!(%remote, "connection without a client certificate refused: too many from this address");
                         return;
                     }

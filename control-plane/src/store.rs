@@ -266,7 +266,7 @@ pub const MAX_FEED_BACKOFF: std::time::Duration = std::time::Duration::from_secs
 
 /// Counts and logs a change feed that failed; returns the next backoff (doubled, capped).
 pub(crate) fn feed_failed(error: &StoreError, backoff: std::time::Duration) -> std::time::Duration {
-    metrics::counter!("sidewall_control_plane_store_watch_failures_total").increment(1);
+    metrics::counter!(crate::metric::STORE_WATCH_FAILURES).increment(1);
     tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "the store's change feed failed; serving the state in memory");
     (backoff * 2).min(MAX_FEED_BACKOFF)
 }

@@ -324,7 +324,7 @@ pub async fn serve(listener: TcpListener, dashboard: Dashboard, mut stop: watch:
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    metrics::counter!("sidewall_control_plane_accept_errors_total", "listener" => "dashboard").increment(1);
+                    metrics::counter!(crate::metric::ACCEPT_ERRORS, "listener" => "dashboard").increment(1);
                     tracing::warn!(%error, "dashboard: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -333,7 +333,8 @@ pub async fn serve(listener: TcpListener, dashboard: Dashboard, mut stop: watch:
             _ = stop.changed() => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_control_plane_connections_refused_total", "reason" => "dashboard_limit").increment(1);
+            metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "reason" => "dashboard_limit")
+                .increment(1);
             continue;
         };
         let dashboard = dashboard.clone();

@@ -90,7 +90,7 @@ pub(crate) async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
-                    metrics::counter!("sidewall_proxy_accept_errors_total", "direction" => "admin").increment(1);
+                    metrics::counter!(crate::metric::ACCEPT_ERRORS, "direction" => "admin").increment(1);
                     tracing::warn!(%error, "admin: accept failed; backing off");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
@@ -99,7 +99,7 @@ pub(crate) async fn serve(
             _ = stop.changed() => return,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "admin", "reason" => "limit").increment(1);
+            metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "direction" => "admin", "reason" => "limit").increment(1);
             continue;
         };
         let (context, metrics) = (context.clone(), metrics.clone());
@@ -109,7 +109,7 @@ pub(crate) async fn serve(
                 let (context, metrics) = (context.clone(), metrics.clone());
                 async move {
                     if let Some(tls) = context.tls.borrow().as_ref() {
-                        metrics::gauge!("sidewall_proxy_certificate_expiry_seconds")
+                        metrics::gauge!(crate::metric::CERTIFICATE_EXPIRY)
                             .set(tls.credential().seconds_left() as f64);
                     }
                     Ok::<_, Infallible>(match request.uri().path() {

@@ -110,16 +110,16 @@ impl Refusal {
             // About the peer's certificate or the transport, not about the port.
             Refusal::CertificateExpired | Refusal::PortMismatch | Refusal::NoSnapshot => {
                 if arrival == Arrival::Carried {
-                    metrics::counter!("sidewall_proxy_carried_connections_total", "outcome" => self.label()).increment(1);
+                    metrics::counter!(crate::metric::CARRIED_CONNECTIONS, "outcome" => self.label()).increment(1);
                 } else {
-                    metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "inbound", "reason" => self.label()).increment(1);
+                    metrics::counter!(crate::metric::HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => self.label()).increment(1);
                 }
                 if let Some(folded) = crate::lograte::admit(peer.as_str(), port, self.label()) {
                     tracing::info!(%peer, port, reason = self.label(), folded, "inbound connection refused");
                 }
             }
             Refusal::UnknownPort | Refusal::NotHttp | Refusal::NotTcp | Refusal::Revoked => {
-                metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => self.label(), "policy" => "-").increment(1);
+                metrics::counter!(crate::metric::AUTHORIZATIONS, "outcome" => self.label(), "policy" => "-").increment(1);
                 if let Some(folded) = crate::lograte::admit(peer.as_str(), port, self.label()) {
                     tracing::warn!(%peer, port, reason = self.label(), folded, "inbound connection refused");
                 }
@@ -228,7 +228,8 @@ pub(crate) fn record(decision: &Decision) {
         .reason
         .as_ref()
         .map_or_else(|| "-".to_owned(), |r| r.policy.to_string());
-    metrics::counter!("sidewall_proxy_authorizations_total", "outcome" => outcome, "policy" => policy).increment(1);
+    metrics::counter!(crate::metric::AUTHORIZATIONS, "outcome" => outcome, "policy" => policy)
+        .increment(1);
 }
 
 fn current(context: &Context) -> Result<Arc<Active>, Refusal> {
@@ -308,11 +309,11 @@ impl Admission<'_> {
             () = work => {}
             reason = self.registration.closed.wait_for(Option::is_some) => {
                 let label = reason.ok().and_then(|r| *r).map_or("closed", CloseReason::label);
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => label).increment(1);
+                metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => label).increment(1);
                 tracing::info!(%peer, port, reason = label, "connection closed by the sidecar");
             }
             () = tokio::time::sleep(expiry) => {
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "peer_certificate_expired").increment(1);
+                metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "peer_certificate_expired").increment(1);
                 tracing::info!(%peer, port, "peer certificate expired: connection closed");
             }
         }

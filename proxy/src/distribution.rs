@@ -252,7 +252,7 @@ async fn session(
             _ = retry.tick(), if !registered => registered = register(context, &mut sender).await?,
             frame = tokio::time::timeout(silence, body.frame()) => {
                 let Ok(frame) = frame else {
-                    metrics::counter!("sidewall_proxy_watch_silent_total").increment(1);
+                    metrics::counter!(crate::metric::WATCH_SILENT).increment(1);
                     return Err(format!("the watch was silent for {} s (keep-alive every {} s): taken for dead", silence.as_secs(), keepalive.as_secs()));
                 };
                 let Some(frame) = frame else { return Err("stream ended".into()) };
@@ -294,14 +294,14 @@ async fn register(context: &Context, sender: &mut Sender) -> Result<bool, String
     let (status, answer) = post(sender, "/v1/registrations", &body).await?;
     let answer_text = String::from_utf8_lossy(&answer);
     if status == 409 && answer_text.contains("endpoint_taken") {
-        metrics::counter!("sidewall_proxy_registrations_refused_total", "reason" => "endpoint_taken").increment(1);
+        metrics::counter!(crate::metric::REGISTRATIONS_REFUSED, "reason" => "endpoint_taken")
+            .increment(1);
         tracing::warn!(answer = %answer_text, retry_in = ?REGISTRATION_RETRY, "registration refused: the endpoint is held by another registration; retrying (it expires when its sidecar stops watching, or an operator removes it: sidewall workload deregister)");
         return Ok(false);
     }
     if status != 200 {
         // Not fatal for enforcement: log loudly and keep watching.
-        metrics::counter!("sidewall_proxy_registrations_refused_total", "reason" => "refused")
-            .increment(1);
+        metrics::counter!(crate::metric::REGISTRATIONS_REFUSED, "reason" => "refused").increment(1);
         tracing::error!(status, answer = %answer_text, "registration refused");
         return Ok(true);
     }
@@ -353,7 +353,7 @@ async fn apply_line(
                 .as_ref()
                 .filter(|c| c.epoch == version.epoch && version.counter < c.counter)
             {
-                metrics::counter!("sidewall_proxy_snapshots_rejected_total").increment(1);
+                metrics::counter!(crate::metric::SNAPSHOTS_REJECTED).increment(1);
                 tracing::error!(%version, %current, "snapshot older than the one in force; keeping it");
                 let reason = format!("stale: version {version} is older than {current} in force");
                 return ack(context, sender, credential, &version, Some(reason)).await;
@@ -368,14 +368,14 @@ async fn apply_line(
                     tracing::error!(%error, "cannot save the snapshot");
                 }
                 tracing::info!(%version, policies = next.policies.policies().len(), directory = next.directory.len(), "snapshot applied");
-                metrics::gauge!("sidewall_proxy_snapshot_version").set(version.counter as f64);
-                metrics::counter!("sidewall_proxy_snapshots_applied_total").increment(1);
+                metrics::gauge!(crate::metric::SNAPSHOT_VERSION).set(version.counter as f64);
+                metrics::counter!(crate::metric::SNAPSHOTS_APPLIED).increment(1);
                 snapshot.send_replace(Some(Arc::new(Active::new(next))));
             }
             (version, None)
         }
         Err(reason) => {
-            metrics::counter!("sidewall_proxy_snapshots_rejected_total").increment(1);
+            metrics::counter!(crate::metric::SNAPSHOTS_REJECTED).increment(1);
             tracing::error!(reason, "snapshot rejected; keeping the last good one");
             let version = serde_json::from_slice::<serde_json::Value>(line)
                 .ok()
@@ -429,11 +429,11 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
         match post(sender, "/v1/flows", &body).await {
             Ok((200, _)) => {}
             Ok((status, answer)) => {
-                metrics::counter!("sidewall_proxy_flow_reports_failed_total").increment(1);
+                metrics::counter!(crate::metric::FLOW_REPORTS_FAILED).increment(1);
                 tracing::warn!(status, answer = %String::from_utf8_lossy(&answer), "flow report refused");
             }
             Err(error) => {
-                metrics::counter!("sidewall_proxy_flow_reports_failed_total").increment(1);
+                metrics::counter!(crate::metric::FLOW_REPORTS_FAILED).increment(1);
                 tracing::debug!(%error, "flow report not delivered");
             }
         }

@@ -82,8 +82,7 @@ impl Flows {
                 None
             };
             if let Some(reason) = full {
-                metrics::counter!("sidewall_proxy_flows_dropped_total", "reason" => reason)
-                    .increment(1);
+                metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => reason).increment(1);
                 return;
             }
             *table.per_peer.entry(peer.to_owned()).or_default() += 1;

@@ -166,7 +166,7 @@ impl crate::transport::Observer for FloodWatch {
         if self.follower.feed(bytes, Instant::now()) {
             return Ok(());
         }
-        metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "control_flood")
+        metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "control_flood")
             .increment(1);
         if let Some(folded) = crate::lograte::admit(&self.peer, self.port, "control_flood") {
             tracing::warn!(peer = %self.peer, port = self.port, folded, burst = BURST, per_second = PER_SECOND, "connection closed: more HTTP/2 PING and SETTINGS frames than allowed");

@@ -280,7 +280,7 @@ async fn drive<E: std::fmt::Display>(
                 }
             }
             () = &mut deadline, if waiting => {
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "no_request").increment(1);
+                metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "no_request").increment(1);
                 tracing::debug!(%remote, ?within, "HTTP connection closed: no request within the handshake deadline");
                 return;
             }
@@ -344,7 +344,7 @@ fn authorize(
         if let Some(folded) = crate::lograte::admit(peer.as_str(), port.port, "request_denied") {
             tracing::warn!(%peer, method = %request.method(), path = %checked.path, host = checked.host.as_deref().unwrap_or("-"), %decision, folded, "request denied");
         }
-        metrics::counter!("sidewall_proxy_http_denials_total", "policy" => policy).increment(1);
+        metrics::counter!(crate::metric::HTTP_DENIALS, "policy" => policy).increment(1);
         if request.method() == hyper::Method::CONNECT {
             return Err((StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
         }
@@ -362,8 +362,9 @@ fn authorize(
 }
 
 fn record(outcome: &'static str, policy: String, started: Instant) {
-    metrics::counter!("sidewall_proxy_http_requests_total", "outcome" => outcome, "policy" => policy).increment(1);
-    metrics::histogram!("sidewall_proxy_http_request_seconds")
+    metrics::counter!(crate::metric::HTTP_REQUESTS, "outcome" => outcome, "policy" => policy)
+        .increment(1);
+    metrics::histogram!(crate::metric::HTTP_REQUEST_SECONDS)
         .record(started.elapsed().as_secs_f64());
 }
 

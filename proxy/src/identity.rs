@@ -202,12 +202,12 @@ pub async fn maintain(
                     tracing::error!(%error, "cannot save the credential; it is used but not persisted");
                 }
                 tracing::info!(serial = %credential.svid.serial, expires_in_s = credential.seconds_left(), "certificate obtained");
-                metrics::counter!("sidewall_proxy_certificates_obtained_total").increment(1);
+                metrics::counter!(crate::metric::CERTIFICATES_OBTAINED).increment(1);
                 let _ = sender.send(Some(Arc::new(credential)));
             }
             Err(error) => {
                 let left = current.as_ref().map_or(0, |c| c.seconds_left());
-                metrics::counter!("sidewall_proxy_certificate_failures_total").increment(1);
+                metrics::counter!(crate::metric::CERTIFICATE_FAILURES).increment(1);
                 if left > 0 {
                     tracing::warn!(%error, retry_in_s = backoff.as_secs(), certificate_left_s = left, "renewal failed; keeping the current certificate");
                 } else {

@@ -43,7 +43,7 @@ pub(crate) async fn serve(
 }
 
 pub(super) fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {
-    metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "inbound", "reason" => reason).increment(1);
+    metrics::counter!(crate::metric::HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
     if let Some(folded) = crate::lograte::admit(&remote.ip().to_string(), 0, reason) {
         tracing::info!(%remote, reason, %detail, folded, "inbound connection refused");
     }
@@ -179,7 +179,7 @@ async fn direct(
     let copy = async {
         match forward(stream, app, limits.idle_timeout.0).await {
             Ok(counts) => {
-                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound")
+                metrics::counter!(crate::metric::BYTES, "direction" => "inbound")
                     .increment(counts.a_to_b + counts.b_to_a);
                 tracing::debug!(peer = %peer.id, port, to_app = counts.a_to_b, from_app = counts.b_to_a, idle = counts.idle, "connection closed");
             }
@@ -244,7 +244,7 @@ async fn plaintext(
             &"plaintext on an mTLS port (not permissive)",
         );
     };
-    metrics::counter!("sidewall_proxy_plaintext_accepted_total", "port" => entry.port.to_string())
+    metrics::counter!(crate::metric::PLAINTEXT_ACCEPTED, "port" => entry.port.to_string())
         .increment(1);
     tracing::info!(%remote, port = entry.port, "plaintext accepted on a permissive port (no identity, no policy)");
     if entry.protocol == sidewall_policies::Protocol::Http {

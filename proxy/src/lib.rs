@@ -13,7 +13,8 @@
 //! - [`transport`]: the port header between sidecars and the forwarding copy.
 //! - [`admit`]: the one admission path: a peer connection decided on the snapshot in force.
 //! - [`connections`]: open connections, re-checked when the snapshot changes (`onRevoke`).
-//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`; [`metric`]: every metric's name and
+//!   help text.
 //! - [`redirect`]: the iptables rules of transparent mode (`sidewall iptables install`).
 //!
 //! [`Context`] is what every task shares (`context.rs`); [`run`] (`sidecar.rs`) takes bound
@@ -33,6 +34,7 @@ pub mod identity;
 pub mod inbound;
 pub mod listen;
 pub mod lograte;
+pub mod metric;
 mod mux;
 pub mod outbound;
 pub mod redirect;

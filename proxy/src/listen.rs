@@ -94,7 +94,7 @@ impl Pending {
             return true;
         }
         let Ok(permit) = context.permits.clone().try_acquire_owned() else {
-            metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => "inbound", "reason" => "limit").increment(1);
+            metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "direction" => "inbound", "reason" => "limit").increment(1);
             tracing::warn!(
                 "inbound connection refused: limits.maxConnections authenticated connections are open"
             );
@@ -125,7 +125,7 @@ pub(crate) async fn accept_loop<F, Fut>(
                 Ok(pair) => pair,
                 Err(error) => {
                     // EMFILE and the like: back off instead of spinning.
-                    metrics::counter!("sidewall_proxy_accept_errors_total", "direction" => direction).increment(1);
+                    metrics::counter!(crate::metric::ACCEPT_ERRORS, "direction" => direction).increment(1);
                     tracing::warn!(%error, direction, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -138,12 +138,12 @@ pub(crate) async fn accept_loop<F, Fut>(
         };
         let work = handle(context.clone(), stream, remote, pending);
         tokio::spawn(async move {
-            metrics::counter!("sidewall_proxy_connections_opened_total", "direction" => direction)
+            metrics::counter!(crate::metric::CONNECTIONS_OPENED, "direction" => direction)
                 .increment(1);
-            metrics::gauge!("sidewall_proxy_connections_open", "direction" => direction)
+            metrics::gauge!(crate::metric::CONNECTIONS_OPEN, "direction" => direction)
                 .increment(1.0);
             work.await;
-            metrics::gauge!("sidewall_proxy_connections_open", "direction" => direction)
+            metrics::gauge!(crate::metric::CONNECTIONS_OPEN, "direction" => direction)
                 .decrement(1.0);
         });
     }
@@ -152,7 +152,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 /// The budget for a new connection, or `None` (counted) when it is full.
 fn take(context: &Context, budget: Budget, remote: SocketAddr) -> Option<Pending> {
     let refused = |reason: &'static str| {
-        metrics::counter!("sidewall_proxy_connections_refused_total", "direction" => budget.label(), "reason" => reason).increment(1);
+        metrics::counter!(crate::metric::CONNECTIONS_REFUSED, "direction" => budget.label(), "reason" => reason).increment(1);
         None
     };
     match budget {

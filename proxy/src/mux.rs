@@ -165,14 +165,14 @@ impl Pool {
                 .iter()
                 .find(|o| o.usable() && o.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
         {
-            metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
+            metrics::counter!(crate::metric::H2_POOL, "event" => "reused").increment(1);
             let carried = Carried::on(&opened.streams);
             return Ok((opened.sender.clone(), opened.closed.clone(), carried));
         }
         // Boxed: the handshake's state is large and rarely needed; inline, every carried
         // connection's task would be that large for its whole life.
         let opened = Box::pin(connect()).await?;
-        metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
+        metrics::counter!(crate::metric::H2_POOL, "event" => "opened").increment(1);
         let sender = (
             opened.sender.clone(),
             opened.closed.clone(),
@@ -233,8 +233,7 @@ impl Pool {
                 // next app connection opens another (to the next endpoint if this one still
                 // does not answer).
                 closed.store(true, Ordering::Relaxed);
-                metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "abandoned")
-                    .increment(1);
+                metrics::counter!(crate::metric::H2_POOL, "event" => "abandoned").increment(1);
                 tracing::warn!(%service, port, waited = ?answer_within, "the peer sidecar did not answer on the shared connection: abandoned");
                 return Err("peer_timeout");
             }
@@ -281,7 +280,7 @@ where
             // Dropping the connection ends every stream on it.
             gone = gone => gone.record(&service, crate::outbound::Carrier::Shared),
             () = unanswered(pings, keepalive) => {
-                metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "keepalive_timeout").increment(1);
+                metrics::counter!(crate::metric::H2_POOL, "event" => "keepalive_timeout").increment(1);
                 tracing::warn!(%service, ?keepalive, "the peer sidecar did not answer a ping on the shared connection: closed with the app connections it carried");
             }
         }

@@ -43,7 +43,7 @@ pub(crate) async fn serve(
             async move {
                 let _pending = pending;
                 if let Err(reason) = handle(&context, &route, app).await {
-                    metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason)
+                    metrics::counter!(crate::metric::OUTBOUND_FAILURES, "reason" => reason)
                         .increment(1);
                 }
             }
@@ -111,7 +111,7 @@ impl Gone {
                 Carrier::Tunnel => "tunnel",
             },
         );
-        metrics::counter!("sidewall_proxy_outbound_closed_total", "reason" => reason, "connection" => connection)
+        metrics::counter!(crate::metric::OUTBOUND_CLOSED, "reason" => reason, "connection" => connection)
             .increment(1);
         match (self, carrier) {
             (Self::Revoked, _) => {
@@ -207,7 +207,7 @@ async fn dedicated(
     tokio::select! {
         result = forward(app, stream, context.config.limits.idle_timeout.0) => {
             if let Ok(counts) = result {
-                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
+                metrics::counter!(crate::metric::BYTES, "direction" => "outbound").increment(counts.a_to_b + counts.b_to_a);
             }
         }
         gone = server.gone() => gone.record(service, Carrier::Dedicated),
@@ -233,7 +233,7 @@ async fn carry(
     if let Ok(counts) =
         crate::mux::forward(app, send, recv, context.config.limits.idle_timeout.0).await
     {
-        metrics::counter!("sidewall_proxy_bytes_total", "direction" => "outbound")
+        metrics::counter!(crate::metric::BYTES, "direction" => "outbound")
             .increment(counts.a_to_b + counts.b_to_a);
     }
     Ok(())
@@ -333,7 +333,7 @@ pub(crate) async fn open(
             // that refuses us: counted, and the next endpoint is tried.
             Ok(Err(error)) => {
                 let reason = sidewall_policies::svid::io_failure_label(&error);
-                metrics::counter!("sidewall_proxy_handshake_failures_total", "direction" => "outbound", "reason" => reason).increment(1);
+                metrics::counter!(crate::metric::HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => reason).increment(1);
                 tracing::warn!(%endpoint, expected = %route.service, reason, %error, "peer sidecar refused or is not who it should be; trying the next endpoint");
                 last = reason;
                 continue;
@@ -406,7 +406,7 @@ pub(crate) async fn serve_transparent(
             }
         };
         if let Err(reason) = result {
-            metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason).increment(1);
+            metrics::counter!(crate::metric::OUTBOUND_FAILURES, "reason" => reason).increment(1);
         }
     })
     .await;
@@ -462,7 +462,7 @@ async fn transparent(
         tracing::warn!(%destination, "destination is not in the mesh and not on the egress list: refused");
         return Err("not_in_mesh");
     }
-    metrics::counter!("sidewall_proxy_egress_connections_total").increment(1);
+    metrics::counter!(crate::metric::EGRESS_CONNECTIONS).increment(1);
     let upstream = tokio::time::timeout(
         config.limits.connect_timeout.0,
         crate::transport::connect(destination, config.outbound.mark),

@@ -170,12 +170,12 @@ pub async fn watch_local(
                         policies = active.snapshot.policies.policies().len(),
                         "snapshot applied"
                     );
-                    metrics::gauge!("sidewall_proxy_snapshot_version").set(counter as f64);
-                    metrics::counter!("sidewall_proxy_snapshots_applied_total").increment(1);
+                    metrics::gauge!(crate::metric::SNAPSHOT_VERSION).set(counter as f64);
+                    metrics::counter!(crate::metric::SNAPSHOTS_APPLIED).increment(1);
                     let _ = sender.send(Some(Arc::new(active)));
                 }
                 Err(errors) => {
-                    metrics::counter!("sidewall_proxy_snapshots_rejected_total").increment(1);
+                    metrics::counter!(crate::metric::SNAPSHOTS_REJECTED).increment(1);
                     tracing::error!(%errors, "policy files do not load; keeping the last good snapshot");
                 }
             }

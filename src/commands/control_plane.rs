@@ -142,7 +142,8 @@ pub(crate) fn run(args: Args) -> ExitCode {
         sidewall_control_plane::server::MAX_CONNECTIONS as u64 + 256,
         "20000 API connections + 256",
     );
-    let metrics = crate::telemetry::install("control-plane");
+    let metrics =
+        crate::telemetry::install("control-plane", sidewall_control_plane::metric::describe);
     super::run_on(Some(2), serve(config, metrics))
 }
 

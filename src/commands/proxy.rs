@@ -52,7 +52,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         (4 * limits.max_connections + limits.max_handshakes + 64) as u64,
         "2 x limits.maxConnections (inbound) + 2 x limits.maxConnections (outbound) + limits.maxHandshakes + 64",
     );
-    let metrics = crate::telemetry::install("proxy");
+    let metrics = crate::telemetry::install("proxy", sidewall_proxy::metric::describe);
     let runtime = match super::runtime(Some(config.worker_threads)) {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -68,7 +68,7 @@ fn claim(api: &Api, instance: &str, identity: &SpiffeId) -> Result<(), ApiError>
 
 /// Counts and answers a registration past one of `limit`'s caps.
 fn over_limit(identity: &SpiffeId, limit: &'static str, message: String) -> ApiError {
-    metrics::counter!("sidewall_control_plane_identity_limit_total", "limit" => limit).increment(1);
+    metrics::counter!(crate::metric::IDENTITY_LIMIT, "limit" => limit).increment(1);
     tracing::warn!(%identity, limit, "registration refused: {message}");
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
@@ -415,8 +415,7 @@ async fn expire(api: &Api, reason: &'static str, stale: impl Fn(&RegistrationRec
             continue;
         }
         removed = true;
-        metrics::counter!("sidewall_control_plane_registrations_expired_total", "reason" => reason)
-            .increment(1);
+        metrics::counter!(crate::metric::REGISTRATIONS_EXPIRED, "reason" => reason).increment(1);
         tracing::info!(
             identity = record.identity,
             instance = record.instance,

@@ -188,8 +188,7 @@ async fn issue(
             authenticated_by: authenticated_by.to_owned(),
         })
         .await?;
-    metrics::counter!("sidewall_control_plane_certificates_issued_total", "kind" => kind)
-        .increment(1);
+    metrics::counter!(crate::metric::CERTIFICATES_ISSUED, "kind" => kind).increment(1);
     Ok(issued)
 }
 

@@ -66,7 +66,7 @@ pub(super) async fn create_token(
     let record = token.record(&identity, ttl, uses, now_unix(), &operator);
     let expires_at = record.expires_at;
     api.store.put_token(record).await?;
-    metrics::counter!("sidewall_control_plane_tokens_created_total").increment(1);
+    metrics::counter!(crate::metric::TOKENS_CREATED).increment(1);
     tracing::info!(token = %token.id, %identity, uses, operator, "join token created");
     Ok(json_response(
         StatusCode::CREATED,

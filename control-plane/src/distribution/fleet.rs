@@ -108,13 +108,13 @@ impl Distribution {
                 }
                 if held >= self.limits.instances {
                     let Some(oldest) = oldest.map(|e| e.instance.clone()) else {
-                        metrics::counter!("sidewall_control_plane_identity_limit_total", "limit" => "instances")
+                        metrics::counter!(crate::metric::IDENTITY_LIMIT, "limit" => "instances")
                             .increment(1);
                         tracing::warn!(%identity, instance, limit = self.limits.instances, "new sidecar instance refused: the identity has as many connected (limits.instancesPerIdentity)");
                         return Err(ClaimRefused::Full(self.limits.instances));
                     };
                     fleet.remove(&oldest);
-                    metrics::counter!("sidewall_control_plane_fleet_rows_forgotten_total", "reason" => "identity_limit").increment(1);
+                    metrics::counter!(crate::metric::FLEET_ROWS_FORGOTTEN, "reason" => "identity_limit").increment(1);
                 }
             }
         }
@@ -131,7 +131,7 @@ impl Distribution {
         fleet.retain(|_, e| e.connected || now.saturating_sub(e.since) < retention);
         let forgotten = before - fleet.len();
         if forgotten > 0 {
-            metrics::counter!("sidewall_control_plane_fleet_rows_forgotten_total", "reason" => "retention")
+            metrics::counter!(crate::metric::FLEET_ROWS_FORGOTTEN, "reason" => "retention")
                 .increment(forgotten as u64);
         }
     }
@@ -146,7 +146,7 @@ impl Distribution {
             .insert(instance.to_owned(), (number, replaced))
             .is_some()
         {
-            metrics::counter!("sidewall_control_plane_watches_replaced_total").increment(1);
+            metrics::counter!(crate::metric::WATCHES_REPLACED).increment(1);
         }
         (number, ended)
     }
@@ -196,7 +196,7 @@ impl Distribution {
             });
         update(entry);
         let connected = fleet.values().filter(|e| e.connected).count();
-        metrics::gauge!("sidewall_control_plane_proxies_connected").set(connected as f64);
+        metrics::gauge!(crate::metric::PROXIES_CONNECTED).set(connected as f64);
     }
 
     /// Records an acknowledgement.
@@ -230,14 +230,13 @@ impl Distribution {
             && newly_applied
             && counter >= *generation
         {
-            metrics::gauge!("sidewall_control_plane_propagation_seconds")
-                .set(at.elapsed().as_secs_f64());
+            metrics::gauge!(crate::metric::PROPAGATION_SECONDS).set(at.elapsed().as_secs_f64());
         }
         let behind = lock(&self.fleet)
             .values()
             .filter(|e| e.connected && e.sent.is_some() && e.applied < e.sent)
             .count();
-        metrics::gauge!("sidewall_control_plane_proxies_behind").set(behind as f64);
+        metrics::gauge!(crate::metric::PROXIES_BEHIND).set(behind as f64);
     }
 
     /// The fleet view, one row per sidecar process.

@@ -65,8 +65,7 @@ impl FlowTable {
 
     /// Counts a reported flow not kept (or evicted), in the metric and for the readers.
     fn drop_one(&mut self, reason: &'static str) {
-        metrics::counter!("sidewall_control_plane_flows_dropped_total", "reason" => reason)
-            .increment(1);
+        metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => reason).increment(1);
         *self.dropped.entry(reason).or_default() += 1;
     }
 

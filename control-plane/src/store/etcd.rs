@@ -337,7 +337,7 @@ impl EtcdStore {
             if !changed || self.put_if(&key, mod_revision, encode(&token)?).await? {
                 return Ok(result);
             }
-            metrics::counter!("sidewall_control_plane_store_conflicts_total").increment(1);
+            metrics::counter!(crate::metric::STORE_CONFLICTS).increment(1);
         }
     }
 
@@ -433,7 +433,7 @@ impl Store for EtcdStore {
                 if self.put_if(&key, 0, encode(&record)?).await? {
                     return Ok(record.version);
                 }
-                metrics::counter!("sidewall_control_plane_store_conflicts_total").increment(1);
+                metrics::counter!(crate::metric::STORE_CONFLICTS).increment(1);
             }
         })
     }

@@ -94,11 +94,11 @@ where
         let slot = self.slot(key);
         let mut held = slot.lock().await;
         if !fresh && let Some(pooled) = held.as_ref().filter(|pooled| pooled.usable()) {
-            metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "reused").increment(1);
+            metrics::counter!(crate::metric::H2_POOL, "event" => "reused").increment(1);
             return Ok(pooled.sender.clone());
         }
         let opened = Box::pin(connect()).await?;
-        metrics::counter!("sidewall_proxy_h2_pool_total", "event" => "opened").increment(1);
+        metrics::counter!(crate::metric::H2_POOL, "event" => "opened").increment(1);
         let sender = opened.sender.clone();
         *held = Some(opened);
         Ok(sender)

@@ -71,7 +71,7 @@ pub(super) async fn serve(
         () = accept => {}
         () = tokio::time::sleep(lifetime) => {
             if lifetime < expiry {
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "shared_no_policy").increment(1);
+                metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "shared_no_policy").increment(1);
                 if let Some(folded) = crate::lograte::admit(peer.id.as_str(), 0, "shared_no_policy") {
                     tracing::info!(%remote, peer = %peer.id, folded, "shared connection closed: no policy lets this peer reach a TCP port here");
                 }
@@ -111,7 +111,8 @@ async fn streams(
             Ok(next) => next,
             Err(_) if open.load(std::sync::atomic::Ordering::Acquire) > 0 => continue,
             Err(_) => {
-                metrics::counter!("sidewall_proxy_connections_closed_total", "reason" => "shared_idle").increment(1);
+                metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "shared_idle")
+                    .increment(1);
                 tracing::debug!(%remote, "shared connection closed: no stream in time");
                 return;
             }
@@ -164,7 +165,7 @@ fn stream_refused(
     peer: &Svid,
     status: StatusCode,
 ) {
-    metrics::counter!("sidewall_proxy_carried_connections_total", "outcome" => reason).increment(1);
+    metrics::counter!(crate::metric::CARRIED_CONNECTIONS, "outcome" => reason).increment(1);
     tracing::info!(peer = %peer.id, reason, "carried connection refused");
     answer(respond, status);
 }
@@ -206,14 +207,13 @@ async fn carried(
     let Ok(send) = respond.send_response(Response::new(()), false) else {
         return;
     };
-    metrics::counter!("sidewall_proxy_carried_connections_total", "outcome" => "allowed")
-        .increment(1);
+    metrics::counter!(crate::metric::CARRIED_CONNECTIONS, "outcome" => "allowed").increment(1);
     let recv = request.into_body();
     let idle = config.limits.idle_timeout.0;
     let copy = async {
         match crate::mux::forward(app, send, recv, idle).await {
             Ok(counts) => {
-                metrics::counter!("sidewall_proxy_bytes_total", "direction" => "inbound")
+                metrics::counter!(crate::metric::BYTES, "direction" => "inbound")
                     .increment(counts.a_to_b + counts.b_to_a);
                 tracing::debug!(peer = %peer.id, port, to_app = counts.b_to_a, from_app = counts.a_to_b, idle = counts.idle, "carried connection closed");
             }

@@ -63,15 +63,14 @@ fn refused(
     response: Response<ResponseBody>,
 ) -> Response<ResponseBody> {
     tracing::warn!(method = %request.method(), path = request.uri().path(), reason, "outbound request refused before leaving");
-    metrics::counter!("sidewall_proxy_outbound_http_requests_total", "outcome" => "bad_request")
+    metrics::counter!(crate::metric::OUTBOUND_HTTP_REQUESTS, "outcome" => "bad_request")
         .increment(1);
     response
 }
 
 fn failed(reason: &'static str) -> Response<ResponseBody> {
-    metrics::counter!("sidewall_proxy_outbound_failures_total", "reason" => reason).increment(1);
-    metrics::counter!("sidewall_proxy_outbound_http_requests_total", "outcome" => "failed")
-        .increment(1);
+    metrics::counter!(crate::metric::OUTBOUND_FAILURES, "reason" => reason).increment(1);
+    metrics::counter!(crate::metric::OUTBOUND_HTTP_REQUESTS, "outcome" => "failed").increment(1);
     match reason {
         "denied" => short(StatusCode::FORBIDDEN, "forbidden\n"),
         _ => short(StatusCode::BAD_GATEWAY, "bad gateway\n"),
@@ -120,7 +119,8 @@ async fn handle(
     let connect = || connect_peer(context, service, port);
     match context.peers_h2.send(&key, connect, request).await {
         Ok(response) => {
-            metrics::counter!("sidewall_proxy_outbound_http_requests_total", "outcome" => "forwarded").increment(1);
+            metrics::counter!(crate::metric::OUTBOUND_HTTP_REQUESTS, "outcome" => "forwarded")
+                .increment(1);
             response.map(BodyExt::boxed_unsync)
         }
         Err(PoolError::Connect(reason)) => failed(reason),
