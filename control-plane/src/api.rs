@@ -92,7 +92,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         tracing::error!(%error, "store failure");
-        if let StoreError::Unavailable(_) = error {
+        if let StoreError::Unavailable { .. } = error {
             return Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",

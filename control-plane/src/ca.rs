@@ -59,7 +59,7 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     /// The public key from a request is not usable.
     #[error("unusable public key: {0}")]
-    PublicKey(String),
+    PublicKey(#[source] rcgen::Error),
     /// A key file is readable by others.
     #[error("{0}: private key is readable by group or others (chmod 600)")]
     KeyPermissions(PathBuf),
@@ -69,6 +69,9 @@ pub enum CaError {
     /// The CA's certificates do not belong together or to its keys.
     #[error("CA certificates refused: {0}")]
     Chain(String),
+    /// A CA certificate does not parse.
+    #[error("CA certificates refused: a CA certificate does not parse: {0}")]
+    Unparsable(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
 }
 
 /// Where a plugged-in CA's PEM files are.
@@ -416,8 +419,7 @@ impl Authority {
         lifetime: Duration,
         names: &[String],
     ) -> Result<Issued, CaError> {
-        let public_key =
-            SubjectPublicKeyInfo::from_der(spki).map_err(|e| CaError::PublicKey(e.to_string()))?;
+        let public_key = SubjectPublicKeyInfo::from_der(spki).map_err(CaError::PublicKey)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "SPIFFE");
@@ -505,11 +507,9 @@ fn check_chain(
             "the intermediate certificate is not the intermediate key's".into(),
         ));
     }
-    let unparsable = |e: x509_parser::nom::Err<x509_parser::error::X509Error>| {
-        CaError::Chain(format!("a CA certificate does not parse: {e}"))
-    };
-    let (_, root) = X509Certificate::from_der(root_der).map_err(unparsable)?;
-    let (_, intermediate) = X509Certificate::from_der(intermediate_der).map_err(unparsable)?;
+    let (_, root) = X509Certificate::from_der(root_der).map_err(CaError::Unparsable)?;
+    let (_, intermediate) =
+        X509Certificate::from_der(intermediate_der).map_err(CaError::Unparsable)?;
     intermediate
         .verify_signature(Some(root.public_key()))
         .map_err(|_| {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::Cause;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -24,30 +25,31 @@ use crate::tls::{CONTROL_PLANE_PATH, provider};
 /// How long one API call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Why a call could not be made (an HTTP error status is not one of these).
+/// Why a call could not be made (an HTTP error status is not one of these). The message
+/// carries the cause's (the CLI prints one line); `source()` gives the cause itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// A file the client needs is missing or unreadable.
     #[error(
         "{0}: {1} (is the control plane's data directory right? --data-dir or SIDEWALL_DATA_DIR)"
     )]
-    File(PathBuf, String),
+    File(PathBuf, #[source] Cause),
     /// The URL is not `https://host:port`.
     #[error("control plane URL {0:?} must look like https://127.0.0.1:4600")]
     Url(String),
     /// TLS setup failed.
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[source] Cause),
     /// Connecting or talking to the control plane failed.
     #[error("cannot reach the control plane at {0}: {1}")]
-    Connect(String, String),
+    Connect(String, #[source] Cause),
     /// The answer is not JSON.
     #[error("unexpected answer from the control plane: {0}")]
     Answer(String),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ClientError> {
-    std::fs::read(path).map_err(|e| ClientError::File(path.to_path_buf(), e.to_string()))
+    std::fs::read(path).map_err(|e| ClientError::File(path.to_path_buf(), e.into()))
 }
 
 /// A connection recipe for the API.
@@ -87,20 +89,20 @@ impl Client {
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(&read(&cert_path)?)
                 .collect::<Result<_, _>>()
-                .map_err(|e| ClientError::File(cert_path.clone(), e.to_string()))?;
+                .map_err(|e| ClientError::File(cert_path.clone(), e.into()))?;
         let leaf = chain
             .first()
             .ok_or_else(|| ClientError::File(cert_path.clone(), "no certificate".into()))?;
         let svid =
             sidewall_policies::svid::Svid::from_der(leaf, sidewall_policies::svid::Usage::Client)
-                .map_err(|e| ClientError::File(cert_path.clone(), e.to_string()))?;
+                .map_err(|e| ClientError::File(cert_path.clone(), e.into()))?;
         let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
-            .map_err(|e| ClientError::File(key_path.clone(), e.to_string()))?;
+            .map_err(|e| ClientError::File(key_path.clone(), e.into()))?;
         let bundle_file = bundle_path(data_dir);
         let roots: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(&read(&bundle_file)?)
                 .collect::<Result<_, _>>()
-                .map_err(|e| ClientError::File(bundle_file.clone(), e.to_string()))?;
+                .map_err(|e| ClientError::File(bundle_file.clone(), e.into()))?;
         Self::new(&url, &svid.id.trust_domain(), roots, Some((chain, key)))
     }
 
@@ -127,21 +129,21 @@ impl Client {
         let mut bundles = TrustBundles::default();
         bundles
             .add(trust_domain.clone(), roots)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+            .map_err(|e| ClientError::Tls(e.into()))?;
         let expected: SpiffeId = trust_domain
             .id(CONTROL_PLANE_PATH)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+            .map_err(|e| ClientError::Tls(e.into()))?;
         let provider = provider();
         let verifier = SpiffeServerVerifier::new(expected, bundles, &provider, None);
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .map_err(|e| ClientError::Tls(e.into()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier));
         let mut config = match identity {
             Some((chain, key)) => builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| ClientError::Tls(e.to_string()))?,
+                .map_err(|e| ClientError::Tls(e.into()))?,
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -193,20 +195,19 @@ impl Client {
         path: &str,
         payload: Bytes,
     ) -> Result<(StatusCode, serde_json::Value), ClientError> {
-        let connect =
-            |e: &dyn std::fmt::Display| ClientError::Connect(self.url.clone(), e.to_string());
+        let connect = |e: Cause| ClientError::Connect(self.url.clone(), e);
         let tcp = TcpStream::connect(&self.authority)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(|e| connect(e.into()))?;
         let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(self.host.clone()).map_err(|e| connect(&e))?;
+        let name = ServerName::try_from(self.host.clone()).map_err(|e| connect(e.into()))?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(|e| connect(e.into()))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(|e| connect(e.into()))?;
         tokio::spawn(connection);
         let request = Request::builder()
             .method(method)
@@ -214,17 +215,17 @@ impl Client {
             .header(hyper::header::HOST, &self.authority)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(payload))
-            .map_err(|e| connect(&e))?;
+            .map_err(|e| connect(e.into()))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| connect(&e))?;
+            .map_err(|e| connect(e.into()))?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| connect(&e))?
+            .map_err(|e| connect(e.into()))?
             .to_bytes();
         let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())

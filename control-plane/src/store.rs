@@ -34,23 +34,72 @@ pub const COUNTER_BLOCK: u64 = 1 << 40;
 /// A boxed future returned by store methods (dyn-compatible for a runtime choice of store).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// Why the store failed.
+/// The error a [`StoreError`] was caused by, kept as it is (its type and its own causes).
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why the store failed. Its message carries the cause's (logs and the CLI print one line);
+/// `source()` gives the cause itself to code that looks into it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The store file could not be opened.
+    #[error("store {}: {source}", path.display())]
+    Open {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// The backing database failed.
-    #[error("store: {0}")]
-    Backend(String),
+    #[error("store: {source}")]
+    Backend {
+        /// The database's error.
+        #[source]
+        source: Cause,
+    },
     /// A replicated store cannot serve now: unreachable, no leader, no quorum.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        /// What failed, with the cause's own words.
+        message: String,
+        /// The client's error, when there is one.
+        #[source]
+        source: Option<Cause>,
+    },
     /// A stored record does not decode.
-    #[error("store: corrupt record {key}: {message}")]
+    #[error("store: corrupt record {key}: {source}")]
     Corrupt {
         /// The record's key.
         key: String,
         /// What is wrong.
-        message: String,
+        #[source]
+        source: Cause,
     },
+}
+
+impl StoreError {
+    /// The backing database failed with `error`.
+    pub fn backend(error: impl Into<Cause>) -> Self {
+        Self::Backend {
+            source: error.into(),
+        }
+    }
+
+    /// The record at `key` does not decode, because of `error`.
+    pub fn corrupt(key: impl Into<String>, error: impl Into<Cause>) -> Self {
+        Self::Corrupt {
+            key: key.into(),
+            source: error.into(),
+        }
+    }
+
+    /// The store cannot serve now (`message`), without an error of a client to keep.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable {
+            message: message.into(),
+            source: None,
+        }
+    }
 }
 
 /// A task that runs until the control plane stops ([`Store::follow`], [`Store::publish`]).

@@ -111,39 +111,92 @@ pub async fn run(
 
 type Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
 
-async fn connect(url: &str, credential: &Credential, alpn_h2: bool) -> Result<Sender, String> {
-    let key =
-        PrivateKeyDer::from_pem_slice(credential.key_pem.as_bytes()).map_err(|e| e.to_string())?;
+/// Why a session with the control plane ended (the sidecar reconnects, enforcing what it
+/// has). The message carries the cause's; `source()` gives the cause itself.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    /// This sidecar's credential or the URL cannot make a TLS client.
+    #[error("{0}")]
+    Setup(#[source] Cause),
+    /// Connecting, the handshake or a request failed.
+    #[error("{0}")]
+    Transport(#[source] Cause),
+    /// A step did not finish in time.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// The control plane refused the watch.
+    #[error("watch refused ({status}): {answer}")]
+    Refused {
+        /// The HTTP status.
+        status: hyper::StatusCode,
+        /// The answer's body.
+        answer: String,
+    },
+    /// No line, not even a keep-alive, for three keep-alive periods.
+    #[error(
+        "the watch was silent for {} s (keep-alive every {} s): taken for dead",
+        .silence.as_secs(),
+        .keepalive.as_secs()
+    )]
+    Silent {
+        /// How long.
+        silence: Duration,
+        /// The keep-alive period asked for.
+        keepalive: Duration,
+    },
+    /// The control plane ended the stream.
+    #[error("stream ended")]
+    Ended,
+    /// A line longer than any snapshot may be.
+    #[error("snapshot line over 64 MiB")]
+    LineTooLong,
+}
+
+/// A cause kept as it is.
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+fn transport(error: impl Into<Cause>) -> SessionError {
+    SessionError::Transport(error.into())
+}
+
+async fn connect(
+    url: &str,
+    credential: &Credential,
+    alpn_h2: bool,
+) -> Result<Sender, SessionError> {
+    let setup = |e: Cause| SessionError::Setup(e);
+    let key = PrivateKeyDer::from_pem_slice(credential.key_pem.as_bytes())
+        .map_err(|e| setup(e.into()))?;
     let tls = verified_config(
         &credential.svid.id,
         &credential.bundle_pem,
         Some((credential.certified_key.cert.clone(), key)),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| setup(e.into()))?;
     let mut tls = (*tls).clone();
     if alpn_h2 {
         tls.alpn_protocols = vec![b"h2".to_vec()];
     }
-    let (authority, host) = authority(url).map_err(|e| e.to_string())?;
+    let (authority, host) = authority(url).map_err(|e| setup(e.into()))?;
     let tcp = tokio::time::timeout(
         Duration::from_secs(5),
         crate::transport::connect_authority(&authority),
     )
     .await
-    .map_err(|_| "connect timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+    .map_err(|_| SessionError::Timeout("connect"))?
+    .map_err(transport)?;
+    let name = ServerName::try_from(host).map_err(|e| setup(e.into()))?;
     let stream = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),
     )
     .await
-    .map_err(|_| "handshake timed out".to_owned())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| SessionError::Timeout("handshake"))?
+    .map_err(transport)?;
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(transport)?;
     tokio::spawn(connection);
     Ok(sender)
 }
@@ -152,24 +205,24 @@ async fn post<T: serde::Serialize>(
     sender: &mut Sender,
     path: &str,
     body: &T,
-) -> Result<(u16, Bytes), String> {
-    let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+) -> Result<(u16, Bytes), SessionError> {
+    let body = serde_json::to_vec(body).map_err(transport)?;
     let request = Request::builder()
         .method(Method::POST)
         .uri(path)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+        .map_err(transport)?;
     let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
         .await
-        .map_err(|_| "request timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| SessionError::Timeout("request"))?
+        .map_err(transport)?;
     let status = response.status().as_u16();
     let body = response
         .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(transport)?
         .to_bytes();
     Ok((status, body))
 }
@@ -203,7 +256,7 @@ async fn session(
     url: &str,
     credential: &Arc<Credential>,
     snapshot: &watch::Sender<Option<Arc<Active>>>,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let mut sender = connect(url, credential, true).await?;
     let mut registered = register(context, &mut sender).await?;
     // The control plane sends a keep-alive line this often; three missed and the watch is
@@ -218,11 +271,8 @@ async fn session(
             keepalive.as_secs()
         ))
         .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(transport)?;
+    let response = sender.send_request(request).await.map_err(transport)?;
     if response.status() != 200 {
         let status = response.status();
         let body = response
@@ -231,10 +281,10 @@ async fn session(
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        return Err(format!(
-            "watch refused ({status}): {}",
-            String::from_utf8_lossy(&body)
-        ));
+        return Err(SessionError::Refused {
+            status,
+            answer: String::from_utf8_lossy(&body).into_owned(),
+        });
     }
     *context
         .control_plane
@@ -253,14 +303,14 @@ async fn session(
             frame = tokio::time::timeout(silence, body.frame()) => {
                 let Ok(frame) = frame else {
                     metrics::counter!(crate::metric::WATCH_SILENT).increment(1);
-                    return Err(format!("the watch was silent for {} s (keep-alive every {} s): taken for dead", silence.as_secs(), keepalive.as_secs()));
+                    return Err(SessionError::Silent { silence, keepalive });
                 };
-                let Some(frame) = frame else { return Err("stream ended".into()) };
-                let frame = frame.map_err(|e| e.to_string())?;
+                let Some(frame) = frame else { return Err(SessionError::Ended) };
+                let frame = frame.map_err(transport)?;
                 let Ok(data) = frame.into_data() else { continue };
                 buffer.extend_from_slice(&data);
                 if buffer.len() > 64 * 1024 * 1024 {
-                    return Err("snapshot line over 64 MiB".into());
+                    return Err(SessionError::LineTooLong);
                 }
                 // Only the bytes not yet searched: a line arriving in many frames is scanned once.
                 while let Some(end) = buffer[scanned..].iter().position(|&b| b == b'\n') {
@@ -287,7 +337,7 @@ async fn session(
 /// Registers this sidecar's endpoint. `Ok(false)`: refused for now (the endpoint is still held
 /// by another identity's registration, which expires when its sidecar stops watching): try
 /// again later. Any other refusal is logged and not retried.
-async fn register(context: &Context, sender: &mut Sender) -> Result<bool, String> {
+async fn register(context: &Context, sender: &mut Sender) -> Result<bool, SessionError> {
     let Some(body) = registration(context) else {
         return Ok(true);
     };
@@ -450,12 +500,9 @@ async fn deregister(context: &Context, url: &str, credential: &Credential) {
             .method(Method::DELETE)
             .uri(format!("/v1/registrations/{}", context.instance))
             .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>(())
+            .map_err(transport)?;
+        sender.send_request(request).await.map_err(transport)?;
+        Ok::<_, SessionError>(())
     };
     if let Ok(Err(error)) = tokio::time::timeout(Duration::from_secs(2), attempt).await {
         tracing::debug!(%error, "deregistration not delivered");

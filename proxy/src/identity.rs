@@ -225,11 +225,11 @@ pub async fn maintain(
 
 /// A fresh ECDSA P-256 key and a CSR for it.
 fn key_and_csr() -> Result<(String, String), JoinError> {
-    let key = rcgen::KeyPair::generate().map_err(|e| JoinError::Key(e.to_string()))?;
+    let key = rcgen::KeyPair::generate().map_err(JoinError::Key)?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .and_then(|csr| csr.pem())
-        .map_err(|e| JoinError::Key(e.to_string()))?;
+        .map_err(JoinError::Key)?;
     Ok((key.serialize_pem(), csr))
 }
 
@@ -250,7 +250,7 @@ async fn join(config: &Config, key: &(String, String)) -> Result<Credential, Joi
         key_pem.clone(),
         response.trust_bundle,
     )
-    .map_err(|e| JoinError::Answer(e.to_string()))
+    .map_err(|e| JoinError::Answer(e.into()))
 }
 
 async fn renew(config: &Config, current: &Credential) -> Result<Credential, JoinError> {
@@ -262,11 +262,11 @@ async fn renew(config: &Config, current: &Credential) -> Result<Credential, Join
         key_pem,
         response.trust_bundle,
     )
-    .map_err(|e| JoinError::Answer(e.to_string()))
+    .map_err(|e| JoinError::Answer(e.into()))
 }
 
 fn read_token(path: &Path) -> Result<String, JoinError> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_owned())
-        .map_err(|e| JoinError::TokenFile(path.display().to_string(), e.to_string()))
+        .map_err(|e| JoinError::TokenFile(path.display().to_string(), e))
 }

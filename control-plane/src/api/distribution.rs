@@ -453,10 +453,8 @@ pub(super) async fn remove(
     }
     let mut identities = Vec::new();
     for record in &held {
-        let identity = SpiffeId::parse(&record.identity).map_err(|e| StoreError::Corrupt {
-            key: format!("registration {instance}"),
-            message: e.to_string(),
-        })?;
+        let identity = SpiffeId::parse(&record.identity)
+            .map_err(|e| StoreError::corrupt(format!("registration {instance}"), e))?;
         api.store.remove_registration(&identity, instance).await?;
         tracing::warn!(%operator, identity = record.identity, instance, endpoint = record.endpoint, "registration removed by an operator");
         identities.push(record.identity.clone());

@@ -7,6 +7,7 @@
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::error::X509Error;
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
     OID_SIG_ED25519,
@@ -20,7 +21,7 @@ pub const MAX_CSR_BYTES: usize = 64 * 1024;
 pub const MIN_RSA_BITS: usize = 2048;
 
 /// Why a CSR is refused. Each has a stable code for the API and the refusal metric.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CsrError {
     /// Over [`MAX_CSR_BYTES`].
     #[error("CSR is {0} bytes, over the 65536-byte limit")]
@@ -31,9 +32,9 @@ pub enum CsrError {
     /// More than one PEM block of a CSR.
     #[error("{0} CSRs in one request; send exactly one")]
     Several(usize),
-    /// The DER does not parse as a PKCS#10 request.
+    /// The DER does not parse as a PKCS#10 request (the parser's error).
     #[error("CSR does not parse: {0}")]
-    Malformed(String),
+    Malformed(#[source] X509Error),
     /// Bytes after the DER structure.
     #[error("{0} bytes after the CSR")]
     TrailingBytes(usize),
@@ -94,7 +95,7 @@ pub fn parse_der(der: &[u8]) -> Result<RequestedKey, CsrError> {
         return Err(CsrError::TooLarge(der.len()));
     }
     let (rest, csr) =
-        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.into()))?;
     if !rest.is_empty() {
         return Err(CsrError::TrailingBytes(rest.len()));
     }
@@ -117,7 +118,8 @@ pub fn parse_der(der: &[u8]) -> Result<RequestedKey, CsrError> {
     } else if *algorithm == OID_PKCS1_RSAENCRYPTION {
         let bits = match spki.parsed() {
             Ok(PublicKey::RSA(rsa)) => rsa.key_size(),
-            _ => return Err(CsrError::Malformed("RSA public key does not parse".into())),
+            Ok(_) => return Err(CsrError::Malformed(X509Error::InvalidSPKI)),
+            Err(error) => return Err(CsrError::Malformed(error)),
         };
         if bits < MIN_RSA_BITS {
             return Err(CsrError::WeakRsa(bits));

@@ -28,8 +28,8 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const POLICIES: TableDefinition<u64, &[u8]> = TableDefinition::new("policy_versions");
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
 
-fn backend(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(error.to_string())
+fn backend(error: impl Into<super::Cause>) -> StoreError {
+    StoreError::backend(error)
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -37,10 +37,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: key.to_owned(),
-        message: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(key, e))
 }
 
 /// Every record of a table keyed by text.
@@ -74,7 +71,10 @@ impl std::fmt::Debug for EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store file, creating its tables and epoch on first use.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
         let tx = db.begin_write().map_err(backend)?;
         {
             tx.open_table(TOKENS).map_err(backend)?;
@@ -385,10 +385,9 @@ impl Store for EmbeddedStore {
                     .map(|v| v.value().to_owned());
                 let ceiling = match stored {
                     None => 0,
-                    Some(text) => text.parse::<u64>().map_err(|e| StoreError::Corrupt {
-                        key: "meta/counter_ceiling".into(),
-                        message: e.to_string(),
-                    })?,
+                    Some(text) => text
+                        .parse::<u64>()
+                        .map_err(|e| StoreError::corrupt("meta/counter_ceiling", e))?,
                 };
                 let start = at_least.max(ceiling);
                 let next = start.saturating_add(COUNTER_BLOCK).to_string();

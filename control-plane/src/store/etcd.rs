@@ -94,22 +94,32 @@ impl std::fmt::Debug for EtcdStore {
 /// Maps a client error: anything from etcd itself means it cannot serve now (no leader, no
 /// quorum, unreachable, timed out).
 fn unavailable(error: etcd_client::Error) -> StoreError {
+    unavailable_with(String::new(), error)
+}
+
+/// `context` (when not empty), then etcd's own words: a gRPC status's message, not its
+/// debug dump. The client's error is kept as the source.
+fn unavailable_with(context: String, error: etcd_client::Error) -> StoreError {
     let text = match &error {
         etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
         other => other.to_string(),
     };
-    StoreError::Unavailable(text)
+    StoreError::Unavailable {
+        message: if context.is_empty() {
+            text
+        } else {
+            format!("{context}: {text}")
+        },
+        source: Some(Box::new(error)),
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Backend(e.to_string()))
+    serde_json::to_vec(value).map_err(StoreError::backend)
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        message: e.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(String::from_utf8_lossy(key), e))
 }
 
 fn revision_of(header: Option<&etcd_client::ResponseHeader>) -> u64 {
@@ -148,17 +158,12 @@ impl EtcdStore {
             connect = connect.with_user(user.clone(), password.clone());
         }
         let cannot = |e: etcd_client::Error| {
-            StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: {}", {
-                match &e {
-                    etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
-                    other => other.to_string(),
-                }
-            }))
+            unavailable_with(format!("cannot reach etcd at {endpoints}"), e)
         };
         let client = tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&urls, Some(connect)))
             .await
             .map_err(|_| {
-                StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: timed out"))
+                StoreError::unavailable(format!("cannot reach etcd at {endpoints}: timed out"))
             })?
             .map_err(cannot)?;
         let store = Self {
@@ -404,7 +409,7 @@ impl EtcdStore {
         }
         self.sealed_ca()
             .await?
-            .ok_or_else(|| StoreError::Backend(format!("{key} vanished")))
+            .ok_or_else(|| StoreError::backend(format!("{key} vanished")))
     }
 }
 
@@ -423,10 +428,7 @@ impl Store for EtcdStore {
                     key.rsplit('/')
                         .next()
                         .and_then(|n| n.parse::<u64>().ok())
-                        .ok_or(StoreError::Corrupt {
-                            key,
-                            message: "not a policy version number".into(),
-                        })
+                        .ok_or_else(|| StoreError::corrupt(key, "not a policy version number"))
                 })?;
                 record.version = last + 1;
                 let key = self.policy_key(record.version);
@@ -596,10 +598,7 @@ impl Store for EtcdStore {
             let key = self.key("epoch");
             match self.get_raw(&key).await? {
                 Some((bytes, _)) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
-                None => Err(StoreError::Corrupt {
-                    key,
-                    message: "missing".into(),
-                }),
+                None => Err(StoreError::corrupt(key, "missing")),
             }
         })
     }

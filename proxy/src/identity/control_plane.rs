@@ -29,7 +29,11 @@ use crate::tls::provider;
 /// How long one call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Why joining or renewing failed.
+/// The error a [`JoinError`] was caused by, kept as it is.
+pub(crate) type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why joining or renewing failed. The message carries the cause's (logs print one line);
+/// `source()` gives the cause itself.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     /// No `controlPlane.tokenFile` and no saved certificate.
@@ -37,7 +41,7 @@ pub enum JoinError {
     NoToken,
     /// The token file cannot be read.
     #[error("token file {0}: {1}")]
-    TokenFile(String, String),
+    TokenFile(String, #[source] std::io::Error),
     /// The token is not a Sidewall join token.
     #[error("the join token is malformed (expected swt1.<id>.<secret>.<ca-sha256>)")]
     Token,
@@ -48,22 +52,34 @@ pub enum JoinError {
     Pin(String),
     /// Generating the key or CSR failed.
     #[error("key generation: {0}")]
-    Key(String),
-    /// No control plane could be reached.
-    #[error("{0}")]
-    Unreachable(String),
+    Key(#[source] rcgen::Error),
+    /// A control-plane URL is not `https://host:port`.
+    #[error("bad control plane URL {0:?}")]
+    BadUrl(String),
+    /// No control-plane URL is configured.
+    #[error("no control plane URL")]
+    NoUrl,
+    /// The control plane at the URL could not be reached.
+    #[error("{url}: {source}")]
+    Unreachable {
+        /// The control plane's URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: Cause,
+    },
     /// The server's certificate does not chain to a root this sidecar trusts for it (at the
     /// join, only the pinned root), or is not the control plane's SVID.
     #[error(
         "the control plane at {0} presented a certificate that does not chain to a root this sidecar trusts ({1})"
     )]
-    Untrusted(String, String),
+    Untrusted(String, #[source] rustls::Error),
     /// The control plane refused.
     #[error("control plane refused ({0}): {1}")]
     Refused(u16, String),
     /// The answer is unusable.
     #[error("unusable answer from the control plane: {0}")]
-    Answer(String),
+    Answer(#[source] Cause),
 }
 
 /// Accepts any server certificate: used only to fetch the public trust bundle, whose content
@@ -110,7 +126,7 @@ pub(crate) fn authority(url: &str) -> Result<(String, String), JoinError> {
         .strip_prefix("https://")
         .map(|rest| rest.trim_end_matches('/'))
         .filter(|rest| !rest.is_empty() && !rest.contains('/'))
-        .ok_or_else(|| JoinError::Unreachable(format!("bad control plane URL {url:?}")))?;
+        .ok_or_else(|| JoinError::BadUrl(url.to_owned()))?;
     let host = authority
         .rsplit_once(':')
         .map_or(authority, |(host, _)| host)
@@ -127,18 +143,21 @@ async fn call(
 ) -> Result<(u16, Bytes), JoinError> {
     let work = async {
         let (authority, host) = authority(url)?;
-        let fail = |e: &dyn std::fmt::Display| JoinError::Unreachable(format!("{url}: {e}"));
+        let fail = |e: Cause| JoinError::Unreachable {
+            url: url.to_owned(),
+            source: e,
+        };
         let tcp = crate::transport::connect_authority(&authority)
             .await
-            .map_err(|e| fail(&e))?;
-        let name = ServerName::try_from(host).map_err(|e| fail(&e))?;
+            .map_err(|e| fail(e.into()))?;
+        let name = ServerName::try_from(host).map_err(|e| fail(e.into()))?;
         let stream = TlsConnector::from(tls)
             .connect(name, tcp)
             .await
             .map_err(|e| handshake_error(url, e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| fail(&e))?;
+            .map_err(|e| fail(e.into()))?;
         tokio::spawn(connection);
         let payload = body.map(|b| b.to_string()).unwrap_or_default();
         let request = Request::builder()
@@ -147,20 +166,26 @@ async fn call(
             .header(hyper::header::HOST, &authority)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(payload)))
-            .map_err(|e| fail(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| fail(&e))?;
+            .map_err(|e| fail(e.into()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| fail(e.into()))?;
         let status = response.status().as_u16();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| fail(&e))?
+            .map_err(|e| fail(e.into()))?
             .to_bytes();
         Ok((status, bytes))
     };
     tokio::time::timeout(CALL_TIMEOUT, work)
         .await
-        .map_err(|_| JoinError::Unreachable(format!("{url}: timed out")))?
+        .map_err(|_| JoinError::Unreachable {
+            url: url.to_owned(),
+            source: "timed out".into(),
+        })?
 }
 
 /// A refused server certificate is [`JoinError::Untrusted`]; anything else is unreachable.
@@ -170,9 +195,12 @@ fn handshake_error(url: &str, error: std::io::Error) -> JoinError {
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
         Some(refused @ rustls::Error::InvalidCertificate(_)) => {
-            JoinError::Untrusted(url.to_owned(), refused.to_string())
+            JoinError::Untrusted(url.to_owned(), refused.clone())
         }
-        _ => JoinError::Unreachable(format!("{url}: {error}")),
+        _ => JoinError::Unreachable {
+            url: url.to_owned(),
+            source: error.into(),
+        },
     }
 }
 
@@ -184,7 +212,7 @@ pub(crate) fn verified_config(
 ) -> Result<Arc<ClientConfig>, JoinError> {
     let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| JoinError::Answer(e.to_string()))?;
+        .map_err(|e| JoinError::Answer(e.into()))?;
     config_trusting(identity, roots, client)
 }
 
@@ -198,22 +226,22 @@ fn config_trusting(
     let mut bundles = TrustBundles::default();
     bundles
         .add(identity.trust_domain(), roots)
-        .map_err(|e| JoinError::Answer(e.to_string()))?;
+        .map_err(|e| JoinError::Answer(e.into()))?;
     let expected = identity
         .trust_domain()
         .id("/sidewall/control-plane")
-        .map_err(|e| JoinError::Answer(e.to_string()))?;
+        .map_err(|e| JoinError::Answer(e.into()))?;
     let provider = provider();
     let verifier = SpiffeServerVerifier::new(expected, bundles, &provider, None);
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| JoinError::Answer(e.to_string()))?
+        .map_err(|e| JoinError::Answer(e.into()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier));
     let config = match client {
         Some((chain, key)) => builder
             .with_client_auth_cert(chain, key)
-            .map_err(|e| JoinError::Answer(e.to_string()))?,
+            .map_err(|e| JoinError::Answer(e.into()))?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -228,7 +256,7 @@ async fn pinned_root(url: &str, fingerprint: &str) -> Result<CertificateDer<'sta
     let provider = provider();
     let config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| JoinError::Answer(e.to_string()))?
+        .map_err(|e| JoinError::Answer(e.into()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(FetchOnly(
             provider.signature_verification_algorithms,
@@ -262,7 +290,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn certificate_answer(status: u16, body: &Bytes) -> Result<wire::Certificate, JoinError> {
     if status == 200 {
-        return serde_json::from_slice(body).map_err(|e| JoinError::Answer(e.to_string()));
+        return serde_json::from_slice(body).map_err(|e| JoinError::Answer(e.into()));
     }
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -278,7 +306,7 @@ where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<T, JoinError>>,
 {
-    let mut last = JoinError::Unreachable("no control plane URL".into());
+    let mut last = JoinError::NoUrl;
     for url in urls {
         match attempt(url.clone()).await {
             Ok(value) => return Ok(value),
@@ -329,7 +357,7 @@ pub(super) async fn renew(
 ) -> Result<wire::Certificate, JoinError> {
     let chain: Vec<CertificateDer<'static>> = current.certified_key.cert.clone();
     let key = PrivateKeyDer::from_pem_slice(current.key_pem.as_bytes())
-        .map_err(|e| JoinError::Answer(e.to_string()))?;
+        .map_err(|e| JoinError::Answer(e.into()))?;
     let tls = verified_config(&current.svid.id, &current.bundle_pem, Some((chain, key)))?;
     each_url(urls, |url| {
         let tls = tls.clone();

@@ -78,9 +78,7 @@ impl EtcdStore {
                 match renewals.message().await.map_err(unavailable)? {
                     Some(answer) if answer.ttl() > 0 => renewed = tokio::time::Instant::now(),
                     _ => {
-                        return Err(StoreError::Unavailable(
-                            "the summary's lease expired".into(),
-                        ));
+                        return Err(StoreError::unavailable("the summary's lease expired"));
                     }
                 }
             }
@@ -147,10 +145,10 @@ impl EtcdStore {
                 _ = stop.changed() => return Ok(()),
             };
             let Some(response) = message else {
-                return Err(StoreError::Unavailable("the etcd watch ended".into()));
+                return Err(StoreError::unavailable("the etcd watch ended"));
             };
             if response.canceled() {
-                return Err(StoreError::Unavailable(format!(
+                return Err(StoreError::unavailable(format!(
                     "the etcd watch was cancelled: {}",
                     response.cancel_reason()
                 )));
