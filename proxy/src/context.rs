@@ -40,9 +40,10 @@ pub struct Context {
     /// The pooled client to the apps behind HTTP ports (HTTP/1.1).
     pub app_client: http::AppClient,
     /// HTTP/2 connections to apps that speak it (`appProtocol: http2`), by app address.
-    pub(crate) app_h2: http::pool::Pool<std::net::SocketAddr>,
+    pub(crate) app_h2: crate::pool::Pool<std::net::SocketAddr, crate::pool::HyperSender>,
     /// HTTP/2 connections to peer sidecars (ALPN `sidewall-h2/1`), by service and port.
-    pub(crate) peers_h2: http::pool::Pool<(sidewall_policies::SpiffeId, u16)>,
+    pub(crate) peers_h2:
+        crate::pool::Pool<(sidewall_policies::SpiffeId, u16), crate::pool::HyperSender>,
     /// Shared connections carrying app connections to TCP ports (ALPN `sidewall-mux/1`), by
     /// service.
     pub(crate) peers_mux: mux::Pool,
@@ -70,9 +71,9 @@ impl Context {
             flows: crate::flows::Flows::default(),
             control_plane: std::sync::Mutex::new(None),
             app_client: http::app_client(),
-            app_h2: http::pool::Pool::default(),
-            peers_h2: http::pool::Pool::default(),
-            peers_mux: mux::Pool::default(),
+            app_h2: crate::pool::Pool::default(),
+            peers_h2: crate::pool::Pool::default(),
+            peers_mux: mux::pool(),
             config,
         }
     }

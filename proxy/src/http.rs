@@ -47,7 +47,6 @@ use crate::Context;
 use crate::config::{AppProtocol, InboundPort};
 
 pub(crate) mod framing;
-pub(crate) mod pool;
 pub(crate) mod request;
 
 /// The header that carries the authenticated peer to the app.
@@ -493,8 +492,8 @@ async fn to_app(
             .send(&app, || connect_app_h2(app, timeout), request)
             .await
             .map_err(|error| match error {
-                pool::PoolError::Connect(reason) => reason.to_owned(),
-                pool::PoolError::Request(error) => error.to_string(),
+                crate::pool::PoolError::Connect(reason) => reason.to_owned(),
+                crate::pool::PoolError::Request(error) => error.to_string(),
             })
     } else {
         context
@@ -537,7 +536,7 @@ fn upgraded(
 async fn connect_app_h2(
     app: SocketAddr,
     timeout: Duration,
-) -> Result<pool::Opened<Incoming>, &'static str> {
+) -> Result<crate::pool::Opened<crate::pool::HyperSender>, &'static str> {
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(app))
         .await
         .map_err(|_| "app connect timed out")?
@@ -552,9 +551,5 @@ async fn connect_app_h2(
             tracing::debug!(%app, %error, "app HTTP/2 connection ended");
         }
     });
-    Ok(pool::Opened {
-        sender,
-        until: None,
-        server: None,
-    })
+    Ok(crate::pool::Opened::new(sender, None, None, Arc::default()))
 }

@@ -37,6 +37,7 @@ pub mod lograte;
 pub mod metric;
 mod mux;
 pub mod outbound;
+mod pool;
 pub mod redirect;
 pub mod snapshot;
 pub mod tls;

@@ -15,11 +15,10 @@
 //! M9). Each connection is pinged every `limits.keepalive`, and closed when a ping goes
 //! unanswered that long: a frozen or vanished peer sidecar holds no app connection.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
@@ -78,181 +77,94 @@ pub(crate) fn server_builder(streams: u32) -> h2::server::Builder {
     builder
 }
 
-/// A new shared connection: its sender, until when new streams may be opened on it, and a
-/// flag its driver sets when it ends.
-pub(crate) struct Opened {
-    /// Opens streams.
-    pub(crate) sender: SendRequest<Bytes>,
-    /// No new streams after this (well before a certificate it was made with expires).
-    pub(crate) until: Instant,
-    /// Set when the connection has ended.
-    pub(crate) closed: Arc<AtomicBool>,
-    /// The server it reached: no new stream once it is revoked.
-    pub(crate) server: crate::outbound::Server,
-    /// App connections it carries now.
-    pub(crate) streams: Arc<AtomicUsize>,
-}
-
-impl Opened {
-    /// Whether new streams may go on it: open, not too old, its server not revoked.
-    fn usable(&self) -> bool {
-        !self.closed.load(Ordering::Relaxed)
-            && Instant::now() < self.until
-            && !self.server.revoked()
-    }
-}
-
-/// One carried app connection counted on its shared connection while it lives.
-pub(crate) struct Carried(Arc<AtomicUsize>);
-
-impl Carried {
-    fn on(streams: &Arc<AtomicUsize>) -> Self {
-        streams.fetch_add(1, Ordering::Relaxed);
-        Self(streams.clone())
-    }
-}
-
-impl Drop for Carried {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The shared connections to one service.
-type Slot = Arc<tokio::sync::Mutex<Vec<Opened>>>;
-
 /// The shared connections of one sidecar, by service.
-#[derive(Default)]
-pub(crate) struct Pool {
-    slots: Mutex<HashMap<SpiffeId, Slot>>,
-}
+pub(crate) type Pool = crate::pool::Pool<SpiffeId, SendRequest<Bytes>>;
 
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let open = self.slots.lock().map_or(0, |s| s.len());
-        f.debug_struct("Pool").field("services", &open).finish()
-    }
-}
+/// A new shared connection, for the pool.
+pub(crate) type Opened = crate::pool::Opened<SendRequest<Bytes>>;
 
 /// Why a carried connection could not be opened: a label for logs and metrics.
 pub(crate) type Refusal = &'static str;
 
-impl Pool {
-    fn slot(&self, service: &SpiffeId) -> Slot {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.entry(service.clone()).or_default().clone()
-    }
+/// The pool of shared connections: at most [`STREAMS_PER_CONNECTION`] app connections on one.
+pub(crate) fn pool() -> Pool {
+    Pool::with_streams(STREAMS_PER_CONNECTION)
+}
 
-    /// A shared connection with room for one more stream (a new one when none has, or when
-    /// `fresh`), and the stream counted on it.
-    async fn sender<F, Fut>(
-        &self,
-        service: &SpiffeId,
-        connect: &F,
-        fresh: bool,
-    ) -> Result<(SendRequest<Bytes>, Arc<AtomicBool>, Carried), Refusal>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<Opened, Refusal>>,
-    {
-        let slot = self.slot(service);
-        let mut held = slot.lock().await;
-        // A connection no longer usable leaves the pool; its driver keeps it for the streams
-        // it still carries.
-        held.retain(Opened::usable);
-        if !fresh
-            && let Some(opened) = held
-                .iter()
-                .find(|o| o.usable() && o.streams.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION)
-        {
-            metrics::counter!(crate::metric::H2_POOL, "event" => "reused").increment(1);
-            let carried = Carried::on(&opened.streams);
-            return Ok((opened.sender.clone(), opened.closed.clone(), carried));
-        }
-        // Boxed: the handshake's state is large and rarely needed; inline, every carried
-        // connection's task would be that large for its whole life.
-        let opened = Box::pin(connect()).await?;
-        metrics::counter!(crate::metric::H2_POOL, "event" => "opened").increment(1);
-        let sender = (
-            opened.sender.clone(),
-            opened.closed.clone(),
-            Carried::on(&opened.streams),
-        );
-        held.push(opened);
-        Ok(sender)
-    }
-
-    /// Opens a stream to `service`'s `port` on the shared connection (made with `connect` when
-    /// there is none usable), and waits for the server's decision.
-    pub(crate) async fn open<F, Fut>(
-        &self,
-        service: &SpiffeId,
-        port: u16,
-        answer_within: Duration,
-        connect: F,
-    ) -> Result<(SendStream<Bytes>, RecvStream, Carried), Refusal>
-    where
-        F: Fn() -> Fut,
-        Fut: Future<Output = Result<Opened, Refusal>>,
-    {
-        let authority = format!("{HOST}:{port}");
-        let mut fresh = false;
-        let (response, send, closed, carried) = loop {
-            let (sender, closed, carried) = self.sender(service, &connect, fresh).await?;
-            // A connection that ended between two uses fails here; once more on a new one.
-            let attempt = match sender.ready().await {
-                Ok(mut ready) => {
-                    let request = hyper::Request::connect(authority.as_str())
-                        .body(())
-                        .map_err(|_| "bad_request")?;
-                    ready.send_request(request, false)
-                }
-                Err(error) => Err(error),
-            };
-            match attempt {
-                Ok((response, send)) => break (response, send, closed, carried),
-                Err(error) if !fresh => {
-                    tracing::debug!(%service, %error, "shared connection unusable: opening another");
-                    closed.store(true, Ordering::Relaxed);
-                    fresh = true;
-                }
-                Err(error) => {
-                    tracing::warn!(%service, port, %error, "the shared connection to the service failed");
-                    return Err("stream_failed");
-                }
+/// Opens a stream to `service`'s `port` on a shared connection from `pool` (made with
+/// `connect` when none has room), and waits for the server's decision.
+pub(crate) async fn open<F, Fut>(
+    pool: &Pool,
+    service: &SpiffeId,
+    port: u16,
+    answer_within: Duration,
+    connect: F,
+) -> Result<(SendStream<Bytes>, RecvStream, crate::pool::Carried), Refusal>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Opened, Refusal>>,
+{
+    let authority = format!("{HOST}:{port}");
+    let mut fresh = false;
+    let (response, send, closed, carried) = loop {
+        let crate::pool::Lease {
+            sender,
+            closed,
+            carried,
+        } = pool.lease(service, &connect, fresh).await?;
+        // A connection that ended between two uses fails here; once more on a new one.
+        let attempt = match sender.ready().await {
+            Ok(mut ready) => {
+                let request = hyper::Request::connect(authority.as_str())
+                    .body(())
+                    .map_err(|_| "bad_request")?;
+                ready.send_request(request, false)
             }
+            Err(error) => Err(error),
         };
-        let response = match tokio::time::timeout(answer_within, response).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                tracing::warn!(%service, port, %error, "carried connection failed before an answer");
+        match attempt {
+            Ok((response, send)) => break (response, send, closed, carried),
+            Err(error) if !fresh => {
+                tracing::debug!(%service, %error, "shared connection unusable: opening another");
+                closed.store(true, Ordering::Relaxed);
+                fresh = true;
+            }
+            Err(error) => {
+                tracing::warn!(%service, port, %error, "the shared connection to the service failed");
                 return Err("stream_failed");
             }
-            Err(_) => {
-                // A frozen or blackholed peer sidecar: this connection is not used again, the
-                // next app connection opens another (to the next endpoint if this one still
-                // does not answer).
-                closed.store(true, Ordering::Relaxed);
-                metrics::counter!(crate::metric::H2_POOL, "event" => "abandoned").increment(1);
-                tracing::warn!(%service, port, waited = ?answer_within, "the peer sidecar did not answer on the shared connection: abandoned");
-                return Err("peer_timeout");
-            }
-        };
-        let refusal = match response.status() {
-            hyper::StatusCode::OK => None,
-            hyper::StatusCode::FORBIDDEN => Some("denied"),
-            hyper::StatusCode::NOT_FOUND => Some("unknown_port"),
-            hyper::StatusCode::MISDIRECTED_REQUEST => Some("not_tcp"),
-            hyper::StatusCode::BAD_GATEWAY => Some("app_unavailable"),
-            hyper::StatusCode::SERVICE_UNAVAILABLE => Some("peer_busy"),
-            _ => Some("bad_status"),
-        };
-        if let Some(reason) = refusal {
-            tracing::warn!(%service, port, status = reason, code = %response.status(), "peer sidecar refused the connection");
-            return Err(reason);
         }
-        Ok((send, response.into_body(), carried))
+    };
+    let response = match tokio::time::timeout(answer_within, response).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            tracing::warn!(%service, port, %error, "carried connection failed before an answer");
+            return Err("stream_failed");
+        }
+        Err(_) => {
+            // A frozen or blackholed peer sidecar: this connection is not used again, the
+            // next app connection opens another (to the next endpoint if this one still
+            // does not answer).
+            closed.store(true, Ordering::Relaxed);
+            metrics::counter!(crate::metric::H2_POOL, "event" => "abandoned").increment(1);
+            tracing::warn!(%service, port, waited = ?answer_within, "the peer sidecar did not answer on the shared connection: abandoned");
+            return Err("peer_timeout");
+        }
+    };
+    let refusal = match response.status() {
+        hyper::StatusCode::OK => None,
+        hyper::StatusCode::FORBIDDEN => Some("denied"),
+        hyper::StatusCode::NOT_FOUND => Some("unknown_port"),
+        hyper::StatusCode::MISDIRECTED_REQUEST => Some("not_tcp"),
+        hyper::StatusCode::BAD_GATEWAY => Some("app_unavailable"),
+        hyper::StatusCode::SERVICE_UNAVAILABLE => Some("peer_busy"),
+        _ => Some("bad_status"),
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(%service, port, status = reason, code = %response.status(), "peer sidecar refused the connection");
+        return Err(reason);
     }
+    Ok((send, response.into_body(), carried))
 }
 
 /// Starts driving a new client connection; the flag turns true when it ends (or when `gone`

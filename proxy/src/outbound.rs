@@ -226,10 +226,8 @@ async fn carry(
     let connect = || connect_shared(context, service);
     // The server connects its app (within its connectTimeout) before it answers.
     let answer_within = context.config.limits.connect_timeout.0 * 2;
-    let (send, recv, _carried) = context
-        .peers_mux
-        .open(service, port, answer_within, connect)
-        .await?;
+    let (send, recv, _carried) =
+        crate::mux::open(&context.peers_mux, service, port, answer_within, connect).await?;
     if let Ok(counts) =
         crate::mux::forward(app, send, recv, context.config.limits.idle_timeout.0).await
     {
@@ -255,13 +253,13 @@ async fn connect_shared(
         service.clone(),
         context.config.limits.keepalive.0,
     );
-    Ok(crate::mux::Opened {
+    let until = std::time::Instant::now() + server.lifetime / 2;
+    Ok(crate::mux::Opened::new(
         sender,
-        until: std::time::Instant::now() + server.lifetime / 2,
+        Some(until),
+        Some(server),
         closed,
-        server,
-        streams: Arc::default(),
-    })
+    ))
 }
 
 /// Opens mTLS to one of `service`'s sidecars (verifying it is exactly `service`) with `alpn`;

@@ -26,8 +26,8 @@ use sidewall_policies::SpiffeId;
 use tokio::net::TcpStream;
 
 use crate::Context;
-use crate::http::pool::{Opened, PoolError};
 use crate::http::{ResponseBody, framing, request, short};
+use crate::pool::{HyperSender, Opened, PoolError};
 
 /// Serves the app's connection to `service`'s HTTP `port` until it ends.
 pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: SpiffeId, port: u16) {
@@ -136,7 +136,7 @@ async fn connect_peer(
     context: &Context,
     service: &SpiffeId,
     port: u16,
-) -> Result<Opened<Incoming>, &'static str> {
+) -> Result<Opened<HyperSender>, &'static str> {
     let (stream, server) = super::open(context, service, Some(port), crate::tls::ALPN_H2).await?;
     let until = std::time::Instant::now() + server.lifetime / 2;
     let (sender, connection) = crate::http::h2_client()
@@ -155,11 +155,12 @@ async fn connect_peer(
             gone = gone => gone.record(&service, super::Carrier::Pooled),
         }
     });
-    Ok(Opened {
+    Ok(Opened::new(
         sender,
-        until: Some(until),
-        server: Some(server),
-    })
+        Some(until),
+        Some(server),
+        Default::default(),
+    ))
 }
 
 /// A WebSocket upgrade or `CONNECT`: its own L4 connection, HTTP/1.1 inside, then raw bytes
