@@ -99,13 +99,6 @@ impl Mesh {
     /// free port otherwise); with `inbound`, `app_port` is its inbound port entry whatever
     /// its name.
     fn sidecar_on(&mut self, name: &str, inbound: Option<u16>, app_port: &str) -> ProxyProcess {
-        let run = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
-        assert_eq!(run.code, 0, "{}", run.stderr);
-        std::fs::write(
-            self.path().join(format!("{name}.token")),
-            run.stdout.lines().last().unwrap(),
-        )
-        .unwrap();
         let (inbound, ports, routes) = if let Some(inbound) = inbound {
             (inbound, app_port.to_owned(), String::new())
         } else if name == "api" {
@@ -118,6 +111,18 @@ impl Mesh {
                 format!("{{listen: 127.0.0.1:{route}, service: {TD}/api, port: 8080}}"),
             )
         };
+        self.sidecar_with(name, inbound, &ports, &routes)
+    }
+
+    /// A sidecar with these inbound `ports` and outbound `routes` entries.
+    fn sidecar_with(&self, name: &str, inbound: u16, ports: &str, routes: &str) -> ProxyProcess {
+        let run = self.cli(&["token", "create", "--identity", &format!("{TD}/{name}")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        std::fs::write(
+            self.path().join(format!("{name}.token")),
+            run.stdout.lines().last().unwrap(),
+        )
+        .unwrap();
         let admin = free_port();
         let config = format!(
             "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nworkerThreads: 1\nlimits: {{drainTimeout: 1s{}}}\n",
@@ -2222,4 +2227,152 @@ fn m9_more_app_connections_than_one_shared_connection_carries_open_another() {
         2,
         "{metrics}"
     );
+}
+
+/// `sidewall demo-app` serving HTTP, killed when dropped.
+struct HttpApp(std::process::Child);
+
+impl HttpApp {
+    fn start(dir: &Path, port: u16) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sidewall"))
+            .args(["demo-app", "--name", "api", "--serve"])
+            .arg(format!("http:127.0.0.1:{port}"))
+            .arg("--stats")
+            .arg(dir.join("http-app.json"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually(10, "the HTTP app listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self(child)
+    }
+}
+
+impl Drop for HttpApp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The status of `method path` sent to a local route (0 when nothing answered).
+fn status_of(port: u16, method: &str, path: &str) -> u16 {
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+        ])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).parse().unwrap_or(0)
+}
+
+/// Issue 21, learning mode: a target in audit mode sees varied traffic (HTTP requests from one
+/// peer, TCP connections from two); `policy suggest` writes an allow-list that validates and
+/// whose PolicyTest lists the flows; applied in enforce mode, the same traffic passes and
+/// what was never observed is denied.
+#[test]
+fn a_suggested_allow_list_admits_the_observed_traffic_and_nothing_else() {
+    let mut mesh = Mesh::new(&[]);
+    let http_port = free_port();
+    let _http_app = HttpApp::start(mesh.path(), http_port);
+    let ports = format!(
+        "{{port: 8080, protocol: http, app: 127.0.0.1:{http_port}}}, {{port: 9000, app: 127.0.0.1:{}}}",
+        mesh.app.port
+    );
+    let _api = mesh.sidecar_serving("api", &ports);
+    let route = |listen: u16, port: u16| {
+        format!("{{listen: 127.0.0.1:{listen}, service: {TD}/api, port: {port}}}")
+    };
+    let (web_http, web_tcp, batch_tcp, other_tcp) =
+        (free_port(), free_port(), free_port(), free_port());
+    let _web = mesh.sidecar_with(
+        "web",
+        free_port(),
+        "",
+        &format!("{}, {}", route(web_http, 8080), route(web_tcp, 9000)),
+    );
+    let _batch = mesh.sidecar_with("batch", free_port(), "", &route(batch_tcp, 9000));
+    let _other = mesh.sidecar_with("other", free_port(), "", &route(other_tcp, 9000));
+    let audit = format!(
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api-audit}}\nspec:\n  target: {TD}/api\n  mode: audit\n  rules: []\n"
+    );
+    assert_eq!(mesh.apply("audit", &[("api.yaml", audit)]).code, 0);
+
+    let traffic = || {
+        let mut passed = vec![
+            status_of(web_http, "GET", "/v1/orders/7/items") == 200,
+            status_of(web_http, "POST", "/v1/orders") == 200,
+            status_of(web_http, "GET", "/health") == 200,
+        ];
+        for port in [web_tcp, batch_tcp] {
+            passed.push(exchange(port, b"ping").as_deref() == Some(&b"ping"[..]));
+        }
+        passed
+    };
+    assert_eq!(traffic(), [true; 5], "audit mode lets everything through");
+
+    // Flows are reported every 5 s.
+    let out = mesh.path().join("suggested");
+    let file = out.join("suggested-ns-demo-svc-api.yaml");
+    let suggest = [
+        "policy",
+        "suggest",
+        "--out",
+        out.to_str().unwrap(),
+        "--diff",
+    ];
+    let mut run = mesh.cli(&suggest);
+    eventually(20, "a suggestion holding every observed flow", || {
+        run = mesh.cli(&suggest);
+        std::fs::read_to_string(&file).is_ok_and(|text| text.matches("expect: allow").count() == 5)
+    });
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("from 5 observed flow(s)")
+            && run
+                .stdout
+                .contains("+ policy suggested-ns-demo-svc-api (added)"),
+        "{}",
+        run.stdout
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("/other"),
+        "a peer that sent nothing gets nothing:\n{text}"
+    );
+    let validate = support::sidewall(["policy", "validate", out.to_str().unwrap()]);
+    assert_eq!(validate.code, 0, "{}{}", validate.stdout, validate.stderr);
+    let test = support::sidewall(["policy", "test", out.to_str().unwrap()]);
+    assert_eq!(test.code, 0, "{}{}", test.stdout, test.stderr);
+
+    // Enforced: what was observed passes, what was not is denied.
+    let apply = mesh.cli(&[
+        "policy",
+        "apply",
+        out.to_str().unwrap(),
+        "--wait",
+        "--timeout",
+        "20s",
+    ]);
+    assert_eq!(apply.code, 0, "{}{}", apply.stdout, apply.stderr);
+    assert_eq!(
+        traffic(),
+        [true; 5],
+        "the observed traffic still passes:\n{text}"
+    );
+    assert_eq!(status_of(web_http, "DELETE", "/v1/orders"), 403);
+    assert_eq!(status_of(web_http, "GET", "/admin"), 403);
+    assert_eq!(status_of(web_http, "GET", "/health/deep"), 403);
+    assert_eq!(exchange(other_tcp, b"ping"), None, "a peer never observed");
 }

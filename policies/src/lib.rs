@@ -16,6 +16,7 @@
 //! - [`diff`]: what changed between two policy sets, policy by policy.
 //! - [`mesh`]: the mesh description `sidewall up` runs.
 //! - [`snapshot`]: the versioned snapshot the control plane sends each proxy (JSON).
+//! - [`suggest`]: learning mode, the smallest allow-list that admits the observed flows.
 //! - `svid` (feature `x509`): the X.509-SVID rules and the strict rustls verifiers built on
 //!   them, shared by the sidecar and the control plane.
 
@@ -85,6 +86,7 @@ pub mod load;
 pub mod mesh;
 pub mod policy;
 pub mod snapshot;
+pub mod suggest;
 #[cfg(feature = "x509")]
 pub mod svid;
 pub mod testing;

@@ -46,6 +46,16 @@ pub(crate) enum PolicyCommand {
     Diff(super::policy_remote::DiffArgs),
     /// Which recently observed flows a candidate set would flip (nothing is applied).
     Impact(super::policy_remote::ImpactArgs),
+    /// Write the smallest allow-list that admits every allowed flow the sidecars observed.
+    ///
+    /// Learning mode: run targets in audit mode (or with permissive ports) while traffic
+    /// flows, then suggest, review, and apply in enforce mode. One file per target: the
+    /// policy (each rule names the peers seen, with the ports, methods and paths seen) and a
+    /// PolicyTest listing every flow it was made from. Paths are kept to the two segments the
+    /// sidecars record: `/a` exactly, `/a/b` with everything under it; a second segment seen
+    /// with --generalize-after distinct values becomes `*`, and the output says so. Flows that
+    /// were only ever denied get no rule.
+    Suggest(super::policy_remote::SuggestArgs),
     /// Run the PolicyTest documents found under PATH against the policies found there.
     Test {
         /// Files or directories holding policies and PolicyTest documents.
@@ -111,6 +121,7 @@ pub(crate) fn run(command: PolicyCommand) -> ExitCode {
         PolicyCommand::History(args) => super::policy_remote::history(args),
         PolicyCommand::Diff(args) => super::policy_remote::diff(args),
         PolicyCommand::Impact(args) => super::policy_remote::impact(args),
+        PolicyCommand::Suggest(args) => super::policy_remote::suggest(args),
         PolicyCommand::Test { paths, limits } => test(&paths, &limits),
     }
 }

@@ -1,5 +1,5 @@
 //! The `policy` subcommands that talk to the control plane: apply (with `--wait`), history,
-//! diff, impact, and `check --live`.
+//! diff, impact, suggest, and `check --live`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,10 +10,11 @@ use hyper::Method;
 use serde_json::Value;
 use sidewall_control_plane::client::Client;
 use sidewall_policies::load::{LoadOptions, Source, load_paths, load_sources, read_sources};
+use sidewall_policies::suggest;
 use sidewall_policies::wire::operator::{
-    self as wire, Applied, Directory, History, Impact, PendingRow, Propagation, Version,
+    self as wire, Applied, Directory, Flows, History, Impact, PendingRow, Propagation, Version,
 };
-use sidewall_policies::{Engine, PolicySet, Protocol};
+use sidewall_policies::{Engine, PolicySet, Protocol, SpiffeId};
 
 use super::ControlPlaneAccess;
 use super::{answer, block_on, client};
@@ -296,4 +297,133 @@ pub(crate) async fn live_protocol(
 pub(crate) async fn live_engine(client: &Client) -> anyhow::Result<(u64, Engine)> {
     let (version, set) = fetch_set(client, "current").await?;
     Ok((version, Engine::new(set)))
+}
+
+fn parse_age(text: &str) -> Result<Duration, String> {
+    sidewall_policies::policy::parse_duration_within(text, Duration::from_secs(366 * 86_400))
+        .map_err(|e| e.to_string())
+}
+
+/// Flags of `policy suggest`.
+#[derive(clap::Args)]
+pub(crate) struct SuggestArgs {
+    /// Where to write one file per target, `suggested-<target path>.yaml`: the policy and a
+    /// PolicyTest listing every flow it was made from (the directory is created if missing;
+    /// files of the same name are replaced).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Only this target (a SPIFFE ID); repeat for several. Default: every target with allowed
+    /// flows observed.
+    #[arg(long = "target", value_name = "ID")]
+    targets: Vec<String>,
+    /// Only flows reported within this long (e.g. 7d, 12h, 30m). Default: every flow the
+    /// control plane holds.
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    since: Option<Duration>,
+    /// Distinct values of a path's second segment (under one first segment, on one port)
+    /// from which that segment becomes `*`.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u16).range(2..))]
+    generalize_after: u16,
+    /// Also print what the suggestion would change in the policies in force.
+    #[arg(long)]
+    diff: bool,
+    #[command(flatten)]
+    access: ControlPlaneAccess,
+}
+
+/// `policy suggest`: the smallest allow-list that admits every allowed flow observed.
+pub(crate) fn suggest(args: SuggestArgs) -> ExitCode {
+    let mut targets = Vec::new();
+    for target in &args.targets {
+        match SpiffeId::parse(target) {
+            Ok(id) => targets.push(id),
+            Err(error) => {
+                eprintln!("error: --target {target:?}: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    block_on(async move {
+        let client = client(&args.access)?;
+        let (status, body) = client.call(Method::GET, "/v1/flows", None).await?;
+        let flows: Flows = answer("GET /v1/flows", status, body)?;
+        let oldest = args.since.map(|since| {
+            sidewall_control_plane::now_unix()
+                .saturating_sub(i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
+        });
+        let observed: Vec<_> = flows
+            .flows
+            .into_iter()
+            .filter(|row| oldest.is_none_or(|oldest| row.stats.last_seen >= oldest))
+            .map(|row| (row.flow, row.stats))
+            .collect();
+        let options = suggest::Options {
+            generalize_after: usize::from(args.generalize_after),
+        };
+        let suggested = suggest::suggest(&observed, &targets, options);
+        if suggested.is_empty() {
+            println!(
+                "no allowed flow observed{}: nothing to suggest",
+                if targets.is_empty() {
+                    ""
+                } else {
+                    " for these targets"
+                }
+            );
+            return Ok(());
+        }
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("cannot create {}", args.out.display()))?;
+        let mut files = Vec::new();
+        for suggestion in &suggested {
+            let path = args.out.join(format!("{}.yaml", suggestion.name));
+            std::fs::write(&path, &suggestion.yaml)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!(
+                "{}: {} from {} observed flow(s)",
+                path.display(),
+                suggestion.target,
+                suggestion.flows
+            );
+            for note in &suggestion.notes {
+                println!("  {note}");
+            }
+            files.push(path);
+        }
+        // What was written loads, and its expectations hold.
+        let options = LoadOptions {
+            tests: true,
+            ..LoadOptions::default()
+        };
+        let loaded = load_paths(&files, &options)
+            .map_err(|e| anyhow::anyhow!("the suggestion does not load (a bug): {e}"))?;
+        let report =
+            sidewall_policies::testing::run(&Engine::new(loaded.policies.clone()), &loaded.tests);
+        if !report.failures.is_empty() {
+            bail!(
+                "the suggestion does not admit what it was made from (a bug): {:?}",
+                report.failures
+            );
+        }
+        if args.diff {
+            let (version, current) = fetch_set(&client, "current").await?;
+            let mut merged: Vec<_> = current
+                .policies()
+                .iter()
+                .filter(|p| loaded.policies.get(p.name.as_str()).is_none())
+                .cloned()
+                .collect();
+            merged.extend(loaded.policies.policies().iter().cloned());
+            let merged = PolicySet::new(merged)?;
+            println!("against version {version} in force:");
+            for change in sidewall_policies::diff::diff(&current, &merged) {
+                println!("{change}");
+            }
+        }
+        println!(
+            "review, then: sidewall policy impact {dir} && sidewall policy apply {dir}",
+            dir = args.out.display()
+        );
+        Ok(())
+    })
 }
