@@ -116,7 +116,31 @@ fn segments(path: &str) -> (Vec<&str>, bool) {
 
 fn for_target(target: SpiffeId, keys: &[&FlowKey], options: Options) -> Suggested {
     let mut notes = Vec::new();
-    // Port → first segment → distinct second segments: where to generalize.
+    let wide = wide_segments(keys, options, &mut notes);
+    let (access, cases, connection_only) = observe(keys, &wide);
+    if connection_only > 0 {
+        notes.push(format!(
+            "{connection_only} connection(s) to HTTP ports without a request seen: no rule for them"
+        ));
+    }
+    let name = policy_name(&target);
+    let yaml = render(&target, &name, &shapes(&access), &cases, keys.len());
+    Suggested {
+        target,
+        name,
+        yaml,
+        flows: cases.len(),
+        notes,
+    }
+}
+
+/// The (port, first segment) pairs under which at least `generalize_after` distinct second
+/// segments were seen: that segment becomes `*`. Each is said in `notes`.
+fn wide_segments(
+    keys: &[&FlowKey],
+    options: Options,
+    notes: &mut Vec<String>,
+) -> BTreeSet<(u16, String)> {
     let mut seconds: BTreeMap<(u16, String), BTreeSet<String>> = BTreeMap::new();
     for key in keys {
         if let (Protocol::Http, Some(path)) = (key.protocol, &key.path) {
@@ -129,7 +153,7 @@ fn for_target(target: SpiffeId, keys: &[&FlowKey], options: Options) -> Suggeste
             }
         }
     }
-    let wide: BTreeSet<(u16, String)> = seconds
+    seconds
         .into_iter()
         .filter(|(_, values)| values.len() >= options.generalize_after)
         .map(|((port, first), values)| {
@@ -140,59 +164,68 @@ fn for_target(target: SpiffeId, keys: &[&FlowKey], options: Options) -> Suggeste
             ));
             (port, first)
         })
-        .collect();
+        .collect()
+}
+
+/// What each peer was seen doing, the test cases, and how many HTTP connections sent no
+/// request.
+fn observe(
+    keys: &[&FlowKey],
+    wide: &BTreeSet<(u16, String)>,
+) -> (BTreeMap<String, Access>, Vec<Case>, usize) {
     let mut access: BTreeMap<String, Access> = BTreeMap::new();
     let mut cases = Vec::new();
     let mut connection_only = 0;
     for key in keys {
         let peer = access.entry(key.peer.clone()).or_default();
-        match (key.protocol, &key.method, &key.path) {
+        let request = match (key.protocol, &key.method, &key.path) {
             (Protocol::Http, Some(method), Some(path)) => {
-                let (parts, cut) = segments(path);
-                let mut shown: Vec<String> = parts.iter().map(|s| (*s).to_owned()).collect();
-                if let Some(first) = shown.first()
-                    && shown.len() >= 2
-                    && wide.contains(&(key.port, first.clone()))
-                {
-                    shown[1] = "*".to_owned();
-                }
-                let base = format!("/{}", shown.join("/"));
                 let patterns = peer.http.entry(key.port).or_default();
-                patterns
-                    .entry(base.clone())
-                    .or_default()
-                    .insert(method.clone());
-                if cut {
-                    patterns
-                        .entry(format!("{base}/**"))
-                        .or_default()
-                        .insert(method.clone());
+                for pattern in path_patterns(path, key.port, wide) {
+                    patterns.entry(pattern).or_default().insert(method.clone());
                 }
-                cases.push(Case {
-                    peer: key.peer.clone(),
-                    port: key.port,
-                    request: Some((method.clone(), path.clone())),
-                });
+                Some((method.clone(), path.clone()))
             }
-            (Protocol::Http, ..) => connection_only += 1,
+            (Protocol::Http, ..) => {
+                connection_only += 1;
+                continue;
+            }
             (Protocol::Tcp, ..) => {
                 peer.tcp_ports.insert(key.port);
-                cases.push(Case {
-                    peer: key.peer.clone(),
-                    port: key.port,
-                    request: None,
-                });
+                None
             }
-        }
+        };
+        cases.push(Case {
+            peer: key.peer.clone(),
+            port: key.port,
+            request,
+        });
     }
-    if connection_only > 0 {
-        notes.push(format!(
-            "{connection_only} connection(s) to HTTP ports without a request seen: no rule for them"
-        ));
+    (access, cases, connection_only)
+}
+
+/// The patterns that admit a recorded `path`: itself (with its second segment as `*` where
+/// `wide` says so), and everything under it when the sidecar may have cut it.
+fn path_patterns(path: &str, port: u16, wide: &BTreeSet<(u16, String)>) -> Vec<String> {
+    let (parts, cut) = segments(path);
+    let mut shown: Vec<&str> = parts;
+    if let [first, _, ..] = shown.as_slice()
+        && wide.contains(&(port, (*first).to_owned()))
+    {
+        shown[1] = "*";
     }
-    // Shape → the peers that have it.
+    let base = format!("/{}", shown.join("/"));
+    if cut {
+        vec![format!("{base}/**"), base]
+    } else {
+        vec![base]
+    }
+}
+
+/// The rules: each shape of access, with the peers that have it.
+fn shapes(access: &BTreeMap<String, Access>) -> BTreeMap<Shape, BTreeSet<String>> {
     let mut rules: BTreeMap<Shape, BTreeSet<String>> = BTreeMap::new();
-    for (peer, seen) in &access {
+    for (peer, seen) in access {
         if !seen.tcp_ports.is_empty() {
             let ports = seen.tcp_ports.iter().copied().collect();
             rules
@@ -218,15 +251,7 @@ fn for_target(target: SpiffeId, keys: &[&FlowKey], options: Options) -> Suggeste
             }
         }
     }
-    let name = policy_name(&target);
-    let yaml = render(&target, &name, &rules, &cases, keys.len());
-    Suggested {
-        target,
-        name,
-        yaml,
-        flows: cases.len(),
-        notes,
-    }
+    rules
 }
 
 /// `suggested-` and the target's path, in the characters a policy name allows.

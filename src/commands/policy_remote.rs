@@ -345,18 +345,7 @@ pub(crate) fn suggest(args: SuggestArgs) -> ExitCode {
     }
     block_on(async move {
         let client = client(&args.access)?;
-        let (status, body) = client.call(Method::GET, "/v1/flows", None).await?;
-        let flows: Flows = answer("GET /v1/flows", status, body)?;
-        let oldest = args.since.map(|since| {
-            sidewall_control_plane::now_unix()
-                .saturating_sub(i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
-        });
-        let observed: Vec<_> = flows
-            .flows
-            .into_iter()
-            .filter(|row| oldest.is_none_or(|oldest| row.stats.last_seen >= oldest))
-            .map(|row| (row.flow, row.stats))
-            .collect();
+        let observed = observed_flows(&client, args.since).await?;
         let options = suggest::Options {
             generalize_after: usize::from(args.generalize_after),
         };
@@ -372,53 +361,10 @@ pub(crate) fn suggest(args: SuggestArgs) -> ExitCode {
             );
             return Ok(());
         }
-        std::fs::create_dir_all(&args.out)
-            .with_context(|| format!("cannot create {}", args.out.display()))?;
-        let mut files = Vec::new();
-        for suggestion in &suggested {
-            let path = args.out.join(format!("{}.yaml", suggestion.name));
-            std::fs::write(&path, &suggestion.yaml)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            println!(
-                "{}: {} from {} observed flow(s)",
-                path.display(),
-                suggestion.target,
-                suggestion.flows
-            );
-            for note in &suggestion.notes {
-                println!("  {note}");
-            }
-            files.push(path);
-        }
-        // What was written loads, and its expectations hold.
-        let options = LoadOptions {
-            tests: true,
-            ..LoadOptions::default()
-        };
-        let loaded = load_paths(&files, &options)
-            .map_err(|e| anyhow::anyhow!("the suggestion does not load (a bug): {e}"))?;
-        let report =
-            sidewall_policies::testing::run(&Engine::new(loaded.policies.clone()), &loaded.tests);
-        if !report.failures.is_empty() {
-            bail!(
-                "the suggestion does not admit what it was made from (a bug): {:?}",
-                report.failures
-            );
-        }
+        let files = write_suggestions(&args.out, &suggested)?;
+        let written = check_written(&files)?;
         if args.diff {
-            let (version, current) = fetch_set(&client, "current").await?;
-            let mut merged: Vec<_> = current
-                .policies()
-                .iter()
-                .filter(|p| loaded.policies.get(p.name.as_str()).is_none())
-                .cloned()
-                .collect();
-            merged.extend(loaded.policies.policies().iter().cloned());
-            let merged = PolicySet::new(merged)?;
-            println!("against version {version} in force:");
-            for change in sidewall_policies::diff::diff(&current, &merged) {
-                println!("{change}");
-            }
+            print_diff(&client, &written).await?;
         }
         println!(
             "review, then: sidewall policy impact {dir} && sidewall policy apply {dir}",
@@ -426,4 +372,82 @@ pub(crate) fn suggest(args: SuggestArgs) -> ExitCode {
         );
         Ok(())
     })
+}
+
+/// The flows the control plane holds, reported within `since` if given.
+async fn observed_flows(
+    client: &Client,
+    since: Option<Duration>,
+) -> anyhow::Result<Vec<(wire::FlowKey, wire::FlowStats)>> {
+    let (status, body) = client.call(Method::GET, "/v1/flows", None).await?;
+    let flows: Flows = answer("GET /v1/flows", status, body)?;
+    let oldest = since.map(|since| {
+        sidewall_control_plane::now_unix()
+            .saturating_sub(i64::try_from(since.as_secs()).unwrap_or(i64::MAX))
+    });
+    Ok(flows
+        .flows
+        .into_iter()
+        .filter(|row| oldest.is_none_or(|oldest| row.stats.last_seen >= oldest))
+        .map(|row| (row.flow, row.stats))
+        .collect())
+}
+
+/// Writes one file per suggestion under `out`, saying each with what it generalized.
+fn write_suggestions(
+    out: &std::path::Path,
+    suggested: &[suggest::Suggested],
+) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut files = Vec::new();
+    for suggestion in suggested {
+        let path = out.join(format!("{}.yaml", suggestion.name));
+        std::fs::write(&path, &suggestion.yaml)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!(
+            "{}: {} from {} observed flow(s)",
+            path.display(),
+            suggestion.target,
+            suggestion.flows
+        );
+        for note in &suggestion.notes {
+            println!("  {note}");
+        }
+        files.push(path);
+    }
+    Ok(files)
+}
+
+/// What was written loads, and every flow it was made from passes its test.
+fn check_written(files: &[PathBuf]) -> anyhow::Result<PolicySet> {
+    let options = LoadOptions {
+        tests: true,
+        ..LoadOptions::default()
+    };
+    let loaded = load_paths(files, &options)
+        .map_err(|e| anyhow::anyhow!("the suggestion does not load (a bug): {e}"))?;
+    let report =
+        sidewall_policies::testing::run(&Engine::new(loaded.policies.clone()), &loaded.tests);
+    if let Some(failure) = report.failures.first() {
+        bail!("the suggestion does not admit what it was made from (a bug): {failure}");
+    }
+    Ok(loaded.policies)
+}
+
+/// What `written` would change in the set in force (same-named policies replaced).
+async fn print_diff(client: &Client, written: &PolicySet) -> anyhow::Result<()> {
+    let (version, current) = fetch_set(client, "current").await?;
+    let mut merged: Vec<_> = current
+        .policies()
+        .iter()
+        .filter(|p| written.get(p.name.as_str()).is_none())
+        .cloned()
+        .collect();
+    merged.extend(written.policies().iter().cloned());
+    let merged = PolicySet::new(merged)?;
+    println!("against version {version} in force:");
+    for change in sidewall_policies::diff::diff(&current, &merged) {
+        println!("{change}");
+    }
+    Ok(())
 }
