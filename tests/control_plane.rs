@@ -230,6 +230,35 @@ fn bad_configuration_exits_before_binding() {
         "{}",
         run.stderr
     );
+
+    // Detection's settings are checked too.
+    for (section, message) in [
+        (
+            "{scanPaths: 1}",
+            "detection.scanPaths must be between 2 and 10000",
+        ),
+        (
+            "{denials: 0}",
+            "detection.denials must be between 1 and 1000000",
+        ),
+        (
+            "{window: 2d}",
+            "detection.window must be between 1s and 24h",
+        ),
+        ("{baselin: 1h}", "unknown field `baselin`"),
+    ] {
+        std::fs::write(&config, format!("detection: {section}\n")).unwrap();
+        let run = sidewall([
+            "control-plane",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+        ]);
+        assert_eq!(run.code, 2, "{section}: {}", run.stderr);
+        assert!(run.stderr.contains(message), "{section}: {}", run.stderr);
+    }
+    assert!(!dir.path().join("d").exists());
 }
 
 #[test]

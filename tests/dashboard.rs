@@ -144,7 +144,13 @@ fn chromium_shows_the_three_services_and_the_denied_edge() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    // Two denials of one peer at one target are an alert here (20 by default).
+    let config = dir.path().join("control-plane.yaml");
+    std::fs::write(&config, "detection: {denials: 2}\n").unwrap();
+    let cp = ControlPlaneProcess::start(
+        &dir.path().join("cp"),
+        &["--config", config.to_str().unwrap()],
+    );
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("demo.yaml"), POLICIES).unwrap();
@@ -221,6 +227,20 @@ fn chromium_shows_the_three_services_and_the_denied_edge() {
         );
     }
     assert_eq!(dom.matches(r#"<g class="edge denied""#).count(), 1);
+    // The Alerts panel: the denials of frontend at db were a burst.
+    let alert = element(
+        &dom,
+        &format!(
+            r#"<tr class="alert denial_burst" data-signal="denial_burst" data-from="{TD}/frontend" data-to="{TD}/db""#
+        ),
+        "</tr>",
+    )
+    .unwrap_or_else(|| panic!("no alert row for frontend → db:\n{dom}"));
+    assert!(
+        alert.contains(">denial burst</span>") && alert.contains(">3 denials within 60 s</td>"),
+        "{alert}"
+    );
+    assert_eq!(dom.matches(r#"<tr class="alert "#).count(), 1, "{dom}");
     assert!(
         dom.contains(r#"data-name="frontend-metrics" data-mode="audit""#),
         "{dom}"

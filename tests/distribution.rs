@@ -2376,3 +2376,138 @@ fn a_suggested_allow_list_admits_the_observed_traffic_and_nothing_else() {
     assert_eq!(status_of(web_http, "GET", "/health/deep"), 403);
     assert_eq!(exchange(other_tcp, b"ping"), None, "a peer never observed");
 }
+
+/// Issue 21, detection, through real sidecars: a burst of denials, requests for paths no
+/// policy mentions, a peer reaching a service it never reached before, plaintext on an mTLS
+/// port and a revoked workload still trying each raise an alert,
+/// counted in `sidewall_control_plane_alerts_total`, logged with its `event` name and listed
+/// at the dashboard's `/api/alerts`.
+#[test]
+fn denial_bursts_path_scans_and_new_edges_raise_alerts() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("control-plane.yaml");
+    std::fs::write(
+        &config,
+        "detection: {window: 10m, denials: 5, scanPaths: 3, baseline: 1s}\n",
+    )
+    .unwrap();
+    let mut mesh = Mesh::new(&["--config", config.to_str().unwrap()]);
+    let http_port = free_port();
+    let _http_app = HttpApp::start(mesh.path(), http_port);
+    let ports = format!(
+        "{{port: 8080, protocol: http, app: 127.0.0.1:{http_port}}}, {{port: 9000, app: 127.0.0.1:{}}}",
+        mesh.app.port
+    );
+    let _api = mesh.sidecar_serving("api", &ports);
+    let route = |listen: u16, port: u16| {
+        format!("{{listen: 127.0.0.1:{listen}, service: {TD}/api, port: {port}}}")
+    };
+    let (web_http, web_tcp, batch_tcp) = (free_port(), free_port(), free_port());
+    let _web = mesh.sidecar_with(
+        "web",
+        free_port(),
+        "",
+        &format!("{}, {}", route(web_http, 8080), route(web_tcp, 9000)),
+    );
+    let policy = format!(
+        "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: api}}\nspec:\n  target: {TD}/api\n  rules:\n    - {{action: allow, from: [{TD}/web], ports: [8080], http: {{paths: [\"/v1/**\"]}}}}\n    - {{action: allow, from: [{TD}/batch], ports: [9000]}}\n"
+    );
+    assert_eq!(mesh.apply("p", &[("api.yaml", policy)]).code, 0);
+
+    // The web is allowed its API, denied the TCP port six times and three paths no policy
+    // mentions; batch, allowed but never seen before, uses the TCP port once.
+    assert_eq!(status_of(web_http, "GET", "/v1/orders"), 200);
+    for _ in 0..6 {
+        assert_eq!(exchange(web_tcp, b"ping"), None);
+    }
+    for path in ["/admin", "/.git/config", "/wp-login.php"] {
+        assert_eq!(status_of(web_http, "GET", path), 403);
+    }
+    let _batch = mesh.sidecar_with("batch", free_port(), "", &route(batch_tcp, 9000));
+    assert_eq!(exchange(batch_tcp, b"ping").as_deref(), Some(&b"ping"[..]));
+    // Plaintext on the API's mTLS port; then batch, revoked, still tries.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", mesh.api_inbound)).unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        .unwrap();
+    let mut nothing = Vec::new();
+    let _ = plain.read_to_end(&mut nothing);
+    assert!(nothing.is_empty(), "plaintext got an answer");
+    let revoke = mesh.cli(&["workload", "revoke", &format!("{TD}/batch")]);
+    assert_eq!(revoke.code, 0, "{}{}", revoke.stdout, revoke.stderr);
+    eventually(10, "batch refused once revoked", || {
+        exchange(batch_tcp, b"ping").is_none()
+    });
+
+    // Flows are reported every 5 s.
+    let mut alerts = serde_json::Value::Null;
+    let has = |alerts: &serde_json::Value, signal: &str, peer: &str| {
+        alerts["alerts"].as_array().is_some_and(|list| {
+            list.iter().any(|a| {
+                a["signal"] == signal
+                    && a["peer"] == format!("{TD}/{peer}").as_str()
+                    && a["target"] == format!("{TD}/api").as_str()
+            })
+        })
+    };
+    eventually(20, "the three alerts at /api/alerts", || {
+        let (status, body) = http_get(mesh.cp.ui_port, "/api/alerts");
+        alerts = serde_json::from_str(&body).unwrap_or_default();
+        let refused = |signal: &str, detail: &str| {
+            alerts["alerts"].as_array().is_some_and(|list| {
+                list.iter().any(|a| {
+                    a["signal"] == signal
+                        && a["target"] == format!("{TD}/api").as_str()
+                        && a["detail"].as_str().is_some_and(|d| d.ends_with(detail))
+                })
+            })
+        };
+        status == 200
+            && has(&alerts, "denial_burst", "web")
+            && has(&alerts, "path_scan", "web")
+            && has(&alerts, "new_edge", "batch")
+            && refused("plaintext", "refused: not_tls")
+            && refused("untrusted_identity", "refused: revoked")
+    });
+    let scan = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["signal"] == "path_scan")
+        .unwrap();
+    assert!(
+        scan["detail"].as_str().unwrap()
+            == "3 paths no policy mentions denied within 600 s: /.git/config, /admin, /wp-login.php",
+        "{scan}"
+    );
+    let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
+    for signal in ["denial_burst", "path_scan"] {
+        assert_eq!(
+            support::metric(
+                &metrics,
+                "sidewall_control_plane_alerts_total",
+                &[("signal", signal)]
+            ),
+            1,
+            "{metrics}"
+        );
+    }
+    assert!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_alerts_total",
+            &[("signal", "new_edge")]
+        ) >= 1,
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(mesh.path().join("cp.log")).unwrap();
+    for event in [
+        "sidewall.alert.denial_burst",
+        "sidewall.alert.path_scan",
+        "sidewall.alert.new_edge",
+        "sidewall.alert.plaintext",
+        "sidewall.alert.untrusted_identity",
+    ] {
+        assert!(log.contains(event), "no {event} in the log:\n{log}");
+    }
+}

@@ -20,6 +20,11 @@
 //!   disconnectedRetention: 1h      # a sidecar disconnected this long leaves the fleet view
 //! registrations:
 //!   lease: 30s                     # a registration outlives its sidecar's watch by this; default 30s
+//! detection:                       # alerts (see docs/detection.md); the defaults:
+//!   window: 60s                    # denials and scanned paths are counted within this
+//!   denials: 20                    # more denials of one peer at one target: denial_burst
+//!   scanPaths: 10                  # this many paths no policy mentions denied: path_scan
+//!   baseline: 1h                   # edges seen this long after start are normal; later: new_edge
 //! policiesDir: ./policies          # optional: watch this directory and apply it (GitOps)
 //! serverNames: [cp.example.org]    # extra DNS names on the API certificate (for curl & co.)
 //! ca:                              # optional: plug in your own CA (root key stays offline)
@@ -47,6 +52,7 @@ pub use sidewall_policies::policy::ConfigDuration;
 use sidewall_policies::policy::format_duration;
 
 use crate::ca::PlugIn;
+use crate::detection::DetectionConfig;
 
 /// Longest workload certificate lifetime or token TTL that may be configured.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
@@ -69,6 +75,8 @@ pub struct FileConfig {
     limits: LimitsSection,
     #[serde(default)]
     registrations: RegistrationsSection,
+    #[serde(default)]
+    detection: DetectionSection,
     #[serde(default)]
     server_names: Vec<String>,
     policies_dir: Option<PathBuf>,
@@ -188,6 +196,50 @@ struct RegistrationsSection {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DetectionSection {
+    window: Option<ConfigDuration>,
+    denials: Option<u64>,
+    scan_paths: Option<usize>,
+    baseline: Option<ConfigDuration>,
+}
+
+/// The `detection` section, checked.
+fn detection(section: &DetectionSection) -> Result<DetectionConfig, ConfigError> {
+    let defaults = DetectionConfig::default();
+    let window = section.window.map_or(defaults.window, |d| d.0);
+    if window < Duration::from_secs(1) || window > Duration::from_secs(86_400) {
+        return Err(ConfigError::Value(
+            "detection.window must be between 1s and 24h".into(),
+        ));
+    }
+    let denials = section.denials.unwrap_or(defaults.denials);
+    if !(1..=1_000_000).contains(&denials) {
+        return Err(ConfigError::Value(
+            "detection.denials must be between 1 and 1000000".into(),
+        ));
+    }
+    let scan_paths = section.scan_paths.unwrap_or(defaults.scan_paths);
+    if !(2..=10_000).contains(&scan_paths) {
+        return Err(ConfigError::Value(
+            "detection.scanPaths must be between 2 and 10000".into(),
+        ));
+    }
+    let baseline = section.baseline.map_or(defaults.baseline, |d| d.0);
+    if baseline < Duration::from_secs(1) || baseline > MAX_LIFETIME {
+        return Err(ConfigError::Value(
+            "detection.baseline must be between 1s and 30d".into(),
+        ));
+    }
+    Ok(DetectionConfig {
+        window,
+        denials,
+        scan_paths,
+        baseline,
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CertificatesSection {
     workload_lifetime: Option<ConfigDuration>,
     issuance_per_minute: Option<u32>,
@@ -276,6 +328,8 @@ pub struct Config {
     pub unauthenticated_per_source: usize,
     /// What one workload identity may hold in the control plane (review M4).
     pub identity_limits: crate::distribution::IdentityLimits,
+    /// Detection's thresholds and windows.
+    pub detection: DetectionConfig,
     /// DNS names added to the serving certificate beside its SPIFFE ID, so that ordinary
     /// HTTPS clients (curl) can verify it too. `localhost` and the listen IP are always added.
     pub server_names: Vec<String>,
@@ -402,6 +456,7 @@ impl Config {
             ));
         }
         let identity_limits = identity_limits(&file.limits)?;
+        let detection = detection(&file.detection)?;
         let registration_lease = file
             .registrations
             .lease
@@ -458,6 +513,7 @@ impl Config {
                 .map_or(Duration::from_secs(300), |d| d.0),
             unauthenticated_per_source,
             identity_limits,
+            detection,
             server_names: file.server_names,
             policies_dir: overrides.policies_dir.or(file.policies_dir),
             registration_lease,

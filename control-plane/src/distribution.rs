@@ -69,6 +69,7 @@ pub struct Distribution {
     watches: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
     next_watch: AtomicU64,
     flows: Mutex<flows::FlowTable>,
+    detection: crate::detection::Detector,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
 }
@@ -117,11 +118,33 @@ impl Distribution {
             watches: Mutex::new(HashMap::new()),
             next_watch: AtomicU64::new(0),
             flows: Mutex::new(flows::FlowTable::default()),
+            detection: crate::detection::Detector::new(Default::default()),
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
         };
         distribution.put_in_force(loaded, true);
         distribution
+    }
+
+    /// With detection's thresholds and windows from `config` (its baseline starts now).
+    #[must_use]
+    pub fn with_detection(mut self, config: crate::detection::DetectionConfig) -> Self {
+        self.detection = crate::detection::Detector::new(config);
+        self
+    }
+
+    /// Connections `target`'s sidecar refused before authorizing an identity: to detection.
+    pub fn report_refusals(
+        &self,
+        target: &SpiffeId,
+        refusals: &[sidewall_policies::wire::RefusalRecord],
+    ) {
+        self.detection.observe_refusals(target, refusals);
+    }
+
+    /// The alerts detection raised recently, oldest first.
+    pub fn alerts(&self) -> Vec<crate::detection::Alert> {
+        self.detection.alerts()
     }
 
     /// With `limits` instead of the defaults.

@@ -16,6 +16,7 @@
 //! - [`distribution`]: the policy set in force, followed from the store's change feed,
 //!   per-workload snapshots, acks, the fleet view, observed flows; [`gitops`] watches a policy
 //!   directory.
+//! - [`detection`]: alerts on signs of lateral movement in what the sidecars report.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`; [`metric`]: every metric's name and help text.
 //! - [`ui`]: the read-only dashboard (service graph, fleet, policies) and its JSON, on its own
 //!   address.
@@ -32,6 +33,7 @@ pub mod client;
 pub mod config;
 mod connection;
 pub mod data_dir;
+pub mod detection;
 pub mod distribution;
 pub mod gitops;
 pub mod metric;

@@ -44,6 +44,8 @@ pub(crate) const PROXIES_BEHIND: &str = "sidewall_control_plane_proxies_behind";
 pub(crate) const PROPAGATION_SECONDS: &str = "sidewall_control_plane_propagation_seconds";
 /// Times the store's change feed failed.
 pub(crate) const STORE_WATCH_FAILURES: &str = "sidewall_control_plane_store_watch_failures_total";
+/// Alerts raised by detection, by `signal`.
+pub(crate) const ALERTS: &str = "sidewall_control_plane_alerts_total";
 /// Replicated writes retried after a concurrent change.
 pub(crate) const STORE_CONFLICTS: &str = "sidewall_control_plane_store_conflicts_total";
 
@@ -111,6 +113,10 @@ pub fn describe() {
     describe_counter!(
         STORE_WATCH_FAILURES,
         "Times the store's change feed failed; the state in memory is served meanwhile."
+    );
+    describe_counter!(
+        ALERTS,
+        "Alerts raised by detection (denial_burst, new_edge, path_scan, untrusted_identity, plaintext)."
     );
     describe_counter!(
         STORE_CONFLICTS,

@@ -117,7 +117,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             store.load().await?,
             store.replicated(),
         )
-        .with_limits(config.identity_limits),
+        .with_limits(config.identity_limits)
+        .with_detection(config.detection),
     );
     let api = Arc::new(Api {
         limiter: RateLimiter::new(config.issuance_per_minute),

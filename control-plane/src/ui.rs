@@ -8,6 +8,7 @@
 //! | `GET /api/graph` | [`Graph`]: workloads and the flows observed between them |
 //! | `GET /api/fleet` | [`Fleet`](sidewall_policies::wire::operator::Fleet), as `GET /v1/fleet` |
 //! | `GET /api/policies` | the policy set in force ([`policies`]) |
+//! | `GET /api/alerts` | [`Alerts`]: what detection raised recently |
 //!
 //! Anything else is `404`. The dashboard sees only the [`Distribution`] state (never the
 //! store, the CA or the API), so no token, key or certificate can reach its answers. It shows
@@ -89,6 +90,9 @@ impl Dashboard {
             }
             "/api/fleet" => json(&distribution.fleet_view()),
             "/api/policies" => json(&policies(distribution)),
+            "/api/alerts" => json(&Alerts {
+                alerts: distribution.alerts(),
+            }),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
@@ -112,6 +116,14 @@ impl Dashboard {
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name))
     }
+}
+
+/// `GET /api/alerts`: the alerts detection raised recently, oldest first (at most
+/// [`crate::detection::KEPT`]).
+#[derive(Debug, Serialize)]
+pub struct Alerts {
+    /// The alerts.
+    pub alerts: Vec<crate::detection::Alert>,
 }
 
 /// The host part of a `Host` header value (`[::1]:4680` → `::1`, `a.b:80` → `a.b`).

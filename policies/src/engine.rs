@@ -333,6 +333,19 @@ impl Engine {
         PolicySet::new(mine).unwrap_or_default()
     }
 
+    /// Whether some policy for `target` has an HTTP path pattern that mentions `path`
+    /// ([`crate::http::PathPattern::mentions`]).
+    pub fn mentions_path(&self, target: &SpiffeId, path: &str) -> bool {
+        self.policies_for(target).iter().any(|policy| {
+            policy.rules.iter().any(|rule| {
+                rule.http
+                    .as_ref()
+                    .and_then(|http| http.paths.as_ref())
+                    .is_some_and(|paths| paths.as_slice().iter().any(|p| p.mentions(path)))
+            })
+        })
+    }
+
     /// Whether `workload` may call `service` at all, so that its snapshot lists the service:
     /// some allow rule's `from` matches it, or the service is covered only by audit policies
     /// (not enforced yet, so anyone may reach it).

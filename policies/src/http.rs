@@ -149,6 +149,23 @@ impl PathPattern {
         &self.text
     }
 
+    /// Whether the pattern speaks of `path`'s part of the tree: its first segment is a
+    /// wildcard, or the path's first segment. A request for a path no pattern mentions is one
+    /// the policies never thought of, what a scanner tries.
+    pub fn mentions(&self, path: &str) -> bool {
+        let first = path
+            .strip_prefix('/')
+            .unwrap_or(path)
+            .split('/')
+            .next()
+            .unwrap_or("");
+        match self.segments.first() {
+            Some(PathSegment::One | PathSegment::Many) => true,
+            Some(PathSegment::Literal(literal)) => **literal == *first,
+            None => false,
+        }
+    }
+
     /// Whether a normalized path (from [`normalize_path`], without query) matches.
     pub fn matches(&self, path: &str) -> bool {
         let Some(mut rest) = path.strip_prefix('/') else {

@@ -115,7 +115,76 @@ pub struct Ack {
 pub struct FlowReport {
     /// One record per distinct flow.
     pub flows: Vec<FlowRecord>,
+    /// Connections refused before any identity was authorized, for detection: a sidecar of
+    /// an older release sends none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusals: Vec<RefusalRecord>,
 }
+
+/// Why a connection was refused before its identity was authorized, as detection sees it.
+/// A reason this release does not know is kept as [`RefusalReason::Other`] (and ignored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// Plaintext on an mTLS-only port.
+    NotTls,
+    /// A revoked identity or certificate.
+    Revoked,
+    /// An expired certificate.
+    CertificateExpired,
+    /// A certificate not valid yet.
+    CertificateNotYetValid,
+    /// A certificate from a CA the sidecar does not trust.
+    UnknownIssuer,
+    /// An identity of a trust domain the sidecar does not trust.
+    UnknownTrustDomain,
+    /// A reason of a newer release.
+    #[serde(other)]
+    Other,
+}
+
+impl RefusalReason {
+    /// The reason for a handshake failure label, if detection cares about it.
+    pub fn of_label(label: &str) -> Option<Self> {
+        Some(match label {
+            "not_tls" => Self::NotTls,
+            "revoked" => Self::Revoked,
+            "certificate_expired" => Self::CertificateExpired,
+            "certificate_not_yet_valid" => Self::CertificateNotYetValid,
+            "unknown_issuer" => Self::UnknownIssuer,
+            "unknown_trust_domain" => Self::UnknownTrustDomain,
+            _ => return None,
+        })
+    }
+
+    /// The label (as in `sidewall_proxy_handshake_failures_total{reason}`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotTls => "not_tls",
+            Self::Revoked => "revoked",
+            Self::CertificateExpired => "certificate_expired",
+            Self::CertificateNotYetValid => "certificate_not_yet_valid",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::UnknownTrustDomain => "unknown_trust_domain",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Connections refused for one reason from one source since the last report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalRecord {
+    /// Why.
+    pub reason: RefusalReason,
+    /// Who: the peer's identity when it was authenticated (a revoked one), otherwise its
+    /// address.
+    pub source: String,
+    /// How many.
+    pub count: u64,
+}
+
+/// The longest `source` of a refusal record the control plane keeps.
+pub const MAX_REFUSAL_SOURCE: usize = 256;
 
 /// One observed flow to the reporting sidecar's workload and its counts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,7 +312,34 @@ mod tests {
                 audit: 0,
                 last_denial: Some("no rule".into()),
             }],
+            refusals: vec![RefusalRecord {
+                reason: RefusalReason::Revoked,
+                source: "127.0.0.1".into(),
+                count: 2,
+            }],
         });
+    }
+
+    #[test]
+    fn a_report_without_refusals_or_with_an_unknown_reason_is_read() {
+        let old: FlowReport =
+            serde_json::from_str(r#"{"flows":[]}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert!(old.refusals.is_empty());
+        let newer: FlowReport = serde_json::from_str(
+            r#"{"flows":[],"refusals":[{"reason":"quantum","source":"10.0.0.1","count":1}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(newer.refusals[0].reason, RefusalReason::Other);
+        for label in [
+            "not_tls",
+            "revoked",
+            "certificate_expired",
+            "unknown_issuer",
+        ] {
+            let reason = RefusalReason::of_label(label).unwrap_or_else(|| panic!("{label}"));
+            assert_eq!(reason.as_str(), label);
+        }
+        assert_eq!(RefusalReason::of_label("timeout"), None);
     }
 
     #[test]

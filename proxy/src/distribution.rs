@@ -465,16 +465,17 @@ async fn ack(
 }
 
 async fn report_flows(context: &Context, sender: &mut Sender) {
-    let mut flows = context.flows.take_records();
-    if flows.is_empty() {
-        return;
-    }
+    let wire::FlowReport {
+        mut flows,
+        mut refusals,
+    } = context.flows.take_report();
     // In bodies the control plane accepts: one too large would be refused whole, with every
-    // peer's flows in it.
-    while !flows.is_empty() {
+    // peer's flows in it. The refusals go with the first.
+    while !flows.is_empty() || !refusals.is_empty() {
         let rest = flows.split_off(flows.len().min(FLOWS_PER_BODY));
         let body = wire::FlowReport {
             flows: std::mem::replace(&mut flows, rest),
+            refusals: std::mem::take(&mut refusals),
         };
         match post(sender, "/v1/flows", &body).await {
             Ok((200, _)) => {}

@@ -25,8 +25,11 @@ struct FlowCounts {
     last_denial: Option<String>,
 }
 
+/// Most distinct (reason, source) refusals counted between reports.
+const MAX_REFUSALS: usize = 1_000;
+
 /// Flow counts since the last report, bounded to [`MAX_FLOWS`] distinct flows and
-/// [`MAX_FLOWS_PER_PEER`] per peer.
+/// [`MAX_FLOWS_PER_PEER`] per peer, and the refusals detection cares about.
 #[derive(Default)]
 pub struct Flows(std::sync::Mutex<FlowTable>);
 
@@ -35,6 +38,7 @@ struct FlowTable {
     flows: HashMap<FlowKey, FlowCounts>,
     /// Distinct flows per peer in `flows`.
     per_peer: HashMap<String, usize>,
+    refusals: HashMap<(wire::RefusalReason, String), u64>,
 }
 
 /// The first two segments of a normalized path (`/v1/orders/7/items` → `/v1/orders`), so
@@ -101,11 +105,37 @@ impl Flows {
         }
     }
 
-    /// Everything counted since the last call, as the records of a flow report (those the
-    /// control plane would not keep already left out), and a fresh table.
-    pub fn take_records(&self) -> Vec<wire::FlowRecord> {
+    /// Counts a connection refused before its identity was authorized, when the label is one
+    /// detection cares about (plaintext, a revoked, expired or untrusted certificate); `source`
+    /// is the peer's identity if it was authenticated, otherwise its address.
+    pub fn refused(&self, label: &str, source: &str) {
+        let Some(reason) = wire::RefusalReason::of_label(label) else {
+            return;
+        };
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (reason, source.to_owned());
+        if table.refusals.len() >= MAX_REFUSALS && !table.refusals.contains_key(&key) {
+            metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => "refusals_full")
+                .increment(1);
+            return;
+        }
+        *table.refusals.entry(key).or_default() += 1;
+    }
+
+    /// Everything counted since the last call, as a flow report (records the control plane
+    /// would not keep already left out), and a fresh table.
+    pub fn take_report(&self) -> wire::FlowReport {
         let taken = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
-        taken
+        let refusals = taken
+            .refusals
+            .into_iter()
+            .map(|((reason, source), count)| wire::RefusalRecord {
+                reason,
+                source,
+                count,
+            })
+            .collect();
+        let flows = taken
             .flows
             .into_iter()
             .map(
@@ -123,6 +153,7 @@ impl Flows {
                 },
             )
             .filter_map(wire::FlowRecord::sanitized)
-            .collect()
+            .collect();
+        wire::FlowReport { flows, refusals }
     }
 }

@@ -42,8 +42,16 @@ pub(crate) async fn serve(
     .await;
 }
 
-pub(super) fn refused(reason: &'static str, remote: SocketAddr, detail: &dyn std::fmt::Display) {
+pub(super) fn refused(
+    context: &Context,
+    reason: &'static str,
+    remote: SocketAddr,
+    detail: &dyn std::fmt::Display,
+) {
     metrics::counter!(crate::metric::HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
+    context
+        .flows
+        .refused(reason, &remote.ip().to_canonical().to_string());
     if let Some(folded) = crate::lograte::admit(&remote.ip().to_string(), 0, reason) {
         tracing::info!(%remote, reason, %detail, folded, "inbound connection refused");
     }
@@ -58,11 +66,11 @@ async fn handle(
     let Some(tls) = context.tls.borrow().clone() else {
         // No certificate yet: fail closed.
         let why = &"the sidecar has no certificate yet";
-        return refused("no_local_certificate", remote, why);
+        return refused(context, "no_local_certificate", remote, why);
     };
     if context.snapshot.borrow().is_none() {
         let why = &"the sidecar has no policy snapshot yet";
-        return refused("no_snapshot", remote, why);
+        return refused(context, "no_snapshot", remote, why);
     }
     let _ = stream.set_nodelay(true);
     let timeout = context.config.limits.handshake_timeout.0;
@@ -81,7 +89,7 @@ async fn handle(
         Ok((_, Some(_))) if !pending.authenticated(context) => {}
         Ok((stream, Some(port))) => direct(context, stream, remote, port, redirected_port).await,
         Ok((stream, None)) => mux::serve(context, stream, remote, redirected_port, pending).await,
-        Err((reason, detail)) => refused(reason, remote, &detail),
+        Err((reason, detail)) => refused(context, reason, remote, &detail),
     }
 }
 
@@ -136,7 +144,7 @@ async fn direct(
     redirected_port: Option<u16>,
 ) {
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
-        return refused("no_certificate", remote, &"no client SVID");
+        return refused(context, "no_certificate", remote, &"no client SVID");
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2);
     let admission = match admit(
@@ -239,6 +247,7 @@ async fn plaintext(
         .filter(|e| e.permissive)
     else {
         return refused(
+            context,
             "not_tls",
             remote,
             &"plaintext on an mTLS port (not permissive)",

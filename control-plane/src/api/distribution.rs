@@ -523,10 +523,10 @@ pub(super) async fn flows(
     // The body first, as for registrations.
     let body: wire::FlowReport = read_json(api, request).await?;
     let identity = workload(api, peer)?;
-    if body.flows.len() > 10_000 {
+    if body.flows.len() > 10_000 || body.refusals.len() > 10_000 {
         return Err(ApiError::bad_request(
             "too_many_flows",
-            "at most 10000 flows per report",
+            "at most 10000 flows and 10000 refusals per report",
         ));
     }
     let flows = body
@@ -555,6 +555,14 @@ pub(super) async fn flows(
         })
         .collect();
     api.distribution.report_flows(flows);
+    let refusals: Vec<_> = body
+        .refusals
+        .into_iter()
+        .filter(|r| {
+            r.reason != wire::RefusalReason::Other && r.source.len() <= wire::MAX_REFUSAL_SOURCE
+        })
+        .collect();
+    api.distribution.report_refusals(&identity, &refusals);
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
 }
 

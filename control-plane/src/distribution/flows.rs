@@ -86,6 +86,8 @@ impl Distribution {
     /// new flows over a quota are dropped and counted by reason. When the whole table holds
     /// [`MAX_FLOWS`], the flow seen longest ago makes room.
     pub fn report_flows(&self, flows: Vec<(FlowKey, FlowStats)>) {
+        let engine = self.read().engine.clone();
+        self.detection.observe(&flows, &engine);
         let mut held = lock(&self.flows);
         let now = now_unix();
         for (key, stats) in flows {

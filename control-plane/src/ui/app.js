@@ -1,4 +1,4 @@
-// Sidewall dashboard: fetches /api/graph, /api/fleet and /api/policies, renders them, and
+// Sidewall dashboard: fetches /api/graph, /api/fleet, /api/policies and /api/alerts, renders them, and
 // refreshes every 2 s. Read-only. The DOM is built with textContent and attributes only, never
 // innerHTML: identities, paths and denial reasons come from sidecars.
 "use strict";
@@ -257,6 +257,23 @@
       `${total} reported flows were not kept (${dropped.map(([reason, count]) => `${reason}: ${count}`).join(", ")}); they are not shown here.`;
   }
 
+  // ---- the alerts -------------------------------------------------------------------------
+
+  function renderAlerts(data) {
+    const rows = [...data.alerts].reverse().map((alert) => el("tr", {
+      class: `alert ${alert.signal}`, "data-signal": alert.signal, "data-from": alert.peer, "data-to": alert.target,
+    },
+    el("td", { title: isoTime(alert.at), text: relative(alert.at) }),
+    el("td", {}, el("span", { class: "badge denied", text: alert.signal.replace("_", " ") })),
+    el("td", { title: alert.peer }, el("span", { class: "name", text: shortName(alert.peer) })),
+    el("td", { title: alert.target }, el("span", { class: "name", text: shortName(alert.target) })),
+    el("td", { class: "mono", text: alert.detail })));
+    if (rows.length === 0) {
+      rows.push(el("tr", { class: "empty" }, el("td", { colspan: 5, text: "No alert: nothing suspicious in what the sidecars reported." })));
+    }
+    document.querySelector("#alerts tbody").replaceChildren(...rows);
+  }
+
   // ---- the fleet --------------------------------------------------------------------------
 
   function snapshotCell(proxy) {
@@ -359,8 +376,9 @@
 
   async function refresh() {
     try {
-      const [graph, fleet, policies] = await Promise.all([
-        getJson("/api/graph"), getJson("/api/fleet"), getJson("/api/policies")]);
+      const [graph, fleet, policies, alerts] = await Promise.all([
+        getJson("/api/graph"), getJson("/api/fleet"), getJson("/api/policies"), getJson("/api/alerts")]);
+      renderAlerts(alerts);
       renderGraph(graph);
       renderFlows(graph);
       renderFleet(fleet);

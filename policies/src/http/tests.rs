@@ -122,6 +122,25 @@ fn path_patterns_match_segments() {
 }
 
 #[test]
+fn a_pattern_mentions_the_paths_under_its_first_segment() {
+    let cases = [
+        ("/v1/orders", "/v1/users", true),
+        ("/v1/orders", "/v1", true),
+        ("/v1/orders", "/v2/orders", false),
+        ("/v1/orders", "/admin", false),
+        ("/*/orders", "/admin", true),
+        ("/**", "/.git/config", true),
+        ("/", "/", true),
+        ("/", "/admin", false),
+        ("/health", "/healthz", false),
+    ];
+    for (pattern, path, expected) in cases {
+        let p = PathPattern::parse(pattern).unwrap();
+        assert_eq!(p.mentions(path), expected, "{pattern} vs {path}");
+    }
+}
+
+#[test]
 fn invalid_path_patterns() {
     use PatternError as E;
     let cases = [

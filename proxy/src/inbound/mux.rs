@@ -45,10 +45,10 @@ pub(super) async fn serve(
 ) {
     let mut pending = pending;
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
-        return refused("no_certificate", remote, &"no client SVID");
+        return refused(context, "no_certificate", remote, &"no client SVID");
     };
     if peer.expired(now_unix()) {
-        return refused("certificate_expired", remote, &peer.id);
+        return refused(context, "certificate_expired", remote, &peer.id);
     }
     // A peer that some policy lets reach a TCP port here holds an inbound permit for its
     // shared connection (each stream takes one more). One that no policy allows has nothing
@@ -102,7 +102,7 @@ async fn streams(
             tracing::debug!(%remote, %error, "shared connection: no HTTP/2 preface");
             return;
         }
-        Err(_) => return refused("timeout", remote, &"no HTTP/2 preface in time"),
+        Err(_) => return refused(context, "timeout", remote, &"no HTTP/2 preface in time"),
     };
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut quiet_limit = limits.handshake_timeout.0;
