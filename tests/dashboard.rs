@@ -11,14 +11,10 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use serde_json::json;
 use sidewall_control_plane::testing::{Workload, enroll};
 use sidewall_policies::TrustDomain;
-use support::{ControlPlaneProcess, http_get};
+use support::{ControlPlaneProcess, chromium, chromium_installed, http_get};
 
 const TD: &str = "spiffe://sidewall.local/ns/demo/svc";
 
@@ -48,53 +44,6 @@ spec:
   rules:
     - {action: allow, from: [spiffe://sidewall.local/ns/demo/svc/monitor], ports: [9090]}
 ";
-
-fn chromium_installed() -> bool {
-    Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs headless Chromium on `url` with `extra` arguments (`--dump-dom` or `--screenshot`)
-/// and returns its standard output; kills it after 90 s.
-fn chromium(work: &Path, url: &str, extra: &[&str]) -> String {
-    let out = work.join("chromium.out");
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            work.join("profile").display()
-        ))
-        .arg("--virtual-time-budget=5000")
-        .args(extra)
-        .arg(url)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start chromium");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within 90 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::fs::read_to_string(&out).unwrap()
-}
 
 /// Enrolls, registers and connects three workloads, and reports the flows their sidecars saw.
 async fn feed(

@@ -2355,6 +2355,14 @@ fn a_suggested_allow_list_admits_the_observed_traffic_and_nothing_else() {
     assert_eq!(validate.code, 0, "{}{}", validate.stdout, validate.stderr);
     let test = support::sidewall(["policy", "test", out.to_str().unwrap()]);
     assert_eq!(test.code, 0, "{}{}", test.stdout, test.stderr);
+    // Against what was observed, the suggestion denies nothing that passed.
+    let impact = mesh.cli(&["policy", "impact", out.to_str().unwrap()]);
+    assert_eq!(impact.code, 0, "{}{}", impact.stdout, impact.stderr);
+    assert!(
+        impact.stdout.contains("AUDIT -> ALLOW") && !impact.stdout.contains("-> DENY"),
+        "{}",
+        impact.stdout
+    );
 
     // Enforced: what was observed passes, what was not is denied.
     let apply = mesh.cli(&[
@@ -2383,7 +2391,7 @@ fn a_suggested_allow_list_admits_the_observed_traffic_and_nothing_else() {
 /// counted in `sidewall_control_plane_alerts_total`, logged with its `event` name and listed
 /// at the dashboard's `/api/alerts`.
 #[test]
-fn denial_bursts_path_scans_and_new_edges_raise_alerts() {
+fn each_detection_signal_raises_an_alert_through_real_sidecars() {
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("control-plane.yaml");
     std::fs::write(
@@ -2500,6 +2508,28 @@ fn denial_bursts_path_scans_and_new_edges_raise_alerts() {
         ) >= 1,
         "{metrics}"
     );
+    // The dashboard's Alerts panel lists the five.
+    if support::chromium_installed() {
+        let work = tempfile::tempdir().unwrap();
+        let page = format!("http://127.0.0.1:{}/", mesh.cp.ui_port);
+        let dom = support::chromium(work.path(), &page, &["--dump-dom"]);
+        for signal in [
+            "denial_burst",
+            "path_scan",
+            "new_edge",
+            "plaintext",
+            "untrusted_identity",
+        ] {
+            assert!(
+                dom.contains(&format!(
+                    r#"<tr class="alert {signal}" data-signal="{signal}""#
+                )),
+                "no {signal} row in the Alerts panel:\n{dom}"
+            );
+        }
+    } else {
+        eprintln!("SKIPPED (the Alerts panel): chromium not installed");
+    }
     let log = std::fs::read_to_string(mesh.path().join("cp.log")).unwrap();
     for event in [
         "sidewall.alert.denial_burst",

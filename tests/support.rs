@@ -607,3 +607,51 @@ pub(crate) fn kustomize(name: &str) -> String {
     );
     String::from_utf8(run.stdout).expect("kustomize writes UTF-8")
 }
+
+/// Whether Debian's `chromium` is on the PATH (`scripts/test-deps` installs it).
+pub(crate) fn chromium_installed() -> bool {
+    Command::new("sh")
+        .args(["-c", "command -v chromium"])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs headless Chromium on `url` with `extra` arguments (`--dump-dom` or `--screenshot`)
+/// and returns its standard output; kills it after 90 s.
+pub(crate) fn chromium(work: &Path, url: &str, extra: &[&str]) -> String {
+    let out = work.join("chromium.out");
+    let mut child = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            work.join("profile").display()
+        ))
+        .arg("--virtual-time-budget=5000")
+        .args(extra)
+        .arg(url)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chromium did not finish within 90 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::fs::read_to_string(&out).unwrap()
+}
