@@ -2257,6 +2257,22 @@ impl Drop for HttpApp {
     }
 }
 
+/// The api's sidecar with an HTTP app on port 8080 and the echo app on port 9000 (TCP).
+fn api_with_http_and_tcp(mesh: &mut Mesh) -> (HttpApp, ProxyProcess) {
+    let http_port = free_port();
+    let app = HttpApp::start(mesh.path(), http_port);
+    let ports = format!(
+        "{{port: 8080, protocol: http, app: 127.0.0.1:{http_port}}}, {{port: 9000, app: 127.0.0.1:{}}}",
+        mesh.app.port
+    );
+    (app, mesh.sidecar_serving("api", &ports))
+}
+
+/// An outbound route entry from local port `listen` to the api's `port`.
+fn route_to_api(listen: u16, port: u16) -> String {
+    format!("{{listen: 127.0.0.1:{listen}, service: {TD}/api, port: {port}}}")
+}
+
 /// The status of `method path` sent to a local route (0 when nothing answered).
 fn status_of(port: u16, method: &str, path: &str) -> u16 {
     let output = std::process::Command::new("curl")
@@ -2284,16 +2300,8 @@ fn status_of(port: u16, method: &str, path: &str) -> u16 {
 #[test]
 fn a_suggested_allow_list_admits_the_observed_traffic_and_nothing_else() {
     let mut mesh = Mesh::new(&[]);
-    let http_port = free_port();
-    let _http_app = HttpApp::start(mesh.path(), http_port);
-    let ports = format!(
-        "{{port: 8080, protocol: http, app: 127.0.0.1:{http_port}}}, {{port: 9000, app: 127.0.0.1:{}}}",
-        mesh.app.port
-    );
-    let _api = mesh.sidecar_serving("api", &ports);
-    let route = |listen: u16, port: u16| {
-        format!("{{listen: 127.0.0.1:{listen}, service: {TD}/api, port: {port}}}")
-    };
+    let (_http_app, _api) = api_with_http_and_tcp(&mut mesh);
+    let route = route_to_api;
     let (web_http, web_tcp, batch_tcp, other_tcp) =
         (free_port(), free_port(), free_port(), free_port());
     let _web = mesh.sidecar_with(
@@ -2400,16 +2408,8 @@ fn each_detection_signal_raises_an_alert_through_real_sidecars() {
     )
     .unwrap();
     let mut mesh = Mesh::new(&["--config", config.to_str().unwrap()]);
-    let http_port = free_port();
-    let _http_app = HttpApp::start(mesh.path(), http_port);
-    let ports = format!(
-        "{{port: 8080, protocol: http, app: 127.0.0.1:{http_port}}}, {{port: 9000, app: 127.0.0.1:{}}}",
-        mesh.app.port
-    );
-    let _api = mesh.sidecar_serving("api", &ports);
-    let route = |listen: u16, port: u16| {
-        format!("{{listen: 127.0.0.1:{listen}, service: {TD}/api, port: {port}}}")
-    };
+    let (_http_app, _api) = api_with_http_and_tcp(&mut mesh);
+    let route = route_to_api;
     let (web_http, web_tcp, batch_tcp) = (free_port(), free_port(), free_port());
     let _web = mesh.sidecar_with(
         "web",

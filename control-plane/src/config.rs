@@ -203,38 +203,45 @@ struct DetectionSection {
     baseline: Option<ConfigDuration>,
 }
 
+/// `value` when it is within `range`, otherwise an error saying the setting's bounds.
+fn within<T: PartialOrd>(
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    bounds: &str,
+) -> Result<T, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Value(bounds.to_owned()))
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+
 /// The `detection` section, checked.
 fn detection(section: &DetectionSection) -> Result<DetectionConfig, ConfigError> {
     let defaults = DetectionConfig::default();
-    let window = section.window.map_or(defaults.window, |d| d.0);
-    if window < Duration::from_secs(1) || window > Duration::from_secs(86_400) {
-        return Err(ConfigError::Value(
-            "detection.window must be between 1s and 24h".into(),
-        ));
-    }
-    let denials = section.denials.unwrap_or(defaults.denials);
-    if !(1..=1_000_000).contains(&denials) {
-        return Err(ConfigError::Value(
-            "detection.denials must be between 1 and 1000000".into(),
-        ));
-    }
-    let scan_paths = section.scan_paths.unwrap_or(defaults.scan_paths);
-    if !(2..=10_000).contains(&scan_paths) {
-        return Err(ConfigError::Value(
-            "detection.scanPaths must be between 2 and 10000".into(),
-        ));
-    }
-    let baseline = section.baseline.map_or(defaults.baseline, |d| d.0);
-    if baseline < Duration::from_secs(1) || baseline > MAX_LIFETIME {
-        return Err(ConfigError::Value(
-            "detection.baseline must be between 1s and 30d".into(),
-        ));
-    }
     Ok(DetectionConfig {
-        window,
-        denials,
-        scan_paths,
-        baseline,
+        window: within(
+            section.window.map_or(defaults.window, |d| d.0),
+            SECOND..=Duration::from_secs(86_400),
+            "detection.window must be between 1s and 24h",
+        )?,
+        denials: within(
+            section.denials.unwrap_or(defaults.denials),
+            1..=1_000_000,
+            "detection.denials must be between 1 and 1000000",
+        )?,
+        scan_paths: within(
+            section.scan_paths.unwrap_or(defaults.scan_paths),
+            2..=10_000,
+            "detection.scanPaths must be between 2 and 10000",
+        )?,
+        baseline: within(
+            section.baseline.map_or(defaults.baseline, |d| d.0),
+            SECOND..=MAX_LIFETIME,
+            "detection.baseline must be between 1s and 30d",
+        )?,
     })
 }
 
@@ -351,30 +358,24 @@ fn identity_limits(
     limits: &LimitsSection,
 ) -> Result<crate::distribution::IdentityLimits, ConfigError> {
     let defaults = crate::distribution::IdentityLimits::default();
-    let instances = limits.instances_per_identity.unwrap_or(defaults.instances);
-    if !(1..=100_000).contains(&instances) {
-        return Err(ConfigError::Value(
-            "limits.instancesPerIdentity must be between 1 and 100000".into(),
-        ));
-    }
-    let addresses = limits.addresses_per_identity.unwrap_or(defaults.addresses);
-    if !(1..=4096).contains(&addresses) {
-        return Err(ConfigError::Value(
-            "limits.addressesPerIdentity must be between 1 and 4096".into(),
-        ));
-    }
-    let retention = limits
-        .disconnected_retention
-        .map_or(defaults.retention, |d| d.0);
-    if retention < Duration::from_secs(1) || retention > MAX_LIFETIME {
-        return Err(ConfigError::Value(
-            "limits.disconnectedRetention must be between 1s and 30d".into(),
-        ));
-    }
     Ok(crate::distribution::IdentityLimits {
-        instances,
-        addresses,
-        retention,
+        instances: within(
+            limits.instances_per_identity.unwrap_or(defaults.instances),
+            1..=100_000,
+            "limits.instancesPerIdentity must be between 1 and 100000",
+        )?,
+        addresses: within(
+            limits.addresses_per_identity.unwrap_or(defaults.addresses),
+            1..=4096,
+            "limits.addressesPerIdentity must be between 1 and 4096",
+        )?,
+        retention: within(
+            limits
+                .disconnected_retention
+                .map_or(defaults.retention, |d| d.0),
+            SECOND..=MAX_LIFETIME,
+            "limits.disconnectedRetention must be between 1s and 30d",
+        )?,
     })
 }
 
