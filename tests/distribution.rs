@@ -2489,7 +2489,12 @@ fn each_detection_signal_raises_an_alert_through_real_sidecars() {
         "{scan}"
     );
     let (_, metrics) = http_get(mesh.cp.admin_port, "/metrics");
-    for signal in ["denial_burst", "path_scan"] {
+    for signal in [
+        "denial_burst",
+        "path_scan",
+        "plaintext",
+        "untrusted_identity",
+    ] {
         assert_eq!(
             support::metric(
                 &metrics,
