@@ -66,6 +66,20 @@ fn claim(api: &Api, instance: &str, identity: &SpiffeId) -> Result<(), ApiError>
         })
 }
 
+/// The caller's workload identity, once `instance` is checked and claimed for it (what a
+/// registration and an ack start with).
+fn claimed(api: &Api, peer: &Peer, instance: &str) -> Result<SpiffeId, ApiError> {
+    let identity = workload(api, peer)?;
+    if !valid_instance(instance) {
+        return Err(ApiError::bad_request(
+            "instance_invalid",
+            "instance must be 1-64 of a-z A-Z 0-9 -",
+        ));
+    }
+    claim(api, instance, &identity)?;
+    Ok(identity)
+}
+
 /// Counts and answers a registration past one of `limit`'s caps.
 fn over_limit(identity: &SpiffeId, limit: &'static str, message: String) -> ApiError {
     metrics::counter!(crate::metric::IDENTITY_LIMIT, "limit" => limit).increment(1);
@@ -199,14 +213,50 @@ pub(super) async fn register(
     // The body first: an answer sent before an HTTP/1.1 body is read can reach the client
     // as a connection reset instead of the answer.
     let body: wire::Registration = read_json(api, request).await?;
-    let identity = workload(api, peer)?;
-    if !valid_instance(&body.instance) {
-        return Err(ApiError::bad_request(
-            "instance_invalid",
-            "instance must be 1-64 of a-z A-Z 0-9 -",
+    let identity = claimed(api, peer, &body.instance)?;
+    let endpoint = checked_endpoint(peer, &body)?;
+    let registrations = api.store.registrations().await?;
+    within_limits(api, &identity, &endpoint, &body.addresses, &registrations)?;
+    let refused = api
+        .distribution
+        .refuse_addresses(&identity, &body.addresses, &registrations);
+    let record = RegistrationRecord {
+        instance: body.instance.clone(),
+        identity: identity.to_string(),
+        endpoint: endpoint.to_string(),
+        ports: body.ports,
+        addresses: body.addresses,
+        registered_at: now_unix(),
+    };
+    if let Err(holder) = api.store.put_registration(record).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "endpoint_taken",
+            format!("endpoint {endpoint} is registered to {holder}"),
         ));
     }
-    claim(api, &body.instance, &identity)?;
+    api.settle().await;
+    api.distribution.fleet_update(&body.instance, |entry| {
+        entry.identity = identity.to_string();
+        entry.endpoint = Some(endpoint.to_string());
+        entry.addresses_refused = refused.clone();
+    });
+    tracing::info!(%identity, %endpoint, instance = body.instance, "registered");
+    Ok(json_response(
+        StatusCode::OK,
+        &wire::Registered {
+            endpoint: endpoint.to_string(),
+            addresses_refused: refused,
+        },
+    ))
+}
+
+/// The registration's endpoint, ports and addresses checked: well formed, and the endpoint
+/// the address the connection comes from.
+fn checked_endpoint(
+    peer: &Peer,
+    body: &wire::Registration,
+) -> Result<std::net::SocketAddr, ApiError> {
     let endpoint: std::net::SocketAddr = body.endpoint.parse().map_err(|_| {
         ApiError::bad_request(
             "endpoint_invalid",
@@ -244,13 +294,23 @@ pub(super) async fn register(
             ));
         }
     }
+    Ok(endpoint)
+}
+
+/// What one identity may hold (review M4), with this registration.
+fn within_limits(
+    api: &Api,
+    identity: &SpiffeId,
+    endpoint: &std::net::SocketAddr,
+    new_addresses: &[String],
+    registrations: &[RegistrationRecord],
+) -> Result<(), ApiError> {
     // An extra address (a virtual IP) is registered as given, and callers are sent there only
     // while an operator declares it for this identity and it is no other service's endpoint
     // (checked again whenever the directory is assembled); what is not is answered, counted
     // and shown in the fleet view.
-    // What one identity may hold (review M4): as many registrations as sidecars, and a few
-    // distinct addresses over all of them. This registration replaces one at its endpoint.
-    let registrations = api.store.registrations().await?;
+    // As many registrations as sidecars, and a few distinct addresses over all of them. This
+    // registration replaces one at its endpoint.
     let endpoint_text = endpoint.to_string();
     let others: Vec<&RegistrationRecord> = registrations
         .iter()
@@ -259,7 +319,7 @@ pub(super) async fn register(
     let limits = api.distribution.limits();
     if others.len() >= limits.instances {
         return Err(over_limit(
-            &identity,
+            identity,
             "registrations",
             format!(
                 "{identity} already has {} registrations (limits.instancesPerIdentity)",
@@ -270,12 +330,12 @@ pub(super) async fn register(
     let addresses: std::collections::HashSet<&str> = others
         .iter()
         .flat_map(|r| r.addresses.iter())
-        .chain(&body.addresses)
+        .chain(new_addresses)
         .map(String::as_str)
         .collect();
     if addresses.len() > limits.addresses {
         return Err(over_limit(
-            &identity,
+            identity,
             "addresses",
             format!(
                 "{identity} would register {} distinct addresses, more than {} (limits.addressesPerIdentity)",
@@ -284,38 +344,7 @@ pub(super) async fn register(
             ),
         ));
     }
-    let refused = api
-        .distribution
-        .refuse_addresses(&identity, &body.addresses, &registrations);
-    let record = RegistrationRecord {
-        instance: body.instance.clone(),
-        identity: identity.to_string(),
-        endpoint: endpoint.to_string(),
-        ports: body.ports,
-        addresses: body.addresses,
-        registered_at: now_unix(),
-    };
-    if let Err(holder) = api.store.put_registration(record).await? {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "endpoint_taken",
-            format!("endpoint {endpoint} is registered to {holder}"),
-        ));
-    }
-    api.settle().await;
-    api.distribution.fleet_update(&body.instance, |entry| {
-        entry.identity = identity.to_string();
-        entry.endpoint = Some(endpoint.to_string());
-        entry.addresses_refused = refused.clone();
-    });
-    tracing::info!(%identity, %endpoint, instance = body.instance, "registered");
-    Ok(json_response(
-        StatusCode::OK,
-        &wire::Registered {
-            endpoint: endpoint.to_string(),
-            addresses_refused: refused,
-        },
-    ))
+    Ok(())
 }
 
 /// `DELETE /v1/registrations/{instance}`: a sidecar shutting down.
@@ -477,14 +506,7 @@ pub(super) async fn ack(
 ) -> Result<HttpResponse, ApiError> {
     // The body first, as for registrations.
     let body: wire::Ack = read_json(api, request).await?;
-    let identity = workload(api, peer)?;
-    if !valid_instance(&body.instance) {
-        return Err(ApiError::bad_request(
-            "instance_invalid",
-            "instance must be 1-64 of a-z A-Z 0-9 -",
-        ));
-    }
-    claim(api, &body.instance, &identity)?;
+    let identity = claimed(api, peer, &body.instance)?;
     let rejection = match body.status {
         AckStatus::Unknown => {
             return Err(ApiError::bad_request(
