@@ -3,7 +3,8 @@
 //! On start the sidecar loads its last certificate, key and trust bundle from `stateDir`. If
 //! there is none, or it has expired, it joins with the token from `tokenFile`: it fetches the
 //! trust bundle, checks it against the CA fingerprint the token carries (pinning), and posts
-//! a CSR with the token. It then renews at 70 % of the lifetime, over mTLS with its current
+//! a CSR with the token. It then renews between 60 % and 75 % of the lifetime (a point fixed by
+//! the certificate's serial, see [`renewal_point`]), over mTLS with its current
 //! certificate and a **new key pair every time**, retrying with capped backoff while the old
 //! certificate is still valid. Each new credential is published on a watch channel; listeners
 //! build new TLS configurations from it, so open connections are untouched.
@@ -127,11 +128,26 @@ impl Credential {
         self.svid.not_after - now_unix()
     }
 
-    /// When to renew: at 70 % of the lifetime.
+    /// When to renew ([`renewal_point`]).
     fn renew_at(&self) -> i64 {
-        let lifetime = self.svid.not_after - self.svid.not_before;
-        self.svid.not_before + lifetime * 7 / 10
+        renewal_point(self.svid.not_before, self.svid.not_after, &self.svid.serial)
     }
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`: between 60 % and 75 %
+/// of its lifetime, at a point fixed by its serial. Sidecars whose certificates were issued
+/// together (a fleet started at once, a control plane back after an outage) then renew spread
+/// over a sixth of the lifetime, not all at once; and a restarted sidecar keeps its point.
+pub fn renewal_point(not_before: i64, not_after: i64, serial: &str) -> i64 {
+    let lifetime = (not_after - not_before).max(0);
+    // FNV-1a of the serial (random, chosen by the CA): spread, not secrecy.
+    let hash = serial
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let permille = 600 + i64::try_from(hash % 151).unwrap_or(0);
+    not_before + lifetime.saturating_mul(permille) / 1000
 }
 
 /// Unix seconds now.
@@ -160,7 +176,8 @@ pub fn load_saved(config: &Config) -> Option<Credential> {
     }
 }
 
-/// Keeps the credential current: joins if there is none, then renews at 70 % of the lifetime.
+/// Keeps the credential current: joins if there is none, then renews at its
+/// [`renewal_point`].
 /// Runs until `stop` turns true.
 pub async fn maintain(
     config: Arc<Config>,
@@ -269,4 +286,39 @@ fn read_token(path: &Path) -> Result<String, JoinError> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_owned())
         .map_err(|e| JoinError::TokenFile(path.display().to_string(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renewal_point;
+
+    #[test]
+    fn renewal_is_spread_over_60_to_75_percent_of_the_lifetime_by_serial() {
+        let (not_before, lifetime) = (1_000_000, 86_400);
+        let points: Vec<f64> = (0..2000)
+            .map(|i| {
+                let serial = format!("{:032x}", u128::from(i as u32) * 0x9e37_79b9_7f4a_7c15);
+                let at = renewal_point(not_before, not_before + lifetime, &serial);
+                assert_eq!(
+                    at,
+                    renewal_point(not_before, not_before + lifetime, &serial),
+                    "the same serial, the same point"
+                );
+                (at - not_before) as f64 / lifetime as f64
+            })
+            .collect();
+        let (low, high) = points
+            .iter()
+            .fold((1.0_f64, 0.0_f64), |(l, h), p| (l.min(*p), h.max(*p)));
+        assert!(low >= 0.6 && high <= 0.75, "{low}..{high}");
+        assert!(low < 0.61 && high > 0.74, "not spread: {low}..{high}");
+        // A quarter of them in each quarter of the range, give or take.
+        let in_first = points.iter().filter(|p| **p < 0.6375).count();
+        assert!(
+            (400..600).contains(&in_first),
+            "{in_first} of 2000 in the first quarter"
+        );
+        // An expired or inverted validity renews at once.
+        assert_eq!(renewal_point(5, 3, "ab"), 5);
+    }
 }

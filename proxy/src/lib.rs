@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: the strict YAML configuration.
 //! - [`identity`]: the key pair generated here (only a CSR leaves), joining with a token
-//!   (pinning the CA), renewal at 70 % with a new key each time, the state directory.
+//!   (pinning the CA), renewal between 60 % and 75 % of the lifetime with a new key each time, the state directory.
 //! - [`distribution`]: snapshots from the control plane (register, watch, ack, flow reports).
 //! - [`flows`]: what was decided, by flow, between two reports.
 //! - [`snapshot`]: the snapshot enforced, or built from local files (`local:`).
