@@ -28,6 +28,36 @@ use crate::now_unix;
 /// Alerts kept for the dashboard, newest last.
 pub const KEPT: usize = 200;
 
+/// Keys (pairs, sources, edges) each signal tracks at most: reports come from sidecars, one of
+/// which may be compromised and name any number of peers or sources. When a table is full,
+/// windows that are over make room; a new key that still finds no room is not tracked, and
+/// is counted in `sidewall_control_plane_flows_dropped_total{reason="detection_full"}`.
+pub const MAX_TRACKED: usize = 10_000;
+
+/// Counts what detection could not track.
+fn untracked() {
+    metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => "detection_full").increment(1);
+}
+
+/// The window of `key` in `table`, rolled over when it is over; a new one if there is room
+/// (see [`MAX_TRACKED`]).
+fn window_of<K: std::hash::Hash + Eq, V: Default>(
+    table: &mut HashMap<K, Windowed<V>>,
+    key: K,
+    window: Duration,
+) -> Option<&mut Windowed<V>> {
+    if table.len() >= MAX_TRACKED && !table.contains_key(&key) {
+        table.retain(|_, w| w.since.elapsed() < window);
+        if table.len() >= MAX_TRACKED {
+            untracked();
+            return None;
+        }
+    }
+    let tracked = table.entry(key).or_insert_with(Windowed::new);
+    tracked.roll(window);
+    Some(tracked)
+}
+
 /// Thresholds and windows (`detection:` in the configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DetectionConfig {
@@ -179,7 +209,10 @@ impl Detector {
         let learning = self.started.elapsed() < self.config.baseline;
         for (key, stats) in flows {
             let pair = (key.peer.clone(), key.target.clone());
-            if state.edges.insert(pair.clone()) && !learning {
+            let known = state.edges.contains(&pair);
+            if !known && state.edges.len() >= MAX_TRACKED {
+                untracked();
+            } else if !known && state.edges.insert(pair.clone()) && !learning {
                 let detail = format!("first seen on port {}", key.port);
                 self.fire(&mut state, Signal::NewEdge, &pair, detail);
             }
@@ -207,11 +240,13 @@ impl Detector {
                 _ => Signal::UntrustedIdentity,
             };
             let pair = (refusal.source.clone(), target.to_string());
-            let window = state
-                .refused
-                .entry((signal, pair.clone()))
-                .or_insert_with(Windowed::new);
-            window.roll(self.config.window);
+            let Some(window) = window_of(
+                &mut state.refused,
+                (signal, pair.clone()),
+                self.config.window,
+            ) else {
+                continue;
+            };
             window.value = window.value.saturating_add(refusal.count);
             if !window.fired {
                 window.fired = true;
@@ -226,11 +261,9 @@ impl Detector {
     }
 
     fn count_denials(&self, state: &mut State, pair: &Pair, denials: u64) {
-        let window = state
-            .denials
-            .entry(pair.clone())
-            .or_insert_with(Windowed::new);
-        window.roll(self.config.window);
+        let Some(window) = window_of(&mut state.denials, pair.clone(), self.config.window) else {
+            return;
+        };
         window.value = window.value.saturating_add(denials);
         if window.value > self.config.denials && !window.fired {
             window.fired = true;
@@ -244,12 +277,13 @@ impl Detector {
     }
 
     fn count_scanned(&self, state: &mut State, pair: &Pair, path: &str) {
-        let window = state
-            .scans
-            .entry(pair.clone())
-            .or_insert_with(Windowed::new);
-        window.roll(self.config.window);
-        window.value.insert(path.to_owned());
+        let Some(window) = window_of(&mut state.scans, pair.clone(), self.config.window) else {
+            return;
+        };
+        // No more than it takes to fire: a scanner's paths are not kept without end.
+        if window.value.len() < self.config.scan_paths {
+            window.value.insert(path.to_owned());
+        }
         if window.value.len() >= self.config.scan_paths && !window.fired {
             window.fired = true;
             let mut sample: Vec<&str> = window.value.iter().map(String::as_str).collect();
@@ -456,6 +490,33 @@ spec:
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_flood_of_sources_is_tracked_up_to_the_cap() {
+        let detector = detector(Duration::from_secs(3600));
+        let target = SpiffeId::parse("spiffe://td/api").unwrap_or_else(|e| panic!("{e}"));
+        let flood: Vec<RefusalRecord> = (0..MAX_TRACKED + 500)
+            .map(|i| RefusalRecord {
+                reason: RefusalReason::NotTls,
+                source: format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                count: 1,
+            })
+            .collect();
+        detector.observe_refusals(&target, &flood);
+        assert_eq!(detector.lock().refused.len(), MAX_TRACKED);
+        // A source already tracked is still counted (no second alert within its window).
+        detector.observe_refusals(&target, &flood[..1]);
+        assert_eq!(detector.lock().refused.len(), MAX_TRACKED);
+        // Edges, from a sidecar naming any number of peers.
+        let engine = engine();
+        let peers: Vec<_> = (0..MAX_TRACKED + 500)
+            .map(|i| denied(&format!("p{i}"), None, 1))
+            .collect();
+        detector.observe(&peers, &engine);
+        let state = detector.lock();
+        assert_eq!(state.edges.len(), MAX_TRACKED);
+        assert_eq!(state.denials.len(), MAX_TRACKED);
     }
 
     #[test]
