@@ -189,7 +189,7 @@ pub fn admit<'c>(
     })();
     if let Err(refusal) = admitted {
         refusal.count(&peer.id, port, arrival);
-        context.flows.refused(refusal.label(), peer.id.as_str());
+        context.flows.refused(refusal.label(), &peer.id);
     }
     admitted
 }

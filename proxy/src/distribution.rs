@@ -164,20 +164,19 @@ async fn connect(
     credential: &Credential,
     alpn_h2: bool,
 ) -> Result<Sender, SessionError> {
-    let setup = |e: Cause| SessionError::Setup(e);
     let key = PrivateKeyDer::from_pem_slice(credential.key_pem.as_bytes())
-        .map_err(|e| setup(e.into()))?;
+        .map_err(|e| SessionError::Setup(e.into()))?;
     let tls = verified_config(
         &credential.svid.id,
         &credential.bundle_pem,
         Some((credential.certified_key.cert.clone(), key)),
     )
-    .map_err(|e| setup(e.into()))?;
+    .map_err(|e| SessionError::Setup(e.into()))?;
     let mut tls = (*tls).clone();
     if alpn_h2 {
         tls.alpn_protocols = vec![b"h2".to_vec()];
     }
-    let (authority, host) = authority(url).map_err(|e| setup(e.into()))?;
+    let (authority, host) = authority(url).map_err(|e| SessionError::Setup(e.into()))?;
     let tcp = tokio::time::timeout(
         Duration::from_secs(5),
         crate::transport::connect_authority(&authority),
@@ -185,7 +184,7 @@ async fn connect(
     .await
     .map_err(|_| SessionError::Timeout("connect"))?
     .map_err(transport)?;
-    let name = ServerName::try_from(host).map_err(|e| setup(e.into()))?;
+    let name = ServerName::try_from(host).map_err(|e| SessionError::Setup(e.into()))?;
     let stream = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_rustls::TlsConnector::from(Arc::new(tls)).connect(name, tcp),

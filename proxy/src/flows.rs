@@ -108,12 +108,12 @@ impl Flows {
     /// Counts a connection refused before its identity was authorized, when the label is one
     /// detection cares about (plaintext, a revoked, expired or untrusted certificate); `source`
     /// is the peer's identity if it was authenticated, otherwise its address.
-    pub fn refused(&self, label: &str, source: &str) {
+    pub fn refused(&self, label: &str, source: impl std::fmt::Display) {
         let Some(reason) = wire::RefusalReason::of_label(label) else {
             return;
         };
         let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (reason, source.to_owned());
+        let key = (reason, source.to_string());
         if table.refusals.len() >= MAX_REFUSALS && !table.refusals.contains_key(&key) {
             metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => "refusals_full")
                 .increment(1);

@@ -49,9 +49,7 @@ pub(super) fn refused(
     detail: &dyn std::fmt::Display,
 ) {
     metrics::counter!(crate::metric::HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => reason).increment(1);
-    context
-        .flows
-        .refused(reason, &remote.ip().to_canonical().to_string());
+    context.flows.refused(reason, remote.ip().to_canonical());
     if let Some(folded) = crate::lograte::admit(&remote.ip().to_string(), 0, reason) {
         tracing::info!(%remote, reason, %detail, folded, "inbound connection refused");
     }

@@ -79,11 +79,15 @@ impl<S: Sender> Opened<S> {
             && !self.server.as_ref().is_some_and(|s| s.revoked())
     }
 
-    fn lease(&self) -> Lease<S> {
+    /// A stream's use of it, counted when the pool limits streams (`counted`).
+    fn lease(&self, counted: bool) -> Lease<S> {
         Lease {
             sender: self.sender.clone(),
             closed: self.closed.clone(),
-            carried: Carried::on(&self.streams),
+            carried: Carried(counted.then(|| {
+                self.streams.fetch_add(1, Ordering::Relaxed);
+                self.streams.clone()
+            })),
         }
     }
 }
@@ -96,19 +100,15 @@ pub(crate) struct Lease<S> {
     pub(crate) carried: Carried,
 }
 
-/// One stream counted on its connection while it lives.
-pub(crate) struct Carried(Arc<AtomicUsize>);
-
-impl Carried {
-    fn on(streams: &Arc<AtomicUsize>) -> Self {
-        streams.fetch_add(1, Ordering::Relaxed);
-        Self(streams.clone())
-    }
-}
+/// One stream counted on its connection while it lives (in a pool that limits streams; a
+/// request on a hyper connection, whose peer limits them, pays no count).
+pub(crate) struct Carried(Option<Arc<AtomicUsize>>);
 
 impl Drop for Carried {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(streams) = &self.0 {
+            streams.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -176,13 +176,13 @@ impl<K: Hash + Eq + Clone, S: Sender> Pool<K, S> {
                 .find(|o| o.streams.load(Ordering::Relaxed) < self.streams)
         {
             metrics::counter!(crate::metric::H2_POOL, "event" => "reused").increment(1);
-            return Ok(opened.lease());
+            return Ok(opened.lease(self.streams != usize::MAX));
         }
         // Boxed: the handshake's state is large and rarely needed; inline, every caller's
         // future would be that large for its whole life.
         let opened = Box::pin(connect()).await?;
         metrics::counter!(crate::metric::H2_POOL, "event" => "opened").increment(1);
-        let lease = opened.lease();
+        let lease = opened.lease(self.streams != usize::MAX);
         held.push(opened);
         Ok(lease)
     }
