@@ -279,7 +279,7 @@ fn operators_and_tokens_from_the_cli() {
         0o600
     );
 
-    let run = cp.cli(&["operator", "issue", "alice"]);
+    let run = cp.cli(&["operator", "issue", "alice", "--role", "admin"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
         run.stdout
@@ -805,4 +805,289 @@ fn l3_the_open_files_limit_is_raised_to_the_hard_limit() {
         .unwrap_or_default()
         .to_owned();
     assert_eq!(line, "process_max_fds 8192", "{metrics}");
+}
+
+/// The operations of docs/openapi.yaml that need an operator, with the role (`x-role`) each
+/// documents, as `("GET", "/v1/fleet", "viewer")`.
+fn documented_roles() -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(support::repo_root().join("docs/openapi.yaml")).unwrap();
+    let description: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut roles = Vec::new();
+    for (path, operations) in description["paths"].as_mapping().unwrap() {
+        for (method, operation) in operations.as_mapping().unwrap() {
+            let tags = operation["tags"].as_sequence().unwrap();
+            let role = operation.get("x-role").and_then(|r| r.as_str());
+            let is_operator = tags.iter().any(|t| t.as_str() == Some("operator"));
+            let (method, path) = (method.as_str().unwrap(), path.as_str().unwrap());
+            assert_eq!(
+                is_operator,
+                role.is_some(),
+                "{method} {path}: an operator operation documents its x-role, no other does"
+            );
+            if let Some(role) = role {
+                roles.push((method.to_uppercase(), path.to_owned(), role.to_owned()));
+            }
+        }
+    }
+    roles
+}
+
+/// Issue 19, part 3: operator roles. Every operator operation of the API, called through the
+/// real control plane with a credential of each role the CLI issues: a role below the one the
+/// operation documents is refused with `403 role_insufficient`, and one at or above it gets
+/// past the role check (the operation may then refuse the empty body, never the caller).
+#[test]
+fn every_operator_route_admits_exactly_the_roles_it_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cp = ControlPlaneProcess::start(&data, &[]);
+    for role in ["viewer", "policy", "admin"] {
+        let run = cp.cli(&["operator", "issue", &format!("as-{role}"), "--role", role]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        assert!(
+            run.stdout.contains(&format!("({role}, expires")),
+            "{}",
+            run.stdout
+        );
+    }
+    let rank = |role: &str| {
+        ["viewer", "policy", "admin"]
+            .iter()
+            .position(|r| *r == role)
+    };
+    let operations = documented_roles();
+    assert!(operations.len() >= 17, "{operations:?}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut table = Vec::new();
+    for (method, path, needed) in &operations {
+        let concrete = path
+            .replace("{id}", "0000000000000000")
+            .replace("{name}", "nobody")
+            .replace("{instance}", "nobody")
+            .replace("{version}", "current");
+        let mut row = format!("{method:<6} {path:<32} {needed:<6}");
+        for role in ["viewer", "policy", "admin"] {
+            let client = sidewall_control_plane::client::Client::operator(
+                &data,
+                &format!("as-{role}"),
+                None,
+            )
+            .unwrap();
+            let method = hyper::Method::from_bytes(method.as_bytes()).unwrap();
+            let (status, body) = runtime
+                .block_on(client.call(method.clone(), &concrete, None))
+                .unwrap();
+            let refused = status == 403 && body["error"] == "role_insufficient";
+            let allowed = rank(role) >= rank(needed);
+            if allowed {
+                assert!(
+                    status != 401 && status != 403,
+                    "{method} {concrete} as {role} (needs {needed}): {status} {body}"
+                );
+            } else {
+                assert!(
+                    refused,
+                    "{method} {concrete} as {role} (needs {needed}): {status} {body}"
+                );
+                let message = body["message"].as_str().unwrap();
+                assert!(
+                    message.contains(&format!("has the {role} role"))
+                        && message.contains(&format!("needs {needed}")),
+                    "{message}"
+                );
+            }
+            row.push_str(&format!(
+                " {:>5}",
+                if allowed { status.as_u16() } else { 403 }
+            ));
+        }
+        table.push(row);
+    }
+    // The table, for the issue and for a reader of the test's output.
+    println!("method path                             needs  viewer policy admin");
+    println!("{}", table.join("\n"));
+
+    // What the refusal looks like on the command line.
+    let run = cp.cli(&["token", "list", "--operator", "as-policy"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("role_insufficient")
+            && run
+                .stderr
+                .contains("has the policy role; GET /v1/tokens needs admin"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// `operator list` shows every credential with its role and who issued it; `operator revoke`
+/// ends one at once (the next request of the revoked operator is refused), the name cannot be
+/// issued again, and no operator can revoke itself. A credential issued before roles (no
+/// organizationalUnit, signed here with openssl by the CA's intermediate) may only read, and
+/// the control plane replaces its own `admin` credential of that kind when it starts.
+#[test]
+fn operators_are_listed_revoked_at_once_and_old_credentials_only_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cp = ControlPlaneProcess::start(&data, &[]);
+    let run = cp.cli(&["operator", "issue", "bob", "--role", "policy"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = cp.cli(&["operator", "issue", "carol", "--role", "superuser"]);
+    assert_eq!(run.code, 2, "clap refuses the role");
+    assert!(
+        run.stderr
+            .contains("\"superuser\" is no role: viewer, policy or admin"),
+        "{}",
+        run.stderr
+    );
+
+    let run = cp.cli(&["operator", "list", "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let list: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let rows: Vec<(&str, &str, &str, &str)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["name"].as_str().unwrap(),
+                o["role"].as_str().unwrap(),
+                o["state"].as_str().unwrap(),
+                o["issued_by"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("admin", "admin", "active", "control-plane"),
+            (
+                "bob",
+                "policy",
+                "active",
+                "operator:spiffe://sidewall.local/sidewall/operator/admin"
+            ),
+        ]
+    );
+
+    // Bob works until he is revoked, and not one request after.
+    let run = cp.cli(&["policy", "history", "--operator", "bob"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let run = cp.cli(&["operator", "revoke", "bob"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        run.stdout.trim(),
+        "revoked spiffe://sidewall.local/sidewall/operator/bob (1 valid certificate)"
+    );
+    let run = cp.cli(&["policy", "history", "--operator", "bob"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("is revoked"), "{}", run.stderr);
+    let run = cp.cli(&["operator", "issue", "bob", "--role", "viewer"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("operator bob was revoked"),
+        "{}",
+        run.stderr
+    );
+    let run = cp.cli(&["operator", "revoke", "admin"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("cannot revoke its own credential"),
+        "{}",
+        run.stderr
+    );
+    let run = cp.cli(&["operator", "list"]);
+    assert!(
+        run.stdout
+            .lines()
+            .any(|l| l.starts_with("bob ") && l.contains(" policy ") && l.contains(" revoked ")),
+        "{}",
+        run.stdout
+    );
+
+    // Credentials from before roles, made as the CA made them then: no organizationalUnit.
+    let operators = data.join("operators");
+    let old = |name: &str| {
+        let ext = dir.path().join("ext.cnf");
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName=URI:spiffe://sidewall.local/sidewall/operator/{name}\n\
+                 keyUsage=critical,digitalSignature\n\
+                 extendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=critical,CA:FALSE\n"
+            ),
+        )
+        .unwrap();
+        let (key, csr) = (format!("{name}.key"), format!("{name}.csr"));
+        sh(
+            &operators,
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/O=SPIFFE",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+        );
+        let ca = data.join("ca");
+        let leaf = sh(
+            &operators,
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                ca.join("intermediate.pem").to_str().unwrap(),
+                "-CAkey",
+                ca.join("intermediate.key").to_str().unwrap(),
+                "-days",
+                // Most of the 90-day lifetime left: only the missing role can get it replaced.
+                "80",
+                "-extfile",
+                ext.to_str().unwrap(),
+            ],
+        );
+        let intermediate = std::fs::read_to_string(ca.join("intermediate.pem")).unwrap();
+        std::fs::write(
+            operators.join(format!("{name}.pem")),
+            format!("{leaf}{intermediate}"),
+        )
+        .unwrap();
+    };
+    old("dave");
+    let run = cp.cli(&["policy", "history", "--operator", "dave"]);
+    assert_eq!(run.code, 0, "an old credential reads: {}", run.stderr);
+    let run = cp.cli(&["token", "list", "--operator", "dave"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr
+            .contains("carries no role (issued before roles): it may only read"),
+        "{}",
+        run.stderr
+    );
+    // The control plane's own admin credential from before roles is replaced on start.
+    old("admin");
+    assert_eq!(
+        cp.cli(&["token", "list"]).code,
+        1,
+        "the old admin reads only"
+    );
+    cp.stop();
+    cp.restart(&[]);
+    let run = cp.cli(&["token", "list"]);
+    assert_eq!(run.code, 0, "a new admin credential: {}", run.stderr);
 }

@@ -3,8 +3,8 @@
 //! status, produced in one place ([`ApiError`]) where it is also counted and logged.
 //!
 //! This file holds the router and what every route shares (the caller, errors, bodies); the
-//! routes are grouped by what they manage: `identity` (certificates and operator credentials),
-//! `tokens`, `revocations`, `distribution` (what sidecars call: registrations, the snapshot
+//! routes are grouped by what they manage: `identity` (certificates), `operators` (operator
+//! credentials and their roles), `tokens`, `revocations`, `distribution` (what sidecars call: registrations, the snapshot
 //! watch, acks, flows) and `policies` (policy versions, impact, the directory, the fleet).
 
 use std::convert::Infallible;
@@ -20,6 +20,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use sidewall_policies::svid::Svid;
+use sidewall_policies::wire::operator::Role;
 
 use crate::attestation::TokenError;
 use crate::ca::{Authority, csr};
@@ -132,6 +133,7 @@ pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 pub(crate) mod distribution;
 mod identity;
+mod operators;
 mod policies;
 mod revocations;
 mod tokens;
@@ -243,6 +245,8 @@ pub struct Peer {
     pub svid: Option<Svid>,
     /// The client's address as this control plane sees it.
     pub remote: Option<std::net::SocketAddr>,
+    /// The role an operator's certificate carries ([`crate::ca::operator_role`]).
+    pub role: Option<Role>,
 }
 
 /// Serves one request; never fails (errors become JSON responses).
@@ -253,51 +257,14 @@ pub async fn handle(
 ) -> Result<HttpResponse, Infallible> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let route = route_name(&method, &path);
-    let result = match (&method, path.as_str()) {
-        (&Method::GET, "/v1/trust-bundle") => Ok(identity::trust_bundle(&api)),
-        (&Method::POST, "/v1/certificates") => identity::certificates(&api, &peer, request).await,
-        (&Method::POST, "/v1/tokens") => tokens::create_token(&api, &peer, request).await,
-        (&Method::GET, "/v1/tokens") => tokens::list_tokens(&api, &peer).await,
-        (&Method::DELETE, p) if p.starts_with("/v1/tokens/") => {
-            tokens::revoke_token(&api, &peer, &p["/v1/tokens/".len()..]).await
-        }
-        (&Method::POST, "/v1/operators") => identity::issue_operator(&api, &peer, request).await,
-        (&Method::POST, "/v1/revocations") => revocations::revoke(&api, &peer, request).await,
-        (&Method::GET, "/v1/revocations") => revocations::list_revocations(&api, &peer).await,
-        (&Method::GET, "/v1/snapshots/watch") => distribution::watch(&api, &peer, &request),
-        (&Method::POST, "/v1/registrations") => distribution::register(&api, &peer, request).await,
-        (&Method::DELETE, p) if p.starts_with("/v1/registrations/") => {
-            distribution::deregister(&api, &peer, &p["/v1/registrations/".len()..]).await
-        }
-        (&Method::POST, "/v1/acks") => distribution::ack(&api, &peer, request).await,
-        (&Method::POST, "/v1/flows") => distribution::flows(&api, &peer, request).await,
-        (&Method::GET, "/v1/flows") => distribution::list_flows(&api, &peer).await,
-        (&Method::POST, "/v1/policies") => policies::apply(&api, &peer, request).await,
-        (&Method::GET, "/v1/policies") => policies::history(&api, &peer).await,
-        (&Method::POST, "/v1/policies/impact") => policies::impact(&api, &peer, request).await,
-        (&Method::GET, p) if p.starts_with("/v1/policies/") => {
-            policies::version(&api, &peer, &p["/v1/policies/".len()..]).await
-        }
-        (&Method::GET, "/v1/directory") => policies::directory(&api, &peer).await,
-        (&Method::DELETE, p) if p.starts_with("/v1/directory/") => {
-            distribution::remove(&api, &peer, &p["/v1/directory/".len()..]).await
-        }
-        (&Method::GET, "/v1/fleet") => policies::fleet(&api, &peer).await,
-        (
-            _,
-            "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
-            | "/v1/revocations",
-        ) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed on {path}"),
-        )),
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no route {path}"),
-        )),
+    let (route, access) = route(&method, &path);
+    let result = match access {
+        Access::Operator(needed) => authorize(&api, &peer, needed, &method, &path),
+        Access::Anyone | Access::Workload => Ok(()),
+    };
+    let result = match result {
+        Ok(()) => dispatch(&api, &peer, request, &method, &path).await,
+        Err(error) => Err(error),
     };
     let response = match result {
         Ok(response) => response,
@@ -316,23 +283,141 @@ pub async fn handle(
     Ok(response)
 }
 
-fn route_name(method: &Method, path: &str) -> &'static str {
+async fn dispatch(
+    api: &Arc<Api>,
+    peer: &Peer,
+    request: Request<Incoming>,
+    method: &Method,
+    path: &str,
+) -> Result<HttpResponse, ApiError> {
     match (method, path) {
-        (_, "/v1/trust-bundle") => "trust_bundle",
-        (_, "/v1/certificates") => "certificates",
-        (_, p) if p.starts_with("/v1/tokens") => "tokens",
-        (_, "/v1/operators") => "operators",
-        (_, "/v1/revocations") => "revocations",
-        (_, "/v1/snapshots/watch") => "watch",
-        (_, p) if p.starts_with("/v1/registrations") => "registrations",
-        (_, "/v1/acks") => "acks",
-        (_, "/v1/flows") => "flows",
-        (_, p) if p.starts_with("/v1/policies") => "policies",
-        (_, p) if p.starts_with("/v1/directory") => "directory",
-        (_, "/v1/fleet") => "fleet",
-        _ => "other",
+        (&Method::GET, "/v1/trust-bundle") => Ok(identity::trust_bundle(api)),
+        (&Method::POST, "/v1/certificates") => identity::certificates(api, peer, request).await,
+        (&Method::POST, "/v1/tokens") => tokens::create_token(api, peer, request).await,
+        (&Method::GET, "/v1/tokens") => tokens::list_tokens(api, peer).await,
+        (&Method::DELETE, p) if p.starts_with("/v1/tokens/") => {
+            tokens::revoke_token(api, peer, &p["/v1/tokens/".len()..]).await
+        }
+        (&Method::POST, "/v1/operators") => operators::issue(api, peer, request).await,
+        (&Method::GET, "/v1/operators") => operators::list(api, peer, &request).await,
+        (&Method::DELETE, p) if p.starts_with("/v1/operators/") => {
+            operators::revoke(api, peer, &p["/v1/operators/".len()..]).await
+        }
+        (&Method::POST, "/v1/revocations") => revocations::revoke(api, peer, request).await,
+        (&Method::GET, "/v1/revocations") => revocations::list_revocations(api, peer).await,
+        (&Method::GET, "/v1/snapshots/watch") => distribution::watch(api, peer, &request),
+        (&Method::POST, "/v1/registrations") => distribution::register(api, peer, request).await,
+        (&Method::DELETE, p) if p.starts_with("/v1/registrations/") => {
+            distribution::deregister(api, peer, &p["/v1/registrations/".len()..]).await
+        }
+        (&Method::POST, "/v1/acks") => distribution::ack(api, peer, request).await,
+        (&Method::POST, "/v1/flows") => distribution::flows(api, peer, request).await,
+        (&Method::GET, "/v1/flows") => distribution::list_flows(api, peer).await,
+        (&Method::POST, "/v1/policies") => policies::apply(api, peer, request).await,
+        (&Method::GET, "/v1/policies") => policies::history(api, peer).await,
+        (&Method::POST, "/v1/policies/impact") => policies::impact(api, peer, request).await,
+        (&Method::GET, p) if p.starts_with("/v1/policies/") => {
+            policies::version(api, peer, &p["/v1/policies/".len()..]).await
+        }
+        (&Method::GET, "/v1/directory") => policies::directory(api, peer).await,
+        (&Method::DELETE, p) if p.starts_with("/v1/directory/") => {
+            distribution::remove(api, peer, &p["/v1/directory/".len()..]).await
+        }
+        (&Method::GET, "/v1/fleet") => policies::fleet(api, peer).await,
+        (
+            _,
+            "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
+            | "/v1/revocations",
+        ) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route {path}"),
+        )),
     }
 }
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Anyone who completed the handshake (the route checks the credential it takes).
+    Anyone,
+    /// A workload's sidecar (the route checks which).
+    Workload,
+    /// An operator whose role is at least this one.
+    Operator(Role),
+}
+
+/// A route's name (its metrics label) and who may call it: the one table of the role each
+/// route needs (docs/api.md#operator-roles). A method a route does not take is `Anyone`: it
+/// is answered 405 or 404 to everyone.
+pub(crate) fn route(method: &Method, path: &str) -> (&'static str, Access) {
+    use Access::{Anyone, Operator, Workload};
+    use Role::{Admin, Policy, Viewer};
+    let get = method == Method::GET;
+    let (post, delete) = (method == Method::POST, method == Method::DELETE);
+    let prefix = |p: &str| path.starts_with(p);
+    match path {
+        "/v1/trust-bundle" => ("trust_bundle", Anyone),
+        "/v1/certificates" => ("certificates", Anyone),
+        "/v1/tokens" if get || post => ("tokens", Operator(Admin)),
+        _ if prefix("/v1/tokens/") && delete => ("tokens", Operator(Admin)),
+        _ if prefix("/v1/tokens") => ("tokens", Anyone),
+        "/v1/operators" if get || post => ("operators", Operator(Admin)),
+        _ if prefix("/v1/operators/") && delete => ("operators", Operator(Admin)),
+        _ if prefix("/v1/operators") => ("operators", Anyone),
+        "/v1/revocations" if post => ("revocations", Operator(Admin)),
+        "/v1/revocations" if get => ("revocations", Operator(Viewer)),
+        "/v1/revocations" => ("revocations", Anyone),
+        "/v1/snapshots/watch" => ("watch", Workload),
+        _ if prefix("/v1/registrations") => ("registrations", Workload),
+        "/v1/acks" => ("acks", Workload),
+        "/v1/flows" if get => ("flows", Operator(Viewer)),
+        "/v1/flows" => ("flows", Workload),
+        "/v1/policies" if post => ("policies", Operator(Policy)),
+        "/v1/policies/impact" if post => ("policies", Operator(Viewer)),
+        _ if prefix("/v1/policies") && get => ("policies", Operator(Viewer)),
+        _ if prefix("/v1/policies") => ("policies", Anyone),
+        "/v1/directory" if get => ("directory", Operator(Viewer)),
+        _ if prefix("/v1/directory/") && delete => ("directory", Operator(Admin)),
+        _ if prefix("/v1/directory") => ("directory", Anyone),
+        "/v1/fleet" if get => ("fleet", Operator(Viewer)),
+        "/v1/fleet" => ("fleet", Anyone),
+        _ => ("other", Anyone),
+    }
+}
+
+/// An operator whose role is at least `needed`, or why not.
+fn authorize(
+    api: &Api,
+    peer: &Peer,
+    needed: Role,
+    method: &Method,
+    path: &str,
+) -> Result<(), ApiError> {
+    let operator = require_operator(api, peer)?;
+    let role = peer.role.unwrap_or(Role::Viewer);
+    if role >= needed {
+        return Ok(());
+    }
+    let has = match peer.role {
+        Some(role) => format!("has the {role} role"),
+        None => "carries no role (issued before roles): it may only read".to_owned(),
+    };
+    Err(ApiError::forbidden(
+        "role_insufficient",
+        format!(
+            "{operator} {has}; {method} {path} needs {needed}; an admin can issue a credential with `sidewall operator issue NAME --role {needed}`"
+        ),
+    ))
+}
+
+/// Where operators' identities live in the trust domain.
+pub(crate) const OPERATOR_PATH: &str = "/sidewall/operator/";
 
 pub(crate) fn require_operator(api: &Api, peer: &Peer) -> Result<String, ApiError> {
     let Some(svid) = &peer.svid else {
@@ -342,7 +427,7 @@ pub(crate) fn require_operator(api: &Api, peer: &Peer) -> Result<String, ApiErro
             "this route needs an operator certificate (mTLS)",
         ));
     };
-    let prefix = format!("spiffe://{}/sidewall/operator/", api.ca.trust_domain());
+    let prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca.trust_domain());
     if api.distribution.is_revoked(&svid.id, &svid.serial) {
         return Err(ApiError::forbidden(
             "revoked",

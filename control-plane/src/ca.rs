@@ -19,6 +19,7 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use sidewall_policies::wire::operator::Role;
 use sidewall_policies::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
@@ -98,6 +99,27 @@ pub struct Issued {
     pub chain_pem: String,
     /// Not valid after.
     pub not_after: SystemTime,
+}
+
+impl Issued {
+    /// What the store keeps of it.
+    pub fn record(
+        &self,
+        authenticated_by: &str,
+        role: Option<Role>,
+    ) -> crate::store::CertificateRecord {
+        crate::store::CertificateRecord {
+            serial: self.serial.clone(),
+            identity: self.identity.to_string(),
+            issued_at: crate::now_unix(),
+            not_after: self
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            authenticated_by: authenticated_by.to_owned(),
+            role,
+        }
+    }
 }
 
 /// The CA: signs with the intermediate, publishes the root as the trust bundle.
@@ -406,7 +428,20 @@ impl Authority {
         spki: &[u8],
         lifetime: Duration,
     ) -> Result<Issued, CaError> {
-        self.issue_with_names(identity, spki, lifetime, &[])
+        self.build(identity, spki, lifetime, &[], None)
+    }
+
+    /// Like [`Authority::issue`], for an operator: the role is the subject's
+    /// organizationalUnit (as Kubernetes client certificates carry groups in the subject), so
+    /// the credential itself says what it may do and the CA's signature vouches for it.
+    pub fn issue_operator(
+        &self,
+        identity: &SpiffeId,
+        spki: &[u8],
+        lifetime: Duration,
+        role: Role,
+    ) -> Result<Issued, CaError> {
+        self.build(identity, spki, lifetime, &[], Some(role))
     }
 
     /// Like [`Authority::issue`], with DNS names or IP addresses added beside the one URI SAN
@@ -419,10 +454,24 @@ impl Authority {
         lifetime: Duration,
         names: &[String],
     ) -> Result<Issued, CaError> {
+        self.build(identity, spki, lifetime, names, None)
+    }
+
+    fn build(
+        &self,
+        identity: &SpiffeId,
+        spki: &[u8],
+        lifetime: Duration,
+        names: &[String],
+        role: Option<Role>,
+    ) -> Result<Issued, CaError> {
         let public_key = SubjectPublicKeyInfo::from_der(spki).map_err(CaError::PublicKey)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "SPIFFE");
+        if let Some(role) = role {
+            dn.push(DnType::OrganizationalUnitName, role.as_str());
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
         for name in names {
@@ -455,6 +504,16 @@ impl Authority {
             not_after,
         })
     }
+}
+
+/// The role an operator certificate (DER) carries: the one organizationalUnit of its subject
+/// when that names a role. `None` for a certificate issued before roles, or with no unit, an
+/// unknown one or several: such a credential may only read (docs/api.md).
+pub fn operator_role(der: &[u8]) -> Option<Role> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut units = cert.subject().iter_organizational_unit();
+    let role = Role::parse(units.next()?.as_str().ok()?)?;
+    units.next().is_none().then_some(role)
 }
 
 /// A new root and intermediate, in memory.
@@ -555,4 +614,33 @@ fn check_trust_domain(
 /// Paths of the CA files inside a data directory.
 pub fn ca_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("ca")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_certificate_carries_its_role_and_a_workload_one_none() {
+        let td = TrustDomain::new("td.test").unwrap();
+        let ca = Authority::from_material(&td, &generate_material(&td).unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let der = |issued: Issued| {
+            CertificateDer::from_pem_slice(issued.leaf_pem.as_bytes())
+                .unwrap()
+                .to_vec()
+        };
+        for role in Role::ALL {
+            let id = td.id("/sidewall/operator/alice").unwrap();
+            let issued = ca
+                .issue_operator(&id, &spki, Duration::from_secs(60), role)
+                .unwrap();
+            assert_eq!(operator_role(&der(issued)), Some(role));
+        }
+        let workload = td.id("/ns/a/svc/b").unwrap();
+        let issued = ca.issue(&workload, &spki, Duration::from_secs(60)).unwrap();
+        assert_eq!(operator_role(&der(issued)), None);
+        assert_eq!(operator_role(b"not a certificate"), None);
+    }
 }

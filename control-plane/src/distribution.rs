@@ -247,6 +247,11 @@ impl Distribution {
         self.read().revocations.is_revoked(id, serial)
     }
 
+    /// Whether an identity (every certificate of it) is on the revocation list.
+    pub fn is_identity_revoked(&self, id: &SpiffeId) -> bool {
+        self.read().revocations.identities.contains(id)
+    }
+
     /// Records (or clears) a problem with the policy source directory.
     pub fn set_source_error(&self, error: Option<String>) {
         *lock(&self.source_error) = error;

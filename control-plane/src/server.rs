@@ -30,6 +30,7 @@ use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::{Store, StoreError};
 use crate::tls::{ServingCertificate, TlsError, server_config};
 use crate::{admin, ui};
+use sidewall_policies::wire::operator::Role;
 
 /// Most API connections at once.
 pub const MAX_CONNECTIONS: usize = 20_000;
@@ -95,7 +96,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         ca.trust_bundle_pem().as_bytes(),
         0o644,
     )?;
-    ensure_operator(&ca, &data_dir, config.operator_lifetime)?;
+    ensure_operator(&ca, store.as_ref(), &data_dir, config.operator_lifetime).await?;
     let (certificate, _) =
         ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
     let certificate = Arc::new(certificate);
@@ -197,9 +198,14 @@ fn server_names(config: &Config) -> Vec<String> {
     names
 }
 
-/// Writes `operators/admin.{pem,key}` unless a credential with more than a third of its
-/// lifetime left is there already.
-fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Result<(), StartError> {
+/// Writes `operators/admin.{pem,key}` unless an admin credential with more than a third of
+/// its lifetime left is there already, and records a new one in the store.
+async fn ensure_operator(
+    ca: &Authority,
+    store: &dyn Store,
+    data_dir: &Path,
+    lifetime: Duration,
+) -> Result<(), StartError> {
     let (cert_path, key_path) = operator_paths(data_dir, "admin");
     if let Ok(pem) = std::fs::read(&cert_path)
         && let Ok(der) =
@@ -209,6 +215,8 @@ fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Resul
         && let Ok(svid) =
             sidewall_policies::svid::Svid::from_der(&der, sidewall_policies::svid::Usage::Client)
         && svid.remaining(now_unix()) > lifetime / 3
+        // One written before roles is replaced.
+        && crate::ca::operator_role(&der) == Some(Role::Admin)
     {
         return Ok(());
     }
@@ -219,11 +227,15 @@ fn ensure_operator(ca: &Authority, data_dir: &Path, lifetime: Duration) -> Resul
         .id("/sidewall/operator/admin")
         .map_err(|e| StartError::Io(cert_path.clone(), std::io::Error::other(e)))?;
     let key = rcgen::KeyPair::generate().map_err(CaError::from)?;
-    let issued = ca.issue(
+    let issued = ca.issue_operator(
         &id,
         &rcgen::PublicKeyData::subject_public_key_info(&key),
         lifetime,
+        Role::Admin,
     )?;
+    store
+        .put_certificate(issued.record("control-plane", Some(Role::Admin)))
+        .await?;
     write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_private(&cert_path, issued.chain_pem.as_bytes(), 0o644)?;
     tracing::info!(path = %cert_path.display(), "wrote the admin operator credential");
@@ -346,12 +358,20 @@ pub async fn run(
                     return;
                 }
             };
+            let certificates = tls.get_ref().1.peer_certificates();
+            let svid = sidewall_policies::svid::peer_svid(
+                certificates,
+                sidewall_policies::svid::Usage::Client,
+            );
+            // Read only from operators' certificates (the API checks who is one).
+            let role = svid
+                .as_ref()
+                .filter(|s| s.id.path().starts_with(crate::api::OPERATOR_PATH))
+                .and_then(|_| crate::ca::operator_role(certificates?.first()?));
             let peer = Arc::new(Peer {
                 remote: Some(remote),
-                svid: sidewall_policies::svid::peer_svid(
-                    tls.get_ref().1.peer_certificates(),
-                    sidewall_policies::svid::Usage::Client,
-                ),
+                svid,
+                role,
             });
             // Clients without a certificate (joining sidecars, the public trust bundle): a
             // few connections per source address.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sidewall_policies::load::Source;
 pub use sidewall_policies::wire::operator::RegistrationRecord;
-use sidewall_policies::wire::operator::RevocationKind;
+use sidewall_policies::wire::operator::{RevocationKind, Role};
 use tokio::sync::watch;
 
 use crate::distribution::Distribution;
@@ -176,8 +176,12 @@ pub struct CertificateRecord {
     pub issued_at: i64,
     /// Expires at, Unix seconds.
     pub not_after: i64,
-    /// How the caller authenticated: `token:<id>`, `renewal:<serial>` or `operator:<id>`.
+    /// How the caller authenticated: `token:<id>`, `renewal:<serial>`, `operator:<id>`, or
+    /// `control-plane` for the `admin` credential it writes itself.
     pub authenticated_by: String,
+    /// An operator certificate's role (the certificate carries it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
 }
 
 /// A revoked identity or serial.
@@ -269,6 +273,8 @@ pub trait Store: Send + Sync + 'static {
     fn put_certificate(&self, record: CertificateRecord) -> StoreFuture<'_, ()>;
     /// Looks a certificate up by serial.
     fn certificate(&self, serial: &str) -> StoreFuture<'_, Option<CertificateRecord>>;
+    /// Every issued certificate.
+    fn certificates(&self) -> StoreFuture<'_, Vec<CertificateRecord>>;
     /// Adds a revocation (idempotent).
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()>;
     /// Every revocation.

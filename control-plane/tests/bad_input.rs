@@ -243,6 +243,7 @@ fn path_of(op: &str) -> String {
         .1
         .replace("{id}", "x")
         .replace("{instance}", "x")
+        .replace("{name}", "x")
         .replace("{version}", "current")
 }
 
@@ -430,9 +431,13 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     let v = cp.workload("spiffe://sidewall.local/ns/bad/svc/v").await;
     // An operator whose credential was revoked.
     let gone_key = KeyPair::generate().unwrap();
-    let asked = json!({"name": "gone", "csr": csr(&gone_key)});
+    let asked = json!({"name": "gone", "role": "viewer", "csr": csr(&gone_key)});
     let (gone, as_gone) = credential(&cp, &operator, "/v1/operators", asked, &gone_key).await;
     revoke(&operator, json!({"identity": gone["identity"]})).await;
+    // An operator who may only read.
+    let viewer_key = KeyPair::generate().unwrap();
+    let asked = json!({"name": "watcher", "role": "viewer", "csr": csr(&viewer_key)});
+    let (_, as_viewer) = credential(&cp, &operator, "/v1/operators", asked, &viewer_key).await;
 
     let documented = documented();
     let needs = |op: &str, code: &str| documented[op].contains(&(401, code.to_owned()));
@@ -495,11 +500,15 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
         Case { name: "token for a reserved identity".into(), client: c(&operator), op: "POST /v1/tokens".into(), path: None, body: Bytes::from(json!({"identity": "spiffe://sidewall.local/sidewall/control-plane"}).to_string()), status: StatusCode::BAD_REQUEST, code: "not_a_workload", message: "never issued to workloads" },
         Case { name: "token for another trust domain".into(), client: c(&operator), op: "POST /v1/tokens".into(), path: None, body: Bytes::from(json!({"identity": "spiffe://evil.org/ns/a/svc/b"}).to_string()), status: StatusCode::BAD_REQUEST, code: "foreign_trust_domain", message: "is not in trust domain sidewall.local" },
         Case { name: "token TTL over the cap".into(), client: c(&operator), op: "POST /v1/tokens".into(), path: None, body: Bytes::from(json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "ttl_seconds": 86_401}).to_string()), status: StatusCode::BAD_REQUEST, code: "ttl_out_of_range", message: "ttl must be from 1 s to 86400 s" },
-        Case { name: "operator name with a slash".into(), client: c(&operator), op: "POST /v1/operators".into(), path: None, body: Bytes::from(json!({"name": "a/b", "csr": good_csr}).to_string()), status: StatusCode::BAD_REQUEST, code: "invalid_name", message: "must be one segment" },
+        Case { name: "operator name with a slash".into(), client: c(&operator), op: "POST /v1/operators".into(), path: None, body: Bytes::from(json!({"name": "a/b", "role": "viewer", "csr": good_csr}).to_string()), status: StatusCode::BAD_REQUEST, code: "invalid_name", message: "must be one segment" },
         Case::new("token for no SPIFFE ID", &operator, "POST /v1/tokens", to_json(json!({"identity": "nope"})), (BAD, "invalid_identity", "identity \"nope\"")),
         Case::new("token for a revoked identity", &operator, "POST /v1/tokens", to_json(json!({"identity": identity_r})), (BAD, "revoked", "no token can be made for it")),
         Case::new("token with no uses", &operator, "POST /v1/tokens", to_json(json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "uses": 0})), (BAD, "uses_out_of_range", "uses must be from 1 to 10000")),
         Case::new("revoking an unknown token", &operator, "DELETE /v1/tokens/{id}", "", (NOT_FOUND, "token_not_found", "no token nope")).at("/v1/tokens/nope"),
+        Case::new("issuing a revoked operator's name", &operator, "POST /v1/operators", to_json(json!({"name": "gone", "role": "viewer", "csr": good_csr})), (CONFLICT, "name_revoked", "operator gone was revoked")),
+        Case::new("revoking an operator never issued", &operator, "DELETE /v1/operators/{name}", "", (NOT_FOUND, "operator_not_found", "no operator nobody")).at("/v1/operators/nobody"),
+        Case::new("revoking oneself", &operator, "DELETE /v1/operators/{name}", "", (CONFLICT, "self_revocation", "cannot revoke its own credential")).at("/v1/operators/admin"),
+        Case::new("revoking an operator name with a slash", &operator, "DELETE /v1/operators/{name}", "", (BAD, "invalid_name", "must be one segment")).at("/v1/operators/a/b"),
         Case::new("revoking no SPIFFE ID", &operator, "POST /v1/revocations", to_json(json!({"identity": "nope"})), (BAD, "invalid_identity", "identity \"nope\"")),
         Case::new("revoking a serial that is not hex", &operator, "POST /v1/revocations", to_json(json!({"serial": "xyz"})), (BAD, "invalid_serial", "serial must be hex")),
         Case::new("revoking nothing", &operator, "POST /v1/revocations", to_json(json!({})), (BAD, "identity_or_serial", "give exactly one of identity and serial")),
@@ -555,7 +564,7 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
             body(broken, &fresh),
             *answer,
         ));
-        let operator_body = to_json(json!({"name": "probe", "csr": broken}));
+        let operator_body = to_json(json!({"name": "probe", "role": "viewer", "csr": broken}));
         cases.push(Case::new(
             format!("{name}, for an operator"),
             &operator,
@@ -576,6 +585,22 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
             let case = Case::new(format!("{op} with {who}"), client, op.clone(), "", answer);
             cases.push(case.at(path_of(&op)));
         }
+    }
+    // The role checks, on every operation that needs more than a viewer's.
+    for op in operations_answering(&documented, 403, "role_insufficient") {
+        let answer = (
+            StatusCode::FORBIDDEN,
+            "role_insufficient",
+            "has the viewer role",
+        );
+        let case = Case::new(
+            format!("{op} as a viewer"),
+            &as_viewer,
+            op.clone(),
+            "",
+            answer,
+        );
+        cases.push(case.at(path_of(&op)));
     }
     for op in operations_answering(&documented, 401, "workload_credential_required") {
         // The workload routes with a body read it first: a valid one.

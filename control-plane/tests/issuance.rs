@@ -264,7 +264,7 @@ async fn operators_can_issue_operators_and_workloads_cannot() {
     let dir = tempfile::tempdir().unwrap();
     let cp = TestControlPlane::start(dir.path(), |_| {}).await;
     let key = KeyPair::generate().unwrap();
-    let body = json!({"name": "alice", "csr": csr_for(&key, CertificateParams::default())});
+    let body = json!({"name": "alice", "role": "admin", "csr": csr_for(&key, CertificateParams::default())});
     let (status, issued) = cp
         .operator()
         .call(Method::POST, "/v1/operators", Some(&body))

@@ -1,7 +1,7 @@
-//! Certificates: the trust bundle, workload certificates from CSRs (a join token on first
-//! contact, the current certificate for a renewal), and operator credentials.
+//! Certificates: the trust bundle, and workload certificates from CSRs (a join token on first
+//! contact, the current certificate for a renewal).
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -10,15 +10,12 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use sidewall_policies::SpiffeId;
 use sidewall_policies::wire;
-use sidewall_policies::wire::operator::{OperatorRequest, RevocationKind};
+use sidewall_policies::wire::operator::{RevocationKind, Role};
 
-use super::{
-    Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
-    rfc3339,
-};
+use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, rfc3339};
 use crate::attestation::{JoinToken, TokenError, workload_identity};
 use crate::ca::{Issued, csr};
-use crate::store::{CertificateRecord, Redemption};
+use crate::store::Redemption;
 
 /// `GET /v1/trust-bundle`: the roots, PEM (no client certificate needed).
 pub(super) fn trust_bundle(api: &Api) -> HttpResponse {
@@ -139,7 +136,7 @@ pub(super) async fn certificates(
         &key.spki,
         api.config.workload_lifetime,
         &authenticated_by,
-        "workload",
+        None,
     )
     .await?;
     tracing::info!(identity = %identity, serial = %issued.serial, key = key.kind, authenticated_by, "certificate issued");
@@ -158,15 +155,19 @@ fn limit(api: &Api, identity: &SpiffeId) -> Result<(), ApiError> {
     }
 }
 
-async fn issue(
+pub(super) async fn issue(
     api: &Api,
     identity: &SpiffeId,
     spki: &[u8],
     lifetime: Duration,
     authenticated_by: &str,
-    kind: &'static str,
+    role: Option<Role>,
 ) -> Result<Issued, ApiError> {
-    let issued = api.ca.issue(identity, spki, lifetime).map_err(|e| {
+    let issued = match role {
+        Some(role) => api.ca.issue_operator(identity, spki, lifetime, role),
+        None => api.ca.issue(identity, spki, lifetime),
+    };
+    let issued = issued.map_err(|e| {
         // Every check on the key has passed: a signer that still fails is this server's
         // fault, not the client's.
         tracing::error!(error = %e, "signing failed");
@@ -177,22 +178,18 @@ async fn issue(
         )
     })?;
     api.store
-        .put_certificate(CertificateRecord {
-            serial: issued.serial.clone(),
-            identity: identity.to_string(),
-            issued_at: now_unix(),
-            not_after: issued
-                .not_after
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-            authenticated_by: authenticated_by.to_owned(),
-        })
+        .put_certificate(issued.record(authenticated_by, role))
         .await?;
+    let kind = if role.is_some() {
+        "operator"
+    } else {
+        "workload"
+    };
     metrics::counter!(crate::metric::CERTIFICATES_ISSUED, "kind" => kind).increment(1);
     Ok(issued)
 }
 
-fn certificate_response(api: &Api, issued: &Issued) -> HttpResponse {
+pub(super) fn certificate_response(api: &Api, issued: &Issued) -> HttpResponse {
     let body = wire::Certificate {
         certificate_chain: issued.chain_pem.clone(),
         trust_bundle: api.ca.trust_bundle_pem().to_owned(),
@@ -201,41 +198,4 @@ fn certificate_response(api: &Api, issued: &Issued) -> HttpResponse {
         serial: issued.serial.clone(),
     };
     json_response(StatusCode::OK, &body)
-}
-
-/// `POST /v1/operators`: a credential for a new operator, from an operator.
-pub(super) async fn issue_operator(
-    api: &Api,
-    peer: &Peer,
-    request: Request<Incoming>,
-) -> Result<HttpResponse, ApiError> {
-    let operator = require_operator(api, peer)?;
-    let body: OperatorRequest = read_json(api, request).await?;
-    let identity = api
-        .ca
-        .trust_domain()
-        .id(&format!("/sidewall/operator/{}", body.name))
-        .ok()
-        .filter(|_| !body.name.is_empty() && !body.name.contains('/'))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_name",
-                format!(
-                    "operator name {:?} must be one segment of a-z A-Z 0-9 . _ -",
-                    body.name
-                ),
-            )
-        })?;
-    let key = csr::parse(&body.csr)?;
-    let issued = issue(
-        api,
-        &identity,
-        &key.spki,
-        api.config.operator_lifetime,
-        &format!("operator:{operator}"),
-        "operator",
-    )
-    .await?;
-    tracing::info!(%identity, serial = %issued.serial, by = operator, "operator credential issued");
-    Ok(certificate_response(api, &issued))
 }

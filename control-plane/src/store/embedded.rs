@@ -329,6 +329,10 @@ impl Store for EmbeddedStore {
         self.get(CERTIFICATES, serial.to_owned())
     }
 
+    fn certificates(&self) -> StoreFuture<'_, Vec<CertificateRecord>> {
+        self.all(CERTIFICATES)
+    }
+
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()> {
         let key = format!("{}:{}", record.kind.as_str(), record.value);
         let bytes = encode(&record);

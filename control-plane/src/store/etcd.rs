@@ -577,6 +577,10 @@ impl Store for EtcdStore {
         Box::pin(async move { self.get(&key).await })
     }
 
+    fn certificates(&self) -> StoreFuture<'_, Vec<CertificateRecord>> {
+        Box::pin(self.all("certificates"))
+    }
+
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let key = format!(

@@ -373,14 +373,124 @@ pub struct Deregistered {
 
 // ---- Operators ----
 
+/// What an operator credential may do. Each role includes the ones before it; docs/api.md
+/// gives the role every route needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads: status, fleet, flows, policy history and diffs, impact, revocations.
+    Viewer,
+    /// A viewer who may also apply policy sets.
+    Policy,
+    /// Everything: join tokens, operators, revocations, registrations.
+    Admin,
+}
+
+impl Role {
+    /// Every role, least first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Policy, Role::Admin];
+
+    /// The word on the wire, on the command line and in the certificate.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Policy => "policy",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// The role named `word`, if it is one.
+    pub fn parse(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == word)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// `POST /v1/operators`: a credential for a new operator (the answer is a
 /// [`Certificate`](super::Certificate)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperatorRequest {
     /// The operator's name: one segment of `a-z A-Z 0-9 . _ -`.
     pub name: String,
+    /// What the credential may do.
+    pub role: Role,
     /// A PKCS#10 CSR in PEM for the operator's own key.
     pub csr: String,
+}
+
+/// `GET /v1/operators`: every operator certificate not yet expired (`?all=true`: every one),
+/// by name, then oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operators {
+    /// One row per certificate.
+    pub operators: Vec<OperatorRow>,
+}
+
+/// One operator certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRow {
+    /// The operator's name.
+    pub name: String,
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// What the certificate may do; absent for one issued before roles (it may only read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// Its serial, lowercase hex.
+    pub serial: String,
+    /// Whether it is usable.
+    pub state: OperatorState,
+    /// When it was issued, RFC 3339.
+    pub issued_at: String,
+    /// When it expires, RFC 3339.
+    pub expires_at: String,
+    /// Who issued it: `operator:<id>`, or `control-plane` for the `admin` credential the
+    /// control plane writes itself.
+    pub issued_by: String,
+}
+
+/// An operator certificate's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorState {
+    /// Valid and not revoked.
+    Active,
+    /// Its identity or serial is revoked.
+    Revoked,
+    /// Past its expiry.
+    Expired,
+}
+
+impl OperatorState {
+    /// The word on the wire and in `operator list`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl std::fmt::Display for OperatorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The answer to `DELETE /v1/operators/{name}`: the operator's identity, now revoked (every
+/// certificate of it, at once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRevoked {
+    /// The operator's SPIFFE ID.
+    pub identity: String,
+    /// How many of its certificates were still valid.
+    pub certificates: usize,
 }
 
 // ---- Join tokens ----
@@ -692,8 +802,31 @@ mod tests {
         });
         round_trip(&OperatorRequest {
             name: "alice".into(),
+            role: Role::Policy,
             csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
         });
+        round_trip(&Operators {
+            operators: vec![OperatorRow {
+                name: "alice".into(),
+                identity: "spiffe://td/sidewall/operator/alice".into(),
+                role: Some(Role::Viewer),
+                serial: "1f".into(),
+                state: OperatorState::Revoked,
+                issued_at: "2026-01-01T00:00:00Z".into(),
+                expires_at: "2026-04-01T00:00:00Z".into(),
+                issued_by: "control-plane".into(),
+            }],
+        });
+        assert_eq!(
+            serde_json::from_str::<OperatorRequest>(r#"{"name":"a","role":"root","csr":""}"#)
+                .unwrap_err()
+                .to_string(),
+            "unknown variant `root`, expected one of `viewer`, `policy`, `admin` at line 1 column 25"
+        );
+        for role in Role::ALL {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+        }
+        assert!(Role::Viewer < Role::Policy && Role::Policy < Role::Admin);
         round_trip(&TokenRequest {
             identity: "spiffe://td/api".into(),
             ttl_seconds: Some(3600),
