@@ -509,6 +509,7 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
         Case::new("revoking an operator never issued", &operator, "DELETE /v1/operators/{name}", "", (NOT_FOUND, "operator_not_found", "no operator nobody")).at("/v1/operators/nobody"),
         Case::new("revoking oneself", &operator, "DELETE /v1/operators/{name}", "", (CONFLICT, "self_revocation", "cannot revoke its own credential")).at("/v1/operators/admin"),
         Case::new("revoking an operator name with a slash", &operator, "DELETE /v1/operators/{name}", "", (BAD, "invalid_name", "must be one segment")).at("/v1/operators/a/b"),
+        Case::new("revoking one's own identity", &operator, "POST /v1/revocations", to_json(json!({"identity": "spiffe://sidewall.local/sidewall/operator/admin"})), (CONFLICT, "self_revocation", "cannot revoke its own credential")),
         Case::new("revoking no SPIFFE ID", &operator, "POST /v1/revocations", to_json(json!({"identity": "nope"})), (BAD, "invalid_identity", "identity \"nope\"")),
         Case::new("revoking a serial that is not hex", &operator, "POST /v1/revocations", to_json(json!({"serial": "xyz"})), (BAD, "invalid_serial", "serial must be hex")),
         Case::new("revoking nothing", &operator, "POST /v1/revocations", to_json(json!({})), (BAD, "identity_or_serial", "give exactly one of identity and serial")),

@@ -54,6 +54,19 @@ pub(super) async fn revoke(
             ));
         }
     };
+    // An operator revoking its own credential would lock itself out halfway through.
+    if let Some(svid) = &peer.svid
+        && match kind {
+            RevocationKind::Identity => value == svid.id.as_str(),
+            RevocationKind::Serial => value == svid.serial.trim_start_matches('0'),
+        }
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "self_revocation",
+            format!("{operator} cannot revoke its own credential; another admin can"),
+        ));
+    }
     api.store
         .put_revocation(RevocationRecord {
             kind,
