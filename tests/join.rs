@@ -315,3 +315,156 @@ fn a_join_whose_answer_was_lost_is_retried_with_the_same_key() {
     );
     assert!(sidecar.log().contains("certificate"), "{}", sidecar.log());
 }
+
+/// Issue 19, part 1: a sidecar joins with its pod's Kubernetes service-account token instead
+/// of a join token. The cluster here is a key this test makes (its JWKS in a file, as
+/// `kubectl get --raw /openid/v1/jwks` writes it) and tokens signed with it as the kubelet
+/// projects them. The sidecar pins the CA by `caFingerprint` (computed with openssl, as the
+/// docs say) and reads the token file at every attempt: a token of another pod is refused and
+/// counted, and once the file holds the pod's own token the next attempt joins.
+#[test]
+fn a_sidecar_joins_with_its_pods_service_account_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+    let mut jwk =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
+            .unwrap();
+    jwk.common.key_id = Some("cluster-1".into());
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::json!({"keys": [jwk]}).to_string()).unwrap();
+    let issuer = "https://kubernetes.default.svc.cluster.local";
+    let config = dir.path().join("cp.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "attestation:\n  kubernetes:\n    issuer: {issuer}\n    jwksFile: {}\n    namespaces: [shop]\n",
+            jwks.display()
+        ),
+    )
+    .unwrap();
+    let cp = ControlPlaneProcess::start(
+        &dir.path().join("cp"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let token_for = |pod: &str| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "aud": ["sidewall"], "iss": issuer, "iat": now, "nbf": now, "exp": now + 3600,
+            "sub": "system:serviceaccount:shop:api",
+            "kubernetes.io": {
+                "namespace": "shop",
+                "pod": {"name": pod, "uid": "3f0e"},
+                "serviceaccount": {"name": "api", "uid": "a17c"},
+            },
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("cluster-1".into());
+        jsonwebtoken::encode(&header, &claims, &encoding).unwrap()
+    };
+    let fingerprint = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl x509 -in {} -outform der | sha256sum",
+            cp.data_dir.join("trust-bundle.pem").display()
+        ))
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
+    let fingerprint = fingerprint.split_whitespace().next().unwrap();
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+
+    // What a wrong configuration gets, before anything starts.
+    let sidewall = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let bad = dir.path().join("bad.yaml");
+    let base = format!(
+        "identity: {TD}/ns/shop/svc/api\nstateDir: s\ninbound: {{listen: 127.0.0.1:4643, ports: []}}\nadmin: {{listen: 127.0.0.1:4691}}\n"
+    );
+    for (control_plane, expected) in [
+        (
+            "{urls: [https://cp:4600], tokenFile: t, serviceAccountTokenFile: s}",
+            "give tokenFile or serviceAccountTokenFile, not both",
+        ),
+        (
+            "{urls: [https://cp:4600], serviceAccountTokenFile: s}",
+            "controlPlane.caFingerprint: with serviceAccountTokenFile, give the SHA-256",
+        ),
+        (
+            "{urls: [https://cp:4600], serviceAccountTokenFile: s, caFingerprint: ABC}",
+            "64 lowercase hex digits",
+        ),
+    ] {
+        std::fs::write(&bad, format!("{base}controlPlane: {control_plane}\n")).unwrap();
+        let (code, stderr) = sidewall(&["proxy", "--config", bad.to_str().unwrap(), "--check"]);
+        assert_eq!(code, Some(2), "{control_plane}: {stderr}");
+        assert!(stderr.contains(expected), "{control_plane}: {stderr}");
+    }
+    std::fs::write(
+        &bad,
+        format!("attestation: {{kubernetes: {{issuer: {issuer}, jwksFile: /nowhere.json}}}}\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("never");
+    let (code, stderr) = sidewall(&[
+        "control-plane",
+        "--config",
+        bad.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("attestation.kubernetes.jwksFile: /nowhere.json: No such file"),
+        "{stderr}"
+    );
+
+    // Another pod's token first.
+    let token_file = dir.path().join("sa-token");
+    std::fs::write(&token_file, token_for("api-9")).unwrap();
+    let admin = free_port();
+    let config = format!(
+        "identity: {TD}/ns/shop/svc/api\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  serviceAccountTokenFile: sa-token\n  caFingerprint: {fingerprint}\n  pod: api-1\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+        cp.api_port,
+        free_port(),
+        free_port(),
+    );
+    let sidecar = ProxyProcess::start(dir.path(), "api", &config, admin);
+    eventually(30, "the other pod's token refused", || {
+        sidecar
+            .log()
+            .contains("belongs to pod api-9, not to pod api-1")
+    });
+    assert_ne!(http_get(admin, "/ready").0, 200, "not joined");
+    let metrics = http_get(cp.admin_port, "/metrics").1;
+    assert!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_refusals_total",
+            &[("route", "certificates"), ("reason", "sa_token_other_pod")]
+        ) >= 1,
+        "{metrics}"
+    );
+
+    // The kubelet's own token for this pod: the next attempt reads it and joins.
+    std::fs::write(&token_file, token_for("api-1")).unwrap();
+    sidecar.wait_ready();
+    let fleet = cp.cli(&["status"]);
+    assert!(
+        fleet.stdout.contains(&format!("{TD}/ns/shop/svc/api")),
+        "{}\n{}",
+        fleet.stdout,
+        fleet.stderr
+    );
+}

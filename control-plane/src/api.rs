@@ -23,6 +23,7 @@ use sidewall_policies::svid::Svid;
 use sidewall_policies::wire::operator::Role;
 
 use crate::attestation::TokenError;
+use crate::attestation::kubernetes::ServiceAccountError;
 use crate::ca::{Authority, csr};
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
@@ -43,6 +44,8 @@ pub struct Api {
     pub config: Config,
     /// Policy distribution and the fleet view.
     pub distribution: Arc<crate::distribution::Distribution>,
+    /// Kubernetes service-account attestation, when configured.
+    pub kubernetes: Option<crate::attestation::kubernetes::Kubernetes>,
 }
 
 impl Api {
@@ -112,6 +115,21 @@ impl From<TokenError> for ApiError {
     fn from(error: TokenError) -> Self {
         let status = match error {
             TokenError::Malformed => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        Self::new(status, error.code(), error.to_string())
+    }
+}
+
+impl From<ServiceAccountError> for ApiError {
+    fn from(error: ServiceAccountError) -> Self {
+        let status = match error {
+            ServiceAccountError::NotConfigured | ServiceAccountError::Malformed => {
+                StatusCode::BAD_REQUEST
+            }
+            ServiceAccountError::NotAllowed(_) | ServiceAccountError::OtherPod { .. } => {
+                StatusCode::FORBIDDEN
+            }
             _ => StatusCode::UNAUTHORIZED,
         };
         Self::new(status, error.code(), error.to_string())

@@ -14,6 +14,8 @@ use sidewall_policies::SpiffeId;
 use crate::random::{constant_time_eq, hex_token, sha256_hex};
 use crate::store::TokenRecord;
 
+pub mod kubernetes;
+
 const PREFIX: &str = "swt1";
 
 /// Why a token is refused. Each has a stable code for the API and the metrics.

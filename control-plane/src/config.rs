@@ -25,6 +25,14 @@
 //!   denials: 20                    # more denials of one peer at one target: denial_burst
 //!   scanPaths: 10                  # this many paths no policy mentions denied: path_scan
 //!   baseline: 1h                   # edges seen this long after start are normal; later: new_edge
+//! attestation:                     # optional: sidecars may join with Kubernetes service-account
+//!   kubernetes:                    # tokens (docs/control-plane.md#kubernetes-service-account-attestation)
+//!     issuer: https://kubernetes.default.svc.cluster.local
+//!     jwksFile: /etc/sidewall/k8s-jwks.json      # kubectl get --raw /openid/v1/jwks
+//!     audience: sidewall           # default sidewall
+//!     identity: /ns/{namespace}/svc/{serviceaccount}   # the default
+//!     namespaces: [shop]           # default: any
+//!     serviceAccounts: [shop/api]  # namespace/name; default: any in those namespaces
 //! policiesDir: ./policies          # optional: watch this directory and apply it (GitOps)
 //! serverNames: [cp.example.org]    # extra DNS names on the API certificate (for curl & co.)
 //! ca:                              # optional: plug in your own CA (root key stays offline)
@@ -51,6 +59,7 @@ use sidewall_policies::TrustDomain;
 pub use sidewall_policies::policy::ConfigDuration;
 use sidewall_policies::policy::format_duration;
 
+use crate::attestation::kubernetes::{DEFAULT_AUDIENCE, DEFAULT_IDENTITY, KubernetesConfig};
 use crate::ca::PlugIn;
 use crate::detection::DetectionConfig;
 
@@ -77,6 +86,8 @@ pub struct FileConfig {
     registrations: RegistrationsSection,
     #[serde(default)]
     detection: DetectionSection,
+    #[serde(default)]
+    attestation: AttestationSection,
     #[serde(default)]
     server_names: Vec<String>,
     policies_dir: Option<PathBuf>,
@@ -192,6 +203,72 @@ struct LimitsSection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RegistrationsSection {
     lease: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AttestationSection {
+    kubernetes: Option<KubernetesSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct KubernetesSection {
+    issuer: String,
+    jwks_file: PathBuf,
+    audience: Option<String>,
+    identity: Option<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    service_accounts: Vec<String>,
+}
+
+/// The `attestation.kubernetes` section, checked.
+fn kubernetes(
+    section: &KubernetesSection,
+    trust_domain: &TrustDomain,
+) -> Result<KubernetesConfig, ConfigError> {
+    let bad = |what: &str| Err(ConfigError::Value(format!("attestation.kubernetes.{what}")));
+    if section.issuer.trim().is_empty() {
+        return bad("issuer must name the cluster's service-account issuer");
+    }
+    let config = KubernetesConfig {
+        issuer: section.issuer.clone(),
+        jwks_file: section.jwks_file.clone(),
+        audience: section
+            .audience
+            .clone()
+            .unwrap_or_else(|| DEFAULT_AUDIENCE.to_owned()),
+        identity: section
+            .identity
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IDENTITY.to_owned()),
+        namespaces: section.namespaces.clone(),
+        service_accounts: section.service_accounts.clone(),
+    };
+    if config.audience.is_empty() {
+        return bad("audience must not be empty");
+    }
+    if !config.identity.contains("{serviceaccount}") {
+        return bad(
+            "identity must contain {serviceaccount}, or every service account would share one identity",
+        );
+    }
+    if let Err(error) = config.identity_of(trust_domain, "namespace", "serviceaccount") {
+        return bad(&format!(
+            "identity {:?} does not make a workload identity: {error}",
+            config.identity
+        ));
+    }
+    if let Some(odd) = config
+        .service_accounts
+        .iter()
+        .find(|s| s.split('/').count() != 2)
+    {
+        return bad(&format!("serviceAccounts: {odd:?} is not namespace/name"));
+    }
+    Ok(config)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -337,6 +414,8 @@ pub struct Config {
     pub identity_limits: crate::distribution::IdentityLimits,
     /// Detection's thresholds and windows.
     pub detection: DetectionConfig,
+    /// Kubernetes service-account attestation, if configured.
+    pub kubernetes: Option<KubernetesConfig>,
     /// DNS names added to the serving certificate beside its SPIFFE ID, so that ordinary
     /// HTTPS clients (curl) can verify it too. `localhost` and the listen IP are always added.
     pub server_names: Vec<String>,
@@ -479,13 +558,20 @@ impl Config {
                 "the etcd store needs caKekFile (--ca-kek-file): the CA's keys are stored in etcd sealed with it; create one with `openssl rand -hex 32 > ca.kek && chmod 600 ca.kek` and give every replica the same file".into(),
             ));
         }
+        let trust_domain = overrides
+            .trust_domain
+            .or(file.trust_domain)
+            .unwrap_or(default_td);
+        let kubernetes = file
+            .attestation
+            .kubernetes
+            .as_ref()
+            .map(|section| kubernetes(section, &trust_domain))
+            .transpose()?;
         Ok(Self {
             store,
             ca_kek_file,
-            trust_domain: overrides
-                .trust_domain
-                .or(file.trust_domain)
-                .unwrap_or(default_td),
+            trust_domain,
             data_dir: overrides
                 .data_dir
                 .or(file.data_dir)
@@ -515,6 +601,7 @@ impl Config {
             unauthenticated_per_source,
             identity_limits,
             detection,
+            kubernetes,
             server_names: file.server_names,
             policies_dir: overrides.policies_dir.or(file.policies_dir),
             registration_lease,
@@ -679,6 +766,47 @@ mod tests {
         for (text, expected) in cases {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.starts_with(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_attestation() {
+        assert_eq!(parse("{}").unwrap().kubernetes, None);
+        let k = "attestation:\n  kubernetes:\n    issuer: https://k\n    jwksFile: /j\n";
+        let config = parse(k).unwrap().kubernetes.unwrap();
+        assert_eq!(
+            (config.audience.as_str(), config.identity.as_str()),
+            ("sidewall", "/ns/{namespace}/svc/{serviceaccount}")
+        );
+        let cases = [
+            (
+                "attestation: {kubernetes: {issuer: https://k}}\n",
+                "missing field `jwksFile`",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: ' ', jwksFile: /j}}\n",
+                "attestation.kubernetes.issuer must name",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, identity: '/ns/{namespace}/svc/api'}}\n",
+                "attestation.kubernetes.identity must contain {serviceaccount}",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, identity: '/sidewall/{serviceaccount}'}}\n",
+                "does not make a workload identity",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, serviceAccounts: [api]}}\n",
+                "serviceAccounts: \"api\" is not namespace/name",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, audience: ''}}\n",
+                "attestation.kubernetes.audience must not be empty",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
         }
     }
 

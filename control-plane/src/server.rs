@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{Api, Peer};
+use crate::attestation::kubernetes::Kubernetes;
 #[cfg(feature = "etcd")]
 use crate::ca::sealed::{Kek, SealedCa, kek_path_required};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
@@ -121,7 +122,14 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         .with_limits(config.identity_limits)
         .with_detection(config.detection),
     );
+    let kubernetes = config
+        .kubernetes
+        .clone()
+        .map(|k| Kubernetes::new(k, config.trust_domain.clone()))
+        .transpose()
+        .map_err(|e| ConfigError::Value(format!("attestation.kubernetes.jwksFile: {e}")))?;
     let api = Arc::new(Api {
+        kubernetes,
         limiter: RateLimiter::new(config.issuance_per_minute),
         store,
         ca,

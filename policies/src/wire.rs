@@ -35,6 +35,13 @@ pub struct CertificateRequest {
     /// A join token, `swt1.<id>.<secret>.<root-sha256>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// Instead of a join token: the pod's projected Kubernetes service-account token (a JWT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token: Option<String>,
+    /// The pod asking, when the sidecar knows it: a service-account token bound to another
+    /// pod is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
 }
 
 /// The answer to `POST /v1/certificates` and `POST /v1/operators`: the new certificate.
@@ -261,8 +268,16 @@ mod tests {
             round_trip(&CertificateRequest {
                 csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
                 token,
+                service_account_token: None,
+                pod: None,
             });
         }
+        round_trip(&CertificateRequest {
+            csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+            token: None,
+            service_account_token: Some("eyJhbGciOiJSUzI1NiJ9.e30.c2ln".into()),
+            pod: Some("api-7f9c".into()),
+        });
         round_trip(&Certificate {
             certificate_chain: "leaf, intermediate".into(),
             trust_bundle: "root".into(),

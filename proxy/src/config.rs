@@ -5,6 +5,11 @@
 //! controlPlane:
 //!   urls: [https://127.0.0.1:4600]  # tried in order
 //!   tokenFile: ./api.token          # used until the first certificate is saved
+//!   # or, on Kubernetes, the pod's projected service-account token (audience sidewall), read
+//!   # at every join, with the SHA-256 of the CA root to pin (a join token carries its own):
+//!   # serviceAccountTokenFile: /var/run/secrets/sidewall/token
+//!   # caFingerprint: 3b5f…(64 hex digits)
+//!   # pod: ${POD_NAME}              # named in the request: a token of another pod is refused
 //!   watchKeepalive: 15s             # keep-alive asked of the watch; 3 missed = dead, next URL
 //! stateDir: ./state/api             # certificate, key (0600), trust bundle
 //! inbound:
@@ -51,6 +56,17 @@ pub struct ControlPlaneConfig {
     /// A file holding the join token, used until the first certificate is saved.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Instead of a join token: the pod's projected Kubernetes service-account token, read
+    /// at every join (the kubelet rotates it).
+    #[serde(default)]
+    pub service_account_token_file: Option<PathBuf>,
+    /// The SHA-256 of the CA root (64 hex digits), pinned on first contact when joining with
+    /// a service-account token.
+    #[serde(default)]
+    pub ca_fingerprint: Option<String>,
+    /// The pod this sidecar runs in, named when joining with a service-account token.
+    #[serde(default)]
+    pub pod: Option<String>,
     /// How often the control plane sends a keep-alive line on an idle snapshot watch (1 s to
     /// 60 s); a watch silent for three of them is taken for dead and the next URL is tried.
     /// Default is 15 s.
@@ -421,6 +437,9 @@ impl Config {
         if let Some(token) = &mut self.control_plane.token_file {
             fix(token);
         }
+        if let Some(token) = &mut self.control_plane.service_account_token_file {
+            fix(token);
+        }
         if let Some(local) = &mut self.local {
             local.policies.iter_mut().for_each(fix);
         }
@@ -435,6 +454,17 @@ impl Config {
         }
         if self.control_plane.urls.is_empty() {
             return Err("controlPlane.urls: give at least one https:// URL".into());
+        }
+        let cp = &self.control_plane;
+        if cp.token_file.is_some() && cp.service_account_token_file.is_some() {
+            return Err("controlPlane: give tokenFile or serviceAccountTokenFile, not both".into());
+        }
+        if cp.service_account_token_file.is_some()
+            && !cp.ca_fingerprint.as_deref().is_some_and(|f| {
+                f.len() == 64 && f.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            })
+        {
+            return Err("controlPlane.caFingerprint: with serviceAccountTokenFile, give the SHA-256 of the CA root as 64 lowercase hex digits (the last part of a join token, or `openssl x509 -in trust-bundle.pem -outform der | sha256sum`)".into());
         }
         for url in &self.control_plane.urls {
             if !url.starts_with("https://") {

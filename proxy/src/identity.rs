@@ -1,9 +1,10 @@
 //! The sidecar's identity: its key pair is generated here and never leaves; only a CSR does.
 //!
 //! On start the sidecar loads its last certificate, key and trust bundle from `stateDir`. If
-//! there is none, or it has expired, it joins with the token from `tokenFile`: it fetches the
-//! trust bundle, checks it against the CA fingerprint the token carries (pinning), and posts
-//! a CSR with the token. It then renews between 60 % and 75 % of the lifetime (a point fixed by
+//! there is none, or it has expired, it joins with the token from `tokenFile` (or, on
+//! Kubernetes, the pod's service-account token from `serviceAccountTokenFile`): it fetches the
+//! trust bundle, checks it against the CA fingerprint the join token carries (or
+//! `caFingerprint`), and posts a CSR with the token. It then renews between 60 % and 75 % of the lifetime (a point fixed by
 //! the certificate's serial, see [`renewal_point`]), over mTLS with its current
 //! certificate and a **new key pair every time**, retrying with capped backoff while the old
 //! certificate is still valid. Each new credential is published on a watch channel; listeners
@@ -252,15 +253,29 @@ fn key_and_csr() -> Result<(String, String), JoinError> {
 
 /// Joins with the token file, asking a certificate for `key` (its PEM and its CSR).
 async fn join(config: &Config, key: &(String, String)) -> Result<Credential, JoinError> {
-    let path = config
-        .control_plane
-        .token_file
-        .as_deref()
-        .ok_or(JoinError::NoToken)?;
-    let token = read_token(path)?;
+    let cp = &config.control_plane;
     let (key_pem, csr) = key;
-    let response =
-        control_plane::join(&config.control_plane.urls, &config.identity, &token, csr).await?;
+    let response = match (&cp.token_file, &cp.service_account_token_file) {
+        (Some(path), _) => {
+            let token = read_token(path)?;
+            control_plane::join(&cp.urls, &config.identity, &token, csr).await?
+        }
+        (None, Some(path)) => {
+            // Read at every join: the kubelet rotates it.
+            let jwt = read_token(path)?;
+            let fingerprint = cp.ca_fingerprint.as_deref().unwrap_or_default();
+            let attestation = (jwt.as_str(), cp.pod.as_deref());
+            control_plane::join_with_service_account(
+                &cp.urls,
+                &config.identity,
+                fingerprint,
+                attestation,
+                csr,
+            )
+            .await?
+        }
+        (None, None) => return Err(JoinError::NoToken),
+    };
     Credential::from_pem(
         &config.identity,
         response.certificate_chain,

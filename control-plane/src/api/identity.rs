@@ -9,10 +9,12 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use sidewall_policies::SpiffeId;
+use sidewall_policies::svid::Svid;
 use sidewall_policies::wire;
 use sidewall_policies::wire::operator::{RevocationKind, Role};
 
 use super::{Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, rfc3339};
+use crate::attestation::kubernetes::ServiceAccountError;
 use crate::attestation::{JoinToken, TokenError, workload_identity};
 use crate::ca::{Issued, csr};
 use crate::store::Redemption;
@@ -53,6 +55,40 @@ pub(super) async fn certificates(
     let key = csr::parse(&body.csr)?;
     let key_sha256 = crate::random::sha256_hex(&key.spki);
     let now = now_unix();
+    if body.token.is_some() && body.service_account_token.is_some() {
+        return Err(ApiError::bad_request(
+            "attestation_ambiguous",
+            "give a join token or a service-account token, not both",
+        ));
+    }
+    if let Some(jwt) = &body.service_account_token {
+        let kubernetes = api
+            .kubernetes
+            .as_ref()
+            .ok_or(ServiceAccountError::NotConfigured)?;
+        let attested = kubernetes.attest(jwt, body.pod.as_deref())?;
+        let identity = attested.identity;
+        allowed(api, &identity, peer.svid.as_ref(), "service-account token").await?;
+        let issued = issue(
+            api,
+            &identity,
+            &key.spki,
+            api.config.workload_lifetime,
+            &format!(
+                "serviceaccount:{}/{}{}",
+                attested.namespace,
+                attested.service_account,
+                attested
+                    .pod
+                    .map(|p| format!(" pod:{p}"))
+                    .unwrap_or_default()
+            ),
+            None,
+        )
+        .await?;
+        tracing::info!(identity = %identity, serial = %issued.serial, key = key.kind, "certificate issued for a service-account token");
+        return Ok(certificate_response(api, &issued));
+    }
     let (identity, authenticated_by) = match (&body.token, &peer.svid) {
         (Some(text), presented) => {
             let token = JoinToken::parse(text)?;
@@ -68,32 +104,7 @@ pub(super) async fn certificates(
                 return Err(TokenError::Unknown.into());
             }
             let identity = SpiffeId::parse(&record.identity).map_err(|_| TokenError::Unknown)?;
-            if let Some(svid) = presented
-                && svid.id != identity
-            {
-                return Err(ApiError::forbidden(
-                    "identity_mismatch",
-                    format!(
-                        "the token is for {identity} but the client certificate is for {}",
-                        svid.id
-                    ),
-                ));
-            }
-            // A token made before its identity (or the certificate presented) was revoked
-            // yields nothing.
-            if is_revoked(
-                api,
-                &identity,
-                presented.as_ref().map(|s| s.serial.as_str()),
-            )
-            .await?
-            {
-                return Err(ApiError::forbidden(
-                    "revoked",
-                    format!("{identity} is revoked; its join tokens cannot be redeemed"),
-                ));
-            }
-            limit(api, &identity)?;
+            allowed(api, &identity, presented.as_ref(), "token").await?;
             match api.store.redeem_token(&token.id, &key_sha256, now).await? {
                 Redemption::Redeemed => {}
                 Redemption::Unknown => return Err(TokenError::Unknown.into()),
@@ -141,6 +152,35 @@ pub(super) async fn certificates(
     .await?;
     tracing::info!(identity = %identity, serial = %issued.serial, key = key.kind, authenticated_by, "certificate issued");
     Ok(certificate_response(api, &issued))
+}
+
+/// Whether `identity`, attested by a `what` (and the certificate `presented` alongside, if
+/// any), may get a certificate: the certificate is for the same identity, neither is revoked
+/// (a token made before the revocation yields nothing), and the issuance rate allows it.
+async fn allowed(
+    api: &Api,
+    identity: &SpiffeId,
+    presented: Option<&Svid>,
+    what: &str,
+) -> Result<(), ApiError> {
+    if let Some(svid) = presented
+        && svid.id != *identity
+    {
+        return Err(ApiError::forbidden(
+            "identity_mismatch",
+            format!(
+                "the {what} is for {identity} but the client certificate is for {}",
+                svid.id
+            ),
+        ));
+    }
+    if is_revoked(api, identity, presented.map(|s| s.serial.as_str())).await? {
+        return Err(ApiError::forbidden(
+            "revoked",
+            format!("{identity} is revoked; no {what} yields a certificate for it"),
+        ));
+    }
+    limit(api, identity)
 }
 
 fn limit(api: &Api, identity: &SpiffeId) -> Result<(), ApiError> {

@@ -36,8 +36,10 @@ pub(crate) type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// `source()` gives the cause itself.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    /// No `controlPlane.tokenFile` and no saved certificate.
-    #[error("no valid certificate saved and no controlPlane.tokenFile to join with")]
+    /// No `controlPlane.tokenFile` or `serviceAccountTokenFile`, and no saved certificate.
+    #[error(
+        "no valid certificate saved and no controlPlane.tokenFile or serviceAccountTokenFile to join with"
+    )]
     NoToken,
     /// The token file cannot be read.
     #[error("token file {0}: {1}")]
@@ -332,15 +334,46 @@ pub(super) async fn join(
         (Some("swt1"), Some(fp), None) if fp.len() == 64 => fp.to_owned(),
         _ => return Err(JoinError::Token),
     };
+    let request = wire::CertificateRequest {
+        csr: csr.to_owned(),
+        token: Some(token.to_owned()),
+        service_account_token: None,
+        pod: None,
+    };
+    first_contact(urls, identity, &fingerprint, request).await
+}
+
+/// Joins with a Kubernetes service-account token, pinning the root `fingerprint`.
+pub(super) async fn join_with_service_account(
+    urls: &[String],
+    identity: &SpiffeId,
+    fingerprint: &str,
+    (jwt, pod): (&str, Option<&str>),
+    csr: &str,
+) -> Result<wire::Certificate, JoinError> {
+    let request = wire::CertificateRequest {
+        csr: csr.to_owned(),
+        token: None,
+        service_account_token: Some(jwt.to_owned()),
+        pod: pod.map(str::to_owned),
+    };
+    first_contact(urls, identity, fingerprint, request).await
+}
+
+/// Posts `request` (which carries a secret) only to a control plane that chains to the root
+/// pinned by `fingerprint`.
+async fn first_contact(
+    urls: &[String],
+    identity: &SpiffeId,
+    fingerprint: &str,
+    request: wire::CertificateRequest,
+) -> Result<wire::Certificate, JoinError> {
+    let body = serde_json::json!(request);
     each_url(urls, |url| {
-        let fingerprint = fingerprint.clone();
+        let body = body.clone();
         async move {
-            let root = pinned_root(&url, &fingerprint).await?;
+            let root = pinned_root(&url, fingerprint).await?;
             let tls = config_trusting(identity, vec![root], None)?;
-            let body = serde_json::json!(wire::CertificateRequest {
-                csr: csr.to_owned(),
-                token: Some(token.to_owned()),
-            });
             let (status, answer) =
                 call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;
             certificate_answer(status, &answer)
@@ -365,6 +398,8 @@ pub(super) async fn renew(
             let body = serde_json::json!(wire::CertificateRequest {
                 csr: csr.to_owned(),
                 token: None,
+                service_account_token: None,
+                pod: None,
             });
             let (status, answer) =
                 call(&url, tls, Method::POST, "/v1/certificates", Some(body)).await?;

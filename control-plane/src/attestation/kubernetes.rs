@@ -1,0 +1,340 @@
+//! Kubernetes service-account attestation: a sidecar presents the projected service-account
+//! token the kubelet mounted for its pod (audience `sidewall`), and the control plane checks it
+//! offline against the cluster's issuer keys (a JWKS file, re-read when it changes): the
+//! signature with an asymmetric algorithm the key allows, the issuer, the audience, the expiry
+//! and not-before, and the `kubernetes.io` claims. The namespace and service account become the
+//! workload identity by a template; an operator may restrict which ones may attest.
+//!
+//! No call to the cluster is made: a token is as good as its signature until it expires (the
+//! kubelet's are short-lived and bound to their pod). docs/control-plane.md#kubernetes-service-account-attestation says what that trades.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sidewall_policies::{SpiffeId, TrustDomain};
+
+use super::workload_identity;
+
+/// The identity template's default: Sidewall's workload form, the service account as service.
+pub const DEFAULT_IDENTITY: &str = "/ns/{namespace}/svc/{serviceaccount}";
+
+/// The audience a token must be for, by default.
+pub const DEFAULT_AUDIENCE: &str = "sidewall";
+
+/// Clock skew allowed on `exp` and `nbf`, in seconds.
+const LEEWAY: u64 = 30;
+
+/// The signature algorithms accepted: asymmetric only (a shared-secret HS* or `none` never).
+const ALGORITHMS: [Algorithm; 8] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+/// The `attestation.kubernetes` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// The service-account issuer (`--service-account-issuer` of the API server).
+    pub issuer: String,
+    /// The issuer's public keys, a JWKS file (`kubectl get --raw /openid/v1/jwks`).
+    pub jwks_file: PathBuf,
+    /// The audience tokens must carry. Default is `sidewall`.
+    pub audience: String,
+    /// The identity's path, with `{namespace}` and `{serviceaccount}`.
+    pub identity: String,
+    /// Namespaces that may attest; empty: any.
+    pub namespaces: Vec<String>,
+    /// Service accounts (`namespace/name`) that may attest; empty: any in those namespaces.
+    pub service_accounts: Vec<String>,
+}
+
+impl KubernetesConfig {
+    /// The identity of service account `name` in `namespace`.
+    pub fn identity_of(
+        &self,
+        trust_domain: &TrustDomain,
+        namespace: &str,
+        name: &str,
+    ) -> Result<SpiffeId, String> {
+        let path = self
+            .identity
+            .replace("{namespace}", namespace)
+            .replace("{serviceaccount}", name);
+        let id = trust_domain.id(&path).map_err(|e| e.to_string())?;
+        workload_identity(&id).map_err(str::to_owned)?;
+        Ok(id)
+    }
+}
+
+/// Why a service-account token is refused. Each has a stable code for the API and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceAccountError {
+    /// This control plane has no `attestation.kubernetes`.
+    #[error(
+        "service-account attestation is not configured on this control plane (attestation.kubernetes)"
+    )]
+    NotConfigured,
+    /// Not a JWT.
+    #[error("the service-account token is not a JWT")]
+    Malformed,
+    /// `none`, a shared-secret algorithm, or one the key is not for.
+    #[error(
+        "the service-account token is signed with {0}, which is not accepted (asymmetric RS, PS or ES only)"
+    )]
+    Algorithm(String),
+    /// No issuer key with the token's key id.
+    #[error(
+        "no key of the issuer has the token's key id {0:?} (is attestation.kubernetes.jwksFile current?)"
+    )]
+    UnknownKey(String),
+    /// The signature does not verify.
+    #[error("the service-account token's signature does not verify")]
+    Signature,
+    /// Another issuer.
+    #[error("the service-account token is from another issuer (expected {0})")]
+    Issuer(String),
+    /// Not for this audience.
+    #[error("the service-account token is not for audience {0:?} (project one with that audience)")]
+    Audience(String),
+    /// Past its expiry.
+    #[error("the service-account token has expired")]
+    Expired,
+    /// Before its not-before.
+    #[error("the service-account token is not valid yet")]
+    NotYetValid,
+    /// A claim is missing or of the wrong shape.
+    #[error("the service-account token lacks {0}")]
+    Claims(String),
+    /// The namespace or service account may not attest here.
+    #[error("{0} may not attest here (attestation.kubernetes.namespaces / serviceAccounts)")]
+    NotAllowed(String),
+    /// The token is bound to another pod than the one asking.
+    #[error("the service-account token belongs to pod {token}, not to pod {asking}")]
+    OtherPod {
+        /// The pod in the token.
+        token: String,
+        /// The pod the request names.
+        asking: String,
+    },
+}
+
+impl ServiceAccountError {
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotConfigured => "sa_attestation_off",
+            Self::Malformed => "sa_token_malformed",
+            Self::Algorithm(_) => "sa_token_algorithm",
+            Self::UnknownKey(_) => "sa_token_key_unknown",
+            Self::Signature => "sa_token_signature",
+            Self::Issuer(_) => "sa_token_issuer",
+            Self::Audience(_) => "sa_token_audience",
+            Self::Expired => "sa_token_expired",
+            Self::NotYetValid => "sa_token_not_yet_valid",
+            Self::Claims(_) => "sa_token_claims",
+            Self::NotAllowed(_) => "sa_not_allowed",
+            Self::OtherPod { .. } => "sa_token_other_pod",
+        }
+    }
+}
+
+/// What a valid token attests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    /// The workload identity it maps to.
+    pub identity: SpiffeId,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its service account.
+    pub service_account: String,
+    /// The pod it is bound to, if any.
+    pub pod: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaims>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesClaims {
+    namespace: Option<String>,
+    serviceaccount: Option<Named>,
+    pod: Option<Named>,
+}
+
+#[derive(Deserialize)]
+struct Named {
+    name: String,
+}
+
+/// The issuer keys, as last read, and when the file was.
+struct Keys {
+    modified: Option<SystemTime>,
+    set: Arc<JwkSet>,
+}
+
+/// The validator: the settings and the issuer's keys.
+pub struct Kubernetes {
+    config: KubernetesConfig,
+    trust_domain: TrustDomain,
+    keys: Mutex<Keys>,
+}
+
+impl std::fmt::Debug for Kubernetes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kubernetes")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_keys(path: &Path) -> Result<(Option<SystemTime>, JwkSet), String> {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let set: JwkSet = serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not a JWKS document: {e}", path.display()))?;
+    if set.keys.is_empty() {
+        return Err(format!("{}: the JWKS has no key", path.display()));
+    }
+    Ok((modified, set))
+}
+
+impl Kubernetes {
+    /// Reads the issuer's keys; fails when the file is not a JWKS with at least one key.
+    pub fn new(config: KubernetesConfig, trust_domain: TrustDomain) -> Result<Self, String> {
+        let (modified, set) = read_keys(&config.jwks_file)?;
+        Ok(Self {
+            config,
+            trust_domain,
+            keys: Mutex::new(Keys {
+                modified,
+                set: Arc::new(set),
+            }),
+        })
+    }
+
+    /// The keys, re-read first if the file changed. A file that became unreadable or invalid
+    /// keeps the last good keys (and says so in the log).
+    fn keys(&self) -> Arc<JwkSet> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let path = &self.config.jwks_file;
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != keys.modified {
+            match read_keys(path) {
+                Ok((modified, set)) => {
+                    tracing::info!(path = %path.display(), keys = set.keys.len(), "service-account issuer keys re-read");
+                    *keys = Keys {
+                        modified,
+                        set: Arc::new(set),
+                    };
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "service-account issuer keys not re-read; the last good ones stay");
+                    keys.modified = modified;
+                }
+            }
+        }
+        keys.set.clone()
+    }
+
+    /// Checks `token` and maps it to a workload identity. `pod` is the pod the request says it
+    /// comes from, if it says.
+    pub fn attest(&self, token: &str, pod: Option<&str>) -> Result<Attested, ServiceAccountError> {
+        use ServiceAccountError as E;
+        let token = token.trim();
+        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
+            // An `alg` the library has no name for, `none` among them.
+            ErrorKind::Json(json) if json.to_string().contains("unknown variant") => {
+                E::Algorithm(if json.to_string().contains("`none`") {
+                    "none".into()
+                } else {
+                    "an algorithm it does not know".into()
+                })
+            }
+            _ => E::Malformed,
+        })?;
+        if !ALGORITHMS.contains(&header.alg) {
+            return Err(E::Algorithm(format!("{:?}", header.alg)));
+        }
+        let keys = self.keys();
+        let jwk = match &header.kid {
+            Some(kid) => keys.find(kid),
+            None if keys.keys.len() == 1 => keys.keys.first(),
+            None => None,
+        }
+        .ok_or_else(|| E::UnknownKey(header.kid.clone().unwrap_or_default()))?;
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|_| E::UnknownKey(header.kid.clone().unwrap_or_default()))?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.config.issuer]);
+        validation.set_audience(&[&self.config.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::InvalidSignature => E::Signature,
+            ErrorKind::InvalidAlgorithm
+            | ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidRsaKey(_) => E::Algorithm(format!("{:?}", header.alg)),
+            ErrorKind::InvalidIssuer => E::Issuer(self.config.issuer.clone()),
+            ErrorKind::InvalidAudience => E::Audience(self.config.audience.clone()),
+            ErrorKind::ExpiredSignature => E::Expired,
+            ErrorKind::ImmatureSignature => E::NotYetValid,
+            ErrorKind::MissingRequiredClaim(claim) => E::Claims(format!("the {claim} claim")),
+            ErrorKind::InvalidClaimFormat(claim) => {
+                E::Claims(format!("a well-formed {claim} claim"))
+            }
+            _ => E::Malformed,
+        })?;
+        let claims = data
+            .claims
+            .kubernetes
+            .ok_or_else(|| E::Claims("the kubernetes.io claim".into()))?;
+        let namespace = claims
+            .namespace
+            .ok_or_else(|| E::Claims("kubernetes.io.namespace".into()))?;
+        let service_account = claims
+            .serviceaccount
+            .ok_or_else(|| E::Claims("kubernetes.io.serviceaccount".into()))?
+            .name;
+        let named = format!("{namespace}/{service_account}");
+        let config = &self.config;
+        if (!config.namespaces.is_empty() && !config.namespaces.contains(&namespace))
+            || (!config.service_accounts.is_empty() && !config.service_accounts.contains(&named))
+        {
+            return Err(E::NotAllowed(format!("service account {named}")));
+        }
+        let token_pod = claims.pod.map(|p| p.name);
+        if let (Some(token), Some(asking)) = (&token_pod, pod)
+            && token != asking
+        {
+            return Err(E::OtherPod {
+                token: token.clone(),
+                asking: asking.to_owned(),
+            });
+        }
+        let identity = config
+            .identity_of(&self.trust_domain, &namespace, &service_account)
+            .map_err(|e| E::Claims(format!("names that make a workload identity ({e})")))?;
+        Ok(Attested {
+            identity,
+            namespace,
+            service_account,
+            pod: token_pod,
+        })
+    }
+}
