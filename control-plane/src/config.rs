@@ -399,7 +399,7 @@ pub struct Config {
     pub token_max_ttl: Duration,
     /// Lifetime of operator credentials. Fixed at 90 days.
     pub operator_lifetime: Duration,
-    /// Lifetime of the control plane's own serving certificate (renewed at 70 %). 24 h.
+    /// Lifetime of the control plane's own serving certificate (renewed between 60 % and 75 %). 24 h.
     pub server_lifetime: Duration,
     /// A plugged-in CA, if configured.
     pub plug_in: Option<PlugIn>,

@@ -63,6 +63,8 @@ pub enum StartError {
 pub struct Prepared {
     api: Arc<Api>,
     certificate: Arc<ServingCertificate>,
+    /// When to renew it first (Unix seconds).
+    renew_at: i64,
     tls: Arc<rustls::ServerConfig>,
 }
 
@@ -98,8 +100,9 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         0o644,
     )?;
     ensure_operator(&ca, store.as_ref(), &data_dir, config.operator_lifetime).await?;
-    let (certificate, _) =
+    let (certificate, issued) =
         ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
+    let renew_at = renewal_at(&issued);
     let certificate = Arc::new(certificate);
     let tls = Arc::new(server_config(&ca, certificate.clone())?);
     let now_ms = u64::try_from(
@@ -139,6 +142,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     Ok(Prepared {
         api,
         certificate,
+        renew_at,
         tls,
     })
 }
@@ -271,6 +275,7 @@ pub async fn run(
     let Prepared {
         api,
         certificate,
+        renew_at,
         tls,
     } = prepared;
     let api_addr = listeners
@@ -292,6 +297,7 @@ pub async fn run(
     let renewal = tokio::spawn(renew_serving_certificate(
         api.clone(),
         certificate,
+        renew_at,
         stop_rx.clone(),
     ));
     let admin_task = tokio::spawn(admin::serve(
@@ -442,15 +448,29 @@ fn advertised(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Re-issues the serving certificate at 70 % of its lifetime.
+/// When to renew a serving certificate issued now: between 60 % and 75 % of its lifetime, at
+/// a point fixed by its serial, as sidecars do, so replicas started together do not renew
+/// together.
+fn renewal_at(issued: &crate::ca::Issued) -> i64 {
+    let now = now_unix();
+    let not_after = issued
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(now, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    sidewall_policies::svid::renewal_point(now, not_after, &issued.serial)
+}
+
+/// Re-issues the serving certificate at `renew_at` (Unix seconds), and each new one at its own
+/// [`renewal_at`]; a failure is retried a minute later.
 async fn renew_serving_certificate(
     api: Arc<Api>,
     certificate: Arc<ServingCertificate>,
+    mut renew_at: i64,
     mut stop: watch::Receiver<bool>,
 ) {
     let lifetime = api.config.server_lifetime;
     loop {
-        let wait = lifetime.mul_f64(0.7);
+        let wait = Duration::from_secs(u64::try_from(renew_at - now_unix()).unwrap_or(0));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
@@ -458,10 +478,12 @@ async fn renew_serving_certificate(
         match ServingCertificate::issue(&api.ca, lifetime, &server_names(&api.config)) {
             Ok((key, issued)) => {
                 certificate.replace(key);
-                tracing::info!(serial = %issued.serial, "renewed the control plane's certificate");
+                renew_at = renewal_at(&issued);
+                tracing::info!(serial = %issued.serial, renew_at, "renewed the control plane's certificate");
             }
             Err(error) => {
-                tracing::error!(%error, "renewing the control plane's certificate failed")
+                renew_at = now_unix() + 60;
+                tracing::error!(%error, "renewing the control plane's certificate failed; retrying in a minute")
             }
         }
     }

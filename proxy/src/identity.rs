@@ -27,6 +27,7 @@ pub(crate) mod control_plane;
 pub(crate) mod state;
 
 pub use control_plane::JoinError;
+pub use sidewall_policies::svid::renewal_point;
 
 /// The earliest and latest wait between renewal attempts after a failure.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
@@ -133,22 +134,6 @@ impl Credential {
     fn renew_at(&self) -> i64 {
         renewal_point(self.svid.not_before, self.svid.not_after, &self.svid.serial)
     }
-}
-
-/// When to renew a certificate valid from `not_before` to `not_after`: between 60 % and 75 %
-/// of its lifetime, at a point fixed by its serial. Sidecars whose certificates were issued
-/// together (a fleet started at once, a control plane back after an outage) then renew spread
-/// over a sixth of the lifetime, not all at once; and a restarted sidecar keeps its point.
-pub fn renewal_point(not_before: i64, not_after: i64, serial: &str) -> i64 {
-    let lifetime = (not_after - not_before).max(0);
-    // FNV-1a of the serial (random, chosen by the CA): spread, not secrecy.
-    let hash = serial
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
-    let permille = 600 + i64::try_from(hash % 151).unwrap_or(0);
-    not_before + lifetime.saturating_mul(permille) / 1000
 }
 
 /// Unix seconds now.
