@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p sidewall-bench -- [--quick] [--only CONTENDER] [--out DIR]
 //!                                          [--rounds N] [--sidewall PATH] [--workloads W]
+//! cargo run --release -p sidewall-bench -- compare A B   # two report directories
 //! ```
 //!
 //! - [`runner`]: rounds of (start contender → every workload → stop), then the report.
@@ -37,7 +38,7 @@ mod server;
 #[command(name = "sidewall-bench")]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Hidden>,
+    command: Option<Command>,
     /// A short run (1 round, 1 s per workload, 1,000 idle connections): the CI smoke test.
     #[arg(long)]
     quick: bool,
@@ -62,7 +63,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Hidden {
+enum Command {
+    /// Compare two reports: each (contender, workload, metric) both measured, B over A, and
+    /// each contender's ratio to `direct` in both; the machines and sources are named and
+    /// their differences said.
+    Compare {
+        /// The earlier report: a directory holding report.json, or the file.
+        a: PathBuf,
+        /// The later report.
+        b: PathBuf,
+    },
     /// The copy-baseline hop (started by the harness itself).
     #[command(hide = true)]
     Relay {
@@ -73,6 +83,37 @@ enum Hidden {
         #[arg(long)]
         to: SocketAddr,
     },
+}
+
+/// A report, from its directory or its `report.json`.
+fn read_report(path: &std::path::Path) -> Result<sidewall_bench::report::Report, String> {
+    let file = if path.is_dir() {
+        path.join("report.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| format!("{}: not a sidewall-bench report: {e}", file.display()))
+}
+
+fn compare(a: &std::path::Path, b: &std::path::Path) -> ExitCode {
+    match (read_report(a), read_report(b)) {
+        (Ok(old), Ok(new)) => {
+            let text = sidewall_bench::report::compare(
+                &old,
+                &a.display().to_string(),
+                &new,
+                &b.display().to_string(),
+            );
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!("error: {error}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// The command line as a user would type it again.
@@ -92,14 +133,18 @@ fn command_line() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Hidden::Relay { listen, to }) = cli.command {
-        return match contenders::relay(listen, to) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("relay: {error:#}");
-                ExitCode::FAILURE
-            }
-        };
+    match cli.command {
+        Some(Command::Relay { listen, to }) => {
+            return match contenders::relay(listen, to) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("relay: {error:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Compare { a, b }) => return compare(&a, &b),
+        None => {}
     }
     let mut only = Vec::new();
     for name in &cli.only {

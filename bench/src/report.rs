@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::goals::Goal;
 use crate::model::{Contender, Metric, Workload};
 
+mod compare;
 mod markdown;
 
+pub use compare::compare;
 pub use markdown::markdown;
 
 /// One measurement.
@@ -149,6 +151,13 @@ pub struct Machine {
     pub kernel: String,
     /// The CPU model name.
     pub cpu_model: String,
+    /// The loopback interface's MTU (every chain here runs over it), if readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loopback_mtu: Option<u32>,
+    /// The commit of the source the run was made from (`git describe --always --dirty`), if
+    /// it was made from a checkout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
 }
 
 impl Machine {
@@ -167,12 +176,39 @@ impl Machine {
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split_once(':'))
             .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
+        let commit = std::process::Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR")])
+            .args(["describe", "--always", "--dirty", "--abbrev=12"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty());
         Self {
             nproc: std::thread::available_parallelism().map_or(0, usize::from),
             memory_mib: memory_kib / 1024,
             kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
             cpu_model,
+            loopback_mtu: read("/sys/class/net/lo/mtu").trim().parse().ok(),
+            commit,
         }
+    }
+
+    /// How this machine differs from `other`, one phrase per difference (none: comparable).
+    pub fn differences(&self, other: &Machine) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |what: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{what}: {a} against {b}"));
+            }
+        };
+        differ("CPU", self.cpu_model.clone(), other.cpu_model.clone());
+        differ("CPUs", self.nproc.to_string(), other.nproc.to_string());
+        differ("kernel", self.kernel.clone(), other.kernel.clone());
+        let mtu = |m: &Machine| m.loopback_mtu.map_or("unknown".into(), |v| v.to_string());
+        differ("loopback MTU", mtu(self), mtu(other));
+        out
     }
 }
 

@@ -55,8 +55,13 @@ fn header(out: &mut String, report: &Report) {
     );
     let _ = writeln!(
         out,
-        "Machine: {} CPUs ({}), {} MiB memory, Linux {}.\n",
-        m.nproc, m.cpu_model, m.memory_mib, m.kernel
+        "Machine: {} CPUs ({}), {} MiB memory, Linux {}, loopback MTU {}. Source: {}.\n",
+        m.nproc,
+        m.cpu_model,
+        m.memory_mib,
+        m.kernel,
+        m.loopback_mtu.map_or("unknown".into(), |v| v.to_string()),
+        m.commit.as_deref().unwrap_or("not a checkout"),
     );
     let _ = writeln!(
         out,

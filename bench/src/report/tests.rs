@@ -274,3 +274,105 @@ fn the_markdown_shows_every_figure_with_its_ratio_to_direct() {
     assert!(text.contains("- a note"));
     assert!(text.contains("](plots/throughput-1_gbps.svg)"));
 }
+
+/// A report of one round with these (contender, workload, metric, value) rows.
+fn report_of(rows: &[(Contender, Workload, Metric, f64)], machine: Machine) -> Report {
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|&(c, w, m, v)| row(c, w, m, v, 1))
+        .collect();
+    let summary = summarize(&rows);
+    Report {
+        started: "2026-12-07T12:00:00Z".into(),
+        machine,
+        settings: Settings {
+            command: "sidewall-bench".into(),
+            quick: false,
+            rounds: 1,
+            warmup_s: 1.0,
+            duration_s: 5.0,
+            settle_s: 0.5,
+            idle_connections: 10_000,
+            fixed_rate_rps: 2000,
+            fixed_rate_connections: 16,
+            connect_workers: 8,
+        },
+        contenders: Vec::new(),
+        notes: Vec::new(),
+        goals: Vec::new(),
+        rows,
+        summary,
+    }
+}
+
+#[test]
+fn compare_gives_each_change_its_direction_and_the_ratios_to_direct_of_both_runs() {
+    use Contender::{Direct, SidewallL4};
+    use Metric::{Gbps, P99Us};
+    use Workload::{RrC64, Throughput1};
+    let machine = Machine {
+        nproc: 2,
+        memory_mib: 24_000,
+        kernel: "6.1.0".into(),
+        cpu_model: "Test CPU".into(),
+        loopback_mtu: Some(65536),
+        commit: Some("10c4c55".into()),
+    };
+    let a = report_of(
+        &[
+            (Direct, Throughput1, Gbps, 20.0),
+            (SidewallL4, Throughput1, Gbps, 4.0),
+            (Direct, RrC64, P99Us, 1000.0),
+            (SidewallL4, RrC64, P99Us, 4000.0),
+        ],
+        machine.clone(),
+    );
+    let b = report_of(
+        &[
+            (Direct, Throughput1, Gbps, 20.0),
+            (SidewallL4, Throughput1, Gbps, 5.0),
+            (Direct, RrC64, P99Us, 1000.0),
+            (SidewallL4, RrC64, P99Us, 5000.0),
+        ],
+        Machine {
+            commit: Some("e4ec41a".into()),
+            ..machine.clone()
+        },
+    );
+    let text = compare(&a, "A", &b, "B");
+    assert!(text.contains("- A: started 2026-12-07T12:00:00Z, source 10c4c55, 2 CPUs (Test CPU), Linux 6.1.0, loopback MTU 65536, 1 round(s)"), "{text}");
+    assert!(
+        text.contains("- B: started 2026-12-07T12:00:00Z, source e4ec41a"),
+        "{text}"
+    );
+    assert!(text.contains("The same kind of machine"), "{text}");
+    assert!(
+        text.contains("| sidewall-l4 | throughput-1 | gbps | 4.00 Gbit/s | 5.00 Gbit/s | ×1.25 | better | ×0.20 | ×0.25 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("| sidewall-l4 | rr-c64 | p99_us | 4000.00 us | 5000.00 us | ×1.25 | worse | ×4.00 | ×5.00 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "| direct | throughput-1 | gbps | 20.00 Gbit/s | 20.00 Gbit/s | ×1.00 | same | – | – |"
+        ),
+        "{text}"
+    );
+
+    let elsewhere = report_of(
+        &[(Direct, Workload::ConnectRate, Metric::Rps, 9000.0)],
+        Machine {
+            nproc: 4,
+            loopback_mtu: Some(1500),
+            ..machine
+        },
+    );
+    let text = compare(&a, "A", &elsewhere, "C");
+    assert!(
+        text.contains("The machines differ (CPUs: 2 against 4; loopback MTU: 65536 against 1500)"),
+        "{text}"
+    );
+    assert!(text.contains("No (contender, workload, metric) was measured in both reports."));
+}
