@@ -177,3 +177,158 @@ fn the_image_runs_unprivileged_probes_without_curl_and_its_init_step_needs_only_
         text(&refused)
     );
 }
+
+/// `sidewall probe URL` in the network namespace of `cp`, until it succeeds or 30 s pass.
+fn ready(built: &Built, url: &str) -> Output {
+    let started = Instant::now();
+    loop {
+        let probe = built.run_in("cp", &[], &["probe", url]);
+        if probe.status.success() || started.elapsed() > Duration::from_secs(30) {
+            return probe;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Issue 19, part 1, in containers: the control plane checks Kubernetes service-account
+/// tokens against a test issuer's keys (a JWKS file this test makes, mounted read-only), and a
+/// sidecar container, as UID 65532 on a read-only root, joins with the token mounted beside its
+/// config, pinning the CA by the fingerprint the control plane's own CLI gives (the last field
+/// of a join token).
+#[test]
+fn a_sidecar_container_joins_with_a_service_account_token_from_a_test_issuer() {
+    if !support::docker_available("image", false) {
+        return;
+    }
+    let image = format!("sidewall-test-sa:{}", std::process::id());
+    let mut built = Built {
+        image: image.clone(),
+        containers: Vec::new(),
+    };
+    support::build_image(&image);
+
+    // The test issuer: a key, its JWKS, a token for pod api-1 of service account shop/api.
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path();
+    let readable = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    };
+    readable(shared, 0o755);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+    let mut jwk =
+        jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
+            .unwrap();
+    jwk.common.key_id = Some("test-issuer".into());
+    let issuer = "https://kubernetes.default.svc.cluster.local";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "aud": ["sidewall"], "iss": issuer, "iat": now, "nbf": now, "exp": now + 3600,
+        "sub": "system:serviceaccount:shop:api",
+        "kubernetes.io": {
+            "namespace": "shop",
+            "pod": {"name": "api-1", "uid": "0d6e"},
+            "serviceaccount": {"name": "api", "uid": "5b21"},
+        },
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("test-issuer".into());
+    let files = [
+        ("jwks.json", serde_json::json!({"keys": [jwk]}).to_string()),
+        (
+            "cp.yaml",
+            format!(
+                "attestation:\n  kubernetes:\n    issuer: {issuer}\n    jwksFile: /etc/sidewall/jwks.json\n    namespaces: [shop]\n"
+            ),
+        ),
+        (
+            "token",
+            jsonwebtoken::encode(&header, &claims, &encoding).unwrap(),
+        ),
+    ];
+    for (name, content) in files {
+        std::fs::write(shared.join(name), content).unwrap();
+        readable(&shared.join(name), 0o644);
+    }
+    let mount = format!("{}:/etc/sidewall:ro", shared.display());
+
+    built.start(
+        "cp",
+        &[
+            "--read-only",
+            "--tmpfs",
+            "/data:uid=65532,gid=65532",
+            "-v",
+            &mount,
+        ],
+        &[
+            "control-plane",
+            "--config",
+            "/etc/sidewall/cp.yaml",
+            "--data-dir",
+            "/data",
+            "--listen",
+            "127.0.0.1:4600",
+            "--admin-listen",
+            "127.0.0.1:4690",
+            "--ui-listen",
+            "127.0.0.1:4680",
+        ],
+    );
+    let probe = ready(&built, "http://127.0.0.1:4690/ready");
+    assert!(probe.status.success(), "{}", text(&probe));
+    // The CA fingerprint, as the control plane's CLI gives it: the last field of a join token.
+    let token = docker(&[
+        "exec",
+        &built.container("cp"),
+        "sidewall",
+        "token",
+        "create",
+        "--identity",
+        "spiffe://sidewall.local/ns/shop/svc/fingerprint",
+        "--data-dir",
+        "/data",
+    ]);
+    assert!(token.status.success(), "{}", text(&token));
+    let token = String::from_utf8_lossy(&token.stdout);
+    let fingerprint = token.trim().rsplit('.').next().unwrap().to_owned();
+    assert_eq!(fingerprint.len(), 64, "{token}");
+
+    // The sidecar, in the control plane's network namespace, as the image's user.
+    let config = format!(
+        "identity: spiffe://sidewall.local/ns/shop/svc/api\ncontrolPlane:\n  urls: [https://127.0.0.1:4600]\n  serviceAccountTokenFile: /etc/sidewall/token\n  caFingerprint: {fingerprint}\n  pod: api-1\nstateDir: /state\ninbound:\n  listen: 127.0.0.1:4643\n  ports: []\nadmin:\n  listen: 127.0.0.1:4691\n"
+    );
+    std::fs::write(shared.join("sidecar.yaml"), config).unwrap();
+    readable(&shared.join("sidecar.yaml"), 0o644);
+    let network = format!("container:{}", built.container("cp"));
+    built.start(
+        "sidecar",
+        &[
+            "--network",
+            &network,
+            "--read-only",
+            "--tmpfs",
+            "/state:uid=65532,gid=65532",
+            "-v",
+            &mount,
+        ],
+        &["proxy", "--config", "/etc/sidewall/sidecar.yaml"],
+    );
+    let probe = ready(&built, "http://127.0.0.1:4691/ready");
+    let logs = docker(&["logs", &built.container("sidecar")]);
+    assert!(
+        probe.status.success(),
+        "the sidecar did not join: {}\n{}",
+        text(&probe),
+        text(&logs)
+    );
+    let cp_logs = text(&docker(&["logs", &built.container("cp")]));
+    assert!(
+        cp_logs.contains("certificate issued for a service-account token")
+            && cp_logs.contains("spiffe://sidewall.local/ns/shop/svc/api"),
+        "{cp_logs}"
+    );
+}
