@@ -64,7 +64,10 @@ enum Command {
     /// The small demo app `sidewall up` runs behind each sidecar.
     #[command(hide = true)]
     DemoApp(commands::demo_app::Args),
-    /// Issue operator credentials (needs an operator credential).
+    /// The CA: the fingerprint of its root, what sidecars pin.
+    #[command(subcommand)]
+    Ca(commands::ca::CaCommand),
+    /// Issue, list and revoke operator credentials (needs the admin role).
     Operator {
         #[command(subcommand)]
         command: commands::operator::OperatorCommand,
@@ -112,5 +115,6 @@ fn main() -> ExitCode {
         Command::DemoApp(args) => commands::demo_app::run(args),
         Command::Iptables(command) => commands::iptables::run(command),
         Command::Operator { command, access } => commands::operator::run(command, &access),
+        Command::Ca(command) => commands::ca::run(command),
     }
 }

@@ -193,8 +193,8 @@ fn ready(built: &Built, url: &str) -> Output {
 /// Issue 19, part 1, in containers: the control plane checks Kubernetes service-account
 /// tokens against a test issuer's keys (a JWKS file this test makes, mounted read-only), and a
 /// sidecar container, as UID 65532 on a read-only root, joins with the token mounted beside its
-/// config, pinning the CA by the fingerprint the control plane's own CLI gives (the last field
-/// of a join token).
+/// config, pinning the CA by the fingerprint `sidewall ca fingerprint` gives in the control
+/// plane's container.
 #[test]
 fn a_sidecar_container_joins_with_a_service_account_token_from_a_test_issuer() {
     if !support::docker_available("image", false) {
@@ -280,22 +280,19 @@ fn a_sidecar_container_joins_with_a_service_account_token_from_a_test_issuer() {
     );
     let probe = ready(&built, "http://127.0.0.1:4690/ready");
     assert!(probe.status.success(), "{}", text(&probe));
-    // The CA fingerprint, as the control plane's CLI gives it: the last field of a join token.
-    let token = docker(&[
+    // The CA fingerprint, as the control plane's CLI gives it (the image has no shell).
+    let printed = docker(&[
         "exec",
         &built.container("cp"),
         "sidewall",
-        "token",
-        "create",
-        "--identity",
-        "spiffe://sidewall.local/ns/shop/svc/fingerprint",
+        "ca",
+        "fingerprint",
         "--data-dir",
         "/data",
     ]);
-    assert!(token.status.success(), "{}", text(&token));
-    let token = String::from_utf8_lossy(&token.stdout);
-    let fingerprint = token.trim().rsplit('.').next().unwrap().to_owned();
-    assert_eq!(fingerprint.len(), 64, "{token}");
+    assert!(printed.status.success(), "{}", text(&printed));
+    let fingerprint = String::from_utf8_lossy(&printed.stdout).trim().to_owned();
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
 
     // The sidecar, in the control plane's network namespace, as the image's user.
     let config = format!(

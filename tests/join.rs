@@ -376,6 +376,18 @@ fn a_sidecar_joins_with_its_pods_service_account_token() {
     let fingerprint = String::from_utf8(fingerprint.stdout).unwrap();
     let fingerprint = fingerprint.split_whitespace().next().unwrap();
     assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+    // The control plane's CLI gives the same, from its data directory.
+    let printed = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+        .args(["ca", "fingerprint", "--data-dir"])
+        .arg(&cp.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout).trim(),
+        fingerprint,
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
 
     // What a wrong configuration gets, before anything starts.
     let sidewall = |args: &[&str]| {
@@ -388,6 +400,12 @@ fn a_sidecar_joins_with_its_pods_service_account_token() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
+    let (code, stderr) = sidewall(&["ca", "fingerprint", "--data-dir", "/nowhere"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("/nowhere/trust-bundle.pem: No such file"),
+        "{stderr}"
+    );
     let bad = dir.path().join("bad.yaml");
     let base = format!(
         "identity: {TD}/ns/shop/svc/api\nstateDir: s\ninbound: {{listen: 127.0.0.1:4643, ports: []}}\nadmin: {{listen: 127.0.0.1:4691}}\n"

@@ -464,7 +464,7 @@ impl Config {
                 f.len() == 64 && f.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             })
         {
-            return Err("controlPlane.caFingerprint: with serviceAccountTokenFile, give the SHA-256 of the CA root as 64 lowercase hex digits (the last part of a join token, or `openssl x509 -in trust-bundle.pem -outform der | sha256sum`)".into());
+            return Err("controlPlane.caFingerprint: with serviceAccountTokenFile, give the SHA-256 of the CA root as 64 lowercase hex digits (`sidewall ca fingerprint` on the control plane's machine, or the last part of a join token)".into());
         }
         for url in &self.control_plane.urls {
             if !url.starts_with("https://") {
