@@ -53,6 +53,9 @@ with open(sys.argv[1]) as f:
 
 /// The pod IP the Kubernetes sidecar's wrapper is given in these tests.
 const POD_IP: &str = "10.244.1.23";
+const POD_NAME: &str = "api-7d9f8b6c5d-x2k4q";
+/// What `sidewall ca fingerprint` prints, as the ConfigMap `sidewall-ca` holds it.
+const FINGERPRINT: &str = "5059b937aab8c015787ed637610e963d4871edd4da926e870ac54541d05d6c22";
 
 fn pyyaml_available() -> bool {
     Command::new("python3")
@@ -80,6 +83,13 @@ fn parse_yaml(path: &Path) -> Result<Vec<Value>, String> {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
     serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+}
+
+/// The documents of a YAML text (through a temporary file, as [`parse_yaml`] reads files).
+fn parse_yaml_text(text: &str) -> Vec<Value> {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    fs::write(file.path(), text).unwrap();
+    parse_yaml(file.path()).unwrap()
 }
 
 fn examples() -> PathBuf {
@@ -344,9 +354,12 @@ fn kubernetes_control_plane_serves_probes_and_watches_the_policies() {
             "--admin-listen",
             "0.0.0.0:4690",
             "--policies-dir",
-            "/etc/sidewall/policies"
+            "/etc/sidewall/policies",
+            "--config",
+            "/etc/sidewall/config/control-plane.yaml"
         ]
     );
+    check_attestation_config(&docs, pod, cp, &command);
     // The data directory is the PVC, the policies directory the policies ConfigMap.
     let pvc = doc(
         &docs,
@@ -410,6 +423,38 @@ fn kubernetes_control_plane_serves_probes_and_watches_the_policies() {
     }
 }
 
+/// The control plane's attestation settings in the rendered `docs`: its `--config` file is the
+/// ConfigMap `sidewall-control-plane-config`, whose `jwksFile` is in the mount of the ConfigMap
+/// `sidewall-k8s-issuer` (README step 1), whose `issuer` key is `SIDEWALL_K8S_ISSUER`. Returns
+/// the configuration file's text.
+fn check_attestation_config(docs: &[Value], pod: &Value, cp: &Value, command: &[String]) -> String {
+    let at = command.iter().position(|a| a == "--config").unwrap() + 1;
+    let (mount, key) = command[at].rsplit_once('/').unwrap();
+    assert_eq!(
+        mount_of(pod, cp, "configMap", "sidewall-control-plane-config"),
+        mount
+    );
+    let text =
+        str_of(&doc(docs, "ConfigMap", "sidewall-control-plane-config")["data"][key]).to_owned();
+    let config = &parse_yaml_text(&text)[0];
+    let kubernetes = &config["attestation"]["kubernetes"];
+    assert_eq!(kubernetes["issuer"], "${SIDEWALL_K8S_ISSUER}");
+    assert_eq!(kubernetes["audience"], "sidewall");
+    assert_eq!(
+        kubernetes["jwksFile"],
+        format!(
+            "{}/jwks.json",
+            mount_of(pod, cp, "configMap", "sidewall-k8s-issuer")
+        )
+    );
+    assert_eq!(
+        env_value(cp, "SIDEWALL_K8S_ISSUER").unwrap()["valueFrom"]["configMapKeyRef"],
+        serde_json::json!({"name": "sidewall-k8s-issuer", "key": "issuer"})
+    );
+    assert!(strings(&kubernetes["namespaces"]).contains(&"demo".to_owned()));
+    text
+}
+
 /// Runs the Kubernetes sidecar container's command and arguments as the pod would, its config
 /// from the ConfigMap's mount and `POD_IP` from the downward API, with `--check` appended (and
 /// once without `POD_IP`, which must fail naming it). Returns the config as the sidecar reads
@@ -440,9 +485,21 @@ fn check_kubernetes_sidecar_config(
     fs::write(&file, &template).unwrap();
     args[at] = file.display().to_string();
     args.push("--check".into());
+    assert_eq!(
+        env_value(sidecar, "POD_NAME").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    assert_eq!(
+        env_value(sidecar, "SIDEWALL_CA_FINGERPRINT").unwrap()["valueFrom"]["configMapKeyRef"],
+        serde_json::json!({"name": "sidewall-ca", "key": "fingerprint"})
+    );
     let run = |pod_ip: Option<&str>| {
         let mut command = Command::new(env!("CARGO_BIN_EXE_sidewall"));
-        command.args(&args).env_remove("POD_IP");
+        command
+            .args(&args)
+            .env_remove("POD_IP")
+            .env("POD_NAME", POD_NAME)
+            .env("SIDEWALL_CA_FINGERPRINT", FINGERPRINT);
         if let Some(ip) = pod_ip {
             command.env("POD_IP", ip);
         }
@@ -463,7 +520,14 @@ fn check_kubernetes_sidecar_config(
         "{stderr}"
     );
     let rendered = dir.join("rendered.yaml");
-    fs::write(&rendered, template.replace("${POD_IP}", POD_IP)).unwrap();
+    fs::write(
+        &rendered,
+        template
+            .replace("${POD_IP}", POD_IP)
+            .replace("${POD_NAME}", POD_NAME)
+            .replace("${SIDEWALL_CA_FINGERPRINT}", FINGERPRINT),
+    )
+    .unwrap();
     (rendered, stdout)
 }
 
@@ -515,10 +579,39 @@ fn kubernetes_api_workload_sidecar_config_checks_with_the_pod_ip_and_matches_the
         }
     });
     assert!(state_volume.is_some(), "stateDir is not an emptyDir mount");
-    let token_mount = mount_of(pod, sidecar, "secret", "api-sidewall-token");
+    // The token file is the projected service-account token for the audience `sidewall`, of
+    // the pod's own service account, and the pod mounts no Kubernetes API token.
+    let projected = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v.get("projected").is_some())
+        .expect("a projected volume");
+    let source = &projected["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"], "sidewall");
+    let token_mount = sidecar["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == projected["name"])
+        .expect("the token is mounted into the sidecar");
     assert_eq!(
-        config["controlPlane"]["tokenFile"],
-        format!("{token_mount}/token")
+        config["controlPlane"]["serviceAccountTokenFile"],
+        format!(
+            "{}/{}",
+            str_of(&token_mount["mountPath"]),
+            str_of(&source["path"])
+        )
+    );
+    assert_eq!(config["controlPlane"]["pod"], POD_NAME);
+    assert_eq!(config["controlPlane"]["caFingerprint"], FINGERPRINT);
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let account = str_of(&pod["serviceAccountName"]);
+    doc(&docs, "ServiceAccount", account);
+    assert_eq!(
+        config["identity"],
+        format!("spiffe://sidewall.local/ns/demo/svc/{account}"),
+        "the identity the control plane maps the service account to"
     );
     // The kubelet probes the sidecar on its admin listener.
     let admin_port = port_of(&config["admin"]["listen"]);
@@ -829,19 +922,30 @@ fn kubernetes_replicated_control_plane_runs_over_the_etcd_statefulset_with_the_k
         !command.iter().any(|a| a == "--policies-dir"),
         "{command:?}"
     );
-    for kind in ["PersistentVolumeClaim", "ConfigMap"] {
-        assert!(
-            !docs.iter().any(|d| d["kind"] == kind),
-            "the overlay still has a {kind}"
-        );
-    }
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "PersistentVolumeClaim"),
+        "the overlay still has the PersistentVolumeClaim"
+    );
+    let configmaps: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ConfigMap")
+        .map(|d| str_of(&d["metadata"]["name"]))
+        .collect();
+    assert_eq!(
+        configmaps,
+        ["sidewall-control-plane-config"],
+        "no policy ConfigMap"
+    );
     assert!(
         pod["volumes"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|v| v.get("persistentVolumeClaim").is_none() && v.get("configMap").is_none())
+            .all(|v| v.get("persistentVolumeClaim").is_none()
+                && v["configMap"]["name"] != "sidewall-policies")
     );
+    // Service-account attestation, as in the base.
+    let config = check_attestation_config(&docs, pod, cp, &command);
     // The KEK file is in the Secret's mount, readable by the pod's group only.
     let kek = flag("--ca-kek-file");
     let mount = mount_of(pod, cp, "secret", "sidewall-ca-kek");
@@ -865,15 +969,31 @@ fn kubernetes_replicated_control_plane_runs_over_the_etcd_statefulset_with_the_k
     // as far as dialling etcd (no such names here), and fails before binding anything.
     let temp = tempfile::tempdir().unwrap();
     let kek_file = sidewall_control_plane::testing::kek_file(temp.path());
+    let config_file = temp.path().join("control-plane.yaml");
+    fs::write(&config_file, config).unwrap();
     let mut args: Vec<String> = command[1..].to_vec();
     for arg in &mut args {
         if *arg == kek {
             *arg = kek_file.display().to_string();
         } else if arg == "/var/lib/sidewall" {
             *arg = temp.path().join("data").display().to_string();
+        } else if arg.ends_with("/control-plane.yaml") {
+            *arg = config_file.display().to_string();
         }
     }
-    let run = sidewall(&args);
+    let run = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+        .args(&args)
+        .env(
+            "SIDEWALL_K8S_ISSUER",
+            "https://kubernetes.default.svc.cluster.local",
+        )
+        .output()
+        .unwrap();
+    let run = support::Run {
+        code: run.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
+    };
     if cfg!(feature = "etcd") {
         assert_eq!(run.code, 1, "{}", run.stderr);
         assert!(

@@ -18,9 +18,14 @@
 //! name is a network alias of its pod. Anything in the manifests the test does not know how to
 //! run fails it, so the manifests cannot move away from what is run here.
 //!
-//! Then what the README promises: its token step works through `docker exec` (the CLI finds the
-//! data directory by `SIDEWALL_DATA_DIR`); the api's sidecar joins with the Secret's token,
-//! registers the pod's IP and becomes ready; the control plane applied the policy ConfigMap as
+//! Projected service-account tokens are signed by a test issuer (an ES256 key) for the pod's
+//! namespace, service account and name, with the volume's audience and expiry, as the kubelet
+//! asks the API server for them; the issuer's URL and keys are the ConfigMap the README's first
+//! step creates.
+//!
+//! Then what the README promises: its fingerprint step works through `docker exec` (the CLI finds
+//! the data directory by `SIDEWALL_DATA_DIR`); the api's sidecar joins with its pod's
+//! service-account token, registers the pod's IP and becomes ready; the control plane applied the policy ConfigMap as
 //! `gitops:/etc/sidewall/policies`; a caller's sidecar (the frontend's identity, on the same
 //! network) gets `GET /v1/orders` through while `DELETE` is refused by policy and never reaches
 //! the app; a plaintext client on the network reaches neither the app port nor the mTLS port.
@@ -118,6 +123,58 @@ struct Cluster {
     network: String,
     containers: Vec<String>,
     dirs: tempfile::TempDir,
+    /// The cluster's service-account issuer: the key the kubelet's tokens are signed with.
+    issuer: Issuer,
+}
+
+/// A service-account issuer as the API server is one: an ES256 key, its JWKS, its URL.
+struct Issuer {
+    url: String,
+    encoding: jsonwebtoken::EncodingKey,
+    jwks: String,
+}
+
+impl Issuer {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
+        let mut jwk =
+            jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
+                .unwrap();
+        jwk.common.key_id = Some("cluster-signing-key".into());
+        Self {
+            url: "https://kubernetes.default.svc.cluster.local".into(),
+            encoding,
+            jwks: serde_json::json!({"keys": [jwk]}).to_string(),
+        }
+    }
+
+    /// The token the kubelet projects for `pod` of `namespace/account`, for `audience`.
+    fn token(
+        &self,
+        namespace: &str,
+        account: &str,
+        pod: &str,
+        audience: &str,
+        seconds: u64,
+    ) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "aud": [audience], "iss": self.url, "iat": now, "nbf": now, "exp": now + seconds,
+            "sub": format!("system:serviceaccount:{namespace}:{account}"),
+            "kubernetes.io": {
+                "namespace": namespace,
+                "pod": {"name": pod, "uid": "7c4e0b1a"},
+                "serviceaccount": {"name": account, "uid": "1f2e3d4c"},
+            },
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some("cluster-signing-key".into());
+        jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
+    }
 }
 
 impl Drop for Cluster {
@@ -210,6 +267,7 @@ impl Cluster {
             network,
             containers: Vec::new(),
             dirs: tempfile::tempdir().unwrap(),
+            issuer: Issuer::new(),
         };
         docker_ok(&["network", "create", &cluster.network]);
         cluster
@@ -282,14 +340,15 @@ impl Cluster {
         (name, ip)
     }
 
-    /// Runs the Deployment `deployment` of `docs` as pod `pod`, the kubelet's way. `secrets`
-    /// gives the data of the Secrets it mounts (Secret name, then key and value).
+    /// Runs the Deployment `deployment` of `docs` as pod `pod`, the kubelet's way. `created`
+    /// gives the data of the ConfigMaps and Secrets the README's steps create with kubectl,
+    /// not in `docs` (name, then key and value).
     fn start_pod(
         &mut self,
         docs: &[Value],
         deployment: &str,
         aliases: &[&str],
-        secrets: &BTreeMap<&str, BTreeMap<String, String>>,
+        created: &BTreeMap<&str, BTreeMap<String, String>>,
     ) -> Pod {
         let object = find(docs, "Deployment", deployment);
         let namespace = object["metadata"]["namespace"].as_str().unwrap().to_owned();
@@ -297,6 +356,7 @@ impl Cluster {
         only_keys(
             spec,
             &[
+                "serviceAccountName",
                 "automountServiceAccountToken",
                 "securityContext",
                 "initContainers",
@@ -309,8 +369,34 @@ impl Cluster {
         );
         assert_eq!(
             spec["automountServiceAccountToken"], false,
-            "a service account token would be mounted; this test mounts none"
+            "the Kubernetes API token would be mounted; this test mounts none"
         );
+        let account = spec["serviceAccountName"].as_str().unwrap_or("default");
+        if account != "default" {
+            let object = find(docs, "ServiceAccount", account);
+            assert_eq!(object["metadata"]["namespace"], namespace.as_str());
+        }
+        // A ConfigMap's data: from the manifests, or one a README step created.
+        let configmap_data = |source: &str| -> BTreeMap<String, String> {
+            match docs
+                .iter()
+                .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == source)
+            {
+                Some(configmap) => {
+                    assert_eq!(configmap["metadata"]["namespace"], namespace.as_str());
+                    configmap["data"]
+                        .as_object()
+                        .unwrap()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                        .collect()
+                }
+                None => created
+                    .get(source)
+                    .unwrap_or_else(|| panic!("the pod uses the ConfigMap {source}, not given"))
+                    .clone(),
+            }
+        };
         let pod_security = &spec["securityContext"];
         only_keys(
             pod_security,
@@ -344,25 +430,44 @@ impl Cluster {
                     "name",
                     "configMap",
                     "secret",
+                    "projected",
                     "emptyDir",
                     "persistentVolumeClaim",
                 ],
                 "a volume",
             );
             if let Some(map) = volume["configMap"].as_object() {
-                let source = map["name"].as_str().unwrap();
-                let configmap = find(docs, "ConfigMap", source);
-                assert_eq!(configmap["metadata"]["namespace"], namespace.as_str());
-                let files = configmap["data"]
-                    .as_object()
-                    .unwrap()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
-                    .collect();
+                let files = configmap_data(map["name"].as_str().unwrap());
                 projected(&path, &files, 0o644, fs_group);
+            } else if let Some(sources) = volume["projected"].as_object() {
+                // Service-account tokens only, signed by the cluster's issuer for this pod.
+                only_keys(
+                    &volume["projected"],
+                    &["sources", "defaultMode"],
+                    "a projected volume",
+                );
+                let mut files = BTreeMap::new();
+                for source in sources["sources"].as_array().unwrap() {
+                    only_keys(source, &["serviceAccountToken"], "a projected source");
+                    let token = &source["serviceAccountToken"];
+                    only_keys(token, &["audience", "expirationSeconds", "path"], "a token");
+                    let jwt = self.issuer.token(
+                        &namespace,
+                        account,
+                        &name,
+                        token["audience"].as_str().unwrap(),
+                        token["expirationSeconds"].as_u64().unwrap_or(3600),
+                    );
+                    files.insert(token["path"].as_str().unwrap().to_owned(), jwt);
+                }
+                let mode = sources
+                    .get("defaultMode")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0o644) as u32;
+                projected(&path, &files, mode, fs_group);
             } else if let Some(secret) = volume["secret"].as_object() {
                 let source = secret["secretName"].as_str().unwrap();
-                let files = secrets
+                let files = created
                     .get(source)
                     .unwrap_or_else(|| panic!("the pod mounts the Secret {source}, not given"));
                 let mode = secret
@@ -478,6 +583,9 @@ impl Cluster {
                 let variable_name = variable["name"].as_str().unwrap();
                 let value = if let Some(value) = variable["value"].as_str() {
                     value.to_owned()
+                } else if let Some(key) = variable["valueFrom"]["configMapKeyRef"].as_object() {
+                    let data = configmap_data(key["name"].as_str().unwrap());
+                    data[key["key"].as_str().unwrap()].clone()
                 } else {
                     match variable["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                         Some("status.podIP") => ip.clone(),
@@ -607,39 +715,25 @@ fn the_kubernetes_pods_run_under_docker_as_their_manifests_say() {
     let api_docs = rendered("api");
     let mut cluster = Cluster::new();
 
-    // 1. `kubectl apply -k examples/kubernetes/control-plane`: ready by its own probes.
+    // 1. The README's first step, the cluster's issuer and keys as a ConfigMap; then `kubectl
+    //    apply -k examples/kubernetes/control-plane`: ready by its own probes.
+    let issuer = BTreeMap::from([
+        ("issuer".to_owned(), cluster.issuer.url.clone()),
+        ("jwks.json".to_owned(), cluster.issuer.jwks.clone()),
+    ]);
     let control_plane = cluster.start_pod(
         &control_plane_docs,
         "sidewall-control-plane",
         &[CONTROL_PLANE_SERVICE],
-        &BTreeMap::new(),
+        &BTreeMap::from([("sidewall-k8s-issuer", issuer)]),
     );
-    // 2. The README's token step, through exec, with no --data-dir.
-    let token_for = |identity: &str| {
-        let created = control_plane.exec(
-            "control-plane",
-            &[
-                "sidewall",
-                "token",
-                "create",
-                "--identity",
-                identity,
-                "--uses",
-                "2",
-                "--ttl",
-                "1h",
-            ],
-        );
-        assert!(created.status.success(), "token create: {}", text(&created));
-        let line = String::from_utf8_lossy(&created.stdout)
-            .lines()
-            .last()
-            .unwrap()
-            .to_owned();
-        BTreeMap::from([("token".to_owned(), line)])
-    };
-    let api_token = token_for(&format!("{TD}/api"));
-    let frontend_token = token_for(&format!("{TD}/frontend"));
+    // 2. The README's fingerprint step, through exec, with no --data-dir.
+    let fingerprint = control_plane.exec("control-plane", &["sidewall", "ca", "fingerprint"]);
+    assert!(fingerprint.status.success(), "{}", text(&fingerprint));
+    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+        .trim()
+        .to_owned();
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
     let history = control_plane.exec("control-plane", &["sidewall", "policy", "history"]);
     assert!(
         text(&history).contains("gitops:/etc/sidewall/policies"),
@@ -647,12 +741,16 @@ fn the_kubernetes_pods_run_under_docker_as_their_manifests_say() {
         text(&history)
     );
 
-    // 3. `kubectl apply -k examples/kubernetes/api`, with the token's Secret.
+    // 3. `kubectl apply -k examples/kubernetes/api`: its sidecar joins with the pod's
+    //    service-account token.
     let api = cluster.start_pod(
         &api_docs,
         "api",
         &[],
-        &BTreeMap::from([("api-sidewall-token", api_token)]),
+        &BTreeMap::from([(
+            "sidewall-ca",
+            BTreeMap::from([("fingerprint".to_owned(), fingerprint)]),
+        )]),
     );
     // The sidecar registered this pod's address, from POD_IP.
     let status = control_plane.exec("control-plane", &["sidewall", "status", "--json"]);
@@ -665,7 +763,27 @@ fn the_kubernetes_pods_run_under_docker_as_their_manifests_say() {
     );
 
     // A caller: the frontend's sidecar in a pod of its own on the same network, with an explicit
-    // route to the api (the app's side of it is this test).
+    // route to the api (the app's side of it is this test). It joins with a join token, the
+    // other way in, made through exec.
+    let created = control_plane.exec(
+        "control-plane",
+        &[
+            "sidewall",
+            "token",
+            "create",
+            "--identity",
+            &format!("{TD}/frontend"),
+        ],
+    );
+    assert!(created.status.success(), "token create: {}", text(&created));
+    let frontend_token = BTreeMap::from([(
+        "token".to_owned(),
+        String::from_utf8_lossy(&created.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_owned(),
+    )]);
     let (frontend_pause, frontend_ip) = cluster.pause("frontend-0", &[]);
     let frontend_dir = cluster.dirs.path().join("frontend");
     projected(
