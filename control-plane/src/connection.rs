@@ -2,6 +2,9 @@
 //!
 //! - A connection must start a request within `limits.requestTimeout` of its handshake (HTTP/1.1
 //!   or HTTP/2 alike: a silent client, or one that sends only the HTTP/2 preface, is closed).
+//! - On HTTP/1.1, a request head must arrive whole within `limits.requestTimeout` of its first
+//!   byte. (hyper's own header timer is off: it also runs while a keep-alive connection waits
+//!   for its next request, which closed idle connections at `requestTimeout`.)
 //! - A connection with no request in flight for `limits.idleTimeout` is closed. A snapshot watch
 //!   is a request in flight for as long as it streams, so sidecars keep theirs.
 //! - HTTP/2 keep-alive pings find peers that vanished.
@@ -82,18 +85,91 @@ struct Activity {
     in_flight: AtomicUsize,
     started: AtomicBool,
     idle_since: Mutex<Instant>,
-    idle: Notify,
+    /// When bytes of a request head arrived with no request in flight (HTTP/1.1 only).
+    head_since: Mutex<Option<Instant>>,
+    /// Something above changed: the serving loop recomputes its deadline.
+    changed: Notify,
 }
 
 impl Activity {
     fn begin(self: &Arc<Self>) -> InFlight {
         self.started.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.head_since) = None;
+        self.changed.notify_one();
         InFlight(self.clone())
     }
 
     fn idle_since(&self) -> Instant {
-        *self.idle_since.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.idle_since)
+    }
+
+    /// Bytes arrived: with no request in flight, they start a request head.
+    fn received(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            let mut head = lock(&self.head_since);
+            if head.is_none() {
+                *head = Some(Instant::now());
+                self.changed.notify_one();
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The connection's stream, telling [`Activity`] when bytes arrive (HTTP/1.1).
+struct Watched<S> {
+    stream: S,
+    activity: Option<Arc<Activity>>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(activity) = &self.activity
+        {
+            activity.received();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 }
 
@@ -102,9 +178,9 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *lock(&self.0.idle_since) = Instant::now();
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_one();
+            self.0.changed.notify_one();
         }
     }
 }
@@ -136,9 +212,15 @@ impl Body for Tracked {
 }
 
 /// Serves one connection until it ends, stays without a request for too long, or the control
-/// plane stops (`watcher`).
-pub(crate) async fn serve<S>(api: Arc<Api>, stream: S, peer: Arc<Peer>, watcher: Watcher)
-where
+/// plane stops (`watcher`). `http2` is whether ALPN chose HTTP/2 (its frames between requests
+/// are no request head).
+pub(crate) async fn serve<S>(
+    api: Arc<Api>,
+    stream: S,
+    http2: bool,
+    peer: Arc<Peer>,
+    watcher: Watcher,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let remote: Option<SocketAddr> = peer.remote;
@@ -148,8 +230,13 @@ where
         in_flight: AtomicUsize::new(0),
         started: AtomicBool::new(false),
         idle_since: Mutex::new(Instant::now()),
-        idle: Notify::new(),
+        head_since: Mutex::new(None),
+        changed: Notify::new(),
     });
+    let stream = Watched {
+        stream,
+        activity: (!http2).then(|| activity.clone()),
+    };
     let requests = activity.clone();
     let service = service_fn(move |request| {
         let in_flight = requests.begin();
@@ -166,7 +253,8 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(first_request)
+        // Timed here instead, from the head's first byte (the module's comment says why).
+        .header_read_timeout(None)
         .max_buf_size(64 * 1024);
     builder
         .http2()
@@ -182,10 +270,13 @@ where
     );
     tokio::pin!(connection);
     loop {
-        let (limit, reason) = if activity.started.load(Ordering::Relaxed) {
-            (idle, "idle")
-        } else {
-            (first_request, "no_request")
+        let head = *lock(&activity.head_since);
+        let (from, limit, reason) = match head {
+            Some(since) => (since, first_request, "no_request"),
+            None if activity.started.load(Ordering::Relaxed) => {
+                (activity.idle_since(), idle, "idle")
+            }
+            None => (activity.idle_since(), first_request, "no_request"),
         };
         let busy = activity.in_flight.load(Ordering::Acquire) > 0;
         tokio::select! {
@@ -195,10 +286,11 @@ where
                 }
                 return;
             }
-            () = activity.idle.notified(), if busy => {}
-            () = tokio::time::sleep_until(activity.idle_since() + limit), if !busy => {
+            () = activity.changed.notified() => {}
+            () = tokio::time::sleep_until(from + limit), if !busy => {
                 let quiet = activity.in_flight.load(Ordering::Acquire) == 0
-                    && activity.idle_since().elapsed() >= limit;
+                    && *lock(&activity.head_since) == head
+                    && from.elapsed() >= limit;
                 if quiet {
                     metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
                     tracing::debug!(?remote, reason, "API connection closed: no request in time");

@@ -401,7 +401,8 @@ pub async fn run(
             } else {
                 None
             };
-            crate::connection::serve(api, tls, peer, watcher).await;
+            let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            crate::connection::serve(api, tls, http2, peer, watcher).await;
         });
     }
     let _ = stop_tx.send(true);
