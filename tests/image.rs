@@ -214,30 +214,10 @@ fn a_sidecar_container_joins_with_a_service_account_token_from_a_test_issuer() {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     };
     readable(shared, 0o755);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
-    let mut jwk =
-        jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
-            .unwrap();
-    jwk.common.key_id = Some("test-issuer".into());
-    let issuer = "https://kubernetes.default.svc.cluster.local";
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let claims = serde_json::json!({
-        "aud": ["sidewall"], "iss": issuer, "iat": now, "nbf": now, "exp": now + 3600,
-        "sub": "system:serviceaccount:shop:api",
-        "kubernetes.io": {
-            "namespace": "shop",
-            "pod": {"name": "api-1", "uid": "0d6e"},
-            "serviceaccount": {"name": "api", "uid": "5b21"},
-        },
-    });
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some("test-issuer".into());
+    let cluster = sidewall_control_plane::testing::TestIssuer::new("test-issuer");
+    let issuer = cluster.url.clone();
     let files = [
-        ("jwks.json", serde_json::json!({"keys": [jwk]}).to_string()),
+        ("jwks.json", cluster.jwks()),
         (
             "cp.yaml",
             format!(
@@ -246,7 +226,7 @@ fn a_sidecar_container_joins_with_a_service_account_token_from_a_test_issuer() {
         ),
         (
             "token",
-            jsonwebtoken::encode(&header, &claims, &encoding).unwrap(),
+            cluster.token("shop", "api", "api-1", "sidewall", 3600),
         ),
     ];
     for (name, content) in files {

@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use sidewall_control_plane::testing::TestIssuer;
 use support::{ControlPlaneProcess, ProxyProcess, eventually, free_port, http_get};
 
 const TD: &str = "spiffe://sidewall.local";
@@ -325,15 +326,10 @@ fn a_join_whose_answer_was_lost_is_retried_with_the_same_key() {
 #[test]
 fn a_sidecar_joins_with_its_pods_service_account_token() {
     let dir = tempfile::tempdir().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
-    let mut jwk =
-        jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
-            .unwrap();
-    jwk.common.key_id = Some("cluster-1".into());
+    let cluster = TestIssuer::new("cluster-1");
     let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, serde_json::json!({"keys": [jwk]}).to_string()).unwrap();
-    let issuer = "https://kubernetes.default.svc.cluster.local";
+    std::fs::write(&jwks, cluster.jwks()).unwrap();
+    let issuer = cluster.url.clone();
     let config = dir.path().join("cp.yaml");
     std::fs::write(
         &config,
@@ -347,24 +343,7 @@ fn a_sidecar_joins_with_its_pods_service_account_token() {
         &dir.path().join("cp"),
         &["--config", config.to_str().unwrap()],
     );
-    let token_for = |pod: &str| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = serde_json::json!({
-            "aud": ["sidewall"], "iss": issuer, "iat": now, "nbf": now, "exp": now + 3600,
-            "sub": "system:serviceaccount:shop:api",
-            "kubernetes.io": {
-                "namespace": "shop",
-                "pod": {"name": pod, "uid": "3f0e"},
-                "serviceaccount": {"name": "api", "uid": "a17c"},
-            },
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("cluster-1".into());
-        jsonwebtoken::encode(&header, &claims, &encoding).unwrap()
-    };
+    let token_for = |pod: &str| cluster.token("shop", "api", pod, "sidewall", 3600);
     let fingerprint = Command::new("sh")
         .arg("-c")
         .arg(format!(

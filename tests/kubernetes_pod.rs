@@ -45,6 +45,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sidewall_control_plane::testing::TestIssuer;
 use support::output_text as text;
 
 const IMAGE_IN_MANIFESTS: &str = "sidewall:0.1.0";
@@ -124,69 +125,7 @@ struct Cluster {
     containers: Vec<String>,
     dirs: tempfile::TempDir,
     /// The cluster's service-account issuer: the key the kubelet's tokens are signed with.
-    issuer: Issuer,
-}
-
-/// A service-account issuer as the API server is one: an ES256 key, its JWKS, its URL.
-struct Issuer {
-    url: String,
-    encoding: jsonwebtoken::EncodingKey,
-    jwks: String,
-}
-
-impl Issuer {
-    fn new() -> Self {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
-        let mut jwk =
-            jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
-                .unwrap();
-        jwk.common.key_id = Some("cluster-signing-key".into());
-        Self {
-            url: "https://kubernetes.default.svc.cluster.local".into(),
-            encoding,
-            jwks: serde_json::json!({"keys": [jwk]}).to_string(),
-        }
-    }
-
-    /// The token the kubelet projects for `pod` of `namespace/account`, for `audience`.
-    fn token(
-        &self,
-        namespace: &str,
-        account: &str,
-        pod: &str,
-        audience: &str,
-        seconds: u64,
-    ) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = serde_json::json!({
-            "aud": [audience], "iss": self.url, "iat": now, "nbf": now, "exp": now + seconds,
-            "sub": format!("system:serviceaccount:{namespace}:{account}"),
-            "kubernetes.io": {
-                "namespace": namespace,
-                "pod": {"name": pod, "uid": "7c4e0b1a"},
-                "serviceaccount": {"name": account, "uid": "1f2e3d4c"},
-            },
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("cluster-signing-key".into());
-        jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if !self.containers.is_empty() {
-            let mut args = vec!["rm", "-f", "-v"];
-            args.extend(self.containers.iter().map(String::as_str));
-            let _ = docker(&args);
-        }
-        let _ = docker(&["network", "rm", &self.network]);
-        let _ = docker(&["rmi", "-f", &self.image]);
-    }
+    issuer: TestIssuer,
 }
 
 /// A pod as the test runs it: its address and its containers by name.
@@ -267,7 +206,7 @@ impl Cluster {
             network,
             containers: Vec::new(),
             dirs: tempfile::tempdir().unwrap(),
-            issuer: Issuer::new(),
+            issuer: TestIssuer::new("cluster-signing-key"),
         };
         docker_ok(&["network", "create", &cluster.network]);
         cluster
@@ -719,7 +658,7 @@ fn the_kubernetes_pods_run_under_docker_as_their_manifests_say() {
     //    apply -k examples/kubernetes/control-plane`: ready by its own probes.
     let issuer = BTreeMap::from([
         ("issuer".to_owned(), cluster.issuer.url.clone()),
-        ("jwks.json".to_owned(), cluster.issuer.jwks.clone()),
+        ("jwks.json".to_owned(), cluster.issuer.jwks()),
     ]);
     let control_plane = cluster.start_pod(
         &control_plane_docs,

@@ -443,3 +443,89 @@ pub fn assert_svid(leaf_pem: &str, identity: &str, lifetime: Duration) {
         "subject copied from the request: {subject}"
     );
 }
+
+/// A Kubernetes service-account issuer as the API server is one: an ES256 key (key id `kid`),
+/// its JWKS, its URL; it signs tokens as the kubelet asks for them.
+pub struct TestIssuer {
+    pub url: String,
+    pub kid: String,
+    key: rcgen::KeyPair,
+}
+
+impl TestIssuer {
+    pub fn new(kid: &str) -> Self {
+        Self {
+            url: "https://kubernetes.default.svc.cluster.local".into(),
+            kid: kid.into(),
+            key: rcgen::KeyPair::generate().unwrap(),
+        }
+    }
+
+    fn encoding(key: &rcgen::KeyPair) -> jsonwebtoken::EncodingKey {
+        jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der())
+    }
+
+    /// The issuer's public keys, as `kubectl get --raw /openid/v1/jwks` prints them.
+    pub fn jwks(&self) -> String {
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(
+            &Self::encoding(&self.key),
+            jsonwebtoken::Algorithm::ES256,
+        )
+        .unwrap();
+        jwk.common.key_id = Some(self.kid.clone());
+        serde_json::json!({"keys": [jwk]}).to_string()
+    }
+
+    /// The claims of a projected token for `pod` of service account `namespace/account`, for
+    /// `audience`, valid for `seconds` from now.
+    pub fn claims(
+        &self,
+        namespace: &str,
+        account: &str,
+        pod: &str,
+        audience: &str,
+        seconds: u64,
+    ) -> serde_json::Value {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        serde_json::json!({
+            "aud": [audience], "iss": self.url, "iat": now, "nbf": now, "exp": now + seconds,
+            "sub": format!("system:serviceaccount:{namespace}:{account}"),
+            "kubernetes.io": {
+                "namespace": namespace,
+                "pod": {"name": pod, "uid": "7c4e0b1a"},
+                "serviceaccount": {"name": account, "uid": "1f2e3d4c"},
+            },
+        })
+    }
+
+    /// `claims` signed with ES256 by `key` (the issuer's when `None`) under key id `kid`.
+    pub fn sign(
+        &self,
+        claims: &serde_json::Value,
+        key: Option<&rcgen::KeyPair>,
+        kid: &str,
+    ) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, claims, &Self::encoding(key.unwrap_or(&self.key))).unwrap()
+    }
+
+    /// A projected token, signed by the issuer.
+    pub fn token(
+        &self,
+        namespace: &str,
+        account: &str,
+        pod: &str,
+        audience: &str,
+        seconds: u64,
+    ) -> String {
+        self.sign(
+            &self.claims(namespace, account, pod, audience, seconds),
+            None,
+            &self.kid,
+        )
+    }
+}

@@ -13,7 +13,7 @@ use rcgen::{
 };
 use serde_json::{Value, json};
 use sidewall_control_plane::client::Client;
-use sidewall_control_plane::testing::TestControlPlane;
+use sidewall_control_plane::testing::{TestControlPlane, TestIssuer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn csr(key: &KeyPair) -> String {
@@ -66,32 +66,25 @@ fn base64url(bytes: &[u8]) -> String {
         .replace('/', "_")
 }
 
-/// The cluster the service-account cases come from: an issuer, its signing key (ES256, key id
-/// `k1`) written as a JWKS file, and claims as a kubelet projects them for pod `api-1` of
-/// service account `shop/api` with audience `sidewall`.
+/// The cluster the service-account cases come from: an issuer (key id `k1`) with its JWKS
+/// written as a file, and claims as a kubelet projects them for pod `api-1` of service account
+/// `shop/api` with audience `sidewall`.
 struct Cluster {
-    key: KeyPair,
+    issuer: TestIssuer,
     jwks: std::path::PathBuf,
 }
 
-const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
 impl Cluster {
     fn new(dir: &std::path::Path) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
-        let mut jwk =
-            jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, jsonwebtoken::Algorithm::ES256)
-                .unwrap();
-        jwk.common.key_id = Some("k1".into());
+        let issuer = TestIssuer::new("k1");
         let jwks = dir.join("jwks.json");
-        std::fs::write(&jwks, json!({"keys": [jwk]}).to_string()).unwrap();
-        Self { key, jwks }
+        std::fs::write(&jwks, issuer.jwks()).unwrap();
+        Self { issuer, jwks }
     }
 
     fn config(&self) -> sidewall_control_plane::attestation::kubernetes::KubernetesConfig {
         sidewall_control_plane::attestation::kubernetes::KubernetesConfig {
-            issuer: ISSUER.into(),
+            issuer: self.issuer.url.clone(),
             jwks_file: self.jwks.clone(),
             audience: "sidewall".into(),
             identity: sidewall_control_plane::attestation::kubernetes::DEFAULT_IDENTITY.into(),
@@ -101,28 +94,12 @@ impl Cluster {
     }
 
     fn claims(&self) -> Value {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        json!({
-            "aud": ["sidewall"], "iss": ISSUER, "iat": now, "nbf": now, "exp": now + 600,
-            "sub": "system:serviceaccount:shop:api",
-            "kubernetes.io": {
-                "namespace": "shop",
-                "pod": {"name": "api-1", "uid": "9b1c"},
-                "serviceaccount": {"name": "api", "uid": "77aa"},
-            },
-        })
+        self.issuer.claims("shop", "api", "api-1", "sidewall", 600)
     }
 
     /// A token with `claims`, signed by `key` (the cluster's when `None`) with key id `kid`.
     fn token_by(&self, claims: &Value, key: Option<&KeyPair>, kid: &str) -> String {
-        let key = key.unwrap_or(&self.key);
-        let encoding = jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der());
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some(kid.into());
-        jsonwebtoken::encode(&header, claims, &encoding).unwrap()
+        self.issuer.sign(claims, key, kid)
     }
 
     /// A token with the usual claims changed by `change`.
@@ -559,9 +536,9 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     const REGISTER: &str = "POST /v1/registrations";
     const ACK: &str = "POST /v1/acks";
     const WATCH: &str = "GET /v1/snapshots/watch";
-    #[rustfmt::skip]
     // Service-account tokens of every bad kind.
-    let sa = |jwt: &str| to_json(json!({"csr": good_csr, "service_account_token": jwt, "pod": "api-1"}));
+    let sa =
+        |jwt: &str| to_json(json!({"csr": good_csr, "service_account_token": jwt, "pod": "api-1"}));
     let valid = cluster.token(|_| {});
     let (_, rest) = valid.split_once('.').unwrap();
     let none_header = base64url(br#"{"alg":"none","kid":"k1"}"#);
@@ -591,549 +568,71 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
         ("a namespace not allowed", cluster.token(|c| c["kubernetes.io"]["namespace"] = json!("dev")), (StatusCode::FORBIDDEN, "sa_not_allowed", "service account dev/api may not attest")),
         ("another pod's token", cluster.token(|c| c["kubernetes.io"]["pod"]["name"] = json!("api-2")), (StatusCode::FORBIDDEN, "sa_token_other_pod", "belongs to pod api-2, not to pod api-1")),
     ];
+    #[rustfmt::skip]
     let mut cases = vec![
-        Case::new(
-            "a join token and a service-account token",
-            &anonymous,
-            CERT,
-            to_json(json!({"csr": good_csr, "token": "x", "service_account_token": valid})),
-            (BAD, "attestation_ambiguous", "not both"),
-        ),
-        Case::new(
-            "a service-account token where none is configured",
-            &no_kubernetes.anonymous(),
-            CERT,
-            sa(&valid),
-            (BAD, "sa_attestation_off", "attestation.kubernetes"),
-        ),
-        Case {
-            name: "body not JSON".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: Bytes::from_static(b"csr=abc"),
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_json",
-            message: "body is not the expected JSON",
-        },
-        Case {
-            name: "JSON without csr".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: Bytes::from_static(b"{\"token\": \"x\"}"),
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_json",
-            message: "missing field `csr`",
-        },
-        Case {
-            name: "missing token".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: Bytes::from(json!({"csr": good_csr}).to_string()),
-            status: StatusCode::UNAUTHORIZED,
-            code: "token_missing",
-            message: "first contact needs a join token",
-        },
-        Case {
-            name: "malformed token".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, "let-me-in"),
-            status: StatusCode::BAD_REQUEST,
-            code: "token_malformed",
-            message: "malformed join token",
-        },
-        Case {
-            name: "wrong secret".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, &wrong_secret),
-            status: StatusCode::UNAUTHORIZED,
-            code: "token_unknown",
-            message: "unknown join token",
-        },
-        Case {
-            name: "token pinned to another CA".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, &other_ca_token),
-            status: StatusCode::UNAUTHORIZED,
-            code: "token_other_ca",
-            message: "issued by another control plane",
-        },
-        Case {
-            name: "expired token".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, &expired_token),
-            status: StatusCode::UNAUTHORIZED,
-            code: "token_expired",
-            message: "join token expired",
-        },
-        Case {
-            name: "reused token".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, &used_token),
-            status: StatusCode::UNAUTHORIZED,
-            code: "token_used",
-            message: "join token already used",
-        },
-        Case {
-            name: "revoked token".into(),
-            client: c(&anonymous),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, &revoked_token),
-            status: StatusCode::UNAUTHORIZED,
-            code: "token_revoked",
-            message: "join token revoked",
-        },
-        Case {
-            name: "token for A with a certificate for B".into(),
-            client: c(&as_b),
-            op: CERT.into(),
-            path: None,
-            body: body(&good_csr, &token_a),
-            status: StatusCode::FORBIDDEN,
-            code: "identity_mismatch",
-            message: "but the client certificate is for spiffe://sidewall.local/ns/bad/svc/s1",
-        },
-        Case {
-            name: "renewal of a revoked identity".into(),
-            client: c(&as_revoked),
-            op: CERT.into(),
-            path: None,
-            body: Bytes::from(json!({"csr": good_csr}).to_string()),
-            status: StatusCode::FORBIDDEN,
-            code: "revoked",
-            message: "is revoked",
-        },
-        Case {
-            name: "renewal of a revoked serial".into(),
-            client: c(&as_revoked_serial),
-            op: CERT.into(),
-            path: None,
-            body: Bytes::from(json!({"csr": good_csr}).to_string()),
-            status: StatusCode::FORBIDDEN,
-            code: "revoked",
-            message: "is revoked",
-        },
-        Case {
-            name: "renewal as an operator".into(),
-            client: c(&operator),
-            op: CERT.into(),
-            path: None,
-            body: Bytes::from(json!({"csr": good_csr}).to_string()),
-            status: StatusCode::FORBIDDEN,
-            code: "not_a_workload",
-            message: "only workload identities are issued",
-        },
-        Case {
-            name: "token for a reserved identity".into(),
-            client: c(&operator),
-            op: "POST /v1/tokens".into(),
-            path: None,
-            body: Bytes::from(
-                json!({"identity": "spiffe://sidewall.local/sidewall/control-plane"}).to_string(),
-            ),
-            status: StatusCode::BAD_REQUEST,
-            code: "not_a_workload",
-            message: "never issued to workloads",
-        },
-        Case {
-            name: "token for another trust domain".into(),
-            client: c(&operator),
-            op: "POST /v1/tokens".into(),
-            path: None,
-            body: Bytes::from(json!({"identity": "spiffe://evil.org/ns/a/svc/b"}).to_string()),
-            status: StatusCode::BAD_REQUEST,
-            code: "foreign_trust_domain",
-            message: "is not in trust domain sidewall.local",
-        },
-        Case {
-            name: "token TTL over the cap".into(),
-            client: c(&operator),
-            op: "POST /v1/tokens".into(),
-            path: None,
-            body: Bytes::from(
-                json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "ttl_seconds": 86_401})
-                    .to_string(),
-            ),
-            status: StatusCode::BAD_REQUEST,
-            code: "ttl_out_of_range",
-            message: "ttl must be from 1 s to 86400 s",
-        },
-        Case {
-            name: "operator name with a slash".into(),
-            client: c(&operator),
-            op: "POST /v1/operators".into(),
-            path: None,
-            body: Bytes::from(
-                json!({"name": "a/b", "role": "viewer", "csr": good_csr}).to_string(),
-            ),
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_name",
-            message: "must be one segment",
-        },
-        Case::new(
-            "token for no SPIFFE ID",
-            &operator,
-            "POST /v1/tokens",
-            to_json(json!({"identity": "nope"})),
-            (BAD, "invalid_identity", "identity \"nope\""),
-        ),
-        Case::new(
-            "token for a revoked identity",
-            &operator,
-            "POST /v1/tokens",
-            to_json(json!({"identity": identity_r})),
-            (BAD, "revoked", "no token can be made for it"),
-        ),
-        Case::new(
-            "token with no uses",
-            &operator,
-            "POST /v1/tokens",
-            to_json(json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "uses": 0})),
-            (BAD, "uses_out_of_range", "uses must be from 1 to 10000"),
-        ),
-        Case::new(
-            "revoking an unknown token",
-            &operator,
-            "DELETE /v1/tokens/{id}",
-            "",
-            (NOT_FOUND, "token_not_found", "no token nope"),
-        )
-        .at("/v1/tokens/nope"),
-        Case::new(
-            "issuing a revoked operator's name",
-            &operator,
-            "POST /v1/operators",
-            to_json(json!({"name": "gone", "role": "viewer", "csr": good_csr})),
-            (CONFLICT, "name_revoked", "operator gone was revoked"),
-        ),
-        Case::new(
-            "revoking an operator never issued",
-            &operator,
-            "DELETE /v1/operators/{name}",
-            "",
-            (NOT_FOUND, "operator_not_found", "no operator nobody"),
-        )
-        .at("/v1/operators/nobody"),
-        Case::new(
-            "revoking oneself",
-            &operator,
-            "DELETE /v1/operators/{name}",
-            "",
-            (
-                CONFLICT,
-                "self_revocation",
-                "cannot revoke its own credential",
-            ),
-        )
-        .at("/v1/operators/admin"),
-        Case::new(
-            "revoking an operator name with a slash",
-            &operator,
-            "DELETE /v1/operators/{name}",
-            "",
-            (BAD, "invalid_name", "must be one segment"),
-        )
-        .at("/v1/operators/a/b"),
-        Case::new(
-            "revoking one's own identity",
-            &operator,
-            "POST /v1/revocations",
-            to_json(json!({"identity": "spiffe://sidewall.local/sidewall/operator/admin"})),
-            (
-                CONFLICT,
-                "self_revocation",
-                "cannot revoke its own credential",
-            ),
-        ),
-        Case::new(
-            "revoking no SPIFFE ID",
-            &operator,
-            "POST /v1/revocations",
-            to_json(json!({"identity": "nope"})),
-            (BAD, "invalid_identity", "identity \"nope\""),
-        ),
-        Case::new(
-            "revoking a serial that is not hex",
-            &operator,
-            "POST /v1/revocations",
-            to_json(json!({"serial": "xyz"})),
-            (BAD, "invalid_serial", "serial must be hex"),
-        ),
-        Case::new(
-            "revoking nothing",
-            &operator,
-            "POST /v1/revocations",
-            to_json(json!({})),
-            (
-                BAD,
-                "identity_or_serial",
-                "give exactly one of identity and serial",
-            ),
-        ),
-        Case::new(
-            "watch without an instance",
-            &w.client,
-            WATCH,
-            "",
-            (BAD, "instance_missing", "give ?instance="),
-        ),
-        Case::new(
-            "watch of another workload's instance",
-            &v.client,
-            WATCH,
-            "",
-            (CONFLICT, "instance_taken", "belongs to another workload"),
-        )
-        .at("/v1/snapshots/watch?instance=w-1"),
-        Case::new(
-            "watch of one instance too many",
-            &w.client,
-            WATCH,
-            "",
-            (TOO_MANY, "instances_exceeded", "sidecars connected"),
-        )
-        .at("/v1/snapshots/watch?instance=w-2"),
-        Case::new(
-            "registration of a bad instance id",
-            &w.client,
-            REGISTER,
-            register("a b", "127.0.0.1:5001", json!({})),
-            (BAD, "instance_invalid", "instance must be 1-64"),
-        ),
-        Case::new(
-            "registration of another workload's instance",
-            &v.client,
-            REGISTER,
-            register("w-1", "127.0.0.1:5001", json!({})),
-            (CONFLICT, "instance_taken", "belongs to another workload"),
-        ),
-        Case::new(
-            "registration of one instance too many",
-            &w.client,
-            REGISTER,
-            register("w-2", "127.0.0.1:5001", json!({})),
-            (TOO_MANY, "instances_exceeded", "sidecars connected"),
-        ),
-        Case::new(
-            "registration of no endpoint",
-            &w.client,
-            REGISTER,
-            register("w-1", "nowhere", json!({})),
-            (BAD, "endpoint_invalid", "must be IP:port"),
-        ),
-        Case::new(
-            "registration of someone else's address",
-            &w.client,
-            REGISTER,
-            register("w-1", "10.9.9.9:80", json!({})),
-            (
-                StatusCode::FORBIDDEN,
-                "endpoint_not_yours",
-                "is not the address this connection comes from",
-            ),
-        ),
-        Case::new(
-            "registration of port 0",
-            &w.client,
-            REGISTER,
-            register(
-                "w-1",
-                "127.0.0.1:5001",
-                json!({"ports": [{"port": 0, "protocol": "tcp"}]}),
-            ),
-            (BAD, "ports_invalid", "ports must be 1-65535"),
-        ),
-        Case::new(
-            "registration of an address that is not one",
-            &w.client,
-            REGISTER,
-            register("w-1", "127.0.0.1:5001", json!({"addresses": ["somewhere"]})),
-            (BAD, "address_invalid", "must be IP:port"),
-        ),
-        Case::new(
-            "registration at a second endpoint",
-            &w.client,
-            REGISTER,
-            register("w-1", "127.0.0.1:5002", json!({})),
-            (
-                TOO_MANY,
-                "registrations_exceeded",
-                "limits.instancesPerIdentity",
-            ),
-        ),
-        Case::new(
-            "registration of too many addresses",
-            &w.client,
-            REGISTER,
-            register(
-                "w-1",
-                "127.0.0.1:5001",
-                json!({"addresses": ["10.0.0.1:80", "10.0.0.2:80"]}),
-            ),
-            (
-                TOO_MANY,
-                "addresses_exceeded",
-                "limits.addressesPerIdentity",
-            ),
-        ),
-        Case::new(
-            "registration at another workload's endpoint",
-            &v.client,
-            REGISTER,
-            register("v-1", "127.0.0.1:5001", json!({})),
-            (
-                CONFLICT,
-                "endpoint_taken",
-                "is registered to spiffe://sidewall.local/ns/bad/svc/w",
-            ),
-        ),
-        Case::new(
-            "removing another workload's registration",
-            &v.client,
-            "DELETE /v1/registrations/{instance}",
-            "",
-            (NOT_FOUND, "registration_not_found", "no registration w-1"),
-        )
-        .at("/v1/registrations/w-1"),
-        Case::new(
-            "ack of a bad instance id",
-            &w.client,
-            ACK,
-            ack("a b", "applied"),
-            (BAD, "instance_invalid", "instance must be 1-64"),
-        ),
-        Case::new(
-            "ack of no known status",
-            &w.client,
-            ACK,
-            ack("w-1", "bogus"),
-            (BAD, "status_invalid", "status must be applied or rejected"),
-        ),
-        Case::new(
-            "ack of another workload's instance",
-            &v.client,
-            ACK,
-            ack("w-1", "applied"),
-            (CONFLICT, "instance_taken", "belongs to another workload"),
-        ),
-        Case::new(
-            "ack of one instance too many",
-            &w.client,
-            ACK,
-            ack("w-2", "applied"),
-            (TOO_MANY, "instances_exceeded", "sidecars connected"),
-        ),
-        Case::new(
-            "10,001 flows in one report",
-            &w.client,
-            "POST /v1/flows",
-            to_json(json!({ "flows": flows })),
-            (BAD, "too_many_flows", "at most 10000 flows"),
-        ),
-        Case::new(
-            "policies that do not load",
-            &operator,
-            "POST /v1/policies",
-            files(1, "kind: ["),
-            (BAD, "policy_invalid", "f0.yaml:"),
-        ),
-        Case::new(
-            "1,001 policy files",
-            &operator,
-            "POST /v1/policies",
-            files(1001, ""),
-            (BAD, "too_many_files", "at most 1000 files"),
-        ),
-        Case::new(
-            "impact of policies that do not load",
-            &operator,
-            "POST /v1/policies/impact",
-            files(1, "kind: ["),
-            (BAD, "policy_invalid", "f0.yaml:"),
-        ),
-        Case::new(
-            "impact of 1,001 policy files",
-            &operator,
-            "POST /v1/policies/impact",
-            files(1001, ""),
-            (BAD, "too_many_files", "at most 1000 files"),
-        ),
-        Case::new(
-            "policy version that is no number",
-            &operator,
-            "GET /v1/policies/{version}",
-            "",
-            (BAD, "version_invalid", "is not a version"),
-        )
-        .at("/v1/policies/abc"),
-        Case::new(
-            "policy version never applied",
-            &operator,
-            "GET /v1/policies/{version}",
-            "",
-            (NOT_FOUND, "version_unknown", "no policy version 999"),
-        )
-        .at("/v1/policies/999"),
-        Case::new(
-            "rollout of a version that is no number",
-            &operator,
-            "GET /v1/policies/{version}/status",
-            "",
-            (BAD, "version_invalid", "is not a version"),
-        )
-        .at("/v1/policies/abc/status"),
-        Case::new(
-            "rollout of a version never applied",
-            &operator,
-            "GET /v1/policies/{version}/status",
-            "",
-            (NOT_FOUND, "version_unknown", "has not been applied"),
-        )
-        .at("/v1/policies/999/status"),
-        Case::new(
-            "removing an unknown registration",
-            &operator,
-            "DELETE /v1/directory/{instance}",
-            "",
-            (
-                NOT_FOUND,
-                "registration_not_found",
-                "no registration with instance",
-            ),
-        )
-        .at("/v1/directory/nope"),
-        Case::new(
-            "a path that is no route",
-            &operator,
-            "GET /v1/nothing",
-            "",
-            (NOT_FOUND, "not_found", "no route /v1/nothing"),
-        ),
-        Case::new(
-            "a method the route does not take",
-            &operator,
-            "PUT /v1/tokens",
-            "",
-            (
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "PUT is not allowed on /v1/tokens",
-            ),
-        ),
+        Case::new("a join token and a service-account token", &anonymous, CERT, to_json(json!({"csr": good_csr, "token": "x", "service_account_token": valid})), (BAD, "attestation_ambiguous", "not both")),
+        Case::new("a service-account token where none is configured", &no_kubernetes.anonymous(), CERT, sa(&valid), (BAD, "sa_attestation_off", "attestation.kubernetes")),
+        Case { name: "body not JSON".into(), client: c(&anonymous), op: CERT.into(), path: None, body: Bytes::from_static(b"csr=abc"), status: StatusCode::BAD_REQUEST, code: "invalid_json", message: "body is not the expected JSON" },
+        Case { name: "JSON without csr".into(), client: c(&anonymous), op: CERT.into(), path: None, body: Bytes::from_static(b"{\"token\": \"x\"}"), status: StatusCode::BAD_REQUEST, code: "invalid_json", message: "missing field `csr`" },
+        Case { name: "missing token".into(), client: c(&anonymous), op: CERT.into(), path: None, body: Bytes::from(json!({"csr": good_csr}).to_string()), status: StatusCode::UNAUTHORIZED, code: "token_missing", message: "first contact needs a join token" },
+        Case { name: "malformed token".into(), client: c(&anonymous), op: CERT.into(), path: None, body: body(&good_csr, "let-me-in"), status: StatusCode::BAD_REQUEST, code: "token_malformed", message: "malformed join token" },
+        Case { name: "wrong secret".into(), client: c(&anonymous), op: CERT.into(), path: None, body: body(&good_csr, &wrong_secret), status: StatusCode::UNAUTHORIZED, code: "token_unknown", message: "unknown join token" },
+        Case { name: "token pinned to another CA".into(), client: c(&anonymous), op: CERT.into(), path: None, body: body(&good_csr, &other_ca_token), status: StatusCode::UNAUTHORIZED, code: "token_other_ca", message: "issued by another control plane" },
+        Case { name: "expired token".into(), client: c(&anonymous), op: CERT.into(), path: None, body: body(&good_csr, &expired_token), status: StatusCode::UNAUTHORIZED, code: "token_expired", message: "join token expired" },
+        Case { name: "reused token".into(), client: c(&anonymous), op: CERT.into(), path: None, body: body(&good_csr, &used_token), status: StatusCode::UNAUTHORIZED, code: "token_used", message: "join token already used" },
+        Case { name: "revoked token".into(), client: c(&anonymous), op: CERT.into(), path: None, body: body(&good_csr, &revoked_token), status: StatusCode::UNAUTHORIZED, code: "token_revoked", message: "join token revoked" },
+        Case { name: "token for A with a certificate for B".into(), client: c(&as_b), op: CERT.into(), path: None, body: body(&good_csr, &token_a), status: StatusCode::FORBIDDEN, code: "identity_mismatch", message: "but the client certificate is for spiffe://sidewall.local/ns/bad/svc/s1" },
+        Case { name: "renewal of a revoked identity".into(), client: c(&as_revoked), op: CERT.into(), path: None, body: Bytes::from(json!({"csr": good_csr}).to_string()), status: StatusCode::FORBIDDEN, code: "revoked", message: "is revoked" },
+        Case { name: "renewal of a revoked serial".into(), client: c(&as_revoked_serial), op: CERT.into(), path: None, body: Bytes::from(json!({"csr": good_csr}).to_string()), status: StatusCode::FORBIDDEN, code: "revoked", message: "is revoked" },
+        Case { name: "renewal as an operator".into(), client: c(&operator), op: CERT.into(), path: None, body: Bytes::from(json!({"csr": good_csr}).to_string()), status: StatusCode::FORBIDDEN, code: "not_a_workload", message: "only workload identities are issued" },
+        Case { name: "token for a reserved identity".into(), client: c(&operator), op: "POST /v1/tokens".into(), path: None, body: Bytes::from(json!({"identity": "spiffe://sidewall.local/sidewall/control-plane"}).to_string()), status: StatusCode::BAD_REQUEST, code: "not_a_workload", message: "never issued to workloads" },
+        Case { name: "token for another trust domain".into(), client: c(&operator), op: "POST /v1/tokens".into(), path: None, body: Bytes::from(json!({"identity": "spiffe://evil.org/ns/a/svc/b"}).to_string()), status: StatusCode::BAD_REQUEST, code: "foreign_trust_domain", message: "is not in trust domain sidewall.local" },
+        Case { name: "token TTL over the cap".into(), client: c(&operator), op: "POST /v1/tokens".into(), path: None, body: Bytes::from(json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "ttl_seconds": 86_401}).to_string()), status: StatusCode::BAD_REQUEST, code: "ttl_out_of_range", message: "ttl must be from 1 s to 86400 s" },
+        Case { name: "operator name with a slash".into(), client: c(&operator), op: "POST /v1/operators".into(), path: None, body: Bytes::from(json!({"name": "a/b", "role": "viewer", "csr": good_csr}).to_string()), status: StatusCode::BAD_REQUEST, code: "invalid_name", message: "must be one segment" },
+        Case::new("token for no SPIFFE ID", &operator, "POST /v1/tokens", to_json(json!({"identity": "nope"})), (BAD, "invalid_identity", "identity \"nope\"")),
+        Case::new("token for a revoked identity", &operator, "POST /v1/tokens", to_json(json!({"identity": identity_r})), (BAD, "revoked", "no token can be made for it")),
+        Case::new("token with no uses", &operator, "POST /v1/tokens", to_json(json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "uses": 0})), (BAD, "uses_out_of_range", "uses must be from 1 to 10000")),
+        Case::new("revoking an unknown token", &operator, "DELETE /v1/tokens/{id}", "", (NOT_FOUND, "token_not_found", "no token nope")).at("/v1/tokens/nope"),
+        Case::new("issuing a revoked operator's name", &operator, "POST /v1/operators", to_json(json!({"name": "gone", "role": "viewer", "csr": good_csr})), (CONFLICT, "name_revoked", "operator gone was revoked")),
+        Case::new("revoking an operator never issued", &operator, "DELETE /v1/operators/{name}", "", (NOT_FOUND, "operator_not_found", "no operator nobody")).at("/v1/operators/nobody"),
+        Case::new("revoking oneself", &operator, "DELETE /v1/operators/{name}", "", (CONFLICT, "self_revocation", "cannot revoke its own credential")).at("/v1/operators/admin"),
+        Case::new("revoking an operator name with a slash", &operator, "DELETE /v1/operators/{name}", "", (BAD, "invalid_name", "must be one segment")).at("/v1/operators/a/b"),
+        Case::new("revoking one's own identity", &operator, "POST /v1/revocations", to_json(json!({"identity": "spiffe://sidewall.local/sidewall/operator/admin"})), (CONFLICT, "self_revocation", "cannot revoke its own credential")),
+        Case::new("revoking no SPIFFE ID", &operator, "POST /v1/revocations", to_json(json!({"identity": "nope"})), (BAD, "invalid_identity", "identity \"nope\"")),
+        Case::new("revoking a serial that is not hex", &operator, "POST /v1/revocations", to_json(json!({"serial": "xyz"})), (BAD, "invalid_serial", "serial must be hex")),
+        Case::new("revoking nothing", &operator, "POST /v1/revocations", to_json(json!({})), (BAD, "identity_or_serial", "give exactly one of identity and serial")),
+        Case::new("watch without an instance", &w.client, WATCH, "", (BAD, "instance_missing", "give ?instance=")),
+        Case::new("watch of another workload's instance", &v.client, WATCH, "", (CONFLICT, "instance_taken", "belongs to another workload")).at("/v1/snapshots/watch?instance=w-1"),
+        Case::new("watch of one instance too many", &w.client, WATCH, "", (TOO_MANY, "instances_exceeded", "sidecars connected")).at("/v1/snapshots/watch?instance=w-2"),
+        Case::new("registration of a bad instance id", &w.client, REGISTER, register("a b", "127.0.0.1:5001", json!({})), (BAD, "instance_invalid", "instance must be 1-64")),
+        Case::new("registration of another workload's instance", &v.client, REGISTER, register("w-1", "127.0.0.1:5001", json!({})), (CONFLICT, "instance_taken", "belongs to another workload")),
+        Case::new("registration of one instance too many", &w.client, REGISTER, register("w-2", "127.0.0.1:5001", json!({})), (TOO_MANY, "instances_exceeded", "sidecars connected")),
+        Case::new("registration of no endpoint", &w.client, REGISTER, register("w-1", "nowhere", json!({})), (BAD, "endpoint_invalid", "must be IP:port")),
+        Case::new("registration of someone else's address", &w.client, REGISTER, register("w-1", "10.9.9.9:80", json!({})), (StatusCode::FORBIDDEN, "endpoint_not_yours", "is not the address this connection comes from")),
+        Case::new("registration of port 0", &w.client, REGISTER, register("w-1", "127.0.0.1:5001", json!({"ports": [{"port": 0, "protocol": "tcp"}]})), (BAD, "ports_invalid", "ports must be 1-65535")),
+        Case::new("registration of an address that is not one", &w.client, REGISTER, register("w-1", "127.0.0.1:5001", json!({"addresses": ["somewhere"]})), (BAD, "address_invalid", "must be IP:port")),
+        Case::new("registration at a second endpoint", &w.client, REGISTER, register("w-1", "127.0.0.1:5002", json!({})), (TOO_MANY, "registrations_exceeded", "limits.instancesPerIdentity")),
+        Case::new("registration of too many addresses", &w.client, REGISTER, register("w-1", "127.0.0.1:5001", json!({"addresses": ["10.0.0.1:80", "10.0.0.2:80"]})), (TOO_MANY, "addresses_exceeded", "limits.addressesPerIdentity")),
+        Case::new("registration at another workload's endpoint", &v.client, REGISTER, register("v-1", "127.0.0.1:5001", json!({})), (CONFLICT, "endpoint_taken", "is registered to spiffe://sidewall.local/ns/bad/svc/w")),
+        Case::new("removing another workload's registration", &v.client, "DELETE /v1/registrations/{instance}", "", (NOT_FOUND, "registration_not_found", "no registration w-1")).at("/v1/registrations/w-1"),
+        Case::new("ack of a bad instance id", &w.client, ACK, ack("a b", "applied"), (BAD, "instance_invalid", "instance must be 1-64")),
+        Case::new("ack of no known status", &w.client, ACK, ack("w-1", "bogus"), (BAD, "status_invalid", "status must be applied or rejected")),
+        Case::new("ack of another workload's instance", &v.client, ACK, ack("w-1", "applied"), (CONFLICT, "instance_taken", "belongs to another workload")),
+        Case::new("ack of one instance too many", &w.client, ACK, ack("w-2", "applied"), (TOO_MANY, "instances_exceeded", "sidecars connected")),
+        Case::new("10,001 flows in one report", &w.client, "POST /v1/flows", to_json(json!({ "flows": flows })), (BAD, "too_many_flows", "at most 10000 flows")),
+        Case::new("policies that do not load", &operator, "POST /v1/policies", files(1, "kind: ["), (BAD, "policy_invalid", "f0.yaml:")),
+        Case::new("1,001 policy files", &operator, "POST /v1/policies", files(1001, ""), (BAD, "too_many_files", "at most 1000 files")),
+        Case::new("impact of policies that do not load", &operator, "POST /v1/policies/impact", files(1, "kind: ["), (BAD, "policy_invalid", "f0.yaml:")),
+        Case::new("impact of 1,001 policy files", &operator, "POST /v1/policies/impact", files(1001, ""), (BAD, "too_many_files", "at most 1000 files")),
+        Case::new("policy version that is no number", &operator, "GET /v1/policies/{version}", "", (BAD, "version_invalid", "is not a version")).at("/v1/policies/abc"),
+        Case::new("policy version never applied", &operator, "GET /v1/policies/{version}", "", (NOT_FOUND, "version_unknown", "no policy version 999")).at("/v1/policies/999"),
+        Case::new("rollout of a version that is no number", &operator, "GET /v1/policies/{version}/status", "", (BAD, "version_invalid", "is not a version")).at("/v1/policies/abc/status"),
+        Case::new("rollout of a version never applied", &operator, "GET /v1/policies/{version}/status", "", (NOT_FOUND, "version_unknown", "has not been applied")).at("/v1/policies/999/status"),
+        Case::new("removing an unknown registration", &operator, "DELETE /v1/directory/{instance}", "", (NOT_FOUND, "registration_not_found", "no registration with instance")).at("/v1/directory/nope"),
+        Case::new("a path that is no route", &operator, "GET /v1/nothing", "", (NOT_FOUND, "not_found", "no route /v1/nothing")),
+        Case::new("a method the route does not take", &operator, "PUT /v1/tokens", "", (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "PUT is not allowed on /v1/tokens")),
     ];
+
     for (name, jwt, answer) in sa_cases {
         cases.push(Case::new(
             format!("service-account token: {name}"),
