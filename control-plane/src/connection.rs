@@ -271,12 +271,13 @@ pub(crate) async fn serve<S>(
     tokio::pin!(connection);
     loop {
         let head = *lock(&activity.head_since);
+        // Until the first request, its deadline counts from the handshake, whatever arrived.
         let (from, limit, reason) = match head {
-            Some(since) => (since, first_request, "no_request"),
-            None if activity.started.load(Ordering::Relaxed) => {
-                (activity.idle_since(), idle, "idle")
+            _ if !activity.started.load(Ordering::Relaxed) => {
+                (activity.idle_since(), first_request, "no_request")
             }
-            None => (activity.idle_since(), first_request, "no_request"),
+            Some(since) => (since, first_request, "no_request"),
+            None => (activity.idle_since(), idle, "idle"),
         };
         let busy = activity.in_flight.load(Ordering::Acquire) > 0;
         tokio::select! {
