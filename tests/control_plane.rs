@@ -1188,3 +1188,58 @@ fn an_idle_keep_alive_connection_lasts_the_idle_timeout_and_a_slow_head_does_not
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// `operator list` leaves expired operator certificates out, and `--all` shows them, marked
+/// expired. The control plane and the CLI first run 100 days in the past (libfaketime), so the
+/// 90-day credentials they make then have expired by today; the restart on the real clock
+/// writes a new `admin` credential.
+#[test]
+fn operator_list_shows_expired_credentials_only_with_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let past = [
+        "env",
+        "LD_PRELOAD=/usr/$LIB/faketime/libfaketime.so.1",
+        "FAKETIME=-100d",
+    ];
+    let mut cp = ControlPlaneProcess::start_under(&data, &[], "127.0.0.1", &past);
+    let issued = Command::new(past[0])
+        .args(&past[1..])
+        .arg(env!("CARGO_BIN_EXE_sidewall"))
+        .args(["operator", "issue", "old", "--role", "viewer", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    cp.stop();
+    cp.restart(&[]);
+    let listed = |all: bool| {
+        let mut args = vec!["operator", "list", "--json"];
+        if all {
+            args.push("--all");
+        }
+        let run = cp.cli(&args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let rows: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} {}",
+                    o["name"].as_str().unwrap(),
+                    o["state"].as_str().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(false), ["admin active"]);
+    assert_eq!(
+        listed(true),
+        ["admin expired", "admin active", "old expired"]
+    );
+}
