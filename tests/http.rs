@@ -139,9 +139,14 @@ fn mesh() -> Mesh {
     mesh_with("", "")
 }
 
-/// A mesh whose api port has `extra` in its inbound entry (e.g. `, appProtocol: http2`), and
-/// `listed` in web's (local) directory entry for it.
 fn mesh_with(extra: &str, listed: &str) -> Mesh {
+    mesh_limited(extra, listed, "")
+}
+
+/// A mesh whose api port has `extra` in its inbound entry (e.g. `, appProtocol: http2`), and
+/// `listed` in web's (local) directory entry for it; `limits` is each sidecar's `limits:` map
+/// (empty: the defaults).
+fn mesh_limited(extra: &str, listed: &str, limits: &str) -> Mesh {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -168,7 +173,7 @@ fn mesh_with(extra: &str, listed: &str) -> Mesh {
             free_port()
         };
         let config = format!(
-            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api_inbound}], ports: [{{port: 8080, protocol: http{listed}}}]}}\nworkerThreads: 1\n",
+            "identity: {TD}/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: {name}.token\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{inbound}\n  ports: [{ports}]\noutbound:\n  routes: [{routes}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [policies]\n  directory:\n    - {{identity: {TD}/api, endpoints: [127.0.0.1:{api_inbound}], ports: [{{port: 8080, protocol: http{listed}}}]}}\nworkerThreads: 1\nlimits: {{{limits}}}\n",
             cp.api_port
         );
         let proxy = ProxyProcess::start(dir.path(), name, &config, admin);
@@ -478,6 +483,98 @@ fn keep_alive_with_mixed_outcomes_on_one_connection() {
         "{metrics}"
     );
     assert!(metrics.contains("component=\"proxy\""), "{metrics}");
+}
+
+/// A keep-alive connection from the app reads its next request whenever the app sends it:
+/// apps pool connections for a minute or more, and a request sent on a connection the sidecar
+/// closed while idle fails (a POST cannot be retried). The 10 s head deadline counts from a
+/// head's first byte, so a slow head is still cut off.
+#[test]
+fn idle_keep_alive_outlives_the_head_deadline_but_a_slow_head_does_not() {
+    let mesh = mesh();
+    let request = b"GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\n\r\n";
+    let read_response = |stream: &mut std::net::TcpStream| {
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while !text.contains("\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+        text
+    };
+    let mut pooled = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
+    pooled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    pooled.write_all(request).unwrap();
+    assert_eq!(status(&read_response(&mut pooled)), 200);
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /v1/orders HTTP/1.1\r\nHost: api")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(11_500));
+    pooled.write_all(request).unwrap();
+    let again = read_response(&mut pooled);
+    assert_eq!(
+        status(&again),
+        200,
+        "the idle keep-alive connection was closed: {again:?}"
+    );
+    let mut rest = Vec::new();
+    let closed = slow.read_to_end(&mut rest).is_ok() && rest.is_empty();
+    assert!(
+        closed,
+        "a head unfinished for 11.5 s is still open: {rest:?}"
+    );
+    let metrics = mesh.web.metrics();
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_proxy_connections_closed_total",
+            &[("reason", "header_timeout")]
+        ),
+        1,
+        "{metrics}"
+    );
+}
+
+/// `limits.idleTimeout` closes an app's HTTP connection that carried nothing either way for
+/// that long, as it does a TCP connection.
+#[test]
+fn an_idle_http_connection_closes_at_the_idle_timeout() {
+    let mesh = mesh_limited("", "", "idleTimeout: 2s");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /v1/orders HTTP/1.1\r\nHost: api.shop\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).unwrap();
+    assert_eq!(status(&String::from_utf8_lossy(&buf[..n])), 200);
+    let quiet = std::time::Instant::now();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}, before the idle timeout",
+        quiet.elapsed()
+    );
+    let metrics = mesh.web.metrics();
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "sidewall_proxy_connections_closed_total",
+            &[("reason", "idle")]
+        ),
+        1,
+        "{metrics}"
+    );
 }
 
 #[test]

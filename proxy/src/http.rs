@@ -130,7 +130,9 @@ pub(crate) fn server() -> hyper_util::server::conn::auto::Builder<TokioExecutor>
         // A client that half-closes after its request still gets the response.
         .half_close(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
+        // Timed by the framing scan instead, from a head's first byte: hyper's deadline also
+        // runs while a keep-alive connection waits for its next request.
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEADER_BYTES.max(8192));
     builder
         .http2()
@@ -198,6 +200,7 @@ pub(crate) async fn serve<S>(
         .as_ref()
         .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
     let (stream, scan) = framing::scanned(stream);
+    let timing = scan.clone();
     let stream = crate::h2frames::watched(
         stream,
         peer.as_ref()
@@ -238,14 +241,26 @@ pub(crate) async fn serve<S>(
         connection,
         upgraded,
         first,
-        &first_seen.1,
+        (&first_seen.1, &timing),
         remote,
     )
     .await;
 }
 
+/// Counts and logs an HTTP/1 connection closed by its timing ([`framing::Scan::expired`]).
+pub(crate) fn timed_out(reason: &'static str, remote: Option<SocketAddr>) {
+    metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => reason).increment(1);
+    tracing::debug!(
+        ?remote,
+        reason,
+        "HTTP connection closed: a request head took too long, or nothing moved for limits.idleTimeout"
+    );
+}
+
 /// Runs one HTTP connection to its end: the first request must come within the handshake
-/// deadline (a permissive plaintext connection holds a handshake slot until then), and the
+/// deadline (a permissive plaintext connection holds a handshake slot until then), later
+/// HTTP/1 heads within [`framing::HEAD_TIMEOUT`] of their first byte, and bytes must move
+/// within `limits.idleTimeout` (`timing`); the
 /// upgraded tunnels run here, not on tasks of their own: they end with this future, so the
 /// connection's supervision (limit, revocation, `onRevoke`, expiry) covers them too. A handler
 /// hands its tunnel over before its `101` is sent, so every tunnel of this connection is in the
@@ -255,9 +270,10 @@ async fn drive<E: std::fmt::Display>(
     connection: impl std::future::Future<Output = Result<(), E>>,
     mut upgraded: tokio::sync::mpsc::UnboundedReceiver<Tunnel>,
     first: FirstRequest,
-    first_seen: &Notify,
+    (first_seen, timing): (&Notify, &framing::Scan),
     remote: SocketAddr,
 ) {
+    let idle = context.config.limits.idle_timeout.0;
     tokio::pin!(connection);
     let mut running = tokio::task::JoinSet::new();
     let mut serving = true;
@@ -294,6 +310,10 @@ async fn drive<E: std::fmt::Display>(
             }
             Some(tunnel) = upgraded.recv(), if serving => {
                 running.spawn(tunnel);
+            }
+            reason = timing.expired(idle), if serving => {
+                timed_out(reason, Some(remote));
+                return;
             }
             Some(_) = running.join_next(), if !running.is_empty() => {}
         }

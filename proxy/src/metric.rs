@@ -15,7 +15,7 @@ pub(crate) const ACCEPT_ERRORS: &str = "sidewall_proxy_accept_errors_total";
 pub(crate) const HANDSHAKE_FAILURES: &str = "sidewall_proxy_handshake_failures_total";
 /// Connection-level decisions, by `outcome` and `policy`.
 pub(crate) const AUTHORIZATIONS: &str = "sidewall_proxy_authorizations_total";
-/// Inbound connections the sidecar closed, by `reason`.
+/// Connections the sidecar closed, by `reason`.
 pub(crate) const CONNECTIONS_CLOSED: &str = "sidewall_proxy_connections_closed_total";
 /// Snapshot watches taken for dead.
 pub(crate) const WATCH_SILENT: &str = "sidewall_proxy_watch_silent_total";
@@ -88,7 +88,7 @@ pub fn describe() {
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
-        "Inbound connections the sidecar closed."
+        "Connections the sidecar closed, by reason (inbound ones, and the app's HTTP connections to a route)."
     );
     describe_counter!(
         WATCH_SILENT,

@@ -12,6 +12,13 @@
 //! handler, which counts requests in the order hyper delivers them (HTTP/1 is serial), whether
 //! to refuse the one at hand.
 //!
+//! The scan also times the connection (HTTP/1 only): a head must arrive whole within
+//! [`HEAD_TIMEOUT`] of its first byte (a slow-header client is cut off), and a connection with
+//! no bytes either way for `limits.idleTimeout` is idle; [`Scan::expired`] resolves when
+//! either happens. A keep-alive connection waiting for its next request is not in a head: apps
+//! pool connections for a minute or more and send on them whenever they like, and a request
+//! sent on a connection the sidecar closed in between fails (a `POST` cannot be retried).
+//!
 //! The scan stops — and refuses nothing more — at anything it does not follow: an HTTP/2
 //! preface (HTTP/2 has no such framing confusion; hyper's h2 refuses `transfer-encoding`), an
 //! upgrade or `CONNECT` (the bytes after it are not HTTP once the app agrees; a refused upgrade
@@ -19,19 +26,32 @@
 //! large, a non-chunked `Transfer-Encoding`), or a malformed chunk.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+/// How long a request head may take from its first byte to its last.
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Head bytes buffered before the scan gives up (hyper answers `431` well before this).
 const MAX_HEAD: usize = 64 * 1024;
 /// Headers parsed per head (hyper's default limit is 100; more is refused by hyper).
 const MAX_HEADERS: usize = 128;
 const NONE: u64 = u64::MAX;
 
-/// What the scan found, shared with the request handler.
+/// What the scan found, shared with the request handler and the connection's driver.
 #[derive(Debug)]
 pub(crate) struct Scan {
     first_bad: AtomicU64,
     delivered: AtomicU64,
+    /// The times below count milliseconds from here.
+    clock: Instant,
+    /// When the head being read began (`NONE`: no head is being read).
+    head_since: AtomicU64,
+    /// When bytes last moved either way.
+    last: AtomicU64,
+    /// The client spoke HTTP/2: nothing here is timed.
+    http2: AtomicBool,
 }
 
 impl Scan {
@@ -39,7 +59,45 @@ impl Scan {
         Arc::new(Self {
             first_bad: AtomicU64::new(NONE),
             delivered: AtomicU64::new(0),
+            clock: Instant::now(),
+            head_since: AtomicU64::new(NONE),
+            last: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
         })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(NONE - 1)
+    }
+
+    /// Resolves with the reason the connection must close: a request head begun
+    /// [`HEAD_TIMEOUT`] ago is still not whole (`header_timeout`), or no bytes moved either way
+    /// for `idle` (`idle`). Never for HTTP/2, which has its own keep-alive.
+    pub(crate) async fn expired(&self, idle: Duration) -> &'static str {
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(NONE - 1);
+        loop {
+            if self.http2.load(Ordering::Relaxed) {
+                return std::future::pending().await;
+            }
+            let now = self.now();
+            let head = self.head_since.load(Ordering::Relaxed);
+            let head_at = match head {
+                NONE => NONE,
+                since => since.saturating_add(millis(HEAD_TIMEOUT)),
+            };
+            let idle_at = self
+                .last
+                .load(Ordering::Relaxed)
+                .saturating_add(millis(idle));
+            if head_at <= now {
+                return "header_timeout";
+            }
+            if idle_at <= now {
+                return "idle";
+            }
+            let wait = head_at.min(idle_at) - now;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
     }
 
     /// Called once per request, in delivery order: true when this request carried both
@@ -114,6 +172,7 @@ impl Scanner {
                 }
                 State::Head(buffer) => {
                     if buffer.is_empty() && bytes.starts_with(b"PRI * HTTP/2.0") {
+                        self.scan.http2.store(true, Ordering::Relaxed);
                         self.state = State::Done;
                         return;
                     }
@@ -286,8 +345,24 @@ pub(crate) fn scanned<S>(inner: S) -> (Scanned<S>, Arc<Scan>) {
 
 impl crate::transport::Observer for Scanner {
     fn observe(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let heads = self.heads;
         self.feed(bytes);
+        let now = self.scan.now();
+        self.scan.last.store(now, Ordering::Relaxed);
+        // A head is open once it holds more than the empty lines a client may send between
+        // requests; one that began in this read (after another ended) is timed from now.
+        let open = matches!(&self.state, State::Head(buffer) if buffer.iter().any(|&b| b != b'\r' && b != b'\n'));
+        let since = &self.scan.head_since;
+        if !open {
+            since.store(NONE, Ordering::Relaxed);
+        } else if since.load(Ordering::Relaxed) == NONE || self.heads != heads {
+            since.store(now, Ordering::Relaxed);
+        }
         Ok(())
+    }
+
+    fn wrote(&mut self) {
+        self.scan.last.store(self.scan.now(), Ordering::Relaxed);
     }
 }
 
@@ -368,6 +443,70 @@ mod tests {
             let verdicts = refused(&input, step, clean + 1);
             proptest::prop_assert!(verdicts[..clean].iter().all(|r| !r));
         }
+    }
+
+    /// The scanner behind a connection, fed as reads arrive.
+    fn timed() -> (Scanner, Arc<Scan>) {
+        let scan = Scan::new();
+        let scanner = Scanner {
+            state: State::Head(Vec::new()),
+            heads: 0,
+            scan: scan.clone(),
+        };
+        (scanner, scan)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_is_timed_from_its_first_byte_and_a_quiet_connection_is_idle() {
+        use crate::transport::Observer;
+        let idle = Duration::from_secs(60);
+        let (mut scanner, scan) = timed();
+        // Waiting for a request is not a head; empty lines between requests are not either.
+        scanner.observe(GET).unwrap();
+        scanner.observe(b"\r\n").unwrap();
+        let started = Instant::now();
+        assert_eq!(scan.expired(idle).await, "idle");
+        assert_eq!(started.elapsed(), idle);
+        // A head split over reads is timed from its first byte, not its last.
+        scanner.observe(b"GET / HT").unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        scanner.observe(b"TP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        assert_eq!(scan.expired(idle).await, "header_timeout");
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT - Duration::from_secs(6));
+        // A head that began in the read that ended the one before is timed from that read.
+        let (mut scanner, scan) = timed();
+        scanner.observe(b"GET / HT").unwrap();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        scanner
+            .observe(b"TP/1.1\r\nHost: a\r\n\r\nGET /next")
+            .unwrap();
+        let started = Instant::now();
+        assert_eq!(scan.expired(idle).await, "header_timeout");
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        // Writing to the client is activity too.
+        let (mut scanner, scan) = timed();
+        scanner.observe(GET).unwrap();
+        tokio::time::advance(Duration::from_secs(50)).await;
+        scanner.wrote();
+        let started = Instant::now();
+        assert_eq!(scan.expired(idle).await, "idle");
+        assert_eq!(started.elapsed(), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_is_not_timed_here() {
+        use crate::transport::Observer;
+        let (mut scanner, scan) = timed();
+        scanner
+            .observe(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(7200),
+            scan.expired(Duration::from_secs(1)),
+        )
+        .await;
+        assert!(waited.is_err());
     }
 
     #[test]

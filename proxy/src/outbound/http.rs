@@ -33,6 +33,8 @@ use crate::pool::{HyperSender, Opened, PoolError};
 pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: SpiffeId, port: u16) {
     let remote = app.peer_addr().ok();
     let (app, scan) = framing::scanned(app);
+    let timing = scan.clone();
+    let idle = context.config.limits.idle_timeout.0;
     let service = Arc::new(service);
     let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
@@ -49,11 +51,15 @@ pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: Spiffe
             Ok::<_, Infallible>(handle(&context, &service, port, request).await)
         }
     });
-    if let Err(error) = crate::http::server()
-        .serve_connection_with_upgrades(TokioIo::new(app), handler)
-        .await
-    {
-        tracing::debug!(?remote, error = ?error, "app HTTP connection ended with an error");
+    let builder = crate::http::server();
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(app), handler);
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::debug!(?remote, error = ?error, "app HTTP connection ended with an error");
+            }
+        }
+        reason = timing.expired(idle) => crate::http::timed_out(reason, remote),
     }
 }
 

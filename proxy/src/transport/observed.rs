@@ -1,6 +1,7 @@
 //! A stream whose incoming bytes are shown to an observer as they are read (writes pass
-//! through): how the HTTP/1 framing scan (`crate::http::framing`) and the HTTP/2 control-frame
-//! limit (`crate::h2frames`) watch a connection without owning its parsing.
+//! through, the observer told that they moved): how the HTTP/1 framing scan and head timing
+//! (`crate::http::framing`) and the HTTP/2 control-frame limit (`crate::h2frames`) watch a
+//! connection without owning its parsing.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(crate) trait Observer {
     /// Called with each read's new bytes, in order.
     fn observe(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+
+    /// Called after bytes were written to the peer.
+    fn wrote(&mut self) {}
 }
 
 /// `inner` with `observer` shown every byte read.
@@ -53,13 +57,18 @@ impl<S: AsyncRead + Unpin, O: Observer + Unpin> AsyncRead for Observed<S, O> {
     }
 }
 
-impl<S: AsyncWrite + Unpin, O: Unpin> AsyncWrite for Observed<S, O> {
+impl<S: AsyncWrite + Unpin, O: Observer + Unpin> AsyncWrite for Observed<S, O> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(1..)) = result {
+            this.observer.wrote();
+        }
+        result
     }
 
     fn poll_write_vectored(
@@ -67,7 +76,12 @@ impl<S: AsyncWrite + Unpin, O: Unpin> AsyncWrite for Observed<S, O> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(1..)) = result {
+            this.observer.wrote();
+        }
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
