@@ -1,5 +1,6 @@
 //! One module per `sidewall` subcommand.
 
+pub(crate) mod audit;
 pub(crate) mod ca;
 pub(crate) mod control_plane;
 pub(crate) mod demo_app;

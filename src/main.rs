@@ -74,6 +74,14 @@ enum Command {
         #[command(flatten)]
         access: ControlPlaneAccess,
     },
+    /// The control plane's audit trail: every change, who made it, chained by hash; print it
+    /// or check it (needs an operator credential).
+    Audit {
+        #[command(subcommand)]
+        command: commands::audit::AuditCommand,
+        #[command(flatten)]
+        access: ControlPlaneAccess,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -115,6 +123,7 @@ fn main() -> ExitCode {
         Command::DemoApp(args) => commands::demo_app::run(args),
         Command::Iptables(command) => commands::iptables::run(command),
         Command::Operator { command, access } => commands::operator::run(command, &access),
+        Command::Audit { command, access } => commands::audit::run(command, &access),
         Command::Ca(command) => commands::ca::run(command),
     }
 }

@@ -1243,3 +1243,144 @@ fn operator_list_shows_expired_credentials_only_with_all() {
         ["admin expired", "admin active", "old expired"]
     );
 }
+
+/// The audit trail (issue 20): each change recorded with who made it, `audit log` shows it
+/// (never a token's secret), `audit verify` passes, and a record altered, removed or put out
+/// of order in the store is named by `verify` (exit 1).
+#[test]
+fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
+    use sidewall_control_plane::store::embedded::EmbeddedStore;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cp = ControlPlaneProcess::start(&data, &[]);
+    let ok = |run: support::Run| {
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        run.stdout
+    };
+    ok(cp.cli(&["operator", "issue", "ana", "--role", "policy"]));
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let policy = |ports: &str| {
+        format!(
+            "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: db}}\nspec:\n  target: spiffe://sidewall.local/ns/demo/svc/db\n  rules:\n    - {{action: allow, from: [spiffe://sidewall.local/ns/demo/svc/api], ports: [{ports}]}}\n"
+        )
+    };
+    std::fs::write(policies.join("db.yaml"), policy("5432")).unwrap();
+    let policy_dir = policies.to_str().unwrap();
+    ok(cp.cli(&["policy", "apply", policy_dir, "--operator", "ana"]));
+    std::fs::write(policies.join("db.yaml"), policy("5432, 5433")).unwrap();
+    ok(cp.cli(&["policy", "apply", policy_dir, "--operator", "ana"]));
+    let created = ok(cp.cli(&[
+        "token",
+        "create",
+        "--identity",
+        "spiffe://sidewall.local/ns/demo/svc/api",
+    ]));
+    let secret = created.lines().last().unwrap().trim().to_owned();
+    let tokens = ok(cp.cli(&["token", "list", "--json"]));
+    let tokens: serde_json::Value = serde_json::from_str(&tokens).unwrap();
+    let token_id = tokens[0]["id"].as_str().unwrap().to_owned();
+    ok(cp.cli(&["token", "revoke", &token_id]));
+    ok(cp.cli(&["operator", "revoke", "ana"]));
+
+    let log = ok(cp.cli(&["audit", "log", "--json"]));
+    assert!(!log.contains(&secret), "a token's secret in the trail");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let admin = "spiffe://sidewall.local/sidewall/operator/admin";
+    let ana = "spiffe://sidewall.local/sidewall/operator/ana";
+    let seen: Vec<(u64, &str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["seq"].as_u64().unwrap(),
+                r["actor"].as_str().unwrap(),
+                r["action"].as_str().unwrap(),
+                r["subject"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "control-plane", "control-plane.started", seen[0].3),
+            (2, admin, "operator.issued", ana),
+            (3, ana, "policy.applied", "1"),
+            (4, ana, "policy.applied", "2"),
+            (5, admin, "token.created", token_id.as_str()),
+            (6, admin, "token.revoked", token_id.as_str()),
+            (7, admin, "operator.revoked", ana),
+        ]
+    );
+    assert_eq!(records[1]["details"]["role"], "policy");
+    assert_eq!(records[3]["details"]["changed"], "db");
+    assert_eq!(records[3]["details"]["rules"], "1");
+    assert!(records[2]["details"].get("changed").is_none());
+    assert_eq!(
+        records[4]["details"]["identity"],
+        "spiffe://sidewall.local/ns/demo/svc/api"
+    );
+    assert_eq!(records[0]["prev"], "0".repeat(64));
+    assert_eq!(records[1]["prev"], records[0]["hash"]);
+    let table = ok(cp.cli(&["audit", "log"]));
+    assert!(
+        table.lines().nth(4).unwrap().contains("policy.applied"),
+        "{table}"
+    );
+    let verified = ok(cp.cli(&["audit", "verify"]));
+    assert!(
+        verified.starts_with("audit trail intact: records 1 to 7, head "),
+        "{verified}"
+    );
+
+    // Tampering, each on the intact trail: the control plane stopped, the store edited, the
+    // control plane started again (which appends its start record after the damage).
+    type Edit = fn(&mut Vec<(u64, Vec<u8>)>);
+    let edits: [(&str, Edit); 3] = [
+        (
+            "record 3 was altered: its fields do not match its hash",
+            |t| {
+                let text = String::from_utf8(t[2].1.clone()).unwrap();
+                t[2].1 = text.replace("operator/ana", "operator/admin").into_bytes();
+            },
+        ),
+        ("record 2 was removed: the trail goes from 1 to 3", |t| {
+            t.remove(1);
+        }),
+        ("record 4 is out of order: record 5 is in its place", |t| {
+            let (fourth, fifth) = (t[3].1.clone(), t[4].1.clone());
+            t[3].1 = fifth;
+            t[4].1 = fourth;
+        }),
+    ];
+    cp.stop();
+    let store_path = data.join("store.redb");
+    let intact = EmbeddedStore::open(&store_path)
+        .unwrap()
+        .audit_raw()
+        .unwrap();
+    for (named, edit) in edits {
+        {
+            let store = EmbeddedStore::open(&store_path).unwrap();
+            for (key, _) in store.audit_raw().unwrap() {
+                store.audit_set_raw(key, None).unwrap();
+            }
+            let mut table = intact.clone();
+            edit(&mut table);
+            for (key, value) in &table {
+                store.audit_set_raw(*key, Some(value)).unwrap();
+            }
+        }
+        cp.restart(&[]);
+        let run = cp.cli(&["audit", "verify"]);
+        assert_eq!(run.code, 1, "{named}: {}{}", run.stdout, run.stderr);
+        assert_eq!(
+            run.stderr.trim(),
+            format!("audit trail broken: {named}"),
+            "{named}"
+        );
+        cp.stop();
+    }
+}

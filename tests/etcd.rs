@@ -536,3 +536,90 @@ fn an_embedded_deployment_moves_to_etcd_with_export_and_import_and_the_fleet_car
     );
     eventually(30, "version 2 to be enforced", || !mesh.allowed());
 }
+
+/// The audit trail on etcd (issue 20): replicas append to one chain, and a record altered,
+/// removed or swapped in etcd is named by `audit verify`, through any replica.
+#[test]
+fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
+    use sidewall_control_plane::store::etcd::{EtcdOptions, EtcdStore};
+    let Some(mesh) = Replicated::start("etcd::audit") else {
+        return;
+    };
+    for (replica, name) in [(0, "v1"), (1, "v2"), (2, "v3")] {
+        let run = mesh.apply(replica, name, "web");
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    }
+    let run = mesh.replicas[1].cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // Three starts and three versions, one chain.
+    assert!(
+        run.stdout
+            .starts_with("audit trail intact: records 1 to 6, head "),
+        "{}",
+        run.stdout
+    );
+    let log = mesh.replicas[2].cli(&["audit", "log", "--json"]);
+    let actions: Vec<String> = log
+        .stdout
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["action"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        actions.iter().filter(|a| *a == "policy.applied").count(),
+        3,
+        "{actions:?}"
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = runtime
+        .block_on(EtcdStore::connect(&EtcdOptions {
+            endpoints: mesh.cluster.endpoints(),
+            prefix: "/sidewall".into(),
+            ..EtcdOptions::default()
+        }))
+        .unwrap();
+    let intact = runtime.block_on(store.audit_raw()).unwrap();
+    assert_eq!(intact.len(), 6);
+    let restore = |store: &EtcdStore| {
+        for (seq, bytes) in &intact {
+            runtime
+                .block_on(store.audit_set_raw(*seq, Some(bytes)))
+                .unwrap();
+        }
+    };
+    let altered = String::from_utf8(intact[4].1.clone())
+        .unwrap()
+        .replace("policy.applied", "policy.rolled_back");
+    type Tamper<'a> = Vec<(u64, Option<&'a [u8]>)>;
+    let cases: [(&str, Tamper<'_>); 3] = [
+        (
+            "record 5 was altered: its fields do not match its hash",
+            vec![(5, Some(altered.as_bytes()))],
+        ),
+        (
+            "record 3 was removed: the trail goes from 2 to 4",
+            vec![(3, None)],
+        ),
+        (
+            "record 2 is out of order: record 6 is in its place",
+            vec![(2, Some(&intact[5].1)), (6, Some(&intact[1].1))],
+        ),
+    ];
+    for (named, edits) in cases {
+        for (seq, value) in edits {
+            runtime.block_on(store.audit_set_raw(seq, value)).unwrap();
+        }
+        let run = mesh.replicas[0].cli(&["audit", "verify"]);
+        assert_eq!(run.code, 1, "{named}: {}{}", run.stdout, run.stderr);
+        assert_eq!(run.stderr.trim(), format!("audit trail broken: {named}"));
+        restore(&store);
+    }
+    let run = mesh.replicas[0].cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}

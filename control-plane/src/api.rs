@@ -49,6 +49,22 @@ pub struct Api {
 }
 
 impl Api {
+    /// Appends a change that has committed to the audit trail. A failure is logged and counted;
+    /// the change stands.
+    pub(crate) async fn audit(&self, event: crate::audit::AuditEvent) {
+        let action = event.action;
+        match self.store.append_audit(event, now_unix()).await {
+            Ok(record) => {
+                metrics::counter!(crate::metric::AUDIT_RECORDS, "action" => action).increment(1);
+                tracing::debug!(seq = record.seq, action, actor = %record.actor, subject = %record.subject, "audit record appended");
+            }
+            Err(error) => {
+                metrics::counter!(crate::metric::AUDIT_FAILURES, "action" => action).increment(1);
+                tracing::error!(action, %error, "audit record not appended; the change stands");
+            }
+        }
+    }
+
     /// After a write that changes snapshots: waits until the store's change feed has put the
     /// write in force on this replica, so the answer reflects it (and, with etcd, the snapshot
     /// version is the store's revision on every replica).
@@ -149,6 +165,7 @@ impl From<csr::CsrError> for ApiError {
 /// Every response body: whole (JSON, PEM) or streamed (snapshot watches).
 pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
+mod audit;
 pub(crate) mod distribution;
 mod identity;
 mod operators;
@@ -199,7 +216,8 @@ pub(super) fn rfc3339(time: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-pub(crate) fn unix_rfc3339(seconds: i64) -> String {
+/// Unix seconds as RFC 3339 (UTC); empty when out of range.
+pub fn unix_rfc3339(seconds: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(seconds)
         .ok()
         .and_then(|t| {
@@ -342,6 +360,7 @@ async fn dispatch(
             distribution::remove(api, peer, &p["/v1/directory/".len()..]).await
         }
         (&Method::GET, "/v1/fleet") => policies::fleet(api, peer).await,
+        (&Method::GET, "/v1/audit") => audit::list(api, peer, &request).await,
         (
             _,
             "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
@@ -405,6 +424,8 @@ pub(crate) fn route(method: &Method, path: &str) -> (&'static str, Access) {
         _ if prefix("/v1/directory") => ("directory", Anyone),
         "/v1/fleet" if get => ("fleet", Operator(Viewer)),
         "/v1/fleet" => ("fleet", Anyone),
+        "/v1/audit" if get => ("audit", Operator(Viewer)),
+        "/v1/audit" => ("audit", Anyone),
         _ => ("other", Anyone),
     }
 }

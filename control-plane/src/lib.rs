@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod api;
 pub mod attestation;
+pub mod audit;
 pub mod backup;
 pub mod ca;
 pub mod client;

@@ -48,6 +48,10 @@ pub(crate) const STORE_WATCH_FAILURES: &str = "sidewall_control_plane_store_watc
 pub(crate) const ALERTS: &str = "sidewall_control_plane_alerts_total";
 /// Replicated writes retried after a concurrent change.
 pub(crate) const STORE_CONFLICTS: &str = "sidewall_control_plane_store_conflicts_total";
+/// Audit records appended, by `action`.
+pub(crate) const AUDIT_RECORDS: &str = "sidewall_control_plane_audit_records_total";
+/// Audit records that could not be appended (the change itself stands), by `action`.
+pub(crate) const AUDIT_FAILURES: &str = "sidewall_control_plane_audit_failures_total";
 
 /// Gives every metric its help text; call once the recorder is installed.
 pub fn describe() {
@@ -121,5 +125,10 @@ pub fn describe() {
     describe_counter!(
         STORE_CONFLICTS,
         "Replicated store writes retried after a concurrent change."
+    );
+    describe_counter!(AUDIT_RECORDS, "Audit records appended, by action.");
+    describe_counter!(
+        AUDIT_FAILURES,
+        "Audit records that could not be appended (the change itself stands), by action."
     );
 }

@@ -292,6 +292,18 @@ pub async fn run(
     let record_json = serde_json::to_vec_pretty(&record).unwrap_or_default();
     write_private(&record_path(&data_dir), &record_json, 0o644)?;
     tracing::info!(api = %api_addr, admin = ?listeners.admin.local_addr().ok(), dashboard = ?listeners.ui.local_addr().ok(), "control plane serving");
+    // The configuration's hash: every setting after defaults and flags, so a restart with a
+    // changed configuration shows in the trail.
+    let settings = format!("{:?}", api.config);
+    api.audit(
+        crate::audit::AuditEvent::new("control-plane", "control-plane.started", &record.api_url)
+            .with("version", env!("CARGO_PKG_VERSION"))
+            .with(
+                "config_sha256",
+                crate::random::sha256_hex(settings.as_bytes()),
+            ),
+    )
+    .await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let renewal = tokio::spawn(renew_serving_certificate(

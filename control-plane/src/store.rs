@@ -17,9 +17,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sidewall_policies::load::Source;
 pub use sidewall_policies::wire::operator::RegistrationRecord;
-use sidewall_policies::wire::operator::{RevocationKind, Role};
+use sidewall_policies::wire::operator::{AuditRecord, RevocationKind, Role};
 use tokio::sync::watch;
 
+use crate::audit::AuditEvent;
 use crate::distribution::Distribution;
 
 pub mod embedded;
@@ -240,6 +241,12 @@ impl Records {
 
 /// The control plane's persistent state.
 pub trait Store: Send + Sync + 'static {
+    /// Appends `event` to the audit trail ([`crate::audit`]): numbered one above the newest
+    /// record and linked to its hash, in one transaction (replicas race safely).
+    fn append_audit(&self, event: AuditEvent, time: i64) -> StoreFuture<'_, AuditRecord>;
+    /// Audit records whose key is above `after`, at most `limit`, in the store's order, each
+    /// with its key (a record altered in the store may carry another number).
+    fn audit_records(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, AuditRecord)>>;
     /// Stores a new policy version: assigns `version` (last + 1) atomically and returns it.
     fn put_policy_version(&self, record: PolicyVersion) -> StoreFuture<'_, u64>;
     /// One policy version.

@@ -594,6 +594,7 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
         Case::new("token with no uses", &operator, "POST /v1/tokens", to_json(json!({"identity": "spiffe://sidewall.local/ns/a/svc/b", "uses": 0})), (BAD, "uses_out_of_range", "uses must be from 1 to 10000")),
         Case::new("revoking an unknown token", &operator, "DELETE /v1/tokens/{id}", "", (NOT_FOUND, "token_not_found", "no token nope")).at("/v1/tokens/nope"),
         Case::new("issuing a revoked operator's name", &operator, "POST /v1/operators", to_json(json!({"name": "gone", "role": "viewer", "csr": good_csr})), (CONFLICT, "name_revoked", "operator gone was revoked")),
+        Case::new("an audit page of no records", &operator, "GET /v1/audit", "", (BAD, "invalid_query", "out of range")).at("/v1/audit?limit=0"),
         Case::new("revoking an operator never issued", &operator, "DELETE /v1/operators/{name}", "", (NOT_FOUND, "operator_not_found", "no operator nobody")).at("/v1/operators/nobody"),
         Case::new("revoking oneself", &operator, "DELETE /v1/operators/{name}", "", (CONFLICT, "self_revocation", "cannot revoke its own credential")).at("/v1/operators/admin"),
         Case::new("revoking an operator name with a slash", &operator, "DELETE /v1/operators/{name}", "", (BAD, "invalid_name", "must be one segment")).at("/v1/operators/a/b"),

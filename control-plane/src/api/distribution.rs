@@ -486,6 +486,12 @@ pub(super) async fn remove(
             .map_err(|e| StoreError::corrupt(format!("registration {instance}"), e))?;
         api.store.remove_registration(&identity, instance).await?;
         tracing::warn!(%operator, identity = record.identity, instance, endpoint = record.endpoint, "registration removed by an operator");
+        api.audit(
+            crate::audit::AuditEvent::new(&operator, "registration.removed", &record.identity)
+                .with("instance", instance)
+                .with("endpoint", &record.endpoint),
+        )
+        .await;
         identities.push(record.identity.clone());
     }
     api.settle().await;

@@ -13,6 +13,7 @@ use super::{
     Api, ApiError, HttpResponse, OPERATOR_PATH, Peer, json_response, now_unix, read_json,
     require_operator, unix_rfc3339,
 };
+use crate::audit::AuditEvent;
 use crate::ca::csr;
 use crate::store::RevocationRecord;
 
@@ -61,6 +62,12 @@ pub(super) async fn issue(
     )
     .await?;
     tracing::info!(%identity, role = %body.role, serial = %issued.serial, by = operator, "operator credential issued");
+    api.audit(
+        AuditEvent::new(operator, "operator.issued", identity.as_str())
+            .with("role", body.role)
+            .with("serial", &issued.serial),
+    )
+    .await;
     Ok(certificate_response(api, &issued))
 }
 
@@ -150,6 +157,11 @@ pub(super) async fn revoke(api: &Api, peer: &Peer, name: &str) -> Result<HttpRes
         .await?;
     api.settle().await;
     tracing::warn!(%identity, certificates = live, operator, "operator revoked");
+    api.audit(
+        AuditEvent::new(operator, "operator.revoked", identity.as_str())
+            .with("live_certificates", live),
+    )
+    .await;
     Ok(json_response(
         StatusCode::OK,
         &OperatorRevoked {

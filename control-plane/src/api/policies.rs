@@ -14,6 +14,7 @@ use super::{
     Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
     unix_rfc3339,
 };
+use crate::audit::AuditEvent;
 use crate::distribution::compile;
 use crate::store::PolicyVersion;
 
@@ -55,6 +56,7 @@ pub(crate) async fn store_and_apply(
     set: sidewall_policies::PolicySet,
     applied_by: String,
 ) -> Result<u64, ApiError> {
+    let files_hash = serde_json::to_vec(&files).unwrap_or_default();
     let version = api
         .store
         .put_policy_version(PolicyVersion {
@@ -66,6 +68,16 @@ pub(crate) async fn store_and_apply(
         .await?;
     let summary = (set.policies().len(), set.rule_count());
     api.settle().await;
+    let mut event = AuditEvent::new(applied_by.clone(), "policy.applied", version.to_string())
+        .with("policies", summary.0)
+        .with("rules", summary.1)
+        .with("set_sha256", set_hash(&files_hash));
+    if let Some(changes) = changes_since(api, version, &set).await {
+        for (kind, names) in changes {
+            event = event.with(kind, names);
+        }
+    }
+    api.audit(event).await;
     tracing::info!(
         version,
         policies = summary.0,
@@ -74,6 +86,40 @@ pub(crate) async fn store_and_apply(
         "policy set applied"
     );
     Ok(version)
+}
+
+fn set_hash(files_json: &[u8]) -> String {
+    crate::random::sha256_hex(files_json)
+}
+
+/// The policies added, removed and changed since the version before `version`, each kind as
+/// a comma-separated list of names (kinds with none left out); `None` for the first version.
+async fn changes_since(
+    api: &Api,
+    version: u64,
+    set: &sidewall_policies::PolicySet,
+) -> Option<Vec<(&'static str, String)>> {
+    let before = api
+        .store
+        .policy_version(version.checked_sub(1)?)
+        .await
+        .ok()??;
+    let before = crate::distribution::compile(&before.files).ok()?;
+    let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    for change in sidewall_policies::diff::diff(&before, set) {
+        match change {
+            sidewall_policies::diff::Change::Added(name) => added.push(name),
+            sidewall_policies::diff::Change::Removed(name) => removed.push(name),
+            sidewall_policies::diff::Change::Changed(name, _) => changed.push(name),
+        }
+    }
+    Some(
+        [("added", added), ("removed", removed), ("changed", changed)]
+            .into_iter()
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(kind, names)| (kind, names.join(",")))
+            .collect(),
+    )
 }
 
 /// `POST /v1/policies`: validate with the same engine, store a new version, distribute.

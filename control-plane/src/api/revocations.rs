@@ -77,6 +77,11 @@ pub(super) async fn revoke(
         .await?;
     api.settle().await;
     tracing::warn!(kind = kind.as_str(), value, operator, "revoked");
+    api.audit(
+        crate::audit::AuditEvent::new(operator, "revocation.added", &value)
+            .with("kind", kind.as_str()),
+    )
+    .await;
     Ok(json_response(StatusCode::OK, &Revoked { kind, value }))
 }
 

@@ -14,6 +14,7 @@ use super::{
     unix_rfc3339,
 };
 use crate::attestation::{JoinToken, workload_identity};
+use crate::audit::AuditEvent;
 
 /// `POST /v1/tokens`: a join token for one workload identity, shown once.
 pub(super) async fn create_token(
@@ -68,6 +69,13 @@ pub(super) async fn create_token(
     api.store.put_token(record).await?;
     metrics::counter!(crate::metric::TOKENS_CREATED).increment(1);
     tracing::info!(token = %token.id, %identity, uses, operator, "join token created");
+    api.audit(
+        AuditEvent::new(operator, "token.created", token.id.to_string())
+            .with("identity", &identity)
+            .with("uses", uses)
+            .with("expires_at", unix_rfc3339(expires_at)),
+    )
+    .await;
     Ok(json_response(
         StatusCode::CREATED,
         &TokenCreated {
@@ -122,6 +130,8 @@ pub(super) async fn revoke_token(
     let operator = require_operator(api, peer)?;
     if api.store.revoke_token(id, now_unix()).await? {
         tracing::info!(token = id, operator, "join token revoked");
+        api.audit(AuditEvent::new(operator, "token.revoked", id))
+            .await;
         Ok(json_response(
             StatusCode::OK,
             &TokenRevoked {

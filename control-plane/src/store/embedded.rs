@@ -15,10 +15,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
+use sidewall_policies::wire::operator::AuditRecord;
+
 use super::{
     COUNTER_BLOCK, CertificateRecord, Loaded, PolicyVersion, Records, Redemption,
     RegistrationRecord, RevocationRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
 };
+use crate::audit::AuditEvent;
 use crate::distribution::Distribution;
 
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
@@ -27,6 +30,8 @@ const REVOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("revocati
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const POLICIES: TableDefinition<u64, &[u8]> = TableDefinition::new("policy_versions");
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
+/// The audit trail, by number.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 fn backend(error: impl Into<super::Cause>) -> StoreError {
     StoreError::backend(error)
@@ -82,6 +87,7 @@ impl EmbeddedStore {
             tx.open_table(REVOCATIONS).map_err(backend)?;
             tx.open_table(POLICIES).map_err(backend)?;
             tx.open_table(REGISTRATIONS).map_err(backend)?;
+            tx.open_table(AUDIT).map_err(backend)?;
             let mut meta = tx.open_table(META).map_err(backend)?;
             if meta.get("epoch").map_err(backend)?.is_none() {
                 meta.insert("epoch", crate::random::hex_token(8).as_str())
@@ -93,6 +99,38 @@ impl EmbeddedStore {
             db: Arc::new(db),
             feed: Arc::new(watch::channel(0).0),
         })
+    }
+
+    /// The audit table as stored, key and bytes: for tests that tamper with it.
+    #[cfg(feature = "test-util")]
+    pub fn audit_raw(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(backend)?;
+        let table = tx.open_table(AUDIT).map_err(backend)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(backend)? {
+            let (key, value) = entry.map_err(backend)?;
+            out.push((key.value(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes (or with `None` deletes) one audit entry as raw bytes, bypassing the chain: for
+    /// tests that tamper with the trail.
+    #[cfg(feature = "test-util")]
+    pub fn audit_set_raw(&self, key: u64, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = tx.open_table(AUDIT).map_err(backend)?;
+            match value {
+                Some(bytes) => {
+                    table.insert(key, bytes).map_err(backend)?;
+                }
+                None => {
+                    table.remove(key).map_err(backend)?;
+                }
+            }
+        }
+        tx.commit().map_err(backend)
     }
 
     /// A write that changes snapshot state: the feed moves on once it has committed.
@@ -348,6 +386,50 @@ impl Store for EmbeddedStore {
 
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>> {
         self.all(REVOCATIONS)
+    }
+
+    fn append_audit(&self, event: AuditEvent, time: i64) -> StoreFuture<'_, AuditRecord> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let record = {
+                let mut table = tx.open_table(AUDIT).map_err(backend)?;
+                let newest = table
+                    .last()
+                    .map_err(backend)?
+                    .map(|(key, value)| (key.value(), crate::audit::link(value.value())));
+                let (seq, prev) = match newest {
+                    Some((key, prev)) => (key + 1, prev),
+                    None => (1, crate::audit::GENESIS.to_owned()),
+                };
+                let record = event.chained(seq, time, prev);
+                table
+                    .insert(seq, encode(&record)?.as_slice())
+                    .map_err(backend)?;
+                record
+            };
+            tx.commit().map_err(backend)?;
+            Ok(record)
+        })
+    }
+
+    fn audit_records(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, AuditRecord)>> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(AUDIT).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table
+                .range(after.saturating_add(1)..)
+                .map_err(backend)?
+                .take(limit)
+            {
+                let (key, value) = entry.map_err(backend)?;
+                out.push((
+                    key.value(),
+                    decode(&format!("audit/{}", key.value()), value.value())?,
+                ));
+            }
+            Ok(out)
+        })
     }
 
     fn records(&self) -> StoreFuture<'_, Records> {

@@ -12,6 +12,7 @@
 //! | `P/tokens/<id>` | a [`TokenRecord`] |
 //! | `P/certificates/<serial>` | a [`CertificateRecord`] |
 //! | `P/revocations/<kind>:<value>` | a [`RevocationRecord`] |
+//! | `P/audit/<number, 20 digits>` | an audit record ([`crate::audit`]), created only if absent |
 //! | `P/replicas/<hex of the replica's URL>` | a [`ReplicaSummary`], on a lease: gone when the replica is |
 //!
 //! Read-modify-write operations are transactions guarded by the key's `mod_revision` (or
@@ -41,7 +42,9 @@ use super::{
     CertificateRecord, Loaded, PolicyVersion, Records, Redemption, RegistrationRecord,
     RevocationRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
 };
+use crate::audit::AuditEvent;
 use crate::distribution::{Distribution, ReplicaSummary};
+use sidewall_policies::wire::operator::AuditRecord;
 use tokio::sync::watch;
 
 pub mod feed;
@@ -346,6 +349,36 @@ impl EtcdStore {
         }
     }
 
+    /// The audit records as stored, key number and bytes: for tests that tamper with them.
+    #[cfg(feature = "test-util")]
+    pub async fn audit_raw(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let response = self
+            .get_op(&self.dir("audit"), Some(GetOptions::new().with_prefix()))
+            .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let seq = key.rsplit('/').next()?.parse().ok()?;
+                Some((seq, kv.value().to_vec()))
+            })
+            .collect())
+    }
+
+    /// Writes (or with `None` deletes) one audit record as raw bytes, bypassing the chain: for
+    /// tests that tamper with the trail.
+    #[cfg(feature = "test-util")]
+    pub async fn audit_set_raw(&self, seq: u64, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let key = format!("{}{seq:020}", self.dir("audit"));
+        let operation = match value {
+            Some(bytes) => TxnOp::put(key, bytes.to_vec(), None),
+            None => TxnOp::delete(key, None),
+        };
+        self.txn_op(Txn::new().and_then([operation])).await?;
+        Ok(())
+    }
+
     /// Reads policies, registrations and revocations in one transaction (one revision).
     pub async fn read_state(&self) -> Result<Loaded, StoreError> {
         let newest = GetOptions::new()
@@ -414,6 +447,63 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
+    fn append_audit(&self, event: AuditEvent, time: i64) -> StoreFuture<'_, AuditRecord> {
+        Box::pin(async move {
+            loop {
+                let newest = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_limit(1);
+                let response = self.get_op(&self.dir("audit"), Some(newest)).await?;
+                let (seq, prev) = match response.kvs().first() {
+                    None => (1, crate::audit::GENESIS.to_owned()),
+                    Some(kv) => {
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        let last = key
+                            .rsplit('/')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .ok_or_else(|| StoreError::corrupt(key, "not an audit number"))?;
+                        (last + 1, crate::audit::link(kv.value()))
+                    }
+                };
+                let record = event.clone().chained(seq, time, prev);
+                let key = format!("{}{seq:020}", self.dir("audit"));
+                if self.put_if(&key, 0, encode(&record)?).await? {
+                    return Ok(record);
+                }
+                metrics::counter!(crate::metric::STORE_CONFLICTS).increment(1);
+            }
+        })
+    }
+
+    fn audit_records(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, AuditRecord)>> {
+        Box::pin(async move {
+            let dir = self.dir("audit");
+            // Keys are zero-padded numbers under `dir`; `dir` with its `/` raised to `0` ends
+            // the range.
+            let end = format!("{}0", dir.trim_end_matches('/'));
+            let from = format!("{dir}{:020}", after.saturating_add(1));
+            let options = GetOptions::new()
+                .with_range(end)
+                .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+            let response = self.get_op(&from, Some(options)).await?;
+            response
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let seq = key
+                        .rsplit('/')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .ok_or_else(|| StoreError::corrupt(key.clone(), "not an audit number"))?;
+                    Ok((seq, decode(kv.key(), kv.value())?))
+                })
+                .collect()
+        })
+    }
+
     fn put_policy_version(&self, mut record: PolicyVersion) -> StoreFuture<'_, u64> {
         Box::pin(async move {
             loop {

@@ -918,3 +918,40 @@ mod tests {
         assert_eq!(revoked.kind, RevocationKind::Serial);
     }
 }
+
+// ---- Audit trail ----
+
+/// One record of the control plane's audit trail: a state change, who made it and when, chained
+/// to the record before it by hash (`GET /v1/audit`; docs/audit.md). The field names are
+/// stable: SIEM pipelines read them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Its place in the trail: 1, 2, 3… with no gaps.
+    pub seq: u64,
+    /// When, as Unix seconds.
+    pub time: i64,
+    /// Who: an operator's SPIFFE ID, a workload's, `control-plane`, or for a refused
+    /// registration the address it came from.
+    pub actor: String,
+    /// What, as `noun.verb`: `policy.applied`, `token.created`, `operator.revoked`…
+    pub action: String,
+    /// What it was done to: a policy version, a token id, an identity…
+    pub subject: String,
+    /// Facts of the change (never a secret), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+    /// `hash` of the record before (64 zeros for the first).
+    pub prev: String,
+    /// SHA-256 (hex) of this record's fields above, as canonical JSON in this order.
+    pub hash: String,
+}
+
+/// `GET /v1/audit`: records after `after`, oldest first, at most `limit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    /// The records.
+    pub records: Vec<AuditRecord>,
+    /// Ask with `after=` this for the next page; absent on the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
