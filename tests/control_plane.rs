@@ -1384,3 +1384,218 @@ fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
         cp.stop();
     }
 }
+
+/// Signed checkpoints (issue 20): the control plane signs the trail's head when it moved and
+/// when it stops; `verify` checks each signature against the trust bundle, so a chain
+/// rewritten with every hash recomputed, or stripped of its checkpoints, is named too.
+#[test]
+fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
+    use sidewall_control_plane::audit::{CHECKPOINT, digest};
+    use sidewall_control_plane::store::embedded::EmbeddedStore;
+    use sidewall_policies::wire::operator::AuditRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("cp.yaml");
+    std::fs::write(&config, "audit: {checkpointInterval: 1s}\n").unwrap();
+    let config = config.to_str().unwrap();
+    let mut cp = ControlPlaneProcess::start(&data, &["--config", config]);
+    let run = cp.cli(&["operator", "issue", "ana", "--role", "viewer"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let records = |cp: &ControlPlaneProcess| -> Vec<AuditRecord> {
+        let run = cp.cli(&["audit", "log", "--json"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        run.stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    support::eventually(30, "a checkpoint over the operator's issuance", || {
+        records(&cp)
+            .iter()
+            .any(|r| r.action == CHECKPOINT && r.subject == "2")
+    });
+    let signed = records(&cp);
+    let checkpoint = signed.iter().find(|r| r.action == CHECKPOINT).unwrap();
+    assert_eq!(
+        checkpoint.actor,
+        "spiffe://sidewall.local/sidewall/control-plane"
+    );
+    assert_eq!(checkpoint.details["hash"], signed[1].hash);
+    // Nothing new, nothing signed: one checkpoint however long it waits.
+    #[allow(clippy::disallowed_methods)] // a blocking test waiting on a separate process
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(records(&cp).len(), signed.len());
+    let run = cp.cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("; signed up to record 2 at "),
+        "{}",
+        run.stdout
+    );
+    // What docs/audit.md shows an auditor: the checkpoint checked with openssl alone.
+    let files = dir.path().join("by-hand");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("chain.pem"), &checkpoint.details["chain"]).unwrap();
+    let signature: Vec<u8> = (0..checkpoint.details["signature"].len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&checkpoint.details["signature"][i..i + 2], 16).unwrap())
+        .collect();
+    std::fs::write(files.join("signature.der"), signature).unwrap();
+    std::fs::write(
+        files.join("signed.txt"),
+        format!(
+            "sidewall audit checkpoint v1\nsidewall.local\n{}\n{}\n{}\n",
+            checkpoint.subject, checkpoint.details["hash"], checkpoint.time
+        ),
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&files)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let bundle = data.join("trust-bundle.pem");
+    let at = checkpoint.time.to_string();
+    let (ok, said) = openssl(&[
+        "verify",
+        "-attime",
+        &at,
+        "-CAfile",
+        bundle.to_str().unwrap(),
+        "-untrusted",
+        "chain.pem",
+        "chain.pem",
+    ]);
+    assert!(ok && said.trim() == "chain.pem: OK", "{said}");
+    let (ok, key) = openssl(&["x509", "-in", "chain.pem", "-noout", "-pubkey"]);
+    assert!(ok, "{key}");
+    std::fs::write(files.join("control-plane.pub"), key).unwrap();
+    let (ok, said) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        "control-plane.pub",
+        "-signature",
+        "signature.der",
+        "signed.txt",
+    ]);
+    assert!(ok && said.trim() == "Verified OK", "{said}");
+    // Stopping signs the head once more (the start record of the next run is after it).
+    cp.stop();
+    let store_path = data.join("store.redb");
+    let intact = EmbeddedStore::open(&store_path)
+        .unwrap()
+        .audit_raw()
+        .unwrap();
+    let trail: Vec<AuditRecord> = intact
+        .iter()
+        .map(|(_, bytes)| serde_json::from_slice(bytes).unwrap())
+        .collect();
+    assert_eq!(trail.last().unwrap().action, CHECKPOINT);
+
+    // Writes `edited` as the whole trail, every hash and link recomputed: a chain that
+    // verifies on its own.
+    let rewrite = |edited: Vec<AuditRecord>| {
+        let store = EmbeddedStore::open(&store_path).unwrap();
+        for (key, _) in store.audit_raw().unwrap() {
+            store.audit_set_raw(key, None).unwrap();
+        }
+        let mut prev = "0".repeat(64);
+        for (index, mut record) in edited.into_iter().enumerate() {
+            record.seq = index as u64 + 1;
+            record.prev = prev;
+            record.hash = digest(&record);
+            prev = record.hash.clone();
+            let bytes = serde_json::to_vec(&record).unwrap();
+            store.audit_set_raw(record.seq, Some(&bytes)).unwrap();
+        }
+    };
+    // Each case: what verify says, the trail, verify's flags, whether the control plane
+    // (signing every second) must refuse to sign it.
+    let mut cases: Vec<(String, Vec<AuditRecord>, &[&str], bool)> = Vec::new();
+    // The operator's issuance rewritten to another role, every hash after it recomputed.
+    let mut rewritten = trail.clone();
+    rewritten[1].details.insert("role".into(), "admin".into());
+    cases.push((
+        format!(
+            "record 2 was rewritten: checkpoint record {} signed another hash for it",
+            checkpoint.seq
+        ),
+        rewritten,
+        &[],
+        true,
+    ));
+    // Every checkpoint removed: the records are older than the bound, and nothing signs them
+    // (a control plane that never stopped or restarted would sign them again: keeping the
+    // head that verify printed is what shows that, docs/audit.md).
+    let stripped: Vec<AuditRecord> = trail
+        .iter()
+        .filter(|r| r.action != CHECKPOINT)
+        .cloned()
+        .collect();
+    cases.push((
+        "records 1 to ".into(),
+        stripped,
+        &["--unsigned-for", "1s"],
+        false,
+    ));
+    // A checkpoint with another signature.
+    let mut forged = trail.clone();
+    let signature = forged[checkpoint.seq as usize - 1]
+        .details
+        .get_mut("signature")
+        .unwrap();
+    let flipped = if signature.starts_with('0') { "1" } else { "0" };
+    signature.replace_range(0..1, flipped);
+    cases.push((
+        format!(
+            "checkpoint record {} does not verify: its signature does not verify",
+            checkpoint.seq
+        ),
+        forged,
+        &[],
+        true,
+    ));
+    let slow = dir.path().join("slow.yaml");
+    std::fs::write(&slow, "audit: {checkpointInterval: 1h}\n").unwrap();
+    for (named, edited, flags, refused) in cases {
+        rewrite(edited);
+        let config = if refused {
+            config
+        } else {
+            slow.to_str().unwrap()
+        };
+        cp.restart(&["--config", config]);
+        if refused {
+            support::eventually(30, "the control plane to refuse to sign", || {
+                let (_, text) = support::http_get(cp.admin_port, "/metrics");
+                support::metric(
+                    &text,
+                    "sidewall_control_plane_audit_failures_total",
+                    &[("action", CHECKPOINT)],
+                ) > 0
+            });
+        }
+        let mut args = vec!["audit", "verify"];
+        args.extend_from_slice(flags);
+        let run = cp.cli(&args);
+        assert_eq!(run.code, 1, "{named}: {}{}", run.stdout, run.stderr);
+        let said = run.stderr.trim();
+        if refused {
+            assert_eq!(said, format!("audit trail broken: {named}"));
+        } else {
+            assert!(
+                said.starts_with(&format!("audit trail broken: {named}"))
+                    && said.ends_with(" are covered by no signed checkpoint"),
+                "{said}"
+            );
+        }
+        cp.stop();
+    }
+}

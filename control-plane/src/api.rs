@@ -52,8 +52,13 @@ impl Api {
     /// Appends a change that has committed to the audit trail. A failure is logged and counted;
     /// the change stands.
     pub(crate) async fn audit(&self, event: crate::audit::AuditEvent) {
+        self.audit_at(event, now_unix()).await;
+    }
+
+    /// [`Self::audit`] with the record's time given (a checkpoint signs its own time).
+    pub(crate) async fn audit_at(&self, event: crate::audit::AuditEvent, time: i64) {
         let action = event.action;
-        match self.store.append_audit(event, now_unix()).await {
+        match self.store.append_audit(event, time).await {
             Ok(record) => {
                 metrics::counter!(crate::metric::AUDIT_RECORDS, "action" => action).increment(1);
                 tracing::debug!(seq = record.seq, action, actor = %record.actor, subject = %record.subject, "audit record appended");
@@ -166,6 +171,7 @@ impl From<csr::CsrError> for ApiError {
 pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 mod audit;
+pub(crate) use audit::PAGE as AUDIT_PAGE;
 pub(crate) mod distribution;
 mod identity;
 mod operators;

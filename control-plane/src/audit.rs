@@ -7,13 +7,27 @@
 //! the change it describes has committed; if the append itself fails the change stands, the
 //! failure is logged and counted (`sidewall_control_plane_audit_failures_total`).
 //!
-//! What the chain alone cannot show: records cut off the end, or a whole chain rewritten by
-//! someone who can write the store. Signed checkpoints of the chain head are the answer to
-//! both; they are not built yet (docs/audit.md).
+//! What the chain alone cannot show: a whole chain rewritten, hashes recomputed, by someone
+//! who can write the store. So the control plane signs the head every
+//! `audit.checkpointInterval` when it moved, and once more when it stops: an `audit.checkpoint`
+//! record in the chain itself, carrying the record it covers, that record's hash, the signature
+//! and the signing certificate's chain ([`checkpoint`]). The key is the control plane's serving
+//! key (its SVID, `spiffe://<td>/sidewall/control-plane`); [`verify_checkpoints`] checks each
+//! signature, that the certificate is a valid SVID of the control plane chaining to the trust
+//! bundle at the time it signed, that the record it covers is unchanged, and that no record
+//! older than the caller's bound is left unsigned. Records cut off the end leave a shorter trail
+//! that still verifies: the head a reader kept from an earlier run is the answer to that.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use rustls::SignatureScheme;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
+use sidewall_policies::TrustDomain;
+use sidewall_policies::svid::{SpiffeClientVerifier, SvidError, TrustBundles};
 use sidewall_policies::wire::operator::AuditRecord;
 
 /// The `prev` of the first record.
@@ -106,6 +120,152 @@ pub fn link(bytes: &[u8]) -> String {
     }
 }
 
+/// The action of a signed checkpoint.
+pub const CHECKPOINT: &str = "audit.checkpoint";
+
+/// The bytes a checkpoint signs: the trust domain, the record covered, its hash, the time.
+pub fn checkpoint_message(trust_domain: &str, seq: u64, hash: &str, time: i64) -> Vec<u8> {
+    format!("sidewall audit checkpoint v1\n{trust_domain}\n{seq}\n{hash}\n{time}\n").into_bytes()
+}
+
+/// A checkpoint over `head`, signed at `time` with `key` (the control plane's serving key):
+/// the store appends it like any record, at `time`.
+pub fn checkpoint(
+    actor: &str,
+    trust_domain: &TrustDomain,
+    head: &AuditRecord,
+    time: i64,
+    key: &CertifiedKey,
+) -> Result<AuditEvent, String> {
+    let signer = key
+        .key
+        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+        .ok_or("the control plane's key is not ECDSA P-256")?;
+    let message = checkpoint_message(trust_domain.as_str(), head.seq, &head.hash, time);
+    let signature = signer.sign(&message).map_err(|e| e.to_string())?;
+    let chain: String = key
+        .cert
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+        .collect();
+    Ok(AuditEvent::new(actor, CHECKPOINT, head.seq.to_string())
+        .with("hash", &head.hash)
+        .with("signature", crate::random::hex(&signature))
+        .with("chain", chain))
+}
+
+/// What the signed checkpoints of an intact chain cover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The newest record a valid checkpoint covers (0: none).
+    pub covered: u64,
+    /// When that checkpoint was signed.
+    pub at: i64,
+    /// Valid checkpoints.
+    pub checkpoints: u64,
+}
+
+/// Checks every checkpoint of a chain that [`verify`] passed, against `bundle_pem` (the trust
+/// domain's roots), and that no record older than `now - unsigned_for` is left uncovered.
+pub fn verify_checkpoints(
+    records: &[AuditRecord],
+    trust_domain: &TrustDomain,
+    bundle_pem: &str,
+    now: i64,
+    unsigned_for: i64,
+) -> Result<Signed, Broken> {
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
+    let mut bundles = TrustBundles::default();
+    let control_plane = trust_domain
+        .id(crate::tls::CONTROL_PLANE_PATH)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let expected = control_plane.clone();
+    let verifier = bundles.add(trust_domain.clone(), roots).ok().and_then(|_| {
+        let acceptor: sidewall_policies::svid::Acceptor = Arc::new(move |svid| {
+            if svid.id.as_str() == expected {
+                Ok(())
+            } else {
+                Err(SvidError::UnknownTrustDomain(format!(
+                    "{} is not the control plane",
+                    svid.id
+                )))
+            }
+        });
+        SpiffeClientVerifier::new(&bundles, crate::tls::provider(), acceptor, true).ok()
+    });
+    let mut signed = Signed {
+        covered: 0,
+        at: 0,
+        checkpoints: 0,
+    };
+    for record in records.iter().filter(|r| r.action == CHECKPOINT) {
+        let bad = |why: String| Broken::BadCheckpoint {
+            seq: record.seq,
+            why,
+        };
+        let verifier = verifier
+            .as_ref()
+            .ok_or_else(|| bad("the trust bundle holds no usable root".into()))?;
+        let covered: u64 = record
+            .subject
+            .parse()
+            .map_err(|_| bad("its subject is not a record number".into()))?;
+        let detail = |name: &str| record.details.get(name).map(String::as_str).unwrap_or("");
+        let target = records
+            .iter()
+            .find(|r| r.seq == covered)
+            .ok_or_else(|| bad(format!("record {covered} is not in the trail")))?;
+        if target.hash != detail("hash") {
+            return Err(Broken::Rewritten {
+                seq: covered,
+                checkpoint: record.seq,
+            });
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(detail("chain").as_bytes())
+                .filter_map(Result::ok)
+                .collect();
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err(bad("it carries no certificate".into()));
+        };
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(record.time).unwrap_or(0),
+        ));
+        use rustls::server::danger::ClientCertVerifier as _;
+        verifier
+            .verify_client_cert(leaf, intermediates, at)
+            .map_err(|e| bad(format!("its certificate is not the control plane's: {e}")))?;
+        let signature = crate::random::unhex(detail("signature"))
+            .ok_or_else(|| bad("its signature is not hex".into()))?;
+        let message = checkpoint_message(trust_domain.as_str(), covered, &target.hash, record.time);
+        webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| bad(format!("its certificate does not parse: {e:?}")))?
+            .verify_signature(webpki::aws_lc_rs::ECDSA_P256_SHA256, &message, &signature)
+            .map_err(|_| bad("its signature does not verify".into()))?;
+        if covered >= signed.covered {
+            signed.covered = covered;
+            signed.at = record.time;
+        }
+        signed.checkpoints += 1;
+    }
+    let stale = records
+        .iter()
+        .filter(|r| r.seq > signed.covered && r.action != CHECKPOINT)
+        .filter(|r| r.time < now - unsigned_for)
+        .map(|r| r.seq)
+        .collect::<Vec<_>>();
+    if let (Some(from), Some(to)) = (stale.first(), stale.last()) {
+        return Err(Broken::Unsigned {
+            from: *from,
+            to: *to,
+        });
+    }
+    Ok(signed)
+}
+
 /// Where the chain breaks first.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Broken {
@@ -144,6 +304,34 @@ pub enum Broken {
         /// The record before it.
         before: u64,
     },
+    /// A checkpoint that does not verify.
+    #[error("checkpoint record {seq} does not verify: {why}")]
+    BadCheckpoint {
+        /// The checkpoint record.
+        seq: u64,
+        /// Why.
+        why: String,
+    },
+    /// A record's hash differs from the one a checkpoint signed: the chain was rewritten from
+    /// there, hashes recomputed.
+    #[error(
+        "record {seq} was rewritten: checkpoint record {checkpoint} signed another hash for it"
+    )]
+    Rewritten {
+        /// The record.
+        seq: u64,
+        /// The checkpoint that signed it.
+        checkpoint: u64,
+    },
+    /// Old records no checkpoint covers: the signatures were removed, or the control plane
+    /// could not sign (its log says why).
+    #[error("records {from} to {to} are covered by no signed checkpoint")]
+    Unsigned {
+        /// The first record uncovered.
+        from: u64,
+        /// The last.
+        to: u64,
+    },
 }
 
 impl Broken {
@@ -153,7 +341,10 @@ impl Broken {
             Self::Altered { seq }
             | Self::Removed { seq, .. }
             | Self::Reordered { seq, .. }
-            | Self::Unlinked { seq, .. } => *seq,
+            | Self::Unlinked { seq, .. }
+            | Self::BadCheckpoint { seq, .. }
+            | Self::Rewritten { seq, .. } => *seq,
+            Self::Unsigned { from, .. } => *from,
         }
     }
 }

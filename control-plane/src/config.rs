@@ -85,6 +85,8 @@ pub struct FileConfig {
     #[serde(default)]
     registrations: RegistrationsSection,
     #[serde(default)]
+    audit: AuditSection,
+    #[serde(default)]
     detection: DetectionSection,
     #[serde(default)]
     attestation: AttestationSection,
@@ -203,6 +205,12 @@ struct LimitsSection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RegistrationsSection {
     lease: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AuditSection {
+    checkpoint_interval: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -424,6 +432,9 @@ pub struct Config {
     /// How long a registration outlives its sidecar's snapshot watch (closed, not reopened)
     /// before it is removed and its endpoint freed. Default is 30 s, at most 1 h.
     pub registration_lease: Duration,
+    /// How often the audit trail's head is signed when records were added since the last
+    /// signature (and at shutdown). Default is 60 s, from 1 s to 1 h.
+    pub audit_checkpoint_interval: Duration,
     /// Where the state lives. Default is the embedded store.
     pub store: StoreConfig,
     /// The key-encryption key that seals the CA's keys in a replicated store (64 hex digits,
@@ -548,6 +559,17 @@ impl Config {
                 "registrations.lease must be between 1s and 1h".into(),
             ));
         }
+        let audit_checkpoint_interval = file
+            .audit
+            .checkpoint_interval
+            .map_or(Duration::from_secs(60), |d| d.0);
+        if audit_checkpoint_interval < Duration::from_secs(1)
+            || audit_checkpoint_interval > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::Value(
+                "audit.checkpointInterval must be between 1s and 1h".into(),
+            ));
+        }
         let store = resolve_store(&file, &overrides)?;
         if matches!(store, StoreConfig::Etcd(_)) && !cfg!(feature = "etcd") {
             return Err(ConfigError::EtcdNotBuilt);
@@ -605,6 +627,7 @@ impl Config {
             server_names: file.server_names,
             policies_dir: overrides.policies_dir.or(file.policies_dir),
             registration_lease,
+            audit_checkpoint_interval,
             plug_in: file.ca.map(|ca| PlugIn {
                 root_cert: ca.root_cert,
                 intermediate_cert: ca.intermediate_cert,

@@ -306,6 +306,11 @@ pub async fn run(
     .await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let checkpoints = tokio::spawn(sign_audit_trail(
+        api.clone(),
+        certificate.clone(),
+        stop_rx.clone(),
+    ));
     let renewal = tokio::spawn(renew_serving_certificate(
         api.clone(),
         certificate,
@@ -428,6 +433,7 @@ pub async fn run(
         tracing::warn!("open requests did not finish within 5 s");
     }
     renewal.abort();
+    let _ = checkpoints.await;
     let _ = expiry.await;
     let _ = admin_task.await;
     let _ = ui_task.await;
@@ -475,6 +481,91 @@ fn renewal_at(issued: &crate::ca::Issued) -> i64 {
 
 /// Re-issues the serving certificate at `renew_at` (Unix seconds), and each new one at its own
 /// [`renewal_at`]; a failure is retried a minute later.
+/// Signs the audit trail's head every `audit.checkpointInterval` when it moved, and once more
+/// when the control plane stops ([`crate::audit::checkpoint`]). It signs only a trail that
+/// verifies whole (links, hashes, every earlier checkpoint) and still holds the record it signed
+/// last: a trail changed in the store is left unsigned, which `sidewall audit verify` reports.
+async fn sign_audit_trail(
+    api: Arc<Api>,
+    certificate: Arc<ServingCertificate>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let actor = api
+        .ca
+        .trust_domain()
+        .id(crate::tls::CONTROL_PLANE_PATH)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let mut signed: Option<(u64, String)> = None;
+    loop {
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(api.config.audit_checkpoint_interval) => false,
+            _ = stop.changed() => true,
+        };
+        match sign_head(&api, &actor, &certificate, signed.as_ref()).await {
+            Ok(Some(head)) => signed = Some(head),
+            Ok(None) => {}
+            Err(error) => {
+                metrics::counter!(crate::metric::AUDIT_FAILURES, "action" => crate::audit::CHECKPOINT).increment(1);
+                tracing::error!(%error, "the audit trail is not signed");
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// One look at the trail: signs its head if it moved and the whole trail verifies. The record
+/// signed, if any.
+async fn sign_head(
+    api: &Api,
+    actor: &str,
+    certificate: &ServingCertificate,
+    last: Option<&(u64, String)>,
+) -> Result<Option<(u64, String)>, String> {
+    let mut records = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = api
+            .store
+            .audit_records(after, crate::api::AUDIT_PAGE)
+            .await
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        let full = page.len() == crate::api::AUDIT_PAGE;
+        after = page.last().map_or(after, |(key, _)| *key);
+        records.extend(page.into_iter().map(|(_, record)| record));
+        if !full {
+            break;
+        }
+    }
+    let Some(head) = records
+        .last()
+        .filter(|r| r.action != crate::audit::CHECKPOINT)
+    else {
+        return Ok(None);
+    };
+    let td = api.ca.trust_domain();
+    crate::audit::verify(&records)
+        .and_then(|_| {
+            crate::audit::verify_checkpoints(&records, td, api.ca.trust_bundle_pem(), 0, i64::MAX)
+        })
+        .map_err(|e| format!("it does not verify: {e}"))?;
+    if let Some((seq, hash)) = last
+        && !records.iter().any(|r| r.seq == *seq && r.hash == *hash)
+    {
+        return Err(format!(
+            "record {seq}, signed by this control plane, is no longer in the store as it was"
+        ));
+    }
+    let time = now_unix();
+    let event = crate::audit::checkpoint(actor, td, head, time, &certificate.current())?;
+    let covered = (head.seq, head.hash.clone());
+    api.audit_at(event, time).await;
+    tracing::info!(seq = covered.0, hash = %covered.1, "audit trail signed");
+    Ok(Some(covered))
+}
+
 async fn renew_serving_certificate(
     api: Arc<Api>,
     certificate: Arc<ServingCertificate>,

@@ -87,6 +87,14 @@ impl ServingCertificate {
         ))
     }
 
+    /// The certificate and key in use.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Replaces the certificate; handshakes from now on use the new one.
     pub fn replace(&self, key: Arc<CertifiedKey>) {
         // A poisoned lock only means a panic elsewhere while swapping an Arc: the value is

@@ -3,10 +3,16 @@
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context as _;
 use hyper::Method;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use sidewall_control_plane::api::unix_rfc3339;
 use sidewall_control_plane::audit;
 use sidewall_control_plane::client::Client;
+use sidewall_control_plane::data_dir::{bundle_path, operator_paths};
+use sidewall_policies::TrustDomain;
+use sidewall_policies::svid::{Svid, Usage};
 use sidewall_policies::wire::operator::{AuditPage, AuditRecord};
 
 use super::ControlPlaneAccess;
@@ -27,9 +33,17 @@ pub(crate) enum AuditCommand {
         json: bool,
     },
     /// Check the whole trail here, record by record: numbers from 1 without gaps, each
-    /// record's hash, each link to the record before. Exit 0 when intact; exit 1 naming the
-    /// first record altered, removed or out of order. Needs the viewer role.
-    Verify,
+    /// record's hash, each link to the record before; then each signed checkpoint (the
+    /// control plane's certificate, chained to <data-dir>/trust-bundle.pem, its signature, the
+    /// record it covers unchanged). Exit 0 when intact; exit 1 naming the first record
+    /// altered, removed, out of order or rewritten, a checkpoint that does not verify, or
+    /// records no checkpoint covers. Needs the viewer role.
+    Verify {
+        /// Records older than this must be covered by a signed checkpoint (keep it above the
+        /// control plane's audit.checkpointInterval, 60s by default).
+        #[arg(long, value_name = "AGE", value_parser = parse_age, default_value = "15m")]
+        unsigned_for: Duration,
+    },
 }
 
 fn parse_age(text: &str) -> Result<Duration, String> {
@@ -44,21 +58,64 @@ pub(crate) fn run(command: AuditCommand, access: &ControlPlaneAccess) -> ExitCod
         let records = fetch(&client).await?;
         match command {
             AuditCommand::Log { since, json } => print(&records, since, json)?,
-            AuditCommand::Verify => match audit::verify(&records) {
-                Ok(0) => println!("audit trail intact: no records yet"),
-                Ok(count) => {
-                    let head = records.last().map_or("", |r| r.hash.as_str());
-                    println!("audit trail intact: records 1 to {count}, head {head}");
+            AuditCommand::Verify { unsigned_for } => {
+                let (trust_domain, bundle) = trust(access)?;
+                let checked = audit::verify(&records).and_then(|count| {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let signed = audit::verify_checkpoints(
+                        &records,
+                        &trust_domain,
+                        &bundle,
+                        i64::try_from(now).unwrap_or(i64::MAX),
+                        i64::try_from(unsigned_for.as_secs()).unwrap_or(i64::MAX),
+                    )?;
+                    Ok((count, signed))
+                });
+                match checked {
+                    Ok((0, _)) => println!("audit trail intact: no records yet"),
+                    Ok((count, signed)) => {
+                        let head = records.last().map_or("", |r| r.hash.as_str());
+                        let signed = match signed.covered {
+                            0 => "no signed checkpoint yet".to_owned(),
+                            covered => format!(
+                                "signed up to record {covered} at {} ({} checkpoint{})",
+                                unix_rfc3339(signed.at),
+                                signed.checkpoints,
+                                if signed.checkpoints == 1 { "" } else { "s" }
+                            ),
+                        };
+                        println!("audit trail intact: records 1 to {count}, head {head}; {signed}");
+                    }
+                    Err(error) => {
+                        eprintln!("audit trail broken: {error}");
+                        broken = true;
+                    }
                 }
-                Err(error) => {
-                    eprintln!("audit trail broken: {error}");
-                    broken = true;
-                }
-            },
+            }
         }
         Ok(())
     });
     if broken { ExitCode::from(1) } else { code }
+}
+
+/// The trust domain (of the operator credential in use) and its roots, both from the data
+/// directory: what the checkpoints must chain to, whatever the control plane answers.
+fn trust(access: &ControlPlaneAccess) -> anyhow::Result<(TrustDomain, String)> {
+    let bundle_path = bundle_path(&access.data_dir);
+    let bundle = std::fs::read_to_string(&bundle_path)
+        .with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
+    let (cert_path, _) = operator_paths(&access.data_dir, &access.operator);
+    let pem = std::fs::read(&cert_path)
+        .with_context(|| format!("reading the operator credential {}", cert_path.display()))?;
+    let der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .with_context(|| format!("{}: no certificate", cert_path.display()))?;
+    let svid = Svid::from_der(&der, Usage::Client)
+        .with_context(|| format!("{}: not an SVID", cert_path.display()))?;
+    Ok((svid.id.trust_domain(), bundle))
 }
 
 /// Every record, page by page, in the order the store holds them.
