@@ -44,6 +44,9 @@ pub struct Context {
     /// HTTP/2 connections to peer sidecars (ALPN `sidewall-h2/1`), by service and port.
     pub(crate) peers_h2:
         crate::pool::Pool<(sidewall_policies::SpiffeId, u16), crate::pool::HyperSender>,
+    /// Pooled connections to peer sidecars that the peer closed, by service and port: the
+    /// app's HTTP connections that rode them close too, once idle.
+    pub(crate) peers_h2_closed: crate::outbound::http::Closed,
     /// Shared connections carrying app connections to TCP ports (ALPN `sidewall-mux/1`), by
     /// service.
     pub(crate) peers_mux: mux::Pool,
@@ -73,6 +76,7 @@ impl Context {
             app_client: http::app_client(),
             app_h2: crate::pool::Pool::default(),
             peers_h2: crate::pool::Pool::default(),
+            peers_h2_closed: crate::outbound::http::Closed::default(),
             peers_mux: mux::pool(),
             config,
         }

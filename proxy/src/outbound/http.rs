@@ -13,9 +13,18 @@
 //! The pooled connection is checked like any other: the server must be exactly the service's
 //! SPIFFE ID, the peer's connection-level check runs when it opens, and it closes when the
 //! server's certificate expires (the next request opens a new one).
+//!
+//! When the peer closes a pooled connection (its policy no longer lets this workload in and
+//! says `onRevoke: terminate`, its certificate was revoked, it went away), every app connection
+//! to that service and port that has sent a request closes too, once its request in flight is
+//! answered ([`Closed`]): to the app, the service closed the connection, as it would without
+//! sidecars. A pooled connection retired here (recycled before the server's certificate
+//! expires) ends quietly and closes nothing.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -24,10 +33,32 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use sidewall_policies::SpiffeId;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::Context;
 use crate::http::{ResponseBody, framing, request, short};
 use crate::pool::{HyperSender, Opened, PoolError};
+
+/// How many pooled connections the peer closed, per service and port (see the module's
+/// comment); app connections watch their key.
+#[derive(Default)]
+pub(crate) struct Closed(std::sync::Mutex<HashMap<(SpiffeId, u16), watch::Sender<u64>>>);
+
+impl Closed {
+    fn watch(&self, key: &(SpiffeId, u16)) -> watch::Receiver<u64> {
+        let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        keys.entry(key.clone())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn closed(&self, key: &(SpiffeId, u16)) {
+        let keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = keys.get(key) {
+            sender.send_modify(|count| *count += 1);
+        }
+    }
+}
 
 /// Serves the app's connection to `service`'s HTTP `port` until it ends.
 pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: SpiffeId, port: u16) {
@@ -35,11 +66,16 @@ pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: Spiffe
     let (app, scan) = framing::scanned(app);
     let timing = scan.clone();
     let idle = context.config.limits.idle_timeout.0;
+    let mut peer_closed = context.peers_h2_closed.watch(&(service.clone(), port));
+    let used = Arc::new(AtomicBool::new(false));
+    let sent = used.clone();
+    let name = service.to_string();
     let service = Arc::new(service);
     let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
         let context = context.clone();
         let service = service.clone();
         let smuggling = scan.refuses();
+        sent.store(true, Ordering::Relaxed);
         async move {
             if smuggling {
                 return Ok::<_, Infallible>(refused(
@@ -53,13 +89,30 @@ pub(crate) async fn serve(context: Arc<Context>, app: TcpStream, service: Spiffe
     });
     let builder = crate::http::server();
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(app), handler);
-    tokio::select! {
-        result = connection => {
-            if let Err(error) = result {
-                tracing::debug!(?remote, error = ?error, "app HTTP connection ended with an error");
+    tokio::pin!(connection);
+    let mut shutting = false;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    tracing::debug!(?remote, error = ?error, "app HTTP connection ended with an error");
+                }
+                return;
+            }
+            reason = timing.expired(idle) => {
+                crate::http::timed_out(reason, remote);
+                return;
+            }
+            Ok(()) = peer_closed.changed(), if !shutting => {
+                if used.load(Ordering::Relaxed) {
+                    // Ends once the request in flight, if any, is answered.
+                    shutting = true;
+                    connection.as_mut().graceful_shutdown();
+                    metrics::counter!(crate::metric::CONNECTIONS_CLOSED, "reason" => "peer_closed").increment(1);
+                    tracing::debug!(?remote, service = name, port, "app HTTP connection closing: the peer sidecar closed the connection it rode");
+                }
             }
         }
-        reason = timing.expired(idle) => crate::http::timed_out(reason, remote),
     }
 }
 
@@ -122,7 +175,7 @@ async fn handle(
     }
     crate::http::remove_peer_header(headers);
     let key = (service.clone(), port);
-    let connect = || connect_peer(context, service, port);
+    let connect = || connect_peer(context.clone(), service, port);
     match context.peers_h2.send(&key, connect, request).await {
         Ok(response) => {
             metrics::counter!(crate::metric::OUTBOUND_HTTP_REQUESTS, "outcome" => "forwarded")
@@ -139,11 +192,11 @@ async fn handle(
 
 /// Opens the pooled HTTP/2 connection to `service`'s sidecar for `port`.
 async fn connect_peer(
-    context: &Context,
+    context: Arc<Context>,
     service: &SpiffeId,
     port: u16,
 ) -> Result<Opened<HyperSender>, &'static str> {
-    let (stream, server) = super::open(context, service, Some(port), crate::tls::ALPN_H2).await?;
+    let (stream, server) = super::open(&context, service, Some(port), crate::tls::ALPN_H2).await?;
     let until = std::time::Instant::now() + server.lifetime / 2;
     let (sender, connection) = crate::http::h2_client()
         .handshake(TokioIo::new(stream))
@@ -152,13 +205,23 @@ async fn connect_peer(
     let service = service.clone();
     let gone = server.clone().gone();
     tokio::spawn(async move {
-        tokio::select! {
-            result = connection => {
-                if let Err(error) = result {
+        // Ended by the peer (an error: it closed or reset the connection) or revoked: the app
+        // connections that rode it close too. Retired here, it ends cleanly and closes nothing.
+        let by_peer = tokio::select! {
+            result = connection => match result {
+                Ok(()) => false,
+                Err(error) => {
                     tracing::debug!(%service, port, %error, "pooled HTTP/2 connection ended");
+                    true
                 }
+            },
+            gone = gone => {
+                gone.record(&service, super::Carrier::Pooled);
+                true
             }
-            gone = gone => gone.record(&service, super::Carrier::Pooled),
+        };
+        if by_peer {
+            context.peers_h2_closed.closed(&(service, port));
         }
     });
     Ok(Opened::new(
