@@ -1305,21 +1305,23 @@ fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
     assert_eq!(
         seen,
         [
-            (1, "control-plane", "control-plane.started", seen[0].3),
-            (2, admin, "operator.issued", ana),
-            (3, ana, "policy.applied", "1"),
-            (4, ana, "policy.applied", "2"),
-            (5, admin, "token.created", token_id.as_str()),
-            (6, admin, "token.revoked", token_id.as_str()),
-            (7, admin, "operator.revoked", ana),
+            (1, "control-plane", "operator.issued", admin),
+            (2, "control-plane", "control-plane.started", seen[1].3),
+            (3, admin, "operator.issued", ana),
+            (4, ana, "policy.applied", "1"),
+            (5, ana, "policy.applied", "2"),
+            (6, admin, "token.created", token_id.as_str()),
+            (7, admin, "token.revoked", token_id.as_str()),
+            (8, admin, "operator.revoked", ana),
         ]
     );
-    assert_eq!(records[1]["details"]["role"], "policy");
-    assert_eq!(records[3]["details"]["changed"], "db");
-    assert_eq!(records[3]["details"]["rules"], "1");
-    assert!(records[2]["details"].get("changed").is_none());
+    assert_eq!(records[0]["details"]["role"], "admin");
+    assert_eq!(records[2]["details"]["role"], "policy");
+    assert_eq!(records[4]["details"]["changed"], "db");
+    assert_eq!(records[4]["details"]["rules"], "1");
+    assert!(records[3]["details"].get("changed").is_none());
     assert_eq!(
-        records[4]["details"]["identity"],
+        records[5]["details"]["identity"],
         "spiffe://sidewall.local/ns/demo/svc/api"
     );
     assert_eq!(records[0]["prev"], "0".repeat(64));
@@ -1331,7 +1333,7 @@ fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
     );
     let verified = ok(cp.cli(&["audit", "verify"]));
     assert!(
-        verified.starts_with("audit trail intact: records 1 to 7, head "),
+        verified.starts_with("audit trail intact: records 1 to 8, head "),
         "{verified}"
     );
 
@@ -1412,7 +1414,7 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
     support::eventually(30, "a checkpoint over the operator's issuance", || {
         records(&cp)
             .iter()
-            .any(|r| r.action == CHECKPOINT && r.subject == "2")
+            .any(|r| r.action == CHECKPOINT && r.subject == "3")
     });
     let signed = records(&cp);
     let checkpoint = signed.iter().find(|r| r.action == CHECKPOINT).unwrap();
@@ -1420,7 +1422,7 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
         checkpoint.actor,
         "spiffe://sidewall.local/sidewall/control-plane"
     );
-    assert_eq!(checkpoint.details["hash"], signed[1].hash);
+    assert_eq!(checkpoint.details["hash"], signed[2].hash);
     // Nothing new, nothing signed: one checkpoint however long it waits.
     #[allow(clippy::disallowed_methods)] // a blocking test waiting on a separate process
     std::thread::sleep(Duration::from_millis(2500));
@@ -1428,7 +1430,7 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
     let run = cp.cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
-        run.stdout.contains("; signed up to record 2 at "),
+        run.stdout.contains("; signed up to record 3 at "),
         "{}",
         run.stdout
     );
@@ -1521,10 +1523,10 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
     let mut cases: Vec<(String, Vec<AuditRecord>, &[&str], bool)> = Vec::new();
     // The operator's issuance rewritten to another role, every hash after it recomputed.
     let mut rewritten = trail.clone();
-    rewritten[1].details.insert("role".into(), "admin".into());
+    rewritten[2].details.insert("role".into(), "admin".into());
     cases.push((
         format!(
-            "record 2 was rewritten: checkpoint record {} signed another hash for it",
+            "record 3 was rewritten: checkpoint record {} signed another hash for it",
             checkpoint.seq
         ),
         rewritten,

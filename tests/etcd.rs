@@ -527,6 +527,27 @@ fn an_embedded_deployment_moves_to_etcd_with_export_and_import_and_the_fleet_car
     // History carried over; the next version is 2 and is enforced.
     let run = mesh.replicas[0].cli(&["policy", "history"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
+    // So is the audit trail, signatures included: it verifies on etcd, the embedded
+    // deployment's records first.
+    let run = mesh.replicas[0].cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let log = mesh.replicas[0].cli(&["audit", "log", "--json"]);
+    let actions: Vec<String> = log
+        .stdout
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["action"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let starts: Vec<usize> = (0..actions.len())
+        .filter(|i| actions[*i] == "control-plane.started")
+        .collect();
+    let applied = actions.iter().position(|a| a == "policy.applied");
+    assert!(
+        starts.len() == 2 && applied.is_some_and(|v| starts[0] < v && v < starts[1]),
+        "the embedded deployment's start and version 1, then the start on etcd: {actions:?}"
+    );
     let run = mesh.apply(0, "v2", "nobody");
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
@@ -551,10 +572,11 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
     }
     let run = mesh.replicas[1].cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    // Three starts and three versions, one chain.
+    // Three replicas, each issuing its admin credential and starting, and three versions: one
+    // chain.
     assert!(
         run.stdout
-            .starts_with("audit trail intact: records 1 to 6, head "),
+            .starts_with("audit trail intact: records 1 to 9, head "),
         "{}",
         run.stdout
     );
@@ -585,7 +607,7 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
         }))
         .unwrap();
     let intact = runtime.block_on(store.audit_raw()).unwrap();
-    assert_eq!(intact.len(), 6);
+    assert_eq!(intact.len(), 9);
     let restore = |store: &EtcdStore| {
         for (seq, bytes) in &intact {
             runtime
@@ -593,14 +615,14 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
                 .unwrap();
         }
     };
-    let altered = String::from_utf8(intact[4].1.clone())
+    let altered = String::from_utf8(intact[6].1.clone())
         .unwrap()
         .replace("policy.applied", "policy.rolled_back");
     type Tamper<'a> = Vec<(u64, Option<&'a [u8]>)>;
     let cases: [(&str, Tamper<'_>); 3] = [
         (
-            "record 5 was altered: its fields do not match its hash",
-            vec![(5, Some(altered.as_bytes()))],
+            "record 7 was altered: its fields do not match its hash",
+            vec![(7, Some(altered.as_bytes()))],
         ),
         (
             "record 3 was removed: the trail goes from 2 to 4",

@@ -76,6 +76,8 @@ pub struct Restored {
     pub revocations: usize,
     /// Registrations.
     pub registrations: usize,
+    /// Audit records.
+    pub audit: usize,
 }
 
 /// The configured store. The embedded store's file must exist already when `existing`.
@@ -231,12 +233,18 @@ pub async fn import(config: &Config, backup: Backup) -> Result<Restored, BackupE
         // Two registrations cannot hold one endpoint in a store: keep the first.
         let _ = store.put_registration(registration.clone()).await?;
     }
+    // The trail as it was, signatures included (the CA, hence the control plane's identity,
+    // is the same); two records of one number (a damaged backup): the first stays.
+    for record in &records.audit {
+        let _ = store.restore_audit(record.clone()).await?;
+    }
     Ok(Restored {
         policy_versions: records.policy_versions.len(),
         tokens: records.tokens.len(),
         certificates: records.certificates.len(),
         revocations: records.revocations.len(),
         registrations: records.registrations.len(),
+        audit: records.audit.len(),
     })
 }
 

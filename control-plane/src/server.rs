@@ -248,6 +248,14 @@ async fn ensure_operator(
     store
         .put_certificate(issued.record("control-plane", Some(Role::Admin)))
         .await?;
+    let event = crate::audit::AuditEvent::new("control-plane", "operator.issued", id.as_str())
+        .with("role", Role::Admin)
+        .with("serial", &issued.serial);
+    if let Err(error) = store.append_audit(event, now_unix()).await {
+        metrics::counter!(crate::metric::AUDIT_FAILURES, "action" => "operator.issued")
+            .increment(1);
+        tracing::error!(%error, "audit record not appended; the change stands");
+    }
     write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_private(&cert_path, issued.chain_pem.as_bytes(), 0o644)?;
     tracing::info!(path = %cert_path.display(), "wrote the admin operator credential");

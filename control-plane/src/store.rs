@@ -226,6 +226,9 @@ pub struct Records {
     pub revocations: Vec<RevocationRecord>,
     /// Every registration.
     pub registrations: Vec<RegistrationRecord>,
+    /// The audit trail, in the store's order (absent from backups made before it existed).
+    #[serde(default)]
+    pub audit: Vec<AuditRecord>,
 }
 
 impl Records {
@@ -236,6 +239,7 @@ impl Records {
             && self.certificates.is_empty()
             && self.revocations.is_empty()
             && self.registrations.is_empty()
+            && self.audit.is_empty()
     }
 }
 
@@ -247,6 +251,10 @@ pub trait Store: Send + Sync + 'static {
     /// Audit records whose key is above `after`, at most `limit`, in the store's order, each
     /// with its key (a record altered in the store may carry another number).
     fn audit_records(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, AuditRecord)>>;
+    /// Writes an audit record as it is, at its own number, if that place is free (an import:
+    /// the trail is carried over unchanged, breaks included, for `audit verify` to judge).
+    /// False when the place is taken.
+    fn restore_audit(&self, record: AuditRecord) -> StoreFuture<'_, bool>;
     /// Stores a new policy version: assigns `version` (last + 1) atomically and returns it.
     fn put_policy_version(&self, record: PolicyVersion) -> StoreFuture<'_, u64>;
     /// One policy version.

@@ -85,7 +85,7 @@ pub(crate) struct Args {
 #[derive(clap::Subcommand)]
 enum BackupCommand {
     /// Write a consistent copy of the whole state (policy history, tokens, issued
-    /// certificates, revocations, registrations; the CA with its keys sealed by
+    /// certificates, revocations, registrations, the audit trail; the CA with its keys sealed by
     /// --ca-kek-file) to a file. The embedded store must not be in use (stop the control
     /// plane); etcd is read live at one revision.
     Export {
@@ -156,12 +156,13 @@ fn backup(command: BackupCommand, config: &Config) -> ExitCode {
                 sidewall_control_plane::ca::write_private(&out, &json, 0o600)?;
                 let r = &backup.records;
                 println!(
-                    "exported {} policy versions, {} tokens, {} certificates, {} revocations, {} registrations and the CA (keys sealed) to {}",
+                    "exported {} policy versions, {} tokens, {} certificates, {} revocations, {} registrations, {} audit records and the CA (keys sealed) to {}",
                     r.policy_versions.len(),
                     r.tokens.len(),
                     r.certificates.len(),
                     r.revocations.len(),
                     r.registrations.len(),
+                    r.audit.len(),
                     out.display()
                 );
             }
@@ -172,8 +173,13 @@ fn backup(command: BackupCommand, config: &Config) -> ExitCode {
                     .with_context(|| format!("{} is not a Sidewall backup", input.display()))?;
                 let r = sidewall_control_plane::backup::import(config, backup).await?;
                 println!(
-                    "imported {} policy versions, {} tokens, {} certificates, {} revocations, {} registrations and the CA",
-                    r.policy_versions, r.tokens, r.certificates, r.revocations, r.registrations
+                    "imported {} policy versions, {} tokens, {} certificates, {} revocations, {} registrations, {} audit records and the CA",
+                    r.policy_versions,
+                    r.tokens,
+                    r.certificates,
+                    r.revocations,
+                    r.registrations,
+                    r.audit
                 );
             }
         }

@@ -55,16 +55,6 @@ fn kek_error(path: &Path, message: &str) -> CaError {
     }
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 impl Kek {
     /// Reads a KEK file: 64 hex digits (`openssl rand -hex 32`), not readable by others.
     pub fn load(path: &Path) -> Result<Self, CaError> {
@@ -85,7 +75,7 @@ impl Kek {
             path: path.to_path_buf(),
             source,
         })?;
-        let bytes = unhex(text.trim()).filter(|b| b.len() == 32).ok_or_else(|| {
+        let bytes = crate::random::unhex(text.trim()).filter(|b| b.len() == 32).ok_or_else(|| {
             kek_error(
                 path,
                 "a key-encryption key is 32 random bytes as 64 hex digits (openssl rand -hex 32)",
@@ -116,7 +106,7 @@ impl Kek {
                 "the key-encryption key does not open the CA: it was sealed with another --ca-kek-file, or its certificates were changed after it was sealed".into(),
             )
         };
-        let bytes = unhex(sealed).ok_or_else(wrong)?;
+        let bytes = crate::random::unhex(sealed).ok_or_else(wrong)?;
         let (nonce, rest) = bytes.split_at_checked(NONCE_LEN).ok_or_else(wrong)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| wrong())?;
         let mut in_out = rest.to_vec();

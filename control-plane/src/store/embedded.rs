@@ -412,6 +412,24 @@ impl Store for EmbeddedStore {
         })
     }
 
+    fn restore_audit(&self, record: AuditRecord) -> StoreFuture<'_, bool> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let free = {
+                let mut table = tx.open_table(AUDIT).map_err(backend)?;
+                let free = table.get(record.seq).map_err(backend)?.is_none();
+                if free {
+                    table
+                        .insert(record.seq, encode(&record)?.as_slice())
+                        .map_err(backend)?;
+                }
+                free
+            };
+            tx.commit().map_err(backend)?;
+            Ok(free)
+        })
+    }
+
     fn audit_records(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, AuditRecord)>> {
         self.blocking(move |db| {
             let tx = db.begin_read().map_err(backend)?;
@@ -447,6 +465,15 @@ impl Store for EmbeddedStore {
                 certificates: every(&tx, CERTIFICATES)?,
                 revocations: every(&tx, REVOCATIONS)?,
                 registrations: every(&tx, REGISTRATIONS)?,
+                audit: {
+                    let table = tx.open_table(AUDIT).map_err(backend)?;
+                    let mut audit = Vec::new();
+                    for entry in table.iter().map_err(backend)? {
+                        let (key, value) = entry.map_err(backend)?;
+                        audit.push(decode(&format!("audit/{}", key.value()), value.value())?);
+                    }
+                    audit
+                },
             })
         })
     }

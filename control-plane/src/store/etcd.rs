@@ -477,6 +477,13 @@ impl Store for EtcdStore {
         })
     }
 
+    fn restore_audit(&self, record: AuditRecord) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let key = format!("{}{:020}", self.dir("audit"), record.seq);
+            self.put_if(&key, 0, encode(&record)?).await
+        })
+    }
+
     fn audit_records(&self, after: u64, limit: usize) -> StoreFuture<'_, Vec<(u64, AuditRecord)>> {
         Box::pin(async move {
             let dir = self.dir("audit");
@@ -725,6 +732,8 @@ impl Store for EtcdStore {
                     records.revocations.push(decode(key, kv.value())?);
                 } else if is("registrations") {
                     records.registrations.push(decode(key, kv.value())?);
+                } else if is("audit") {
+                    records.audit.push(decode(key, kv.value())?);
                 }
             }
             Ok(records)
