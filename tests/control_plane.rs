@@ -1337,6 +1337,21 @@ fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
         "{verified}"
     );
 
+    // Refused registrations: ten a minute one by one, the rest folded into one record (written
+    // when the minute ends, or here, when the control plane stops).
+    let bundle = data.join("trust-bundle.pem");
+    for _ in 0..12 {
+        let out = Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(&bundle)
+            .args(["--data-binary", "not json"])
+            .arg(format!("https://127.0.0.1:{}/v1/certificates", cp.api_port))
+            .output()
+            .unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(answer.contains("invalid_json"), "{answer}");
+    }
+
     // Tampering, each on the intact trail: the control plane stopped, the store edited, the
     // control plane started again (which appends its start record after the damage).
     type Edit = fn(&mut Vec<(u64, Vec<u8>)>);
@@ -1363,6 +1378,20 @@ fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
         .unwrap()
         .audit_raw()
         .unwrap();
+    let refused: Vec<serde_json::Value> = intact
+        .iter()
+        .map(|(_, bytes)| serde_json::from_slice::<serde_json::Value>(bytes).unwrap())
+        .filter(|r| r["action"] == "registration.refused")
+        .collect();
+    assert_eq!(refused.len(), 11, "{refused:?}");
+    assert!(
+        refused[..10]
+            .iter()
+            .all(|r| r["actor"] == "127.0.0.1" && r["details"]["reason"] == "invalid_json")
+    );
+    assert_eq!(refused[10]["actor"], "several sources");
+    assert_eq!(refused[10]["details"]["folded"], "2");
+    assert_eq!(refused[10]["details"]["reason.invalid_json"], "2");
     for (named, edit) in edits {
         {
             let store = EmbeddedStore::open(&store_path).unwrap();

@@ -46,6 +46,8 @@ pub struct Api {
     pub distribution: Arc<crate::distribution::Distribution>,
     /// Kubernetes service-account attestation, when configured.
     pub kubernetes: Option<crate::attestation::kubernetes::Kubernetes>,
+    /// Refused registrations, folded for the audit trail.
+    pub refusals: crate::audit::Refusals,
 }
 
 impl Api {
@@ -314,6 +316,11 @@ pub async fn handle(
             metrics::counter!(crate::metric::REFUSALS, "route" => route, "reason" => error.code)
                 .increment(1);
             tracing::warn!(route, reason = error.code, peer = ?peer.svid.as_ref().map(|s| s.id.to_string()), message = %error.message, "request refused");
+            if route == "certificates"
+                && let Some(event) = api.refusals.refused(peer.remote, error.code)
+            {
+                api.audit(event).await;
+            }
             json_response(
                 error.status,
                 &json!({"error": error.code, "message": error.message}),

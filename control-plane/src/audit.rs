@@ -120,6 +120,84 @@ pub fn link(bytes: &[u8]) -> String {
     }
 }
 
+/// Refused registrations, folded so that no one who reaches the API can grow the store: in each
+/// minute the first [`Refusals::PER_MINUTE`] refusals are recorded one by one (source and
+/// reason), the rest counted by reason and recorded as one `registration.refused` record when
+/// the minute is over ([`Refusals::flush`]).
+pub struct Refusals {
+    state: std::sync::Mutex<Window>,
+}
+
+struct Window {
+    started: std::time::Instant,
+    recorded: usize,
+    folded: BTreeMap<&'static str, u64>,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Self {
+            state: std::sync::Mutex::new(Window {
+                started: std::time::Instant::now(),
+                recorded: 0,
+                folded: BTreeMap::new(),
+            }),
+        }
+    }
+}
+
+impl Refusals {
+    /// Refusals recorded one by one per minute.
+    pub const PER_MINUTE: usize = 10;
+
+    /// A registration from `source` was refused for `reason`: the event to record now, or
+    /// `None` when it is folded into the minute's count.
+    pub fn refused(
+        &self,
+        source: Option<std::net::SocketAddr>,
+        reason: &'static str,
+    ) -> Option<AuditEvent> {
+        let mut window = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if window.started.elapsed() >= std::time::Duration::from_secs(60)
+            && window.folded.is_empty()
+        {
+            window.started = std::time::Instant::now();
+            window.recorded = 0;
+        }
+        if window.recorded < Self::PER_MINUTE {
+            window.recorded += 1;
+            let source = source.map_or_else(|| "unknown".to_owned(), |s| s.ip().to_string());
+            return Some(
+                AuditEvent::new(source, "registration.refused", "-").with("reason", reason),
+            );
+        }
+        *window.folded.entry(reason).or_default() += 1;
+        None
+    }
+
+    /// Once the minute is over (or `now`, when the control plane stops): one record of what
+    /// was folded in it (`None` when nothing was), and a new minute.
+    pub fn flush(&self, now: bool) -> Option<AuditEvent> {
+        let mut window = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !now && window.started.elapsed() < std::time::Duration::from_secs(60) {
+            return None;
+        }
+        window.started = std::time::Instant::now();
+        window.recorded = 0;
+        let folded = std::mem::take(&mut window.folded);
+        if folded.is_empty() {
+            return None;
+        }
+        let total: u64 = folded.values().sum();
+        let mut event =
+            AuditEvent::new("several sources", "registration.refused", "-").with("folded", total);
+        for (reason, count) in folded {
+            event = event.with(&format!("reason.{reason}"), count);
+        }
+        Some(event)
+    }
+}
+
 /// The action of a signed checkpoint.
 pub const CHECKPOINT: &str = "audit.checkpoint";
 

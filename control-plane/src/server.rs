@@ -133,6 +133,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         .map_err(|e| ConfigError::Value(format!("attestation.kubernetes.jwksFile: {e}")))?;
     let api = Arc::new(Api {
         kubernetes,
+        refusals: crate::audit::Refusals::default(),
         limiter: RateLimiter::new(config.issuance_per_minute),
         store,
         ca,
@@ -505,11 +506,21 @@ async fn sign_audit_trail(
         .map(|id| id.to_string())
         .unwrap_or_default();
     let mut signed: Option<(u64, String)> = None;
+    let interval = api.config.audit_checkpoint_interval;
+    let mut since = tokio::time::Instant::now();
     loop {
+        // At least once a minute: the refused registrations folded in it are recorded then.
         let stopping = tokio::select! {
-            () = tokio::time::sleep(api.config.audit_checkpoint_interval) => false,
+            () = tokio::time::sleep(interval.min(Duration::from_secs(60))) => false,
             _ = stop.changed() => true,
         };
+        if let Some(event) = api.refusals.flush(stopping) {
+            api.audit(event).await;
+        }
+        if !stopping && since.elapsed() < interval {
+            continue;
+        }
+        since = tokio::time::Instant::now();
         match sign_head(&api, &actor, &certificate, signed.as_ref()).await {
             Ok(Some(head)) => signed = Some(head),
             Ok(None) => {}
