@@ -753,6 +753,14 @@ mod tests {
                 "listen: 127.0.0.1:7000\nuiListen: 127.0.0.1:7000\n",
                 "uiListen 127.0.0.1:7000 must differ from listen",
             ),
+            (
+                "audit: {checkpointInterval: 2h}\n",
+                "audit.checkpointInterval must be between 1s and 1h",
+            ),
+            (
+                "audit: {checkpointEvery: 1m}\n",
+                "cp.yaml:1:9: audit: unknown field `checkpointEvery`",
+            ),
         ];
         for (text, expected) in cases {
             let error = parse(text).unwrap_err().to_string();
