@@ -1630,3 +1630,73 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
         cp.stop();
     }
 }
+
+/// Retention (issue 20): past `audit.retention.maxRecords` the oldest records are cut, the cut
+/// recorded first, so the trail still verifies from the first record kept; a cut no
+/// `audit.pruned` record accounts for is named.
+#[test]
+fn a_retention_cut_keeps_the_trail_verifiable() {
+    use sidewall_control_plane::audit::PRUNED;
+    use sidewall_control_plane::store::embedded::EmbeddedStore;
+    use sidewall_policies::wire::operator::AuditRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("cp.yaml");
+    std::fs::write(
+        &config,
+        "audit: {checkpointInterval: 1s, retention: {maxRecords: 10}}\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let mut cp = ControlPlaneProcess::start(&data, &["--config", config]);
+    for _ in 0..12 {
+        let run = cp.cli(&[
+            "token",
+            "create",
+            "--identity",
+            "spiffe://sidewall.local/ns/demo/svc/api",
+        ]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    let records = |cp: &ControlPlaneProcess| -> Vec<AuditRecord> {
+        let run = cp.cli(&["audit", "log", "--json"]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        run.stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    support::eventually(30, "the trail to be cut", || {
+        records(&cp).iter().any(|r| r.action == PRUNED)
+    });
+    let kept = records(&cp);
+    let cut = kept.iter().find(|r| r.action == PRUNED).unwrap();
+    let through: u64 = cut.subject.parse().unwrap();
+    assert_eq!(kept[0].seq, through + 1);
+    assert_eq!(kept[0].prev, cut.details["hash"]);
+    assert!(kept.len() <= 10, "{} records kept", kept.len());
+    let run = cp.cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .starts_with(&format!("audit trail intact: records {} to ", through + 1)),
+        "{}",
+        run.stdout
+    );
+    // The cut's own record removed: nothing accounts for the missing start.
+    cp.stop();
+    {
+        let store = EmbeddedStore::open(&data.join("store.redb")).unwrap();
+        store.audit_set_raw(cut.seq, None).unwrap();
+    }
+    cp.restart(&["--config", config]);
+    let run = cp.cli(&["audit", "verify"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.stderr.trim(),
+        format!(
+            "audit trail broken: records 1 to {through} were removed: no audit.pruned record accounts for them"
+        )
+    );
+    cp.stop();
+}

@@ -291,6 +291,10 @@ pub fn verify_checkpoints(
             .subject
             .parse()
             .map_err(|_| bad("its subject is not a record number".into()))?;
+        if covered < first(records) {
+            // It signed records a retention cut removed since.
+            continue;
+        }
         let detail = |name: &str| record.details.get(name).map(String::as_str).unwrap_or("");
         let target = records
             .iter()
@@ -352,6 +356,12 @@ pub enum Broken {
     Altered {
         /// The record.
         seq: u64,
+    },
+    /// The trail's first records are gone and no `audit.pruned` record accounts for them.
+    #[error("records 1 to {to} were removed: no audit.pruned record accounts for them")]
+    Truncated {
+        /// The last one missing.
+        to: u64,
     },
     /// A record is missing from its place.
     #[error("record {seq} was removed: the trail goes from {before} to {after}")]
@@ -423,15 +433,41 @@ impl Broken {
             | Self::BadCheckpoint { seq, .. }
             | Self::Rewritten { seq, .. } => *seq,
             Self::Unsigned { from, .. } => *from,
+            Self::Truncated { .. } => 1,
         }
     }
 }
 
-/// Checks a whole trail, in the order the store holds it: numbers from 1 without gaps, each
-/// record's hash, each link. `Ok` with the number of records.
+/// The action of a retention cut: records up to `subject` were removed on purpose; `hash` is
+/// the last one's, which the first record kept links to.
+pub const PRUNED: &str = "audit.pruned";
+
+/// Where a trail starts: record 1 after [`GENESIS`], or after a retention cut that an
+/// `audit.pruned` record in the trail accounts for (its number and hash are those the first
+/// record kept follows).
+fn start(records: &[AuditRecord]) -> (u64, &str) {
+    let Some(first) = records.first() else {
+        return (1, GENESIS);
+    };
+    let accounted = first.seq > 1
+        && records.iter().any(|r| {
+            r.action == PRUNED
+                && r.subject.parse::<u64>().ok() == Some(first.seq - 1)
+                && r.details.get("hash") == Some(&first.prev)
+        });
+    if accounted {
+        (first.seq, first.prev.as_str())
+    } else {
+        (1, GENESIS)
+    }
+}
+
+/// Checks a whole trail, in the order the store holds it: numbers without gaps from 1 (or from
+/// a retention cut an `audit.pruned` record accounts for), each record's hash, each link. `Ok`
+/// with the number of the last record.
 pub fn verify(records: &[AuditRecord]) -> Result<u64, Broken> {
-    let mut expected = 1;
-    let mut prev = GENESIS;
+    let (mut expected, mut prev) = start(records);
+    let first = expected;
     for (index, record) in records.iter().enumerate() {
         if digest(record) != record.hash {
             return Err(Broken::Altered { seq: record.seq });
@@ -444,6 +480,8 @@ pub fn verify(records: &[AuditRecord]) -> Result<u64, Broken> {
                     seq: expected,
                     found: record.seq,
                 }
+            } else if index == 0 && first == 1 {
+                Broken::Truncated { to: record.seq - 1 }
             } else {
                 Broken::Removed {
                     seq: expected,
@@ -462,6 +500,11 @@ pub fn verify(records: &[AuditRecord]) -> Result<u64, Broken> {
         expected += 1;
     }
     Ok(expected - 1)
+}
+
+/// The first record number of a trail that [`verify`] passed.
+pub fn first(records: &[AuditRecord]) -> u64 {
+    start(records).0
 }
 
 #[cfg(test)]
@@ -527,6 +570,30 @@ mod tests {
         let mut adjacent = trail(5);
         adjacent.swap(3, 4);
         assert_eq!(verify(&adjacent).unwrap_err().seq(), 4);
+    }
+
+    #[test]
+    fn a_retention_cut_verifies_only_where_a_pruned_record_accounts_for_it() {
+        let mut full = trail(5);
+        // A cut through record 2, recorded as record 6.
+        let cut = AuditEvent::new("cp", PRUNED, "2").with("hash", &full[1].hash);
+        let prev = full[4].hash.clone();
+        full.push(cut.chained(6, 1_700_000_006, prev));
+        let kept = full[2..].to_vec();
+        assert_eq!(verify(&kept), Ok(6));
+        assert_eq!(first(&kept), 3);
+        // Without its account, the start is missing.
+        let unaccounted = trail(5)[2..].to_vec();
+        assert_eq!(verify(&unaccounted), Err(Broken::Truncated { to: 2 }));
+        assert_eq!(
+            Broken::Truncated { to: 2 }.to_string(),
+            "records 1 to 2 were removed: no audit.pruned record accounts for them"
+        );
+        // An account that names another hash accounts for nothing.
+        let mut forged = full.clone();
+        forged[5].details.insert("hash".into(), "0".repeat(64));
+        forged[5].hash = digest(&forged[5]);
+        assert_eq!(verify(&forged[2..]), Err(Broken::Truncated { to: 2 }));
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //!   disconnectedRetention: 1h      # a sidecar disconnected this long leaves the fleet view
 //! registrations:
 //!   lease: 30s                     # a registration outlives its sidecar's watch by this; default 30s
+//! audit:                           # the audit trail (docs/audit.md)
+//!   checkpointInterval: 60s        # its head is signed this often when it moved
+//!   retention: {maxRecords: 1000000, maxAge: 400d}   # optional; default: keep everything
 //! detection:                       # alerts (see docs/detection.md); the defaults:
 //!   window: 60s                    # denials and scanned paths are counted within this
 //!   denials: 20                    # more denials of one peer at one target: denial_burst
@@ -211,6 +214,33 @@ struct RegistrationsSection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct AuditSection {
     checkpoint_interval: Option<ConfigDuration>,
+    #[serde(default)]
+    retention: RetentionSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetentionSection {
+    max_records: Option<u64>,
+    max_age: Option<RetentionAge>,
+}
+
+/// `audit.retention.maxAge`: like other durations, but up to ten years (audit trails are kept
+/// for a year or more).
+#[derive(Debug)]
+struct RetentionAge(Duration);
+
+impl<'de> Deserialize<'de> for RetentionAge {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        sidewall_policies::policy::parse_duration_within(&text, Duration::from_secs(3653 * 86_400))
+            .map(RetentionAge)
+            .map_err(|_| {
+                serde::de::Error::custom(format_args!(
+                    "duration {text:?} must be like 24h, 90d or 400d, at most 3653d"
+                ))
+            })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,6 +465,11 @@ pub struct Config {
     /// How often the audit trail's head is signed when records were added since the last
     /// signature (and at shutdown). Default is 60 s, from 1 s to 1 h.
     pub audit_checkpoint_interval: Duration,
+    /// The audit trail keeps at most this many records (the oldest go first). Default: no
+    /// limit; at least 10.
+    pub audit_max_records: Option<u64>,
+    /// The audit trail drops records older than this. Default: no limit; at least 1 h.
+    pub audit_max_age: Option<Duration>,
     /// Where the state lives. Default is the embedded store.
     pub store: StoreConfig,
     /// The key-encryption key that seals the CA's keys in a replicated store (64 hex digits,
@@ -570,6 +605,18 @@ impl Config {
                 "audit.checkpointInterval must be between 1s and 1h".into(),
             ));
         }
+        let audit_max_records = file.audit.retention.max_records;
+        if audit_max_records.is_some_and(|n| n < 10) {
+            return Err(ConfigError::Value(
+                "audit.retention.maxRecords must be at least 10".into(),
+            ));
+        }
+        let audit_max_age = file.audit.retention.max_age.as_ref().map(|d| d.0);
+        if audit_max_age.is_some_and(|d| d < Duration::from_secs(3600)) {
+            return Err(ConfigError::Value(
+                "audit.retention.maxAge must be at least 1h".into(),
+            ));
+        }
         let store = resolve_store(&file, &overrides)?;
         if matches!(store, StoreConfig::Etcd(_)) && !cfg!(feature = "etcd") {
             return Err(ConfigError::EtcdNotBuilt);
@@ -628,6 +675,8 @@ impl Config {
             policies_dir: overrides.policies_dir.or(file.policies_dir),
             registration_lease,
             audit_checkpoint_interval,
+            audit_max_records,
+            audit_max_age,
             plug_in: file.ca.map(|ca| PlugIn {
                 root_cert: ca.root_cert,
                 intermediate_cert: ca.intermediate_cert,
@@ -758,6 +807,10 @@ mod tests {
                 "audit.checkpointInterval must be between 1s and 1h",
             ),
             (
+                "audit: {retention: {maxRecords: 3}}\n",
+                "audit.retention.maxRecords must be at least 10",
+            ),
+            (
                 "audit: {checkpointEvery: 1m}\n",
                 "cp.yaml:1:9: audit: unknown field `checkpointEvery`",
             ),
@@ -767,6 +820,10 @@ mod tests {
             assert!(error.starts_with(expected), "{error}");
         }
         assert!(parse("certificates: {issuancePerMinute: 0}\n").is_err());
+        let audit = parse("audit: {retention: {maxRecords: 1000000, maxAge: 400d}}\n").unwrap();
+        assert_eq!(audit.audit_max_records, Some(1_000_000));
+        assert_eq!(audit.audit_max_age, Some(Duration::from_secs(400 * 86_400)));
+        assert_eq!(audit.audit_checkpoint_interval, Duration::from_secs(60));
     }
 
     #[test]

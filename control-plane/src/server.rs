@@ -517,6 +517,11 @@ async fn sign_audit_trail(
         if let Some(event) = api.refusals.flush(stopping) {
             api.audit(event).await;
         }
+        if let Err(error) = prune_audit_trail(&api, &actor).await {
+            metrics::counter!(crate::metric::AUDIT_FAILURES, "action" => crate::audit::PRUNED)
+                .increment(1);
+            tracing::error!(%error, "the audit trail is not cut to its retention");
+        }
         if !stopping && since.elapsed() < interval {
             continue;
         }
@@ -535,14 +540,10 @@ async fn sign_audit_trail(
     }
 }
 
-/// One look at the trail: signs its head if it moved and the whole trail verifies. The record
-/// signed, if any.
-async fn sign_head(
+/// The whole trail, page by page.
+async fn read_trail(
     api: &Api,
-    actor: &str,
-    certificate: &ServingCertificate,
-    last: Option<&(u64, String)>,
-) -> Result<Option<(u64, String)>, String> {
+) -> Result<Vec<sidewall_policies::wire::operator::AuditRecord>, String> {
     let mut records = Vec::new();
     let mut after = 0;
     loop {
@@ -555,9 +556,68 @@ async fn sign_head(
         after = page.last().map_or(after, |(key, _)| *key);
         records.extend(page.into_iter().map(|(_, record)| record));
         if !full {
-            break;
+            return Ok(records);
         }
     }
+}
+
+/// Cuts the oldest records past `audit.retention` (a trail that verifies only: a cut would hide
+/// a break), recording the cut first as an `audit.pruned` record that names the last record
+/// removed and its hash, so the trail still verifies from the first record kept. It cuts
+/// below the limit by a tenth (at least five records), so that its own record and the next
+/// checkpoint do not cut again.
+async fn prune_audit_trail(api: &Api, actor: &str) -> Result<(), String> {
+    let (max_records, max_age) = (api.config.audit_max_records, api.config.audit_max_age);
+    if max_records.is_none() && max_age.is_none() {
+        return Ok(());
+    }
+    let records = read_trail(api).await?;
+    let mut cut = 0;
+    if let Some(max) = max_records.and_then(|m| usize::try_from(m).ok())
+        && records.len() > max
+    {
+        let keep = max - (max / 10).max(5);
+        cut = records.len() - keep;
+    }
+    if let Some(age) = max_age {
+        let oldest = now_unix() - i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+        cut = cut.max(records.iter().take_while(|r| r.time < oldest).count());
+    }
+    // The newest record always stays: the cut's own record links to it.
+    let cut = cut.min(records.len().saturating_sub(1));
+    let Some(last) = cut.checked_sub(1).and_then(|i| records.get(i)) else {
+        return Ok(());
+    };
+    crate::audit::verify(&records).map_err(|e| format!("it does not verify: {e}"))?;
+    let event = crate::audit::AuditEvent::new(actor, crate::audit::PRUNED, last.seq.to_string())
+        .with("hash", &last.hash)
+        .with("records", cut);
+    api.store
+        .append_audit(event, now_unix())
+        .await
+        .map_err(|e| format!("cannot record the cut: {e}"))?;
+    let removed = api
+        .store
+        .prune_audit(last.seq)
+        .await
+        .map_err(|e| format!("cannot cut it: {e}"))?;
+    tracing::info!(
+        through = last.seq,
+        removed,
+        "audit trail cut to its retention"
+    );
+    Ok(())
+}
+
+/// One look at the trail: signs its head if it moved and the whole trail verifies. The record
+/// signed, if any.
+async fn sign_head(
+    api: &Api,
+    actor: &str,
+    certificate: &ServingCertificate,
+    last: Option<&(u64, String)>,
+) -> Result<Option<(u64, String)>, String> {
+    let records = read_trail(api).await?;
     let Some(head) = records
         .last()
         .filter(|r| r.action != crate::audit::CHECKPOINT)
@@ -571,6 +631,7 @@ async fn sign_head(
         })
         .map_err(|e| format!("it does not verify: {e}"))?;
     if let Some((seq, hash)) = last
+        && *seq >= crate::audit::first(&records)
         && !records.iter().any(|r| r.seq == *seq && r.hash == *hash)
     {
         return Err(format!(

@@ -255,6 +255,9 @@ pub trait Store: Send + Sync + 'static {
     /// the trail is carried over unchanged, breaks included, for `audit verify` to judge).
     /// False when the place is taken.
     fn restore_audit(&self, record: AuditRecord) -> StoreFuture<'_, bool>;
+    /// Removes the audit records numbered up to `through` (a retention cut, which the caller
+    /// has recorded first). The number removed.
+    fn prune_audit(&self, through: u64) -> StoreFuture<'_, u64>;
     /// Stores a new policy version: assigns `version` (last + 1) atomically and returns it.
     fn put_policy_version(&self, record: PolicyVersion) -> StoreFuture<'_, u64>;
     /// One policy version.

@@ -86,7 +86,10 @@ pub(crate) fn run(command: AuditCommand, access: &ControlPlaneAccess) -> ExitCod
                                 if signed.checkpoints == 1 { "" } else { "s" }
                             ),
                         };
-                        println!("audit trail intact: records 1 to {count}, head {head}; {signed}");
+                        let first = audit::first(&records);
+                        println!(
+                            "audit trail intact: records {first} to {count}, head {head}; {signed}"
+                        );
                     }
                     Err(error) => {
                         eprintln!("audit trail broken: {error}");

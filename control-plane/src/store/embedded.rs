@@ -412,6 +412,27 @@ impl Store for EmbeddedStore {
         })
     }
 
+    fn prune_audit(&self, through: u64) -> StoreFuture<'_, u64> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let removed = {
+                let mut table = tx.open_table(AUDIT).map_err(backend)?;
+                let keys: Vec<u64> = table
+                    .range(..=through)
+                    .map_err(backend)?
+                    .map(|entry| entry.map(|(key, _)| key.value()))
+                    .collect::<Result<_, _>>()
+                    .map_err(backend)?;
+                for key in &keys {
+                    table.remove(*key).map_err(backend)?;
+                }
+                keys.len() as u64
+            };
+            tx.commit().map_err(backend)?;
+            Ok(removed)
+        })
+    }
+
     fn restore_audit(&self, record: AuditRecord) -> StoreFuture<'_, bool> {
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(backend)?;

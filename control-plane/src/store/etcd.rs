@@ -477,6 +477,22 @@ impl Store for EtcdStore {
         })
     }
 
+    fn prune_audit(&self, through: u64) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let dir = self.dir("audit");
+            let from = format!("{dir}{:020}", 0);
+            let end = format!("{dir}{:020}", through.saturating_add(1));
+            let options = etcd_client::DeleteOptions::new().with_range(end);
+            let response = self
+                .retried(|mut kv| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { kv.delete(from, Some(options)).await }
+                })
+                .await?;
+            Ok(u64::try_from(response.deleted()).unwrap_or(0))
+        })
+    }
+
     fn restore_audit(&self, record: AuditRecord) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let key = format!("{}{:020}", self.dir("audit"), record.seq);
