@@ -645,3 +645,48 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
     let run = mesh.replicas[0].cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 }
+
+/// Retention on etcd: the cut removes the oldest keys and the trail verifies from the first
+/// record kept.
+#[test]
+fn a_retention_cut_on_etcd_keeps_the_trail_verifiable() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = EtcdCluster::start(&dir.path().join("etcd"), 1, "etcd::retention") else {
+        return;
+    };
+    let kek = kek_file(&dir.path().join("secrets"));
+    let config = dir.path().join("cp.yaml");
+    std::fs::write(
+        &config,
+        "audit: {checkpointInterval: 1s, retention: {maxRecords: 10}}\n",
+    )
+    .unwrap();
+    let store = cluster.store_url();
+    let args = [
+        "--store",
+        store.as_str(),
+        "--ca-kek-file",
+        kek.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &args);
+    for _ in 0..12 {
+        let run = cp.cli(&["token", "create", "--identity", &format!("{TD}/api")]);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    eventually(30, "the trail to be cut", || {
+        cp.cli(&["audit", "log", "--json"])
+            .stdout
+            .contains("\"action\":\"audit.pruned\"")
+    });
+    let run = cp.cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        !run.stdout.starts_with("audit trail intact: records 1 to "),
+        "{}",
+        run.stdout
+    );
+    let log = cp.cli(&["audit", "log", "--json"]);
+    assert!(log.stdout.lines().count() <= 10, "{}", log.stdout);
+}
