@@ -137,6 +137,19 @@ async fn fetch(client: &Client) -> anyhow::Result<Vec<AuditRecord>> {
     }
 }
 
+/// A detail as the table shows it: hashes and signatures (long hex) and certificates (PEM) cut
+/// to their start, on one line (`--json` has them whole).
+fn short(value: &str) -> String {
+    let hex = value.len() >= 32 && value.bytes().all(|b| b.is_ascii_hexdigit());
+    if value.starts_with("-----BEGIN") {
+        "-----BEGIN…".to_owned()
+    } else if hex {
+        format!("{}…", &value[..8])
+    } else {
+        value.replace('\n', " ")
+    }
+}
+
 fn print(records: &[AuditRecord], since: Option<Duration>, json: bool) -> anyhow::Result<()> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -156,7 +169,11 @@ fn print(records: &[AuditRecord], since: Option<Duration>, json: bool) -> anyhow
         "SEQ", "TIME", "ACTION", "ACTOR", "SUBJECT"
     );
     for r in shown {
-        let details: Vec<String> = r.details.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let details: Vec<String> = r
+            .details
+            .iter()
+            .map(|(k, v)| format!("{k}={}", short(v)))
+            .collect();
         println!(
             "{:>5}  {:<20}  {:<24}  {:<46}  {:<20}  {}",
             r.seq,
