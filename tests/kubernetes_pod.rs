@@ -128,6 +128,21 @@ struct Cluster {
     issuer: TestIssuer,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("docker").args(args).output();
+        };
+        if !self.containers.is_empty() {
+            let mut args = vec!["rm", "-f", "-v"];
+            args.extend(self.containers.iter().map(String::as_str));
+            quiet(&args);
+        }
+        quiet(&["network", "rm", &self.network]);
+        quiet(&["rmi", "-f", &self.image]);
+    }
+}
+
 /// A pod as the test runs it: its address and its containers by name.
 struct Pod {
     name: String,
