@@ -1432,20 +1432,12 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
     let mut cp = ControlPlaneProcess::start(&data, &["--config", config]);
     let run = cp.cli(&["operator", "issue", "ana", "--role", "viewer"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    let records = |cp: &ControlPlaneProcess| -> Vec<AuditRecord> {
-        let run = cp.cli(&["audit", "log", "--json"]);
-        assert_eq!(run.code, 0, "{}", run.stderr);
-        run.stdout
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
-    };
     support::eventually(30, "a checkpoint over the operator's issuance", || {
-        records(&cp)
+        audit_records(&cp)
             .iter()
             .any(|r| r.action == CHECKPOINT && r.subject == "3")
     });
-    let signed = records(&cp);
+    let signed = audit_records(&cp);
     let checkpoint = signed.iter().find(|r| r.action == CHECKPOINT).unwrap();
     assert_eq!(
         checkpoint.actor,
@@ -1455,7 +1447,7 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
     // Nothing new, nothing signed: one checkpoint however long it waits.
     #[allow(clippy::disallowed_methods)] // a blocking test waiting on a separate process
     std::thread::sleep(Duration::from_millis(2500));
-    assert_eq!(records(&cp).len(), signed.len());
+    assert_eq!(audit_records(&cp).len(), signed.len());
     let run = cp.cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
@@ -1653,7 +1645,6 @@ fn signed_checkpoints_expose_a_rewritten_or_unsigned_trail() {
 fn a_retention_cut_keeps_the_trail_verifiable() {
     use sidewall_control_plane::audit::PRUNED;
     use sidewall_control_plane::store::embedded::EmbeddedStore;
-    use sidewall_policies::wire::operator::AuditRecord;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("cp.yaml");
@@ -1673,18 +1664,10 @@ fn a_retention_cut_keeps_the_trail_verifiable() {
         ]);
         assert_eq!(run.code, 0, "{}", run.stderr);
     }
-    let records = |cp: &ControlPlaneProcess| -> Vec<AuditRecord> {
-        let run = cp.cli(&["audit", "log", "--json"]);
-        assert_eq!(run.code, 0, "{}", run.stderr);
-        run.stdout
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
-    };
     support::eventually(30, "the trail to be cut", || {
-        records(&cp).iter().any(|r| r.action == PRUNED)
+        audit_records(&cp).iter().any(|r| r.action == PRUNED)
     });
-    let kept = records(&cp);
+    let kept = audit_records(&cp);
     // The changes may have crossed the bound more than once: the newest cut is the start's.
     let cut = kept.iter().rfind(|r| r.action == PRUNED).unwrap();
     let through: u64 = cut.subject.parse().unwrap();
@@ -1715,4 +1698,14 @@ fn a_retention_cut_keeps_the_trail_verifiable() {
         )
     );
     cp.stop();
+}
+
+/// The audit trail as `sidewall audit log --json` prints it.
+fn audit_records(cp: &ControlPlaneProcess) -> Vec<sidewall_policies::wire::operator::AuditRecord> {
+    let run = cp.cli(&["audit", "log", "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    run.stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
 }

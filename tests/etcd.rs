@@ -531,15 +531,7 @@ fn an_embedded_deployment_moves_to_etcd_with_export_and_import_and_the_fleet_car
     // deployment's records first.
     let run = mesh.replicas[0].cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let log = mesh.replicas[0].cli(&["audit", "log", "--json"]);
-    let actions: Vec<String> = log
-        .stdout
-        .lines()
-        .map(|line| {
-            let record: serde_json::Value = serde_json::from_str(line).unwrap();
-            record["action"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let actions = audit_actions(&mesh.replicas[0]);
     let starts: Vec<usize> = (0..actions.len())
         .filter(|i| actions[*i] == "control-plane.started")
         .collect();
@@ -580,15 +572,7 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
         "{}",
         run.stdout
     );
-    let log = mesh.replicas[2].cli(&["audit", "log", "--json"]);
-    let actions: Vec<String> = log
-        .stdout
-        .lines()
-        .map(|line| {
-            let record: serde_json::Value = serde_json::from_str(line).unwrap();
-            record["action"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let actions = audit_actions(&mesh.replicas[2]);
     assert_eq!(
         actions.iter().filter(|a| *a == "policy.applied").count(),
         3,
@@ -689,4 +673,17 @@ fn a_retention_cut_on_etcd_keeps_the_trail_verifiable() {
     );
     let log = cp.cli(&["audit", "log", "--json"]);
     assert!(log.stdout.lines().count() <= 10, "{}", log.stdout);
+}
+
+/// The action of each audit record, oldest first, as `sidewall audit log --json` prints them.
+fn audit_actions(cp: &ControlPlaneProcess) -> Vec<String> {
+    let run = cp.cli(&["audit", "log", "--json"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    run.stdout
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            record["action"].as_str().unwrap().to_owned()
+        })
+        .collect()
 }
