@@ -120,8 +120,9 @@ fn schemathesis(
     let output = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success() && output.contains(" passed") && !output.contains(" failed"),
-        "schemathesis found failures as {tag}:\n{output}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+        "schemathesis found failures as {tag}:\n{output}\n{}\nthe control plane's log:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        std::fs::read_to_string(cp.data_dir.with_extension("log")).unwrap_or_default()
     );
     output
 }
