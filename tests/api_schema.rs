@@ -111,6 +111,10 @@ fn schemathesis(
             "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
         ])
         .args(["--max-examples", "15", "--no-color"]);
+    // The seed a failed run printed replays it.
+    if let Ok(seed) = std::env::var("SIDEWALL_SCHEMATHESIS_SEED") {
+        command.args(["--seed", &seed]);
+    }
     if let Some((chain, key)) = certificate {
         command.args(["--request-cert", chain, "--request-cert-key", key]);
     }
