@@ -8,6 +8,10 @@
 //! - A connection with no request in flight for `limits.idleTimeout` is closed. A snapshot watch
 //!   is a request in flight for as long as it streams, so sidecars keep theirs.
 //! - HTTP/2 keep-alive pings find peers that vanished.
+//! - A connection closes the way RFC 9112 §9.6 asks: TLS close_notify and FIN first, then what
+//!   the client still sends is read and discarded until it closes, for at most [`LINGER`]. A
+//!   client still sending a body that was answered before it was read (a 413) reads the
+//!   answer instead of a reset.
 //! - One source address may hold `limits.unauthenticatedPerSource` connections without a client
 //!   certificate (joining sidecars, `/v1/trust-bundle`); more are closed at once.
 //!
@@ -28,14 +32,18 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::api::{Api, Peer, handle};
 
 /// Interval of HTTP/2 keep-alive pings, and how long a ping may go unanswered.
 const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(30), Duration::from_secs(10));
+
+/// How long a closing connection reads what its client still sends (nginx's `lingering_time`
+/// is 30 s, and 5 s without a byte).
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Connections without a client certificate, per source address.
 #[derive(Default)]
@@ -120,10 +128,31 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The connection's stream, telling [`Activity`] when bytes arrive (HTTP/1.1).
+/// The connection's stream, telling [`Activity`] when bytes arrive (HTTP/1.1), and given back
+/// to [`serve`] when hyper drops it, to be closed by [`linger`].
 struct Watched<S> {
-    stream: S,
+    /// Always `Some` until dropped.
+    stream: Option<S>,
     activity: Option<Arc<Activity>>,
+    back: Option<oneshot::Sender<S>>,
+}
+
+impl<S: Unpin> Watched<S> {
+    fn io(&mut self) -> std::io::Result<Pin<&mut S>> {
+        self.stream
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| std::io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl<S> Drop for Watched<S> {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
+            // `serve` gone too: the stream is dropped, as it would have been.
+            let _ = back.send(stream);
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
@@ -133,7 +162,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let polled = match self.io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(error) => return Poll::Ready(Err(error)),
+        };
         if buf.filled().len() > before
             && let Some(activity) = &self.activity
         {
@@ -149,15 +181,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, data)
+        match self.io() {
+            Ok(io) => io.poll_write(cx, data),
+            Err(error) => Poll::Ready(Err(error)),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        match self.io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(error) => Poll::Ready(Err(error)),
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+        match self.io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(error) => Poll::Ready(Err(error)),
+        }
     }
 
     fn poll_write_vectored(
@@ -165,11 +206,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         cx: &mut Context<'_>,
         data: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, data)
+        match self.io() {
+            Ok(io) => io.poll_write_vectored(cx, data),
+            Err(error) => Poll::Ready(Err(error)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream.as_ref().is_some_and(S::is_write_vectored)
     }
 }
 
@@ -233,9 +277,11 @@ pub(crate) async fn serve<S>(
         head_since: Mutex::new(None),
         changed: Notify::new(),
     });
+    let (back, mut given_back) = oneshot::channel();
     let stream = Watched {
-        stream,
+        stream: Some(stream),
         activity: (!http2).then(|| activity.clone()),
+        back: Some(back),
     };
     let requests = activity.clone();
     let service = service_fn(move |request| {
@@ -268,6 +314,21 @@ pub(crate) async fn serve<S>(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned(),
     );
+    serve_until_done(connection, &activity, remote, first_request, idle).await;
+    // hyper dropped the stream with its connection: close it as clients expect.
+    if let Ok(stream) = given_back.try_recv() {
+        linger(stream).await;
+    }
+}
+
+/// Polls `connection` until it ends or stays without a request for too long.
+async fn serve_until_done(
+    connection: impl std::future::Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+    activity: &Activity,
+    remote: Option<SocketAddr>,
+    first_request: Duration,
+    idle: Duration,
+) {
     tokio::pin!(connection);
     loop {
         let head = *lock(&activity.head_since);
@@ -300,4 +361,17 @@ pub(crate) async fn serve<S>(
             }
         }
     }
+}
+
+/// Closes a connection hyper is done with: TLS close_notify and FIN, then what the client
+/// still sends is discarded until it closes too, for at most [`LINGER`]. Closed with unread
+/// bytes, the connection would be reset by the kernel, and a client still sending would lose
+/// the answer it was sent.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
+    let _ = tokio::time::timeout(LINGER, async {
+        let _ = stream.shutdown().await;
+        let mut discard = vec![0; 16 * 1024];
+        while matches!(stream.read(&mut discard).await, Ok(read) if read > 0) {}
+    })
+    .await;
 }
