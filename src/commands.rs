@@ -10,6 +10,7 @@ pub(crate) mod policy;
 pub(crate) mod policy_remote;
 pub(crate) mod probe;
 pub(crate) mod proxy;
+pub(crate) mod report;
 pub(crate) mod status;
 pub(crate) mod token;
 pub(crate) mod up;

@@ -82,6 +82,11 @@ enum Command {
         #[command(flatten)]
         access: ControlPlaneAccess,
     },
+    /// Write the signed segmentation report for auditors: scope, who may reach whom, what was
+    /// observed and refused, encryption, changes, certificates and the controls each section
+    /// supports, as report.html, report.json, its signature and the signing chain (needs the
+    /// viewer role; docs/compliance.md).
+    Report(commands::report::Args),
 }
 
 fn init_logging(format: LogFormat) {
@@ -125,5 +130,6 @@ fn main() -> ExitCode {
         Command::Operator { command, access } => commands::operator::run(command, &access),
         Command::Audit { command, access } => commands::audit::run(command, &access),
         Command::Ca(command) => commands::ca::run(command),
+        Command::Report(args) => commands::report::run(args),
     }
 }

@@ -1,11 +1,15 @@
-//! The dashboard end to end: the real `sidewall control-plane` binary, a policy set applied with
-//! the CLI, three workloads enrolled with join tokens that register, watch, acknowledge and
-//! report flows (one of them denied) over the mTLS API as sidecars do, and the page loaded in
-//! headless Chromium, which must show the three services and the denied edge.
+//! The dashboard and the segmentation report end to end: the real `sidewall control-plane`
+//! binary, a policy set applied with the CLI, three workloads enrolled with join tokens that
+//! register, watch, acknowledge and report flows (one of them denied) over the mTLS API as
+//! sidecars do, and the pages loaded in headless Chromium: the dashboard must show the three
+//! services and the denied edge; the report must state what the test did, and its signature
+//! must verify with `openssl`.
 //!
-//! Needs Debian's `chromium` (`scripts/test-deps` installs it); without it the test prints
-//! `SKIPPED: chromium not installed` and passes. Set `SIDEWALL_DASHBOARD_SCREENSHOT=<file.png>`
-//! to also save a 1280×900 screenshot of the page.
+//! Needs Debian's `chromium` (`scripts/test-deps` installs it); without it the dashboard test
+//! prints `SKIPPED: chromium not installed` and passes (the report test checks all but the
+//! rendering). Set `SIDEWALL_DASHBOARD_SCREENSHOT=<file.png>` to also save a 1280×900
+//! screenshot of the dashboard; the report's screenshot is always kept, in the test target's
+//! temporary directory (`target/tmp/segmentation-report.png`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)] // test helpers panic to report; blocking waits are fine here
 
@@ -210,5 +214,328 @@ fn chromium_shows_the_three_services_and_the_denied_edge() {
             "no screenshot at {file}"
         );
     }
+    drop(watches);
+}
+
+/// A shell command in `dir`: (success, stdout and stderr).
+fn shell(dir: &std::path::Path, command: &str) -> (bool, String) {
+    let run = std::process::Command::new("sh")
+        .args(["-c", command])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        run.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        ),
+    )
+}
+
+/// A known mesh: two policy versions by two operators (the second adds an audit-mode policy),
+/// three workloads with allowed, denied and audited flows, a revocation. `sidewall report`
+/// states each of those numbers, its signature verifies with `openssl` against the trust
+/// bundle, an edited report.json does not, and Chromium renders the page.
+#[test]
+fn the_signed_report_states_what_the_mesh_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    let ok = |run: &support::Run| assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    ok(&cp.cli(&["operator", "issue", "ana", "--role", "policy"]));
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let first: Vec<&str> = POLICIES.split("---\n").collect();
+    std::fs::write(policies.join("demo.yaml"), first[..2].join("---\n")).unwrap();
+    ok(&cp.cli(&["policy", "apply", policies.to_str().unwrap()]));
+    std::fs::write(policies.join("demo.yaml"), POLICIES).unwrap();
+    ok(&cp.cli(&[
+        "policy",
+        "apply",
+        policies.to_str().unwrap(),
+        "--operator",
+        "ana",
+    ]));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_workloads, watches) = runtime.block_on(feed(&cp));
+    ok(&cp.cli(&["workload", "revoke", &format!("{TD}/retired")]));
+
+    let out = dir.path().join("report");
+    let run = cp.cli(&["report", "--since", "1d", "--out", out.to_str().unwrap()]);
+    ok(&run);
+    assert!(
+        run.stdout
+            .contains("3 workloads, 3 rules in force, 3 denied attempts"),
+        "{}",
+        run.stdout
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let strings = |value: &serde_json::Value, field: &str| -> Vec<String> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[field].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let admin = "spiffe://sidewall.local/sidewall/operator/admin";
+    let ana = "spiffe://sidewall.local/sidewall/operator/ana";
+    assert_eq!(report["generated_by"], admin);
+
+    // 1. Scope: the three workloads, connected, with the version in force applied.
+    let scope = &report["scope"];
+    assert_eq!(scope["trust_domain"], "spiffe://sidewall.local");
+    assert_eq!(scope["control_plane_version"], env!("CARGO_PKG_VERSION"));
+    let identities = strings(&scope["workloads"], "identity");
+    assert_eq!(
+        identities,
+        [
+            format!("{TD}/api"),
+            format!("{TD}/db"),
+            format!("{TD}/frontend")
+        ]
+    );
+    for workload in scope["workloads"].as_array().unwrap() {
+        assert_eq!(workload["connected"], true, "{workload}");
+        assert_eq!(workload["policy_in_force"], true, "{workload}");
+        assert!(workload["certificate_expires_at"].is_string(), "{workload}");
+    }
+    assert_eq!(
+        scope["exceptions"],
+        serde_json::json!([{"kind": "audit_only", "target": format!("{TD}/frontend"),
+            "detail": "an audit-mode policy targets it and no enforce policy does: traffic to it is allowed and only recorded"}])
+    );
+
+    // 2. The matrix: the three rules, with the flows each decided; default deny.
+    let segmentation = &report["segmentation"];
+    assert_eq!(segmentation["default"], "deny");
+    assert_eq!(segmentation["denied_attempts"], 3);
+    let rules: Vec<String> = segmentation["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {} {} ports {} [{}] decided {}",
+                r["policy"].as_str().unwrap(),
+                r["mode"].as_str().unwrap(),
+                r["action"].as_str().unwrap(),
+                r["from"][0].as_str().unwrap().rsplit('/').next().unwrap(),
+                r["ports"].as_str().unwrap(),
+                r["http"].as_str().unwrap(),
+                r["decided"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "api-from-frontend enforce allow frontend ports 8080 [methods GET; paths /v1/orders, /v1/orders/**] decided 12",
+            "db-from-api enforce allow api ports 5432 [] decided 9",
+            "frontend-metrics audit allow monitor ports 9090 [] decided 0",
+        ]
+    );
+
+    // 3. Observed: four flows; the audit rule unused; the denied attempts by pair.
+    let observed = &report["observed"];
+    let flows: Vec<String> = observed["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{}->{}:{} {} allowed {} denied {} would-deny {} by {}",
+                f["source"].as_str().unwrap().rsplit('/').next().unwrap(),
+                f["target"].as_str().unwrap().rsplit('/').next().unwrap(),
+                f["port"],
+                f["request"].as_str().unwrap(),
+                f["allowed"],
+                f["denied"],
+                f["would_deny"],
+                f["rule"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        flows,
+        [
+            "api->db:5432  allowed 9 denied 0 would-deny 0 by db-from-api rule 1",
+            "api->frontend:9090  allowed 0 denied 0 would-deny 2 by default deny",
+            "frontend->api:8080 GET /v1/orders allowed 12 denied 0 would-deny 0 by api-from-frontend rule 1",
+            "frontend->db:5432  allowed 0 denied 3 would-deny 0 by default deny",
+        ]
+    );
+    assert_eq!(
+        observed["unused_allow_rules"],
+        serde_json::json!([{"policy": "frontend-metrics", "rule": 1}])
+    );
+    assert_eq!(
+        observed["denied"],
+        serde_json::json!([{"source": format!("{TD}/frontend"), "target": format!("{TD}/db"), "attempts": 3}])
+    );
+
+    // 4. Every observed flow over mutual TLS; workload certificates of 24 h.
+    let encryption = &report["encryption"];
+    assert_eq!(encryption["mutual_tls"], 12 + 9 + 3 + 2);
+    assert_eq!(encryption["shortest_certificate_hours"], 24);
+    assert_eq!(encryption["longest_certificate_hours"], 24);
+
+    // 5. Two versions by two operators; the trail intact.
+    let changes = &report["changes"];
+    let versions: Vec<String> = changes["policy_versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            format!(
+                "{} {} policies {} rules {} added [{}] in force {}",
+                v["version"],
+                v["applied_by"].as_str().unwrap(),
+                v["policies"],
+                v["rules"],
+                v["added"].as_str().unwrap(),
+                v["in_force"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            // The first version has nothing before it to differ from.
+            format!("1 {admin} policies 2 rules 2 added [] in force false"),
+            format!("2 {ana} policies 3 rules 3 added [frontend-metrics] in force true"),
+        ]
+    );
+    assert_eq!(changes["audit_trail"]["verified"], true, "{changes}");
+    assert!(
+        changes["policy_versions"][1]["set_sha256"]
+            .as_str()
+            .unwrap()
+            .len()
+            == 64
+    );
+
+    // 6. Certificates: two operators and three workloads issued, one identity revoked.
+    let certificates = &report["certificates"];
+    let mut issued: Vec<String> = certificates["issued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["kind"].as_str().unwrap(),
+                c["identity"].as_str().unwrap().rsplit('/').next().unwrap()
+            )
+        })
+        .collect();
+    issued.sort();
+    assert_eq!(
+        issued,
+        [
+            "operator admin",
+            "operator ana",
+            "workload api",
+            "workload db",
+            "workload frontend"
+        ]
+    );
+    assert_eq!(
+        strings(&certificates["revoked"], "value"),
+        [format!("{TD}/retired")]
+    );
+    assert_eq!(strings(&certificates["revoked"], "by"), [admin]);
+    assert_eq!(report["controls"].as_array().unwrap().len(), 6);
+
+    // The signature, with openssl and the trust bundle only; an edited report fails.
+    std::fs::copy(
+        cp.data_dir.join("trust-bundle.pem"),
+        out.join("trust-bundle.pem"),
+    )
+    .unwrap();
+    let verify = "openssl verify -CAfile trust-bundle.pem -untrusted chain.pem chain.pem && \
+                  openssl x509 -in chain.pem -noout -pubkey > control-plane.pub && \
+                  openssl dgst -sha256 -verify control-plane.pub -signature report.json.sig report.json";
+    let (passed, said) = shell(&out, verify);
+    assert!(
+        passed && said.contains("chain.pem: OK") && said.contains("Verified OK"),
+        "{said}"
+    );
+    let text = std::fs::read_to_string(out.join("report.json")).unwrap();
+    let edited = text.replacen("\"denied_attempts\": 3", "\"denied_attempts\": 0", 1);
+    assert_ne!(edited, text);
+    std::fs::write(out.join("report.json"), edited).unwrap();
+    let (passed, said) = shell(&out, verify);
+    assert!(!passed && said.contains("Verification failure"), "{said}");
+    std::fs::write(out.join("report.json"), &text).unwrap();
+
+    // Generating it is itself an audit record.
+    let trail = cp.cli(&["audit", "log", "--json"]);
+    ok(&trail);
+    assert!(
+        trail
+            .stdout
+            .lines()
+            .any(|l| l.contains("\"action\":\"report.signed\"") && l.contains(admin)),
+        "{}",
+        trail.stdout
+    );
+
+    // The page, in headless Chromium: self-contained, every section, the numbers above.
+    if !chromium_installed() {
+        eprintln!("SKIPPED (rendering only): chromium not installed");
+        return;
+    }
+    let page = format!("file://{}", out.join("report.html").display());
+    let work = tempfile::tempdir().unwrap();
+    let dom = chromium(work.path(), &page, &["--dump-dom"]);
+    for (n, title) in [
+        (1, "Scope"),
+        (2, "Segmentation matrix"),
+        (3, "Observed against allowed"),
+        (4, "Encryption in transit"),
+        (5, "Change history"),
+        (6, "Certificates"),
+        (7, "Control mapping"),
+    ] {
+        assert!(
+            dom.contains(&format!("<h2>{n}. {title}</h2>")),
+            "no section {n}:\n{dom}"
+        );
+    }
+    assert!(
+        dom.contains(r#"<strong id="denied-attempts">3</strong>"#),
+        "{dom}"
+    );
+    assert!(
+        dom.contains(r#"<strong id="mutual-tls">26</strong>"#),
+        "{dom}"
+    );
+    assert!(dom.contains(r#"<span class="ok">intact</span>"#), "{dom}");
+    assert!(dom.contains("not a certification"), "{dom}");
+    assert!(dom.matches("<tr><td><code>spiffe://").count() >= 3, "{dom}");
+    let screenshot =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("segmentation-report.png");
+    chromium(
+        work.path(),
+        &page,
+        &[
+            &format!("--screenshot={}", screenshot.display()),
+            "--window-size=1280,2400",
+            "--hide-scrollbars",
+        ],
+    );
+    assert!(
+        std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot at {}",
+        screenshot.display()
+    );
+    eprintln!("the report's screenshot: {}", screenshot.display());
     drop(watches);
 }

@@ -48,6 +48,8 @@ pub struct Api {
     pub kubernetes: Option<crate::attestation::kubernetes::Kubernetes>,
     /// Refused registrations, folded for the audit trail.
     pub refusals: crate::audit::Refusals,
+    /// The control plane's serving certificate and key, which also sign reports.
+    pub certificate: Arc<crate::tls::ServingCertificate>,
 }
 
 impl Api {
@@ -173,6 +175,7 @@ impl From<csr::CsrError> for ApiError {
 pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 mod audit;
+mod reports;
 pub(crate) use audit::PAGE as AUDIT_PAGE;
 pub(crate) mod distribution;
 mod identity;
@@ -374,6 +377,7 @@ async fn dispatch(
         }
         (&Method::GET, "/v1/fleet") => policies::fleet(api, peer).await,
         (&Method::GET, "/v1/audit") => audit::list(api, peer, &request).await,
+        (&Method::POST, "/v1/reports") => reports::create(api, peer, request).await,
         (
             _,
             "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
@@ -439,6 +443,8 @@ pub(crate) fn route(method: &Method, path: &str) -> (&'static str, Access) {
         "/v1/fleet" => ("fleet", Anyone),
         "/v1/audit" if get => ("audit", Operator(Viewer)),
         "/v1/audit" => ("audit", Anyone),
+        "/v1/reports" if post => ("reports", Operator(Viewer)),
+        "/v1/reports" => ("reports", Anyone),
         _ => ("other", Anyone),
     }
 }

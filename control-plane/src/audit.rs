@@ -201,6 +201,12 @@ impl Refusals {
 /// The action of a signed checkpoint.
 pub const CHECKPOINT: &str = "audit.checkpoint";
 
+/// The action of a policy set applied.
+pub const POLICY_APPLIED: &str = "policy.applied";
+
+/// The action of a segmentation report signed ([`crate::report`]).
+pub const REPORT_SIGNED: &str = "report.signed";
+
 /// The bytes a checkpoint signs: the trust domain, the record covered, its hash, the time.
 pub fn checkpoint_message(trust_domain: &str, seq: u64, hash: &str, time: i64) -> Vec<u8> {
     format!("sidewall audit checkpoint v1\n{trust_domain}\n{seq}\n{hash}\n{time}\n").into_bytes()
@@ -215,21 +221,28 @@ pub fn checkpoint(
     time: i64,
     key: &CertifiedKey,
 ) -> Result<AuditEvent, String> {
-    let signer = key
-        .key
-        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
-        .ok_or("the control plane's key is not ECDSA P-256")?;
     let message = checkpoint_message(trust_domain.as_str(), head.seq, &head.hash, time);
-    let signature = signer.sign(&message).map_err(|e| e.to_string())?;
-    let chain: String = key
-        .cert
-        .iter()
-        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
-        .collect();
+    let (signature, chain) = sign(key, &message)?;
     Ok(AuditEvent::new(actor, CHECKPOINT, head.seq.to_string())
         .with("hash", &head.hash)
         .with("signature", crate::random::hex(&signature))
         .with("chain", chain))
+}
+
+/// Signs `message` with `key` (the control plane's serving key): ECDSA P-256 with SHA-256, DER,
+/// and the certificate chain as PEM, leaf first. What `openssl dgst -sha256 -verify` checks.
+pub fn sign(key: &CertifiedKey, message: &[u8]) -> Result<(Vec<u8>, String), String> {
+    let signer = key
+        .key
+        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+        .ok_or("the control plane's key is not ECDSA P-256")?;
+    let signature = signer.sign(message).map_err(|e| e.to_string())?;
+    let chain = key
+        .cert
+        .iter()
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec())))
+        .collect();
+    Ok((signature, chain))
 }
 
 /// What the signed checkpoints of an intact chain cover.
@@ -252,28 +265,7 @@ pub fn verify_checkpoints(
     now: i64,
     unsigned_for: i64,
 ) -> Result<Signed, Broken> {
-    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
-        .filter_map(Result::ok)
-        .collect();
-    let mut bundles = TrustBundles::default();
-    let control_plane = trust_domain
-        .id(crate::tls::CONTROL_PLANE_PATH)
-        .map(|id| id.to_string())
-        .unwrap_or_default();
-    let expected = control_plane.clone();
-    let verifier = bundles.add(trust_domain.clone(), roots).ok().and_then(|_| {
-        let acceptor: sidewall_policies::svid::Acceptor = Arc::new(move |svid| {
-            if svid.id.as_str() == expected {
-                Ok(())
-            } else {
-                Err(SvidError::UnknownTrustDomain(format!(
-                    "{} is not the control plane",
-                    svid.id
-                )))
-            }
-        });
-        SpiffeClientVerifier::new(&bundles, crate::tls::provider(), acceptor, true).ok()
-    });
+    let verifier = SignatureCheck::new(trust_domain, bundle_pem);
     let mut signed = Signed {
         covered: 0,
         at: 0,
@@ -284,9 +276,6 @@ pub fn verify_checkpoints(
             seq: record.seq,
             why,
         };
-        let verifier = verifier
-            .as_ref()
-            .ok_or_else(|| bad("the trust bundle holds no usable root".into()))?;
         let covered: u64 = record
             .subject
             .parse()
@@ -306,27 +295,12 @@ pub fn verify_checkpoints(
                 checkpoint: record.seq,
             });
         }
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(detail("chain").as_bytes())
-                .filter_map(Result::ok)
-                .collect();
-        let Some((leaf, intermediates)) = chain.split_first() else {
-            return Err(bad("it carries no certificate".into()));
-        };
-        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
-            u64::try_from(record.time).unwrap_or(0),
-        ));
-        use rustls::server::danger::ClientCertVerifier as _;
-        verifier
-            .verify_client_cert(leaf, intermediates, at)
-            .map_err(|e| bad(format!("its certificate is not the control plane's: {e}")))?;
         let signature = crate::random::unhex(detail("signature"))
             .ok_or_else(|| bad("its signature is not hex".into()))?;
         let message = checkpoint_message(trust_domain.as_str(), covered, &target.hash, record.time);
-        webpki::EndEntityCert::try_from(leaf)
-            .map_err(|e| bad(format!("its certificate does not parse: {e:?}")))?
-            .verify_signature(webpki::aws_lc_rs::ECDSA_P256_SHA256, &message, &signature)
-            .map_err(|_| bad("its signature does not verify".into()))?;
+        verifier
+            .verify(detail("chain"), &message, &signature, record.time)
+            .map_err(bad)?;
         if covered >= signed.covered {
             signed.covered = covered;
             signed.at = record.time;
@@ -346,6 +320,72 @@ pub fn verify_checkpoints(
         });
     }
     Ok(signed)
+}
+
+/// Checks what the control plane signed ([`sign`]): its certificate chains to the trust
+/// bundle's roots and names the control plane of the trust domain, and the signature verifies.
+pub struct SignatureCheck(Option<SpiffeClientVerifier>);
+
+impl SignatureCheck {
+    /// Against `bundle_pem`, the roots of `trust_domain`.
+    pub fn new(trust_domain: &TrustDomain, bundle_pem: &str) -> Self {
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(bundle_pem.as_bytes())
+                .filter_map(Result::ok)
+                .collect();
+        let mut bundles = TrustBundles::default();
+        let expected = trust_domain
+            .id(crate::tls::CONTROL_PLANE_PATH)
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let verifier = bundles.add(trust_domain.clone(), roots).ok().and_then(|_| {
+            let acceptor: sidewall_policies::svid::Acceptor = Arc::new(move |svid| {
+                if svid.id.as_str() == expected {
+                    Ok(())
+                } else {
+                    Err(SvidError::UnknownTrustDomain(format!(
+                        "{} is not the control plane",
+                        svid.id
+                    )))
+                }
+            });
+            SpiffeClientVerifier::new(&bundles, crate::tls::provider(), acceptor, true).ok()
+        });
+        Self(verifier)
+    }
+
+    /// Whether `signature` (DER) over `message` was made at `time` (Unix seconds) by the key
+    /// of the leaf of `chain_pem`, a control-plane certificate valid then; why not.
+    pub fn verify(
+        &self,
+        chain_pem: &str,
+        message: &[u8],
+        signature: &[u8],
+        time: i64,
+    ) -> Result<(), String> {
+        let verifier = self
+            .0
+            .as_ref()
+            .ok_or("the trust bundle holds no usable root")?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .filter_map(Result::ok)
+                .collect();
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err("it carries no certificate".into());
+        };
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(time).unwrap_or(0),
+        ));
+        use rustls::server::danger::ClientCertVerifier as _;
+        verifier
+            .verify_client_cert(leaf, intermediates, at)
+            .map_err(|e| format!("its certificate is not the control plane's: {e}"))?;
+        webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| format!("its certificate does not parse: {e:?}"))?
+            .verify_signature(webpki::aws_lc_rs::ECDSA_P256_SHA256, message, signature)
+            .map_err(|_| "its signature does not verify".to_owned())
+    }
 }
 
 /// Where the chain breaks first.

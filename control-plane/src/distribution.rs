@@ -30,7 +30,7 @@ pub mod flows;
 pub use fleet::{
     ClaimRefused, IdentityLimits, Pending, RECONNECT_GRACE_SECONDS, ReplicaSummary, SUMMARY_ROWS,
 };
-pub use flows::{MAX_FLOWS, MAX_FLOWS_PER_PEER, MAX_FLOWS_PER_TARGET};
+pub use flows::{MAX_FLOWS, MAX_FLOWS_PER_PEER, MAX_FLOWS_PER_TARGET, decide};
 use sidewall_policies::wire::operator::RevocationKind;
 pub use sidewall_policies::wire::operator::{
     FleetEntry, FlowKey, FlowStats, RefusedAddress, RefusedBecause,
@@ -72,6 +72,9 @@ pub struct Distribution {
     detection: crate::detection::Detector,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
+    /// When this process started distributing, Unix seconds: what it holds in memory (the
+    /// fleet, the flows) covers no earlier time.
+    started: i64,
 }
 
 /// Loads policy files with the same engine as `sidewall policy validate`.
@@ -121,9 +124,15 @@ impl Distribution {
             detection: crate::detection::Detector::new(Default::default()),
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
+            started: crate::now_unix(),
         };
         distribution.put_in_force(loaded, true);
         distribution
+    }
+
+    /// When this process started distributing, Unix seconds.
+    pub fn started(&self) -> i64 {
+        self.started
     }
 
     /// With detection's thresholds and windows from `config` (its baseline starts now).

@@ -40,6 +40,7 @@ pub mod gitops;
 pub mod metric;
 pub mod random;
 pub mod ratelimit;
+pub mod report;
 pub mod server;
 pub mod store;
 #[cfg(feature = "test-util")]

@@ -52,6 +52,8 @@ pub(crate) const STORE_CONFLICTS: &str = "sidewall_control_plane_store_conflicts
 pub(crate) const AUDIT_RECORDS: &str = "sidewall_control_plane_audit_records_total";
 /// Audit records that could not be appended (the change itself stands), by `action`.
 pub(crate) const AUDIT_FAILURES: &str = "sidewall_control_plane_audit_failures_total";
+/// Segmentation reports signed.
+pub(crate) const REPORTS_SIGNED: &str = "sidewall_control_plane_reports_signed_total";
 
 /// Gives every metric its help text; call once the recorder is installed.
 pub fn describe() {
@@ -131,4 +133,5 @@ pub fn describe() {
         AUDIT_FAILURES,
         "Audit records that could not be appended (the change itself stands), by action."
     );
+    describe_counter!(REPORTS_SIGNED, "Segmentation reports signed.");
 }

@@ -134,6 +134,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let api = Arc::new(Api {
         kubernetes,
         refusals: crate::audit::Refusals::default(),
+        certificate: certificate.clone(),
         limiter: RateLimiter::new(config.issuance_per_minute),
         store,
         ca,
@@ -541,7 +542,7 @@ async fn sign_audit_trail(
 }
 
 /// The whole trail, page by page.
-async fn read_trail(
+pub(crate) async fn read_trail(
     api: &Api,
 ) -> Result<Vec<sidewall_policies::wire::operator::AuditRecord>, String> {
     let mut records = Vec::new();

@@ -9,6 +9,7 @@
 //! The operator API's bodies (what the CLI sends and reads) are in [`operator`].
 
 pub mod operator;
+pub mod report;
 
 use serde::{Deserialize, Serialize};
 

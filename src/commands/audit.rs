@@ -46,7 +46,7 @@ pub(crate) enum AuditCommand {
     },
 }
 
-fn parse_age(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_age(text: &str) -> Result<Duration, String> {
     sidewall_policies::policy::parse_duration_within(text, Duration::from_secs(3660 * 86_400))
         .map_err(|e| e.to_string())
 }
@@ -105,7 +105,7 @@ pub(crate) fn run(command: AuditCommand, access: &ControlPlaneAccess) -> ExitCod
 
 /// The trust domain (of the operator credential in use) and its roots, both from the data
 /// directory: what the checkpoints must chain to, whatever the control plane answers.
-fn trust(access: &ControlPlaneAccess) -> anyhow::Result<(TrustDomain, String)> {
+pub(crate) fn trust(access: &ControlPlaneAccess) -> anyhow::Result<(TrustDomain, String)> {
     let bundle_path = bundle_path(&access.data_dir);
     let bundle = std::fs::read_to_string(&bundle_path)
         .with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;

@@ -68,10 +68,14 @@ pub(crate) async fn store_and_apply(
         .await?;
     let summary = (set.policies().len(), set.rule_count());
     api.settle().await;
-    let mut event = AuditEvent::new(applied_by.clone(), "policy.applied", version.to_string())
-        .with("policies", summary.0)
-        .with("rules", summary.1)
-        .with("set_sha256", set_hash(&files_hash));
+    let mut event = AuditEvent::new(
+        applied_by.clone(),
+        crate::audit::POLICY_APPLIED,
+        version.to_string(),
+    )
+    .with("policies", summary.0)
+    .with("rules", summary.1)
+    .with("set_sha256", set_hash(&files_hash));
     if let Some(changes) = changes_since(api, version, &set).await {
         for (kind, names) in changes {
             event = event.with(kind, names);

@@ -288,6 +288,13 @@ impl Distribution {
         }
     }
 
+    /// Whether a sidecar that acknowledged snapshot `applied` has applied policy `version`:
+    /// `None` when this process does not know when that version took effect.
+    pub fn has_applied(&self, version: u64, applied: Option<u64>) -> Option<bool> {
+        let generation = self.read().version_generation.get(&version)?.0;
+        Some(applied.is_some_and(|applied| applied >= generation))
+    }
+
     /// Which sidecars have not yet received and applied what policy `version` changed for
     /// them: `None` if the version is unknown. With a replicated store a disconnected sidecar is
     /// not counted here: it is connected to another replica (which counts it) or down (which the

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sidewall_policies::engine::{Query, Request, Subject};
+use sidewall_policies::engine::{Decision, Query, Request, Subject};
 use sidewall_policies::wire::operator::{FlowKey, FlowStats};
 use sidewall_policies::{Engine, Outcome, Protocol, SpiffeId};
 
@@ -131,34 +131,39 @@ impl Distribution {
         let flows = lock(&self.flows).flows.clone();
         let mut flips = Vec::new();
         for (key, stats) in flows {
-            let count = stats.count;
-            let (Ok(peer), Ok(target)) = (SpiffeId::parse(&key.peer), SpiffeId::parse(&key.target))
+            let (Some(before), Some(after)) = (decide(&current, &key), decide(candidate, &key))
             else {
                 continue;
             };
-            let path = key.path.clone().unwrap_or_else(|| "/".into());
-            let subject = match (&key.method, key.protocol) {
-                (Some(method), Protocol::Http) => Subject::Request(Request {
-                    method,
-                    path: &path,
-                    host: None,
-                }),
-                _ => Subject::Connection(key.protocol),
-            };
-            let query = Query {
-                peer: &peer,
-                target: &target,
-                port: key.port,
-                subject,
-            };
-            let before = current.decide(&query).outcome;
-            let after = candidate.decide(&query).outcome;
-            if before != after {
-                flips.push((key, count, before, after));
+            if before.outcome != after.outcome {
+                flips.push((key, stats.count, before.outcome, after.outcome));
             }
         }
         flips
     }
+}
+
+/// What `engine` decides for an observed flow (an HTTP flow as a request to its path prefix);
+/// `None` when its identities do not parse.
+pub fn decide(engine: &Engine, key: &FlowKey) -> Option<Decision> {
+    let (Ok(peer), Ok(target)) = (SpiffeId::parse(&key.peer), SpiffeId::parse(&key.target)) else {
+        return None;
+    };
+    let path = key.path.clone().unwrap_or_else(|| "/".into());
+    let subject = match (&key.method, key.protocol) {
+        (Some(method), Protocol::Http) => Subject::Request(Request {
+            method,
+            path: &path,
+            host: None,
+        }),
+        _ => Subject::Connection(key.protocol),
+    };
+    Some(engine.decide(&Query {
+        peer: &peer,
+        target: &target,
+        port: key.port,
+        subject,
+    }))
 }
 
 #[cfg(test)]

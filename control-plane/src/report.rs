@@ -1,0 +1,447 @@
+//! The segmentation report (issue 20 part 2; docs/compliance.md): what this control plane knows
+//! of the mesh's segmentation over a period, built from the store (policy history, certificates,
+//! revocations, registrations, the audit trail) and this replica's view (the fleet, the flows
+//! sidecars reported), then signed with the control plane's key like an audit checkpoint.
+
+use std::collections::BTreeMap;
+
+use sidewall_policies::PolicySet;
+use sidewall_policies::policy::{Action, Mode};
+use sidewall_policies::wire::report::{
+    AuditSummary, Certificates, Changes, ControlMapping, Denied, Encryption, Exception,
+    IssuedCertificate, MatrixRow, Observed, ObservedFlow, PolicyChange, Report, RuleName, Scope,
+    Segmentation, Workload,
+};
+
+use crate::api::{Api, OPERATOR_PATH, unix_rfc3339};
+use crate::store::StoreError;
+use sidewall_policies::wire::operator::RevocationKind;
+
+/// The controls each section is evidence for (issue 20; docs/compliance.md says how).
+const CONTROLS: [(u8, &[&str]); 6] = [
+    (
+        1,
+        &[
+            "PCI DSS v4.0 1.2.1",
+            "SOC 2 CC6.1",
+            "NIST SP 800-53 CM-3",
+            "ISO/IEC 27001:2022 A.8.20",
+        ],
+    ),
+    (
+        2,
+        &[
+            "PCI DSS v4.0 1.3.1",
+            "PCI DSS v4.0 1.3.2",
+            "PCI DSS v4.0 1.4.1",
+            "SOC 2 CC6.6",
+            "NIST SP 800-53 AC-4",
+            "NIST SP 800-53 SC-7",
+            "ISO/IEC 27001:2022 A.8.22",
+        ],
+    ),
+    (
+        3,
+        &[
+            "PCI DSS v4.0 10.2",
+            "SOC 2 CC7.2",
+            "NIST SP 800-53 AU-2",
+            "ISO/IEC 27001:2022 A.8.15",
+        ],
+    ),
+    (
+        4,
+        &[
+            "PCI DSS v4.0 4.2.1",
+            "SOC 2 CC6.7",
+            "NIST SP 800-53 SC-8",
+            "NIST SP 800-53 IA-3",
+            "ISO/IEC 27001:2022 A.8.24",
+        ],
+    ),
+    (
+        5,
+        &[
+            "PCI DSS v4.0 10.2",
+            "SOC 2 CC8.1",
+            "NIST SP 800-53 CM-3",
+            "NIST SP 800-53 AU-9",
+            "ISO/IEC 27001:2022 A.8.15",
+        ],
+    ),
+    (
+        6,
+        &[
+            "SOC 2 CC6.1",
+            "NIST SP 800-53 IA-3",
+            "ISO/IEC 27001:2022 A.8.24",
+        ],
+    ),
+];
+
+/// The report over `[since, now]`, asked for by `by`.
+pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<Report, StoreError> {
+    let (version, _, engine, sources) = api.distribution.current();
+    let set = crate::distribution::compile(&sources).unwrap_or_default();
+    let in_period = |t: i64| (since..=now).contains(&t);
+
+    // 3. Each flow seen in the period, with the rule that decides it now.
+    let mut decided: BTreeMap<(String, usize), u64> = BTreeMap::new();
+    let mut denied: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut flows = Vec::new();
+    let mut connections = 0;
+    for (key, stats) in api.distribution.flows() {
+        if !in_period(stats.last_seen) {
+            continue;
+        }
+        connections += stats.count;
+        let decision = crate::distribution::decide(&engine, &key);
+        let name = |r: &sidewall_policies::engine::RuleRef| (r.policy.to_string(), r.rule);
+        let rule = decision.as_ref().and_then(|d| d.reason.as_ref()).map(name);
+        let shadow = decision
+            .as_ref()
+            .and_then(|d| d.shadow.as_ref())
+            .and_then(|s| s.reason.as_ref())
+            .map(name);
+        for reason in [&rule, &shadow].into_iter().flatten() {
+            *decided.entry(reason.clone()).or_default() += stats.count;
+        }
+        if stats.deny > 0 {
+            *denied
+                .entry((key.peer.clone(), key.target.clone()))
+                .or_default() += stats.deny;
+        }
+        let request = match (&key.method, &key.path) {
+            (Some(method), Some(path)) => format!("{method} {path}"),
+            (Some(method), None) => method.clone(),
+            _ => String::new(),
+        };
+        flows.push(ObservedFlow {
+            source: key.peer,
+            target: key.target,
+            port: key.port,
+            protocol: key.protocol.to_string(),
+            request,
+            allowed: stats.allow,
+            denied: stats.deny,
+            would_deny: stats.audit,
+            rule: rule.map_or_else(
+                || "default deny".to_owned(),
+                |(policy, rule)| format!("{policy} rule {rule}"),
+            ),
+            last_seen: unix_rfc3339(stats.last_seen),
+        });
+    }
+
+    // 2. The matrix, from the policies in force.
+    let rules = matrix(&set, &decided);
+    let unused_allow_rules = rules
+        .iter()
+        .filter(|r| r.action == "allow" && r.decided == 0)
+        .map(|r| RuleName {
+            policy: r.policy.clone(),
+            rule: r.rule,
+        })
+        .collect();
+    let denied_attempts = denied.values().sum();
+
+    // 1. Scope.
+    let workloads = workloads(api, version).await?;
+    let exceptions = set
+        .audit_only_targets()
+        .into_iter()
+        .map(|target| Exception {
+            kind: "audit_only".to_owned(),
+            target: target.to_string(),
+            detail: "an audit-mode policy targets it and no enforce policy does: traffic to it is \
+                     allowed and only recorded"
+                .to_owned(),
+        })
+        .collect();
+
+    // 5 and 6, from the store.
+    let trail = crate::server::read_trail(api)
+        .await
+        .map_err(StoreError::unavailable)?;
+    let policy_versions = policy_changes(api, version, &trail, since, now).await?;
+    let audit_trail = audit_summary(api, &trail, since, now);
+    let control_plane = api
+        .ca
+        .trust_domain()
+        .id(crate::tls::CONTROL_PLANE_PATH)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
+    let operator_prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca.trust_domain());
+    let mut issued: Vec<IssuedCertificate> = Vec::new();
+    let mut lifetimes = Vec::new();
+    for certificate in api.store.certificates().await? {
+        if !in_period(certificate.issued_at) {
+            continue;
+        }
+        let kind = if certificate.identity.starts_with(&operator_prefix) {
+            "operator"
+        } else if certificate.identity == control_plane {
+            "control-plane"
+        } else {
+            lifetimes.push(certificate.not_after.saturating_sub(certificate.issued_at) / 3600);
+            "workload"
+        };
+        issued.push(IssuedCertificate {
+            serial: certificate.serial,
+            identity: certificate.identity,
+            kind: kind.to_owned(),
+            issued_at: unix_rfc3339(certificate.issued_at),
+            not_after: unix_rfc3339(certificate.not_after),
+            authenticated_by: certificate.authenticated_by,
+        });
+    }
+    issued.sort_by(|a, b| (&a.issued_at, &a.serial).cmp(&(&b.issued_at, &b.serial)));
+    let mut revoked: Vec<_> = api
+        .store
+        .revocations()
+        .await?
+        .into_iter()
+        .filter(|r| in_period(r.at))
+        .map(|r| sidewall_policies::wire::report::Revoked {
+            kind: match r.kind {
+                RevocationKind::Identity => "identity",
+                RevocationKind::Serial => "serial",
+            }
+            .to_owned(),
+            value: r.value,
+            at: unix_rfc3339(r.at),
+            by: r.by,
+        })
+        .collect();
+    revoked.sort_by(|a, b| (&a.at, &a.value).cmp(&(&b.at, &b.value)));
+    let hours = |h: i64| u64::try_from(h).ok();
+
+    Ok(Report {
+        format: sidewall_policies::wire::report::FORMAT.to_owned(),
+        generated_at: unix_rfc3339(now),
+        generated_by: by.to_owned(),
+        since: unix_rfc3339(since),
+        until: unix_rfc3339(now),
+        scope: Scope {
+            trust_domain: format!("spiffe://{}", api.ca.trust_domain()),
+            control_plane_version: env!("CARGO_PKG_VERSION").to_owned(),
+            replica: api.distribution.replica().to_owned(),
+            policy_version: version,
+            workloads,
+            exceptions,
+        },
+        segmentation: Segmentation {
+            default: "deny".to_owned(),
+            rules,
+            denied_attempts,
+        },
+        observed: Observed {
+            counted_since: unix_rfc3339(since.max(api.distribution.started())),
+            flows,
+            unused_allow_rules,
+            denied: denied
+                .into_iter()
+                .map(|((source, target), attempts)| Denied {
+                    source,
+                    target,
+                    attempts,
+                })
+                .collect(),
+        },
+        encryption: Encryption {
+            mutual_tls: connections,
+            shortest_certificate_hours: lifetimes.iter().min().copied().and_then(hours),
+            longest_certificate_hours: lifetimes.iter().max().copied().and_then(hours),
+        },
+        changes: Changes {
+            policy_versions,
+            audit_trail,
+        },
+        certificates: Certificates { issued, revoked },
+        controls: CONTROLS
+            .iter()
+            .map(|(section, controls)| ControlMapping {
+                section: *section,
+                controls: controls.iter().map(|c| (*c).to_owned()).collect(),
+            })
+            .collect(),
+    })
+}
+
+/// One row per rule in force, with how many observed flows it decided.
+fn matrix(set: &PolicySet, decided: &BTreeMap<(String, usize), u64>) -> Vec<MatrixRow> {
+    let mut rows = Vec::new();
+    for policy in set.policies() {
+        for (index, rule) in policy.rules.iter().enumerate() {
+            let reference = (policy.name.to_string(), index + 1);
+            let ports = rule.ports.as_ref().map_or_else(
+                || "all".to_owned(),
+                |ports| {
+                    ports
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            );
+            let http = rule
+                .http
+                .as_ref()
+                .and_then(|h| serde_json::to_value(h).ok())
+                .map(|h| http_summary(&h))
+                .unwrap_or_default();
+            rows.push(MatrixRow {
+                policy: policy.name.to_string(),
+                rule: index + 1,
+                mode: match policy.mode {
+                    Mode::Enforce => "enforce",
+                    Mode::Audit => "audit",
+                }
+                .to_owned(),
+                action: match rule.action {
+                    Action::Allow => "allow",
+                    Action::Deny => "deny",
+                }
+                .to_owned(),
+                from: rule.from.iter().map(ToString::to_string).collect(),
+                target: policy.target.to_string(),
+                ports,
+                http,
+                decided: decided.get(&reference).copied().unwrap_or(0),
+            });
+        }
+    }
+    rows
+}
+
+/// `methods GET, HEAD; paths /v1/**` from a rule's `http` part as JSON.
+fn http_summary(http: &serde_json::Value) -> String {
+    ["methods", "paths", "hosts"]
+        .iter()
+        .filter_map(|name| {
+            let values: Vec<&str> = http
+                .get(name)?
+                .as_array()?
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            Some(format!("{name} {}", values.join(", ")))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Every workload registered (any replica) or connected (this one).
+async fn workloads(api: &Api, version: u64) -> Result<Vec<Workload>, StoreError> {
+    let fleet = api.distribution.fleet();
+    let mut rows: BTreeMap<(String, String), Workload> = BTreeMap::new();
+    for registration in api.store.registrations().await? {
+        let ports = registration
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect();
+        rows.insert(
+            (registration.identity.clone(), registration.instance.clone()),
+            Workload {
+                identity: registration.identity,
+                instance: registration.instance,
+                ports,
+                connected: false,
+                policy_in_force: None,
+                certificate_expires_at: None,
+            },
+        );
+    }
+    for entry in fleet {
+        let row = rows
+            .entry((entry.identity.clone(), entry.instance.clone()))
+            .or_insert_with(|| Workload {
+                identity: entry.identity.clone(),
+                instance: entry.instance.clone(),
+                ports: Vec::new(),
+                connected: false,
+                policy_in_force: None,
+                certificate_expires_at: None,
+            });
+        row.connected = entry.connected;
+        row.policy_in_force = entry
+            .connected
+            .then(|| api.distribution.has_applied(version, entry.applied))
+            .flatten();
+        row.certificate_expires_at = entry.certificate_expires_at.map(unix_rfc3339);
+    }
+    Ok(rows.into_values().collect())
+}
+
+/// Policy versions applied in the period, with what the audit trail says each changed.
+async fn policy_changes(
+    api: &Api,
+    in_force: u64,
+    trail: &[sidewall_policies::wire::operator::AuditRecord],
+    since: i64,
+    now: i64,
+) -> Result<Vec<PolicyChange>, StoreError> {
+    let mut changes = Vec::new();
+    for version in api.store.policy_versions().await? {
+        if !(since..=now).contains(&version.applied_at) {
+            continue;
+        }
+        let set = crate::distribution::compile(&version.files).ok();
+        let record = trail.iter().rev().find(|r| {
+            r.action == crate::audit::POLICY_APPLIED && r.subject == version.version.to_string()
+        });
+        let detail = |name: &str| {
+            record
+                .and_then(|r| r.details.get(name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        changes.push(PolicyChange {
+            version: version.version,
+            applied_by: version.applied_by,
+            applied_at: unix_rfc3339(version.applied_at),
+            policies: set.as_ref().map_or(0, |s| s.policies().len()),
+            rules: set.as_ref().map_or(0, PolicySet::rule_count),
+            added: detail("added"),
+            removed: detail("removed"),
+            changed: detail("changed"),
+            set_sha256: detail("set_sha256"),
+            in_force: version.version == in_force,
+        });
+    }
+    Ok(changes)
+}
+
+/// The trail's head and whether it verifies (links, hashes, signed checkpoints).
+fn audit_summary(
+    api: &Api,
+    trail: &[sidewall_policies::wire::operator::AuditRecord],
+    since: i64,
+    now: i64,
+) -> AuditSummary {
+    let verified = crate::audit::verify(trail)
+        .map_err(|e| e.to_string())
+        .and_then(|_| {
+            crate::audit::verify_checkpoints(
+                trail,
+                api.ca.trust_domain(),
+                api.ca.trust_bundle_pem(),
+                0,
+                i64::MAX,
+            )
+            .map_err(|e| e.to_string())
+        });
+    let head = trail.last();
+    AuditSummary {
+        records: trail.len() as u64,
+        records_in_period: trail
+            .iter()
+            .filter(|r| (since..=now).contains(&r.time))
+            .count() as u64,
+        head_seq: head.map_or(0, |r| r.seq),
+        head_hash: head.map(|r| r.hash.clone()).unwrap_or_default(),
+        verified: verified.is_ok(),
+        error: verified.err(),
+    }
+}
