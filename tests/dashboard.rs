@@ -65,10 +65,17 @@ async fn feed(
     frontend.register(support::free_port(), "tcp").await;
     api.register(support::free_port(), "http").await;
     db.register(support::free_port(), "tcp").await;
-    let mut watches = Vec::new();
-    for workload in &workloads {
-        watches.push(workload.watch_and_ack().await);
-    }
+    let version = env!("CARGO_PKG_VERSION");
+    let watches = vec![
+        frontend
+            .watch_and_ack_as(
+                json!({"version": version, "permissive_ports": [9090], "egress": ["10.0.0.9:443"]}),
+            )
+            .await,
+        api.watch_and_ack().await,
+        db.watch_and_ack_as(json!({"version": version, "allow_tls12": true}))
+            .await,
+    ];
     api.report_flows(json!([
         {"peer": frontend.identity, "port": 8080, "protocol": "http", "method": "GET", "path": "/v1/orders", "count": 12, "allow": 12},
     ]))
@@ -81,6 +88,20 @@ async fn feed(
     frontend
         .report_flows(json!([{"peer": api.identity, "port": 9090, "count": 2, "audit": 2}]))
         .await;
+    // How connections arrived: handshakes by TLS version and suite, plaintext on 9090.
+    frontend
+        .post(
+            "/v1/flows",
+            json!({"flows": [], "tls": [{"version": "TLSv1_3", "suite": "TLS13_AES_256_GCM_SHA384", "count": 5}],
+                   "plaintext": [{"port": 9090, "count": 4}]}),
+        )
+        .await;
+    db.post(
+        "/v1/flows",
+        json!({"flows": [], "tls": [{"version": "TLSv1_3", "suite": "TLS13_AES_256_GCM_SHA384", "count": 7},
+                                    {"version": "TLSv1_2", "suite": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "count": 1}]}),
+    )
+    .await;
     (workloads, watches)
 }
 
@@ -126,6 +147,10 @@ fn chromium_shows_the_three_services_and_the_denied_edge() {
     assert!(
         dom.contains(r#"<body data-loaded="true">"#),
         "the first fetch never completed:\n{dom}"
+    );
+    assert!(
+        dom.contains(r#"<a id="report-link" class="report-link" href="/report""#),
+        "no link to the segmentation report:\n{dom}"
     );
     for name in ["frontend", "api", "db"] {
         let identity = format!("{TD}/{name}");
@@ -266,6 +291,12 @@ fn the_signed_report_states_what_the_mesh_did() {
     ok(&cp.cli(&["workload", "revoke", &format!("{TD}/retired")]));
 
     let out = dir.path().join("report");
+    let (status, said) = http_get(cp.ui_port, "/report");
+    assert_eq!(
+        status, 404,
+        "the dashboard has no report before one is made: {said}"
+    );
+    assert!(said.contains("sidewall report --out DIR"), "{said}");
     let run = cp.cli(&["report", "--since", "1d", "--out", out.to_str().unwrap()]);
     ok(&run);
     assert!(
@@ -305,11 +336,35 @@ fn the_signed_report_states_what_the_mesh_did() {
         assert_eq!(workload["connected"], true, "{workload}");
         assert_eq!(workload["policy_in_force"], true, "{workload}");
         assert!(workload["certificate_expires_at"].is_string(), "{workload}");
+        assert_eq!(workload["key_type"], "ECDSA P-256", "{workload}");
+        assert_eq!(
+            workload["sidecar_version"],
+            env!("CARGO_PKG_VERSION"),
+            "{workload}"
+        );
     }
+    // Exceptions: the audit-only target, and what the sidecars said they run with.
+    let exceptions: Vec<String> = scope["exceptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}: {}",
+                e["kind"].as_str().unwrap(),
+                e["target"].as_str().unwrap().rsplit('/').next().unwrap(),
+                e["detail"].as_str().unwrap()
+            )
+        })
+        .collect();
     assert_eq!(
-        scope["exceptions"],
-        serde_json::json!([{"kind": "audit_only", "target": format!("{TD}/frontend"),
-            "detail": "an audit-mode policy targets it and no enforce policy does: traffic to it is allowed and only recorded"}])
+        exceptions,
+        [
+            "audit_only frontend: an audit-mode policy targets it and no enforce policy does: traffic to it is allowed and only recorded",
+            "egress frontend: its app may reach 10.0.0.9:443, outside the mesh, in plaintext",
+            "permissive_port frontend: port 9090 accepts plaintext connections, with no identity and no policy (a migration allowance in its sidecar's configuration)",
+            "tls12 db: its sidecar accepts TLS 1.2 as well as TLS 1.3",
+        ]
     );
 
     // 2. The matrix: the three rules, with the flows each decided; default deny.
@@ -385,6 +440,17 @@ fn the_signed_report_states_what_the_mesh_did() {
     assert_eq!(encryption["mutual_tls"], 12 + 9 + 3 + 2);
     assert_eq!(encryption["shortest_certificate_hours"], 24);
     assert_eq!(encryption["longest_certificate_hours"], 24);
+    assert_eq!(
+        encryption["tls"],
+        serde_json::json!([
+            {"version": "TLSv1_2", "suite": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "handshakes": 1},
+            {"version": "TLSv1_3", "suite": "TLS13_AES_256_GCM_SHA384", "handshakes": 12},
+        ])
+    );
+    assert_eq!(
+        encryption["plaintext"],
+        serde_json::json!([{"target": format!("{TD}/frontend"), "port": 9090, "connections": 4}])
+    );
 
     // 5. Two versions by two operators; the trail intact.
     let changes = &report["changes"];
@@ -474,6 +540,14 @@ fn the_signed_report_states_what_the_mesh_did() {
     let (passed, said) = shell(&out, verify);
     assert!(!passed && said.contains("Verification failure"), "{said}");
     std::fs::write(out.join("report.json"), &text).unwrap();
+
+    // The dashboard links the newest report, rendered from the same JSON.
+    let (status, page) = http_get(cp.ui_port, "/report");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        page,
+        std::fs::read_to_string(out.join("report.html")).unwrap()
+    );
 
     // Generating it is itself an audit record.
     let trail = cp.cli(&["audit", "log", "--json"]);

@@ -2546,3 +2546,70 @@ fn each_detection_signal_raises_an_alert_through_real_sidecars() {
         assert!(log.contains(event), "no {event} in the log:\n{log}");
     }
 }
+
+/// The segmentation report from real sidecars: each states its release and its permissive
+/// port in its acks, and reports the TLS version and suite of the handshakes it accepted, so
+/// the report names them; the key type comes from the CSRs the control plane signed.
+#[test]
+fn the_report_states_what_real_sidecars_run_with() {
+    let mut mesh = Mesh::new(&[]);
+    let app = format!(
+        "{{port: 8080, app: 127.0.0.1:{}, permissive: true}}",
+        mesh.app.port
+    );
+    let _api = mesh.sidecar_serving("api", &app);
+    let _web = mesh.sidecar("web");
+    let run = mesh.apply(
+        "v1",
+        &[(
+            "api.yaml",
+            policy("api-access", "terminate", &allow("web", 8080)),
+        )],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        exchange(mesh.route("web"), b"hello").as_deref(),
+        Some(&b"hello"[..])
+    );
+    let out = mesh.path().join("report");
+    // Sidecars report every 5 s.
+    let mut report = serde_json::Value::Null;
+    eventually(20, "a flow report", || {
+        let run = mesh.cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        report["encryption"]["mutual_tls"].as_u64() > Some(0)
+    });
+    for workload in report["scope"]["workloads"].as_array().unwrap() {
+        assert_eq!(
+            workload["sidecar_version"],
+            env!("CARGO_PKG_VERSION"),
+            "{workload}"
+        );
+        assert_eq!(workload["key_type"], "ECDSA P-256", "{workload}");
+        assert_eq!(workload["policy_in_force"], true, "{workload}");
+    }
+    assert_eq!(report["scope"]["workloads"].as_array().unwrap().len(), 2);
+    let exceptions: Vec<String> = report["scope"]["exceptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["kind"].as_str().unwrap(),
+                e["target"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(exceptions, [format!("permissive_port {TD}/api")]);
+    let tls = &report["encryption"]["tls"];
+    assert_eq!(tls.as_array().unwrap().len(), 1, "{tls}");
+    assert_eq!(tls[0]["version"], "TLSv1_3", "{tls}");
+    assert!(
+        tls[0]["suite"].as_str().unwrap().starts_with("TLS13_"),
+        "{tls}"
+    );
+    assert!(tls[0]["handshakes"].as_u64().unwrap() >= 1, "{tls}");
+    assert_eq!(report["encryption"]["plaintext"], serde_json::json!([]));
+}

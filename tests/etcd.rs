@@ -628,6 +628,38 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
     }
     let run = mesh.replicas[0].cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+
+    // A segmentation report from another replica reads the same history and trail from etcd,
+    // and its signing is one more record of the one chain.
+    let out = mesh.path().join("report");
+    let run = mesh.replicas[1].cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let versions: Vec<String> = report["changes"]["policy_versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| format!("{} {}", v["version"], v["in_force"]))
+        .collect();
+    assert_eq!(versions, ["1 false", "2 false", "3 true"], "{report}");
+    let trail = &report["changes"]["audit_trail"];
+    assert_eq!(trail["verified"], true, "{trail}");
+    let log = mesh.replicas[0].cli(&["audit", "log", "--json"]);
+    let records: Vec<serde_json::Value> = log
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The report's own record follows the head it states.
+    let signed = records
+        .iter()
+        .rposition(|r| r["action"] == "report.signed")
+        .expect("a report.signed record");
+    assert_eq!(trail["records"], signed, "{trail}");
+    assert_eq!(trail["head_hash"], records[signed - 1]["hash"], "{trail}");
+    let run = mesh.replicas[2].cli(&["audit", "verify"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 }
 
 /// Retention on etcd: the cut removes the oldest keys and the trail verifies from the first

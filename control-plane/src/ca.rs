@@ -107,6 +107,7 @@ impl Issued {
         &self,
         authenticated_by: &str,
         role: Option<Role>,
+        key: &str,
     ) -> crate::store::CertificateRecord {
         crate::store::CertificateRecord {
             serial: self.serial.clone(),
@@ -118,6 +119,7 @@ impl Issued {
                 .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
             authenticated_by: authenticated_by.to_owned(),
             role,
+            key: Some(key.to_owned()),
         }
     }
 }

@@ -69,6 +69,10 @@ pub struct Distribution {
     watches: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
     next_watch: AtomicU64,
     flows: Mutex<flows::FlowTable>,
+    /// TLS versions and suites, and plaintext accepted, by reporting identity.
+    transport: Mutex<BTreeMap<String, flows::Transport>>,
+    /// The newest segmentation report this process signed, for the dashboard.
+    latest_report: Mutex<Option<Arc<sidewall_policies::wire::report::Report>>>,
     detection: crate::detection::Detector,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
@@ -121,6 +125,8 @@ impl Distribution {
             watches: Mutex::new(HashMap::new()),
             next_watch: AtomicU64::new(0),
             flows: Mutex::new(flows::FlowTable::default()),
+            transport: Mutex::new(BTreeMap::new()),
+            latest_report: Mutex::new(None),
             detection: crate::detection::Detector::new(Default::default()),
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,
@@ -133,6 +139,16 @@ impl Distribution {
     /// When this process started distributing, Unix seconds.
     pub fn started(&self) -> i64 {
         self.started
+    }
+
+    /// Keeps `report`, just signed, as the newest the dashboard links.
+    pub fn set_latest_report(&self, report: sidewall_policies::wire::report::Report) {
+        *lock(&self.latest_report) = Some(Arc::new(report));
+    }
+
+    /// The newest report this process signed, if any.
+    pub fn latest_report(&self) -> Option<Arc<sidewall_policies::wire::report::Report>> {
+        lock(&self.latest_report).clone()
     }
 
     /// With detection's thresholds and windows from `config` (its baseline starts now).

@@ -5,12 +5,15 @@
 
 use std::collections::BTreeMap;
 
+mod html;
+pub use html::html;
+
 use sidewall_policies::PolicySet;
 use sidewall_policies::policy::{Action, Mode};
 use sidewall_policies::wire::report::{
     AuditSummary, Certificates, Changes, ControlMapping, Denied, Encryption, Exception,
-    IssuedCertificate, MatrixRow, Observed, ObservedFlow, PolicyChange, Report, RuleName, Scope,
-    Segmentation, Workload,
+    IssuedCertificate, MatrixRow, Observed, ObservedFlow, PlaintextAccepted, PolicyChange, Report,
+    RuleName, Scope, Segmentation, TlsInUse, Workload,
 };
 
 use crate::api::{Api, OPERATOR_PATH, unix_rfc3339};
@@ -146,8 +149,9 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let denied_attempts = denied.values().sum();
 
     // 1. Scope.
-    let workloads = workloads(api, version).await?;
-    let exceptions = set
+    let certificates = api.store.certificates().await?;
+    let workloads = workloads(api, version, &certificates).await?;
+    let mut exceptions: Vec<Exception> = set
         .audit_only_targets()
         .into_iter()
         .map(|target| Exception {
@@ -158,6 +162,26 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
                 .to_owned(),
         })
         .collect();
+    exceptions.extend(sidecar_exceptions(&api.distribution.fleet()));
+
+    // 4. How connections arrived, from the sidecars' reports in the period.
+    let mut tls: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut plaintext = Vec::new();
+    for (identity, transport) in api.distribution.transport() {
+        if !in_period(transport.last_seen) {
+            continue;
+        }
+        for (key, count) in transport.tls {
+            *tls.entry(key).or_default() += count;
+        }
+        for (port, connections) in transport.plaintext {
+            plaintext.push(PlaintextAccepted {
+                target: identity.clone(),
+                port,
+                connections,
+            });
+        }
+    }
 
     // 5 and 6, from the store.
     let trail = crate::server::read_trail(api)
@@ -174,7 +198,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let operator_prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca.trust_domain());
     let mut issued: Vec<IssuedCertificate> = Vec::new();
     let mut lifetimes = Vec::new();
-    for certificate in api.store.certificates().await? {
+    for certificate in certificates {
         if !in_period(certificate.issued_at) {
             continue;
         }
@@ -193,6 +217,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             issued_at: unix_rfc3339(certificate.issued_at),
             not_after: unix_rfc3339(certificate.not_after),
             authenticated_by: certificate.authenticated_by,
+            key_type: certificate.key,
         });
     }
     issued.sort_by(|a, b| (&a.issued_at, &a.serial).cmp(&(&b.issued_at, &b.serial)));
@@ -250,6 +275,15 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
         },
         encryption: Encryption {
             mutual_tls: connections,
+            tls: tls
+                .into_iter()
+                .map(|((version, suite), handshakes)| TlsInUse {
+                    version,
+                    suite,
+                    handshakes,
+                })
+                .collect(),
+            plaintext,
             shortest_certificate_hours: lifetimes.iter().min().copied().and_then(hours),
             longest_certificate_hours: lifetimes.iter().max().copied().and_then(hours),
         },
@@ -331,9 +365,66 @@ fn http_summary(http: &serde_json::Value) -> String {
         .join("; ")
 }
 
+/// What connected sidecars run with that the matrix does not govern: permissive ports,
+/// egress destinations, TLS 1.2 accepted. One exception per identity and fact.
+fn sidecar_exceptions(fleet: &[sidewall_policies::wire::operator::FleetEntry]) -> Vec<Exception> {
+    let mut found = std::collections::BTreeSet::new();
+    for entry in fleet.iter().filter(|e| e.connected) {
+        let Some(facts) = &entry.sidecar else {
+            continue;
+        };
+        for port in &facts.permissive_ports {
+            found.insert((
+                "permissive_port",
+                entry.identity.clone(),
+                format!(
+                    "port {port} accepts plaintext connections, with no identity and no policy \
+                     (a migration allowance in its sidecar's configuration)"
+                ),
+            ));
+        }
+        for destination in &facts.egress {
+            found.insert((
+                "egress",
+                entry.identity.clone(),
+                format!("its app may reach {destination}, outside the mesh, in plaintext"),
+            ));
+        }
+        if facts.allow_tls12 {
+            found.insert((
+                "tls12",
+                entry.identity.clone(),
+                "its sidecar accepts TLS 1.2 as well as TLS 1.3".to_owned(),
+            ));
+        }
+    }
+    found
+        .into_iter()
+        .map(|(kind, target, detail)| Exception {
+            kind: kind.to_owned(),
+            target,
+            detail,
+        })
+        .collect()
+}
+
 /// Every workload registered (any replica) or connected (this one).
-async fn workloads(api: &Api, version: u64) -> Result<Vec<Workload>, StoreError> {
+async fn workloads(
+    api: &Api,
+    version: u64,
+    certificates: &[crate::store::CertificateRecord],
+) -> Result<Vec<Workload>, StoreError> {
     let fleet = api.distribution.fleet();
+    let mut keys: BTreeMap<&str, (i64, Option<&String>)> = BTreeMap::new();
+    for certificate in certificates {
+        let newest = keys
+            .entry(certificate.identity.as_str())
+            .or_insert((i64::MIN, None));
+        if certificate.issued_at >= newest.0 {
+            *newest = (certificate.issued_at, certificate.key.as_ref());
+        }
+    }
+    let key_of = |identity: &str| keys.get(identity).and_then(|k| k.1.cloned());
     let mut rows: BTreeMap<(String, String), Workload> = BTreeMap::new();
     for registration in api.store.registrations().await? {
         let ports = registration
@@ -350,6 +441,8 @@ async fn workloads(api: &Api, version: u64) -> Result<Vec<Workload>, StoreError>
                 connected: false,
                 policy_in_force: None,
                 certificate_expires_at: None,
+                key_type: None,
+                sidecar_version: None,
             },
         );
     }
@@ -363,6 +456,8 @@ async fn workloads(api: &Api, version: u64) -> Result<Vec<Workload>, StoreError>
                 connected: false,
                 policy_in_force: None,
                 certificate_expires_at: None,
+                key_type: None,
+                sidecar_version: None,
             });
         row.connected = entry.connected;
         row.policy_in_force = entry
@@ -370,8 +465,13 @@ async fn workloads(api: &Api, version: u64) -> Result<Vec<Workload>, StoreError>
             .then(|| api.distribution.has_applied(version, entry.applied))
             .flatten();
         row.certificate_expires_at = entry.certificate_expires_at.map(unix_rfc3339);
+        row.sidecar_version = entry.sidecar.as_ref().map(|s| s.version.clone());
     }
-    Ok(rows.into_values().collect())
+    let mut rows: Vec<Workload> = rows.into_values().collect();
+    for row in &mut rows {
+        row.key_type = key_of(&row.identity);
+    }
+    Ok(rows)
 }
 
 /// Policy versions applied in the period, with what the audit trail says each changed.

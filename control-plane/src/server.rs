@@ -248,7 +248,7 @@ async fn ensure_operator(
         Role::Admin,
     )?;
     store
-        .put_certificate(issued.record("control-plane", Some(Role::Admin)))
+        .put_certificate(issued.record("control-plane", Some(Role::Admin), "ECDSA P-256"))
         .await?;
     let event = crate::audit::AuditEvent::new("control-plane", "operator.issued", id.as_str())
         .with("role", Role::Admin)

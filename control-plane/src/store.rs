@@ -183,6 +183,10 @@ pub struct CertificateRecord {
     /// An operator certificate's role (the certificate carries it too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
+    /// The key's type (`ECDSA P-256`, `RSA`…), from the request; absent in records written
+    /// before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A revoked identity or serial.

@@ -222,11 +222,19 @@ impl Workload {
     /// the certificate's expiry, as a sidecar does. Call it once every registration is in, so
     /// that no later change makes a newer snapshot this one never acknowledges.
     pub async fn watch_and_ack(&self) -> Watch {
+        self.watch_and_ack_as(serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
+            .await
+    }
+
+    /// [`Self::watch_and_ack`], the ack saying the sidecar runs with `sidecar`
+    /// ([`sidewall_policies::wire::SidecarFacts`] as JSON).
+    pub async fn watch_and_ack_as(&self, sidecar: serde_json::Value) -> Watch {
         let stream = watch(&self.client, &self.instance()).await;
         self.post(
             "/v1/acks",
             serde_json::json!({"instance": self.instance(), "version": stream.snapshot["version"],
-                               "status": "applied", "certificate_expires_at": self.expires_at}),
+                               "status": "applied", "certificate_expires_at": self.expires_at,
+                               "sidecar": sidecar}),
         )
         .await;
         stream

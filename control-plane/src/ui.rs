@@ -9,6 +9,7 @@
 //! | `GET /api/fleet` | [`Fleet`](sidewall_policies::wire::operator::Fleet), as `GET /v1/fleet` |
 //! | `GET /api/policies` | the policy set in force ([`policies`]) |
 //! | `GET /api/alerts` | [`Alerts`]: what detection raised recently |
+//! | `GET /report` | the newest segmentation report this process signed, as its page |
 //!
 //! Anything else is `404`. The dashboard sees only the [`Distribution`] state (never the
 //! store, the CA or the API), so no token, key or certificate can reach its answers. It shows
@@ -49,6 +50,10 @@ const STYLE_CSS: &str = include_str!("ui/style.css");
 /// The page loads only its own script, style sheet and JSON; nothing inline, nothing remote.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// The report's page: its own inline style, nothing else.
+const REPORT_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
 
 /// What the dashboard serves from: the distribution state and the names it may be called by.
 pub struct Dashboard {
@@ -93,6 +98,25 @@ impl Dashboard {
             "/api/alerts" => json(&Alerts {
                 alerts: distribution.alerts(),
             }),
+            "/report" => match distribution.latest_report() {
+                Some(report) => {
+                    let mut response = with_headers(
+                        Response::new(Full::new(Bytes::from(crate::report::html(&report)))),
+                        "text/html; charset=utf-8",
+                    );
+                    // The report's page carries its style inline.
+                    response.headers_mut().insert(
+                        header::CONTENT_SECURITY_POLICY,
+                        HeaderValue::from_static(REPORT_POLICY),
+                    );
+                    response
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "No segmentation report was made since this control plane started: \
+                     `sidewall report --out DIR` makes one (docs/compliance.md).\n",
+                ),
+            },
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }

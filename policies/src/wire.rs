@@ -116,6 +116,52 @@ pub struct Ack {
     /// When the sidecar's certificate expires, Unix seconds.
     #[serde(default)]
     pub certificate_expires_at: Option<i64>,
+    /// What the sidecar runs with (a sidecar of an older release sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarFacts>,
+}
+
+/// What a sidecar runs with, as it says in each ack: for the fleet view and the segmentation
+/// report's scope, exceptions and encryption sections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarFacts {
+    /// Its release (`0.1.0`).
+    pub version: String,
+    /// The ports where it accepts plaintext from outside the mesh (`permissive`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissive_ports: Vec<u16>,
+    /// The destinations outside the mesh its app may reach (`outbound.egress`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<String>,
+    /// Whether it accepts TLS 1.2 from peers (`tls.allowTls12`); TLS 1.3 only otherwise.
+    #[serde(default)]
+    pub allow_tls12: bool,
+}
+
+impl SidecarFacts {
+    /// Most entries in a list, and longest text, the control plane takes.
+    pub const MAX_ENTRIES: usize = 256;
+    /// See [`Self::MAX_ENTRIES`].
+    pub const MAX_TEXT: usize = 64;
+
+    /// Why the control plane would not keep these facts, if it would not.
+    pub fn invalid(&self) -> Option<String> {
+        let long = |text: &String| text.chars().count() > Self::MAX_TEXT;
+        if long(&self.version) {
+            return Some(format!("version over {} characters", Self::MAX_TEXT));
+        }
+        if self.permissive_ports.len() > Self::MAX_ENTRIES || self.egress.len() > Self::MAX_ENTRIES
+        {
+            return Some(format!(
+                "more than {} ports or egress entries",
+                Self::MAX_ENTRIES
+            ));
+        }
+        self.egress
+            .iter()
+            .any(long)
+            .then(|| format!("an egress entry over {} characters", Self::MAX_TEXT))
+    }
 }
 
 /// `POST /v1/flows`: decision counts a sidecar observed since its last report.
@@ -127,6 +173,42 @@ pub struct FlowReport {
     /// an older release sends none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refusals: Vec<RefusalRecord>,
+    /// Authenticated inbound TLS handshakes, by protocol version and cipher suite.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsUse>,
+    /// Plaintext connections accepted on permissive ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plaintext: Vec<PlaintextUse>,
+}
+
+impl FlowReport {
+    /// Whether there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+            && self.refusals.is_empty()
+            && self.tls.is_empty()
+            && self.plaintext.is_empty()
+    }
+}
+
+/// Handshakes of one TLS version and cipher suite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsUse {
+    /// `TLSv1_3` or `TLSv1_2`.
+    pub version: String,
+    /// The IANA name (`TLS13_AES_256_GCM_SHA384`).
+    pub suite: String,
+    /// Handshakes.
+    pub count: u64,
+}
+
+/// Plaintext connections accepted on one permissive port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaintextUse {
+    /// The service port.
+    pub port: u16,
+    /// Connections.
+    pub count: u64,
 }
 
 /// Why a connection was refused before its identity was authorized, as detection sees it.
@@ -313,9 +395,21 @@ mod tests {
                 status,
                 reason: Some("why".into()),
                 certificate_expires_at: Some(1),
+                sidecar: Some(SidecarFacts {
+                    version: "0.1.0".into(),
+                    permissive_ports: vec![8080],
+                    egress: vec!["10.0.0.1:443".into()],
+                    allow_tls12: true,
+                }),
             });
         }
         round_trip(&FlowReport {
+            tls: vec![TlsUse {
+                version: "TLSv1_3".into(),
+                suite: "TLS13_AES_256_GCM_SHA384".into(),
+                count: 2,
+            }],
+            plaintext: vec![PlaintextUse { port: 80, count: 1 }],
             flows: vec![FlowRecord {
                 peer: "spiffe://sidewall.local/web".into(),
                 port: 8080,

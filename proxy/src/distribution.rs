@@ -457,24 +457,50 @@ async fn ack(
         },
         reason: rejection,
         certificate_expires_at: Some(credential.svid.not_after),
+        sidecar: Some(facts(context)),
     };
     if let Err(error) = post(sender, "/v1/acks", &body).await {
         tracing::warn!(%error, "ack not delivered");
     }
 }
 
+/// What this sidecar runs with, for the control plane's fleet view and reports.
+fn facts(context: &Context) -> wire::SidecarFacts {
+    let config = &context.config;
+    wire::SidecarFacts {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        permissive_ports: config
+            .inbound
+            .ports
+            .iter()
+            .filter(|p| p.permissive)
+            .map(|p| p.port)
+            .take(wire::SidecarFacts::MAX_ENTRIES)
+            .collect(),
+        egress: config
+            .outbound
+            .egress
+            .iter()
+            .take(wire::SidecarFacts::MAX_ENTRIES)
+            .cloned()
+            .collect(),
+        allow_tls12: config.tls.allow_tls12,
+    }
+}
+
 async fn report_flows(context: &Context, sender: &mut Sender) {
-    let wire::FlowReport {
-        mut flows,
-        mut refusals,
-    } = context.flows.take_report();
+    let mut report = context.flows.take_report();
     // In bodies the control plane accepts: one too large would be refused whole, with every
-    // peer's flows in it. The refusals go with the first.
-    while !flows.is_empty() || !refusals.is_empty() {
-        let rest = flows.split_off(flows.len().min(FLOWS_PER_BODY));
+    // peer's flows in it. The rest goes with the first.
+    while !report.is_empty() {
+        let rest = report
+            .flows
+            .split_off(report.flows.len().min(FLOWS_PER_BODY));
         let body = wire::FlowReport {
-            flows: std::mem::replace(&mut flows, rest),
-            refusals: std::mem::take(&mut refusals),
+            flows: std::mem::replace(&mut report.flows, rest),
+            refusals: std::mem::take(&mut report.refusals),
+            tls: std::mem::take(&mut report.tls),
+            plaintext: std::mem::take(&mut report.plaintext),
         };
         match post(sender, "/v1/flows", &body).await {
             Ok((200, _)) => {}

@@ -39,6 +39,10 @@ struct FlowTable {
     /// Distinct flows per peer in `flows`.
     per_peer: HashMap<String, usize>,
     refusals: HashMap<(wire::RefusalReason, String), u64>,
+    /// Authenticated handshakes by TLS version and cipher suite (a handful of pairs).
+    tls: HashMap<(&'static str, &'static str), u64>,
+    /// Plaintext connections accepted, by permissive port.
+    plaintext: HashMap<u16, u64>,
 }
 
 /// The first two segments of a normalized path (`/v1/orders/7/items` → `/v1/orders`), so
@@ -122,6 +126,18 @@ impl Flows {
         *table.refusals.entry(key).or_default() += 1;
     }
 
+    /// Counts an authenticated inbound TLS handshake.
+    pub fn handshake(&self, version: &'static str, suite: &'static str) {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *table.tls.entry((version, suite)).or_default() += 1;
+    }
+
+    /// Counts a plaintext connection accepted on permissive `port`.
+    pub fn plaintext(&self, port: u16) {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *table.plaintext.entry(port).or_default() += 1;
+    }
+
     /// Everything counted since the last call, as a flow report (records the control plane
     /// would not keep already left out), and a fresh table.
     pub fn take_report(&self) -> wire::FlowReport {
@@ -154,6 +170,25 @@ impl Flows {
             )
             .filter_map(wire::FlowRecord::sanitized)
             .collect();
-        wire::FlowReport { flows, refusals }
+        let tls = taken
+            .tls
+            .into_iter()
+            .map(|((version, suite), count)| wire::TlsUse {
+                version: version.to_owned(),
+                suite: suite.to_owned(),
+                count,
+            })
+            .collect();
+        let plaintext = taken
+            .plaintext
+            .into_iter()
+            .map(|(port, count)| wire::PlaintextUse { port, count })
+            .collect();
+        wire::FlowReport {
+            flows,
+            refusals,
+            tls,
+            plaintext,
+        }
     }
 }

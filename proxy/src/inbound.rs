@@ -81,7 +81,21 @@ async fn handle(
     if !starts_with_tls(&stream, timeout).await {
         return plaintext(context, stream, remote, redirected_port, pending).await;
     }
-    match handshake(&tls, stream, timeout).await {
+    let handshake = handshake(&tls, stream, timeout).await;
+    if let Ok((stream, _)) = &handshake {
+        let connection = stream.get_ref().1;
+        context.flows.handshake(
+            connection
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown"),
+            connection
+                .negotiated_cipher_suite()
+                .and_then(|s| s.suite().as_str())
+                .unwrap_or("unknown"),
+        );
+    }
+    match handshake {
         // Authenticated: out of the handshake budget, into the inbound one (a shared
         // connection decides that itself, see `mux::serve`).
         Ok((_, Some(_))) if !pending.authenticated(context) => {}
@@ -253,6 +267,7 @@ async fn plaintext(
     };
     metrics::counter!(crate::metric::PLAINTEXT_ACCEPTED, "port" => entry.port.to_string())
         .increment(1);
+    context.flows.plaintext(entry.port);
     tracing::info!(%remote, port = entry.port, "plaintext accepted on a permissive port (no identity, no policy)");
     if entry.protocol == sidewall_policies::Protocol::Http {
         // Unauthenticated: it holds a handshake slot until its first request is in.

@@ -513,6 +513,12 @@ pub(super) async fn ack(
     // The body first, as for registrations.
     let body: wire::Ack = read_json(api, request).await?;
     let identity = claimed(api, peer, &body.instance)?;
+    if let Some(why) = body.sidecar.as_ref().and_then(wire::SidecarFacts::invalid) {
+        return Err(ApiError::bad_request(
+            "sidecar_facts_invalid",
+            format!("sidecar: {why}"),
+        ));
+    }
     let rejection = match body.status {
         AckStatus::Unknown => {
             return Err(ApiError::bad_request(
@@ -538,6 +544,7 @@ pub(super) async fn ack(
         body.version.counter,
         rejection,
         body.certificate_expires_at,
+        body.sidecar,
     );
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
 }
@@ -591,6 +598,8 @@ pub(super) async fn flows(
         })
         .collect();
     api.distribution.report_refusals(&identity, &refusals);
+    api.distribution
+        .report_transport(identity.as_str(), &body.tls, &body.plaintext);
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
 }
 

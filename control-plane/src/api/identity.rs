@@ -72,7 +72,7 @@ pub(super) async fn certificates(
         let issued = issue(
             api,
             &identity,
-            &key.spki,
+            &key,
             api.config.workload_lifetime,
             &format!(
                 "serviceaccount:{}/{}{}",
@@ -144,7 +144,7 @@ pub(super) async fn certificates(
     let issued = issue(
         api,
         &identity,
-        &key.spki,
+        &key,
         api.config.workload_lifetime,
         &authenticated_by,
         None,
@@ -198,14 +198,14 @@ fn limit(api: &Api, identity: &SpiffeId) -> Result<(), ApiError> {
 pub(super) async fn issue(
     api: &Api,
     identity: &SpiffeId,
-    spki: &[u8],
+    key: &crate::ca::csr::RequestedKey,
     lifetime: Duration,
     authenticated_by: &str,
     role: Option<Role>,
 ) -> Result<Issued, ApiError> {
     let issued = match role {
-        Some(role) => api.ca.issue_operator(identity, spki, lifetime, role),
-        None => api.ca.issue(identity, spki, lifetime),
+        Some(role) => api.ca.issue_operator(identity, &key.spki, lifetime, role),
+        None => api.ca.issue(identity, &key.spki, lifetime),
     };
     let issued = issued.map_err(|e| {
         // Every check on the key has passed: a signer that still fails is this server's
@@ -218,7 +218,7 @@ pub(super) async fn issue(
         )
     })?;
     api.store
-        .put_certificate(issued.record(authenticated_by, role))
+        .put_certificate(issued.record(authenticated_by, role, key.kind))
         .await?;
     let kind = if role.is_some() {
         "operator"

@@ -55,7 +55,7 @@ pub(super) async fn issue(
     let issued = issue_certificate(
         api,
         &identity,
-        &key.spki,
+        &key,
         api.config.operator_lifetime,
         &format!("operator:{operator}"),
         Some(body.role),

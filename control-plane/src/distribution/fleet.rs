@@ -192,6 +192,7 @@ impl Distribution {
                 addresses_refused: Vec::new(),
                 keepalive: None,
                 stale: false,
+                sidecar: None,
                 processed: 0,
             });
         update(entry);
@@ -207,6 +208,7 @@ impl Distribution {
         counter: u64,
         rejection: Option<String>,
         expires_at: Option<i64>,
+        sidecar: Option<sidewall_policies::wire::SidecarFacts>,
     ) {
         let mut newly_applied = false;
         self.fleet_update(instance, |entry| {
@@ -214,6 +216,9 @@ impl Distribution {
             entry.last_ack_at = Some(now_unix());
             if expires_at.is_some() {
                 entry.certificate_expires_at = expires_at;
+            }
+            if sidecar.is_some() {
+                entry.sidecar = sidecar;
             }
             match rejection {
                 None => {

@@ -18,6 +18,23 @@ pub const MAX_FLOWS_PER_TARGET: usize = 2_000;
 /// Distinct flows kept for one peer of one target.
 pub const MAX_FLOWS_PER_PEER: usize = 500;
 
+/// Most reporting identities whose transport counts are kept.
+const MAX_TRANSPORT_IDENTITIES: usize = 10_000;
+/// Most TLS (version, suite) pairs and plaintext ports kept per identity.
+const MAX_TRANSPORT_ENTRIES: usize = 64;
+
+/// How connections reached one identity's sidecar: TLS handshakes by version and suite, and
+/// plaintext accepted on its permissive ports, counted since this process started.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// Handshakes by (version, cipher suite).
+    pub tls: BTreeMap<(String, String), u64>,
+    /// Plaintext connections by port.
+    pub plaintext: BTreeMap<u16, u64>,
+    /// When last reported, Unix seconds.
+    pub last_seen: i64,
+}
+
 /// The observed flows, with how many each reporter and each (peer, reporter) pair holds.
 #[derive(Default)]
 pub(super) struct FlowTable {
@@ -122,6 +139,51 @@ impl Distribution {
             .dropped
             .iter()
             .map(|(reason, count)| ((*reason).to_owned(), *count))
+            .collect()
+    }
+
+    /// Adds what `identity`'s sidecar reported of its connections' transport, within bounds
+    /// (entries over them, or with names over 64 characters, are not kept).
+    pub fn report_transport(
+        &self,
+        identity: &str,
+        tls: &[sidewall_policies::wire::TlsUse],
+        plaintext: &[sidewall_policies::wire::PlaintextUse],
+    ) {
+        if tls.is_empty() && plaintext.is_empty() {
+            return;
+        }
+        let mut table = lock(&self.transport);
+        if table.len() >= MAX_TRANSPORT_IDENTITIES && !table.contains_key(identity) {
+            metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => "transport_full")
+                .increment(1);
+            return;
+        }
+        let entry = table.entry(identity.to_owned()).or_default();
+        entry.last_seen = now_unix();
+        for used in tls {
+            let key = (used.version.clone(), used.suite.clone());
+            let fits = key.0.len() <= 64
+                && key.1.len() <= 64
+                && (entry.tls.len() < MAX_TRANSPORT_ENTRIES || entry.tls.contains_key(&key));
+            if fits {
+                *entry.tls.entry(key).or_default() += used.count;
+            }
+        }
+        for used in plaintext {
+            if entry.plaintext.len() < MAX_TRANSPORT_ENTRIES
+                || entry.plaintext.contains_key(&used.port)
+            {
+                *entry.plaintext.entry(used.port).or_default() += used.count;
+            }
+        }
+    }
+
+    /// Every identity's transport counts.
+    pub fn transport(&self) -> Vec<(String, Transport)> {
+        lock(&self.transport)
+            .iter()
+            .map(|(identity, counts)| (identity.clone(), counts.clone()))
             .collect()
     }
 

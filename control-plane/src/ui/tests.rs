@@ -72,6 +72,7 @@ fn flows_fold_over_methods_and_peers_become_nodes() {
         addresses_refused: Vec::new(),
         keepalive: None,
         stale: false,
+        sidecar: None,
         processed: 0,
     }];
     let graph = graph(&flows, &fleet, &registrations);

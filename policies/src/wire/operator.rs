@@ -281,6 +281,9 @@ pub struct FleetEntry {
     /// Computed when the fleet is read.
     #[serde(default)]
     pub stale: bool,
+    /// What it runs with, as its last ack said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<super::SidecarFacts>,
     /// The last generation its stream has processed: the control plane's own bookkeeping,
     /// never on the wire.
     #[serde(skip)]
@@ -686,6 +689,7 @@ mod tests {
             }],
             keepalive: Some(15),
             stale: true,
+            sidecar: Some(super::super::SidecarFacts::default()),
             processed: 0,
         }
     }

@@ -89,12 +89,18 @@ pub struct Workload {
     pub policy_in_force: Option<bool>,
     /// When its certificate expires, as its sidecar reported.
     pub certificate_expires_at: Option<String>,
+    /// The type of the key of the newest certificate issued to its identity (`ECDSA P-256`).
+    pub key_type: Option<String>,
+    /// Its sidecar's release, as the sidecar reported.
+    pub sidecar_version: Option<String>,
 }
 
-/// A target that is not enforced as the matrix reads.
+/// Something the matrix does not govern as it reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exception {
-    /// `audit_only`.
+    /// `audit_only` (a target whose policies only record), `permissive_port` (a port that
+    /// accepts plaintext), `egress` (a destination outside the mesh an app may reach),
+    /// `tls12` (a sidecar that accepts TLS 1.2).
     pub kind: String,
     /// The target (an identity or a pattern).
     pub target: String,
@@ -200,10 +206,36 @@ pub struct Denied {
 pub struct Encryption {
     /// Observed sidecar-to-sidecar connections and requests, all over mutual TLS.
     pub mutual_tls: u64,
+    /// Authenticated TLS handshakes at sidecars, by version and cipher suite.
+    pub tls: Vec<TlsInUse>,
+    /// Plaintext connections accepted on permissive ports.
+    pub plaintext: Vec<PlaintextAccepted>,
     /// The shortest lifetime of a workload certificate issued in the period, in hours.
     pub shortest_certificate_hours: Option<u64>,
     /// The longest.
     pub longest_certificate_hours: Option<u64>,
+}
+
+/// Handshakes of one TLS version and cipher suite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsInUse {
+    /// `TLSv1_3` or `TLSv1_2`.
+    pub version: String,
+    /// IANA name.
+    pub suite: String,
+    /// Handshakes counted.
+    pub handshakes: u64,
+}
+
+/// Plaintext accepted at one port of one workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaintextAccepted {
+    /// The workload.
+    pub target: String,
+    /// Its port.
+    pub port: u16,
+    /// Connections accepted.
+    pub connections: u64,
 }
 
 /// Section 5: changes.
@@ -281,6 +313,8 @@ pub struct IssuedCertificate {
     pub not_after: String,
     /// How the caller proved who it was: a join token, a renewal, an operator.
     pub authenticated_by: String,
+    /// The key's type (`ECDSA P-256`), when recorded.
+    pub key_type: Option<String>,
 }
 
 /// One revocation.
