@@ -478,6 +478,20 @@ fn the_signed_report_states_what_the_mesh_did() {
             format!("2 {ana} policies 3 rules 3 added [frontend-metrics] in force true"),
         ]
     );
+    // The three sidecars connected after version 2: they applied it, never version 1.
+    let rollout = |v: usize| -> Vec<String> {
+        changes["policy_versions"][v]["applied_by_sidecars"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                assert!(a["at"].as_str().unwrap().ends_with('Z'), "{a}");
+                a["instance"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(rollout(0), Vec::<String>::new());
+    assert_eq!(rollout(1), ["api-1", "db-1", "frontend-1"]);
     assert_eq!(changes["audit_trail"]["verified"], true, "{changes}");
     assert!(
         changes["policy_versions"][1]["set_sha256"]

@@ -2612,4 +2612,13 @@ fn the_report_states_what_real_sidecars_run_with() {
     );
     assert!(tls[0]["handshakes"].as_u64().unwrap() >= 1, "{tls}");
     assert_eq!(report["encryption"]["plaintext"], serde_json::json!([]));
+    // Both sidecars were running when version 1 was applied: each applied it, once.
+    let mut applied: Vec<&str> = report["changes"]["policy_versions"][0]["applied_by_sidecars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["identity"].as_str().unwrap())
+        .collect();
+    applied.sort_unstable();
+    assert_eq!(applied, [format!("{TD}/api"), format!("{TD}/web")]);
 }

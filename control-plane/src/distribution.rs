@@ -53,6 +53,9 @@ struct State {
     version_generation: HashMap<u64, (u64, Instant)>,
 }
 
+/// When each sidecar applied one policy version: instance → (identity, Unix seconds).
+type Rollout = BTreeMap<String, (String, i64)>;
+
 /// Distribution state shared by the API handlers and the watch streams.
 pub struct Distribution {
     epoch: String,
@@ -71,6 +74,9 @@ pub struct Distribution {
     flows: Mutex<flows::FlowTable>,
     /// TLS versions and suites, and plaintext accepted, by reporting identity.
     transport: Mutex<BTreeMap<String, flows::Transport>>,
+    /// When each sidecar first applied each policy version, seen by this process: version →
+    /// instance → (identity, Unix seconds). The newest [`fleet::ROLLOUT_VERSIONS`] versions.
+    rollouts: Mutex<BTreeMap<u64, Rollout>>,
     /// The newest segmentation report this process signed, for the dashboard.
     latest_report: Mutex<Option<Arc<sidewall_policies::wire::report::Report>>>,
     detection: crate::detection::Detector,
@@ -127,6 +133,7 @@ impl Distribution {
             flows: Mutex::new(flows::FlowTable::default()),
             transport: Mutex::new(BTreeMap::new()),
             latest_report: Mutex::new(None),
+            rollouts: Mutex::new(BTreeMap::new()),
             detection: crate::detection::Detector::new(Default::default()),
             source_error: Mutex::new(None),
             closing: watch::channel(false).0,

@@ -13,7 +13,7 @@ use sidewall_policies::policy::{Action, Mode};
 use sidewall_policies::wire::report::{
     AuditSummary, Certificates, Changes, ControlMapping, Denied, Encryption, Exception,
     IssuedCertificate, MatrixRow, Observed, ObservedFlow, PlaintextAccepted, PolicyChange, Report,
-    RuleName, Scope, Segmentation, TlsInUse, Workload,
+    RuleName, Scope, Segmentation, SidecarApplied, TlsInUse, Workload,
 };
 
 use crate::api::{Api, OPERATOR_PATH, unix_rfc3339};
@@ -508,6 +508,16 @@ async fn policy_changes(
             changed: detail("changed"),
             set_sha256: detail("set_sha256"),
             in_force: version.version == in_force,
+            applied_by_sidecars: api
+                .distribution
+                .rollout(version.version)
+                .into_iter()
+                .map(|(instance, identity, at)| SidecarApplied {
+                    identity,
+                    instance,
+                    at: unix_rfc3339(at),
+                })
+                .collect(),
         });
     }
     Ok(changes)

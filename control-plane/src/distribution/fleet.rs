@@ -71,6 +71,11 @@ pub const SUMMARY_ROWS: usize = 50;
 /// 10 s). Later it is listed apart, and gets the version when it reconnects.
 pub const RECONNECT_GRACE_SECONDS: i64 = 15;
 
+/// Policy versions whose rollout (when each sidecar applied them) is kept.
+pub const ROLLOUT_VERSIONS: usize = 100;
+/// Sidecars whose apply time is kept per version.
+const ROLLOUT_INSTANCES: usize = 10_000;
+
 /// The sidecars a policy version has not reached yet ([`Distribution::pending`]).
 #[derive(Debug, Default)]
 pub struct Pending {
@@ -231,6 +236,26 @@ impl Distribution {
             }
         });
         let state = self.read();
+        // The version this snapshot carries: the newest in force at or before its counter. The
+        // first ack of it is when this sidecar applied that version.
+        let carried = state
+            .version_generation
+            .iter()
+            .filter(|(_, (generation, _))| *generation <= counter)
+            .max_by_key(|(_, (generation, _))| *generation)
+            .map(|(version, _)| *version);
+        if let (true, Some(version)) = (newly_applied, carried) {
+            let mut rollouts = lock(&self.rollouts);
+            let instances = rollouts.entry(version).or_default();
+            if instances.len() < ROLLOUT_INSTANCES {
+                instances
+                    .entry(instance.to_owned())
+                    .or_insert_with(|| (identity.to_string(), now_unix()));
+            }
+            while rollouts.len() > ROLLOUT_VERSIONS {
+                rollouts.pop_first();
+            }
+        }
         if let Some((generation, at)) = state.version_generation.get(&state.policy_version)
             && newly_applied
             && counter >= *generation
@@ -291,6 +316,20 @@ impl Distribution {
             pending_count,
             pending,
         }
+    }
+
+    /// When each sidecar first applied policy `version` (instance, identity, Unix seconds), as
+    /// this process saw it, by instance.
+    pub fn rollout(&self, version: u64) -> Vec<(String, String, i64)> {
+        lock(&self.rollouts)
+            .get(&version)
+            .map(|instances| {
+                instances
+                    .iter()
+                    .map(|(instance, (identity, at))| (instance.clone(), identity.clone(), *at))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Whether a sidecar that acknowledged snapshot `applied` has applied policy `version`:

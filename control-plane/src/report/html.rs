@@ -420,13 +420,33 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
                         String::new()
                     }
                 })),
+                match c.applied_by_sidecars.iter().map(|a| &a.at).max() {
+                    Some(last) => format!(
+                        "{} sidecar{}, the last at {}",
+                        c.applied_by_sidecars.len(),
+                        if c.applied_by_sidecars.len() == 1 {
+                            ""
+                        } else {
+                            "s"
+                        },
+                        esc(last)
+                    ),
+                    None => "none seen".to_owned(),
+                },
             ]
         })
         .collect();
     table(
         &mut out,
         "changes",
-        &["Version", "Applied by", "At", "Size", "Change"],
+        &[
+            "Version",
+            "Applied by",
+            "At",
+            "Size",
+            "Change",
+            "Sidecars applied it",
+        ],
         &changes,
         "No policy change in the period.",
     );

@@ -270,6 +270,20 @@ pub struct PolicyChange {
     pub set_sha256: String,
     /// Whether it is in force now.
     pub in_force: bool,
+    /// When each sidecar applied it, as the control plane that made the report saw since it
+    /// started, by instance.
+    pub applied_by_sidecars: Vec<SidecarApplied>,
+}
+
+/// One sidecar applying one policy version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SidecarApplied {
+    /// The workload.
+    pub identity: String,
+    /// The sidecar process.
+    pub instance: String,
+    /// When its ack said so.
+    pub at: String,
 }
 
 /// The audit trail's state.
