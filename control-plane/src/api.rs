@@ -50,6 +50,8 @@ pub struct Api {
     pub refusals: crate::audit::Refusals,
     /// The control plane's serving certificate and key, which also sign reports.
     pub certificate: Arc<crate::tls::ServingCertificate>,
+    /// Reports are built one at a time: each reads the whole audit trail and the store.
+    pub reports: tokio::sync::Mutex<()>,
 }
 
 impl Api {

@@ -135,6 +135,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         kubernetes,
         refusals: crate::audit::Refusals::default(),
         certificate: certificate.clone(),
+        reports: tokio::sync::Mutex::new(()),
         limiter: RateLimiter::new(config.issuance_per_minute),
         store,
         ca,
@@ -518,16 +519,20 @@ async fn sign_audit_trail(
         if let Some(event) = api.refusals.flush(stopping) {
             api.audit(event).await;
         }
-        if let Err(error) = prune_audit_trail(&api, &actor).await {
-            metrics::counter!(crate::metric::AUDIT_FAILURES, "action" => crate::audit::PRUNED)
-                .increment(1);
-            tracing::error!(%error, "the audit trail is not cut to its retention");
-        }
+        let unchanged = match prune_audit_trail(&api, &actor).await {
+            Ok(unchanged) => unchanged,
+            Err(error) => {
+                metrics::counter!(crate::metric::AUDIT_FAILURES, "action" => crate::audit::PRUNED)
+                    .increment(1);
+                tracing::error!(%error, "the audit trail is not cut to its retention");
+                None
+            }
+        };
         if !stopping && since.elapsed() < interval {
             continue;
         }
         since = tokio::time::Instant::now();
-        match sign_head(&api, &actor, &certificate, signed.as_ref()).await {
+        match sign_head(&api, &actor, &certificate, signed.as_ref(), unchanged).await {
             Ok(Some(head)) => signed = Some(head),
             Ok(None) => {}
             Err(error) => {
@@ -566,11 +571,15 @@ pub(crate) async fn read_trail(
 /// a break), recording the cut first as an `audit.pruned` record that names the last record
 /// removed and its hash, so the trail still verifies from the first record kept. It cuts
 /// below the limit by a tenth (at least five records), so that its own record and the next
-/// checkpoint do not cut again.
-async fn prune_audit_trail(api: &Api, actor: &str) -> Result<(), String> {
+/// checkpoint do not cut again. The trail as read when nothing was cut (so that signing need
+/// not read it again).
+async fn prune_audit_trail(
+    api: &Api,
+    actor: &str,
+) -> Result<Option<Vec<sidewall_policies::wire::operator::AuditRecord>>, String> {
     let (max_records, max_age) = (api.config.audit_max_records, api.config.audit_max_age);
     if max_records.is_none() && max_age.is_none() {
-        return Ok(());
+        return Ok(None);
     }
     let records = read_trail(api).await?;
     let mut cut = 0;
@@ -587,7 +596,7 @@ async fn prune_audit_trail(api: &Api, actor: &str) -> Result<(), String> {
     // The newest record always stays: the cut's own record links to it.
     let cut = cut.min(records.len().saturating_sub(1));
     let Some(last) = cut.checked_sub(1).and_then(|i| records.get(i)) else {
-        return Ok(());
+        return Ok(Some(records));
     };
     crate::audit::verify(&records).map_err(|e| format!("it does not verify: {e}"))?;
     let event = crate::audit::AuditEvent::new(actor, crate::audit::PRUNED, last.seq.to_string())
@@ -607,18 +616,22 @@ async fn prune_audit_trail(api: &Api, actor: &str) -> Result<(), String> {
         removed,
         "audit trail cut to its retention"
     );
-    Ok(())
+    Ok(None)
 }
 
-/// One look at the trail: signs its head if it moved and the whole trail verifies. The record
-/// signed, if any.
+/// One look at the trail (`read`, if the caller has just read it; read here otherwise): signs
+/// its head if it moved and the whole trail verifies. The record signed, if any.
 async fn sign_head(
     api: &Api,
     actor: &str,
     certificate: &ServingCertificate,
     last: Option<&(u64, String)>,
+    read: Option<Vec<sidewall_policies::wire::operator::AuditRecord>>,
 ) -> Result<Option<(u64, String)>, String> {
-    let records = read_trail(api).await?;
+    let records = match read {
+        Some(records) => records,
+        None => read_trail(api).await?,
+    };
     let Some(head) = records
         .last()
         .filter(|r| r.action != crate::audit::CHECKPOINT)

@@ -31,7 +31,8 @@ pub(super) async fn create(
             ),
         ));
     }
-    let report = crate::report::build(api, &operator, body.since, now).await?;
+    let _one_at_a_time = api.reports.lock().await;
+    let report = crate::report::build(api, &operator, body.since, now_unix()).await?;
     let text = serde_json::to_string_pretty(&report).map_err(|e| internal(&e.to_string()))?;
     let (signature, chain) = crate::audit::sign(&api.certificate.current(), text.as_bytes())
         .map_err(|e| internal(&e))?;
