@@ -105,6 +105,24 @@ async fn feed(
     (workloads, watches)
 }
 
+/// [`feed`] on a runtime of its own, returned with what it made: the watches stay open while
+/// the runtime lives.
+fn fed(
+    cp: &ControlPlaneProcess,
+) -> (
+    tokio::runtime::Runtime,
+    Vec<Workload>,
+    Vec<sidewall_control_plane::testing::Watch>,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (workloads, watches) = runtime.block_on(feed(cp));
+    (runtime, workloads, watches)
+}
+
 /// The markup from the first occurrence of `start` to the first `end` after it, if any.
 fn element<'a>(dom: &'a str, start: &str, end: &str) -> Option<&'a str> {
     let at = dom.find(start)?;
@@ -131,13 +149,8 @@ fn chromium_shows_the_three_services_and_the_denied_edge() {
     let run = cp.cli(&["policy", "apply", policies.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     // The watches stay open (the fleet shows the sidecars connected) while Chromium runs.
-    let (_workloads, watches) = runtime.block_on(feed(&cp));
+    let (_runtime, _workloads, watches) = fed(&cp);
 
     // The dashboard is on its own address, never on the admin one.
     assert_eq!(http_get(cp.admin_port, "/api/graph").0, 404);
@@ -282,12 +295,7 @@ fn the_signed_report_states_what_the_mesh_did() {
         "--operator",
         "ana",
     ]));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (_workloads, watches) = runtime.block_on(feed(&cp));
+    let (_runtime, _workloads, watches) = fed(&cp);
     ok(&cp.cli(&["workload", "revoke", &format!("{TD}/retired")]));
 
     let out = dir.path().join("report");
