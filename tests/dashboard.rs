@@ -295,8 +295,35 @@ fn the_signed_report_states_what_the_mesh_did() {
         "--operator",
         "ana",
     ]));
-    let (_runtime, _workloads, watches) = fed(&cp);
+    // Revoked before the sidecars connect: the snapshot they acknowledge carries it.
     ok(&cp.cli(&["workload", "revoke", &format!("{TD}/retired")]));
+    let (runtime, workloads, watches) = fed(&cp);
+    // Facts out of bounds are left out of an ack, which still counts.
+    let api = &workloads[1];
+    let (status, answer) = runtime
+        .block_on(api.client.call(
+            hyper::Method::POST,
+            "/v1/acks",
+            Some(
+                &json!({"instance": api.instance(), "version": watches[1].snapshot["version"],
+                         "status": "applied", "sidecar": {"version": "9".repeat(65)}}),
+            ),
+        ))
+        .unwrap();
+    assert_eq!(status, 200, "{answer}");
+    // A request allowed by its sidecar that the policies in force, replayed on the path's
+    // first segments and no host, would deny: the report does not guess its rule.
+    let frontend = &workloads[0];
+    runtime.block_on(api.report_flows(json!([
+        {"peer": frontend.identity, "port": 8080, "protocol": "http", "method": "GET", "path": "/v2/items", "count": 1, "allow": 1},
+    ])));
+    let (_, metrics) = http_get(cp.admin_port, "/metrics");
+    assert!(
+        metrics.contains(
+            r#"sidewall_control_plane_refusals_total{route="acks",reason="sidecar_facts_invalid"} 1"#
+        ),
+        "{metrics}"
+    );
 
     let out = dir.path().join("report");
     let (status, said) = http_get(cp.ui_port, "/report");
@@ -385,23 +412,23 @@ fn the_signed_report_states_what_the_mesh_did() {
         .iter()
         .map(|r| {
             format!(
-                "{} {} {} {} ports {} [{}] decided {}",
+                "{} {} {} {} ports {} [{}] matched {}",
                 r["policy"].as_str().unwrap(),
                 r["mode"].as_str().unwrap(),
                 r["action"].as_str().unwrap(),
                 r["from"][0].as_str().unwrap().rsplit('/').next().unwrap(),
                 r["ports"].as_str().unwrap(),
                 r["http"].as_str().unwrap(),
-                r["decided"]
+                r["matched"]
             )
         })
         .collect();
     assert_eq!(
         rules,
         [
-            "api-from-frontend enforce allow frontend ports 8080 [methods GET; paths /v1/orders, /v1/orders/**] decided 12",
-            "db-from-api enforce allow api ports 5432 [] decided 9",
-            "frontend-metrics audit allow monitor ports 9090 [] decided 0",
+            "api-from-frontend enforce allow frontend ports 8080 [methods GET; paths /v1/orders, /v1/orders/**] matched 12",
+            "db-from-api enforce allow api ports 5432 [] matched 9",
+            "frontend-metrics audit allow monitor ports 9090 [] matched 0",
         ]
     );
 
@@ -431,6 +458,7 @@ fn the_signed_report_states_what_the_mesh_did() {
             "api->db:5432  allowed 9 denied 0 would-deny 0 by db-from-api rule 1",
             "api->frontend:9090  allowed 0 denied 0 would-deny 2 by default deny",
             "frontend->api:8080 GET /v1/orders allowed 12 denied 0 would-deny 0 by api-from-frontend rule 1",
+            "frontend->api:8080 GET /v2/items allowed 1 denied 0 would-deny 0 by undetermined: the deciding rule needs the whole path or the host",
             "frontend->db:5432  allowed 0 denied 3 would-deny 0 by default deny",
         ]
     );
@@ -445,7 +473,7 @@ fn the_signed_report_states_what_the_mesh_did() {
 
     // 4. Every observed flow over mutual TLS; workload certificates of 24 h.
     let encryption = &report["encryption"];
-    assert_eq!(encryption["mutual_tls"], 12 + 9 + 3 + 2);
+    assert_eq!(encryption["mutual_tls"], 12 + 1 + 9 + 3 + 2);
     assert_eq!(encryption["shortest_certificate_hours"], 24);
     assert_eq!(encryption["longest_certificate_hours"], 24);
     assert_eq!(
@@ -548,11 +576,15 @@ fn the_signed_report_states_what_the_mesh_did() {
     )
     .unwrap();
     let verify = "openssl verify -CAfile trust-bundle.pem -untrusted chain.pem chain.pem && \
+                  openssl x509 -in chain.pem -noout -ext subjectAltName && \
                   openssl x509 -in chain.pem -noout -pubkey > control-plane.pub && \
                   openssl dgst -sha256 -verify control-plane.pub -signature report.json.sig report.json";
     let (passed, said) = shell(&out, verify);
     assert!(
-        passed && said.contains("chain.pem: OK") && said.contains("Verified OK"),
+        passed
+            && said.contains("chain.pem: OK")
+            && said.contains("URI:spiffe://sidewall.local/sidewall/control-plane")
+            && said.contains("Verified OK"),
         "{said}"
     );
     let text = std::fs::read_to_string(out.join("report.json")).unwrap();
@@ -563,13 +595,22 @@ fn the_signed_report_states_what_the_mesh_did() {
     assert!(!passed && said.contains("Verification failure"), "{said}");
     std::fs::write(out.join("report.json"), &text).unwrap();
 
-    // The dashboard links the newest report, rendered from the same JSON.
+    // The dashboard links the newest report, rendered from the same JSON but for section 6:
+    // anyone who reaches the dashboard reads it, and join token ids stay behind the API.
     let (status, page) = http_get(cp.ui_port, "/report");
     assert_eq!(status, 200, "{page}");
-    assert_eq!(
-        page,
-        std::fs::read_to_string(out.join("report.html")).unwrap()
+    let file = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        file.contains("token:") && !page.contains("token:"),
+        "{page}"
     );
+    assert!(
+        page.contains(r#"<p id="certificates-elsewhere">"#),
+        "{page}"
+    );
+    let before_section_6 =
+        |html: &str| html[..html.find(r#"<section id="s6">"#).unwrap()].to_owned();
+    assert_eq!(before_section_6(&page), before_section_6(&file));
 
     // Generating it is itself an audit record.
     let trail = cp.cli(&["audit", "log", "--json"]);
@@ -610,7 +651,7 @@ fn the_signed_report_states_what_the_mesh_did() {
         "{dom}"
     );
     assert!(
-        dom.contains(r#"<strong id="mutual-tls">26</strong>"#),
+        dom.contains(r#"<strong id="mutual-tls">27</strong>"#),
         "{dom}"
     );
     assert!(dom.contains(r#"<span class="ok">intact</span>"#), "{dom}");

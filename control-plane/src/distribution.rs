@@ -30,7 +30,7 @@ pub mod flows;
 pub use fleet::{
     ClaimRefused, IdentityLimits, Pending, RECONNECT_GRACE_SECONDS, ReplicaSummary, SUMMARY_ROWS,
 };
-pub use flows::{MAX_FLOWS, MAX_FLOWS_PER_PEER, MAX_FLOWS_PER_TARGET, decide};
+pub use flows::{MAX_FLOWS, MAX_FLOWS_PER_PEER, MAX_FLOWS_PER_TARGET, explain};
 use sidewall_policies::wire::operator::RevocationKind;
 pub use sidewall_policies::wire::operator::{
     FleetEntry, FlowKey, FlowStats, RefusedAddress, RefusedBecause,
@@ -77,8 +77,8 @@ pub struct Distribution {
     /// When each sidecar first applied each policy version, seen by this process: version →
     /// instance → (identity, Unix seconds). The newest [`fleet::ROLLOUT_VERSIONS`] versions.
     rollouts: Mutex<BTreeMap<u64, Rollout>>,
-    /// The newest segmentation report this process signed, for the dashboard.
-    latest_report: Mutex<Option<Arc<sidewall_policies::wire::report::Report>>>,
+    /// The newest segmentation report this process signed, as the dashboard's page.
+    latest_report: Mutex<Option<bytes::Bytes>>,
     detection: crate::detection::Detector,
     source_error: Mutex<Option<String>>,
     closing: watch::Sender<bool>,
@@ -148,13 +148,15 @@ impl Distribution {
         self.started
     }
 
-    /// Keeps `report`, just signed, as the newest the dashboard links.
-    pub fn set_latest_report(&self, report: sidewall_policies::wire::report::Report) {
-        *lock(&self.latest_report) = Some(Arc::new(report));
+    /// Keeps `report`, just signed, as the newest the dashboard links, rendered once
+    /// ([`crate::report::dashboard_html`]).
+    pub fn set_latest_report(&self, report: &sidewall_policies::wire::report::Report) {
+        let page = bytes::Bytes::from(crate::report::dashboard_html(report));
+        *lock(&self.latest_report) = Some(page);
     }
 
-    /// The newest report this process signed, if any.
-    pub fn latest_report(&self) -> Option<Arc<sidewall_policies::wire::report::Report>> {
+    /// The page of the newest report this process signed, if any.
+    pub fn latest_report(&self) -> Option<bytes::Bytes> {
         lock(&self.latest_report).clone()
     }
 

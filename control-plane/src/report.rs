@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 mod html;
-pub use html::html;
+pub use html::{dashboard_html, html};
 
 use sidewall_policies::PolicySet;
 use sidewall_policies::policy::{Action, Mode};
@@ -88,36 +88,47 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let set = crate::distribution::compile(&sources).unwrap_or_default();
     let in_period = |t: i64| (since..=now).contains(&t);
 
-    // 3. Each flow seen in the period, with the rule that decides it now.
-    let mut decided: BTreeMap<(String, usize), u64> = BTreeMap::new();
+    // 3. Each flow seen in the period, with the rule that decides it now and every rule that
+    // matches it.
+    let mut matched: BTreeMap<(String, usize), u64> = BTreeMap::new();
     let mut denied: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut flows = Vec::new();
-    let mut connections = 0;
+    let mut connections: u64 = 0;
     for (key, stats) in api.distribution.flows() {
         if !in_period(stats.last_seen) {
             continue;
         }
-        connections += stats.count;
-        let decision = crate::distribution::decide(&engine, &key);
-        let name = |r: &sidewall_policies::engine::RuleRef| (r.policy.to_string(), r.rule);
-        let rule = decision.as_ref().and_then(|d| d.reason.as_ref()).map(name);
-        let shadow = decision
-            .as_ref()
-            .and_then(|d| d.shadow.as_ref())
-            .and_then(|s| s.reason.as_ref())
-            .map(name);
-        for reason in [&rule, &shadow].into_iter().flatten() {
-            *decided.entry(reason.clone()).or_default() += stats.count;
+        connections = connections.saturating_add(stats.count);
+        let explanation = crate::distribution::explain(&engine, &key);
+        for trace in explanation.iter().flat_map(|e| &e.policies) {
+            for rule in trace.rules.iter().filter(|r| r.result.is_ok()) {
+                let count = matched
+                    .entry((trace.policy.to_string(), rule.rule))
+                    .or_default();
+                *count = count.saturating_add(stats.count);
+            }
         }
         if stats.deny > 0 {
-            *denied
+            let count = denied
                 .entry((key.peer.clone(), key.target.clone()))
-                .or_default() += stats.deny;
+                .or_default();
+            *count = count.saturating_add(stats.deny);
         }
         let request = match (&key.method, &key.path) {
             (Some(method), Some(path)) => format!("{method} {path}"),
             (Some(method), None) => method.clone(),
             _ => String::new(),
+        };
+        let rule = match explanation.as_ref().map(|e| &e.decision) {
+            // Replayed on the path's first segments and without the host, a request can be
+            // decided otherwise than it was: the flow says what happened, the rule is not known.
+            Some(d) if d.permits() != (stats.allow.saturating_add(stats.audit) > 0) => {
+                "undetermined: the deciding rule needs the whole path or the host".to_owned()
+            }
+            Some(sidewall_policies::Decision {
+                reason: Some(r), ..
+            }) => format!("{} rule {}", r.policy, r.rule),
+            _ => "default deny".to_owned(),
         };
         flows.push(ObservedFlow {
             source: key.peer,
@@ -128,25 +139,25 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             allowed: stats.allow,
             denied: stats.deny,
             would_deny: stats.audit,
-            rule: rule.map_or_else(
-                || "default deny".to_owned(),
-                |(policy, rule)| format!("{policy} rule {rule}"),
-            ),
+            rule,
             last_seen: unix_rfc3339(stats.last_seen),
         });
     }
 
-    // 2. The matrix, from the policies in force.
-    let rules = matrix(&set, &decided);
+    // 2. The matrix, from the policies in force. An allow rule that matched no flow is unused,
+    // unless it names paths or hosts (flows keep a path's first segments and no host, so such
+    // a rule is not judged).
+    let rules = matrix(&set, &matched);
     let unused_allow_rules = rules
         .iter()
-        .filter(|r| r.action == "allow" && r.decided == 0)
-        .map(|r| RuleName {
-            policy: r.policy.clone(),
-            rule: r.rule,
+        .filter(|(row, judged)| *judged && row.action == "allow" && row.matched == 0)
+        .map(|(row, _)| RuleName {
+            policy: row.policy.clone(),
+            rule: row.rule,
         })
         .collect();
-    let denied_attempts = denied.values().sum();
+    let rules: Vec<MatrixRow> = rules.into_iter().map(|(row, _)| row).collect();
+    let denied_attempts = denied.values().fold(0u64, |a, b| a.saturating_add(*b));
 
     // 1. Scope.
     let certificates = api.store.certificates().await?;
@@ -172,7 +183,8 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             continue;
         }
         for (key, count) in transport.tls {
-            *tls.entry(key).or_default() += count;
+            let total = tls.entry(key).or_default();
+            *total = total.saturating_add(count);
         }
         for (port, connections) in transport.plaintext {
             plaintext.push(PlaintextAccepted {
@@ -261,7 +273,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             denied_attempts,
         },
         observed: Observed {
-            counted_since: unix_rfc3339(since.max(api.distribution.started())),
+            counted_since: unix_rfc3339(api.distribution.started()),
             flows,
             unused_allow_rules,
             denied: denied
@@ -302,8 +314,9 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     })
 }
 
-/// One row per rule in force, with how many observed flows it decided.
-fn matrix(set: &PolicySet, decided: &BTreeMap<(String, usize), u64>) -> Vec<MatrixRow> {
+/// One row per rule in force, with how many observed requests or connections it matched, and
+/// whether matching can be judged from flows (no `paths` or `hosts`).
+fn matrix(set: &PolicySet, matched: &BTreeMap<(String, usize), u64>) -> Vec<(MatrixRow, bool)> {
     let mut rows = Vec::new();
     for policy in set.policies() {
         for (index, rule) in policy.rules.iter().enumerate() {
@@ -324,25 +337,32 @@ fn matrix(set: &PolicySet, decided: &BTreeMap<(String, usize), u64>) -> Vec<Matr
                 .and_then(|h| serde_json::to_value(h).ok())
                 .map(|h| http_summary(&h))
                 .unwrap_or_default();
-            rows.push(MatrixRow {
-                policy: policy.name.to_string(),
-                rule: index + 1,
-                mode: match policy.mode {
-                    Mode::Enforce => "enforce",
-                    Mode::Audit => "audit",
-                }
-                .to_owned(),
-                action: match rule.action {
-                    Action::Allow => "allow",
-                    Action::Deny => "deny",
-                }
-                .to_owned(),
-                from: rule.from.iter().map(ToString::to_string).collect(),
-                target: policy.target.to_string(),
-                ports,
-                http,
-                decided: decided.get(&reference).copied().unwrap_or(0),
-            });
+            let judged = rule
+                .http
+                .as_ref()
+                .is_none_or(|h| h.paths.is_none() && h.hosts.is_none());
+            rows.push((
+                MatrixRow {
+                    policy: policy.name.to_string(),
+                    rule: index + 1,
+                    mode: match policy.mode {
+                        Mode::Enforce => "enforce",
+                        Mode::Audit => "audit",
+                    }
+                    .to_owned(),
+                    action: match rule.action {
+                        Action::Allow => "allow",
+                        Action::Deny => "deny",
+                    }
+                    .to_owned(),
+                    from: rule.from.iter().map(ToString::to_string).collect(),
+                    target: policy.target.to_string(),
+                    ports,
+                    http,
+                    matched: matched.get(&reference).copied().unwrap_or(0),
+                },
+                judged,
+            ));
         }
     }
     rows
@@ -462,7 +482,7 @@ async fn workloads(
         row.connected = entry.connected;
         row.policy_in_force = entry
             .connected
-            .then(|| api.distribution.has_applied(version, entry.applied))
+            .then(|| api.distribution.has_applied(version, &entry))
             .flatten();
         row.certificate_expires_at = entry.certificate_expires_at.map(unix_rfc3339);
         row.sidecar_version = entry.sidecar.as_ref().map(|s| s.version.clone());
@@ -482,15 +502,20 @@ async fn policy_changes(
     since: i64,
     now: i64,
 ) -> Result<Vec<PolicyChange>, StoreError> {
+    // The newest `policy.applied` record of each version.
+    let applied: std::collections::HashMap<&str, &sidewall_policies::wire::operator::AuditRecord> =
+        trail
+            .iter()
+            .filter(|r| r.action == crate::audit::POLICY_APPLIED)
+            .map(|r| (r.subject.as_str(), r))
+            .collect();
     let mut changes = Vec::new();
     for version in api.store.policy_versions().await? {
         if !(since..=now).contains(&version.applied_at) {
             continue;
         }
         let set = crate::distribution::compile(&version.files).ok();
-        let record = trail.iter().rev().find(|r| {
-            r.action == crate::audit::POLICY_APPLIED && r.subject == version.version.to_string()
-        });
+        let record = applied.get(version.version.to_string().as_str()).copied();
         let detail = |name: &str| {
             record
                 .and_then(|r| r.details.get(name))

@@ -9,10 +9,11 @@
 //! | `GET /api/fleet` | [`Fleet`](sidewall_policies::wire::operator::Fleet), as `GET /v1/fleet` |
 //! | `GET /api/policies` | the policy set in force ([`policies`]) |
 //! | `GET /api/alerts` | [`Alerts`]: what detection raised recently |
-//! | `GET /report` | the newest segmentation report this process signed, as its page |
+//! | `GET /report` | the newest segmentation report this process signed, as its page, without its certificates section |
 //!
 //! Anything else is `404`. The dashboard sees only the [`Distribution`] state (never the
-//! store, the CA or the API), so no token, key or certificate can reach its answers. It shows
+//! store, the CA or the API, but for the report page a report leaves it, rendered without its
+//! certificates section), so no token, key or certificate can reach its answers. It shows
 //! policy and fleet data without authentication, so it is bound to loopback by default, and
 //! it refuses requests whose `Host` is a DNS name it does not know, so that a web page cannot
 //! read it through DNS rebinding.
@@ -99,11 +100,9 @@ impl Dashboard {
                 alerts: distribution.alerts(),
             }),
             "/report" => match distribution.latest_report() {
-                Some(report) => {
-                    let mut response = with_headers(
-                        Response::new(Full::new(Bytes::from(crate::report::html(&report)))),
-                        "text/html; charset=utf-8",
-                    );
+                Some(page) => {
+                    let mut response =
+                        with_headers(Response::new(Full::new(page)), "text/html; charset=utf-8");
                     // The report's page carries its style inline.
                     response.headers_mut().insert(
                         header::CONTENT_SECURITY_POLICY,

@@ -621,7 +621,6 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
         Case::new("removing another workload's registration", &v.client, "DELETE /v1/registrations/{instance}", "", (NOT_FOUND, "registration_not_found", "no registration w-1")).at("/v1/registrations/w-1"),
         Case::new("ack of a bad instance id", &w.client, ACK, ack("a b", "applied"), (BAD, "instance_invalid", "instance must be 1-64")),
         Case::new("ack of no known status", &w.client, ACK, ack("w-1", "bogus"), (BAD, "status_invalid", "status must be applied or rejected")),
-        Case::new("ack with a sidecar version of 65 characters", &w.client, ACK, to_json(json!({"instance": "w-1", "version": {"epoch": "e", "counter": 1}, "status": "applied", "sidecar": {"version": "9".repeat(65)}})), (BAD, "sidecar_facts_invalid", "version over 64 characters")),
         Case::new("ack of another workload's instance", &v.client, ACK, ack("w-1", "applied"), (CONFLICT, "instance_taken", "belongs to another workload")),
         Case::new("ack of one instance too many", &w.client, ACK, ack("w-2", "applied"), (TOO_MANY, "instances_exceeded", "sidecars connected")),
         Case::new("10,001 flows in one report", &w.client, "POST /v1/flows", to_json(json!({ "flows": flows })), (BAD, "too_many_flows", "at most 10000 flows")),

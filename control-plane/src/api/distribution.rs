@@ -513,11 +513,12 @@ pub(super) async fn ack(
     // The body first, as for registrations.
     let body: wire::Ack = read_json(api, request).await?;
     let identity = claimed(api, peer, &body.instance)?;
-    if let Some(why) = body.sidecar.as_ref().and_then(wire::SidecarFacts::invalid) {
-        return Err(ApiError::bad_request(
-            "sidecar_facts_invalid",
-            format!("sidecar: {why}"),
-        ));
+    // The ack drives the rollout: facts out of bounds are left out, not the ack.
+    let mut sidecar = body.sidecar;
+    if let Some(why) = sidecar.as_ref().and_then(wire::SidecarFacts::invalid) {
+        metrics::counter!(crate::metric::REFUSALS, "route" => "acks", "reason" => "sidecar_facts_invalid").increment(1);
+        tracing::warn!(%identity, instance = body.instance, why, "the sidecar facts of an ack are left out");
+        sidecar = None;
     }
     let rejection = match body.status {
         AckStatus::Unknown => {
@@ -544,7 +545,7 @@ pub(super) async fn ack(
         body.version.counter,
         rejection,
         body.certificate_expires_at,
-        body.sidecar,
+        sidecar,
     );
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
 }

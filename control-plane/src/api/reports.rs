@@ -44,7 +44,7 @@ pub(super) async fn create(
     )
     .await;
     metrics::counter!(crate::metric::REPORTS_SIGNED).increment(1);
-    api.distribution.set_latest_report(report);
+    api.distribution.set_latest_report(&report);
     Ok(json_response(
         StatusCode::OK,
         &SignedReport {

@@ -332,11 +332,17 @@ impl Distribution {
             .unwrap_or_default()
     }
 
-    /// Whether a sidecar that acknowledged snapshot `applied` has applied policy `version`:
-    /// `None` when this process does not know when that version took effect.
-    pub fn has_applied(&self, version: u64, applied: Option<u64>) -> Option<bool> {
+    /// Whether sidecar `entry` enforces policy `version`: its watch has processed the change
+    /// that put it in force (sending nothing when its snapshot did not change) and it applied
+    /// every snapshot sent since, as [`Self::pending`] counts it. `None` when this process does
+    /// not know when that version took effect.
+    pub fn has_applied(&self, version: u64, entry: &FleetEntry) -> Option<bool> {
         let generation = self.read().version_generation.get(&version)?.0;
-        Some(applied.is_some_and(|applied| applied >= generation))
+        let behind = entry.processed < generation
+            || entry
+                .sent
+                .is_some_and(|sent| sent >= generation && entry.applied < Some(sent));
+        Some(!behind)
     }
 
     /// Which sidecars have not yet received and applied what policy `version` changed for

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sidewall_policies::engine::{Decision, Query, Request, Subject};
+use sidewall_policies::engine::{Explanation, Query, Request, Subject};
 use sidewall_policies::wire::operator::{FlowKey, FlowStats};
 use sidewall_policies::{Engine, Outcome, Protocol, SpiffeId};
 
@@ -167,14 +167,16 @@ impl Distribution {
                 && key.1.len() <= 64
                 && (entry.tls.len() < MAX_TRANSPORT_ENTRIES || entry.tls.contains_key(&key));
             if fits {
-                *entry.tls.entry(key).or_default() += used.count;
+                let count = entry.tls.entry(key).or_default();
+                *count = count.saturating_add(used.count);
             }
         }
         for used in plaintext {
             if entry.plaintext.len() < MAX_TRANSPORT_ENTRIES
                 || entry.plaintext.contains_key(&used.port)
             {
-                *entry.plaintext.entry(used.port).or_default() += used.count;
+                let count = entry.plaintext.entry(used.port).or_default();
+                *count = count.saturating_add(used.count);
             }
         }
     }
@@ -193,21 +195,22 @@ impl Distribution {
         let flows = lock(&self.flows).flows.clone();
         let mut flips = Vec::new();
         for (key, stats) in flows {
-            let (Some(before), Some(after)) = (decide(&current, &key), decide(candidate, &key))
+            let (Some(before), Some(after)) = (explain(&current, &key), explain(candidate, &key))
             else {
                 continue;
             };
-            if before.outcome != after.outcome {
-                flips.push((key, stats.count, before.outcome, after.outcome));
+            let (before, after) = (before.decision.outcome, after.decision.outcome);
+            if before != after {
+                flips.push((key, stats.count, before, after));
             }
         }
         flips
     }
 }
 
-/// What `engine` decides for an observed flow (an HTTP flow as a request to its path prefix);
-/// `None` when its identities do not parse.
-pub fn decide(engine: &Engine, key: &FlowKey) -> Option<Decision> {
+/// What `engine` decides for an observed flow, and every rule that matches it (an HTTP flow as
+/// a request to its path prefix, without a host); `None` when its identities do not parse.
+pub fn explain(engine: &Engine, key: &FlowKey) -> Option<Explanation> {
     let (Ok(peer), Ok(target)) = (SpiffeId::parse(&key.peer), SpiffeId::parse(&key.target)) else {
         return None;
     };
@@ -220,7 +223,7 @@ pub fn decide(engine: &Engine, key: &FlowKey) -> Option<Decision> {
         }),
         _ => Subject::Connection(key.protocol),
     };
-    Some(engine.decide(&Query {
+    Some(engine.explain(&Query {
         peer: &peer,
         target: &target,
         port: key.port,

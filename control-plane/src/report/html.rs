@@ -65,6 +65,16 @@ background:#f8f9fa}code{font-size:12px;word-break:break-all}section{break-inside
 
 /// The report as one HTML page: no script, no external fetch, everything inline.
 pub fn html(report: &Report) -> String {
+    render(report, true)
+}
+
+/// The page the dashboard serves, which anyone who reaches it reads: section 6 (certificate
+/// serials, join token ids, revocations) is left to the signed report.
+pub fn dashboard_html(report: &Report) -> String {
+    render(report, false)
+}
+
+fn render(report: &Report, certificates: bool) -> String {
     let mut out = String::new();
     let _ = write!(
         out,
@@ -195,9 +205,10 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
     );
     let _ = writeln!(
         out,
-        "<p>Default: <strong>{}</strong>. Denied attempts observed in the period: \
+        "<p>Default: <strong>{}</strong>. Denied attempts counted since {}: \
          <strong id=\"denied-attempts\">{}</strong>.</p>",
         esc(&report.segmentation.default),
+        esc(&report.observed.counted_since),
         report.segmentation.denied_attempts
     );
     let rules: Vec<Vec<String>> = report
@@ -222,7 +233,7 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
                 action,
                 esc(&r.mode),
                 format!("{} rule {}", esc(&r.policy), r.rule),
-                format!("<span class=\"n\">{}</span>", r.decided),
+                format!("<span class=\"n\">{}</span>", r.matched),
             ]
         })
         .collect();
@@ -246,8 +257,9 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
     );
     let _ = writeln!(
         out,
-        "<p>Counted since {} (sidecars report what they decide every few seconds; the control \
-         plane keeps the counts since it started).</p>",
+        "<p>Counts since {}, when this control plane started (sidecars report what they decide \
+         every few seconds; the control plane adds them up in memory), for the flows seen in the \
+         period.</p>",
         esc(&report.observed.counted_since)
     );
     let flows: Vec<Vec<String>> = report
@@ -340,7 +352,7 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
     };
     let _ = writeln!(
         out,
-        "<p>Connections and requests between sidecars observed in the period, all over mutual \
+        "<p>Connections and requests between sidecars counted (as in section 3), all over mutual \
          TLS: <strong id=\"mutual-tls\">{}</strong>. Lifetimes of the workload certificates \
          issued in the period: {}. Sidecars accept TLS 1.3 only unless their configuration \
          allows TLS 1.2 (listed under Exceptions).</p>\n<h3>TLS versions and cipher suites in \
@@ -476,6 +488,59 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
         "The identities the certificate authority vouched for in the period, and those it \
          withdrew: a revoked identity can no longer reach anything.",
     );
+    if certificates {
+        write_certificates(&mut out, report);
+    } else {
+        out.push_str(
+            "<p id=\"certificates-elsewhere\">In the signed report that \
+             <code>sidewall report</code> writes: this dashboard does not show certificate \
+             serials, join tokens or revocations.</p>\n",
+        );
+    }
+    out.push_str("</section>\n");
+
+    section(
+        &mut out,
+        7,
+        "Control mapping",
+        "Which controls of common frameworks each section supports. This report is evidence \
+         for these controls, not a certification of compliance with any of them.",
+    );
+    let controls: Vec<Vec<String>> = report
+        .controls
+        .iter()
+        .map(|c| vec![c.section.to_string(), esc(&c.controls.join(", "))])
+        .collect();
+    table(
+        &mut out,
+        "controls",
+        &["Section", "Controls"],
+        &controls,
+        "",
+    );
+    let _ = write!(
+        out,
+        "</section>\n<section id=\"verify\"><h2>How to check this report</h2><p class=\"why\">\
+         Anyone with the trust domain's root certificate (trust-bundle.pem) can check that the \
+         control plane signed report.json and that it was not changed since.</p><pre>\
+openssl verify -CAfile trust-bundle.pem -untrusted chain.pem chain.pem\n\
+openssl x509 -in chain.pem -noout -ext subjectAltName\n\
+openssl x509 -in chain.pem -noout -pubkey &gt; control-plane.pub\n\
+openssl dgst -sha256 -verify control-plane.pub -signature report.json.sig report.json</pre>\
+         <p>The first prints <code>chain.pem: OK</code>; the second must show \
+         <code>URI:{td}/sidewall/control-plane</code> (every workload's certificate chains to the \
+         same root: this one says the signer is the control plane); the last prints \
+         <code>Verified OK</code>. The first command checks the certificate at this moment: a \
+         report older than the control plane's certificate (a day) needs <code>-attime</code> \
+         with the report's <code>generated_at</code> as Unix seconds.</p></section>\n\
+         </body></html>\n",
+        td = esc(&report.scope.trust_domain)
+    );
+    out
+}
+
+/// Section 6's tables: certificates issued and revoked.
+fn write_certificates(out: &mut String, report: &Report) {
     let issued: Vec<Vec<String>> = report
         .certificates
         .issued
@@ -492,7 +557,7 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
         })
         .collect();
     table(
-        &mut out,
+        out,
         "issued",
         &[
             "Identity",
@@ -520,44 +585,10 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
         })
         .collect();
     table(
-        &mut out,
+        out,
         "revoked",
         &["Revoked", "Kind", "At", "By"],
         &revoked,
         "Nothing was revoked in the period.",
     );
-    out.push_str("</section>\n");
-
-    section(
-        &mut out,
-        7,
-        "Control mapping",
-        "Which controls of common frameworks each section supports. This report is evidence \
-         for these controls, not a certification of compliance with any of them.",
-    );
-    let controls: Vec<Vec<String>> = report
-        .controls
-        .iter()
-        .map(|c| vec![c.section.to_string(), esc(&c.controls.join(", "))])
-        .collect();
-    table(
-        &mut out,
-        "controls",
-        &["Section", "Controls"],
-        &controls,
-        "",
-    );
-    out.push_str(
-        "</section>\n<section id=\"verify\"><h2>How to check this report</h2><p class=\"why\">\
-         Anyone with the trust domain's root certificate (trust-bundle.pem) can check that the \
-         control plane signed report.json and that it was not changed since.</p><pre>\
-openssl verify -CAfile trust-bundle.pem -untrusted chain.pem chain.pem\n\
-openssl x509 -in chain.pem -noout -pubkey &gt; control-plane.pub\n\
-openssl dgst -sha256 -verify control-plane.pub -signature report.json.sig report.json</pre>\
-         <p>The first prints <code>chain.pem: OK</code>, the last <code>Verified OK</code>. \
-         The first command checks the certificate at this moment: a report older than the \
-         control plane's certificate (a day) needs <code>-attime</code> with the report's \
-         <code>generated_at</code> as Unix seconds.</p></section>\n</body></html>\n",
-    );
-    out
 }

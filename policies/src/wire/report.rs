@@ -115,7 +115,7 @@ pub struct Segmentation {
     pub default: String,
     /// Every rule in force.
     pub rules: Vec<MatrixRow>,
-    /// Denied attempts observed in the period, in all.
+    /// Denied attempts counted since `observed.counted_since`, in all.
     pub denied_attempts: u64,
 }
 
@@ -138,19 +138,21 @@ pub struct MatrixRow {
     pub ports: String,
     /// HTTP constraints, summarized (empty: the whole port).
     pub http: String,
-    /// Observed requests or connections this rule decided in the period.
-    pub decided: u64,
+    /// Observed requests or connections this rule matches (counted since
+    /// `observed.counted_since`, for flows seen in the period).
+    pub matched: u64,
 }
 
 /// Section 3: the flows observed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
-    /// Since when flows were counted: the later of the period's start and this replica's start
-    /// (counts are kept in memory).
+    /// Since when the counts run: this replica's start (they are kept in memory, whole, for
+    /// every flow last seen within the period).
     pub counted_since: String,
     /// Each flow seen, by source, target, port (and HTTP method and path).
     pub flows: Vec<ObservedFlow>,
-    /// Allow rules no observed flow used: least-privilege candidates.
+    /// Allow rules no observed flow matched: least-privilege candidates (rules naming paths or
+    /// hosts are not judged: flows keep a path's first segments and no host).
     pub unused_allow_rules: Vec<RuleName>,
     /// Denied attempts, by source and target.
     pub denied: Vec<Denied>,
@@ -175,7 +177,8 @@ pub struct ObservedFlow {
     pub denied: u64,
     /// Allowed by an audit-mode policy that would deny it.
     pub would_deny: u64,
-    /// The rule that decides it now (`default deny` when none).
+    /// The rule that decides it now (`default deny` when none; `undetermined…` when replaying
+    /// the flow contradicts what was observed).
     pub rule: String,
     /// Last seen.
     pub last_seen: String,
