@@ -14,6 +14,7 @@ pub(crate) mod report;
 pub(crate) mod status;
 pub(crate) mod token;
 pub(crate) mod up;
+pub(crate) mod verify;
 pub(crate) mod workload;
 
 use std::path::PathBuf;

@@ -87,6 +87,14 @@ enum Command {
     /// supports, as report.html, report.json, its signature and the signing chain (needs the
     /// viewer role; docs/compliance.md).
     Report(commands::report::Args),
+    /// Test what the policies say against what the sidecars do: `verify segmentation` has
+    /// each source sidecar probe the pairs that must be denied (needs the policy role).
+    Verify {
+        #[command(subcommand)]
+        command: commands::verify::VerifyCommand,
+        #[command(flatten)]
+        access: ControlPlaneAccess,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -131,5 +139,6 @@ fn main() -> ExitCode {
         Command::Audit { command, access } => commands::audit::run(command, &access),
         Command::Ca(command) => commands::ca::run(command),
         Command::Report(args) => commands::report::run(args),
+        Command::Verify { command, access } => commands::verify::run(command, &access),
     }
 }

@@ -2622,3 +2622,125 @@ fn the_report_states_what_real_sidecars_run_with() {
     applied.sort_unstable();
     assert_eq!(applied, [format!("{TD}/api"), format!("{TD}/web")]);
 }
+
+/// Segmentation testing through real sidecars: the pair the policy must deny (batch → api:8080)
+/// is probed by batch's own sidecar and refused by api's, without reaching the app; then api's
+/// sidecar is replaced by one in local mode with an allow-all policy (its registration stays,
+/// within its lease), and `verify segmentation` names exactly that pair, exit 1. Each run is an
+/// audit record.
+#[test]
+fn verify_segmentation_names_the_pairs_a_target_lets_through() {
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("cp.yaml");
+    std::fs::write(&config, "registrations: {lease: 10m}\n").unwrap();
+    let mut mesh = Mesh::new(&["--config", config.to_str().unwrap()]);
+    let api = mesh.sidecar("api");
+    let _web = mesh.sidecar("web");
+    let _batch = mesh.sidecar("batch");
+    let run = mesh.apply(
+        "v1",
+        &[(
+            "api.yaml",
+            policy("api-access", "terminate", &allow("web", 8080)),
+        )],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let accepted = mesh.app.accepted();
+
+    let run = mesh.cli(&["verify", "segmentation", "--timeout", "30s"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let pairs: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("spiffe://"))
+        .collect();
+    assert_eq!(pairs.len(), 1, "{}", run.stdout);
+    let fields: Vec<&str> = pairs[0].split_whitespace().collect();
+    assert_eq!(
+        fields,
+        [
+            &format!("{TD}/batch")[..],
+            &format!("{TD}/api")[..],
+            "8080",
+            "refused"
+        ],
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .ends_with("segmentation holds: every target refused\n"),
+        "{}",
+        run.stdout
+    );
+
+    // api's sidecar replaced by one that enforces an allow-all file of its own.
+    drop(api);
+    std::fs::write(
+        mesh.path().join("allow-all.yaml"),
+        format!(
+            "apiVersion: sidewall.dev/v1\nkind: Policy\nmetadata: {{name: allow-all}}\nspec:\n  target: {TD}/api\n  rules:\n    - {{action: allow, from: [\"spiffe://sidewall.local/**\"]}}\n"
+        ),
+    )
+    .unwrap();
+    let admin = free_port();
+    let local = format!(
+        "identity: {TD}/api\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  tokenFile: api.token\nstateDir: state/api\ninbound:\n  listen: 127.0.0.1:{}\n  ports: [{{port: 8080, app: 127.0.0.1:{}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\nlocal:\n  policies: [allow-all.yaml]\nworkerThreads: 1\nlimits: {{drainTimeout: 1s}}\n",
+        mesh.cp.api_port, mesh.api_inbound, mesh.app.port
+    );
+    let rogue = ProxyProcess::start(mesh.path(), "api-local", &local, admin);
+    rogue.wait_ready();
+
+    let run = mesh.cli(&["verify", "segmentation", "--timeout", "30s"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.starts_with(&format!(
+            "segmentation broken: 1 pair not refused:\n  {TD}/batch -> {TD}/api:8080 (ADMITTED at 127.0.0.1:{})\n",
+            mesh.api_inbound
+        )),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(mesh.app.accepted(), accepted, "a probe reached the app");
+    let metrics = rogue.metrics();
+    assert!(
+        metrics.contains(r#"sidewall_proxy_probes_total{side="answered",answer="allowed"} 1"#),
+        "{metrics}"
+    );
+
+    let log = mesh.cli(&["audit", "log", "--json"]);
+    let verified: Vec<serde_json::Value> = log
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["action"] == "segmentation.verified")
+        .collect();
+    assert_eq!(verified.len(), 2, "{}", log.stdout);
+    assert_eq!(verified[0]["details"]["refused"], "1");
+    assert_eq!(verified[1]["details"]["admitted"], "1");
+    assert_eq!(
+        verified[1]["details"]["failures"],
+        format!("{TD}/batch -> {TD}/api:8080")
+    );
+
+    // The report's section 2 shows the newest test.
+    let out = mesh.path().join("report");
+    let run = mesh.cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let test = &report["segmentation"]["last_test"];
+    assert_eq!(test["finished"], true, "{test}");
+    assert_eq!(
+        (test["pairs"].as_u64(), test["admitted"].as_u64()),
+        (Some(1), Some(1)),
+        "{test}"
+    );
+    assert_eq!(
+        test["failures"],
+        serde_json::json!([format!("{TD}/batch -> {TD}/api:8080")])
+    );
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(page.contains("1 not refused: spiffe://sidewall.local/ns/demo/svc/batch -&gt; spiffe://sidewall.local/ns/demo/svc/api:8080"), "{page}");
+}

@@ -178,6 +178,7 @@ pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 mod audit;
 mod reports;
+mod verifications;
 pub(crate) use audit::PAGE as AUDIT_PAGE;
 pub(crate) mod distribution;
 mod identity;
@@ -380,6 +381,11 @@ async fn dispatch(
         (&Method::GET, "/v1/fleet") => policies::fleet(api, peer).await,
         (&Method::GET, "/v1/audit") => audit::list(api, peer, &request).await,
         (&Method::POST, "/v1/reports") => reports::create(api, peer, request).await,
+        (&Method::POST, "/v1/verifications") => verifications::start(api, peer, request).await,
+        (&Method::GET, p) if p.starts_with("/v1/verifications/") => {
+            verifications::read(api, peer, &p["/v1/verifications/".len()..]).await
+        }
+        (&Method::POST, "/v1/probes") => verifications::results(api, peer, request).await,
         (
             _,
             "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
@@ -447,6 +453,11 @@ pub(crate) fn route(method: &Method, path: &str) -> (&'static str, Access) {
         "/v1/audit" => ("audit", Anyone),
         "/v1/reports" if post => ("reports", Operator(Viewer)),
         "/v1/reports" => ("reports", Anyone),
+        "/v1/verifications" if post => ("verifications", Operator(Policy)),
+        _ if prefix("/v1/verifications/") && get => ("verifications", Operator(Viewer)),
+        _ if prefix("/v1/verifications") => ("verifications", Anyone),
+        "/v1/probes" if post => ("probes", Workload),
+        "/v1/probes" => ("probes", Anyone),
         _ => ("other", Anyone),
     }
 }

@@ -204,6 +204,9 @@ pub const CHECKPOINT: &str = "audit.checkpoint";
 /// The action of a policy set applied.
 pub const POLICY_APPLIED: &str = "policy.applied";
 
+/// The action of a segmentation test finished (`sidewall verify segmentation`).
+pub const SEGMENTATION_VERIFIED: &str = "segmentation.verified";
+
 /// The action of a segmentation report signed ([`crate::report`]).
 pub const REPORT_SIGNED: &str = "report.signed";
 

@@ -27,6 +27,7 @@ use crate::store::{RegistrationRecord, RevocationRecord};
 
 pub mod fleet;
 pub mod flows;
+mod probes;
 pub use fleet::{
     ClaimRefused, IdentityLimits, Pending, RECONNECT_GRACE_SECONDS, ReplicaSummary, SUMMARY_ROWS,
 };
@@ -77,6 +78,12 @@ pub struct Distribution {
     /// When each sidecar first applied each policy version, seen by this process: version →
     /// instance → (identity, Unix seconds). The newest [`fleet::ROLLOUT_VERSIONS`] versions.
     rollouts: Mutex<BTreeMap<u64, Rollout>>,
+    /// The segmentation test run, the newest (one at a time).
+    verification: Mutex<Option<probes::Run>>,
+    /// Probe orders waiting for each source instance's watch.
+    probe_orders: Mutex<HashMap<String, Vec<sidewall_policies::wire::Probe>>>,
+    /// Bumped when probe orders are waiting.
+    probes_changed: watch::Sender<u64>,
     /// The newest segmentation report this process signed, as the dashboard's page.
     latest_report: Mutex<Option<bytes::Bytes>>,
     detection: crate::detection::Detector,
@@ -133,6 +140,9 @@ impl Distribution {
             flows: Mutex::new(flows::FlowTable::default()),
             transport: Mutex::new(BTreeMap::new()),
             latest_report: Mutex::new(None),
+            verification: Mutex::new(None),
+            probe_orders: Mutex::new(HashMap::new()),
+            probes_changed: watch::channel(0).0,
             rollouts: Mutex::new(BTreeMap::new()),
             detection: crate::detection::Detector::new(Default::default()),
             source_error: Mutex::new(None),

@@ -10,10 +10,11 @@ pub use html::{dashboard_html, html};
 
 use sidewall_policies::PolicySet;
 use sidewall_policies::policy::{Action, Mode};
+use sidewall_policies::wire::ProbeAnswer;
 use sidewall_policies::wire::report::{
     AuditSummary, Certificates, Changes, ControlMapping, Denied, Encryption, Exception,
     IssuedCertificate, MatrixRow, Observed, ObservedFlow, PlaintextAccepted, PolicyChange, Report,
-    RuleName, Scope, Segmentation, SidecarApplied, TlsInUse, Workload,
+    RuleName, Scope, Segmentation, SidecarApplied, TestSummary, TlsInUse, Workload,
 };
 
 use crate::api::{Api, OPERATOR_PATH, unix_rfc3339};
@@ -37,9 +38,11 @@ const CONTROLS: [(u8, &[&str]); 6] = [
             "PCI DSS v4.0 1.3.1",
             "PCI DSS v4.0 1.3.2",
             "PCI DSS v4.0 1.4.1",
+            "PCI DSS v4.0 11.4.5",
             "SOC 2 CC6.6",
             "NIST SP 800-53 AC-4",
             "NIST SP 800-53 SC-7",
+            "NIST SP 800-53 CA-8",
             "ISO/IEC 27001:2022 A.8.22",
         ],
     ),
@@ -271,6 +274,25 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             default: "deny".to_owned(),
             rules,
             denied_attempts,
+            last_test: api.distribution.last_verification(now).map(|v| {
+                let count = |answer| v.pairs.iter().filter(|p| p.answer == answer).count() as u64;
+                TestSummary {
+                    id: v.id.clone(),
+                    at: v.started_at.clone(),
+                    by: v.started_by.clone(),
+                    policy_version: v.policy_version,
+                    finished: v.finished,
+                    pairs: v.pairs.len() as u64,
+                    refused: count(ProbeAnswer::Refused),
+                    admitted: count(ProbeAnswer::Admitted),
+                    no_answer: count(ProbeAnswer::NoAnswer),
+                    unprobed: v.unprobed,
+                    failures: v
+                        .failures()
+                        .map(|p| format!("{} -> {}:{}", p.source, p.target, p.port))
+                        .collect(),
+                }
+            }),
         },
         observed: Observed {
             counted_since: unix_rfc3339(api.distribution.started()),

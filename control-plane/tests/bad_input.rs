@@ -483,6 +483,16 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     w.register(5001, "tcp").await;
     let _w_watch = w.watch_and_ack().await;
     let v = cp.workload("spiffe://sidewall.local/ns/bad/svc/v").await;
+    // U's sidecar watches too, so a segmentation test has a pair to probe (U → W:5001, which
+    // no policy allows) and stays under way: this U never answers its probe.
+    let u = cp.workload("spiffe://sidewall.local/ns/bad/svc/u").await;
+    let _u_watch = u.watch_and_ack().await;
+    let (status, run) = operator
+        .call(Method::POST, "/v1/verifications", Some(&json!({})))
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["pairs"].as_array().unwrap().len(), 1, "{run}");
     // An operator whose credential was revoked.
     let gone_key = KeyPair::generate().unwrap();
     let asked = json!({"name": "gone", "role": "viewer", "csr": csr(&gone_key)});
@@ -595,6 +605,13 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
         Case::new("revoking an unknown token", &operator, "DELETE /v1/tokens/{id}", "", (NOT_FOUND, "token_not_found", "no token nope")).at("/v1/tokens/nope"),
         Case::new("issuing a revoked operator's name", &operator, "POST /v1/operators", to_json(json!({"name": "gone", "role": "viewer", "csr": good_csr})), (CONFLICT, "name_revoked", "operator gone was revoked")),
         Case::new("an audit page of no records", &operator, "GET /v1/audit", "", (BAD, "invalid_query", "out of range")).at("/v1/audit?limit=0"),
+        Case::new("a segmentation test of no pair", &operator, "POST /v1/verifications", to_json(json!({"sample": 0})), (BAD, "invalid_sample", "sample must be at least 1")),
+        Case::new("a segmentation test while one is under way", &operator, "POST /v1/verifications", to_json(json!({})), (CONFLICT, "verification_running", "is under way")),
+        Case::new("a segmentation test that never ran", &operator, "GET /v1/verifications/{id}", "", (NOT_FOUND, "verification_unknown", "no verification \"nope\"")).at("/v1/verifications/nope"),
+        Case::new("probe results of a bad instance id", &w.client, "POST /v1/probes", to_json(json!({"instance": "a b", "results": []})), (BAD, "instance_invalid", "instance must be 1-64")),
+        Case::new("probe results of another workload's instance", &v.client, "POST /v1/probes", to_json(json!({"instance": "w-1", "results": []})), (CONFLICT, "instance_taken", "belongs to another workload")),
+        Case::new("probe results of one instance too many", &w.client, "POST /v1/probes", to_json(json!({"instance": "w-2", "results": []})), (TOO_MANY, "instances_exceeded", "sidecars connected")),
+        Case::new("too many probe results", &w.client, "POST /v1/probes", to_json(json!({"instance": "w-1", "results": vec![json!({"run": "r", "target": "t", "endpoint": "e", "port": 1, "answer": "refused"}); 1001]})), (BAD, "too_many_results", "at most 1000 probe results")),
         Case::new("a report from the future", &operator, "POST /v1/reports", to_json(json!({"since": 99_999_999_999_i64})), (BAD, "invalid_period", "is not within the last 3660 days")),
         Case::new("a report from 1970", &operator, "POST /v1/reports", to_json(json!({"since": 0})), (BAD, "invalid_period", "is not within the last 3660 days")),
         Case::new("a report with an unknown field", &operator, "POST /v1/reports", to_json(json!({"since": 0, "until": 1})), (BAD, "invalid_json", "unknown field `until`")),
@@ -711,6 +728,7 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
             REGISTER => register("w-1", "127.0.0.1:5001", json!({})),
             ACK => ack("w-1", "applied"),
             "POST /v1/flows" => to_json(json!({"flows": []})),
+            "POST /v1/probes" => to_json(json!({"instance": "w-1", "results": []})),
             _ => Bytes::new(),
         };
         #[rustfmt::skip]

@@ -191,6 +191,67 @@ impl FlowReport {
     }
 }
 
+/// A line of the snapshot watch that is not a snapshot: probes the control plane asks this
+/// sidecar to make (`sidewall verify segmentation`; docs/compliance.md). A sidecar of an older
+/// release is sent none (it says no `sidecar` facts in its acks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeOrder {
+    /// The probes, each a pair the policies in force must deny.
+    pub probes: Vec<Probe>,
+}
+
+impl ProbeOrder {
+    /// Most probes in one order.
+    pub const MAX: usize = 1000;
+}
+
+/// One probe: dial `endpoint` as this sidecar, expecting `target`'s sidecar there, and ask for
+/// `port` marked as a probe (ALPN `sidewall-probe/1`); the target must refuse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// The verification run.
+    pub run: String,
+    /// The target workload.
+    pub target: String,
+    /// Its sidecar's endpoint, `IP:port`.
+    pub endpoint: String,
+    /// The service port.
+    pub port: u16,
+}
+
+/// `POST /v1/probes`: what targets answered to this sidecar's probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResults {
+    /// The sidecar process that probed.
+    pub instance: String,
+    /// One per probe.
+    pub results: Vec<ProbeResult>,
+}
+
+/// What one target answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// The probe, as ordered.
+    #[serde(flatten)]
+    pub probe: Probe,
+    /// The answer.
+    pub answer: ProbeAnswer,
+}
+
+/// A target's answer to a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeAnswer {
+    /// Not yet answered.
+    Pending,
+    /// Refused: what the policy says.
+    Refused,
+    /// Admitted: the target does not enforce what the policy says.
+    Admitted,
+    /// No answer: the target did not complete the handshake or did not answer in time.
+    NoAnswer,
+}
+
 /// Handshakes of one TLS version and cipher suite.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsUse {

@@ -194,6 +194,25 @@ pub fn admit<'c>(
     admitted
 }
 
+/// What a segmentation probe of `port` by `peer` is answered ([`crate::probe`]): `Allowed`
+/// when [`admit`] would admit the connection, the refusal's status otherwise. Nothing is
+/// registered or counted as a connection, and nothing reaches the app.
+pub fn probe(context: &Context, peer: &Svid, port: u16) -> Status {
+    if peer.expired(now_unix()) {
+        return Status::Denied;
+    }
+    let Some(entry) = context.config.inbound_port(port) else {
+        return Status::UnknownPort;
+    };
+    let Ok(active) = current(context) else {
+        return Status::Denied;
+    };
+    match judge(context, &active, peer, port, entry.protocol) {
+        Ok(decision) if decision.permits() => Status::Allowed,
+        _ => Status::Denied,
+    }
+}
+
 /// Whether the snapshot in force lets `peer` reach some TCP port of ours: what a shared
 /// connection (which carries TCP only) is for. Not counted; each stream is decided by [`admit`].
 pub fn may_carry(context: &Context, peer: &Svid) -> bool {

@@ -315,7 +315,9 @@ async fn session(
                 while let Some(end) = buffer[scanned..].iter().position(|&b| b == b'\n') {
                     let line = buffer.split_to(scanned + end + 1);
                     scanned = 0;
-                    if line.len() > 1 {
+                    if line.starts_with(b"{\"probes\"") {
+                        start_probes(context, url, credential, &line[..line.len() - 1]);
+                    } else if line.len() > 1 {
                         apply_line(context, &mut sender, &line[..line.len() - 1], credential, snapshot).await;
                     } else {
                         // A keep-alive line: answered with an ack of the version in force,
@@ -331,6 +333,42 @@ async fn session(
             _ = reports.tick() => report_flows(context, &mut sender).await,
         }
     }
+}
+
+/// Makes the probes of a probe order line in the background, then posts what the targets
+/// answered (`POST /v1/probes`) on a connection of its own.
+fn start_probes(context: &Arc<Context>, url: &str, credential: &Arc<Credential>, line: &[u8]) {
+    let order = match serde_json::from_slice::<wire::ProbeOrder>(line) {
+        Ok(order) => order,
+        Err(error) => {
+            tracing::warn!(%error, "a probe order that does not parse; ignored");
+            return;
+        }
+    };
+    let probes: Vec<_> = order
+        .probes
+        .into_iter()
+        .take(wire::ProbeOrder::MAX)
+        .collect();
+    let (context, url, credential) = (context.clone(), url.to_owned(), credential.clone());
+    tokio::spawn(async move {
+        let results = crate::probe::run(&context, probes).await;
+        let body = wire::ProbeResults {
+            instance: context.instance.clone(),
+            results,
+        };
+        let posted = async {
+            let mut sender = connect(&url, &credential, true).await?;
+            post(&mut sender, "/v1/probes", &body).await
+        };
+        match posted.await {
+            Ok((200, _)) => {}
+            Ok((status, answer)) => {
+                tracing::warn!(status, answer = %String::from_utf8_lossy(&answer), "probe results refused")
+            }
+            Err(error) => tracing::warn!(%error, "probe results not delivered"),
+        }
+    });
 }
 
 /// Registers this sidecar's endpoint. `Ok(false)`: refused for now (the endpoint is still held

@@ -96,6 +96,11 @@ async fn handle(
         );
     }
     match handshake {
+        Ok((stream, Some(port)))
+            if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_PROBE) =>
+        {
+            crate::probe::answer(context, stream, port).await
+        }
         // Authenticated: out of the handshake budget, into the inbound one (a shared
         // connection decides that itself, see `mux::serve`).
         Ok((_, Some(_))) if !pending.authenticated(context) => {}

@@ -38,6 +38,7 @@ pub mod metric;
 mod mux;
 pub mod outbound;
 mod pool;
+mod probe;
 pub mod redirect;
 pub mod snapshot;
 pub mod tls;

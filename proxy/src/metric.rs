@@ -27,6 +27,8 @@ pub(crate) const OUTBOUND_FAILURES: &str = "sidewall_proxy_outbound_failures_tot
 pub(crate) const EGRESS_CONNECTIONS: &str = "sidewall_proxy_egress_connections_total";
 /// Plaintext connections accepted on a permissive port, by `port`.
 pub(crate) const PLAINTEXT_ACCEPTED: &str = "sidewall_proxy_plaintext_accepted_total";
+/// Segmentation probes, by `side` (`made`, `answered`) and `answer`.
+pub(crate) const PROBES: &str = "sidewall_proxy_probes_total";
 /// HTTP requests answered, by `outcome` and `policy`.
 pub(crate) const HTTP_REQUESTS: &str = "sidewall_proxy_http_requests_total";
 /// App connections arriving as streams of shared connections, by `outcome`.
@@ -106,6 +108,10 @@ pub fn describe() {
     describe_counter!(
         PLAINTEXT_ACCEPTED,
         "Plaintext connections accepted on a permissive port."
+    );
+    describe_counter!(
+        PROBES,
+        "Segmentation probes made (side=made) and answered (side=answered), by answer."
     );
     describe_counter!(
         HTTP_REQUESTS,

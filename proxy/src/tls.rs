@@ -31,6 +31,9 @@ pub const ALPN_H2: &[u8] = b"sidewall-h2/1";
 /// ALPN of carried TCP connections: HTTP/2 right after the handshake (no port header), each
 /// app connection one `CONNECT sidewall:<port>` stream, authorized on its own.
 pub const ALPN_MUX: &[u8] = b"sidewall-mux/1";
+/// ALPN of a segmentation probe: the port header, answered with the status byte the
+/// connection would get, then closed; nothing reaches the app (`crate::probe`).
+pub const ALPN_PROBE: &[u8] = b"sidewall-probe/1";
 
 /// The crypto provider used everywhere (aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -138,7 +141,12 @@ impl TlsSet {
             .with_protocol_versions(versions(tls12))?
             .with_client_cert_verifier(Arc::new(verifier))
             .with_cert_resolver(Arc::new(Fixed(credential.certified_key.clone())));
-        server.alpn_protocols = vec![ALPN_L4.to_vec(), ALPN_H2.to_vec(), ALPN_MUX.to_vec()];
+        server.alpn_protocols = vec![
+            ALPN_L4.to_vec(),
+            ALPN_H2.to_vec(),
+            ALPN_MUX.to_vec(),
+            ALPN_PROBE.to_vec(),
+        ];
         Ok(Self {
             server: Arc::new(server),
             bundles,
@@ -179,6 +187,21 @@ impl TlsSet {
         if let Some(config) = clients.get(expected) {
             return Ok(config.clone());
         }
+        let config = self.build_client(expected, alpn)?;
+        clients.insert(expected.clone(), config.clone());
+        Ok(config)
+    }
+
+    /// A client configuration for a probe of `expected` (not kept: probes are rare).
+    pub fn probe_client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+        self.build_client(expected, ALPN_PROBE)
+    }
+
+    fn build_client(
+        &self,
+        expected: &SpiffeId,
+        alpn: &'static [u8],
+    ) -> Result<Arc<ClientConfig>, rustls::Error> {
         let provider = provider();
         let verifier = SpiffeServerVerifier::new(
             expected.clone(),
@@ -194,8 +217,6 @@ impl TlsSet {
                 self.credential.certified_key.clone(),
             )));
         config.alpn_protocols = vec![alpn.to_vec()];
-        let config = Arc::new(config);
-        clients.insert(expected.clone(), config.clone());
-        Ok(config)
+        Ok(Arc::new(config))
     }
 }

@@ -68,7 +68,7 @@ fn claim(api: &Api, instance: &str, identity: &SpiffeId) -> Result<(), ApiError>
 
 /// The caller's workload identity, once `instance` is checked and claimed for it (what a
 /// registration and an ack start with).
-fn claimed(api: &Api, peer: &Peer, instance: &str) -> Result<SpiffeId, ApiError> {
+pub(super) fn claimed(api: &Api, peer: &Peer, instance: &str) -> Result<SpiffeId, ApiError> {
     let identity = workload(api, peer)?;
     if !valid_instance(instance) {
         return Err(ApiError::bad_request(
@@ -154,6 +154,7 @@ pub(super) fn watch(
     });
     tracing::info!(%identity, instance, "snapshot watch opened");
     let mut closing = distribution.closing();
+    let mut probes = distribution.subscribe_probes();
     let api = api.clone();
     tokio::spawn(async move {
         let mut last_hash = None;
@@ -178,6 +179,20 @@ pub(super) fn watch(
                     break;
                 }
                 changed = changes.changed() => if changed.is_err() { break },
+                changed = probes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // Probes for this sidecar (`sidewall verify segmentation`): a line of its own.
+                    if let Some(probes) = distribution.take_probes(&instance) {
+                        let order = wire::ProbeOrder { probes };
+                        let Ok(mut line) = serde_json::to_vec(&order) else { continue };
+                        line.push(b'\n');
+                        if sender.send(Bytes::from(line)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 () = tokio::time::sleep(keepalive) => {
                     if sender.send(Bytes::from_static(b"\n")).await.is_err() {
                         break;

@@ -211,6 +211,45 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
         esc(&report.observed.counted_since),
         report.segmentation.denied_attempts
     );
+    let _ = match &report.segmentation.last_test {
+        None => writeln!(
+            out,
+            "<p id=\"last-test\">Segmentation tested: not since this control plane started \
+             (<code>sidewall verify segmentation</code> has each sidecar probe the pairs that must \
+             be denied).</p>"
+        ),
+        Some(t) => {
+            let verdict = if !t.finished {
+                "<span class=\"deny\">not finished</span>".to_owned()
+            } else if t.failures.is_empty() {
+                "<span class=\"ok\">every pair refused</span>".to_owned()
+            } else {
+                format!(
+                    "<span class=\"deny\">{} not refused: {}</span>",
+                    t.failures.len(),
+                    esc(&t.failures.join(", "))
+                )
+            };
+            writeln!(
+                out,
+                "<p id=\"last-test\">Segmentation tested {} by <code>{}</code> (policy version \
+                 {}): {} pairs that must be denied probed by their sources' own sidecars, {} \
+                 refused, {} admitted, {} not answered{}; {verdict}.</p>",
+                esc(&t.at),
+                esc(&t.by),
+                t.policy_version,
+                t.pairs,
+                t.refused,
+                t.admitted,
+                t.no_answer,
+                if t.unprobed > 0 {
+                    format!(" ({} more with no sidecar to probe them)", t.unprobed)
+                } else {
+                    String::new()
+                }
+            )
+        }
+    };
     let rules: Vec<Vec<String>> = report
         .segmentation
         .rules

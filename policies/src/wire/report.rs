@@ -117,6 +117,37 @@ pub struct Segmentation {
     pub rules: Vec<MatrixRow>,
     /// Denied attempts counted since `observed.counted_since`, in all.
     pub denied_attempts: u64,
+    /// The newest segmentation test (`sidewall verify segmentation`) since the control plane
+    /// started, if any.
+    #[serde(default)]
+    pub last_test: Option<TestSummary>,
+}
+
+/// What the newest segmentation test found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestSummary {
+    /// The run.
+    pub id: String,
+    /// When it started.
+    pub at: String,
+    /// Who started it.
+    pub by: String,
+    /// The policy version it tested.
+    pub policy_version: u64,
+    /// Whether it has finished.
+    pub finished: bool,
+    /// Pairs probed.
+    pub pairs: u64,
+    /// Refused, as the policy says.
+    pub refused: u64,
+    /// Admitted: failures.
+    pub admitted: u64,
+    /// Not answered: failures too.
+    pub no_answer: u64,
+    /// Pairs no sidecar could probe.
+    pub unprobed: u64,
+    /// The pairs not refused, `source -> target:port`.
+    pub failures: Vec<String>,
 }
 
 /// One rule: `from` may (or may not) reach `target` on `ports`.
@@ -354,4 +385,61 @@ pub struct ControlMapping {
     pub section: u8,
     /// Control identifiers, by framework (`PCI DSS v4.0 1.2.1`).
     pub controls: Vec<String>,
+}
+
+/// `POST /v1/verifications`: test the segmentation (`sidewall verify segmentation`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationRequest {
+    /// Probe this many of the pairs that must be denied, picked at random (default: all, up
+    /// to 10000).
+    #[serde(default)]
+    pub sample: Option<usize>,
+}
+
+/// A segmentation test: each pair the policies in force must deny, probed by the source's
+/// sidecar, and what the target answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    /// Its id.
+    pub id: String,
+    /// The operator who started it.
+    pub started_by: String,
+    /// When.
+    pub started_at: String,
+    /// The policy version the pairs come from.
+    pub policy_version: u64,
+    /// Every pair answered, or its time is up (pairs still pending are `no_answer` then).
+    pub finished: bool,
+    /// The pairs must be denied that no sidecar could probe (its source has no connected
+    /// sidecar of this release).
+    pub unprobed: u64,
+    /// The pairs probed.
+    pub pairs: Vec<VerificationPair>,
+}
+
+impl Verification {
+    /// The pairs whose target did not refuse: admitted, or no answer.
+    pub fn failures(&self) -> impl Iterator<Item = &VerificationPair> {
+        self.pairs
+            .iter()
+            .filter(|p| p.answer != super::ProbeAnswer::Refused)
+    }
+}
+
+/// One pair: `source` must not reach `target` on `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationPair {
+    /// The caller.
+    pub source: String,
+    /// The caller's sidecar that probed.
+    pub instance: String,
+    /// The callee.
+    pub target: String,
+    /// The callee's sidecar endpoint.
+    pub endpoint: String,
+    /// The port.
+    pub port: u16,
+    /// What the callee's sidecar answered.
+    pub answer: super::ProbeAnswer,
 }

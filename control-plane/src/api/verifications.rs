@@ -1,0 +1,208 @@
+//! Segmentation testing (`sidewall verify segmentation`; docs/compliance.md): `POST
+//! /v1/verifications` picks the pairs the policies in force must deny and sends each source
+//! sidecar its probes over its watch; `POST /v1/probes` takes what the targets answered;
+//! `GET /v1/verifications/{id}` reads the run, and records it in the audit trail once finished.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use serde_json::json;
+use sidewall_policies::SpiffeId;
+use sidewall_policies::engine::Outcome;
+use sidewall_policies::wire::report::{Verification, VerificationPair, VerificationRequest};
+use sidewall_policies::wire::{Probe, ProbeAnswer, ProbeResults};
+
+use super::{
+    Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
+    unix_rfc3339,
+};
+
+/// Most pairs probed in one run.
+pub(crate) const MAX_PAIRS: usize = 10_000;
+/// Most results in one `POST /v1/probes`.
+const MAX_RESULTS: usize = 1000;
+
+/// `POST /v1/verifications` (policy role): starts a run.
+pub(super) async fn start(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    let operator = require_operator(api, peer)?;
+    let body: VerificationRequest = read_json(api, request).await?;
+    if body.sample == Some(0) {
+        return Err(ApiError::bad_request(
+            "invalid_sample",
+            "sample must be at least 1 (leave it out to probe every pair)",
+        ));
+    }
+    let (version, _, engine, _) = api.distribution.current();
+    // One probing sidecar per source identity: a connected one of this release.
+    let mut sources: BTreeMap<String, String> = BTreeMap::new();
+    for entry in api.distribution.fleet() {
+        if entry.connected && entry.sidecar.is_some() {
+            sources.entry(entry.identity).or_insert(entry.instance);
+        }
+    }
+    let id = crate::random::hex_token(8);
+    let mut pairs = Vec::new();
+    let mut unprobed = 0u64;
+    let registrations = api.store.registrations().await?;
+    let identities: Vec<SpiffeId> = {
+        let mut all: Vec<String> = registrations.iter().map(|r| r.identity.clone()).collect();
+        all.extend(api.distribution.fleet().into_iter().map(|e| e.identity));
+        all.sort();
+        all.dedup();
+        all.iter().filter_map(|i| SpiffeId::parse(i).ok()).collect()
+    };
+    for registration in &registrations {
+        let Ok(target) = SpiffeId::parse(&registration.identity) else {
+            continue;
+        };
+        for port in &registration.ports {
+            for source in identities.iter().filter(|s| **s != target) {
+                let decision = engine.decide_connection(source, &target, port.port, port.protocol);
+                if decision.outcome != Outcome::Deny {
+                    continue;
+                }
+                let Some(instance) = sources.get(source.as_str()) else {
+                    unprobed += 1;
+                    continue;
+                };
+                pairs.push(VerificationPair {
+                    source: source.to_string(),
+                    instance: instance.clone(),
+                    target: target.to_string(),
+                    endpoint: registration.endpoint.clone(),
+                    port: port.port,
+                    answer: ProbeAnswer::Pending,
+                });
+            }
+        }
+    }
+    // A sample (or more pairs than a run takes): the pairs this run's id orders first.
+    let keep = body.sample.unwrap_or(MAX_PAIRS).min(MAX_PAIRS);
+    if pairs.len() > keep {
+        pairs.sort_by_cached_key(|p| {
+            crate::random::sha256_hex(
+                format!("{id} {} {} {} {}", p.source, p.target, p.endpoint, p.port).as_bytes(),
+            )
+        });
+        pairs.truncate(keep);
+    }
+    let mut orders: HashMap<String, Vec<Probe>> = HashMap::new();
+    for pair in &pairs {
+        orders
+            .entry(pair.instance.clone())
+            .or_default()
+            .push(Probe {
+                run: id.clone(),
+                target: pair.target.clone(),
+                endpoint: pair.endpoint.clone(),
+                port: pair.port,
+            });
+    }
+    // A sidecar makes 20 probes a second: time for the busiest, and to report.
+    let busiest = orders.values().map(Vec::len).max().unwrap_or(0);
+    let now = now_unix();
+    let deadline = now + 15 + i64::try_from(busiest / 20).unwrap_or(i64::MAX);
+    let verification = Verification {
+        id,
+        started_by: operator.clone(),
+        started_at: unix_rfc3339(now),
+        policy_version: version,
+        finished: pairs.is_empty(),
+        unprobed,
+        pairs,
+    };
+    api.distribution
+        .start_verification(verification.clone(), orders, deadline, now)
+        .map_err(|running| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "verification_running",
+                format!("verification {running} is under way; read it with GET /v1/verifications/{running}"),
+            )
+        })?;
+    tracing::info!(%operator, id = verification.id, pairs = verification.pairs.len(), unprobed, "segmentation verification started");
+    if verification.finished {
+        // Nothing to probe: finished at once, and recorded.
+        let _ = api.distribution.verification(&verification.id, now);
+        record(api, &verification).await;
+    }
+    Ok(json_response(StatusCode::OK, &verification))
+}
+
+/// `GET /v1/verifications/{id}` (viewer).
+pub(super) async fn read(api: &Api, peer: &Peer, id: &str) -> Result<HttpResponse, ApiError> {
+    require_operator(api, peer)?;
+    let Some((verification, finished_now)) = api.distribution.verification(id, now_unix()) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "verification_unknown",
+            format!(
+                "no verification {id:?} (only the newest is kept, since the control plane started)"
+            ),
+        ));
+    };
+    if finished_now {
+        record(api, &verification).await;
+    }
+    Ok(json_response(StatusCode::OK, &verification))
+}
+
+/// The audit record of a finished run.
+async fn record(api: &Api, verification: &Verification) {
+    let count = |answer: ProbeAnswer| {
+        verification
+            .pairs
+            .iter()
+            .filter(|p| p.answer == answer)
+            .count()
+    };
+    let failures: Vec<String> = verification
+        .failures()
+        .take(20)
+        .map(|p| format!("{} -> {}:{}", p.source, p.target, p.port))
+        .collect();
+    api.audit(
+        crate::audit::AuditEvent::new(
+            &verification.started_by,
+            crate::audit::SEGMENTATION_VERIFIED,
+            &verification.id,
+        )
+        .with("policy_version", verification.policy_version)
+        .with("pairs", verification.pairs.len())
+        .with("refused", count(ProbeAnswer::Refused))
+        .with("admitted", count(ProbeAnswer::Admitted))
+        .with("no_answer", count(ProbeAnswer::NoAnswer))
+        .with("unprobed", verification.unprobed)
+        .with("failures", failures.join(", ")),
+    )
+    .await;
+}
+
+/// `POST /v1/probes` (workload): what the targets answered to the caller's probes.
+pub(super) async fn results(
+    api: &Api,
+    peer: &Peer,
+    request: Request<Incoming>,
+) -> Result<HttpResponse, ApiError> {
+    // The body first, as for registrations.
+    let body: ProbeResults = read_json(api, request).await?;
+    let identity = super::distribution::claimed(api, peer, &body.instance)?;
+    if body.results.len() > MAX_RESULTS {
+        return Err(ApiError::bad_request(
+            "too_many_results",
+            format!("at most {MAX_RESULTS} probe results per request"),
+        ));
+    }
+    let taken = api
+        .distribution
+        .probe_results(identity.as_str(), &body.results);
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"ok": true, "taken": taken}),
+    ))
+}
