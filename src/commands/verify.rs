@@ -24,7 +24,7 @@ pub(crate) enum VerifyCommand {
         #[arg(long, value_name = "N")]
         sample: Option<usize>,
         /// How long to wait for the answers.
-        #[arg(long, value_name = "AGE", value_parser = super::audit::parse_age, default_value = "60s")]
+        #[arg(long, value_name = "AGE", value_parser = super::audit::parse_age, default_value = "2m")]
         timeout: Duration,
         /// Print the run as JSON (the `GET /v1/verifications/{id}` answer).
         #[arg(long)]

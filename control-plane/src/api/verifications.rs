@@ -11,7 +11,7 @@ use serde_json::json;
 use sidewall_policies::SpiffeId;
 use sidewall_policies::engine::Outcome;
 use sidewall_policies::wire::report::{Verification, VerificationPair, VerificationRequest};
-use sidewall_policies::wire::{Probe, ProbeAnswer, ProbeResults};
+use sidewall_policies::wire::{Probe, ProbeAnswer, ProbeOrder, ProbeResults};
 
 use super::{
     Api, ApiError, HttpResponse, Peer, json_response, now_unix, read_json, require_operator,
@@ -91,6 +91,15 @@ pub(super) async fn start(
         });
         pairs.truncate(keep);
     }
+    // One order a source, of at most what a sidecar takes: the rest are unprobed.
+    let mut per_source: HashMap<String, usize> = HashMap::new();
+    pairs.retain(|pair| {
+        let count = per_source.entry(pair.instance.clone()).or_default();
+        *count += 1;
+        let kept = *count <= ProbeOrder::MAX;
+        unprobed += u64::from(!kept);
+        kept
+    });
     let mut orders: HashMap<String, Vec<Probe>> = HashMap::new();
     for pair in &pairs {
         orders
