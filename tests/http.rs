@@ -513,6 +513,10 @@ fn idle_keep_alive_outlives_the_head_deadline_but_a_slow_head_does_not() {
     let mut slow = std::net::TcpStream::connect(("127.0.0.1", mesh.route)).unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    // A defect: the sidecar armed the head deadline only when it started waiting, so a head
+    // whose first byte came after that (here a second after the connection) was timed by the
+    // idle timeout (an hour) instead. Failed before the fix: still open after 41 s.
+    std::thread::sleep(Duration::from_secs(1));
     slow.write_all(b"GET /v1/orders HTTP/1.1\r\nHost: api")
         .unwrap();
     std::thread::sleep(Duration::from_millis(11_500));

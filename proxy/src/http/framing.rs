@@ -52,6 +52,8 @@ pub(crate) struct Scan {
     last: AtomicU64,
     /// The client spoke HTTP/2: nothing here is timed.
     http2: AtomicBool,
+    /// A head began: a waiting [`Scan::expired`] takes its deadline into account.
+    head_began: tokio::sync::Notify,
 }
 
 impl Scan {
@@ -63,6 +65,7 @@ impl Scan {
             head_since: AtomicU64::new(NONE),
             last: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            head_began: tokio::sync::Notify::new(),
         })
     }
 
@@ -79,6 +82,11 @@ impl Scan {
             if self.http2.load(Ordering::Relaxed) {
                 return std::future::pending().await;
             }
+            // Registered before the state is read, so a head that begins after this read
+            // still wakes the wait below (it would otherwise sleep until `idle`).
+            let began = self.head_began.notified();
+            tokio::pin!(began);
+            began.as_mut().enable();
             let now = self.now();
             let head = self.head_since.load(Ordering::Relaxed);
             let head_at = match head {
@@ -96,7 +104,10 @@ impl Scan {
                 return "idle";
             }
             let wait = head_at.min(idle_at) - now;
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                () = &mut began => {}
+            }
         }
     }
 
@@ -357,6 +368,7 @@ impl crate::transport::Observer for Scanner {
             since.store(NONE, Ordering::Relaxed);
         } else if since.load(Ordering::Relaxed) == NONE || self.heads != heads {
             since.store(now, Ordering::Relaxed);
+            self.scan.head_began.notify_waiters();
         }
         Ok(())
     }
@@ -492,6 +504,26 @@ mod tests {
         let started = Instant::now();
         assert_eq!(scan.expired(idle).await, "idle");
         assert_eq!(started.elapsed(), idle);
+    }
+
+    /// A head that begins while the connection is already waiting is timed from its first
+    /// byte, not by the idle timeout the wait began with.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_begins_during_the_wait_is_timed() {
+        use crate::transport::Observer;
+        let idle = Duration::from_secs(3600);
+        let (mut scanner, scan) = timed();
+        let started = Instant::now();
+        let waiting = scan.expired(idle);
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), waiting.as_mut())
+                .await
+                .is_err()
+        );
+        scanner.observe(b"GET / HT").unwrap();
+        assert_eq!(waiting.await, "header_timeout");
+        assert_eq!(started.elapsed(), Duration::from_secs(1) + HEAD_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
