@@ -624,6 +624,18 @@ fn the_signed_report_states_what_the_mesh_did() {
         trail.stdout
     );
 
+    // These sidecars do not make probes: a segmentation test cannot verify anything, and
+    // says so (exit 1), naming how many pairs went unprobed.
+    let run = cp.cli(&["verify", "segmentation", "--timeout", "10s"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .starts_with("segmentation not verified: 4 pairs could not be probed"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+
     // The page, in headless Chromium: self-contained, every section, the numbers above.
     if !chromium_installed() {
         eprintln!("SKIPPED (rendering only): chromium not installed");

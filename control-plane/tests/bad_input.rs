@@ -486,7 +486,9 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     // U's sidecar watches too, so a segmentation test has a pair to probe (U → W:5001, which
     // no policy allows) and stays under way: this U never answers its probe.
     let u = cp.workload("spiffe://sidewall.local/ns/bad/svc/u").await;
-    let _u_watch = u.watch_and_ack().await;
+    let _u_watch = u
+        .watch_and_ack_as(json!({"version": "0.1.0", "probes": true}))
+        .await;
     let (status, run) = operator
         .call(Method::POST, "/v1/verifications", Some(&json!({})))
         .await

@@ -136,6 +136,9 @@ pub struct SidecarFacts {
     /// Whether it accepts TLS 1.2 from peers (`tls.allowTls12`); TLS 1.3 only otherwise.
     #[serde(default)]
     pub allow_tls12: bool,
+    /// Whether it makes segmentation probes (a `{"probes": …}` line of its watch).
+    #[serde(default)]
+    pub probes: bool,
 }
 
 impl SidecarFacts {
@@ -198,6 +201,9 @@ impl FlowReport {
 pub struct ProbeOrder {
     /// The probes, each a pair the policies in force must deny.
     pub probes: Vec<Probe>,
+    /// When the run's time is up, Unix seconds: probes not made by then are not made.
+    #[serde(default)]
+    pub deadline: Option<i64>,
 }
 
 impl ProbeOrder {
@@ -461,6 +467,7 @@ mod tests {
                     permissive_ports: vec![8080],
                     egress: vec!["10.0.0.1:443".into()],
                     allow_tls12: true,
+                    probes: true,
                 }),
             });
         }

@@ -4,6 +4,7 @@
 //! the connection would get and closes it. A probe never reaches an app, and is counted apart
 //! from connections (`sidewall_proxy_probes_total`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -17,29 +18,35 @@ use tokio_rustls::TlsConnector;
 use crate::Context;
 use crate::transport::{ReadAhead, Status, request_port, write_status};
 
-/// Probes a sidecar answers per second at most; more are closed unanswered.
+/// Probes a sidecar answers per second from one peer at most (a prober makes 20); more are
+/// closed unanswered.
 const ANSWERS_PER_SECOND: u32 = 50;
+/// Peers whose answer count is kept; past this, the counts start again.
+const PEERS_COUNTED: usize = 4096;
 /// The pause between two probes this sidecar makes (at most 20 a second).
 const BETWEEN_PROBES: Duration = Duration::from_millis(50);
-/// How long a probe waits for the target's answer after its handshake.
-const ANSWER_WITHIN: Duration = Duration::from_secs(3);
+/// How long a probe may take to connect, to finish its handshake, and to be answered: the
+/// targets are sidecars close by, and a dead one must not hold the probes after it.
+const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(3);
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
-/// Probes answered in the current second, for [`ANSWERS_PER_SECOND`].
-static ANSWERED: Mutex<Option<(Instant, u32)>> = Mutex::new(None);
+/// Probes answered in the current second, by peer, for [`ANSWERS_PER_SECOND`].
+static ANSWERED: Mutex<Option<HashMap<String, (Instant, u32)>>> = Mutex::new(None);
 
-fn may_answer() -> bool {
-    let mut window = ANSWERED.lock().unwrap_or_else(|p| p.into_inner());
-    let now = Instant::now();
-    match &mut *window {
-        Some((start, count)) if now.duration_since(*start) < Duration::from_secs(1) => {
-            *count += 1;
-            *count <= ANSWERS_PER_SECOND
-        }
-        _ => {
-            *window = Some((now, 1));
-            true
-        }
+fn may_answer(peer: &str) -> bool {
+    let mut counts = ANSWERED.lock().unwrap_or_else(|p| p.into_inner());
+    let counts = counts.get_or_insert_with(HashMap::new);
+    if counts.len() >= PEERS_COUNTED && !counts.contains_key(peer) {
+        counts.clear();
     }
+    let now = Instant::now();
+    let (start, count) = counts.entry(peer.to_owned()).or_insert((now, 0));
+    if now.duration_since(*start) >= Duration::from_secs(1) {
+        (*start, *count) = (now, 0);
+    }
+    *count += 1;
+    *count <= ANSWERS_PER_SECOND
 }
 
 /// Answers a probe of `port` that arrived on `stream` (ALPN `sidewall-probe/1`): the status byte
@@ -54,7 +61,7 @@ pub(crate) async fn answer<S>(
     let Some(peer) = peer_svid(stream.get_ref().1.peer_certificates(), Usage::Client) else {
         return;
     };
-    if !may_answer() {
+    if !may_answer(peer.id.as_str()) {
         metrics::counter!(crate::metric::PROBES, "side" => "answered", "answer" => "rate_limited")
             .increment(1);
         return;
@@ -111,15 +118,14 @@ async fn dial(context: &Context, probe: &Probe) -> ProbeAnswer {
     let Ok(client) = tls.probe_client(&target) else {
         return ProbeAnswer::NoAnswer;
     };
-    let limits = &context.config.limits;
     let exchange = async {
-        let tcp = tokio::time::timeout(limits.connect_timeout.0, TcpStream::connect(address))
+        let tcp = tokio::time::timeout(CONNECT_WITHIN, TcpStream::connect(address))
             .await
             .ok()?
             .ok()?;
         let name = rustls_pki_types::ServerName::IpAddress(address.ip().into());
         let mut stream = tokio::time::timeout(
-            limits.handshake_timeout.0,
+            HANDSHAKE_WITHIN,
             TlsConnector::from(client).connect(name, ReadAhead::new(tcp)),
         )
         .await

@@ -18,7 +18,8 @@ pub(crate) enum VerifyCommand {
     /// port), the source's own sidecar dials the target's sidecar as itself, past its own
     /// checks, marked as a probe that never reaches an app; the target must refuse. Prints
     /// every pair and its answer; exit 0 when every target refused, 1 naming each pair that was
-    /// admitted or not answered. Needs the policy role; recorded in the audit trail.
+    /// admitted or not answered, or when pairs could not be probed (a source with no connected
+    /// sidecar of this release). Needs the policy role; recorded in the audit trail.
     Segmentation {
         /// Probe only this many pairs, picked at random (default: all, up to 10000).
         #[arg(long, value_name = "N")]
@@ -53,7 +54,7 @@ pub(crate) fn run(command: VerifyCommand, access: &ControlPlaneAccess) -> ExitCo
             let (status, reply) = client.call(Method::GET, &path, None).await?;
             run = answer("GET /v1/verifications", status, reply)?;
         }
-        failed = !run.finished || run.failures().next().is_some();
+        failed = !run.finished || run.failures().next().is_some() || run.unprobed > 0;
         if json {
             println!("{}", serde_json::to_string_pretty(&run)?);
             return Ok(());
@@ -95,6 +96,16 @@ fn print(run: &Verification) {
     let failures: Vec<_> = run.failures().collect();
     if !run.finished {
         eprintln!("segmentation not verified: the answers did not all come in time");
+    } else if failures.is_empty() && run.unprobed > 0 {
+        eprintln!(
+            "segmentation not verified: {} pair{} could not be probed (no connected sidecar of this release at the source, or past the 10000 a run takes)",
+            run.unprobed,
+            if run.unprobed == 1 { "" } else { "s" }
+        );
+    } else if run.pairs.is_empty() {
+        println!(
+            "nothing to test: the policies in force deny no registered port to any known workload"
+        );
     } else if failures.is_empty() {
         println!("segmentation holds: every target refused");
     } else {

@@ -155,6 +155,8 @@ pub(super) fn watch(
     tracing::info!(%identity, instance, "snapshot watch opened");
     let mut closing = distribution.closing();
     let mut probes = distribution.subscribe_probes();
+    // Orders queued before this watch opened (a sidecar that reconnected) are sent at once.
+    probes.mark_changed();
     let api = api.clone();
     tokio::spawn(async move {
         let mut last_hash = None;
@@ -184,8 +186,7 @@ pub(super) fn watch(
                         break;
                     }
                     // Probes for this sidecar (`sidewall verify segmentation`): a line of its own.
-                    if let Some(probes) = distribution.take_probes(&instance) {
-                        let order = wire::ProbeOrder { probes };
+                    if let Some(order) = distribution.take_probes(&instance) {
                         let Ok(mut line) = serde_json::to_vec(&order) else { continue };
                         line.push(b'\n');
                         if sender.send(Bytes::from(line)).await.is_err() {

@@ -20,6 +20,8 @@ use super::{
 
 /// Most pairs probed in one run.
 pub(crate) const MAX_PAIRS: usize = 10_000;
+/// Most pairs listed before sampling; more are counted as unprobed.
+const MAX_LISTED: usize = 100_000;
 /// Most results in one `POST /v1/probes`.
 const MAX_RESULTS: usize = 1000;
 
@@ -37,11 +39,23 @@ pub(super) async fn start(
             "sample must be at least 1 (leave it out to probe every pair)",
         ));
     }
+    let running = |id: String| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "verification_running",
+            format!("verification {id} is under way; read it with GET /v1/verifications/{id}"),
+        )
+    };
+    if let Some(id) = api.distribution.verification_running(now_unix()) {
+        return Err(running(id));
+    }
     let (version, _, engine, _) = api.distribution.current();
-    // One probing sidecar per source identity: a connected one of this release.
+    // One probing sidecar per source identity: a connected one that says it probes and was
+    // heard from lately.
     let mut sources: BTreeMap<String, String> = BTreeMap::new();
     for entry in api.distribution.fleet() {
-        if entry.connected && entry.sidecar.is_some() {
+        let probes = entry.sidecar.as_ref().is_some_and(|s| s.probes);
+        if entry.connected && !entry.stale && probes {
             sources.entry(entry.identity).or_insert(entry.instance);
         }
     }
@@ -70,6 +84,11 @@ pub(super) async fn start(
                     unprobed += 1;
                     continue;
                 };
+                // Bounded work: past this many, pairs are counted, not kept.
+                if pairs.len() >= MAX_LISTED {
+                    unprobed += 1;
+                    continue;
+                }
                 pairs.push(VerificationPair {
                     source: source.to_string(),
                     instance: instance.clone(),
@@ -84,6 +103,10 @@ pub(super) async fn start(
     // A sample (or more pairs than a run takes): the pairs this run's id orders first.
     let keep = body.sample.unwrap_or(MAX_PAIRS).min(MAX_PAIRS);
     if pairs.len() > keep {
+        // Left out by a sample: chosen not to be probed. Past the cap: not probed.
+        if body.sample.is_none_or(|n| n > MAX_PAIRS) {
+            unprobed += (pairs.len() - keep) as u64;
+        }
         pairs.sort_by_cached_key(|p| {
             crate::random::sha256_hex(
                 format!("{id} {} {} {} {}", p.source, p.target, p.endpoint, p.port).as_bytes(),
@@ -115,7 +138,7 @@ pub(super) async fn start(
     // A sidecar makes 20 probes a second: time for the busiest, and to report.
     let busiest = orders.values().map(Vec::len).max().unwrap_or(0);
     let now = now_unix();
-    let deadline = now + 15 + i64::try_from(busiest / 20).unwrap_or(i64::MAX);
+    let deadline = now + 20 + i64::try_from(busiest / 20).unwrap_or(i64::MAX);
     let verification = Verification {
         id,
         started_by: operator.clone(),
@@ -125,20 +148,18 @@ pub(super) async fn start(
         unprobed,
         pairs,
     };
-    api.distribution
+    let replaced = api
+        .distribution
         .start_verification(verification.clone(), orders, deadline, now)
-        .map_err(|running| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "verification_running",
-                format!("verification {running} is under way; read it with GET /v1/verifications/{running}"),
-            )
-        })?;
+        .map_err(running)?;
+    if let Some(earlier) = replaced {
+        // Finished, but nobody read it since: recorded now.
+        record(api, &earlier).await;
+    }
     tracing::info!(%operator, id = verification.id, pairs = verification.pairs.len(), unprobed, "segmentation verification started");
-    if verification.finished {
+    if let Some((finished, true)) = api.distribution.verification(&verification.id, now) {
         // Nothing to probe: finished at once, and recorded.
-        let _ = api.distribution.verification(&verification.id, now);
-        record(api, &verification).await;
+        record(api, &finished).await;
     }
     Ok(json_response(StatusCode::OK, &verification))
 }
@@ -207,9 +228,12 @@ pub(super) async fn results(
             format!("at most {MAX_RESULTS} probe results per request"),
         ));
     }
-    let taken = api
-        .distribution
-        .probe_results(identity.as_str(), &body.results);
+    let taken = api.distribution.probe_results(
+        identity.as_str(),
+        &body.instance,
+        &body.results,
+        now_unix(),
+    );
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "taken": taken}),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use sidewall_policies::wire::report::Verification;
-use sidewall_policies::wire::{Probe, ProbeAnswer, ProbeResult};
+use sidewall_policies::wire::{Probe, ProbeAnswer, ProbeOrder, ProbeResult};
 
 use super::{Distribution, lock};
 
@@ -16,21 +16,34 @@ pub(super) struct Run {
 }
 
 impl Distribution {
+    /// The run under way at `now`, if any (its id).
+    pub fn verification_running(&self, now: i64) -> Option<String> {
+        let mut run = lock(&self.verification);
+        let run = run.as_mut()?;
+        finish_if_due(run, now);
+        (!run.verification.finished).then(|| run.verification.id.clone())
+    }
+
     /// Starts `verification`, with `orders` (by source instance) for the watches to carry, due
-    /// by `deadline` (Unix seconds); refused while another run is under way.
+    /// by `deadline` (Unix seconds); refused while another run is under way. The run it
+    /// replaces, if that finished without being recorded (the caller records it).
     pub fn start_verification(
         &self,
         verification: Verification,
         orders: HashMap<String, Vec<Probe>>,
         deadline: i64,
         now: i64,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Verification>, String> {
         let mut run = lock(&self.verification);
-        if let Some(current) = run.as_ref()
-            && !current.verification.finished
-            && now < current.deadline
-        {
-            return Err(current.verification.id.clone());
+        let mut unrecorded = None;
+        if let Some(current) = run.as_mut() {
+            finish_if_due(current, now);
+            if !current.verification.finished {
+                return Err(current.verification.id.clone());
+            }
+            if !current.recorded {
+                unrecorded = Some(current.verification.clone());
+            }
         }
         *run = Some(Run {
             verification,
@@ -39,7 +52,7 @@ impl Distribution {
         });
         *lock(&self.probe_orders) = orders;
         self.probes_changed.send_modify(|n| *n += 1);
-        Ok(())
+        Ok(unrecorded)
     }
 
     /// Changes whenever probe orders are waiting.
@@ -47,18 +60,31 @@ impl Distribution {
         self.probes_changed.subscribe()
     }
 
-    /// The probes waiting for `instance`'s watch, taken.
-    pub fn take_probes(&self, instance: &str) -> Option<Vec<Probe>> {
-        lock(&self.probe_orders).remove(instance)
+    /// The probes waiting for `instance`'s watch, taken, with the run's deadline.
+    pub fn take_probes(&self, instance: &str) -> Option<ProbeOrder> {
+        let probes = lock(&self.probe_orders).remove(instance)?;
+        let deadline = lock(&self.verification).as_ref().map(|r| r.deadline);
+        Some(ProbeOrder { probes, deadline })
     }
 
-    /// Records what the targets answered to `identity`'s probes: only pairs of the run in
-    /// progress with that source, still pending; anything else is ignored. How many were taken.
-    pub fn probe_results(&self, identity: &str, results: &[ProbeResult]) -> usize {
+    /// Records what the targets answered to the probes of sidecar `instance` of `identity`:
+    /// only pairs of the run under way ordered to that sidecar, still pending; anything else
+    /// (an answer after the run's time is up) is ignored. How many were taken.
+    pub fn probe_results(
+        &self,
+        identity: &str,
+        instance: &str,
+        results: &[ProbeResult],
+        now: i64,
+    ) -> usize {
         let mut run = lock(&self.verification);
-        let Some(run) = run.as_mut().filter(|r| !r.verification.finished) else {
+        let Some(run) = run.as_mut() else {
             return 0;
         };
+        finish_if_due(run, now);
+        if run.verification.finished {
+            return 0;
+        }
         let mut taken = 0;
         for result in results {
             if result.probe.run != run.verification.id || result.answer == ProbeAnswer::Pending {
@@ -67,6 +93,7 @@ impl Distribution {
             let pair = run.verification.pairs.iter_mut().find(|p| {
                 p.answer == ProbeAnswer::Pending
                     && p.source == identity
+                    && p.instance == instance
                     && p.target == result.probe.target
                     && p.endpoint == result.probe.endpoint
                     && p.port == result.probe.port
