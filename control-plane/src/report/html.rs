@@ -350,7 +350,8 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
         "unused",
         &["Policy", "Rule"],
         &unused,
-        "None: every allow rule was used.",
+        "None: every allow rule that can be judged from flows was used (rules naming paths or \
+         hosts are not judged: flows keep a path's first segments and no host).",
     );
     out.push_str("<h3>Denied attempts by source and target</h3>\n");
     let denied: Vec<Vec<String>> = report
