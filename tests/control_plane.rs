@@ -1370,6 +1370,15 @@ fn the_audit_trail_records_who_changed_what_and_verify_names_tampering() {
         ]
     );
     assert_eq!(records[0]["details"]["role"], "admin");
+    // The start names the CA in use by its root, as `sidewall ca fingerprint` prints it.
+    assert_eq!(records[1]["details"]["ca"], "generated");
+    let fingerprint = ok(cp.cli(&["ca", "fingerprint"]));
+    assert_eq!(
+        records[1]["details"]["ca_root_sha256"],
+        fingerprint.trim(),
+        "{}",
+        records[1]
+    );
     assert_eq!(records[2]["details"]["role"], "policy");
     assert_eq!(records[4]["details"]["changed"], "db");
     assert_eq!(records[4]["details"]["rules"], "1");

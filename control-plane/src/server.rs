@@ -312,7 +312,17 @@ pub async fn run(
             .with(
                 "config_sha256",
                 crate::random::sha256_hex(settings.as_bytes()),
-            ),
+            )
+            // The CA in use: a plugged-in one or the one this control plane made, by its root.
+            .with(
+                "ca",
+                if api.config.plug_in.is_some() {
+                    "plug-in"
+                } else {
+                    "generated"
+                },
+            )
+            .with("ca_root_sha256", api.ca.root_fingerprint()),
     )
     .await;
 

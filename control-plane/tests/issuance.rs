@@ -359,6 +359,25 @@ async fn a_plugged_in_ca_signs_and_its_root_key_stays_out() {
     assert_svid(chain, identity, DAY);
     let work = tempfile::tempdir().unwrap();
     openssl_verify(work.path(), chain, &root.pem());
+    // The audit trail says which CA is in use: this plug-in, by its root.
+    let (status, page) = cp
+        .operator()
+        .call(hyper::Method::GET, "/v1/audit", None)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let started = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "control-plane.started")
+        .unwrap_or_else(|| panic!("no start record: {page}"));
+    assert_eq!(started["details"]["ca"], "plug-in", "{started}");
+    assert_eq!(
+        started["details"]["ca_root_sha256"],
+        sidewall_control_plane::random::sha256_hex(root.der()),
+        "{started}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
