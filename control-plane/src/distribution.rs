@@ -31,7 +31,7 @@ mod probes;
 pub use fleet::{
     ClaimRefused, IdentityLimits, Pending, RECONNECT_GRACE_SECONDS, ReplicaSummary, SUMMARY_ROWS,
 };
-pub use flows::{MAX_FLOWS, MAX_FLOWS_PER_PEER, MAX_FLOWS_PER_TARGET, explain};
+pub use flows::{MAX_FLOWS, MAX_FLOWS_PER_PEER, MAX_FLOWS_PER_TARGET, decide, explain};
 use sidewall_policies::wire::operator::RevocationKind;
 pub use sidewall_policies::wire::operator::{
     FleetEntry, FlowKey, FlowStats, RefusedAddress, RefusedBecause,

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sidewall_policies::engine::{Explanation, Query, Request, Subject};
+use sidewall_policies::engine::{Decision, Explanation, Query, Request, Subject};
 use sidewall_policies::wire::operator::{FlowKey, FlowStats};
 use sidewall_policies::{Engine, Outcome, Protocol, SpiffeId};
 
@@ -195,11 +195,11 @@ impl Distribution {
         let flows = lock(&self.flows).flows.clone();
         let mut flips = Vec::new();
         for (key, stats) in flows {
-            let (Some(before), Some(after)) = (explain(&current, &key), explain(candidate, &key))
+            let (Some(before), Some(after)) = (decide(&current, &key), decide(candidate, &key))
             else {
                 continue;
             };
-            let (before, after) = (before.decision.outcome, after.decision.outcome);
+            let (before, after) = (before.outcome, after.outcome);
             if before != after {
                 flips.push((key, stats.count, before, after));
             }
@@ -208,9 +208,19 @@ impl Distribution {
     }
 }
 
-/// What `engine` decides for an observed flow, and every rule that matches it (an HTTP flow as
-/// a request to its path prefix, without a host); `None` when its identities do not parse.
+/// What `engine` decides for an observed flow (an HTTP flow as a request to its path prefix,
+/// without a host); `None` when its identities do not parse. Cheap: `policy impact` asks it of
+/// every flow at every call.
+pub fn decide(engine: &Engine, key: &FlowKey) -> Option<Decision> {
+    with_query(key, |query| engine.decide(query))
+}
+
+/// [`decide`], with every rule that matches the flow (for the report; it allocates a trace).
 pub fn explain(engine: &Engine, key: &FlowKey) -> Option<Explanation> {
+    with_query(key, |query| engine.explain(query))
+}
+
+fn with_query<T>(key: &FlowKey, ask: impl FnOnce(&Query<'_>) -> T) -> Option<T> {
     let (Ok(peer), Ok(target)) = (SpiffeId::parse(&key.peer), SpiffeId::parse(&key.target)) else {
         return None;
     };
@@ -223,7 +233,7 @@ pub fn explain(engine: &Engine, key: &FlowKey) -> Option<Explanation> {
         }),
         _ => Subject::Connection(key.protocol),
     };
-    Some(engine.explain(&Query {
+    Some(ask(&Query {
         peer: &peer,
         target: &target,
         port: key.port,
