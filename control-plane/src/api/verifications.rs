@@ -52,11 +52,14 @@ pub(super) async fn start(
     let (version, _, engine, _) = api.distribution.current();
     // One probing sidecar per source identity: a connected one that says it probes and was
     // heard from lately.
+    let fleet = api.distribution.fleet();
     let mut sources: BTreeMap<String, String> = BTreeMap::new();
-    for entry in api.distribution.fleet() {
+    for entry in &fleet {
         let probes = entry.sidecar.as_ref().is_some_and(|s| s.probes);
         if entry.connected && !entry.stale && probes {
-            sources.entry(entry.identity).or_insert(entry.instance);
+            sources
+                .entry(entry.identity.clone())
+                .or_insert_with(|| entry.instance.clone());
         }
     }
     let id = crate::random::hex_token(8);
@@ -65,7 +68,7 @@ pub(super) async fn start(
     let registrations = api.store.registrations().await?;
     let identities: Vec<SpiffeId> = {
         let mut all: Vec<String> = registrations.iter().map(|r| r.identity.clone()).collect();
-        all.extend(api.distribution.fleet().into_iter().map(|e| e.identity));
+        all.extend(fleet.into_iter().map(|e| e.identity));
         all.sort();
         all.dedup();
         all.iter().filter_map(|i| SpiffeId::parse(i).ok()).collect()

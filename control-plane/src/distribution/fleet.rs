@@ -71,6 +71,15 @@ pub const SUMMARY_ROWS: usize = 50;
 /// 10 s). Later it is listed apart, and gets the version when it reconnects.
 pub const RECONNECT_GRACE_SECONDS: i64 = 15;
 
+/// Whether `entry` has yet to process the store change at `generation`, or to apply a snapshot
+/// sent since: what [`Distribution::pending`] and [`Distribution::has_applied`] count as behind.
+fn behind(entry: &FleetEntry, generation: u64) -> bool {
+    entry.processed < generation
+        || entry
+            .sent
+            .is_some_and(|sent| sent >= generation && entry.applied < Some(sent))
+}
+
 /// Policy versions whose rollout (when each sidecar applied them) is kept.
 pub const ROLLOUT_VERSIONS: usize = 100;
 /// Sidecars whose apply time is kept per version.
@@ -338,11 +347,7 @@ impl Distribution {
     /// not know when that version took effect.
     pub fn has_applied(&self, version: u64, entry: &FleetEntry) -> Option<bool> {
         let generation = self.read().version_generation.get(&version)?.0;
-        let behind = entry.processed < generation
-            || entry
-                .sent
-                .is_some_and(|sent| sent >= generation && entry.applied < Some(sent));
-        Some(!behind)
+        Some(!behind(entry, generation))
     }
 
     /// Which sidecars have not yet received and applied what policy `version` changed for
@@ -352,11 +357,6 @@ impl Distribution {
     pub fn pending(&self, version: u64) -> Option<Pending> {
         let generation = self.read().version_generation.get(&version)?.0;
         let fleet = lock(&self.fleet);
-        let behind = |e: &FleetEntry| {
-            e.processed < generation
-                || e.sent
-                    .is_some_and(|sent| sent >= generation && e.applied < Some(sent))
-        };
         // A restarted sidecar is a new instance of the same identity and endpoint.
         let live: HashSet<(&str, Option<&str>)> = fleet
             .values()
@@ -365,7 +365,7 @@ impl Distribution {
             .collect();
         let now = now_unix();
         let mut pending = Pending::default();
-        for entry in fleet.values().filter(|e| behind(e)) {
+        for entry in fleet.values().filter(|e| behind(e, generation)) {
             if entry.connected {
                 pending.waiting.push(entry.clone());
             } else if entry.sent.is_none() {
