@@ -688,3 +688,88 @@ fn the_signed_report_states_what_the_mesh_did() {
     eprintln!("the report's screenshot: {}", screenshot.display());
     drop(watches);
 }
+
+/// Flow counts outlive the control plane: what sidecars reported before a restart is in the
+/// report made after it, added to what they report after it (each process's daily roll-ups,
+/// kept in the store).
+#[test]
+fn a_report_counts_what_sidecars_reported_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlaneProcess::start(&dir.path().join("cp"), &[]);
+    let ok = |run: &support::Run| assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("demo.yaml"), POLICIES).unwrap();
+    ok(&cp.cli(&["policy", "apply", policies.to_str().unwrap()]));
+    let (runtime, workloads, watches) = fed(&cp);
+    assert_eq!(cp.stop(), Some(0));
+    cp.restart(&[]);
+    // After the restart, db's sidecar reports one more connection from api, and a handshake.
+    let (api, db) = (&workloads[1], &workloads[2]);
+    runtime.block_on(db.post(
+        "/v1/flows",
+        json!({"flows": [{"peer": api.identity, "port": 5432, "count": 1, "allow": 1}],
+               "tls": [{"version": "TLSv1_3", "suite": "TLS13_AES_256_GCM_SHA384", "count": 1}]}),
+    ));
+
+    let out = dir.path().join("report");
+    ok(&cp.cli(&["report", "--since", "1d", "--out", out.to_str().unwrap()]));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["segmentation"]["denied_attempts"], 3, "{report}");
+    let flows: Vec<String> = report["observed"]["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{}->{}:{} allowed {} denied {} would-deny {}",
+                f["source"].as_str().unwrap().rsplit('/').next().unwrap(),
+                f["target"].as_str().unwrap().rsplit('/').next().unwrap(),
+                f["port"],
+                f["allowed"],
+                f["denied"],
+                f["would_deny"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        flows,
+        [
+            "api->db:5432 allowed 10 denied 0 would-deny 0",
+            "api->frontend:9090 allowed 0 denied 0 would-deny 2",
+            "frontend->api:8080 allowed 12 denied 0 would-deny 0",
+            "frontend->db:5432 allowed 0 denied 3 would-deny 0",
+        ]
+    );
+    let encryption = &report["encryption"];
+    assert_eq!(encryption["mutual_tls"], 12 + 10 + 3 + 2);
+    assert_eq!(
+        encryption["tls"],
+        serde_json::json!([
+            {"version": "TLSv1_2", "suite": "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "handshakes": 1},
+            {"version": "TLSv1_3", "suite": "TLS13_AES_256_GCM_SHA384", "handshakes": 13},
+        ])
+    );
+    assert_eq!(
+        encryption["plaintext"],
+        serde_json::json!([{"target": format!("{TD}/frontend"), "port": 9090, "connections": 4}])
+    );
+    // The counts run from the first process's start, before the restart.
+    let counted_since = report["observed"]["counted_since"].as_str().unwrap();
+    let trail = cp.cli(&["audit", "log", "--json"]);
+    ok(&trail);
+    let first_start = trail
+        .stdout
+        .lines()
+        .find(|l| l.contains("\"action\":\"control-plane.started\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time"].as_i64())
+        .unwrap()
+        .unwrap();
+    let first_start = sidewall_control_plane::api::unix_rfc3339(first_start);
+    assert!(
+        counted_since <= first_start.as_str(),
+        "{counted_since} after {first_start}"
+    );
+    drop(watches);
+}

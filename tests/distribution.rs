@@ -2559,6 +2559,7 @@ fn the_report_states_what_real_sidecars_run_with() {
     );
     let _api = mesh.sidecar_serving("api", &app);
     let _web = mesh.sidecar("web");
+    let _batch = mesh.sidecar("batch");
     let run = mesh.apply(
         "v1",
         &[(
@@ -2571,6 +2572,8 @@ fn the_report_states_what_real_sidecars_run_with() {
         exchange(mesh.route("web"), b"hello").as_deref(),
         Some(&b"hello"[..])
     );
+    // batch's route to api: no policy lets batch call api, so its own sidecar refuses.
+    assert_eq!(exchange(mesh.route("batch"), b"hello"), None);
     let out = mesh.path().join("report");
     // Sidecars report every 5 s.
     let mut report = serde_json::Value::Null;
@@ -2579,7 +2582,22 @@ fn the_report_states_what_real_sidecars_run_with() {
         assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
         report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
         report["encryption"]["mutual_tls"].as_u64() > Some(0)
+            && report["observed"]["refused_at_caller"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
     });
+    assert_eq!(
+        report["observed"]["refused_at_caller"],
+        serde_json::json!([{"source": format!("{TD}/batch"), "target": format!("{TD}/api"),
+                            "port": 8080, "reason": "unknown_service", "attempts": 1}])
+    );
+    assert_eq!(report["observed"]["denied"], serde_json::json!([]));
+    assert_eq!(report["segmentation"]["denied_attempts"], 1);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("no policy lets it call this service"),
+        "{html}"
+    );
     for workload in report["scope"]["workloads"].as_array().unwrap() {
         assert_eq!(
             workload["sidecar_version"],
@@ -2589,7 +2607,7 @@ fn the_report_states_what_real_sidecars_run_with() {
         assert_eq!(workload["key_type"], "ECDSA P-256", "{workload}");
         assert_eq!(workload["policy_in_force"], true, "{workload}");
     }
-    assert_eq!(report["scope"]["workloads"].as_array().unwrap().len(), 2);
+    assert_eq!(report["scope"]["workloads"].as_array().unwrap().len(), 3);
     let exceptions: Vec<String> = report["scope"]["exceptions"]
         .as_array()
         .unwrap()
@@ -2612,7 +2630,8 @@ fn the_report_states_what_real_sidecars_run_with() {
     );
     assert!(tls[0]["handshakes"].as_u64().unwrap() >= 1, "{tls}");
     assert_eq!(report["encryption"]["plaintext"], serde_json::json!([]));
-    // Both sidecars were running when version 1 was applied: each applied it, once.
+    // api and web were running when version 1 was applied: each applied it, once (batch's
+    // snapshot, nothing to call and no policy on it, did not change).
     let mut applied: Vec<&str> = report["changes"]["policy_versions"][0]["applied_by_sidecars"]
         .as_array()
         .unwrap()

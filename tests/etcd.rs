@@ -555,7 +555,7 @@ fn an_embedded_deployment_moves_to_etcd_with_export_and_import_and_the_fleet_car
 #[test]
 fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
     use sidewall_control_plane::store::etcd::{EtcdOptions, EtcdStore};
-    let Some(mesh) = Replicated::start("etcd::audit") else {
+    let Some(mut mesh) = Replicated::start("etcd::audit") else {
         return;
     };
     for (replica, name) in [(0, "v1"), (1, "v2"), (2, "v3")] {
@@ -629,8 +629,21 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
     let run = mesh.replicas[0].cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 
-    // A segmentation report from another replica reads the same history and trail from etcd,
-    // and its signing is one more record of the one chain.
+    // Flows reported to one replica are counted in a report another makes, once the first has
+    // written its roll-up to etcd (each minute, and when it stops).
+    let db = runtime.block_on(sidewall_control_plane::testing::enroll(
+        &mesh.replicas[2].data_dir,
+        &mesh.url(2),
+        &sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
+        &format!("{TD}/db"),
+    ));
+    runtime.block_on(db.report_flows(serde_json::json!([
+        {"peer": format!("{TD}/web"), "port": 5432, "count": 4, "deny": 4, "last_denial": "default deny"},
+    ])));
+    assert_eq!(mesh.replicas[2].stop(), Some(0));
+
+    // A segmentation report from another replica reads the same history, trail and flows from
+    // etcd, and its signing is one more record of the one chain.
     let out = mesh.path().join("report");
     let run = mesh.replicas[1].cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -643,6 +656,11 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
         .map(|v| format!("{} {}", v["version"], v["in_force"]))
         .collect();
     assert_eq!(versions, ["1 false", "2 false", "3 true"], "{report}");
+    assert_eq!(report["segmentation"]["denied_attempts"], 4, "{report}");
+    assert_eq!(
+        report["observed"]["denied"],
+        serde_json::json!([{"source": format!("{TD}/web"), "target": format!("{TD}/db"), "attempts": 4}])
+    );
     let trail = &report["changes"]["audit_trail"];
     assert_eq!(trail["verified"], true, "{trail}");
     let log = mesh.replicas[0].cli(&["audit", "log", "--json"]);
@@ -658,8 +676,28 @@ fn replicas_append_to_one_audit_chain_and_verify_names_tampering_in_etcd() {
         .expect("a report.signed record");
     assert_eq!(trail["records"], signed, "{trail}");
     assert_eq!(trail["head_hash"], records[signed - 1]["hash"], "{trail}");
-    let run = mesh.replicas[2].cli(&["audit", "verify"]);
+    let run = mesh.replicas[1].cli(&["audit", "verify"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+
+    // The roll-up the stopped replica wrote is one chunk of today, removed by a retention cut
+    // after today; a backup does not carry it.
+    use sidewall_control_plane::store::Store;
+    let today =
+        sidewall_control_plane::distribution::rollups::day_of(sidewall_control_plane::now_unix());
+    let chunks = runtime.block_on(store.rollups(today, today)).unwrap();
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    assert_eq!(chunks[0].replica, mesh.url(2));
+    assert_eq!(chunks[0].flows[0].stats.deny, 4);
+    let records = runtime.block_on(store.records()).unwrap();
+    assert!(!records.audit.is_empty() && !records.certificates.is_empty());
+    assert_eq!(runtime.block_on(store.prune_rollups(today)).unwrap(), 0);
+    assert_eq!(runtime.block_on(store.prune_rollups(today + 1)).unwrap(), 1);
+    assert!(
+        runtime
+            .block_on(store.rollups(0, today))
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// Retention on etcd: the cut removes the oldest keys and the trail verifies from the first

@@ -28,6 +28,7 @@ use crate::store::{RegistrationRecord, RevocationRecord};
 pub mod fleet;
 pub mod flows;
 mod probes;
+pub mod rollups;
 pub use fleet::{
     ClaimRefused, IdentityLimits, Pending, RECONNECT_GRACE_SECONDS, ReplicaSummary, SUMMARY_ROWS,
 };
@@ -73,8 +74,12 @@ pub struct Distribution {
     watches: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
     next_watch: AtomicU64,
     flows: Mutex<flows::FlowTable>,
-    /// TLS versions and suites, and plaintext accepted, by reporting identity.
-    transport: Mutex<BTreeMap<String, flows::Transport>>,
+    /// What this process's sidecars reported today, until written to the store.
+    rollups: Mutex<rollups::Rollups>,
+    /// This process, in the roll-ups it writes.
+    process: String,
+    /// One roll-up write at a time (the minute's, a report's, the last at stop).
+    rollup_writes: tokio::sync::Mutex<()>,
     /// When each sidecar first applied each policy version, seen by this process: version →
     /// instance → (identity, Unix seconds). The newest [`fleet::ROLLOUT_VERSIONS`] versions.
     rollouts: Mutex<BTreeMap<u64, Rollout>>,
@@ -138,7 +143,9 @@ impl Distribution {
             watches: Mutex::new(HashMap::new()),
             next_watch: AtomicU64::new(0),
             flows: Mutex::new(flows::FlowTable::default()),
-            transport: Mutex::new(BTreeMap::new()),
+            rollups: Mutex::new(rollups::Rollups::default()),
+            process: crate::random::hex_token(8),
+            rollup_writes: tokio::sync::Mutex::new(()),
             latest_report: Mutex::new(None),
             verification: Mutex::new(None),
             probe_orders: Mutex::new(HashMap::new()),

@@ -54,6 +54,8 @@ pub(crate) const AUDIT_RECORDS: &str = "sidewall_control_plane_audit_records_tot
 pub(crate) const AUDIT_FAILURES: &str = "sidewall_control_plane_audit_failures_total";
 /// Segmentation reports signed.
 pub(crate) const REPORTS_SIGNED: &str = "sidewall_control_plane_reports_signed_total";
+/// Flow roll-up chunks written to the store, by `result` (`written`, `failed`).
+pub(crate) const ROLLUP_WRITES: &str = "sidewall_control_plane_rollup_writes_total";
 
 /// Gives every metric its help text; call once the recorder is installed.
 pub fn describe() {
@@ -134,4 +136,8 @@ pub fn describe() {
         "Audit records that could not be appended (the change itself stands), by action."
     );
     describe_counter!(REPORTS_SIGNED, "Segmentation reports signed.");
+    describe_counter!(
+        ROLLUP_WRITES,
+        "Daily flow roll-up chunks written to the store, by result (written, failed: kept and retried)."
+    );
 }

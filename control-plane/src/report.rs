@@ -1,7 +1,7 @@
 //! The segmentation report (issue 20 part 2; docs/compliance.md): what this control plane knows
 //! of the mesh's segmentation over a period, built from the store (policy history, certificates,
-//! revocations, registrations, the audit trail) and this replica's view (the fleet, the flows
-//! sidecars reported), then signed with the control plane's key like an audit checkpoint.
+//! revocations, registrations, the audit trail, every replica's daily roll-ups of what sidecars
+//! reported) and this replica's view (the fleet), then signed with the control plane's key like an audit checkpoint.
 
 use std::collections::BTreeMap;
 
@@ -12,9 +12,10 @@ use sidewall_policies::PolicySet;
 use sidewall_policies::policy::{Action, Mode};
 use sidewall_policies::wire::ProbeAnswer;
 use sidewall_policies::wire::report::{
-    AuditSummary, Certificates, Changes, ControlMapping, Denied, Encryption, Exception,
-    IssuedCertificate, MatrixRow, Observed, ObservedFlow, PlaintextAccepted, PolicyChange, Report,
-    RuleName, Scope, Segmentation, SidecarApplied, TestSummary, TlsInUse, Workload,
+    AuditSummary, CallerRefusal, Certificates, Changes, ControlMapping, Denied, Encryption,
+    Exception, IssuedCertificate, MatrixRow, Observed, ObservedFlow, PlaintextAccepted,
+    PolicyChange, Report, RuleName, Scope, Segmentation, SidecarApplied, TestSummary, TlsInUse,
+    Workload,
 };
 
 use crate::api::{Api, OPERATOR_PATH, unix_rfc3339};
@@ -90,6 +91,18 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let (version, _, engine, sources) = api.distribution.current();
     let set = crate::distribution::compile(&sources).unwrap_or_default();
     let in_period = |t: i64| (since..=now).contains(&t);
+    // What sidecars reported in the period's days, from every replica's roll-ups: this
+    // process's own up to now first.
+    api.distribution.write_rollups(api.store.as_ref()).await?;
+    let counted = crate::distribution::rollups::merge(
+        api.store
+            .rollups(
+                crate::distribution::rollups::day_of(since),
+                crate::distribution::rollups::day_of(now),
+            )
+            .await?,
+        since,
+    );
 
     // 3. Each flow seen in the period, with the rule that decides it now and every rule that
     // matches it.
@@ -97,7 +110,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let mut denied: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut flows = Vec::new();
     let mut connections: u64 = 0;
-    for (key, stats) in api.distribution.flows() {
+    for (key, stats) in counted.flows {
         if !in_period(stats.last_seen) {
             continue;
         }
@@ -160,7 +173,21 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
         })
         .collect();
     let rules: Vec<MatrixRow> = rules.into_iter().map(|(row, _)| row).collect();
-    let denied_attempts = denied.values().fold(0u64, |a, b| a.saturating_add(*b));
+    let refused_at_caller: Vec<CallerRefusal> = counted
+        .outbound
+        .into_iter()
+        .map(|((source, reason, target, port), attempts)| CallerRefusal {
+            source,
+            target,
+            port,
+            reason: reason.as_str().to_owned(),
+            attempts,
+        })
+        .collect();
+    let denied_attempts = denied
+        .values()
+        .chain(refused_at_caller.iter().map(|r| &r.attempts))
+        .fold(0u64, |a, b| a.saturating_add(*b));
 
     // 1. Scope.
     let certificates = api.store.certificates().await?;
@@ -181,7 +208,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     // 4. How connections arrived, from the sidecars' reports in the period.
     let mut tls: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut plaintext = Vec::new();
-    for (identity, transport) in api.distribution.transport() {
+    for (identity, transport) in counted.transport {
         if !in_period(transport.last_seen) {
             continue;
         }
@@ -295,7 +322,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             }),
         },
         observed: Observed {
-            counted_since: unix_rfc3339(api.distribution.started()),
+            counted_since: unix_rfc3339(counted.from.unwrap_or(since)),
             flows,
             unused_allow_rules,
             denied: denied
@@ -306,6 +333,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
                     attempts,
                 })
                 .collect(),
+            refused_at_caller,
         },
         encryption: Encryption {
             mutual_tls: connections,

@@ -332,6 +332,7 @@ pub async fn run(
         certificate.clone(),
         stop_rx.clone(),
     ));
+    let rollups = tokio::spawn(keep_rollups(api.clone(), stop_rx.clone()));
     let renewal = tokio::spawn(renew_serving_certificate(
         api.clone(),
         certificate,
@@ -455,6 +456,7 @@ pub async fn run(
     }
     renewal.abort();
     let _ = checkpoints.await;
+    let _ = rollups.await;
     let _ = expiry.await;
     let _ = admin_task.await;
     let _ = ui_task.await;
@@ -552,6 +554,46 @@ async fn sign_audit_trail(
         }
         if stopping {
             return;
+        }
+    }
+}
+
+/// How often this process writes what its sidecars reported to its daily roll-ups.
+const ROLLUP_INTERVAL: Duration = Duration::from_secs(60);
+/// How long roll-ups are kept when `audit.retention.maxAge` is not set: 400 days, over the
+/// year of history PCI DSS 10.5.1 asks for.
+const ROLLUP_RETENTION: Duration = Duration::from_secs(400 * 86_400);
+
+/// Writes this process's flow roll-ups ([`crate::distribution::rollups`]) to the store once a
+/// minute and when the control plane stops, and removes the days past their retention
+/// (`audit.retention.maxAge`, or 400 days) once an hour.
+async fn keep_rollups(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let mut pruned: Option<tokio::time::Instant> = None;
+    loop {
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(ROLLUP_INTERVAL) => false,
+            _ = stop.changed() => true,
+        };
+        if let Err(error) = api.distribution.write_rollups(api.store.as_ref()).await {
+            tracing::warn!(%error, "flow roll-ups not written; they are kept for the next attempt");
+        }
+        if stopping {
+            return;
+        }
+        if pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(3600)) {
+            continue;
+        }
+        pruned = Some(tokio::time::Instant::now());
+        let keep = api.config.audit_max_age.unwrap_or(ROLLUP_RETENTION);
+        let oldest = now_unix().saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
+        match api
+            .store
+            .prune_rollups(crate::distribution::rollups::day_of(oldest))
+            .await
+        {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "flow roll-ups past their retention removed"),
+            Err(error) => tracing::warn!(%error, "flow roll-ups past their retention not removed"),
         }
     }
 }

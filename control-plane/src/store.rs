@@ -189,6 +189,76 @@ pub struct CertificateRecord {
     pub key: Option<String>,
 }
 
+/// What one control-plane process counted of its sidecars' reports in one UTC day: one chunk
+/// of its daily roll-up ([`crate::distribution::rollups`]), small enough for one etcd request.
+/// Reports over a period add up every process's chunks of the period's days.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollupRecord {
+    /// The day: Unix seconds divided by 86 400.
+    pub day: i64,
+    /// The process that counted (random, fixed at its start).
+    pub process: String,
+    /// The chunk's number within that process's day.
+    pub chunk: u32,
+    /// The replica the process served as (its API URL).
+    pub replica: String,
+    /// When the process began counting that day, Unix seconds.
+    pub from: i64,
+    /// Flows, with their counts that day.
+    #[serde(default)]
+    pub flows: Vec<sidewall_policies::wire::operator::FlowRow>,
+    /// How connections reached each identity's sidecar that day.
+    #[serde(default)]
+    pub transport: Vec<TransportRow>,
+    /// Connections callers' sidecars refused that day before they left the caller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<OutboundRow>,
+}
+
+impl RollupRecord {
+    /// The record's key within the roll-ups: by day first, so a range of days is a key range.
+    pub fn key(&self) -> String {
+        format!("{:08}/{}/{:05}", self.day, self.process, self.chunk)
+    }
+
+    /// The first key of `day`'s roll-ups (and the end of the range before it).
+    pub fn day_key(day: i64) -> String {
+        format!("{:08}/", day.clamp(0, 99_999_999))
+    }
+}
+
+/// Connections from one caller to one target its sidecar refused for one reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundRow {
+    /// The caller's identity.
+    pub source: String,
+    /// Why.
+    pub reason: sidewall_policies::wire::OutboundReason,
+    /// The service's identity, or the address outside the mesh.
+    pub target: String,
+    /// The port asked for.
+    pub port: u16,
+    /// How many.
+    pub count: u64,
+    /// When last reported, Unix seconds.
+    pub last_seen: i64,
+}
+
+/// TLS handshakes and plaintext connections one identity's sidecar reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportRow {
+    /// The identity.
+    pub identity: String,
+    /// Handshakes by TLS version and cipher suite.
+    #[serde(default)]
+    pub tls: Vec<sidewall_policies::wire::TlsUse>,
+    /// Plaintext connections by permissive port.
+    #[serde(default)]
+    pub plaintext: Vec<sidewall_policies::wire::PlaintextUse>,
+    /// When last reported, Unix seconds.
+    pub last_seen: i64,
+}
+
 /// A revoked identity or serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationRecord {
@@ -301,6 +371,12 @@ pub trait Store: Send + Sync + 'static {
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()>;
     /// Every revocation.
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>>;
+    /// Writes (or replaces) one chunk of a process's daily flow roll-up.
+    fn put_rollup(&self, record: RollupRecord) -> StoreFuture<'_, ()>;
+    /// Every roll-up chunk of the days `from..=to`, by day.
+    fn rollups(&self, from: i64, to: i64) -> StoreFuture<'_, Vec<RollupRecord>>;
+    /// Removes the roll-ups of the days before `before`; the number of chunks removed.
+    fn prune_rollups(&self, before: i64) -> StoreFuture<'_, u64>;
     /// The store's epoch: a random value fixed when the store was created.
     fn epoch(&self) -> StoreFuture<'_, String>;
     /// The first snapshot counter this process may send: at least `at_least` (the clock, in

@@ -182,6 +182,10 @@ pub struct FlowReport {
     /// Plaintext connections accepted on permissive ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plaintext: Vec<PlaintextUse>,
+    /// Connections this sidecar's own app opened that the sidecar refused before they left the
+    /// machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<OutboundRefusal>,
 }
 
 impl FlowReport {
@@ -191,7 +195,46 @@ impl FlowReport {
             && self.refusals.is_empty()
             && self.tls.is_empty()
             && self.plaintext.is_empty()
+            && self.outbound.is_empty()
     }
+}
+
+/// Why a sidecar refused a connection its own app opened, as the segmentation report counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundReason {
+    /// A service not in its directory: no policy lets this workload call it.
+    UnknownService,
+    /// An address no service claims and not on its egress list (transparent mode).
+    NotInMesh,
+    /// A reason of a newer release.
+    #[serde(other)]
+    Other,
+}
+
+impl OutboundReason {
+    /// The label (as in `sidewall_proxy_outbound_failures_total{reason}`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownService => "unknown_service",
+            Self::NotInMesh => "not_in_mesh",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Connections to one target refused for one reason by the caller's sidecar since its last
+/// report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundRefusal {
+    /// Why.
+    pub reason: OutboundReason,
+    /// The service's identity, or the address (`IP:port`) outside the mesh.
+    pub target: String,
+    /// The port asked for.
+    pub port: u16,
+    /// How many.
+    pub count: u64,
 }
 
 /// A line of the snapshot watch that is not a snapshot: probes the control plane asks this
@@ -478,6 +521,12 @@ mod tests {
                 count: 2,
             }],
             plaintext: vec![PlaintextUse { port: 80, count: 1 }],
+            outbound: vec![OutboundRefusal {
+                reason: OutboundReason::NotInMesh,
+                target: "10.0.0.9:443".into(),
+                port: 443,
+                count: 1,
+            }],
             flows: vec![FlowRecord {
                 peer: "spiffe://sidewall.local/web".into(),
                 port: 8080,
@@ -508,6 +557,11 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(newer.refusals[0].reason, RefusalReason::Other);
+        let newer: FlowReport = serde_json::from_str(
+            r#"{"flows":[],"outbound":[{"reason":"quantum","target":"x","port":1,"count":1}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(newer.outbound[0].reason, OutboundReason::Other);
         for label in [
             "not_tls",
             "revoked",

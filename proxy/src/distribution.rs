@@ -571,6 +571,7 @@ async fn report_flows(context: &Context, sender: &mut Sender) {
             refusals: std::mem::take(&mut report.refusals),
             tls: std::mem::take(&mut report.tls),
             plaintext: std::mem::take(&mut report.plaintext),
+            outbound: std::mem::take(&mut report.outbound),
         };
         match post(sender, "/v1/flows", &body).await {
             Ok((200, _)) => {}

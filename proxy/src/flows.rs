@@ -25,7 +25,8 @@ struct FlowCounts {
     last_denial: Option<String>,
 }
 
-/// Most distinct (reason, source) refusals counted between reports.
+/// Most distinct (reason, source) refusals, and (reason, target, port) outbound refusals,
+/// counted between reports.
 const MAX_REFUSALS: usize = 1_000;
 
 /// Flow counts since the last report, bounded to [`MAX_FLOWS`] distinct flows and
@@ -43,6 +44,8 @@ struct FlowTable {
     tls: HashMap<(&'static str, &'static str), u64>,
     /// Plaintext connections accepted, by permissive port.
     plaintext: HashMap<u16, u64>,
+    /// The app's connections refused here, by (reason, target, port).
+    outbound: HashMap<(wire::OutboundReason, String, u16), u64>,
 }
 
 /// The first two segments of a normalized path (`/v1/orders/7/items` → `/v1/orders`), so
@@ -126,6 +129,24 @@ impl Flows {
         *table.refusals.entry(key).or_default() += 1;
     }
 
+    /// Counts a connection the app opened that this sidecar refused before it left the machine
+    /// (`target`: the service, or the address outside the mesh).
+    pub fn outbound_refused(
+        &self,
+        reason: wire::OutboundReason,
+        target: impl std::fmt::Display,
+        port: u16,
+    ) {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (reason, target.to_string(), port);
+        if table.outbound.len() >= MAX_REFUSALS && !table.outbound.contains_key(&key) {
+            metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => "refusals_full")
+                .increment(1);
+            return;
+        }
+        *table.outbound.entry(key).or_default() += 1;
+    }
+
     /// Counts an authenticated inbound TLS handshake.
     pub fn handshake(&self, version: &'static str, suite: &'static str) {
         let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -184,11 +205,22 @@ impl Flows {
             .into_iter()
             .map(|(port, count)| wire::PlaintextUse { port, count })
             .collect();
+        let outbound = taken
+            .outbound
+            .into_iter()
+            .map(|((reason, target, port), count)| wire::OutboundRefusal {
+                reason,
+                target,
+                port,
+                count,
+            })
+            .collect();
         wire::FlowReport {
             flows,
             refusals,
             tls,
             plaintext,
+            outbound,
         }
     }
 }

@@ -177,12 +177,21 @@ async fn dial(
     let _ = app.set_nodelay(true);
     let http = {
         let active = context.snapshot.borrow().clone().ok_or("no_snapshot")?;
-        let entry = active.snapshot.service(service);
-        entry.is_some_and(|e| {
-            e.ports
-                .iter()
-                .any(|p| p.port == port && p.protocol == sidewall_policies::Protocol::Http)
-        })
+        let Some(entry) = active.snapshot.service(service) else {
+            // The directory holds the services a policy lets this workload call: a call to
+            // any other is refused here, and counted for the segmentation report.
+            tracing::warn!(%service, port, "service is not in the directory (no policy lets this workload call it): refused");
+            context.flows.outbound_refused(
+                sidewall_policies::wire::OutboundReason::UnknownService,
+                service,
+                port,
+            );
+            return Err("unknown_service");
+        };
+        entry
+            .ports
+            .iter()
+            .any(|p| p.port == port && p.protocol == sidewall_policies::Protocol::Http)
     };
     if http {
         // The less common branches are boxed: an app connection's task is as large as its
@@ -458,6 +467,11 @@ async fn transparent(
     }
     if !on_egress(&config.outbound.egress, destination) {
         tracing::warn!(%destination, "destination is not in the mesh and not on the egress list: refused");
+        context.flows.outbound_refused(
+            sidewall_policies::wire::OutboundReason::NotInMesh,
+            destination,
+            destination.port(),
+        );
         return Err("not_in_mesh");
     }
     metrics::counter!(crate::metric::EGRESS_CONNECTIONS).increment(1);

@@ -575,10 +575,10 @@ pub(super) async fn flows(
     // The body first, as for registrations.
     let body: wire::FlowReport = read_json(api, request).await?;
     let identity = workload(api, peer)?;
-    if body.flows.len() > 10_000 || body.refusals.len() > 10_000 {
+    if body.flows.len() > 10_000 || body.refusals.len() > 10_000 || body.outbound.len() > 10_000 {
         return Err(ApiError::bad_request(
             "too_many_flows",
-            "at most 10000 flows and 10000 refusals per report",
+            "at most 10000 flows, 10000 refusals and 10000 outbound refusals per report",
         ));
     }
     let flows = body
@@ -617,6 +617,15 @@ pub(super) async fn flows(
     api.distribution.report_refusals(&identity, &refusals);
     api.distribution
         .report_transport(identity.as_str(), &body.tls, &body.plaintext);
+    let outbound: Vec<_> = body
+        .outbound
+        .into_iter()
+        .filter(|r| {
+            r.reason != wire::OutboundReason::Other && r.target.len() <= wire::MAX_REFUSAL_SOURCE
+        })
+        .collect();
+    api.distribution
+        .report_outbound(identity.as_str(), &outbound);
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
 }
 

@@ -18,13 +18,11 @@ pub const MAX_FLOWS_PER_TARGET: usize = 2_000;
 /// Distinct flows kept for one peer of one target.
 pub const MAX_FLOWS_PER_PEER: usize = 500;
 
-/// Most reporting identities whose transport counts are kept.
-const MAX_TRANSPORT_IDENTITIES: usize = 10_000;
 /// Most TLS (version, suite) pairs and plaintext ports kept per identity.
 const MAX_TRANSPORT_ENTRIES: usize = 64;
 
 /// How connections reached one identity's sidecar: TLS handshakes by version and suite, and
-/// plaintext accepted on its permissive ports, counted since this process started.
+/// plaintext accepted on its permissive ports, over a day's roll-up or a report's period.
 #[derive(Debug, Clone, Default)]
 pub struct Transport {
     /// Handshakes by (version, cipher suite).
@@ -33,6 +31,37 @@ pub struct Transport {
     pub plaintext: BTreeMap<u16, u64>,
     /// When last reported, Unix seconds.
     pub last_seen: i64,
+}
+
+impl Transport {
+    /// Adds reported counts seen at `now`, within bounds: at most [`MAX_TRANSPORT_ENTRIES`]
+    /// (version, suite) pairs and ports, names at most 64 characters.
+    pub fn add(
+        &mut self,
+        tls: &[sidewall_policies::wire::TlsUse],
+        plaintext: &[sidewall_policies::wire::PlaintextUse],
+        now: i64,
+    ) {
+        self.last_seen = self.last_seen.max(now);
+        for used in tls {
+            let key = (used.version.clone(), used.suite.clone());
+            let fits = key.0.len() <= 64
+                && key.1.len() <= 64
+                && (self.tls.len() < MAX_TRANSPORT_ENTRIES || self.tls.contains_key(&key));
+            if fits {
+                let count = self.tls.entry(key).or_default();
+                *count = count.saturating_add(used.count);
+            }
+        }
+        for used in plaintext {
+            if self.plaintext.len() < MAX_TRANSPORT_ENTRIES
+                || self.plaintext.contains_key(&used.port)
+            {
+                let count = self.plaintext.entry(used.port).or_default();
+                *count = count.saturating_add(used.count);
+            }
+        }
+    }
 }
 
 /// The observed flows, with how many each reporter and each (peer, reporter) pair holds.
@@ -105,8 +134,9 @@ impl Distribution {
     pub fn report_flows(&self, flows: Vec<(FlowKey, FlowStats)>) {
         let engine = self.read().engine.clone();
         self.detection.observe(&flows, &engine);
-        let mut held = lock(&self.flows);
         let now = now_unix();
+        lock(&self.rollups).add_flows(&flows, now, self.started);
+        let mut held = lock(&self.flows);
         for (key, stats) in flows {
             if !held.flows.contains_key(&key) && !held.make_room(&key) {
                 continue;
@@ -142,8 +172,9 @@ impl Distribution {
             .collect()
     }
 
-    /// Adds what `identity`'s sidecar reported of its connections' transport, within bounds
-    /// (entries over them, or with names over 64 characters, are not kept).
+    /// Adds what `identity`'s sidecar reported of its connections' transport to this day's
+    /// roll-up, within bounds (entries over them, or with names over 64 characters, are not
+    /// kept).
     pub fn report_transport(
         &self,
         identity: &str,
@@ -153,40 +184,19 @@ impl Distribution {
         if tls.is_empty() && plaintext.is_empty() {
             return;
         }
-        let mut table = lock(&self.transport);
-        if table.len() >= MAX_TRANSPORT_IDENTITIES && !table.contains_key(identity) {
-            metrics::counter!(crate::metric::FLOWS_DROPPED, "reason" => "transport_full")
-                .increment(1);
-            return;
-        }
-        let entry = table.entry(identity.to_owned()).or_default();
-        entry.last_seen = now_unix();
-        for used in tls {
-            let key = (used.version.clone(), used.suite.clone());
-            let fits = key.0.len() <= 64
-                && key.1.len() <= 64
-                && (entry.tls.len() < MAX_TRANSPORT_ENTRIES || entry.tls.contains_key(&key));
-            if fits {
-                let count = entry.tls.entry(key).or_default();
-                *count = count.saturating_add(used.count);
-            }
-        }
-        for used in plaintext {
-            if entry.plaintext.len() < MAX_TRANSPORT_ENTRIES
-                || entry.plaintext.contains_key(&used.port)
-            {
-                let count = entry.plaintext.entry(used.port).or_default();
-                *count = count.saturating_add(used.count);
-            }
-        }
+        lock(&self.rollups).add_transport(identity, tls, plaintext, now_unix(), self.started);
     }
 
-    /// Every identity's transport counts.
-    pub fn transport(&self) -> Vec<(String, Transport)> {
-        lock(&self.transport)
-            .iter()
-            .map(|(identity, counts)| (identity.clone(), counts.clone()))
-            .collect()
+    /// Adds the connections `identity`'s sidecar refused before they left it to this day's
+    /// roll-up.
+    pub fn report_outbound(
+        &self,
+        identity: &str,
+        refused: &[sidewall_policies::wire::OutboundRefusal],
+    ) {
+        if !refused.is_empty() {
+            lock(&self.rollups).add_outbound(identity, refused, now_unix(), self.started);
+        }
     }
 
     /// The observed flows whose outcome differs between the set in force and `candidate`.

@@ -296,9 +296,9 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
     );
     let _ = writeln!(
         out,
-        "<p>Counts since {}, when this control plane started (sidecars report what they decide \
-         every few seconds; the control plane adds them up in memory), for the flows seen in the \
-         period.</p>",
+        "<p>Counts from {}, for the flows seen in the period (sidecars report what they decide \
+         every few seconds; the control plane adds them up by day, so a flow seen in the period \
+         is counted with what it did earlier on the period's first day).</p>",
         esc(&report.observed.counted_since)
     );
     let flows: Vec<Vec<String>> = report
@@ -371,6 +371,39 @@ allows that peer to reach that port. Each service is named by a SPIFFE ID \
         "denied",
         &["From", "To", "Attempts"],
         &denied,
+        "None.",
+    );
+    out.push_str(
+        "<h3>Refused at the caller</h3>\n<p>A workload's sidecar knows only the services a \
+         policy lets it call: a connection its app opens to any other service (or, in \
+         transparent mode, to an address outside the mesh that is not on its egress list) is \
+         refused before it leaves the workload's machine.</p>\n",
+    );
+    let at_caller: Vec<Vec<String>> = report
+        .observed
+        .refused_at_caller
+        .iter()
+        .map(|r| {
+            vec![
+                format!("<code>{}</code>", esc(&r.source)),
+                format!("<code>{}</code>", esc(&r.target)),
+                r.port.to_string(),
+                match r.reason.as_str() {
+                    "unknown_service" => "no policy lets it call this service".to_owned(),
+                    "not_in_mesh" => {
+                        "an address outside the mesh, not on its egress list".to_owned()
+                    }
+                    other => esc(other),
+                },
+                format!("<span class=\"deny\">{}</span>", r.attempts),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        "refused-at-caller",
+        &["From", "To", "Port", "Why", "Attempts"],
+        &at_caller,
         "None.",
     );
     out.push_str("</section>\n");

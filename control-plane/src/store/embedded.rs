@@ -19,7 +19,8 @@ use sidewall_policies::wire::operator::AuditRecord;
 
 use super::{
     COUNTER_BLOCK, CertificateRecord, Loaded, PolicyVersion, Records, Redemption,
-    RegistrationRecord, RevocationRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
+    RegistrationRecord, RevocationRecord, RollupRecord, Store, StoreError, StoreFuture, Task,
+    TokenRecord,
 };
 use crate::audit::AuditEvent;
 use crate::distribution::Distribution;
@@ -32,6 +33,8 @@ const POLICIES: TableDefinition<u64, &[u8]> = TableDefinition::new("policy_versi
 const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("registrations");
 /// The audit trail, by number.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Daily flow roll-ups, by [`RollupRecord::key`].
+const ROLLUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("flow_rollups");
 
 fn backend(error: impl Into<super::Cause>) -> StoreError {
     StoreError::backend(error)
@@ -88,6 +91,7 @@ impl EmbeddedStore {
             tx.open_table(POLICIES).map_err(backend)?;
             tx.open_table(REGISTRATIONS).map_err(backend)?;
             tx.open_table(AUDIT).map_err(backend)?;
+            tx.open_table(ROLLUPS).map_err(backend)?;
             let mut meta = tx.open_table(META).map_err(backend)?;
             if meta.get("epoch").map_err(backend)?.is_none() {
                 meta.insert("epoch", crate::random::hex_token(8).as_str())
@@ -230,6 +234,49 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
+    fn put_rollup(&self, record: RollupRecord) -> StoreFuture<'_, ()> {
+        self.put(ROLLUPS, record.key(), &record)
+    }
+
+    fn rollups(&self, from: i64, to: i64) -> StoreFuture<'_, Vec<RollupRecord>> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(ROLLUPS).map_err(backend)?;
+            let (start, end) = (
+                RollupRecord::day_key(from),
+                RollupRecord::day_key(to.saturating_add(1)),
+            );
+            let mut out = Vec::new();
+            for entry in table.range(start.as_str()..end.as_str()).map_err(backend)? {
+                let (key, value) = entry.map_err(backend)?;
+                out.push(decode(key.value(), value.value())?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn prune_rollups(&self, before: i64) -> StoreFuture<'_, u64> {
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            let removed = {
+                let mut table = tx.open_table(ROLLUPS).map_err(backend)?;
+                let end = RollupRecord::day_key(before);
+                let keys: Vec<String> = table
+                    .range(..end.as_str())
+                    .map_err(backend)?
+                    .map(|entry| entry.map(|(key, _)| key.value().to_owned()))
+                    .collect::<Result<_, _>>()
+                    .map_err(backend)?;
+                for key in &keys {
+                    table.remove(key.as_str()).map_err(backend)?;
+                }
+                keys.len() as u64
+            };
+            tx.commit().map_err(backend)?;
+            Ok(removed)
+        })
+    }
+
     fn put_policy_version(&self, mut record: PolicyVersion) -> StoreFuture<'_, u64> {
         self.changing(move |db| {
             let tx = db.begin_write().map_err(backend)?;
@@ -612,5 +659,66 @@ pub(crate) fn redemption(token: &mut TokenRecord, key_sha256: &str, now: i64) ->
     } else {
         token.redeemed_keys.push(key_sha256.to_owned());
         Redemption::Redeemed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn chunk(day: i64, process: &str, chunk: u32) -> RollupRecord {
+        RollupRecord {
+            day,
+            process: process.to_owned(),
+            chunk,
+            replica: "https://127.0.0.1:1".to_owned(),
+            from: day * 86_400,
+            flows: Vec::new(),
+            transport: Vec::new(),
+            outbound: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn rollups_are_read_by_days_replaced_by_key_and_pruned_before_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        for record in [
+            chunk(9, "a", 0),
+            chunk(10, "a", 0),
+            chunk(10, "a", 1),
+            chunk(10, "b", 0),
+            chunk(11, "a", 0),
+        ] {
+            store.put_rollup(record).await.unwrap();
+        }
+        let replaced = RollupRecord {
+            from: 10 * 86_400 + 5,
+            ..chunk(10, "a", 1)
+        };
+        store.put_rollup(replaced.clone()).await.unwrap();
+        let days = |records: Vec<RollupRecord>| -> Vec<(i64, String, u32)> {
+            records
+                .into_iter()
+                .map(|r| (r.day, r.process, r.chunk))
+                .collect()
+        };
+        let tenth = store.rollups(10, 10).await.unwrap();
+        assert!(tenth.contains(&replaced));
+        assert_eq!(
+            days(tenth),
+            [
+                (10, "a".into(), 0),
+                (10, "a".into(), 1),
+                (10, "b".into(), 0)
+            ]
+        );
+        assert_eq!(store.rollups(10, 11).await.unwrap().len(), 4);
+        assert_eq!(store.prune_rollups(11).await.unwrap(), 4);
+        assert_eq!(
+            days(store.rollups(0, i64::MAX).await.unwrap()),
+            [(11, "a".into(), 0)]
+        );
     }
 }

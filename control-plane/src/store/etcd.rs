@@ -13,6 +13,7 @@
 //! | `P/certificates/<serial>` | a [`CertificateRecord`] |
 //! | `P/revocations/<kind>:<value>` | a [`RevocationRecord`] |
 //! | `P/audit/<number, 20 digits>` | an audit record ([`crate::audit`]), created only if absent |
+//! | `P/rollups/<day, 8 digits>/<process>/<chunk, 5 digits>` | a [`RollupRecord`]: one chunk of a control-plane process's daily flow counts |
 //! | `P/replicas/<hex of the replica's URL>` | a [`ReplicaSummary`], on a lease: gone when the replica is |
 //!
 //! Read-modify-write operations are transactions guarded by the key's `mod_revision` (or
@@ -40,7 +41,7 @@ use serde::de::DeserializeOwned;
 use super::embedded::redemption;
 use super::{
     CertificateRecord, Loaded, PolicyVersion, Records, Redemption, RegistrationRecord,
-    RevocationRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
+    RevocationRecord, RollupRecord, Store, StoreError, StoreFuture, Task, TokenRecord,
 };
 use crate::audit::AuditEvent;
 use crate::distribution::{Distribution, ReplicaSummary};
@@ -447,6 +448,44 @@ impl EtcdStore {
 }
 
 impl Store for EtcdStore {
+    fn put_rollup(&self, record: RollupRecord) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let key = format!("{}{}", self.dir("rollups"), record.key());
+            self.put(&key, &record).await
+        })
+    }
+
+    fn rollups(&self, from: i64, to: i64) -> StoreFuture<'_, Vec<RollupRecord>> {
+        Box::pin(async move {
+            let dir = self.dir("rollups");
+            let start = format!("{dir}{}", RollupRecord::day_key(from));
+            let end = format!("{dir}{}", RollupRecord::day_key(to.saturating_add(1)));
+            let response = self
+                .get_op(&start, Some(GetOptions::new().with_range(end)))
+                .await?;
+            response
+                .kvs()
+                .iter()
+                .map(|kv| decode(kv.key(), kv.value()))
+                .collect()
+        })
+    }
+
+    fn prune_rollups(&self, before: i64) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let dir = self.dir("rollups");
+            let end = format!("{dir}{}", RollupRecord::day_key(before));
+            let options = etcd_client::DeleteOptions::new().with_range(end);
+            let response = self
+                .retried(|mut kv| {
+                    let (from, options) = (dir.clone(), options.clone());
+                    async move { kv.delete(from, Some(options)).await }
+                })
+                .await?;
+            Ok(u64::try_from(response.deleted()).unwrap_or(0))
+        })
+    }
+
     fn append_audit(&self, event: AuditEvent, time: i64) -> StoreFuture<'_, AuditRecord> {
         Box::pin(async move {
             loop {
@@ -727,29 +766,36 @@ impl Store for EtcdStore {
 
     fn records(&self) -> StoreFuture<'_, Records> {
         Box::pin(async move {
-            // One range read of the whole prefix: one revision, a consistent copy.
-            let response = self
-                .get_op(
-                    &format!("{}/", self.prefix),
-                    Some(GetOptions::new().with_prefix()),
-                )
-                .await?;
+            // One range read per kind, all at the revision of the first: a consistent copy
+            // that does not carry the flow roll-ups.
             let mut records = Records::default();
-            for kv in response.kvs() {
-                let key = kv.key();
-                let is = |kind: &str| key.starts_with(self.dir(kind).as_bytes());
-                if is("policies") {
-                    records.policy_versions.push(decode(key, kv.value())?);
-                } else if is("tokens") {
-                    records.tokens.push(decode(key, kv.value())?);
-                } else if is("certificates") {
-                    records.certificates.push(decode(key, kv.value())?);
-                } else if is("revocations") {
-                    records.revocations.push(decode(key, kv.value())?);
-                } else if is("registrations") {
-                    records.registrations.push(decode(key, kv.value())?);
-                } else if is("audit") {
-                    records.audit.push(decode(key, kv.value())?);
+            let mut revision = 0;
+            for kind in [
+                "policies",
+                "tokens",
+                "certificates",
+                "revocations",
+                "registrations",
+                "audit",
+            ] {
+                let mut options = GetOptions::new().with_prefix();
+                if revision > 0 {
+                    options = options.with_revision(revision);
+                }
+                let response = self.get_op(&self.dir(kind), Some(options)).await?;
+                if revision == 0 {
+                    revision = response.header().map_or(0, |h| h.revision());
+                }
+                for kv in response.kvs() {
+                    let (key, value) = (kv.key(), kv.value());
+                    match kind {
+                        "policies" => records.policy_versions.push(decode(key, value)?),
+                        "tokens" => records.tokens.push(decode(key, value)?),
+                        "certificates" => records.certificates.push(decode(key, value)?),
+                        "revocations" => records.revocations.push(decode(key, value)?),
+                        "registrations" => records.registrations.push(decode(key, value)?),
+                        _ => records.audit.push(decode(key, value)?),
+                    }
                 }
             }
             Ok(records)

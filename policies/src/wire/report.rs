@@ -115,7 +115,8 @@ pub struct Segmentation {
     pub default: String,
     /// Every rule in force.
     pub rules: Vec<MatrixRow>,
-    /// Denied attempts counted since `observed.counted_since`, in all.
+    /// Denied attempts counted since `observed.counted_since`, in all: refused by the target's
+    /// sidecar (`observed.denied`) or by the caller's (`observed.refused_at_caller`).
     pub denied_attempts: u64,
     /// The newest segmentation test (`sidewall verify segmentation`) since the control plane
     /// started, if any.
@@ -177,16 +178,36 @@ pub struct MatrixRow {
 /// Section 3: the flows observed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
-    /// Since when the counts run: this replica's start (they are kept in memory, whole, for
-    /// every flow last seen within the period).
+    /// From when the counts run: the start of the period's first day (UTC) with counts, or when
+    /// counting began that day (counts are kept by day, for every flow seen in the period).
     pub counted_since: String,
     /// Each flow seen, by source, target, port (and HTTP method and path).
     pub flows: Vec<ObservedFlow>,
     /// Allow rules no observed flow matched: least-privilege candidates (rules naming paths or
     /// hosts are not judged: flows keep a path's first segments and no host).
     pub unused_allow_rules: Vec<RuleName>,
-    /// Denied attempts, by source and target.
+    /// Denied attempts, by source and target, refused by the target's sidecar.
     pub denied: Vec<Denied>,
+    /// Attempts refused by the caller's own sidecar before they left its machine: a service no
+    /// policy lets it call, or an address outside the mesh.
+    #[serde(default)]
+    pub refused_at_caller: Vec<CallerRefusal>,
+}
+
+/// Attempts from one caller to one target and port its own sidecar refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerRefusal {
+    /// The caller.
+    pub source: String,
+    /// The service's identity, or the address outside the mesh.
+    pub target: String,
+    /// The port.
+    pub port: u16,
+    /// `unknown_service` (no policy lets the caller call it) or `not_in_mesh` (an address no
+    /// service claims, not on the caller's egress list).
+    pub reason: String,
+    /// Attempts refused.
+    pub attempts: u64,
 }
 
 /// One flow observed.
