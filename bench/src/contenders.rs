@@ -3,6 +3,8 @@
 //!
 //! - `direct`: no process; the client dials the server.
 //! - `copy-baseline`: this binary, twice, as `relay` (tokio `copy_bidirectional`, one thread).
+//! - `splice-baseline`: the same with `relay --splice` (the sidecar's own `splice(2)` relay:
+//!   the kernel moves the bytes through a pipe, none is copied to user space).
 //! - `haproxy`, `nginx`, `stunnel` ([`peers`]): configured as `shared/peers/contenders.sh`
 //!   configured them for the reference figures.
 //! - `sidewall-l4` ([`sidewall`]): two `sidewall proxy` processes, pre-seeded certificates.
@@ -96,6 +98,9 @@ pub(crate) fn plan(contender: Contender, env: &Env) -> Plan {
         Contender::CopyBaseline => Plan::Run(Some(
             "tokio::io::copy_bidirectional, 8 KiB buffers, one thread per hop".into(),
         )),
+        Contender::SpliceBaseline => Plan::Run(Some(
+            "splice(2) through a pipe per direction, no user-space copy, one thread per hop".into(),
+        )),
         Contender::Haproxy | Contender::Nginx | Contender::Stunnel => peers::plan(contender),
         Contender::SidewallL4 | Contender::SidewallL4Dedicated | Contender::SidewallHttp => {
             match &env.sidewall {
@@ -126,22 +131,27 @@ pub(crate) async fn start(contender: Contender, env: &Env) -> Result<Chain> {
             entry: env.server,
             group: Group::default(),
         },
-        Contender::CopyBaseline => {
+        Contender::CopyBaseline | Contender::SpliceBaseline => {
             let [front, hop] = free_ports(2)?[..] else {
                 bail!("two ports expected");
             };
+            let splice = contender == Contender::SpliceBaseline;
+            let prefix = if splice { "splice" } else { "copy" };
             let mut group = Group::default();
-            for (name, listen, to) in [
-                ("copy-b", format!("127.0.0.1:{hop}"), env.server.to_string()),
+            for (hop_name, listen, to) in [
+                ("b", format!("127.0.0.1:{hop}"), env.server.to_string()),
                 (
-                    "copy-a",
+                    "a",
                     format!("127.0.0.1:{front}"),
                     format!("127.0.0.1:{hop}"),
                 ),
             ] {
                 let mut command = Command::new(&env.self_exe);
                 command.args(["relay", "--listen", &listen, "--to", &to]);
-                group.spawn(name, command, &env.logs)?;
+                if splice {
+                    command.arg("--splice");
+                }
+                group.spawn(&format!("{prefix}-{hop_name}"), command, &env.logs)?;
             }
             Chain {
                 entry: SocketAddr::from(([127, 0, 0, 1], front)),
@@ -206,9 +216,10 @@ pub(crate) fn write_peer_certificates(pki: &Pki, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The `copy-baseline` hop: accept on `listen`, connect `to`, `copy_bidirectional`, on one
-/// thread. Runs until killed.
-pub(crate) fn relay(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+/// The `copy-baseline` hop: accept on `listen`, connect `to`, `copy_bidirectional` (or, with
+/// `splice`, the sidecar's `splice(2)` relay: the `splice-baseline` hop), on one thread. Runs
+/// until killed.
+pub(crate) fn relay(listen: SocketAddr, to: SocketAddr, splice: bool) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -223,7 +234,16 @@ pub(crate) fn relay(listen: SocketAddr, to: SocketAddr) -> Result<()> {
                 let mut outbound = TcpStream::connect(to).await?;
                 inbound.set_nodelay(true)?;
                 outbound.set_nodelay(true)?;
-                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+                if splice {
+                    sidewall_proxy::transport::forward_spliced(
+                        inbound,
+                        outbound,
+                        Duration::from_secs(3600),
+                    )
+                    .await?;
+                } else {
+                    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+                }
                 Ok::<_, std::io::Error>(())
             });
         }

@@ -4,7 +4,9 @@
 //! Each goal compares `sidewall-l4` with the best peer or with `direct` measured in the same
 //! run, or with a fixed budget: 2× the best peer's single-stream throughput, 5× its
 //! new-connection rate, p99 at c=64 within 3× of direct, half its CPU per GB, at most 20 KiB
-//! per idle connection for the pair, idle RSS at most 10 MiB per sidecar.
+//! per idle connection for the pair, idle RSS at most 10 MiB per sidecar. Issue 22 adds the
+//! machine's limit ([`crate::floor::Limit`]): single-stream throughput and CPU per GB within
+//! 10 % of it.
 
 use serde::{Deserialize, Serialize};
 
@@ -66,9 +68,11 @@ enum Against {
     Direct(f64),
     /// A fixed budget the value must not exceed.
     Budget(f64),
+    /// The machine's limit; the ratio must be at least (higher-is-better) or at most this.
+    Limit(f64),
 }
 
-const GOALS: [(&str, Workload, Metric, Against); 6] = [
+const GOALS: [(&str, Workload, Metric, Against); 8] = [
     (
         "2× the best peer's mTLS throughput (1 stream)",
         Workload::Throughput1,
@@ -105,10 +109,27 @@ const GOALS: [(&str, Workload, Metric, Against); 6] = [
         Metric::RssMib,
         Against::Budget(10.0),
     ),
+    (
+        "throughput (1 stream) within 10 % of the limit",
+        Workload::Throughput1,
+        Metric::Gbps,
+        Against::Limit(0.9),
+    ),
+    (
+        "CPU per GB (1 stream) within 10 % of the limit",
+        Workload::Throughput1,
+        Metric::CpuSPerGb,
+        Against::Limit(1.1),
+    ),
 ];
 
-/// Judges every goal on `summary`.
-pub fn evaluate(summary: &[Summary]) -> Vec<Goal> {
+/// Judges every goal on `summary`; the limit goals need the run's crypto floor and the machine's
+/// cores (and `splice-baseline` in the summary).
+pub fn evaluate(
+    summary: &[Summary],
+    crypto: Option<&crate::floor::CryptoFloor>,
+    cores: usize,
+) -> Vec<Goal> {
     GOALS
         .iter()
         .map(|&(text, workload, metric, against)| {
@@ -124,6 +145,21 @@ pub fn evaluate(summary: &[Summary]) -> Vec<Goal> {
                     bound,
                 ),
                 Against::Budget(budget) => ("budget".to_owned(), Some(budget), 1.0),
+                Against::Limit(bound) => {
+                    let limit =
+                        crypto.zip(find(summary, Contender::SpliceBaseline, workload, metric));
+                    (
+                        "limit".to_owned(),
+                        limit.and_then(|(floor, splice)| {
+                            crate::floor::Limit {
+                                floor,
+                                cores: cores as f64,
+                            }
+                            .of(workload, metric, splice.median)
+                        }),
+                        bound,
+                    )
+                }
             };
             let ratio = match (sidewall, reference) {
                 (Some(value), Some(reference)) => ratio(value, reference),

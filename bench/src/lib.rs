@@ -20,6 +20,7 @@
 //!
 //! Timings are never asserted in tests: a test checks the arithmetic and the shapes.
 
+pub mod floor;
 pub mod goals;
 pub mod host;
 pub mod model;

@@ -9,7 +9,7 @@
 //!
 //! - [`runner`]: rounds of (start contender → every workload → stop), then the report.
 //! - [`contenders`]: each contender as a two-hop chain (`peers`, `sidewall` inside), whether
-//!   it can run here, readiness; the copy-baseline relay (this binary's hidden `relay`).
+//!   it can run here, readiness; the copy- and splice-baseline relays (this binary's hidden `relay`).
 //! - [`load`]: the load generator: bulk, closed and open loop, connection rate, idle.
 //! - [`http1`]: the little HTTP/1.1 the `sidewall-http` chain needs, both ends.
 //! - [`server`]: the in-process echo/sink server at the end of every chain.
@@ -43,8 +43,8 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these contenders (repeat or separate with commas); `direct` always runs,
-    /// because every figure is a ratio to it. Names: direct, copy-baseline, haproxy, nginx,
-    /// stunnel, sidewall-l4, sidewall-http.
+    /// because every figure is a ratio to it. Names: direct, copy-baseline, splice-baseline,
+    /// haproxy, nginx, stunnel, sidewall-l4, sidewall-l4-dedicated, sidewall-http.
     #[arg(long, value_name = "CONTENDER", value_delimiter = ',')]
     only: Vec<String>,
     /// Where report.md, report.json and plots/ go. Default: bench/results/<timestamp>/.
@@ -82,6 +82,9 @@ enum Command {
         /// Where to connect.
         #[arg(long)]
         to: SocketAddr,
+        /// Move bytes with `splice(2)` (the splice-baseline hop).
+        #[arg(long)]
+        splice: bool,
     },
 }
 
@@ -134,8 +137,8 @@ fn command_line() -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Relay { listen, to }) => {
-            return match contenders::relay(listen, to) {
+        Some(Command::Relay { listen, to, splice }) => {
+            return match contenders::relay(listen, to, splice) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("relay: {error:#}");

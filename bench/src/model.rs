@@ -10,6 +10,9 @@ pub enum Contender {
     Direct,
     /// Two hops of a minimal tokio `copy_bidirectional` relay, plaintext.
     CopyBaseline,
+    /// Two hops that move bytes with `splice(2)` only (no user-space copy), plaintext: the
+    /// upper bound for any proxy chain here.
+    SpliceBaseline,
     /// HAProxy, TCP mode, mTLS between the hops.
     Haproxy,
     /// nginx stream module, mTLS between the hops.
@@ -28,9 +31,10 @@ pub enum Contender {
 
 impl Contender {
     /// Every contender, in report order.
-    pub const ALL: [Contender; 8] = [
+    pub const ALL: [Contender; 9] = [
         Contender::Direct,
         Contender::CopyBaseline,
+        Contender::SpliceBaseline,
         Contender::Haproxy,
         Contender::Nginx,
         Contender::Stunnel,
@@ -47,6 +51,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct",
             Contender::CopyBaseline => "copy-baseline",
+            Contender::SpliceBaseline => "splice-baseline",
             Contender::Haproxy => "haproxy",
             Contender::Nginx => "nginx",
             Contender::Stunnel => "stunnel",
@@ -64,7 +69,7 @@ impl Contender {
     /// `plain` for the baselines, `mtls` for everything that encrypts between its hops.
     pub fn mode(self) -> Mode {
         match self {
-            Contender::Direct | Contender::CopyBaseline => Mode::Plain,
+            Contender::Direct | Contender::CopyBaseline | Contender::SpliceBaseline => Mode::Plain,
             _ => Mode::Mtls,
         }
     }
@@ -245,6 +250,7 @@ mod tests {
             [
                 "direct",
                 "copy-baseline",
+                "splice-baseline",
                 "haproxy",
                 "nginx",
                 "stunnel",

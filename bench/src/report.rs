@@ -274,6 +274,24 @@ pub struct Report {
     pub summary: Vec<Summary>,
     /// Sidewall's goals from the issue, judged on the summary.
     pub goals: Vec<Goal>,
+    /// The crypto floor measured in the run (absent from reports made before it was).
+    #[serde(default)]
+    pub crypto: Option<crate::floor::CryptoFloor>,
+}
+
+impl Report {
+    /// The limit of `s`'s workload and metric on this machine ([`crate::floor::Limit`]), when
+    /// the run measured the crypto floor and the splice baseline.
+    pub fn limit(&self, s: &Summary) -> Option<f64> {
+        let workload = Workload::from_name(&s.workload)?;
+        let metric = Metric::from_name(&s.metric)?;
+        let splice = find(&self.summary, Contender::SpliceBaseline, workload, metric)?;
+        crate::floor::Limit {
+            floor: self.crypto.as_ref()?,
+            cores: self.machine.nproc as f64,
+        }
+        .of(workload, metric, splice.median)
+    }
 }
 
 /// The summary entry of (contender, workload, metric), if measured.

@@ -188,6 +188,16 @@ pub(crate) async fn run(options: Options) -> Result<PathBuf> {
                 .into(),
         );
     }
+    // The crypto floor, on one core, before any contender runs.
+    let crypto = match sidewall_bench::floor::CryptoFloor::measure(Duration::from_millis(
+        if settings.quick { 100 } else { 1000 },
+    )) {
+        Ok(floor) => Some(floor),
+        Err(error) => {
+            notes.push(format!("the crypto floor was not measured: {error}"));
+            None
+        }
+    };
     let block = Duration::from_secs_f64(
         7.0 * (settings.warmup_s + settings.duration_s)
             + settings.idle_connections as f64 / 500.0
@@ -236,15 +246,17 @@ pub(crate) async fn run(options: Options) -> Result<PathBuf> {
     ));
 
     let summary = report::summarize(&rows);
+    let machine = Machine::describe();
     let report = Report {
         started,
-        machine: Machine::describe(),
-        goals: goals::evaluate(&summary),
+        goals: goals::evaluate(&summary, crypto.as_ref(), machine.nproc),
+        machine,
         settings,
         contenders: statuses,
         notes,
         rows,
         summary,
+        crypto,
     };
     std::fs::write(
         out.join("report.json"),

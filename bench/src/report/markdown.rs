@@ -82,6 +82,20 @@ fn header(out: &mut String, report: &Report) {
             ""
         }
     );
+    if let Some(floor) = &report.crypto {
+        let _ = writeln!(
+            out,
+            "Crypto floor ({}, {} KiB records, one core): seal {} Gbit/s, open {} Gbit/s. \
+             The `× limit` column divides each figure by the limit of an mTLS chain here: for \
+             bulk rates `1 / (1/splice + (1/seal + 1/open) / cores)`, for CPU per GB `splice + \
+             8/seal + 8/open`, for request rates and latencies the `splice-baseline` figure \
+             itself (bench/RESULTS.md explains them).\n",
+            floor.aead,
+            floor.record_bytes / 1024,
+            number(floor.seal_gbps),
+            number(floor.open_gbps),
+        );
+    }
     let _ = writeln!(out, "## Contenders\n");
     let _ = writeln!(out, "| contender | mode | status | version or reason |");
     let _ = writeln!(out, "|---|---|---|---|");
@@ -128,9 +142,9 @@ fn figures(out: &mut String, report: &Report) {
     let _ = writeln!(out, "\n## Figures\n");
     let _ = writeln!(
         out,
-        "Median over the rounds, the range (min–max), the ratio to `direct` in this run, and on \
+        "Median over the rounds, the range (min–max), the ratio to `direct` in this run, on \
          Sidewall's rows the ratio to the best peer (highest for rates, lowest for latency and \
-         cost). `cpu_s_per_gb` counts both proxies (children included) per 10^9 bytes \
+         cost), and the ratio to this machine's limit (above). `cpu_s_per_gb` counts both proxies (children included) per 10^9 bytes \
          delivered; `rss_mib` is per proxy (the pair's RSS / 2) before any load; \
          `rss_kib_per_conn` is the pair's RSS growth per idle connection. `direct` has no proxy, \
          so these have no ratio to it.\n"
@@ -147,9 +161,9 @@ fn figures(out: &mut String, report: &Report) {
         let _ = writeln!(out, "### {}\n", workload.name());
         let _ = writeln!(
             out,
-            "| contender | mode | metric | median | min–max | × direct | × best peer |"
+            "| contender | mode | metric | median | min–max | × direct | × best peer | × limit |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
         for s in rows {
             let peer = to_best_peer(report, s).map_or_else(
                 || "".to_owned(),
@@ -157,7 +171,7 @@ fn figures(out: &mut String, report: &Report) {
             );
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} {} | {}–{} | {} | {} |",
+                "| {} | {} | {} | {} {} | {}–{} | {} | {} | {} |",
                 s.contender,
                 s.mode,
                 s.metric,
@@ -166,7 +180,8 @@ fn figures(out: &mut String, report: &Report) {
                 number(s.min),
                 number(s.max),
                 times(to_direct(report, s)),
-                peer
+                peer,
+                times(report.limit(s).and_then(|limit| ratio(s.median, limit)))
             );
         }
         let _ = writeln!(out);

@@ -203,7 +203,7 @@ fn goals_compare_with_the_best_peer_direct_or_a_budget() {
             1,
         ),
     ];
-    let goals = evaluate(&summarize(&rows));
+    let goals = evaluate(&summarize(&rows), None, 2);
     let verdict = |metric: &str| {
         // Each goal is judged on a different metric.
         goals.iter().find(|g| g.metric == metric).unwrap().verdict
@@ -213,6 +213,35 @@ fn goals_compare_with_the_best_peer_direct_or_a_budget() {
     assert_eq!(verdict("rss_kib_per_conn"), Verdict::Met, "19 ≤ 20");
     assert_eq!(verdict("rps"), Verdict::Unknown, "no peer measured");
     assert_eq!(verdict("rss_mib"), Verdict::Unknown, "not measured");
+    let limit_goal = |goals: &[crate::goals::Goal]| {
+        goals
+            .iter()
+            .find(|g| g.reference_name == "limit" && g.metric == "gbps")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(limit_goal(&goals).verdict, Verdict::Unknown, "no floor");
+
+    // With the splice chain at 16 Gbit/s and a floor of 16 both ways on 2 cores, the limit is
+    // 8 Gbit/s: 7 is within 12.5 % of it, not 10 %.
+    let mut rows = rows;
+    rows.push(row(
+        Contender::SpliceBaseline,
+        Workload::Throughput1,
+        Metric::Gbps,
+        16.0,
+        1,
+    ));
+    let floor = crate::floor::CryptoFloor {
+        aead: "AES".into(),
+        record_bytes: 16_384,
+        seal_gbps: 16.0,
+        open_gbps: 16.0,
+    };
+    let goal = limit_goal(&evaluate(&summarize(&rows), Some(&floor), 2));
+    assert_eq!(goal.reference, Some(8.0));
+    assert_eq!(goal.ratio, Some(0.875));
+    assert_eq!(goal.verdict, Verdict::NotMet);
 }
 
 #[test]
@@ -258,9 +287,10 @@ fn the_markdown_shows_every_figure_with_its_ratio_to_direct() {
         },
         contenders: Vec::new(),
         notes: vec!["a note".into()],
-        goals: evaluate(&summary),
+        goals: evaluate(&summary, None, 2),
         rows,
         summary,
+        crypto: None,
     };
     let text = markdown(&report, &["throughput-1_gbps.svg".to_owned()]);
     assert!(text.contains("| haproxy | mtls | gbps | 4.00 Gbit/s | 4.00–4.00 | ×0.40 |  |"));
@@ -302,6 +332,7 @@ fn report_of(rows: &[(Contender, Workload, Metric, f64)], machine: Machine) -> R
         goals: Vec::new(),
         rows,
         summary,
+        crypto: None,
     }
 }
 
@@ -375,4 +406,62 @@ fn compare_gives_each_change_its_direction_and_the_ratios_to_direct_of_both_runs
         "{text}"
     );
     assert!(text.contains("No (contender, workload, metric) was measured in both reports."));
+}
+
+#[test]
+fn every_row_shows_its_ratio_to_the_limit_from_the_splice_baseline_and_the_crypto_floor() {
+    let mut machine = Machine::describe();
+    machine.nproc = 2;
+    let mut report = report_of(
+        &[
+            (Contender::Direct, Workload::Throughput1, Metric::Gbps, 20.0),
+            (
+                Contender::SpliceBaseline,
+                Workload::Throughput1,
+                Metric::Gbps,
+                16.0,
+            ),
+            (
+                Contender::SidewallL4,
+                Workload::Throughput1,
+                Metric::Gbps,
+                6.0,
+            ),
+            (
+                Contender::SpliceBaseline,
+                Workload::Throughput1,
+                Metric::CpuSPerGb,
+                0.5,
+            ),
+            (
+                Contender::SidewallL4,
+                Workload::Throughput1,
+                Metric::CpuSPerGb,
+                3.0,
+            ),
+        ],
+        machine,
+    );
+    let without = markdown(&report, &[]);
+    assert!(
+        without.contains("| sidewall-l4 | mtls | gbps | 6.00 Gbit/s | 6.00–6.00 | ×0.30 |  | – |"),
+        "{without}"
+    );
+    report.crypto = Some(crate::floor::CryptoFloor {
+        aead: "AES".into(),
+        record_bytes: 16_384,
+        seal_gbps: 16.0,
+        open_gbps: 16.0,
+    });
+    let text = markdown(&report, &[]);
+    // Limit 1 / (1/16 + (1/16 + 1/16) / 2) = 8 Gbit/s; 0.5 + 8/16 + 8/16 = 1.5 s per GB.
+    assert!(
+        text.contains("| sidewall-l4 | mtls | gbps | 6.00 Gbit/s | 6.00–6.00 | ×0.30 |  | ×0.75 |"),
+        "{text}"
+    );
+    assert!(text.contains("| ×2.00 |\n"), "{text}");
+    assert!(
+        text.contains("seal 16.0 Gbit/s, open 16.0 Gbit/s"),
+        "{text}"
+    );
 }
