@@ -229,6 +229,18 @@ impl EtcdStore {
         .await
     }
 
+    /// Deletes the keys in `[from, end)`; the number deleted.
+    async fn delete_range(&self, from: &str, end: &str) -> Result<u64, StoreError> {
+        let options = etcd_client::DeleteOptions::new().with_range(end);
+        let response = self
+            .retried(|mut kv| {
+                let (from, options) = (from.to_owned(), options.clone());
+                async move { kv.delete(from, Some(options)).await }
+            })
+            .await?;
+        Ok(u64::try_from(response.deleted()).unwrap_or(0))
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}/{name}", self.prefix)
     }
@@ -475,14 +487,7 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let dir = self.dir("rollups");
             let end = format!("{dir}{}", RollupRecord::day_key(before));
-            let options = etcd_client::DeleteOptions::new().with_range(end);
-            let response = self
-                .retried(|mut kv| {
-                    let (from, options) = (dir.clone(), options.clone());
-                    async move { kv.delete(from, Some(options)).await }
-                })
-                .await?;
-            Ok(u64::try_from(response.deleted()).unwrap_or(0))
+            self.delete_range(&dir, &end).await
         })
     }
 
@@ -521,14 +526,7 @@ impl Store for EtcdStore {
             let dir = self.dir("audit");
             let from = format!("{dir}{:020}", 0);
             let end = format!("{dir}{:020}", through.saturating_add(1));
-            let options = etcd_client::DeleteOptions::new().with_range(end);
-            let response = self
-                .retried(|mut kv| {
-                    let (from, options) = (from.clone(), options.clone());
-                    async move { kv.delete(from, Some(options)).await }
-                })
-                .await?;
-            Ok(u64::try_from(response.deleted()).unwrap_or(0))
+            self.delete_range(&from, &end).await
         })
     }
 
