@@ -93,6 +93,15 @@ fn print(run: &Verification) {
             );
         }
     }
+    if run.unordered_answers > 0 {
+        // Ignored, so the verdict stands; but a sidecar that answers what it was not asked is
+        // broken or not what it claims to be.
+        eprintln!(
+            "warning: {} answer{} came for probes no sidecar was ordered to make (ignored; the control plane's log names the sidecar)",
+            run.unordered_answers,
+            if run.unordered_answers == 1 { "" } else { "s" }
+        );
+    }
     let failures: Vec<_> = run.failures().collect();
     if !run.finished {
         eprintln!("segmentation not verified: the answers did not all come in time");

@@ -150,6 +150,7 @@ pub(super) async fn start(
         finished: pairs.is_empty(),
         unprobed,
         pairs,
+        unordered_answers: 0,
     };
     let replaced = api
         .distribution
@@ -211,6 +212,7 @@ async fn record(api: &Api, verification: &Verification) {
         .with("admitted", count(ProbeAnswer::Admitted))
         .with("no_answer", count(ProbeAnswer::NoAnswer))
         .with("unprobed", verification.unprobed)
+        .with("unordered_answers", verification.unordered_answers)
         .with("failures", failures.join(", ")),
     )
     .await;
@@ -231,12 +233,19 @@ pub(super) async fn results(
             format!("at most {MAX_RESULTS} probe results per request"),
         ));
     }
-    let taken = api.distribution.probe_results(
+    let (taken, unordered) = api.distribution.probe_results(
         identity.as_str(),
         &body.instance,
         &body.results,
         now_unix(),
     );
+    if unordered > 0 {
+        // A sidecar answering what it was not asked is broken or not the sidecar it claims
+        // to be: the run says how many, the log says who.
+        metrics::counter!(crate::metric::REFUSALS, "route" => "probes", "reason" => "probe_not_ordered")
+            .increment(unordered as u64);
+        tracing::warn!(%identity, instance = %body.instance, unordered, "answers to probes this sidecar was never ordered: ignored");
+    }
     Ok(json_response(
         StatusCode::OK,
         &json!({"ok": true, "taken": taken}),

@@ -69,41 +69,50 @@ impl Distribution {
 
     /// Records what the targets answered to the probes of sidecar `instance` of `identity`:
     /// only pairs of the run under way ordered to that sidecar, still pending; anything else
-    /// (an answer after the run's time is up) is ignored. How many were taken.
+    /// (an answer after the run's time is up, a second answer) is ignored. How many were
+    /// taken, and how many answered probes of the run never ordered to that sidecar (counted
+    /// in the run: the caller logs them).
     pub fn probe_results(
         &self,
         identity: &str,
         instance: &str,
         results: &[ProbeResult],
         now: i64,
-    ) -> usize {
+    ) -> (usize, usize) {
         let mut run = lock(&self.verification);
         let Some(run) = run.as_mut() else {
-            return 0;
+            return (0, 0);
         };
         finish_if_due(run, now);
         if run.verification.finished {
-            return 0;
+            return (0, 0);
         }
-        let mut taken = 0;
+        let (mut taken, mut unordered) = (0, 0);
         for result in results {
             if result.probe.run != run.verification.id || result.answer == ProbeAnswer::Pending {
                 continue;
             }
             let pair = run.verification.pairs.iter_mut().find(|p| {
-                p.answer == ProbeAnswer::Pending
-                    && p.source == identity
+                p.source == identity
                     && p.instance == instance
                     && p.target == result.probe.target
                     && p.endpoint == result.probe.endpoint
                     && p.port == result.probe.port
             });
-            if let Some(pair) = pair {
-                pair.answer = result.answer;
-                taken += 1;
+            match pair {
+                Some(pair) if pair.answer == ProbeAnswer::Pending => {
+                    pair.answer = result.answer;
+                    taken += 1;
+                }
+                Some(_) => {}
+                None => unordered += 1,
             }
         }
-        taken
+        run.verification.unordered_answers = run
+            .verification
+            .unordered_answers
+            .saturating_add(unordered as u64);
+        (taken, unordered)
     }
 
     /// Run `id` as it stands at `now`, finished when every pair answered or its time is up;
@@ -141,5 +150,80 @@ fn finish_if_due(run: &mut Run, now: i64) {
             pair.answer = ProbeAnswer::NoAnswer;
         }
         v.finished = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sidewall_policies::wire::report::VerificationPair;
+
+    fn probe(target: &str) -> Probe {
+        Probe {
+            run: "run-1".into(),
+            target: target.into(),
+            endpoint: "10.0.0.7:4643".into(),
+            port: 8080,
+        }
+    }
+
+    /// Only the answer to a pending probe ordered to that sidecar is taken; an answer to a
+    /// probe never ordered to it is counted in the run.
+    #[test]
+    fn answers_to_probes_never_ordered_are_counted_not_taken() {
+        let distribution = Distribution::new(
+            "e".into(),
+            sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
+            String::new(),
+            crate::store::Loaded {
+                revision: 1,
+                read_at: 1,
+                latest: None,
+                registrations: Vec::new(),
+                revocations: Vec::new(),
+            },
+            false,
+        );
+        let source = "spiffe://sidewall.local/batch";
+        let verification = Verification {
+            id: "run-1".into(),
+            started_by: "admin".into(),
+            started_at: String::new(),
+            policy_version: 1,
+            finished: false,
+            unprobed: 0,
+            pairs: vec![VerificationPair {
+                source: source.into(),
+                instance: "batch-1".into(),
+                target: "spiffe://sidewall.local/api".into(),
+                endpoint: "10.0.0.7:4643".into(),
+                port: 8080,
+                answer: ProbeAnswer::Pending,
+            }],
+            unordered_answers: 0,
+        };
+        distribution
+            .start_verification(verification, HashMap::new(), 1_000, 0)
+            .unwrap();
+        let answer = |target: &str, instance: &str| {
+            distribution.probe_results(
+                source,
+                instance,
+                &[ProbeResult {
+                    probe: probe(target),
+                    answer: ProbeAnswer::Refused,
+                }],
+                1,
+            )
+        };
+        assert_eq!(answer("spiffe://sidewall.local/web", "batch-1"), (0, 1));
+        assert_eq!(answer("spiffe://sidewall.local/api", "batch-2"), (0, 1));
+        assert_eq!(answer("spiffe://sidewall.local/api", "batch-1"), (1, 0));
+        // A second answer to the same probe is neither taken nor unordered.
+        assert_eq!(answer("spiffe://sidewall.local/api", "batch-1"), (0, 0));
+        let (run, _) = distribution.verification("run-1", 2).unwrap();
+        assert_eq!(run.unordered_answers, 2);
+        assert!(run.finished);
     }
 }

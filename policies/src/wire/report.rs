@@ -437,6 +437,14 @@ pub struct Verification {
     pub unprobed: u64,
     /// The pairs probed.
     pub pairs: Vec<VerificationPair>,
+    /// Answers sidecars posted for this run to probes it never ordered them (a sidecar that
+    /// reports what it was not asked is not to be trusted: see the control plane's log).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unordered_answers: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Verification {
