@@ -51,6 +51,20 @@ server.serve_forever()
 /// A CA of the impostor's own and a certificate for the control plane's SPIFFE ID (and
 /// 127.0.0.1) signed by it: (root PEM, leaf chain PEM, leaf key PEM).
 fn impostor_credential() -> (String, String, String) {
+    credential(vec![
+        rcgen::SanType::URI(
+            format!("{TD}/sidewall/control-plane")
+                .as_str()
+                .try_into()
+                .unwrap(),
+        ),
+        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
+    ])
+}
+
+/// A new CA and a server certificate for `names` signed by it: (root PEM, leaf PEM, leaf key
+/// PEM).
+fn credential(names: Vec<rcgen::SanType>) -> (String, String, String) {
     let now = time::OffsetDateTime::now_utc();
     let mut root_params = rcgen::CertificateParams::default();
     root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -66,15 +80,7 @@ fn impostor_credential() -> (String, String, String) {
 
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![
-        rcgen::SanType::URI(
-            format!("{TD}/sidewall/control-plane")
-                .as_str()
-                .try_into()
-                .unwrap(),
-        ),
-        rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
-    ];
+    params.subject_alt_names = names;
     params.is_ca = rcgen::IsCa::ExplicitNoCa;
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -463,5 +469,132 @@ fn a_sidecar_joins_with_its_pods_service_account_token() {
         "{}\n{}",
         fleet.stdout,
         fleet.stderr
+    );
+}
+
+/// `openssl s_server -WWW` serving a directory over HTTPS on loopback (as `localhost`, with a
+/// certificate of a CA of its own, in `ca.pem` there), stopped when dropped.
+struct Https {
+    child: std::process::Child,
+    port: u16,
+    ca: std::path::PathBuf,
+}
+
+impl Https {
+    fn serve(root: &std::path::Path) -> Self {
+        let port = free_port();
+        let (ca, leaf, key) = credential(vec![rcgen::SanType::DnsName(
+            "localhost".try_into().unwrap(),
+        )]);
+        std::fs::write(root.join("ca.pem"), ca).unwrap();
+        std::fs::write(root.join("server.pem"), leaf).unwrap();
+        std::fs::write(root.join("server.key"), key).unwrap();
+        let child = Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-cert", "server.pem", "-key", "server.key"])
+            .current_dir(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually(10, "openssl s_server listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self {
+            child,
+            port,
+            ca: root.join("ca.pem"),
+        }
+    }
+}
+
+impl Drop for Https {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Issue 19, part 1: the issuer's keys fetched from its OIDC discovery URL over HTTPS (here
+/// `openssl s_server`, checked against a CA file, as a pod checks the API server against its
+/// service account's `ca.crt`), and fetched again as soon as a token names a key the control
+/// plane lacks: a sidecar joins with a token of the issuer's key, the issuer rotates to a new
+/// key, and a sidecar with a token of the new one joins too, with no restart and no file.
+#[test]
+fn the_issuer_keys_come_from_its_discovery_url_and_follow_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(www.join(".well-known")).unwrap();
+    std::fs::create_dir_all(www.join("openid/v1")).unwrap();
+    let https = Https::serve(&www);
+    let base = format!("https://localhost:{}", https.port);
+    std::fs::write(
+        www.join(".well-known/openid-configuration"),
+        format!(r#"{{"issuer": "https://kubernetes.default.svc.cluster.local", "jwks_uri": "{base}/openid/v1/jwks"}}"#),
+    )
+    .unwrap();
+    let first = TestIssuer::new("key-1");
+    std::fs::write(www.join("openid/v1/jwks"), first.jwks()).unwrap();
+    let config = dir.path().join("cp.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "attestation:\n  kubernetes:\n    issuer: {}\n    jwksUrl: {base}/.well-known/openid-configuration\n    caFile: {}\n    namespaces: [shop]\n",
+            first.url,
+            https.ca.display()
+        ),
+    )
+    .unwrap();
+    let cp = ControlPlaneProcess::start(
+        &dir.path().join("cp"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let fingerprint = cp.cli(&["ca", "fingerprint"]);
+    assert_eq!(fingerprint.code, 0, "{}", fingerprint.stderr);
+    let sidecar = |name: &str, token: String| {
+        std::fs::write(dir.path().join(format!("{name}.sa")), token).unwrap();
+        let admin = free_port();
+        let config = format!(
+            "identity: {TD}/ns/shop/svc/{name}\ncontrolPlane:\n  urls: [https://127.0.0.1:{}]\n  serviceAccountTokenFile: {name}.sa\n  caFingerprint: {}\n  pod: {name}-1\nstateDir: state/{name}\ninbound:\n  listen: 127.0.0.1:{}\n  ports: [{{port: 8080, protocol: tcp, app: 127.0.0.1:{}}}]\nadmin:\n  listen: 127.0.0.1:{admin}\n",
+            cp.api_port,
+            fingerprint.stdout.trim(),
+            free_port(),
+            free_port(),
+        );
+        let proxy = ProxyProcess::start(dir.path(), name, &config, admin);
+        proxy.wait_ready();
+        proxy
+    };
+    let _api = sidecar("api", first.token("shop", "api", "api-1", "sidewall", 3600));
+
+    // The issuer rotates: its JWKS now holds only the new key.
+    let second = TestIssuer::new("key-2");
+    std::fs::write(www.join("openid/v1/jwks"), second.jwks()).unwrap();
+    let _web = sidecar(
+        "web",
+        second.token("shop", "web", "web-1", "sidewall", 3600),
+    );
+    let metrics = http_get(cp.admin_port, "/metrics").1;
+    assert!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_issuer_key_fetches_total",
+            &[("result", "fetched")]
+        ) >= 2,
+        "{metrics}"
+    );
+    // web's first attempt named a key the control plane did not have yet: refused, and the
+    // keys fetched again at once (the next periodic fetch is minutes away).
+    assert!(
+        support::metric(
+            &metrics,
+            "sidewall_control_plane_refusals_total",
+            &[
+                ("route", "certificates"),
+                ("reason", "sa_token_key_unknown")
+            ]
+        ) >= 1,
+        "{metrics}"
     );
 }

@@ -31,7 +31,10 @@
 //! attestation:                     # optional: sidecars may join with Kubernetes service-account
 //!   kubernetes:                    # tokens (docs/control-plane.md#kubernetes-service-account-attestation)
 //!     issuer: https://kubernetes.default.svc.cluster.local
-//!     jwksFile: /etc/sidewall/k8s-jwks.json      # kubectl get --raw /openid/v1/jwks
+//!     jwksFile: /etc/sidewall/k8s-jwks.json      # kubectl get --raw /openid/v1/jwks; or:
+//!     # jwksUrl: https://kubernetes.default.svc/openid/v1/jwks   (or an OIDC discovery URL)
+//!     # caFile: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
+//!     # bearerTokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token
 //!     audience: sidewall           # default sidewall
 //!     identity: /ns/{namespace}/svc/{serviceaccount}   # the default
 //!     namespaces: [shop]           # default: any
@@ -62,7 +65,9 @@ use sidewall_policies::TrustDomain;
 pub use sidewall_policies::policy::ConfigDuration;
 use sidewall_policies::policy::format_duration;
 
-use crate::attestation::kubernetes::{DEFAULT_AUDIENCE, DEFAULT_IDENTITY, KubernetesConfig};
+use crate::attestation::kubernetes::{
+    DEFAULT_AUDIENCE, DEFAULT_IDENTITY, KeySource, KubernetesConfig,
+};
 use crate::ca::PlugIn;
 use crate::detection::DetectionConfig;
 
@@ -253,7 +258,10 @@ struct AttestationSection {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct KubernetesSection {
     issuer: String,
-    jwks_file: PathBuf,
+    jwks_file: Option<PathBuf>,
+    jwks_url: Option<String>,
+    ca_file: Option<PathBuf>,
+    bearer_token_file: Option<PathBuf>,
     audience: Option<String>,
     identity: Option<String>,
     #[serde(default)]
@@ -271,9 +279,41 @@ fn kubernetes(
     if section.issuer.trim().is_empty() {
         return bad("issuer must name the cluster's service-account issuer");
     }
+    let keys = match (&section.jwks_file, &section.jwks_url) {
+        (Some(path), None) => {
+            if section.ca_file.is_some() || section.bearer_token_file.is_some() {
+                return bad("caFile and bearerTokenFile go with jwksUrl, not jwksFile");
+            }
+            KeySource::File(path.clone())
+        }
+        (None, Some(url)) => {
+            if !url.starts_with("https://") || url.parse::<hyper::Uri>().is_err() {
+                return bad(&format!(
+                    "jwksUrl: {url:?} is not an https URL (the issuer's keys are fetched over HTTPS only)"
+                ));
+            }
+            let Some(ca_file) = section.ca_file.clone() else {
+                return bad(
+                    "caFile: with jwksUrl, name the CA certificates the server is checked against \
+                     (in a pod: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt)",
+                );
+            };
+            KeySource::Url {
+                url: url.clone(),
+                ca_file,
+                bearer_token_file: section.bearer_token_file.clone(),
+            }
+        }
+        (Some(_), Some(_)) => return bad("give jwksFile or jwksUrl, not both"),
+        (None, None) => {
+            return bad(
+                "jwksFile or jwksUrl: where the issuer's keys are (a JWKS file, or a JWKS or OIDC discovery URL)",
+            );
+        }
+    };
     let config = KubernetesConfig {
         issuer: section.issuer.clone(),
-        jwks_file: section.jwks_file.clone(),
+        keys,
         audience: section
             .audience
             .clone()
@@ -869,7 +909,23 @@ mod tests {
         let cases = [
             (
                 "attestation: {kubernetes: {issuer: https://k}}\n",
-                "missing field `jwksFile`",
+                "attestation.kubernetes.jwksFile or jwksUrl: where the issuer's keys are",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, jwksUrl: 'https://k/j'}}\n",
+                "give jwksFile or jwksUrl, not both",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksUrl: 'http://k/j', caFile: /c}}\n",
+                "is not an https URL",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksUrl: 'https://k/j'}}\n",
+                "attestation.kubernetes.caFile: with jwksUrl",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, caFile: /c}}\n",
+                "caFile and bearerTokenFile go with jwksUrl",
             ),
             (
                 "attestation: {kubernetes: {issuer: ' ', jwksFile: /j}}\n",
@@ -896,6 +952,20 @@ mod tests {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
         }
+        let fetched = parse(
+            "attestation: {kubernetes: {issuer: k, jwksUrl: 'https://kubernetes.default.svc/.well-known/openid-configuration', caFile: /c, bearerTokenFile: /t}}\n",
+        )
+        .unwrap()
+        .kubernetes
+        .unwrap();
+        assert_eq!(
+            fetched.keys,
+            KeySource::Url {
+                url: "https://kubernetes.default.svc/.well-known/openid-configuration".into(),
+                ca_file: "/c".into(),
+                bearer_token_file: Some("/t".into()),
+            }
+        );
     }
 
     #[cfg(feature = "etcd")]

@@ -54,6 +54,8 @@ pub(crate) const AUDIT_RECORDS: &str = "sidewall_control_plane_audit_records_tot
 pub(crate) const AUDIT_FAILURES: &str = "sidewall_control_plane_audit_failures_total";
 /// Segmentation reports signed.
 pub(crate) const REPORTS_SIGNED: &str = "sidewall_control_plane_reports_signed_total";
+/// Fetches of the service-account issuer's keys, by `result` (`fetched`, `failed`).
+pub(crate) const ISSUER_KEY_FETCHES: &str = "sidewall_control_plane_issuer_key_fetches_total";
 /// Flow roll-up chunks written to the store, by `result` (`written`, `failed`).
 pub(crate) const ROLLUP_WRITES: &str = "sidewall_control_plane_rollup_writes_total";
 
@@ -136,6 +138,10 @@ pub fn describe() {
         "Audit records that could not be appended (the change itself stands), by action."
     );
     describe_counter!(REPORTS_SIGNED, "Segmentation reports signed.");
+    describe_counter!(
+        ISSUER_KEY_FETCHES,
+        "Fetches of the service-account issuer's keys (attestation.kubernetes.jwksUrl), by result."
+    );
     describe_counter!(
         ROLLUP_WRITES,
         "Daily flow roll-up chunks written to the store, by result (written, failed: kept and retried)."

@@ -131,6 +131,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         .map(|k| Kubernetes::new(k, config.trust_domain.clone()))
         .transpose()
         .map_err(|e| ConfigError::Value(format!("attestation.kubernetes.jwksFile: {e}")))?;
+    // (A URL source is fetched once serving: `refresh_issuer_keys`.)
     let api = Arc::new(Api {
         kubernetes,
         refusals: crate::audit::Refusals::default(),
@@ -333,6 +334,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let rollups = tokio::spawn(keep_rollups(api.clone(), stop_rx.clone()));
+    let issuer_keys = tokio::spawn(refresh_issuer_keys(api.clone(), stop_rx.clone()));
     let renewal = tokio::spawn(renew_serving_certificate(
         api.clone(),
         certificate,
@@ -457,6 +459,7 @@ pub async fn run(
     renewal.abort();
     let _ = checkpoints.await;
     let _ = rollups.await;
+    let _ = issuer_keys.await;
     let _ = expiry.await;
     let _ = admin_task.await;
     let _ = ui_task.await;
@@ -554,6 +557,53 @@ async fn sign_audit_trail(
         }
         if stopping {
             return;
+        }
+    }
+}
+
+/// Fetches the service-account issuer's keys when they come from a URL
+/// (`attestation.kubernetes.jwksUrl`): at start, every 5 minutes, and when a token names a key
+/// the set lacks (the issuer rotated its key); after a failure again 5 s later, doubling up to
+/// a minute. A failure keeps the last good keys.
+async fn refresh_issuer_keys(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let Some(kubernetes) = api.kubernetes.as_ref().filter(|k| k.fetches_keys()) else {
+        return;
+    };
+    let mut backoff = Duration::from_secs(5);
+    let mut held = 0;
+    loop {
+        let fetched_at = tokio::time::Instant::now();
+        let wait = match kubernetes.fetch_keys().await {
+            Ok(keys) => {
+                metrics::counter!(crate::metric::ISSUER_KEY_FETCHES, "result" => "fetched")
+                    .increment(1);
+                if keys != held {
+                    tracing::info!(keys, "service-account issuer keys fetched");
+                }
+                held = keys;
+                backoff = Duration::from_secs(5);
+                crate::attestation::kubernetes::REFRESH
+            }
+            Err(error) => {
+                metrics::counter!(crate::metric::ISSUER_KEY_FETCHES, "result" => "failed")
+                    .increment(1);
+                tracing::warn!(%error, "service-account issuer keys not fetched; the last good ones stay");
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = kubernetes.keys_wanted() => {
+                // However many tokens name an unknown key, one fetch per NUDGE_EVERY.
+                let soonest = fetched_at + crate::attestation::kubernetes::NUDGE_EVERY;
+                tokio::select! {
+                    () = tokio::time::sleep_until(soonest) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            _ = stop.changed() => return,
         }
     }
 }

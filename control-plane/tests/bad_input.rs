@@ -85,7 +85,9 @@ impl Cluster {
     fn config(&self) -> sidewall_control_plane::attestation::kubernetes::KubernetesConfig {
         sidewall_control_plane::attestation::kubernetes::KubernetesConfig {
             issuer: self.issuer.url.clone(),
-            jwks_file: self.jwks.clone(),
+            keys: sidewall_control_plane::attestation::kubernetes::KeySource::File(
+                self.jwks.clone(),
+            ),
             audience: "sidewall".into(),
             identity: sidewall_control_plane::attestation::kubernetes::DEFAULT_IDENTITY.into(),
             namespaces: vec!["shop".into()],

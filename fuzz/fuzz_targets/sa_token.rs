@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use sidewall_control_plane::attestation::kubernetes::{
-    DEFAULT_IDENTITY, Kubernetes, KubernetesConfig,
+    DEFAULT_IDENTITY, KeySource, Kubernetes, KubernetesConfig,
 };
 use sidewall_policies::TrustDomain;
 
@@ -25,7 +25,7 @@ fn validator() -> &'static Kubernetes {
         std::fs::write(&file, JWKS).expect("a temporary file");
         let config = KubernetesConfig {
             issuer: "https://kubernetes.default.svc.cluster.local".into(),
-            jwks_file: file,
+            keys: KeySource::File(file),
             audience: "sidewall".into(),
             identity: DEFAULT_IDENTITY.into(),
             namespaces: Vec::new(),

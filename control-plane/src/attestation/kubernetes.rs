@@ -1,6 +1,7 @@
 //! Kubernetes service-account attestation: a sidecar presents the projected service-account
 //! token the kubelet mounted for its pod (audience `sidewall`), and the control plane checks it
-//! offline against the cluster's issuer keys (a JWKS file, re-read when it changes): the
+//! offline against the cluster's issuer keys (a JWKS file, re-read when it changes, or fetched
+//! from the issuer over HTTPS every 5 minutes and when a token names a key it lacks: [`fetch`]): the
 //! signature with an asymmetric algorithm the key allows, the issuer, the audience, the expiry
 //! and not-before, and the `kubernetes.io` claims. The namespace and service account become the
 //! workload identity by a template; an operator may restrict which ones may attest.
@@ -10,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::JwkSet;
@@ -19,6 +20,39 @@ use serde::Deserialize;
 use sidewall_policies::{SpiffeId, TrustDomain};
 
 use super::workload_identity;
+
+mod fetch;
+
+/// How often fetched keys are fetched again.
+pub const REFRESH: Duration = Duration::from_secs(300);
+/// Fetches a token naming an unknown key may cause: at most one in this long.
+pub const NUDGE_EVERY: Duration = Duration::from_secs(10);
+
+/// Where the issuer's keys come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// A JWKS file (`kubectl get --raw /openid/v1/jwks`), re-read when it changes.
+    File(PathBuf),
+    /// Fetched over HTTPS: a JWKS URL, or the issuer's OIDC discovery document (a URL ending
+    /// in `/.well-known/openid-configuration`) whose `jwks_uri` is then fetched.
+    Url {
+        /// The URL.
+        url: String,
+        /// The CA certificates the server is checked against.
+        ca_file: PathBuf,
+        /// A bearer token to present (re-read on every fetch), if the server wants one.
+        bearer_token_file: Option<PathBuf>,
+    },
+}
+
+impl std::fmt::Display for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(f, "jwksFile {}", path.display()),
+            Self::Url { url, .. } => write!(f, "jwksUrl {url}"),
+        }
+    }
+}
 
 /// The identity template's default: Sidewall's workload form, the service account as service.
 pub const DEFAULT_IDENTITY: &str = "/ns/{namespace}/svc/{serviceaccount}";
@@ -46,8 +80,8 @@ const ALGORITHMS: [Algorithm; 8] = [
 pub struct KubernetesConfig {
     /// The service-account issuer (`--service-account-issuer` of the API server).
     pub issuer: String,
-    /// The issuer's public keys, a JWKS file (`kubectl get --raw /openid/v1/jwks`).
-    pub jwks_file: PathBuf,
+    /// Where the issuer's public keys come from.
+    pub keys: KeySource,
     /// The audience tokens must carry. Default is `sidewall`.
     pub audience: String,
     /// The identity's path, with `{namespace}` and `{serviceaccount}`.
@@ -94,7 +128,7 @@ pub enum ServiceAccountError {
     Algorithm(String),
     /// No issuer key with the token's key id.
     #[error(
-        "no key of the issuer has the token's key id {0:?} (is attestation.kubernetes.jwksFile current?)"
+        "no key of the issuer has the token's key id {0:?} (are the issuer's keys current? see attestation.kubernetes and the control plane's log)"
     )]
     UnknownKey(String),
     /// The signature does not verify.
@@ -190,6 +224,8 @@ pub struct Kubernetes {
     config: KubernetesConfig,
     trust_domain: TrustDomain,
     keys: Mutex<Keys>,
+    /// Woken when a token names a key the set lacks (fetched keys only).
+    wanted: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Kubernetes {
@@ -212,9 +248,13 @@ fn read_keys(path: &Path) -> Result<(Option<SystemTime>, JwkSet), String> {
 }
 
 impl Kubernetes {
-    /// Reads the issuer's keys; fails when the file is not a JWKS with at least one key.
+    /// Reads the issuer's keys from a file (fails when it is not a JWKS with at least one
+    /// key); fetched keys start empty, for [`Kubernetes::fetch_keys`].
     pub fn new(config: KubernetesConfig, trust_domain: TrustDomain) -> Result<Self, String> {
-        let (modified, set) = read_keys(&config.jwks_file)?;
+        let (modified, set) = match &config.keys {
+            KeySource::File(path) => read_keys(path)?,
+            KeySource::Url { .. } => (None, JwkSet { keys: Vec::new() }),
+        };
         Ok(Self {
             config,
             trust_domain,
@@ -222,14 +262,36 @@ impl Kubernetes {
                 modified,
                 set: Arc::new(set),
             }),
+            wanted: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether the keys are fetched (and [`Kubernetes::fetch_keys`] must be run).
+    pub fn fetches_keys(&self) -> bool {
+        matches!(self.config.keys, KeySource::Url { .. })
+    }
+
+    /// Fetches the issuer's keys and puts them in place; a failure keeps the last good ones.
+    /// The number of keys.
+    pub async fn fetch_keys(&self) -> Result<usize, String> {
+        let set = fetch::keys(&self.config.keys).await?;
+        let count = set.keys.len();
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).set = Arc::new(set);
+        Ok(count)
+    }
+
+    /// Resolves when a token named a key the fetched set lacks.
+    pub async fn keys_wanted(&self) {
+        self.wanted.notified().await;
     }
 
     /// The keys, re-read first if the file changed. A file that became unreadable or invalid
     /// keeps the last good keys (and says so in the log).
     fn keys(&self) -> Arc<JwkSet> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let path = &self.config.jwks_file;
+        let KeySource::File(path) = &self.config.keys else {
+            return keys.set.clone();
+        };
         let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         if modified.is_some() && modified != keys.modified {
             match read_keys(path) {
@@ -247,6 +309,14 @@ impl Kubernetes {
             }
         }
         keys.set.clone()
+    }
+
+    /// A token named a key the set lacks (the issuer may have rotated its key): fetched keys
+    /// are fetched again, at most once every [`NUDGE_EVERY`] however many tokens ask.
+    fn nudge(&self) {
+        if self.fetches_keys() {
+            self.wanted.notify_one();
+        }
     }
 
     /// Checks `token` and maps it to a workload identity. `pod` is the pod the request says it
@@ -274,7 +344,10 @@ impl Kubernetes {
             None if keys.keys.len() == 1 => keys.keys.first(),
             None => None,
         }
-        .ok_or_else(|| E::UnknownKey(header.kid.clone().unwrap_or_default()))?;
+        .ok_or_else(|| {
+            self.nudge();
+            E::UnknownKey(header.kid.clone().unwrap_or_default())
+        })?;
         let key = DecodingKey::from_jwk(jwk)
             .map_err(|_| E::UnknownKey(header.kid.clone().unwrap_or_default()))?;
         let mut validation = Validation::new(header.alg);
