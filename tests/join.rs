@@ -520,7 +520,9 @@ impl Drop for Https {
 /// `openssl s_server`, checked against a CA file, as a pod checks the API server against its
 /// service account's `ca.crt`), and fetched again as soon as a token names a key the control
 /// plane lacks: a sidecar joins with a token of the issuer's key, the issuer rotates to a new
-/// key, and a sidecar with a token of the new one joins too, with no restart and no file.
+/// key, and a sidecar with a token of the new one joins too, with no restart and no file. Each
+/// token is also confirmed with the API server (a TokenReview, answered here by a small HTTPS
+/// server): api's is refused until the API server knows it.
 #[test]
 fn the_issuer_keys_come_from_its_discovery_url_and_follow_a_rotation() {
     let dir = tempfile::tempdir().unwrap();
@@ -536,13 +538,24 @@ fn the_issuer_keys_come_from_its_discovery_url_and_follow_a_rotation() {
     .unwrap();
     let first = TestIssuer::new("key-1");
     std::fs::write(www.join("openid/v1/jwks"), first.jwks()).unwrap();
+    let reviews = sidewall_control_plane::testing::ReviewServer::start(dir.path());
+    // One CA file for both (one API server would have one CA).
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(
+        &ca,
+        [&https.ca, &reviews.ca_file]
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .concat(),
+    )
+    .unwrap();
     let config = dir.path().join("cp.yaml");
     std::fs::write(
         &config,
         format!(
-            "attestation:\n  kubernetes:\n    issuer: {}\n    jwksUrl: {base}/.well-known/openid-configuration\n    caFile: {}\n    namespaces: [shop]\n",
+            "attestation:\n  kubernetes:\n    issuer: {}\n    jwksUrl: {base}/.well-known/openid-configuration\n    tokenReviewUrl: {}\n    caFile: {}\n    namespaces: [shop]\n",
             first.url,
-            https.ca.display()
+            reviews.url,
+            ca.display()
         ),
     )
     .unwrap();
@@ -552,7 +565,7 @@ fn the_issuer_keys_come_from_its_discovery_url_and_follow_a_rotation() {
     );
     let fingerprint = cp.cli(&["ca", "fingerprint"]);
     assert_eq!(fingerprint.code, 0, "{}", fingerprint.stderr);
-    let sidecar = |name: &str, token: String| {
+    let sidecar = |name: &str, token: String, ready: bool| {
         std::fs::write(dir.path().join(format!("{name}.sa")), token).unwrap();
         let admin = free_port();
         let config = format!(
@@ -563,18 +576,26 @@ fn the_issuer_keys_come_from_its_discovery_url_and_follow_a_rotation() {
             free_port(),
         );
         let proxy = ProxyProcess::start(dir.path(), name, &config, admin);
-        proxy.wait_ready();
+        if ready {
+            proxy.wait_ready();
+        }
         proxy
     };
-    let _api = sidecar("api", first.token("shop", "api", "api-1", "sidewall", 3600));
+    let api_token = first.token("shop", "api", "api-1", "sidewall", 3600);
+    let api = sidecar("api", api_token.clone(), false);
+    eventually(30, "api's token refused by the TokenReview", || {
+        api.log()
+            .contains("the API server refused the service-account token")
+    });
+    reviews.allow(&api_token, "shop", "api", "api-1");
+    api.wait_ready();
 
     // The issuer rotates: its JWKS now holds only the new key.
     let second = TestIssuer::new("key-2");
     std::fs::write(www.join("openid/v1/jwks"), second.jwks()).unwrap();
-    let _web = sidecar(
-        "web",
-        second.token("shop", "web", "web-1", "sidewall", 3600),
-    );
+    let web_token = second.token("shop", "web", "web-1", "sidewall", 3600);
+    reviews.allow(&web_token, "shop", "web", "web-1");
+    let _web = sidecar("web", web_token, true);
     let metrics = http_get(cp.admin_port, "/metrics").1;
     assert!(
         support::metric(

@@ -157,6 +157,7 @@ impl From<ServiceAccountError> for ApiError {
             ServiceAccountError::NotAllowed(_) | ServiceAccountError::OtherPod { .. } => {
                 StatusCode::FORBIDDEN
             }
+            ServiceAccountError::ReviewUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::UNAUTHORIZED,
         };
         Self::new(status, error.code(), error.to_string())

@@ -35,6 +35,7 @@
 //!     # jwksUrl: https://kubernetes.default.svc/openid/v1/jwks   (or an OIDC discovery URL)
 //!     # caFile: /var/run/secrets/kubernetes.io/serviceaccount/ca.crt
 //!     # bearerTokenFile: /var/run/secrets/kubernetes.io/serviceaccount/token
+//!     # tokenReviewUrl: https://kubernetes.default.svc   # optional: a TokenReview per token
 //!     audience: sidewall           # default sidewall
 //!     identity: /ns/{namespace}/svc/{serviceaccount}   # the default
 //!     namespaces: [shop]           # default: any
@@ -66,7 +67,7 @@ pub use sidewall_policies::policy::ConfigDuration;
 use sidewall_policies::policy::format_duration;
 
 use crate::attestation::kubernetes::{
-    DEFAULT_AUDIENCE, DEFAULT_IDENTITY, KeySource, KubernetesConfig,
+    DEFAULT_AUDIENCE, DEFAULT_IDENTITY, KeySource, KubernetesConfig, TokenReview,
 };
 use crate::ca::PlugIn;
 use crate::detection::DetectionConfig;
@@ -262,6 +263,7 @@ struct KubernetesSection {
     jwks_url: Option<String>,
     ca_file: Option<PathBuf>,
     bearer_token_file: Option<PathBuf>,
+    token_review_url: Option<String>,
     audience: Option<String>,
     identity: Option<String>,
     #[serde(default)]
@@ -281,8 +283,9 @@ fn kubernetes(
     }
     let keys = match (&section.jwks_file, &section.jwks_url) {
         (Some(path), None) => {
-            if section.ca_file.is_some() || section.bearer_token_file.is_some() {
-                return bad("caFile and bearerTokenFile go with jwksUrl, not jwksFile");
+            let calls = section.token_review_url.is_some();
+            if !calls && (section.ca_file.is_some() || section.bearer_token_file.is_some()) {
+                return bad("caFile and bearerTokenFile go with jwksUrl or tokenReviewUrl");
             }
             KeySource::File(path.clone())
         }
@@ -311,9 +314,30 @@ fn kubernetes(
             );
         }
     };
+    let token_review = match &section.token_review_url {
+        None => None,
+        Some(url) if !url.starts_with("https://") || url.parse::<hyper::Uri>().is_err() => {
+            return bad(&format!(
+                "tokenReviewUrl: {url:?} is not an https URL (the API server, e.g. https://kubernetes.default.svc)"
+            ));
+        }
+        Some(url) => Some(TokenReview {
+            url: url.clone(),
+            ca_file: match &section.ca_file {
+                Some(ca) => ca.clone(),
+                None => {
+                    return bad(
+                        "caFile: with tokenReviewUrl, name the CA certificates the API server is checked against",
+                    );
+                }
+            },
+            bearer_token_file: section.bearer_token_file.clone(),
+        }),
+    };
     let config = KubernetesConfig {
         issuer: section.issuer.clone(),
         keys,
+        token_review,
         audience: section
             .audience
             .clone()
@@ -925,7 +949,7 @@ mod tests {
             ),
             (
                 "attestation: {kubernetes: {issuer: k, jwksFile: /j, caFile: /c}}\n",
-                "caFile and bearerTokenFile go with jwksUrl",
+                "caFile and bearerTokenFile go with jwksUrl or tokenReviewUrl",
             ),
             (
                 "attestation: {kubernetes: {issuer: ' ', jwksFile: /j}}\n",
@@ -958,6 +982,34 @@ mod tests {
         .unwrap()
         .kubernetes
         .unwrap();
+        assert_eq!(fetched.token_review, None);
+        let reviewed = parse(
+            "attestation: {kubernetes: {issuer: k, jwksFile: /j, tokenReviewUrl: 'https://kubernetes.default.svc', caFile: /c}}\n",
+        )
+        .unwrap()
+        .kubernetes
+        .unwrap();
+        assert_eq!(
+            reviewed.token_review,
+            Some(TokenReview {
+                url: "https://kubernetes.default.svc".into(),
+                ca_file: "/c".into(),
+                bearer_token_file: None,
+            })
+        );
+        for (text, expected) in [
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, tokenReviewUrl: 'https://k'}}\n",
+                "caFile: with tokenReviewUrl",
+            ),
+            (
+                "attestation: {kubernetes: {issuer: k, jwksFile: /j, tokenReviewUrl: 'http://k', caFile: /c}}\n",
+                "tokenReviewUrl: \"http://k\" is not an https URL",
+            ),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
         assert_eq!(
             fetched.keys,
             KeySource::Url {

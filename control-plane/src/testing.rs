@@ -537,3 +537,108 @@ impl TestIssuer {
         )
     }
 }
+
+/// A Kubernetes API server as far as TokenReview goes (`POST
+/// /apis/authentication.k8s.io/v1/tokenreviews`): Python's HTTPS server on loopback, with a
+/// certificate for 127.0.0.1 from a CA of its own (`ca_file`), answering for the tokens
+/// [`ReviewServer::allow`] lists that they authenticate their service account and pod, and for
+/// any other that it is not valid (as for a deleted pod's token). Stopped when dropped.
+pub struct ReviewServer {
+    child: std::process::Child,
+    /// Its base URL (`tokenReviewUrl`).
+    pub url: String,
+    /// Its CA certificate (`caFile`).
+    pub ca_file: PathBuf,
+    reviews: PathBuf,
+}
+
+const REVIEW_SERVER: &str = r#"
+import http.server, json, ssl, sys
+port, cert, key, reviews = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with open(reviews) as f:
+            known = json.load(f)
+        status = known.get(body["spec"]["token"], {"authenticated": False, "error": "[invalid bearer token, pod not found]"})
+        out = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+impl ReviewServer {
+    /// Starts one with its files in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca_params.clone().self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+        let leaf = params.signed_by(&key, &issuer).unwrap().pem();
+        let (ca_file, cert, key_file, reviews) = (
+            dir.join("review-ca.pem"),
+            dir.join("review.pem"),
+            dir.join("review.key"),
+            dir.join("reviews.json"),
+        );
+        std::fs::write(&ca_file, ca_pem).unwrap();
+        std::fs::write(&cert, leaf).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        std::fs::write(&reviews, "{}").unwrap();
+        let port = free_port();
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", REVIEW_SERVER, &port.to_string()])
+            .args([&cert, &key_file, &reviews])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        // It says "ready" once it listens (or ends, and the line is empty).
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            use std::io::BufRead;
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        }
+        assert_eq!(line.trim(), "ready", "the review server did not start");
+        Self {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+            ca_file,
+            reviews,
+        }
+    }
+
+    /// From now on `token` is valid, for pod `pod` of service account `namespace/account`.
+    pub fn allow(&self, token: &str, namespace: &str, account: &str, pod: &str) {
+        let mut known: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&self.reviews).unwrap()).unwrap();
+        known[token] = serde_json::json!({
+            "authenticated": true,
+            "user": {
+                "username": format!("system:serviceaccount:{namespace}:{account}"),
+                "extra": {"authentication.kubernetes.io/pod-name": [pod]},
+            },
+        });
+        std::fs::write(&self.reviews, known.to_string()).unwrap();
+    }
+}
+
+impl Drop for ReviewServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -88,6 +88,7 @@ impl Cluster {
             keys: sidewall_control_plane::attestation::kubernetes::KeySource::File(
                 self.jwks.clone(),
             ),
+            token_review: None,
             audience: "sidewall".into(),
             identity: sidewall_control_plane::attestation::kubernetes::DEFAULT_IDENTITY.into(),
             namespaces: vec!["shop".into()],
@@ -567,6 +568,35 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     let now = cluster.claims()["iat"].as_u64().unwrap();
     let other_cp_dir = tempfile::tempdir().unwrap();
     let no_kubernetes = TestControlPlane::start(other_cp_dir.path(), |_| {}).await;
+    // Two more with a TokenReview after the offline checks: an API server that no longer knows
+    // the (otherwise valid) token, and one that cannot be reached.
+    let review_server = sidewall_control_plane::testing::ReviewServer::start(dir.path());
+    let with_review = |url: String| {
+        let mut config = cluster.config();
+        config.token_review = Some(
+            sidewall_control_plane::attestation::kubernetes::TokenReview {
+                url,
+                ca_file: review_server.ca_file.clone(),
+                bearer_token_file: None,
+            },
+        );
+        config
+    };
+    let reviewed_dir = tempfile::tempdir().unwrap();
+    let reviewed_config = with_review(review_server.url.clone());
+    let reviewed = TestControlPlane::start(reviewed_dir.path(), |c| {
+        c.kubernetes = Some(reviewed_config)
+    })
+    .await;
+    let unreviewable_dir = tempfile::tempdir().unwrap();
+    let unreviewable_config = with_review(format!(
+        "https://127.0.0.1:{}",
+        sidewall_control_plane::testing::free_port()
+    ));
+    let unreviewable = TestControlPlane::start(unreviewable_dir.path(), |c| {
+        c.kubernetes = Some(unreviewable_config)
+    })
+    .await;
     #[rustfmt::skip]
     let sa_cases = [
         ("not a JWT", "let-me-in".to_owned(), (BAD, "sa_token_malformed", "is not a JWT")),
@@ -586,6 +616,8 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     let mut cases = vec![
         Case::new("a join token and a service-account token", &anonymous, CERT, to_json(json!({"csr": good_csr, "token": "x", "service_account_token": valid})), (BAD, "attestation_ambiguous", "not both")),
         Case::new("a service-account token where none is configured", &no_kubernetes.anonymous(), CERT, sa(&valid), (BAD, "sa_attestation_off", "attestation.kubernetes")),
+        Case::new("a token the API server no longer accepts", &reviewed.anonymous(), CERT, sa(&valid), (StatusCode::UNAUTHORIZED, "sa_token_review_refused", "pod not found")),
+        Case::new("a token the API server cannot be asked about", &unreviewable.anonymous(), CERT, sa(&valid), (StatusCode::SERVICE_UNAVAILABLE, "sa_token_review_unavailable", "could not be reviewed by the API server")),
         Case { name: "body not JSON".into(), client: c(&anonymous), op: CERT.into(), path: None, body: Bytes::from_static(b"csr=abc"), status: StatusCode::BAD_REQUEST, code: "invalid_json", message: "body is not the expected JSON" },
         Case { name: "JSON without csr".into(), client: c(&anonymous), op: CERT.into(), path: None, body: Bytes::from_static(b"{\"token\": \"x\"}"), status: StatusCode::BAD_REQUEST, code: "invalid_json", message: "missing field `csr`" },
         Case { name: "missing token".into(), client: c(&anonymous), op: CERT.into(), path: None, body: Bytes::from(json!({"csr": good_csr}).to_string()), status: StatusCode::UNAUTHORIZED, code: "token_missing", message: "first contact needs a join token" },
@@ -1004,5 +1036,7 @@ async fn bad_input_is_refused_clearly_counted_and_nothing_is_issued() {
     assert!(closed.is_ok(), "slow headers must be cut off");
     let _ = identity_b;
     no_kubernetes.stop().await;
+    reviewed.stop().await;
+    unreviewable.stop().await;
     cp.stop().await;
 }

@@ -26,6 +26,7 @@ fn validator() -> &'static Kubernetes {
         let config = KubernetesConfig {
             issuer: "https://kubernetes.default.svc.cluster.local".into(),
             keys: KeySource::File(file),
+            token_review: None,
             audience: "sidewall".into(),
             identity: DEFAULT_IDENTITY.into(),
             namespaces: Vec::new(),

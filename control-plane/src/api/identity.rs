@@ -67,6 +67,7 @@ pub(super) async fn certificates(
             .as_ref()
             .ok_or(ServiceAccountError::NotConfigured)?;
         let attested = kubernetes.attest(jwt, body.pod.as_deref())?;
+        kubernetes.review(jwt, &attested).await?;
         let identity = attested.identity;
         allowed(api, &identity, peer.svid.as_ref(), "service-account token").await?;
         let issued = issue(

@@ -75,6 +75,18 @@ const ALGORITHMS: [Algorithm; 8] = [
     Algorithm::ES384,
 ];
 
+/// `attestation.kubernetes.tokenReviewUrl`: the API server that confirms each token (the pod
+/// still exists, the token is not revoked) before a certificate is issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReview {
+    /// The API server's base URL (`https://kubernetes.default.svc`).
+    pub url: String,
+    /// The CA certificates it is checked against.
+    pub ca_file: PathBuf,
+    /// The control plane's own token (it needs `tokenreviews/create`), re-read every call.
+    pub bearer_token_file: Option<PathBuf>,
+}
+
 /// The `attestation.kubernetes` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubernetesConfig {
@@ -82,6 +94,8 @@ pub struct KubernetesConfig {
     pub issuer: String,
     /// Where the issuer's public keys come from.
     pub keys: KeySource,
+    /// A TokenReview after the offline checks, if configured.
+    pub token_review: Option<TokenReview>,
     /// The audience tokens must carry. Default is `sidewall`.
     pub audience: String,
     /// The identity's path, with `{namespace}` and `{serviceaccount}`.
@@ -152,6 +166,14 @@ pub enum ServiceAccountError {
     /// The namespace or service account may not attest here.
     #[error("{0} may not attest here (attestation.kubernetes.namespaces / serviceAccounts)")]
     NotAllowed(String),
+    /// The API server's TokenReview says the token is not (or no longer) valid.
+    #[error("the API server refused the service-account token: {0}")]
+    ReviewRefused(String),
+    /// The TokenReview could not be made.
+    #[error(
+        "the service-account token could not be reviewed by the API server, so it is refused: {0}"
+    )]
+    ReviewUnavailable(String),
     /// The token is bound to another pod than the one asking.
     #[error("the service-account token belongs to pod {token}, not to pod {asking}")]
     OtherPod {
@@ -178,6 +200,8 @@ impl ServiceAccountError {
             Self::Claims(_) => "sa_token_claims",
             Self::NotAllowed(_) => "sa_not_allowed",
             Self::OtherPod { .. } => "sa_token_other_pod",
+            Self::ReviewRefused(_) => "sa_token_review_refused",
+            Self::ReviewUnavailable(_) => "sa_token_review_unavailable",
         }
     }
 }
@@ -317,6 +341,53 @@ impl Kubernetes {
         if self.fetches_keys() {
             self.wanted.notify_one();
         }
+    }
+
+    /// With `tokenReviewUrl`: asks the API server whether `token`, which passed the offline
+    /// checks as `attested`, is still valid, and for whom; refused unless it says yes for the
+    /// same service account (and pod). Without it: nothing to ask.
+    pub async fn review(
+        &self,
+        token: &str,
+        attested: &Attested,
+    ) -> Result<(), ServiceAccountError> {
+        let Some(review) = &self.config.token_review else {
+            return Ok(());
+        };
+        let status = fetch::review(review, token.trim(), &self.config.audience)
+            .await
+            .map_err(ServiceAccountError::ReviewUnavailable)?;
+        if !status.authenticated {
+            return Err(ServiceAccountError::ReviewRefused(
+                if status.error.is_empty() {
+                    "not authenticated".to_owned()
+                } else {
+                    status.error.chars().take(200).collect()
+                },
+            ));
+        }
+        let expected = format!(
+            "system:serviceaccount:{}:{}",
+            attested.namespace, attested.service_account
+        );
+        if status.user.username != expected {
+            return Err(ServiceAccountError::ReviewRefused(format!(
+                "it names {:?}, not {expected}",
+                status.user.username.chars().take(200).collect::<String>()
+            )));
+        }
+        let pods = status
+            .user
+            .extra
+            .get("authentication.kubernetes.io/pod-name");
+        if let (Some(pod), Some(pods)) = (&attested.pod, pods)
+            && !pods.iter().any(|p| p == pod)
+        {
+            return Err(ServiceAccountError::ReviewRefused(format!(
+                "its pod is not {pod}"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks `token` and maps it to a workload identity. `pod` is the pod the request says it

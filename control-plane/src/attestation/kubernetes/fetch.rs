@@ -1,15 +1,15 @@
-//! The issuer's keys over HTTPS (`attestation.kubernetes.jwksUrl`): the JWKS itself, or the
-//! issuer's OIDC discovery document and then the JWKS its `jwks_uri` names. HTTPS only, the
-//! server checked against `caFile` (the cluster's CA); with `bearerTokenFile`, the token (re-read
-//! every time: the kubelet rotates it) as `Authorization: Bearer`. Bounded: 10 s, 1 MiB, no
-//! redirects.
+//! Calls to the cluster over HTTPS: the issuer's keys (`attestation.kubernetes.jwksUrl`: the
+//! JWKS itself, or the issuer's OIDC discovery document and then the JWKS its `jwks_uri` names),
+//! and TokenReviews (`tokenReviewUrl`). HTTPS only, the server checked against `caFile` (the
+//! cluster's CA); with `bearerTokenFile`, the token (re-read every time: the kubelet rotates it)
+//! as `Authorization: Bearer`. Bounded: 10 s, 1 MiB, no redirects.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::{Request, StatusCode, Uri};
+use hyper::{Request, Uri};
 use jsonwebtoken::jwk::JwkSet;
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
@@ -34,15 +34,7 @@ pub(super) async fn keys(source: &KeySource) -> Result<JwkSet, String> {
         return Err("not a URL source".into());
     };
     let roots = roots(ca_file)?;
-    let bearer = match bearer_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("bearerTokenFile {}: {e}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let bearer = bearer(bearer_token_file.as_deref())?;
     tokio::time::timeout(TIMEOUT, async {
         let mut jwks_url = url.clone();
         if url.trim_end_matches('/').ends_with(DISCOVERY) {
@@ -67,6 +59,70 @@ pub(super) async fn keys(source: &KeySource) -> Result<JwkSet, String> {
     .map_err(|_| format!("{url}: no answer within {} s", TIMEOUT.as_secs()))?
 }
 
+/// The token in `path`, if any.
+fn bearer(path: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    path.map(|path| {
+        std::fs::read_to_string(path)
+            .map(|token| token.trim().to_owned())
+            .map_err(|e| format!("bearerTokenFile {}: {e}", path.display()))
+    })
+    .transpose()
+}
+
+/// What the API server said of a token (`TokenReview.status`).
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct Reviewed {
+    #[serde(default)]
+    pub(super) authenticated: bool,
+    #[serde(default)]
+    pub(super) error: String,
+    #[serde(default)]
+    pub(super) user: ReviewedUser,
+}
+
+/// The user a TokenReview names.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct ReviewedUser {
+    #[serde(default)]
+    pub(super) username: String,
+    #[serde(default)]
+    pub(super) extra: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+/// Asks the API server at `url` to review `token` for `audience` (a `TokenReview`): its
+/// status, or why there is none.
+pub(super) async fn review(
+    review: &super::TokenReview,
+    token: &str,
+    audience: &str,
+) -> Result<Reviewed, String> {
+    let roots = roots(&review.ca_file)?;
+    let bearer = bearer(review.bearer_token_file.as_deref())?;
+    let url = format!(
+        "{}/apis/authentication.k8s.io/v1/tokenreviews",
+        review.url.trim_end_matches('/')
+    );
+    let body = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token, "audiences": [audience]},
+    });
+    let answer = tokio::time::timeout(
+        TIMEOUT,
+        call(&url, &roots, bearer.as_deref(), Some(body.to_string())),
+    )
+    .await
+    .map_err(|_| format!("{url}: no answer within {} s", TIMEOUT.as_secs()))??;
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        status: Reviewed,
+    }
+    serde_json::from_slice::<Answer>(&answer)
+        .map(|a| a.status)
+        .map_err(|e| format!("{url}: not a TokenReview: {e}"))
+}
+
 /// The CA certificates in `path`.
 fn roots(path: &std::path::Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
@@ -83,6 +139,16 @@ fn roots(path: &std::path::Path) -> Result<RootCertStore, String> {
 
 /// One HTTPS GET of `url`: the body of a `200`.
 async fn get(url: &str, roots: &RootCertStore, bearer: Option<&str>) -> Result<Bytes, String> {
+    call(url, roots, bearer, None).await
+}
+
+/// One HTTPS request to `url`, a POST of JSON `body` if any, else a GET: the body of a `2xx`.
+async fn call(
+    url: &str,
+    roots: &RootCertStore,
+    bearer: Option<&str>,
+    body: Option<String>,
+) -> Result<Bytes, String> {
     let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     if uri.scheme_str() != Some("https") {
         return Err(format!("{url}: only https is fetched"));
@@ -118,20 +184,30 @@ async fn get(url: &str, roots: &RootCertStore, bearer: Option<&str>) -> Result<B
         .map(|a| a.as_str())
         .unwrap_or(host)
         .to_owned();
-    let mut request = Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+    let method = if body.is_some() {
+        hyper::Method::POST
+    } else {
+        hyper::Method::GET
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header(hyper::header::HOST, authority)
         .header(hyper::header::ACCEPT, "application/json");
+    if body.is_some() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
     if let Some(token) = bearer {
         request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
     let request = request
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| format!("{url}: {e}"))?;
     let response = sender
         .send_request(request)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    if response.status() != StatusCode::OK {
+    if !response.status().is_success() {
         return Err(format!("{url}: answered {}", response.status()));
     }
     Limited::new(response.into_body(), MAX_BODY)
