@@ -106,6 +106,27 @@ pub fn compile(files: &[Source]) -> Result<PolicySet, Refused> {
         .map_err(Refused)
 }
 
+#[cfg(test)]
+impl Distribution {
+    /// One with nothing in force (no policy, registration or revocation), for unit tests.
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn for_tests() -> Self {
+        Self::new(
+            "e".into(),
+            TrustDomain::new("sidewall.local").unwrap(),
+            String::new(),
+            crate::store::Loaded {
+                revision: 1,
+                read_at: 1,
+                latest: None,
+                registrations: Vec::new(),
+                revocations: Vec::new(),
+            },
+            false,
+        )
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -172,19 +172,7 @@ mod tests {
     /// probe never ordered to it is counted in the run.
     #[test]
     fn answers_to_probes_never_ordered_are_counted_not_taken() {
-        let distribution = Distribution::new(
-            "e".into(),
-            sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
-            String::new(),
-            crate::store::Loaded {
-                revision: 1,
-                read_at: 1,
-                latest: None,
-                registrations: Vec::new(),
-                revocations: Vec::new(),
-            },
-            false,
-        );
+        let distribution = Distribution::for_tests();
         let source = "spiffe://sidewall.local/batch";
         let verification = Verification {
             id: "run-1".into(),

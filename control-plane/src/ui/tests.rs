@@ -118,19 +118,7 @@ fn flows_fold_over_methods_and_peers_become_nodes() {
 #[test]
 fn host_names() {
     let dashboard = Dashboard {
-        distribution: Arc::new(Distribution::new(
-            "e".into(),
-            sidewall_policies::TrustDomain::new("sidewall.local").unwrap(),
-            String::new(),
-            crate::store::Loaded {
-                revision: 1,
-                read_at: 1,
-                latest: None,
-                registrations: Vec::new(),
-                revocations: Vec::new(),
-            },
-            false,
-        )),
+        distribution: Arc::new(Distribution::for_tests()),
         server_names: vec!["cp.example.org".into()],
     };
     let cases = [
