@@ -181,11 +181,6 @@ impl Distribution {
         distribution
     }
 
-    /// When this process started distributing, Unix seconds.
-    pub fn started(&self) -> i64 {
-        self.started
-    }
-
     /// Keeps `report`, just signed, as the newest the dashboard links, rendered once
     /// ([`crate::report::dashboard_html`]).
     pub fn set_latest_report(&self, report: &sidewall_policies::wire::report::Report) {

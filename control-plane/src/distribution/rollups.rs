@@ -10,7 +10,7 @@
 //! Each process writes only its own chunks (keyed by a random process id), so replicas never
 //! write the same key and a restart never overwrites what the process before it counted.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use sidewall_policies::wire::operator::{FlowKey, FlowRow, FlowStats};
 use sidewall_policies::wire::{OutboundReason, OutboundRefusal, PlaintextUse, TlsUse};
@@ -334,8 +334,6 @@ pub struct Merged {
     /// The earliest time counted (the start of the first day with counts, or when counting
     /// began that day).
     pub from: Option<i64>,
-    /// The processes that counted.
-    pub processes: BTreeSet<String>,
 }
 
 /// Adds up roll-up chunks, leaving out what was last seen before `since` (a day's counts of
@@ -344,7 +342,6 @@ pub fn merge(records: Vec<RollupRecord>, since: i64) -> Merged {
     let mut merged = Merged::default();
     for record in records {
         merged.from = Some(merged.from.map_or(record.from, |f| f.min(record.from)));
-        merged.processes.insert(record.process);
         for row in record.flows {
             if row.stats.last_seen < since {
                 continue;
@@ -467,7 +464,6 @@ mod tests {
         assert_eq!(first.count, 3);
         assert_eq!(merged.flows[&flows[CHUNK].0].count, 3);
         assert_eq!(merged.from, Some(start));
-        assert_eq!(merged.processes.len(), 2);
     }
 
     #[test]
