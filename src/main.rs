@@ -64,9 +64,13 @@ enum Command {
     /// The small demo app `sidewall up` runs behind each sidecar.
     #[command(hide = true)]
     DemoApp(commands::demo_app::Args),
-    /// The CA: the fingerprint of its root, what sidecars pin.
-    #[command(subcommand)]
-    Ca(commands::ca::CaCommand),
+    /// The CA: the fingerprint of its root (what sidecars pin), and its staged rotation.
+    Ca {
+        #[command(subcommand)]
+        command: commands::ca::CaCommand,
+        #[command(flatten)]
+        access: ControlPlaneAccess,
+    },
     /// Issue, list and revoke operator credentials (needs the admin role).
     Operator {
         #[command(subcommand)]
@@ -137,7 +141,7 @@ fn main() -> ExitCode {
         Command::Iptables(command) => commands::iptables::run(command),
         Command::Operator { command, access } => commands::operator::run(command, &access),
         Command::Audit { command, access } => commands::audit::run(command, &access),
-        Command::Ca(command) => commands::ca::run(command),
+        Command::Ca { command, access } => commands::ca::run(command, &access),
         Command::Report(args) => commands::report::run(args),
         Command::Verify { command, access } => commands::verify::run(command, &access),
     }

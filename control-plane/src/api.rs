@@ -24,7 +24,7 @@ use sidewall_policies::wire::operator::Role;
 
 use crate::attestation::TokenError;
 use crate::attestation::kubernetes::ServiceAccountError;
-use crate::ca::{Authority, csr};
+use crate::ca::csr;
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
 use crate::store::{Store, StoreError};
@@ -34,8 +34,10 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Everything the API needs.
 pub struct Api {
-    /// The CA.
-    pub ca: Authority,
+    /// The CA set in force ([`Api::ca`]); a rotation swaps it.
+    pub ca_set: crate::ca::rotation::CaCell,
+    /// Where CA keys are kept (a rotation's new CA too).
+    pub ca_keys: crate::ca::rotation::KeyHome,
     /// The store.
     pub store: Arc<dyn Store>,
     /// Issuance rate limit per identity.
@@ -55,6 +57,11 @@ pub struct Api {
 }
 
 impl Api {
+    /// The CA set in force.
+    pub fn ca(&self) -> Arc<crate::ca::rotation::CaSet> {
+        self.ca_set.get()
+    }
+
     /// Appends a change that has committed to the audit trail. A failure is logged and counted;
     /// the change stands.
     pub(crate) async fn audit(&self, event: crate::audit::AuditEvent) {
@@ -178,6 +185,7 @@ impl From<csr::CsrError> for ApiError {
 pub(crate) type HttpResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 mod audit;
+pub(crate) mod ca;
 mod reports;
 mod verifications;
 pub(crate) use audit::PAGE as AUDIT_PAGE;
@@ -387,10 +395,12 @@ async fn dispatch(
             verifications::read(api, peer, &p["/v1/verifications/".len()..]).await
         }
         (&Method::POST, "/v1/probes") => verifications::results(api, peer, request).await,
+        (&Method::GET, "/v1/ca") => ca::status(api, peer).await,
+        (&Method::POST, "/v1/ca/rotation") => ca::rotate(api, peer, request).await,
         (
             _,
             "/v1/trust-bundle" | "/v1/certificates" | "/v1/tokens" | "/v1/operators"
-            | "/v1/revocations",
+            | "/v1/revocations" | "/v1/ca" | "/v1/ca/rotation",
         ) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
@@ -459,6 +469,9 @@ pub(crate) fn route(method: &Method, path: &str) -> (&'static str, Access) {
         _ if prefix("/v1/verifications") => ("verifications", Anyone),
         "/v1/probes" if post => ("probes", Workload),
         "/v1/probes" => ("probes", Anyone),
+        "/v1/ca" if get => ("ca", Operator(Viewer)),
+        "/v1/ca/rotation" if post => ("ca", Operator(Admin)),
+        "/v1/ca" | "/v1/ca/rotation" => ("ca", Anyone),
         _ => ("other", Anyone),
     }
 }
@@ -499,7 +512,7 @@ pub(crate) fn require_operator(api: &Api, peer: &Peer) -> Result<String, ApiErro
             "this route needs an operator certificate (mTLS)",
         ));
     };
-    let prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca.trust_domain());
+    let prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca().trust_domain());
     if api.distribution.is_revoked(&svid.id, &svid.serial) {
         return Err(ApiError::forbidden(
             "revoked",

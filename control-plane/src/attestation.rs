@@ -131,6 +131,7 @@ impl JoinToken {
             redeemed_keys: Vec::new(),
             revoked_at: None,
             created_by: created_by.to_owned(),
+            ca_root: Some(self.ca_fingerprint.clone()),
         }
     }
 

@@ -127,11 +127,34 @@ impl Target {
 
 /// Takes a backup of the configured store and CA.
 pub async fn export(config: &Config) -> Result<Backup, BackupError> {
-    let kek = Kek::load(kek_path_required(config.ca_kek_file.as_ref())?)?;
+    let kek = std::sync::Arc::new(Kek::load(kek_path_required(config.ca_kek_file.as_ref())?)?);
     let td = &config.trust_domain;
     let target = open(config, true).await?;
-    let ca = match &target {
-        Target::Embedded(_) => {
+    // After a CA rotation the record says which CA signs; a backup carries that one alone, so
+    // it cannot be taken in the middle of a rotation.
+    let rotated = match target.store().ca_record().await? {
+        Some((record, _)) if record.stage() != crate::ca::rotation::Stage::Settled => {
+            return Err(BackupError::Refused(format!(
+                "a CA rotation is under way ({}): finish it (`sidewall ca rotate retire`) before a backup",
+                record.stage().as_str()
+            )));
+        }
+        Some((record, _)) => {
+            let home = match &target {
+                Target::Embedded(_) => {
+                    crate::ca::rotation::KeyHome::Files(ca_dir(&config.data_dir))
+                }
+                #[cfg(feature = "etcd")]
+                Target::Etcd(_) => crate::ca::rotation::KeyHome::Sealed(kek.clone()),
+            };
+            let material = home.open(td, &record.current)?.material().clone();
+            Some(SealedCa::seal(&material, td, &kek)?)
+        }
+        None => None,
+    };
+    let ca = match (rotated, &target) {
+        (Some(ca), _) => ca,
+        (None, Target::Embedded(_)) => {
             let dir = ca_dir(&config.data_dir);
             if config.plug_in.is_none() && !dir.join("root.pem").exists() {
                 return Err(BackupError::Refused(format!(
@@ -145,7 +168,7 @@ pub async fn export(config: &Config) -> Result<Backup, BackupError> {
             SealedCa::seal(&material, td, &kek)?
         }
         #[cfg(feature = "etcd")]
-        Target::Etcd(store) => {
+        (None, Target::Etcd(store)) => {
             let sealed = store
                 .sealed_ca()
                 .await?

@@ -24,6 +24,7 @@ use sidewall_policies::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 
 pub mod csr;
+pub mod rotation;
 pub mod sealed;
 
 use sealed::CaMaterial;
@@ -108,6 +109,7 @@ impl Issued {
         authenticated_by: &str,
         role: Option<Role>,
         key: &str,
+        ca_root: &str,
     ) -> crate::store::CertificateRecord {
         crate::store::CertificateRecord {
             serial: self.serial.clone(),
@@ -120,6 +122,7 @@ impl Issued {
             authenticated_by: authenticated_by.to_owned(),
             role,
             key: Some(key.to_owned()),
+            ca_root: Some(ca_root.to_owned()),
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct Authority {
     root_der: CertificateDer<'static>,
     intermediate_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// Every certificate and key, PEM (to seal it, or to cross-sign the next root).
+    material: CaMaterial,
 }
 
 impl std::fmt::Debug for Authority {
@@ -209,6 +214,12 @@ fn read_key(path: &Path) -> Result<KeyPair, CaError> {
     })
 }
 
+/// A private key file's PEM, refused when others can read it.
+fn read_private_pem(path: &Path) -> Result<String, CaError> {
+    read_key(path)?;
+    fs::read_to_string(path).map_err(io_error(path))
+}
+
 fn read_cert(path: &Path) -> Result<(String, CertificateDer<'static>), CaError> {
     let pem = fs::read_to_string(path).map_err(io_error(path))?;
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CaError::Pem {
@@ -276,8 +287,7 @@ impl Authority {
             let key = read_key(&plug_in.intermediate_key)?;
             return Self::from_parts(
                 trust_domain,
-                root_pem,
-                root_der,
+                (root_pem, root_der, None),
                 intermediate_pem,
                 &intermediate_der,
                 key,
@@ -294,10 +304,16 @@ impl Authority {
         check_trust_domain(&root_cert, &root_der, trust_domain)?;
         let (intermediate_pem, intermediate_der) = read_cert(&intermediate_cert)?;
         let key = read_key(&intermediate_key)?;
+        let root_key_path = dir.join("root.key");
+        let root_key = if root_key_path.exists() {
+            read_key(&root_key_path)?;
+            Some(fs::read_to_string(&root_key_path).map_err(io_error(&root_key_path))?)
+        } else {
+            None
+        };
         Self::from_parts(
             trust_domain,
-            root_pem,
-            root_der,
+            (root_pem, root_der, root_key),
             intermediate_pem,
             &intermediate_der,
             key,
@@ -306,13 +322,18 @@ impl Authority {
 
     fn from_parts(
         trust_domain: &TrustDomain,
-        root_pem: String,
-        root_der: CertificateDer<'static>,
+        (root_pem, root_der, root_key_pem): (String, CertificateDer<'static>, Option<String>),
         intermediate_pem: String,
         intermediate_der: &CertificateDer<'_>,
         key: KeyPair,
     ) -> Result<Self, CaError> {
         check_chain(&root_pem, &root_der, intermediate_der, &key)?;
+        let material = CaMaterial {
+            root_pem: root_pem.clone(),
+            root_key_pem,
+            intermediate_pem: intermediate_pem.clone(),
+            intermediate_key_pem: key.serialize_pem(),
+        };
         let issuer = Issuer::from_ca_cert_der(intermediate_der, key)?;
         Ok(Self {
             trust_domain: trust_domain.clone(),
@@ -320,7 +341,24 @@ impl Authority {
             root_der,
             intermediate_pem,
             issuer,
+            material,
         })
+    }
+
+    /// Every certificate and key of this CA, PEM.
+    pub fn material(&self) -> &CaMaterial {
+        &self.material
+    }
+
+    /// SHA-256 of the intermediate certificate, lowercase hex: which CA signs a chain.
+    pub fn intermediate_fingerprint(&self) -> String {
+        CertificateDer::from_pem_slice(self.intermediate_pem.as_bytes())
+            .map_or_else(|_| String::new(), |der| crate::random::sha256_hex(&der))
+    }
+
+    /// The intermediate certificate, PEM.
+    pub fn intermediate_pem(&self) -> &str {
+        &self.intermediate_pem
     }
 
     /// Generates a root and an intermediate into `dir`. The root key is kept (0600) so the
@@ -357,8 +395,11 @@ impl Authority {
         }
         Self::from_parts(
             trust_domain,
-            material.root_pem.clone(),
-            root_der,
+            (
+                material.root_pem.clone(),
+                root_der,
+                material.root_key_pem.clone(),
+            ),
             material.intermediate_pem.clone(),
             &intermediate_der,
             key,
@@ -520,13 +561,24 @@ pub fn operator_role(der: &[u8]) -> Option<Role> {
 
 /// A new root and intermediate, in memory.
 fn generate_material(trust_domain: &TrustDomain) -> Result<CaMaterial, CaError> {
+    generate_named(trust_domain, "")
+}
+
+/// A new root and intermediate whose names end with `suffix` (a rotation's CA is named after
+/// it, so that no two roots of the trust domain share a subject and paths build unambiguously).
+fn generate_named(trust_domain: &TrustDomain, suffix: &str) -> Result<CaMaterial, CaError> {
     let root_key = KeyPair::generate()?;
-    let root_params = ca_params(trust_domain, "root", ROOT_LIFETIME, None)?;
+    let root_params = ca_params(trust_domain, &format!("root{suffix}"), ROOT_LIFETIME, None)?;
     let root = root_params.self_signed(&root_key)?;
     let root_issuer = Issuer::new(root_params, &root_key);
     let intermediate_key = KeyPair::generate()?;
-    let intermediate = ca_params(trust_domain, "intermediate", INTERMEDIATE_LIFETIME, Some(0))?
-        .signed_by(&intermediate_key, &root_issuer)?;
+    let intermediate = ca_params(
+        trust_domain,
+        &format!("intermediate{suffix}"),
+        INTERMEDIATE_LIFETIME,
+        Some(0),
+    )?
+    .signed_by(&intermediate_key, &root_issuer)?;
     Ok(CaMaterial {
         root_pem: root.pem(),
         root_key_pem: Some(root_key.serialize_pem()),

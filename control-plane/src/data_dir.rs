@@ -43,6 +43,12 @@ pub fn bundle_path(data_dir: &Path) -> PathBuf {
     data_dir.join("trust-bundle.pem")
 }
 
+/// The roots CA rotations retired (PEM): trusted for nothing but checking audit checkpoints
+/// they signed before (`sidewall audit verify`).
+pub fn retired_roots_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("retired-roots.pem")
+}
+
 /// The directory of operator credentials.
 pub fn operators_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("operators")

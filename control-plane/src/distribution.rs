@@ -53,6 +53,10 @@ struct State {
     generation: u64,
     /// Generation at which each policy version took effect (this process's lifetime).
     version_generation: HashMap<u64, (u64, Instant)>,
+    /// The CA set, once a rotation has begun.
+    ca: Option<crate::ca::rotation::CaRecord>,
+    /// Generation at which the trust bundle or the signing CA last changed (in this process).
+    ca_generation: u64,
 }
 
 /// When each sidecar applied one policy version: instance → (identity, Unix seconds).
@@ -121,6 +125,7 @@ impl Distribution {
                 latest: None,
                 registrations: Vec::new(),
                 revocations: Vec::new(),
+                ca: None,
             },
             false,
         )
@@ -156,6 +161,8 @@ impl Distribution {
                 revocations: Revocations::default(),
                 generation: 0,
                 version_generation: HashMap::new(),
+                ca: None,
+                ca_generation: 0,
             }),
             replicated,
             changes: watch::channel(0).0,
@@ -254,6 +261,10 @@ impl Distribution {
         }
         state.registrations = loaded.registrations;
         state.revocations = to_revocations(&loaded.revocations);
+        if loaded.ca != state.ca || first {
+            state.ca = loaded.ca;
+            state.ca_generation = loaded.revision;
+        }
         state.generation = loaded.revision;
         self.changes.send_replace(loaded.revision);
     }
@@ -304,6 +315,13 @@ impl Distribution {
         )
     }
 
+    /// The CA rotation record in force, and the generation at which the trust bundle or the
+    /// signing CA last changed: a sidecar has the bundle once it processed that generation.
+    pub fn ca(&self) -> (Option<crate::ca::rotation::CaRecord>, u64) {
+        let state = self.read();
+        (state.ca.clone(), state.ca_generation)
+    }
+
     /// The registrations in force (one per sidecar instance).
     pub fn registrations(&self) -> Vec<RegistrationRecord> {
         self.read().registrations.clone()
@@ -342,8 +360,12 @@ impl Distribution {
             policies: state.engine.set_for(workload),
             trust_bundles: BTreeMap::from([(
                 self.trust_domain.clone(),
-                vec![self.bundle_pem.clone()],
+                state
+                    .ca
+                    .as_ref()
+                    .map_or_else(|| vec![self.bundle_pem.clone()], |ca| ca.roots()),
             )]),
+            signing_ca: state.ca.as_ref().map(|ca| ca.signing_ca()),
             revocations: state.revocations.clone(),
             directory: Registrations::new(&state.registrations)
                 .directory_for(&state.engine, workload),

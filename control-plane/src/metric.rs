@@ -58,6 +58,14 @@ pub(crate) const REPORTS_SIGNED: &str = "sidewall_control_plane_reports_signed_t
 pub(crate) const ISSUER_KEY_FETCHES: &str = "sidewall_control_plane_issuer_key_fetches_total";
 /// Flow roll-up chunks written to the store, by `result` (`written`, `failed`).
 pub(crate) const ROLLUP_WRITES: &str = "sidewall_control_plane_rollup_writes_total";
+/// CA rotation steps taken, by `step` and `forced` (`true`, `false`).
+pub(crate) const CA_ROTATION_STEPS: &str = "sidewall_control_plane_ca_rotation_steps_total";
+/// CA rotation steps refused, by `step` and `reason` (the error code).
+pub(crate) const CA_ROTATION_REFUSED: &str = "sidewall_control_plane_ca_rotation_refused_total";
+/// Times a CA rotation record from the store could not be put in force here.
+pub(crate) const CA_FOLLOW_FAILURES: &str = "sidewall_control_plane_ca_follow_failures_total";
+/// The CA rotation stage in force (0 settled, 1 prepared, 2 activated).
+pub(crate) const CA_STAGE: &str = "sidewall_control_plane_ca_rotation_stage";
 
 /// Gives every metric its help text; call once the recorder is installed.
 pub fn describe() {
@@ -145,5 +153,21 @@ pub fn describe() {
     describe_counter!(
         ROLLUP_WRITES,
         "Daily flow roll-up chunks written to the store, by result (written, failed: kept and retried)."
+    );
+    describe_counter!(
+        CA_ROTATION_STEPS,
+        "CA rotation steps taken, by step and forced."
+    );
+    describe_counter!(
+        CA_ROTATION_REFUSED,
+        "CA rotation steps refused, by step and reason (wrong stage, blocked, root key offline, conflict)."
+    );
+    describe_counter!(
+        CA_FOLLOW_FAILURES,
+        "CA rotation records from the store that could not be put in force (the CA set in force stays)."
+    );
+    describe_gauge!(
+        CA_STAGE,
+        "The CA rotation stage in force: 0 settled, 1 prepared, 2 activated."
     );
 }

@@ -232,12 +232,12 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let policy_versions = policy_changes(api, version, &trail, since, now).await?;
     let audit_trail = audit_summary(api, &trail, since, now);
     let control_plane = api
-        .ca
+        .ca()
         .trust_domain()
         .id(crate::tls::CONTROL_PLANE_PATH)
         .map(|id| id.to_string())
         .unwrap_or_default();
-    let operator_prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca.trust_domain());
+    let operator_prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca().trust_domain());
     let mut issued: Vec<IssuedCertificate> = Vec::new();
     let mut lifetimes = Vec::new();
     for certificate in certificates {
@@ -290,7 +290,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
         since: unix_rfc3339(since),
         until: unix_rfc3339(now),
         scope: Scope {
-            trust_domain: format!("spiffe://{}", api.ca.trust_domain()),
+            trust_domain: format!("spiffe://{}", api.ca().trust_domain()),
             control_plane_version: env!("CARGO_PKG_VERSION").to_owned(),
             replica: api.distribution.replica().to_owned(),
             policy_version: version,
@@ -610,8 +610,8 @@ fn audit_summary(
         .and_then(|_| {
             crate::audit::verify_checkpoints(
                 trail,
-                api.ca.trust_domain(),
-                api.ca.trust_bundle_pem(),
+                api.ca().trust_domain(),
+                &api.ca().history_bundle_pem(),
                 0,
                 i64::MAX,
             )

@@ -15,6 +15,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::api::{Api, Peer};
 use crate::attestation::kubernetes::Kubernetes;
+use crate::ca::rotation::{CaSet, KeyHome};
 #[cfg(feature = "etcd")]
 use crate::ca::sealed::{Kek, SealedCa, kek_path_required};
 use crate::ca::{Authority, CaError, ca_dir, write_private};
@@ -29,7 +30,7 @@ use crate::store::embedded::EmbeddedStore;
 #[cfg(feature = "etcd")]
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::store::{Store, StoreError};
-use crate::tls::{ServingCertificate, TlsError, server_config};
+use crate::tls::{ClientRoots, ServingCertificate, TlsError, server_config};
 use crate::{admin, ui};
 use sidewall_policies::wire::operator::Role;
 
@@ -66,6 +67,7 @@ pub struct Prepared {
     /// When to renew it first (Unix seconds).
     renew_at: i64,
     tls: Arc<rustls::ServerConfig>,
+    roots: Arc<ClientRoots>,
 }
 
 /// Loads or creates the CA, opens the store, issues the serving certificate and, on first
@@ -73,7 +75,7 @@ pub struct Prepared {
 pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|e| StartError::Io(data_dir.clone(), e))?;
-    let (ca, store): (Authority, Arc<dyn Store>) = match &config.store {
+    let (ca, store, home): (Authority, Arc<dyn Store>, KeyHome) = match &config.store {
         StoreConfig::Embedded => (
             Authority::load_or_create(
                 &ca_dir(&data_dir),
@@ -83,28 +85,33 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
             Arc::new(EmbeddedStore::open(&crate::data_dir::store_path(
                 &data_dir,
             ))?),
+            KeyHome::Files(ca_dir(&data_dir)),
         ),
         #[cfg(feature = "etcd")]
         StoreConfig::Etcd(etcd) => {
             let store = EtcdStore::connect(&etcd_options(etcd)?).await?;
-            let ca = shared_ca(&config, &store).await?;
-            (ca, Arc::new(store))
+            let (ca, kek) = shared_ca(&config, &store).await?;
+            (ca, Arc::new(store), KeyHome::Sealed(Arc::new(kek)))
         }
         // `Config::load` refuses it already; a configuration built in code ends here.
         #[cfg(not(feature = "etcd"))]
         StoreConfig::Etcd(_) => return Err(ConfigError::EtcdNotBuilt.into()),
     };
-    write_private(
-        &bundle_path(&data_dir),
-        ca.trust_bundle_pem().as_bytes(),
-        0o644,
-    )?;
+    let first_bundle = ca.trust_bundle_pem().to_owned();
+    // Once a rotation has begun, its record says which CAs are in force.
+    let ca = match store.ca_record().await? {
+        Some((record, _)) => CaSet::from_record(&config.trust_domain, record, &home)?,
+        None => CaSet::single(ca),
+    };
+    metrics::gauge!(crate::metric::CA_STAGE).set(crate::api::ca::stage_gauge(ca.stage()));
+    write_files(&data_dir, &ca)?;
     ensure_operator(&ca, store.as_ref(), &data_dir, config.operator_lifetime).await?;
     let (certificate, issued) =
         ServingCertificate::new(&ca, config.server_lifetime, &server_names(&config))?;
     let renew_at = renewal_at(&issued);
     let certificate = Arc::new(certificate);
-    let tls = Arc::new(server_config(&ca, certificate.clone())?);
+    let roots = Arc::new(ClientRoots::new(&ca)?);
+    let tls = Arc::new(server_config(roots.clone(), certificate.clone())?);
     let now_ms = u64::try_from(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -118,7 +125,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         Distribution::new(
             store.epoch().await?,
             ca.trust_domain().clone(),
-            ca.trust_bundle_pem().to_owned(),
+            first_bundle,
             store.load().await?,
             store.replicated(),
         )
@@ -139,7 +146,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         reports: tokio::sync::Mutex::new(()),
         limiter: RateLimiter::new(config.issuance_per_minute),
         store,
-        ca,
+        ca_set: crate::ca::rotation::CaCell::new(ca),
+        ca_keys: home,
         config,
         distribution,
     });
@@ -148,6 +156,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, StartError> {
         certificate,
         renew_at,
         tls,
+        roots,
     })
 }
 
@@ -184,7 +193,7 @@ pub(crate) fn etcd_options(etcd: &EtcdConfig) -> Result<EtcdOptions, StartError>
 /// first start, taken from the configuration or data directory (or generated), sealed and
 /// stored there (the first replica to store one wins a race).
 #[cfg(feature = "etcd")]
-async fn shared_ca(config: &Config, store: &EtcdStore) -> Result<Authority, StartError> {
+async fn shared_ca(config: &Config, store: &EtcdStore) -> Result<(Authority, Kek), StartError> {
     let kek = Kek::load(kek_path_required(config.ca_kek_file.as_ref())?)?;
     let sealed = match store.sealed_ca().await? {
         Some(sealed) => sealed,
@@ -199,7 +208,29 @@ async fn shared_ca(config: &Config, store: &EtcdStore) -> Result<Authority, Star
         }
     };
     let material = SealedCa::from_json(&sealed)?.open(&config.trust_domain, &kek)?;
-    Ok(Authority::from_material(&config.trust_domain, &material)?)
+    Ok((
+        Authority::from_material(&config.trust_domain, &material)?,
+        kek,
+    ))
+}
+
+/// Writes the CA set's trust bundle (and the roots rotations retired, if any) into the data
+/// directory, where the CLI reads them.
+fn write_files(data_dir: &Path, ca: &CaSet) -> Result<(), StartError> {
+    write_private(
+        &bundle_path(data_dir),
+        ca.trust_bundle_pem().as_bytes(),
+        0o644,
+    )?;
+    let retired = ca.record().map(|r| r.retired.concat()).unwrap_or_default();
+    if !retired.is_empty() {
+        write_private(
+            &crate::data_dir::retired_roots_path(data_dir),
+            retired.as_bytes(),
+            0o644,
+        )?;
+    }
+    Ok(())
 }
 
 /// The DNS names and IPs on the serving certificate: `localhost`, the listen IP (when it is
@@ -217,7 +248,7 @@ fn server_names(config: &Config) -> Vec<String> {
 /// Writes `operators/admin.{pem,key}` unless an admin credential with more than a third of
 /// its lifetime left is there already, and records a new one in the store.
 async fn ensure_operator(
-    ca: &Authority,
+    ca: &CaSet,
     store: &dyn Store,
     data_dir: &Path,
     lifetime: Duration,
@@ -233,6 +264,8 @@ async fn ensure_operator(
         && svid.remaining(now_unix()) > lifetime / 3
         // One written before roles is replaced.
         && crate::ca::operator_role(&der) == Some(Role::Admin)
+        // So is one from a CA that no longer signs (a rotation's activate stage).
+        && String::from_utf8_lossy(&pem).contains(ca.signing().intermediate_pem().trim())
     {
         return Ok(());
     }
@@ -250,7 +283,12 @@ async fn ensure_operator(
         Role::Admin,
     )?;
     store
-        .put_certificate(issued.record("control-plane", Some(Role::Admin), "ECDSA P-256"))
+        .put_certificate(issued.record(
+            "control-plane",
+            Some(Role::Admin),
+            "ECDSA P-256",
+            &ca.root_fingerprint(),
+        ))
         .await?;
     let event = crate::audit::AuditEvent::new("control-plane", "operator.issued", id.as_str())
         .with("role", Role::Admin)
@@ -289,6 +327,7 @@ pub async fn run(
         certificate,
         renew_at,
         tls,
+        roots,
     } = prepared;
     let api_addr = listeners
         .api
@@ -297,7 +336,7 @@ pub async fn run(
     let data_dir = api.config.data_dir.clone();
     let record = Record {
         api_url: format!("https://{}", advertised(api_addr)),
-        trust_domain: api.ca.trust_domain().to_string(),
+        trust_domain: api.ca().trust_domain().to_string(),
         pid: std::process::id(),
     };
     api.distribution.set_replica(record.api_url.clone());
@@ -323,7 +362,7 @@ pub async fn run(
                     "generated"
                 },
             )
-            .with("ca_root_sha256", api.ca.root_fingerprint()),
+            .with("ca_root_sha256", api.ca().root_fingerprint()),
     )
     .await;
 
@@ -335,6 +374,12 @@ pub async fn run(
     ));
     let rollups = tokio::spawn(keep_rollups(api.clone(), stop_rx.clone()));
     let issuer_keys = tokio::spawn(refresh_issuer_keys(api.clone(), stop_rx.clone()));
+    let ca_follower = tokio::spawn(follow_ca(
+        api.clone(),
+        certificate.clone(),
+        roots,
+        stop_rx.clone(),
+    ));
     let renewal = tokio::spawn(renew_serving_certificate(
         api.clone(),
         certificate,
@@ -460,6 +505,7 @@ pub async fn run(
     let _ = checkpoints.await;
     let _ = rollups.await;
     let _ = issuer_keys.await;
+    let _ = ca_follower.await;
     let _ = expiry.await;
     let _ = admin_task.await;
     let _ = ui_task.await;
@@ -517,7 +563,7 @@ async fn sign_audit_trail(
     mut stop: watch::Receiver<bool>,
 ) {
     let actor = api
-        .ca
+        .ca()
         .trust_domain()
         .id(crate::tls::CONTROL_PLANE_PATH)
         .map(|id| id.to_string())
@@ -565,6 +611,65 @@ async fn sign_audit_trail(
 /// (`attestation.kubernetes.jwksUrl`): at start, every 5 minutes, and when a token names a key
 /// the set lacks (the issuer rotated its key); after a failure again 5 s later, doubling up to
 /// a minute. A failure keeps the last good keys.
+/// Follows the CA rotation record through the store's change feed: when it changes (a stage
+/// taken here or on another replica), opens the CA set it describes and puts it in force: the
+/// API's signing CA and client roots, a serving certificate from the newest CA, the data
+/// directory's trust bundle and, when the signing CA changed, a new `admin` credential.
+async fn follow_ca(
+    api: Arc<Api>,
+    certificate: Arc<ServingCertificate>,
+    roots: Arc<ClientRoots>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut changes = api.distribution.subscribe();
+    loop {
+        let (record, _) = api.distribution.ca();
+        if record.is_some() && record.as_ref() != api.ca().record() {
+            match put_ca_in_force(&api, &certificate, &roots, record).await {
+                Ok(stage) => tracing::info!(stage, "CA set changed: now in force"),
+                Err(error) => {
+                    metrics::counter!(crate::metric::CA_FOLLOW_FAILURES).increment(1);
+                    tracing::error!(%error, "the CA rotation record cannot be put in force; the CA set in force stays");
+                }
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Opens the CA set `record` describes and puts it in force; returns its stage.
+pub(crate) async fn put_ca_in_force(
+    api: &Api,
+    certificate: &ServingCertificate,
+    roots: &ClientRoots,
+    record: Option<crate::ca::rotation::CaRecord>,
+) -> Result<&'static str, StartError> {
+    let Some(record) = record else {
+        return Ok(api.ca().stage().as_str());
+    };
+    let set = CaSet::from_record(&api.config.trust_domain, record, &api.ca_keys)?;
+    roots.set(&set)?;
+    let (key, _) =
+        ServingCertificate::issue(&set, api.config.server_lifetime, &server_names(&api.config))?;
+    let stage = set.stage().as_str();
+    let data_dir = &api.config.data_dir;
+    write_files(data_dir, &set)?;
+    ensure_operator(
+        &set,
+        api.store.as_ref(),
+        data_dir,
+        api.config.operator_lifetime,
+    )
+    .await?;
+    metrics::gauge!(crate::metric::CA_STAGE).set(crate::api::ca::stage_gauge(set.stage()));
+    api.ca_set.replace(set);
+    certificate.replace(key);
+    Ok(stage)
+}
+
 async fn refresh_issuer_keys(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
     let Some(kubernetes) = api.kubernetes.as_ref().filter(|k| k.fetches_keys()) else {
         return;
@@ -740,10 +845,16 @@ async fn sign_head(
     else {
         return Ok(None);
     };
-    let td = api.ca.trust_domain();
+    let ca = api.ca();
     crate::audit::verify(&records)
         .and_then(|_| {
-            crate::audit::verify_checkpoints(&records, td, api.ca.trust_bundle_pem(), 0, i64::MAX)
+            crate::audit::verify_checkpoints(
+                &records,
+                ca.trust_domain(),
+                &ca.history_bundle_pem(),
+                0,
+                i64::MAX,
+            )
         })
         .map_err(|e| format!("it does not verify: {e}"))?;
     if let Some((seq, hash)) = last
@@ -755,7 +866,8 @@ async fn sign_head(
         ));
     }
     let time = now_unix();
-    let event = crate::audit::checkpoint(actor, td, head, time, &certificate.current())?;
+    let event =
+        crate::audit::checkpoint(actor, ca.trust_domain(), head, time, &certificate.current())?;
     let covered = (head.seq, head.hash.clone());
     api.audit_at(event, time).await;
     tracing::info!(seq = covered.0, hash = %covered.1, "audit trail signed");
@@ -775,7 +887,7 @@ async fn renew_serving_certificate(
             () = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
-        match ServingCertificate::issue(&api.ca, lifetime, &server_names(&api.config)) {
+        match ServingCertificate::issue(&api.ca(), lifetime, &server_names(&api.config)) {
             Ok((key, issued)) => {
                 certificate.replace(key);
                 renew_at = renewal_at(&issued);

@@ -10,6 +10,7 @@
 //! reloads what it needs at that revision. The API writes, then waits for the feed to put the
 //! write in force ([`Store::written`]); it never updates distribution itself.
 
+use crate::ca::rotation::CaRecord;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -123,6 +124,8 @@ pub struct Loaded {
     pub registrations: Vec<RegistrationRecord>,
     /// Every revocation.
     pub revocations: Vec<RevocationRecord>,
+    /// The CA set, once a rotation has begun ([`crate::ca::rotation`]).
+    pub ca: Option<CaRecord>,
 }
 
 /// A join token as stored: the secret only as a hash.
@@ -149,6 +152,9 @@ pub struct TokenRecord {
     /// The operator who created it.
     #[serde(default)]
     pub created_by: String,
+    /// SHA-256 of the root the token pins (absent in records made before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_root: Option<String>,
 }
 
 /// What redeeming a token did.
@@ -187,6 +193,10 @@ pub struct CertificateRecord {
     /// before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// SHA-256 of the root the certificate chains to (absent in records written before CA
+    /// rotation existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_root: Option<String>,
 }
 
 /// What one control-plane process counted of its sidecars' reports in one UTC day: one chunk
@@ -371,6 +381,11 @@ pub trait Store: Send + Sync + 'static {
     fn put_revocation(&self, record: RevocationRecord) -> StoreFuture<'_, ()>;
     /// Every revocation.
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>>;
+    /// The CA rotation record and its version, once a rotation has begun.
+    fn ca_record(&self) -> StoreFuture<'_, Option<(CaRecord, u64)>>;
+    /// Writes the CA rotation record if the stored one is still at `version` (0: none yet);
+    /// false when another write came first. It changes every snapshot (the trust bundle).
+    fn put_ca_record(&self, record: CaRecord, version: u64) -> StoreFuture<'_, bool>;
     /// Writes (or replaces) one chunk of a process's daily flow roll-up.
     fn put_rollup(&self, record: RollupRecord) -> StoreFuture<'_, ()>;
     /// Every roll-up chunk of the days `from..=to`, by day.

@@ -142,6 +142,11 @@ pub struct Snapshot {
     /// trust domain's roots. Several roots per domain during a rotation.
     #[serde(default)]
     pub trust_bundles: BTreeMap<TrustDomain, Vec<String>>,
+    /// SHA-256 (hex) of the intermediate CA certificate that signs new certificates now. A
+    /// sidecar whose own chain carries another renews early, at a point spread by its serial
+    /// (a CA rotation's activate stage). Absent from older control planes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_ca: Option<String>,
     /// What is no longer trusted.
     #[serde(default)]
     pub revocations: Revocations,
@@ -208,6 +213,7 @@ mod tests {
                 td.clone(),
                 vec!["-----BEGIN CERTIFICATE-----\n".into()],
             )]),
+            signing_ca: None,
             revocations: Revocations {
                 identities: vec![td.id("/ns/shop/svc/old").unwrap()],
                 serials: vec!["0a1b".into()],

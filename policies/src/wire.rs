@@ -116,6 +116,9 @@ pub struct Ack {
     /// When the sidecar's certificate expires, Unix seconds.
     #[serde(default)]
     pub certificate_expires_at: Option<i64>,
+    /// Its certificate's serial, lowercase hex: which CA it chains to, during a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
     /// What the sidecar runs with (a sidecar of an older release sends none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarFacts>,
@@ -505,6 +508,7 @@ mod tests {
                 status,
                 reason: Some("why".into()),
                 certificate_expires_at: Some(1),
+                certificate_serial: None,
                 sidecar: Some(SidecarFacts {
                     version: "0.1.0".into(),
                     permissive_ports: vec![8080],

@@ -582,6 +582,7 @@ proptest! {
             workload,
             policies: set,
             trust_bundles: BTreeMap::new(),
+            signing_ca: None,
             revocations: Default::default(),
             directory: Vec::new(),
         };

@@ -526,6 +526,7 @@ async fn ack(
         },
         reason: rejection,
         certificate_expires_at: Some(credential.svid.not_after),
+        certificate_serial: Some(credential.svid.serial.clone()),
         sidecar: Some(facts(context)),
     };
     if let Err(error) = post(sender, "/v1/acks", &body).await {

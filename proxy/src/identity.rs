@@ -46,6 +46,9 @@ pub struct Credential {
     pub certified_key: Arc<CertifiedKey>,
     /// The roots per trust domain (this trust domain only, for now).
     pub bundles: TrustBundles,
+    /// SHA-256 of the intermediate that signed the certificate, hex (empty without one): a
+    /// snapshot naming another signing CA makes the sidecar renew early.
+    pub issuer_sha256: String,
 }
 
 impl std::fmt::Debug for Credential {
@@ -115,7 +118,11 @@ impl Credential {
         bundles
             .add(identity.trust_domain(), roots)
             .map_err(invalid)?;
+        let issuer_sha256 = certified_key.cert.get(1).map_or_else(String::new, |der| {
+            control_plane::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref())
+        });
         Ok(Self {
+            issuer_sha256,
             chain_pem,
             key_pem,
             bundle_pem,
@@ -133,6 +140,15 @@ impl Credential {
     /// When to renew ([`renewal_point`]).
     fn renew_at(&self) -> i64 {
         renewal_point(self.svid.not_before, self.svid.not_after, &self.svid.serial)
+    }
+
+    /// How long after noticing that another CA signs now to renew: spread by serial over a
+    /// tenth of the lifetime (at most five minutes), so that a fleet does not renew at once.
+    fn early_renewal_delay(&self) -> i64 {
+        let window = ((self.svid.not_after - self.svid.not_before) / 10).clamp(1, 300);
+        let serial = &self.svid.serial;
+        let tail = &serial[serial.len().saturating_sub(8)..];
+        i64::try_from(u64::from_str_radix(tail, 16).unwrap_or(0) % window as u64).unwrap_or(0)
     }
 }
 
@@ -168,23 +184,63 @@ pub fn load_saved(config: &Config) -> Option<Credential> {
 pub async fn maintain(
     config: Arc<Config>,
     sender: watch::Sender<Option<Arc<Credential>>>,
+    mut snapshots: Option<watch::Receiver<Option<Arc<crate::snapshot::Active>>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF.0;
+    // When the snapshot names a signing CA other than the one that signed this certificate
+    // (a CA rotation's activate stage): that CA, and when to renew early.
+    let mut early: Option<(String, i64)> = None;
     // The key a join asks a certificate for, kept until a join succeeds: if an answer is lost
     // after the control plane redeemed the token for it, the retry asks for the same key, which
     // the token accepts again; a new key would find a single-use token used up.
     let mut joining: Option<(String, String)> = None;
     loop {
         let current = sender.borrow().clone();
+        let signing = snapshots.as_mut().and_then(|s| {
+            s.borrow_and_update()
+                .as_ref()
+                .and_then(|a| a.snapshot.signing_ca.clone())
+        });
+        early = match (&current, signing) {
+            (Some(credential), Some(signing)) if signing != credential.issuer_sha256 => {
+                match early.take() {
+                    Some((ca, at)) if ca == signing => Some((ca, at)),
+                    _ => {
+                        let delay = credential.early_renewal_delay();
+                        tracing::info!(
+                            renew_in_s = delay,
+                            "the control plane signs with a new CA now: renewing early"
+                        );
+                        Some((signing, now_unix() + delay))
+                    }
+                }
+            }
+            _ => None,
+        };
         let wait = match &current {
             Some(credential) => {
-                Duration::from_secs(u64::try_from(credential.renew_at() - now_unix()).unwrap_or(0))
+                let at = early.as_ref().map_or(credential.renew_at(), |(_, at)| {
+                    credential.renew_at().min(*at)
+                });
+                Duration::from_secs(u64::try_from(at - now_unix()).unwrap_or(0))
             }
             None => Duration::ZERO,
         };
+        let snapshot_changed = async {
+            match snapshots.as_mut() {
+                Some(receiver) => receiver.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            open = snapshot_changed => {
+                if !open {
+                    snapshots = None;
+                }
+                continue;
+            }
             _ = stop.changed() => return,
         }
         let result = match &current {

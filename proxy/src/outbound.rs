@@ -524,6 +524,7 @@ mod tests {
                 workload: SpiffeId::parse("spiffe://example.org/ns/a/svc/web").unwrap(),
                 policies: Default::default(),
                 trust_bundles: Default::default(),
+                signing_ca: None,
                 revocations: Default::default(),
                 directory,
             })

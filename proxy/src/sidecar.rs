@@ -164,6 +164,7 @@ pub async fn run(
     tokio::spawn(identity::maintain(
         config.clone(),
         credential_tx,
+        Some(snapshot_rx.clone()),
         stop_rx.clone(),
     ));
     tokio::spawn(follow(

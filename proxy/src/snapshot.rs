@@ -116,6 +116,7 @@ fn build(local: &LocalConfig, workload: &SpiffeId, counter: u64) -> Result<Activ
         workload: workload.clone(),
         policies,
         trust_bundles: BTreeMap::new(),
+        signing_ca: None,
         revocations: Revocations::default(),
         directory,
     };

@@ -96,15 +96,27 @@ pub struct TlsSet {
     clients_mux: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
-/// The credential's own roots plus the snapshot's per trust domain (several during a CA
-/// rotation, and other trust domains when federated).
+/// The snapshot's roots per trust domain (several during a CA rotation, and other trust
+/// domains when federated); the credential's own roots only for its trust domain when the
+/// snapshot has none for it. The snapshot is the newer word: when a rotation retires a root it
+/// leaves the snapshot's bundle, and must stop being trusted although the certificate was
+/// issued with a bundle that held it.
 fn merge_bundles(
     credential: &Credential,
     snapshot: &std::collections::BTreeMap<sidewall_policies::TrustDomain, Vec<String>>,
 ) -> TrustBundles {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let mut bundles = credential.bundles.clone();
+    let own = credential.svid.id.trust_domain();
+    let has_own = snapshot.get(&own).is_some_and(|pems| {
+        pems.iter()
+            .any(|pem| CertificateDer::pem_slice_iter(pem.as_bytes()).any(|c| c.is_ok()))
+    });
+    let mut bundles = if has_own {
+        TrustBundles::default()
+    } else {
+        credential.bundles.clone()
+    };
     for (td, pems) in snapshot {
         let roots: Vec<CertificateDer<'static>> = pems
             .iter()

@@ -59,7 +59,13 @@ pub(crate) fn run(command: AuditCommand, access: &ControlPlaneAccess) -> ExitCod
         match command {
             AuditCommand::Log { since, json } => print(&records, since, json)?,
             AuditCommand::Verify { unsigned_for } => {
-                let (trust_domain, bundle) = trust(access)?;
+                let (trust_domain, mut bundle) = trust(access)?;
+                // Checkpoints signed before a CA rotation chain to a root it retired since.
+                if let Ok(retired) = std::fs::read_to_string(
+                    sidewall_control_plane::data_dir::retired_roots_path(&access.data_dir),
+                ) {
+                    bundle.push_str(&retired);
+                }
                 let checked = audit::verify(&records).and_then(|count| {
                     let now = SystemTime::now()
                         .duration_since(UNIX_EPOCH)

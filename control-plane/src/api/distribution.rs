@@ -560,7 +560,7 @@ pub(super) async fn ack(
         &identity,
         body.version.counter,
         rejection,
-        body.certificate_expires_at,
+        (body.certificate_expires_at, body.certificate_serial),
         sidecar,
     );
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))

@@ -21,8 +21,9 @@ use crate::store::Redemption;
 
 /// `GET /v1/trust-bundle`: the roots, PEM (no client certificate needed).
 pub(super) fn trust_bundle(api: &Api) -> HttpResponse {
-    let mut response =
-        Response::new(Full::new(Bytes::from(api.ca.trust_bundle_pem().to_owned())).boxed_unsync());
+    let mut response = Response::new(
+        Full::new(Bytes::from(api.ca().trust_bundle_pem().to_owned())).boxed_unsync(),
+    );
     response.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/x-pem-file"),
@@ -93,7 +94,8 @@ pub(super) async fn certificates(
     let (identity, authenticated_by) = match (&body.token, &peer.svid) {
         (Some(text), presented) => {
             let token = JoinToken::parse(text)?;
-            if token.ca_fingerprint != api.ca.root_fingerprint() {
+            // A token pins the root in force when it was made; a retired root is refused.
+            if !api.ca().trusts_root(&token.ca_fingerprint) {
                 return Err(TokenError::OtherCa.into());
             }
             let record = api
@@ -204,9 +206,10 @@ pub(super) async fn issue(
     authenticated_by: &str,
     role: Option<Role>,
 ) -> Result<Issued, ApiError> {
+    let ca = api.ca();
     let issued = match role {
-        Some(role) => api.ca.issue_operator(identity, &key.spki, lifetime, role),
-        None => api.ca.issue(identity, &key.spki, lifetime),
+        Some(role) => ca.issue_operator(identity, &key.spki, lifetime, role),
+        None => ca.issue(identity, &key.spki, lifetime),
     };
     let issued = issued.map_err(|e| {
         // Every check on the key has passed: a signer that still fails is this server's
@@ -219,7 +222,7 @@ pub(super) async fn issue(
         )
     })?;
     api.store
-        .put_certificate(issued.record(authenticated_by, role, key.kind))
+        .put_certificate(issued.record(authenticated_by, role, key.kind, &ca.root_fingerprint()))
         .await?;
     let kind = if role.is_some() {
         "operator"
@@ -233,7 +236,7 @@ pub(super) async fn issue(
 pub(super) fn certificate_response(api: &Api, issued: &Issued) -> HttpResponse {
     let body = wire::Certificate {
         certificate_chain: issued.chain_pem.clone(),
-        trust_bundle: api.ca.trust_bundle_pem().to_owned(),
+        trust_bundle: api.ca().trust_bundle_pem().to_owned(),
         expires_at: rfc3339(issued.not_after),
         identity: issued.identity.to_string(),
         serial: issued.serial.clone(),

@@ -19,7 +19,7 @@ use crate::store::RevocationRecord;
 
 /// `spiffe://<td>/sidewall/operator/<name>`, when `name` is one path segment.
 fn operator_identity(api: &Api, name: &str) -> Result<SpiffeId, ApiError> {
-    api.ca
+    api.ca()
         .trust_domain()
         .id(&format!("{OPERATOR_PATH}{name}"))
         .ok()
@@ -82,7 +82,7 @@ pub(super) async fn list(
         .uri()
         .query()
         .is_some_and(|q| q.split('&').any(|pair| pair == "all=true"));
-    let prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca.trust_domain());
+    let prefix = format!("spiffe://{}{OPERATOR_PATH}", api.ca().trust_domain());
     let now = now_unix();
     let mut rows: Vec<(i64, OperatorRow)> = Vec::new();
     for record in api.store.certificates().await? {

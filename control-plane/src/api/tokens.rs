@@ -30,12 +30,12 @@ pub(super) async fn create_token(
             format!("identity {:?}: {e}", body.identity),
         )
     })?;
-    if identity.trust_domain_name() != api.ca.trust_domain().as_str() {
+    if identity.trust_domain_name() != api.ca().trust_domain().as_str() {
         return Err(ApiError::bad_request(
             "foreign_trust_domain",
             format!(
                 "{identity} is not in trust domain {}",
-                api.ca.trust_domain()
+                api.ca().trust_domain()
             ),
         ));
     }
@@ -63,7 +63,7 @@ pub(super) async fn create_token(
             "uses must be from 1 to 10000",
         ));
     }
-    let token = JoinToken::generate(&api.ca.root_fingerprint());
+    let token = JoinToken::generate(&api.ca().token_root_fingerprint());
     let record = token.record(&identity, ttl, uses, now_unix(), &operator);
     let expires_at = record.expires_at;
     api.store.put_token(record).await?;

@@ -126,7 +126,7 @@ impl Kek {
 pub const FORMAT: u32 = 2;
 
 /// The CA as stored in etcd: certificates in clear, keys sealed (hex of nonce ‖ ciphertext).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedCa {
     /// Format version, [`FORMAT`] (1 from older releases).

@@ -61,7 +61,22 @@ pub struct ReplicaSummary {
     pub pending_count: usize,
     /// The first of those (at most [`SUMMARY_ROWS`]).
     pub pending: Vec<FleetEntry>,
+    /// The generation of the trust bundle in force there ([`Distribution::ca`]); the same on
+    /// every replica once it has followed the store.
+    #[serde(default)]
+    pub ca_generation: u64,
+    /// Its connected sidecars that have not applied that bundle yet (at most
+    /// [`SUMMARY_ROWS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_pending: Vec<FleetEntry>,
+    /// The certificate serials its connected sidecars hold that have applied that bundle (at
+    /// most [`SERIAL_ROWS`]): a rotation's `activate` waits for every live certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_applied: Vec<String>,
 }
+
+/// Most serials listed in a [`ReplicaSummary`].
+pub const SERIAL_ROWS: usize = 20_000;
 
 /// Most pending sidecars listed in a [`ReplicaSummary`].
 pub const SUMMARY_ROWS: usize = 50;
@@ -203,6 +218,7 @@ impl Distribution {
                 last_ack_at: None,
                 last_rejection: None,
                 certificate_expires_at: None,
+                certificate_serial: None,
                 addresses_refused: Vec::new(),
                 keepalive: None,
                 stale: false,
@@ -221,7 +237,7 @@ impl Distribution {
         identity: &SpiffeId,
         counter: u64,
         rejection: Option<String>,
-        expires_at: Option<i64>,
+        (expires_at, serial): (Option<i64>, Option<String>),
         sidecar: Option<sidewall_policies::wire::SidecarFacts>,
     ) {
         let mut newly_applied = false;
@@ -230,6 +246,12 @@ impl Distribution {
             entry.last_ack_at = Some(now_unix());
             if expires_at.is_some() {
                 entry.certificate_expires_at = expires_at;
+            }
+            // A serial is lowercase hex (at most 20 bytes); anything else is not kept.
+            if let Some(serial) = serial.filter(|s| {
+                !s.is_empty() && s.len() <= 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+            }) {
+                entry.certificate_serial = Some(serial.to_ascii_lowercase());
             }
             if sidecar.is_some() {
                 entry.sidecar = sidecar;
@@ -318,12 +340,20 @@ impl Distribution {
             .unwrap_or_default();
         let pending_count = pending.len();
         pending.truncate(SUMMARY_ROWS);
+        let ca_generation = self.read().ca_generation;
+        let mut ca_pending = self.pending_since(ca_generation).waiting;
+        ca_pending.truncate(SUMMARY_ROWS);
+        let mut ca_applied = self.holding_bundle();
+        ca_applied.truncate(SERIAL_ROWS);
         ReplicaSummary {
             replica: self.replica().to_owned(),
             policy_version,
             connected: lock(&self.fleet).values().filter(|e| e.connected).count(),
             pending_count,
             pending,
+            ca_generation,
+            ca_pending,
+            ca_applied,
         }
     }
 
@@ -341,6 +371,23 @@ impl Distribution {
             .unwrap_or_default()
     }
 
+    /// Whether sidecar `entry` applied the snapshot carrying the trust bundle in force (and
+    /// every snapshot sent since).
+    pub fn has_applied_bundle(&self, entry: &FleetEntry) -> bool {
+        !behind(entry, self.read().ca_generation)
+    }
+
+    /// The certificate serials held by connected sidecars that applied the trust bundle in
+    /// force.
+    pub fn holding_bundle(&self) -> Vec<String> {
+        let generation = self.read().ca_generation;
+        lock(&self.fleet)
+            .values()
+            .filter(|e| e.connected && !behind(e, generation))
+            .filter_map(|e| e.certificate_serial.clone())
+            .collect()
+    }
+
     /// Whether sidecar `entry` enforces policy `version`: its watch has processed the change
     /// that put it in force (sending nothing when its snapshot did not change) and it applied
     /// every snapshot sent since, as [`Self::pending`] counts it. `None` when this process does
@@ -356,6 +403,12 @@ impl Distribution {
     /// fleet view shows).
     pub fn pending(&self, version: u64) -> Option<Pending> {
         let generation = self.read().version_generation.get(&version)?.0;
+        Some(self.pending_since(generation))
+    }
+
+    /// Which sidecars have not yet processed the store change at `generation` (or applied a
+    /// snapshot sent since), as [`Self::pending`] counts them.
+    pub fn pending_since(&self, generation: u64) -> Pending {
         let fleet = lock(&self.fleet);
         // A restarted sidecar is a new instance of the same identity and endpoint.
         let live: HashSet<(&str, Option<&str>)> = fleet
@@ -381,6 +434,6 @@ impl Distribution {
                 pending.disconnected.push(entry.clone());
             }
         }
-        Some(pending)
+        pending
     }
 }

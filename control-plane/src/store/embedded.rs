@@ -35,6 +35,24 @@ const REGISTRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("regist
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Daily flow roll-ups, by [`RollupRecord::key`].
 const ROLLUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("flow_rollups");
+/// The CA rotation record under `ca`, as `{version, record}`.
+const CA_ROTATION: TableDefinition<&str, &[u8]> = TableDefinition::new("ca_rotation");
+
+/// The CA rotation record with the version a compare-and-swap checks.
+#[derive(Serialize, serde::Deserialize)]
+struct VersionedCa {
+    version: u64,
+    record: crate::ca::rotation::CaRecord,
+}
+
+fn read_ca(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<VersionedCa>, StoreError> {
+    match table.get("ca").map_err(backend)? {
+        Some(value) => Ok(Some(decode("ca_rotation/ca", value.value())?)),
+        None => Ok(None),
+    }
+}
 
 fn backend(error: impl Into<super::Cause>) -> StoreError {
     StoreError::backend(error)
@@ -92,6 +110,7 @@ impl EmbeddedStore {
             tx.open_table(REGISTRATIONS).map_err(backend)?;
             tx.open_table(AUDIT).map_err(backend)?;
             tx.open_table(ROLLUPS).map_err(backend)?;
+            tx.open_table(CA_ROTATION).map_err(backend)?;
             let mut meta = tx.open_table(META).map_err(backend)?;
             if meta.get("epoch").map_err(backend)?.is_none() {
                 meta.insert("epoch", crate::random::hex_token(8).as_str())
@@ -435,6 +454,38 @@ impl Store for EmbeddedStore {
         self.all(REVOCATIONS)
     }
 
+    fn ca_record(&self) -> StoreFuture<'_, Option<(crate::ca::rotation::CaRecord, u64)>> {
+        self.blocking(|db| {
+            let tx = db.begin_read().map_err(backend)?;
+            let table = tx.open_table(CA_ROTATION).map_err(backend)?;
+            Ok(read_ca(&table)?.map(|v| (v.record, v.version)))
+        })
+    }
+
+    fn put_ca_record(
+        &self,
+        record: crate::ca::rotation::CaRecord,
+        version: u64,
+    ) -> StoreFuture<'_, bool> {
+        self.changing(move |db| {
+            let tx = db.begin_write().map_err(backend)?;
+            {
+                let mut table = tx.open_table(CA_ROTATION).map_err(backend)?;
+                let stored = read_ca(&table)?.map_or(0, |v| v.version);
+                if stored != version {
+                    return Ok(false);
+                }
+                let bytes = encode(&VersionedCa {
+                    version: version + 1,
+                    record,
+                })?;
+                table.insert("ca", bytes.as_slice()).map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(true)
+        })
+    }
+
     fn append_audit(&self, event: AuditEvent, time: i64) -> StoreFuture<'_, AuditRecord> {
         self.blocking(move |db| {
             let tx = db.begin_write().map_err(backend)?;
@@ -608,6 +659,7 @@ impl Store for EmbeddedStore {
                 latest,
                 registrations: every(&tx, REGISTRATIONS)?,
                 revocations: every(&tx, REVOCATIONS)?,
+                ca: read_ca(&tx.open_table(CA_ROTATION).map_err(backend)?)?.map(|v| v.record),
             })
         })
     }

@@ -7,6 +7,7 @@
 //! | `P/epoch` | the store epoch, created once (create-if-absent transaction) |
 //! | `P/changed` | empty; written in the same transaction as every change to policies, registrations or revocations: its `mod_revision` is the snapshot counter |
 //! | `P/ca` | the CA, private keys sealed with the key-encryption key ([`crate::ca::sealed`]) |
+//! | `P/rotation/ca` | once a CA rotation has begun, the CA set ([`crate::ca::rotation::CaRecord`], keys sealed); it supersedes `P/ca` |
 //! | `P/policies/<version, 20 digits>` | a [`PolicyVersion`] |
 //! | `P/registrations/<endpoint>` | a [`RegistrationRecord`] |
 //! | `P/tokens/<id>` | a [`TokenRecord`] |
@@ -257,7 +258,7 @@ impl EtcdStore {
     /// Whether a key is part of what snapshots are built from (policies, registrations,
     /// revocations).
     fn in_snapshots(&self, key: &[u8]) -> bool {
-        ["policies", "registrations", "revocations"]
+        ["policies", "registrations", "revocations", "rotation"]
             .iter()
             .any(|kind| key.starts_with(self.dir(kind).as_bytes()))
     }
@@ -266,6 +267,11 @@ impl EtcdStore {
     /// `mod_revision` is the revision of the last such change, the snapshot counter.
     fn changed_key(&self) -> String {
         self.key("changed")
+    }
+
+    /// The CA rotation record's key.
+    fn ca_record_key(&self) -> String {
+        format!("{}ca", self.dir("rotation"))
     }
 
     /// The operations of a write to `key`: itself, and the change marker if it is snapshot
@@ -409,6 +415,7 @@ impl EtcdStore {
                 self.dir("revocations"),
                 Some(GetOptions::new().with_prefix()),
             ),
+            TxnOp::get(self.ca_record_key(), None),
         ]);
         let response = self.txn_op(txn).await?;
         let read_at = revision_of(response.header());
@@ -424,7 +431,12 @@ impl EtcdStore {
         let policies = ranges.next().unwrap_or_default();
         let registrations = ranges.next().unwrap_or_default();
         let revocations = ranges.next().unwrap_or_default();
+        let ca = ranges.next().unwrap_or_default();
         Ok(Loaded {
+            ca: match ca.first() {
+                Some(kv) => Some(decode(kv.key(), kv.value())?),
+                None => None,
+            },
             revision,
             read_at,
             latest: match policies.first() {
@@ -745,6 +757,35 @@ impl Store for EtcdStore {
 
     fn revocations(&self) -> StoreFuture<'_, Vec<RevocationRecord>> {
         Box::pin(self.all("revocations"))
+    }
+
+    fn ca_record(&self) -> StoreFuture<'_, Option<(crate::ca::rotation::CaRecord, u64)>> {
+        Box::pin(async move {
+            let key = self.ca_record_key();
+            match self.get_raw(&key).await? {
+                Some((bytes, revision)) => Ok(Some((
+                    decode(key.as_bytes(), &bytes)?,
+                    u64::try_from(revision).unwrap_or(0),
+                ))),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn put_ca_record(
+        &self,
+        record: crate::ca::rotation::CaRecord,
+        version: u64,
+    ) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let key = self.ca_record_key();
+            self.put_if(
+                &key,
+                i64::try_from(version).unwrap_or(i64::MAX),
+                encode(&record)?,
+            )
+            .await
+        })
     }
 
     fn epoch(&self) -> StoreFuture<'_, String> {

@@ -69,6 +69,7 @@ fn flows_fold_over_methods_and_peers_become_nodes() {
         last_ack_at: None,
         last_rejection: None,
         certificate_expires_at: None,
+        certificate_serial: None,
         addresses_refused: Vec::new(),
         keepalive: None,
         stale: false,

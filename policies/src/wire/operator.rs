@@ -269,6 +269,9 @@ pub struct FleetEntry {
     pub last_rejection: Option<String>,
     /// When its certificate expires, Unix seconds (as it reported).
     pub certificate_expires_at: Option<i64>,
+    /// Its certificate's serial (as it reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
     /// Addresses it registered that callers are not sent to, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses_refused: Vec<RefusedAddress>,
@@ -597,6 +600,89 @@ pub struct TokenRevoked {
 
 // ---- Revocations ----
 
+/// `POST /v1/ca/rotation`: one step of a staged CA rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaRotationRequest {
+    /// `prepare`, `activate` or `retire`.
+    pub step: String,
+    /// Take the step although something blocks it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `GET /v1/ca`, and the answer to a rotation step: where the rotation stands, what blocks
+/// its next step, and every sidecar's position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaStatus {
+    /// `settled`, `prepared` or `activated`.
+    pub stage: String,
+    /// How many rotations have begun.
+    pub rotation: u64,
+    /// When the last step was taken, Unix seconds (none before any rotation).
+    #[serde(default)]
+    pub changed_at: Option<i64>,
+    /// Who took it.
+    #[serde(default)]
+    pub changed_by: Option<String>,
+    /// Whether it was forced past what blocked it.
+    #[serde(default)]
+    pub forced: bool,
+    /// The roots trusted now.
+    pub roots: Vec<CaRoot>,
+    /// The step that leaves this stage.
+    pub next_step: String,
+    /// What blocks that step now (empty: it may be taken).
+    pub blockers: Vec<CaBlocker>,
+    /// Every sidecar this replica knows, with its position.
+    pub sidecars: Vec<CaSidecar>,
+}
+
+/// A trusted root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRoot {
+    /// SHA-256 of the certificate, hex (what join tokens and `caFingerprint` pin).
+    pub sha256: String,
+    /// `signing`, `next` (prepared) or `previous` (being retired).
+    pub role: String,
+    /// Its subject's common name.
+    pub name: String,
+    /// When it expires, Unix seconds.
+    pub not_after: i64,
+}
+
+/// One thing that blocks a rotation step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaBlocker {
+    /// `sidecar`, `replica`, `certificate`, `token` or `root_key`.
+    pub kind: String,
+    /// Which one (identity and instance, serial, token id, replica URL).
+    pub subject: String,
+    /// Why it blocks, and what unblocks it.
+    pub reason: String,
+}
+
+/// One sidecar's position in a rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaSidecar {
+    /// The sidecar process.
+    pub instance: String,
+    /// Its identity.
+    pub identity: String,
+    /// Whether its watch is open now.
+    pub connected: bool,
+    /// Whether it applied the snapshot carrying the trust bundle in force.
+    pub bundle_applied: bool,
+    /// Its certificate's serial, as it reported.
+    #[serde(default)]
+    pub certificate_serial: Option<String>,
+    /// Which CA signed that certificate: `signing`, `previous`, `next` or `unknown`.
+    pub certificate_ca: String,
+    /// When that certificate expires, Unix seconds.
+    #[serde(default)]
+    pub certificate_expires_at: Option<i64>,
+}
+
 /// `POST /v1/revocations`: exactly one of an identity or a certificate serial.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationRequest {
@@ -683,6 +769,7 @@ mod tests {
             last_ack_at: Some(6),
             last_rejection: Some("why".into()),
             certificate_expires_at: Some(7),
+            certificate_serial: None,
             addresses_refused: vec![RefusedAddress {
                 address: "10.96.0.1:80".into(),
                 reason: RefusedBecause::EndpointOfAnother,

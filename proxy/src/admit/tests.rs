@@ -70,6 +70,7 @@ fn active(counter: u64, allow_caller: bool, revocations: Revocations) -> Arc<Act
         workload: id(TARGET),
         policies: loaded.policies,
         trust_bundles: Default::default(),
+        signing_ca: None,
         revocations,
         directory: Vec::new(),
     }))

@@ -286,7 +286,7 @@ async fn pinned_root(url: &str, fingerprint: &str) -> Result<CertificateDer<'sta
     Ok(root)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
