@@ -329,6 +329,34 @@ fn the_root_rotates_twice_under_traffic_and_an_offline_sidecar_blocks_activation
         );
     }
     assert!(audit.stdout.contains(&third_root));
+    // The segmentation report lists the steps for the auditor, and its signature checks
+    // against the bundle in force.
+    let out = path.join("report");
+    let report = cp.cli(&["report", "--since", "1d", "--out", out.to_str().unwrap()]);
+    assert_eq!(report.code, 0, "{}", report.stderr);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let steps: Vec<(String, String)> = json["certificates"]["ca_rotations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["rotation"].as_str().unwrap().to_owned(),
+                s["step"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["1", "2"]
+        .iter()
+        .flat_map(|n| {
+            ["prepared", "activated", "retired"].map(|step| (n.to_string(), step.to_owned()))
+        })
+        .collect();
+    assert_eq!(steps, expected);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("CA rotations") && html.contains(&third_root));
+
     // Checkpoints signed under the retired roots still verify.
     let verified = cp.cli(&["audit", "verify"]);
     assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);

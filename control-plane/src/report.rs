@@ -353,7 +353,11 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             policy_versions,
             audit_trail,
         },
-        certificates: Certificates { issued, revoked },
+        certificates: Certificates {
+            issued,
+            revoked,
+            ca_rotations: ca_rotations(&trail, since, now),
+        },
         controls: CONTROLS
             .iter()
             .map(|(section, controls)| ControlMapping {
@@ -629,4 +633,29 @@ fn audit_summary(
         verified: verified.is_ok(),
         error: verified.err(),
     }
+}
+
+/// Section 6: the CA rotation steps of the period, from the audit trail.
+fn ca_rotations(
+    trail: &[sidewall_policies::wire::operator::AuditRecord],
+    since: i64,
+    now: i64,
+) -> Vec<sidewall_policies::wire::report::CaRotationStep> {
+    trail
+        .iter()
+        .filter(|r| (since..=now).contains(&r.time))
+        .filter_map(|r| {
+            let step = r.action.strip_prefix("ca.rotation.")?;
+            let detail = |name: &str| r.details.get(name).cloned().unwrap_or_default();
+            Some(sidewall_policies::wire::report::CaRotationStep {
+                at: unix_rfc3339(r.time),
+                step: step.to_owned(),
+                rotation: detail("rotation"),
+                old_root_sha256: detail("old_root_sha256"),
+                new_root_sha256: detail("new_root_sha256"),
+                forced: detail("forced") == "true",
+                by: r.actor.clone(),
+            })
+        })
+        .collect()
 }

@@ -664,4 +664,30 @@ fn write_certificates(out: &mut String, report: &Report) {
         &revoked,
         "Nothing was revoked in the period.",
     );
+    out.push_str("<h3>CA rotations</h3>\n");
+    let rotations: Vec<Vec<String>> = report
+        .certificates
+        .ca_rotations
+        .iter()
+        .map(|r| {
+            vec![
+                esc(&r.at),
+                esc(&r.rotation),
+                esc(&r.step),
+                format!("<code>{}</code>", esc(&r.old_root_sha256)),
+                format!("<code>{}</code>", esc(&r.new_root_sha256)),
+                if r.forced { "yes" } else { "no" }.to_owned(),
+                format!("<code>{}</code>", esc(&r.by)),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        "ca-rotations",
+        &[
+            "At", "Rotation", "Step", "Old root", "New root", "Forced", "By",
+        ],
+        &rotations,
+        "The CA's root was not rotated in the period.",
+    );
 }

@@ -365,6 +365,28 @@ pub struct Certificates {
     pub issued: Vec<IssuedCertificate>,
     /// Revoked in the period.
     pub revoked: Vec<Revoked>,
+    /// CA rotation steps taken in the period (absent from reports made before rotations).
+    #[serde(default)]
+    pub ca_rotations: Vec<CaRotationStep>,
+}
+
+/// One step of a CA rotation, from the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRotationStep {
+    /// When.
+    pub at: String,
+    /// `prepared`, `activated` or `retired`.
+    pub step: String,
+    /// Which rotation (1, 2…).
+    pub rotation: String,
+    /// The root before (SHA-256).
+    pub old_root_sha256: String,
+    /// The root after.
+    pub new_root_sha256: String,
+    /// Whether it was taken past what blocked it.
+    pub forced: bool,
+    /// Who took it.
+    pub by: String,
 }
 
 /// One certificate issued.
