@@ -884,6 +884,20 @@ fn the_ca_rotates_across_replicas_under_traffic() {
         });
     }
     let new_root = status(0)["roots"][1]["sha256"].as_str().unwrap().to_owned();
+    // Replica 0 lists the positions of the sidecars connected to the others.
+    eventually(
+        10,
+        "replica 0 to list api (on replica 2) and web (on replica 1)",
+        || {
+            let sidecars = status(0)["sidecars"].clone();
+            [("api", 2), ("web", 1)].iter().all(|(name, replica)| {
+                sidecars.as_array().into_iter().flatten().any(|s| {
+                    s["identity"] == format!("{TD}/{name}").as_str()
+                        && s["replica"] == mesh.url(*replica).as_str()
+                })
+            })
+        },
+    );
     let held = mesh.replicas[0].cli(&["ca", "rotate", "activate"]);
     signal("-CONT");
     assert_ne!(held.code, 0, "activate must wait for api");

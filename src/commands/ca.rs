@@ -130,7 +130,10 @@ fn print_status(ca: &CaStatus) {
                     "pending"
                 },
                 sidecar.certificate_ca,
-                sidecar.identity
+                match &sidecar.replica {
+                    Some(replica) => format!("{} (on {replica})", sidecar.identity),
+                    None => sidecar.identity.clone(),
+                }
             );
         }
     }

@@ -35,7 +35,7 @@ async fn build_status(api: &Api) -> Result<CaStatus, ApiError> {
         .iter()
         .map(|c| (c.serial.as_str(), c))
         .collect();
-    let sidecars = api
+    let mut sidecars: Vec<CaSidecar> = api
         .distribution
         .fleet()
         .into_iter()
@@ -53,9 +53,28 @@ async fn build_status(api: &Api) -> Result<CaStatus, ApiError> {
                 connected: entry.connected,
                 certificate_serial: entry.certificate_serial,
                 certificate_expires_at: entry.certificate_expires_at,
+                replica: None,
             }
         })
         .collect();
+    // With etcd, the other replicas' sidecars, as their summaries list them mid-rotation.
+    if api.store.replicated() {
+        let own = api.distribution.replica().to_owned();
+        for summary in api.store.replicas().await? {
+            if summary.replica == own {
+                continue;
+            }
+            for mut row in summary.ca_sidecars {
+                let ca_root = row
+                    .certificate_serial
+                    .as_deref()
+                    .and_then(|serial| by_serial.get(serial))
+                    .and_then(|record| record.ca_root.as_deref());
+                row.certificate_ca = ca_role(&set, ca_root).to_owned();
+                sidecars.push(row);
+            }
+        }
+    }
     let record = set.record();
     Ok(CaStatus {
         stage: stage.as_str().to_owned(),

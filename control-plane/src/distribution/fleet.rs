@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sidewall_policies::SpiffeId;
-use sidewall_policies::wire::operator::{Fleet, FleetEntry};
+use sidewall_policies::wire::operator::{CaSidecar, Fleet, FleetEntry};
 use tokio::sync::oneshot;
 
 use super::{Distribution, lock};
@@ -73,10 +73,16 @@ pub struct ReplicaSummary {
     /// most [`SERIAL_ROWS`]): a rotation's `activate` waits for every live certificate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ca_applied: Vec<String>,
+    /// While a CA rotation is under way: its connected sidecars' positions (at most
+    /// [`POSITION_ROWS`]), for `ca status` on any replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ca_sidecars: Vec<CaSidecar>,
 }
 
 /// Most serials listed in a [`ReplicaSummary`].
-pub const SERIAL_ROWS: usize = 20_000;
+pub const SERIAL_ROWS: usize = 10_000;
+/// Most sidecar positions listed in a [`ReplicaSummary`] during a CA rotation.
+pub const POSITION_ROWS: usize = 2_000;
 
 /// Most pending sidecars listed in a [`ReplicaSummary`].
 pub const SUMMARY_ROWS: usize = 50;
@@ -345,6 +351,31 @@ impl Distribution {
         ca_pending.truncate(SUMMARY_ROWS);
         let mut ca_applied = self.holding_bundle();
         ca_applied.truncate(SERIAL_ROWS);
+        let rotating = self
+            .read()
+            .ca
+            .as_ref()
+            .is_some_and(|r| r.stage() != crate::ca::rotation::Stage::Settled);
+        let ca_sidecars = if rotating {
+            lock(&self.fleet)
+                .values()
+                .filter(|e| e.connected)
+                .take(POSITION_ROWS)
+                .map(|e| CaSidecar {
+                    instance: e.instance.clone(),
+                    identity: e.identity.clone(),
+                    connected: true,
+                    bundle_applied: !behind(e, ca_generation),
+                    certificate_serial: e.certificate_serial.clone(),
+                    // The reader knows the certificates' roots.
+                    certificate_ca: "unknown".into(),
+                    certificate_expires_at: e.certificate_expires_at,
+                    replica: Some(self.replica().to_owned()),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         ReplicaSummary {
             replica: self.replica().to_owned(),
             policy_version,
@@ -354,6 +385,7 @@ impl Distribution {
             ca_generation,
             ca_pending,
             ca_applied,
+            ca_sidecars,
         }
     }
 

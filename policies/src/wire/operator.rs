@@ -681,6 +681,9 @@ pub struct CaSidecar {
     /// When that certificate expires, Unix seconds.
     #[serde(default)]
     pub certificate_expires_at: Option<i64>,
+    /// The replica it is connected to, when another than the one answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// `POST /v1/revocations`: exactly one of an identity or a certificate serial.
