@@ -142,14 +142,20 @@ impl Credential {
         renewal_point(self.svid.not_before, self.svid.not_after, &self.svid.serial)
     }
 
-    /// How long after noticing that another CA signs now to renew: spread by serial over a
-    /// tenth of the lifetime (at most five minutes), so that a fleet does not renew at once.
+    /// How long after noticing that another CA signs now to renew ([`early_renewal_delay`]).
     fn early_renewal_delay(&self) -> i64 {
-        let window = ((self.svid.not_after - self.svid.not_before) / 10).clamp(1, 300);
-        let serial = &self.svid.serial;
-        let tail = &serial[serial.len().saturating_sub(8)..];
-        i64::try_from(u64::from_str_radix(tail, 16).unwrap_or(0) % window as u64).unwrap_or(0)
+        early_renewal_delay(self.svid.not_before, self.svid.not_after, &self.svid.serial)
     }
+}
+
+/// How long, in seconds, a certificate valid from `not_before` to `not_after` waits before it
+/// renews once another CA signs (a CA rotation's activate stage): spread by `serial` (hex) over
+/// a tenth of the lifetime, at most five minutes, so that a fleet does not renew at once.
+pub fn early_renewal_delay(not_before: i64, not_after: i64, serial: &str) -> i64 {
+    let window = ((not_after - not_before) / 10).clamp(1, 300);
+    let tail = serial.get(serial.len().saturating_sub(8)..).unwrap_or("");
+    let spread = u64::from_str_radix(tail, 16).unwrap_or(0) % window.unsigned_abs();
+    i64::try_from(spread).unwrap_or(0)
 }
 
 /// Unix seconds now.
@@ -346,7 +352,27 @@ fn read_token(path: &Path) -> Result<String, JoinError> {
 
 #[cfg(test)]
 mod tests {
-    use super::renewal_point;
+    use super::{early_renewal_delay, renewal_point};
+
+    #[test]
+    fn early_renewal_is_spread_over_a_tenth_of_the_lifetime_at_most_five_minutes() {
+        let serial = |i: u32| format!("{:032x}", u128::from(i) * 0x9e37_79b9_7f4a_7c15);
+        for (lifetime, window) in [(120, 12), (3600, 300), (86_400, 300), (5, 1)] {
+            let delays: Vec<i64> = (0..1000)
+                .map(|i| early_renewal_delay(0, lifetime, &serial(i)))
+                .collect();
+            assert!(delays.iter().all(|d| (0..window).contains(d)), "{lifetime}");
+            let distinct: std::collections::HashSet<_> = delays.iter().collect();
+            assert!(
+                distinct.len() as i64 >= window.min(10),
+                "spread over the window for {lifetime} s: {} values",
+                distinct.len()
+            );
+        }
+        // A serial that is not hex, or empty, renews at once rather than never.
+        assert_eq!(early_renewal_delay(0, 3600, "zz"), 0);
+        assert_eq!(early_renewal_delay(0, 3600, ""), 0);
+    }
 
     #[test]
     fn renewal_is_spread_over_60_to_75_percent_of_the_lifetime_by_serial() {

@@ -600,3 +600,100 @@ impl CaCell {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_rotation_moves_through_its_stages_and_the_new_root_is_cross_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("td.test").unwrap();
+        let home = KeyHome::Files(dir.path().to_path_buf());
+        let first = Authority::load_or_create(dir.path(), &td, None).unwrap();
+        let old_root = first.root_fingerprint();
+        let set = CaSet::single(first);
+        assert_eq!(set.stage(), Stage::Settled);
+        assert!(set.stepped(Step::Activate, "op", 1).is_none());
+
+        let prepared = set.prepared(&home, "op", 1).unwrap();
+        assert_eq!(prepared.stage(), Stage::Prepared);
+        assert_eq!(prepared.roots().len(), 2);
+        assert!(dir.path().join("rotation-1/intermediate.key").exists());
+        let set = CaSet::from_record(&td, prepared, &home).unwrap();
+        let new_root = set.next().unwrap().root_fingerprint();
+        assert_eq!(set.root_fingerprint(), old_root, "the old CA still signs");
+        assert_eq!(set.token_root_fingerprint(), new_root);
+        assert!(set.trusts_root(&old_root) && set.trusts_root(&new_root));
+        // The cross certificate: the new root's subject and key, signed by the old root.
+        let record = set.record().unwrap();
+        let cross_der = der(record.cross_pem.as_ref().unwrap());
+        let (_, cross) = X509Certificate::from_der(&cross_der).unwrap();
+        let new_der = der(&record.next.as_ref().unwrap().root_pem);
+        let (_, new) = X509Certificate::from_der(&new_der).unwrap();
+        let old_der = der(&record.current.root_pem);
+        let (_, old) = X509Certificate::from_der(&old_der).unwrap();
+        assert_eq!(cross.subject(), new.subject());
+        assert_ne!(new.subject(), old.subject(), "no two roots share a subject");
+        assert_eq!(cross.public_key().raw, new.public_key().raw);
+        cross.verify_signature(Some(old.public_key())).unwrap();
+        // The serving chain carries it; a workload's does not.
+        let key = KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let id = td.id("/sidewall/control-plane").unwrap();
+        let serving = set
+            .issue_serving(&id, &spki, Duration::from_secs(60), &[])
+            .unwrap();
+        assert_eq!(serving.chain_pem.matches("BEGIN CERTIFICATE").count(), 3);
+        let workload = td.id("/ns/a/svc/b").unwrap();
+        let issued = set
+            .issue(&workload, &spki, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(issued.chain_pem.matches("BEGIN CERTIFICATE").count(), 2);
+
+        let activated = set.stepped(Step::Activate, "op", 2).unwrap();
+        assert_eq!(activated.stage(), Stage::Activated);
+        let set = CaSet::from_record(&td, activated, &home).unwrap();
+        assert_eq!(set.root_fingerprint(), new_root, "the new CA signs");
+        assert_eq!(set.previous().unwrap().root_fingerprint(), old_root);
+
+        let retired = set.stepped(Step::Retire, "op", 3).unwrap();
+        assert_eq!(retired.stage(), Stage::Settled);
+        assert_eq!(retired.roots().len(), 1);
+        assert_eq!(retired.retired.len(), 1);
+        assert!(retired.cross_pem.is_none());
+        let set = CaSet::from_record(&td, retired, &home).unwrap();
+        assert!(!set.trusts_root(&old_root));
+        assert!(set.history_bundle_pem().len() > set.trust_bundle_pem().len());
+        let serving = set
+            .issue_serving(&id, &spki, Duration::from_secs(60), &[])
+            .unwrap();
+        assert_eq!(serving.chain_pem.matches("BEGIN CERTIFICATE").count(), 2);
+        // The next rotation is number 2, under its own directory.
+        let again = set.prepared(&home, "op", 4).unwrap();
+        assert_eq!(again.rotation, 2);
+        assert!(dir.path().join("rotation-2/root.key").exists());
+    }
+
+    #[test]
+    fn a_plugged_in_ca_without_its_root_key_cannot_prepare() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("td.test").unwrap();
+        let mut material = super::super::generate_material(&td).unwrap();
+        material.root_key_pem = None;
+        let set = CaSet::single(Authority::from_material(&td, &material).unwrap());
+        let home = KeyHome::Files(dir.path().to_path_buf());
+        assert!(matches!(
+            set.prepared(&home, "op", 1),
+            Err(RotationRefused::RootKeyOffline)
+        ));
+    }
+}
