@@ -907,21 +907,24 @@ fn the_ca_rotates_across_replicas_under_traffic() {
         held.stderr
     );
     let traffic = Traffic::start(mesh.web_route);
-    let export = support::sidewall([
-        "control-plane",
-        "export",
-        "--out",
-        mesh.path().join("mid.json").to_str().unwrap(),
-        "--store",
-        &mesh.cluster.store_url(),
-        "--ca-kek-file",
-        mesh.kek.to_str().unwrap(),
-    ]);
-    assert_ne!(export.code, 0, "no backup mid-rotation");
+    let export = |file: &str| {
+        support::sidewall([
+            "control-plane",
+            "export",
+            "--out",
+            mesh.path().join(file).to_str().unwrap(),
+            "--store",
+            &mesh.cluster.store_url(),
+            "--ca-kek-file",
+            mesh.kek.to_str().unwrap(),
+        ])
+    };
+    let export_mid = export("mid.json");
+    assert_ne!(export_mid.code, 0, "no backup mid-rotation");
     assert!(
-        export.stderr.contains("rotation is under way"),
+        export_mid.stderr.contains("rotation is under way"),
         "{}",
-        export.stderr
+        export_mid.stderr
     );
     let activate = step_when_unblocked(0, "activate");
     eventually(10, "replica 2 to sign with the new CA", || {
@@ -940,17 +943,8 @@ fn the_ca_rotates_across_replicas_under_traffic() {
     );
     assert_eq!(failed, 0, "no exchange failed ({ok} succeeded)");
     assert!(mesh.allowed());
-    let export = support::sidewall([
-        "control-plane",
-        "export",
-        "--out",
-        mesh.path().join("after.json").to_str().unwrap(),
-        "--store",
-        &mesh.cluster.store_url(),
-        "--ca-kek-file",
-        mesh.kek.to_str().unwrap(),
-    ]);
-    assert_eq!(export.code, 0, "{}", export.stderr);
+    let export_after = export("after.json");
+    assert_eq!(export_after.code, 0, "{}", export_after.stderr);
     let backup = std::fs::read_to_string(mesh.path().join("after.json")).unwrap();
     let ca: serde_json::Value = serde_json::from_str(&backup).unwrap();
     let root_file = mesh.path().join("backup-root.pem");
