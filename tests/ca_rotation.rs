@@ -186,6 +186,14 @@ fn the_root_rotates_twice_under_traffic_and_an_offline_sidecar_blocks_activation
     cp.restart(&cp_args);
     let after_restart = status(&cp);
     assert_eq!(after_restart["stage"], "prepared", "{after_restart}");
+    let fleet = cp.cli(&["status"]);
+    assert!(
+        fleet
+            .stdout
+            .contains("CA rotation 1 under way (prepared): next step activate, blocked by"),
+        "{}",
+        fleet.stdout
+    );
     let blocked_at = Instant::now();
     let refused = cp.cli(&["ca", "rotate", "activate"]);
     assert_ne!(refused.code, 0, "activate must wait for batch");

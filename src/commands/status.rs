@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use hyper::Method;
 
-use sidewall_policies::wire::operator::Fleet;
+use sidewall_policies::wire::operator::{CaStatus, Fleet};
 
 use super::ControlPlaneAccess;
 use super::{answer, block_on, client};
@@ -57,6 +57,22 @@ pub(crate) fn run(args: Args) -> ExitCode {
         );
         if let Some(error) = &fleet.source_error {
             println!("policy directory is invalid (last good set in force): {error}");
+        }
+        // A CA rotation under way is worth a line (a control plane without the route: none).
+        if let Ok((status, body)) = client.call(Method::GET, "/v1/ca", None).await
+            && let Ok(ca) = answer::<CaStatus>("GET /v1/ca", status, body)
+            && ca.stage != "settled"
+        {
+            println!(
+                "CA rotation {} under way ({}): next step {}, {} (`sidewall ca status`)",
+                ca.rotation,
+                ca.stage,
+                ca.next_step,
+                match ca.blockers.len() {
+                    0 => "nothing blocks it".to_owned(),
+                    n => format!("blocked by {n}"),
+                }
+            );
         }
         println!(
             "{:<44} {:<21} {:<18} {:>14} {:>14} {:<10} {:<12} LAST REJECTION",
