@@ -783,11 +783,17 @@ fn verify_segmentation_runs_on_etcd() {
     let Some(mesh) = Replicated::start("etcd::verify") else {
         return;
     };
-    let _api = mesh.sidecar("api", &[1, 0, 2]);
-    let _web = mesh.sidecar("web", &[1, 0, 2]);
+    // The source sidecar is connected to another replica than the one running the test:
+    // its probes are ordered and its answers taken there, through the store.
+    let api = mesh.sidecar("api", &[1, 0, 2]);
+    let web = mesh.sidecar("web", &[2, 0, 1]);
+    assert_eq!(connected_to(&api), Some(mesh.url(1)));
+    assert_eq!(connected_to(&web), Some(mesh.url(2)));
     // Only batch may reach api: web → api:8080 must be denied.
     let run = mesh.apply(0, "v1", "batch");
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // Replica 1 learns from replica 2's summary that web's sidecar probes.
+    std::thread::sleep(Duration::from_secs(1));
     let run = mesh.replicas[1].cli(&["verify", "segmentation", "--timeout", "30s"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let pairs: Vec<Vec<&str>> = run

@@ -28,6 +28,7 @@ use crate::store::{RegistrationRecord, RevocationRecord};
 pub mod fleet;
 pub mod flows;
 mod probes;
+pub use probes::SharedRun;
 pub mod rollups;
 pub use fleet::{
     ClaimRefused, IdentityLimits, Pending, RECONNECT_GRACE_SECONDS, ReplicaSummary, SUMMARY_ROWS,

@@ -374,6 +374,10 @@ pub async fn run(
     ));
     let rollups = tokio::spawn(keep_rollups(api.clone(), stop_rx.clone()));
     let issuer_keys = tokio::spawn(refresh_issuer_keys(api.clone(), stop_rx.clone()));
+    let shared_runs = api
+        .store
+        .replicated()
+        .then(|| tokio::spawn(follow_shared_runs(api.clone(), stop_rx.clone())));
     let ca_follower = tokio::spawn(follow_ca(
         api.clone(),
         certificate.clone(),
@@ -506,6 +510,9 @@ pub async fn run(
     let _ = rollups.await;
     let _ = issuer_keys.await;
     let _ = ca_follower.await;
+    if let Some(task) = shared_runs {
+        let _ = task.await;
+    }
     let _ = expiry.await;
     let _ = admin_task.await;
     let _ = ui_task.await;
@@ -611,6 +618,32 @@ async fn sign_audit_trail(
 /// (`attestation.kubernetes.jwksUrl`): at start, every 5 minutes, and when a token names a key
 /// the set lacks (the issuer rotated its key); after a failure again 5 s later, doubling up to
 /// a minute. A failure keeps the last good keys.
+/// With a replicated store: installs the segmentation test another replica started, once a
+/// second at most after it was stored, so that the sidecars connected here get their probes
+/// ([`crate::distribution::SharedRun`]). A failed read is retried at the next tick.
+async fn follow_shared_runs(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let own = api.distribution.replica().to_owned();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        match api.store.shared_run().await {
+            Ok(Some(run)) if run.replica != own => {
+                let id = run.verification.id.clone();
+                if api.distribution.install_shared_run(run, now_unix()) {
+                    tracing::info!(
+                        id,
+                        "segmentation verification started at another replica: ordering the probes of the sidecars connected here"
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::debug!(%error, "reading the shared segmentation test failed"),
+        }
+    }
+}
+
 /// Follows the CA rotation record through the store's change feed: when it changes (a stage
 /// taken here or on another replica), opens the CA set it describes and puts it in force: the
 /// API's signing CA and client roots, a serving certificate from the newest CA, the data

@@ -422,6 +422,31 @@ pub trait Store: Send + Sync + 'static {
     fn publish(&self, _distribution: Arc<Distribution>, _stop: watch::Receiver<bool>) -> Task {
         Box::pin(async {})
     }
+    /// Shares the segmentation test just started with the other replicas (a replicated store;
+    /// elsewhere nothing to do), dropping the answers to earlier runs.
+    fn put_shared_run(&self, _run: crate::distribution::SharedRun) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// The segmentation test shared last, if any.
+    fn shared_run(&self) -> StoreFuture<'_, Option<crate::distribution::SharedRun>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Shares the answers `replica`'s sidecars gave to run `run`'s probes.
+    fn put_probe_answers(
+        &self,
+        _run: &str,
+        _replica: &str,
+        _answers: Vec<sidewall_policies::wire::report::VerificationPair>,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Every replica's answers to run `run`'s probes.
+    fn probe_answers(
+        &self,
+        _run: &str,
+    ) -> StoreFuture<'_, Vec<sidewall_policies::wire::report::VerificationPair>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
     /// For a replicated store: what the other replicas publish about their sidecars. Empty
     /// for a store that serves one control plane.
     fn replicas(&self) -> StoreFuture<'_, Vec<crate::distribution::ReplicaSummary>> {

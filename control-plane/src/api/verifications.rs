@@ -53,13 +53,18 @@ pub(super) async fn start(
     // One probing sidecar per source identity: a connected one that says it probes and was
     // heard from lately.
     let fleet = api.distribution.fleet();
-    let mut sources: BTreeMap<String, String> = BTreeMap::new();
-    for entry in &fleet {
-        let probes = entry.sidecar.as_ref().is_some_and(|s| s.probes);
-        if entry.connected && !entry.stale && probes {
-            sources
-                .entry(entry.identity.clone())
-                .or_insert_with(|| entry.instance.clone());
+    let mut sources: BTreeMap<String, String> =
+        api.distribution.probers().into_iter().rev().collect();
+    // With etcd, the sidecars connected to the other replicas too, from their summaries: the
+    // run is shared through the store and each replica orders its own sidecars' probes.
+    if api.store.replicated() {
+        let own = api.distribution.replica().to_owned();
+        for summary in api.store.replicas().await? {
+            if summary.replica != own {
+                for (identity, instance) in summary.probers {
+                    sources.entry(identity).or_insert(instance);
+                }
+            }
         }
     }
     let id = crate::random::hex_token(8);
@@ -69,6 +74,7 @@ pub(super) async fn start(
     let identities: Vec<SpiffeId> = {
         let mut all: Vec<String> = registrations.iter().map(|r| r.identity.clone()).collect();
         all.extend(fleet.into_iter().map(|e| e.identity));
+        all.extend(sources.keys().cloned());
         all.sort();
         all.dedup();
         all.iter().filter_map(|i| SpiffeId::parse(i).ok()).collect()
@@ -156,6 +162,14 @@ pub(super) async fn start(
         .distribution
         .start_verification(verification.clone(), orders, deadline, now)
         .map_err(running)?;
+    if api.store.replicated() {
+        let shared = crate::distribution::SharedRun {
+            verification: verification.clone(),
+            deadline,
+            replica: api.distribution.replica().to_owned(),
+        };
+        api.store.put_shared_run(shared).await?;
+    }
     if let Some(earlier) = replaced {
         // Finished, but nobody read it since: recorded now.
         record(api, &earlier).await;
@@ -171,6 +185,11 @@ pub(super) async fn start(
 /// `GET /v1/verifications/{id}` (viewer).
 pub(super) async fn read(api: &Api, peer: &Peer, id: &str) -> Result<HttpResponse, ApiError> {
     require_operator(api, peer)?;
+    if api.store.replicated() {
+        // What the sidecars of the other replicas answered.
+        let answers = api.store.probe_answers(id).await?;
+        api.distribution.merge_answers(id, &answers);
+    }
     let Some((verification, finished_now)) = api.distribution.verification(id, now_unix()) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -239,6 +258,15 @@ pub(super) async fn results(
         &body.results,
         now_unix(),
     );
+    if taken > 0 && api.store.replicated() {
+        // For the replica that started the run, if another one did.
+        if let Some(run) = body.results.first().map(|r| r.probe.run.clone()) {
+            let answered = api.distribution.answered_pairs(&run);
+            api.store
+                .put_probe_answers(&run, api.distribution.replica(), answered)
+                .await?;
+        }
+    }
     if unordered > 0 {
         // A sidecar answering what it was not asked is broken or not the sidecar it claims
         // to be: the run says how many, the log says who.

@@ -77,6 +77,10 @@ pub struct ReplicaSummary {
     /// [`POSITION_ROWS`]), for `ca status` on any replica.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ca_sidecars: Vec<CaSidecar>,
+    /// Its connected sidecars that make segmentation probes, as (identity, instance), at most
+    /// [`SERIAL_ROWS`]: a segmentation test started at any replica orders them probes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probers: Vec<(String, String)>,
 }
 
 /// Most serials listed in a [`ReplicaSummary`].
@@ -91,6 +95,15 @@ pub const SUMMARY_ROWS: usize = 50;
 /// for: long enough to reconnect after a control-plane restart (a sidecar retries at most every
 /// 10 s). Later it is listed apart, and gets the version when it reconnects.
 pub const RECONNECT_GRACE_SECONDS: i64 = 15;
+
+/// Whether a connected sidecar has been silent (no ack) for more than three keep-alives.
+fn stale(entry: &FleetEntry, now: i64) -> bool {
+    let heard = entry.last_ack_at.unwrap_or(entry.since).max(entry.since);
+    entry.connected
+        && entry.keepalive.is_some_and(|k| {
+            now.saturating_sub(heard) > i64::try_from(k.saturating_mul(3)).unwrap_or(i64::MAX)
+        })
+}
 
 /// Whether `entry` has yet to process the store change at `generation`, or to apply a snapshot
 /// sent since: what [`Distribution::pending`] and [`Distribution::has_applied`] count as behind.
@@ -315,12 +328,7 @@ impl Distribution {
             .values()
             .cloned()
             .map(|mut entry| {
-                let heard = entry.last_ack_at.unwrap_or(entry.since).max(entry.since);
-                entry.stale = entry.connected
-                    && entry.keepalive.is_some_and(|k| {
-                        now.saturating_sub(heard)
-                            > i64::try_from(k.saturating_mul(3)).unwrap_or(i64::MAX)
-                    });
+                entry.stale = stale(&entry, now);
                 entry
             })
             .collect()
@@ -351,6 +359,8 @@ impl Distribution {
         ca_pending.truncate(SUMMARY_ROWS);
         let mut ca_applied = self.holding_bundle();
         ca_applied.truncate(SERIAL_ROWS);
+        let mut probers = self.probers();
+        probers.truncate(SERIAL_ROWS);
         let rotating = self
             .read()
             .ca
@@ -386,6 +396,7 @@ impl Distribution {
             ca_pending,
             ca_applied,
             ca_sidecars,
+            probers,
         }
     }
 
@@ -407,6 +418,19 @@ impl Distribution {
     /// every snapshot sent since).
     pub fn has_applied_bundle(&self, entry: &FleetEntry) -> bool {
         !behind(entry, self.read().ca_generation)
+    }
+
+    /// The connected sidecars that make segmentation probes and were heard from lately, as
+    /// (identity, instance).
+    pub fn probers(&self) -> Vec<(String, String)> {
+        let now = now_unix();
+        lock(&self.fleet)
+            .values()
+            .filter(|e| {
+                e.connected && !stale(e, now) && e.sidecar.as_ref().is_some_and(|s| s.probes)
+            })
+            .map(|e| (e.identity.clone(), e.instance.clone()))
+            .collect()
     }
 
     /// The certificate serials held by connected sidecars that applied the trust bundle in

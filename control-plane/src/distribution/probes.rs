@@ -1,9 +1,14 @@
 //! Segmentation tests (`sidewall verify segmentation`): the run in progress (one at a time),
 //! the probe orders waiting for each source sidecar's watch, and the answers that come back.
+//!
+//! With a replicated store a run is shared ([`SharedRun`]): the replica that starts it stores
+//! it, every other replica installs it ([`Distribution::install_shared_run`]) so that the
+//! sources connected there get their orders, and stores the answers its sidecars post; the
+//! starting replica merges them ([`Distribution::merge_answers`]) when the run is read.
 
 use std::collections::HashMap;
 
-use sidewall_policies::wire::report::Verification;
+use sidewall_policies::wire::report::{Verification, VerificationPair};
 use sidewall_policies::wire::{Probe, ProbeAnswer, ProbeOrder, ProbeResult};
 
 use super::{Distribution, lock};
@@ -13,6 +18,34 @@ pub(super) struct Run {
     pub(super) verification: Verification,
     pub(super) deadline: i64,
     pub(super) recorded: bool,
+}
+
+/// A run as the store shares it with the other replicas.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SharedRun {
+    /// The run as it started.
+    pub verification: Verification,
+    /// When its time is up, Unix seconds.
+    pub deadline: i64,
+    /// The replica that started it (and records it).
+    pub replica: String,
+}
+
+/// The orders of `pairs`, by source instance.
+fn orders_of(run: &str, pairs: &[VerificationPair]) -> HashMap<String, Vec<Probe>> {
+    let mut orders: HashMap<String, Vec<Probe>> = HashMap::new();
+    for pair in pairs {
+        orders
+            .entry(pair.instance.clone())
+            .or_default()
+            .push(Probe {
+                run: run.to_owned(),
+                target: pair.target.clone(),
+                endpoint: pair.endpoint.clone(),
+                port: pair.port,
+            });
+    }
+    orders
 }
 
 impl Distribution {
@@ -53,6 +86,69 @@ impl Distribution {
         *lock(&self.probe_orders) = orders;
         self.probes_changed.send_modify(|n| *n += 1);
         Ok(unrecorded)
+    }
+
+    /// Installs a run another replica started (once; a run of this replica's own, or one
+    /// whose time is up, is left alone), with orders for its sources, so that those connected
+    /// here get them. This replica never records it: the one that started it does.
+    pub fn install_shared_run(&self, shared: SharedRun, now: i64) -> bool {
+        let mut run = lock(&self.verification);
+        if run
+            .as_ref()
+            .is_some_and(|r| r.verification.id == shared.verification.id)
+            || now >= shared.deadline
+        {
+            return false;
+        }
+        let orders = orders_of(&shared.verification.id, &shared.verification.pairs);
+        *run = Some(Run {
+            verification: shared.verification,
+            deadline: shared.deadline,
+            recorded: true,
+        });
+        *lock(&self.probe_orders) = orders;
+        self.probes_changed.send_modify(|n| *n += 1);
+        true
+    }
+
+    /// The pairs of run `id` answered here, to share with the replica that started it.
+    pub fn answered_pairs(&self, id: &str) -> Vec<VerificationPair> {
+        lock(&self.verification)
+            .as_ref()
+            .filter(|r| r.verification.id == id)
+            .map(|r| {
+                r.verification
+                    .pairs
+                    .iter()
+                    .filter(|p| !matches!(p.answer, ProbeAnswer::Pending | ProbeAnswer::NoAnswer))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Takes the answers other replicas' sidecars gave to run `id`'s probes, for pairs still
+    /// without one here (or given up on at the deadline, until the run is recorded).
+    pub fn merge_answers(&self, id: &str, answered: &[VerificationPair]) {
+        let mut run = lock(&self.verification);
+        let Some(run) = run.as_mut().filter(|r| r.verification.id == id) else {
+            return;
+        };
+        if run.recorded {
+            return;
+        }
+        for theirs in answered {
+            if let Some(pair) = run.verification.pairs.iter_mut().find(|p| {
+                p.source == theirs.source
+                    && p.instance == theirs.instance
+                    && p.target == theirs.target
+                    && p.endpoint == theirs.endpoint
+                    && p.port == theirs.port
+                    && matches!(p.answer, ProbeAnswer::Pending | ProbeAnswer::NoAnswer)
+            }) {
+                pair.answer = theirs.answer;
+            }
+        }
     }
 
     /// Changes whenever probe orders are waiting.
@@ -213,5 +309,70 @@ mod tests {
         let (run, _) = distribution.verification("run-1", 2).unwrap();
         assert_eq!(run.unordered_answers, 2);
         assert!(run.finished);
+    }
+
+    /// A run another replica started: installed once with its orders, never recorded here;
+    /// the answers given here are what the starting replica merges, pending pairs only.
+    #[test]
+    fn a_shared_run_is_installed_answered_here_and_merged_there() {
+        let pair = |instance: &str, target: &str| VerificationPair {
+            source: "spiffe://sidewall.local/web".into(),
+            instance: instance.into(),
+            target: target.into(),
+            endpoint: "10.0.0.7:4643".into(),
+            port: 8080,
+            answer: ProbeAnswer::Pending,
+        };
+        let verification = Verification {
+            id: "run-1".into(),
+            started_by: "admin".into(),
+            started_at: String::new(),
+            policy_version: 1,
+            finished: false,
+            unprobed: 0,
+            pairs: vec![
+                pair("web-1", "spiffe://sidewall.local/api"),
+                pair("web-1", "spiffe://sidewall.local/db"),
+            ],
+            unordered_answers: 0,
+        };
+        let shared = SharedRun {
+            verification: verification.clone(),
+            deadline: 100,
+            replica: "https://a".into(),
+        };
+        // Here: replica b.
+        let here = Distribution::for_tests();
+        assert!(
+            !here.install_shared_run(shared.clone(), 100),
+            "its time is up"
+        );
+        assert!(here.install_shared_run(shared.clone(), 1));
+        assert!(!here.install_shared_run(shared, 2), "installed once");
+        assert_eq!(here.take_probes("web-1").unwrap().probes.len(), 2);
+        let result = ProbeResult {
+            probe: probe("spiffe://sidewall.local/api"),
+            answer: ProbeAnswer::Admitted,
+        };
+        assert_eq!(
+            here.probe_results("spiffe://sidewall.local/web", "web-1", &[result], 3),
+            (1, 0)
+        );
+        let answered = here.answered_pairs("run-1");
+        assert_eq!(answered.len(), 1);
+        // Not recorded here, even once finished.
+        assert!(matches!(here.verification("run-1", 200), Some((_, false))));
+
+        // There: replica a, which started it.
+        let there = Distribution::for_tests();
+        there
+            .start_verification(verification, HashMap::new(), 100, 0)
+            .unwrap();
+        there.merge_answers("run-1", &answered);
+        there.merge_answers("other-run", &answered);
+        let (run, _) = there.verification("run-1", 4).unwrap();
+        assert_eq!(run.pairs[0].answer, ProbeAnswer::Admitted);
+        assert_eq!(run.pairs[1].answer, ProbeAnswer::Pending);
+        assert!(!run.finished);
     }
 }

@@ -15,6 +15,8 @@
 //! | `P/revocations/<kind>:<value>` | a [`RevocationRecord`] |
 //! | `P/audit/<number, 20 digits>` | an audit record ([`crate::audit`]), created only if absent |
 //! | `P/rollups/<day, 8 digits>/<process>/<chunk, 5 digits>` | a [`RollupRecord`]: one chunk of a control-plane process's daily flow counts |
+//! | `P/verification/run` | the segmentation test started last ([`crate::distribution::SharedRun`]), for every replica to order its sidecars' probes |
+//! | `P/verification/answers/<run>/<hex of the replica's URL>` | the answers that replica's sidecars gave to the run's probes |
 //! | `P/replicas/<hex of the replica's URL>` | a [`ReplicaSummary`], on a lease: gone when the replica is |
 //!
 //! Read-modify-write operations are transactions guarded by the key's `mod_revision` (or
@@ -50,6 +52,12 @@ use sidewall_policies::wire::operator::AuditRecord;
 use tokio::sync::watch;
 
 pub mod feed;
+
+/// The end of the key range of every key under `dir` (which ends with `/`): `/` is followed
+/// by `0` in byte order.
+fn prefix_end(dir: &str) -> String {
+    format!("{}0", dir.trim_end_matches('/'))
+}
 
 /// How long one etcd request may take before it fails (and the API answers 503).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -863,5 +871,44 @@ impl Store for EtcdStore {
 
     fn replicas(&self) -> StoreFuture<'_, Vec<ReplicaSummary>> {
         Box::pin(self.all("replicas"))
+    }
+
+    fn put_shared_run(&self, run: crate::distribution::SharedRun) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let answers = format!("{}answers/", self.dir("verification"));
+            self.delete_range(&answers, &prefix_end(&answers)).await?;
+            self.put(&format!("{}run", self.dir("verification")), &run)
+                .await
+        })
+    }
+
+    fn shared_run(&self) -> StoreFuture<'_, Option<crate::distribution::SharedRun>> {
+        Box::pin(async move { self.get(&format!("{}run", self.dir("verification"))).await })
+    }
+
+    fn put_probe_answers(
+        &self,
+        run: &str,
+        replica: &str,
+        answers: Vec<sidewall_policies::wire::report::VerificationPair>,
+    ) -> StoreFuture<'_, ()> {
+        let key = format!(
+            "{}answers/{run}/{}",
+            self.dir("verification"),
+            crate::random::hex(replica.as_bytes())
+        );
+        Box::pin(async move { self.put(&key, &answers).await })
+    }
+
+    fn probe_answers(
+        &self,
+        run: &str,
+    ) -> StoreFuture<'_, Vec<sidewall_policies::wire::report::VerificationPair>> {
+        let kind = format!("verification/answers/{run}");
+        Box::pin(async move {
+            let replicas: Vec<Vec<sidewall_policies::wire::report::VerificationPair>> =
+                self.all(&kind).await?;
+            Ok(replicas.into_iter().flatten().collect())
+        })
     }
 }
