@@ -301,25 +301,7 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
             default: "deny".to_owned(),
             rules,
             denied_attempts,
-            last_test: api.distribution.last_verification(now).map(|v| {
-                let count = |answer| v.pairs.iter().filter(|p| p.answer == answer).count() as u64;
-                TestSummary {
-                    id: v.id.clone(),
-                    at: v.started_at.clone(),
-                    by: v.started_by.clone(),
-                    policy_version: v.policy_version,
-                    finished: v.finished,
-                    pairs: v.pairs.len() as u64,
-                    refused: count(ProbeAnswer::Refused),
-                    admitted: count(ProbeAnswer::Admitted),
-                    no_answer: count(ProbeAnswer::NoAnswer),
-                    unprobed: v.unprobed,
-                    failures: v
-                        .failures()
-                        .map(|p| format!("{} -> {}:{}", p.source, p.target, p.port))
-                        .collect(),
-                }
-            }),
+            last_test: last_test(api, &trail, now),
         },
         observed: Observed {
             counted_since: unix_rfc3339(counted.from.unwrap_or(since)),
@@ -633,6 +615,85 @@ fn audit_summary(
         verified: verified.is_ok(),
         error: verified.err(),
     }
+}
+
+/// Section 2's newest segmentation test: the run this process holds, unless the audit trail
+/// records a newer one (started before a restart, or at another replica), whose counts and
+/// first 20 failures the record carries.
+fn last_test(
+    api: &Api,
+    trail: &[sidewall_policies::wire::operator::AuditRecord],
+    now: i64,
+) -> Option<TestSummary> {
+    let held = api.distribution.last_verification(now);
+    let recorded = trail
+        .iter()
+        .rev()
+        .find(|r| r.action == crate::audit::SEGMENTATION_VERIFIED);
+    // The held run is the newest unless the trail records another, finished after it began.
+    let held = held.filter(|v| {
+        !v.finished || recorded.is_none_or(|r| r.subject == v.id || r.time < started(v))
+    });
+    if let Some(v) = held {
+        let count = |answer| v.pairs.iter().filter(|p| p.answer == answer).count() as u64;
+        return Some(TestSummary {
+            id: v.id.clone(),
+            at: v.started_at.clone(),
+            by: v.started_by.clone(),
+            policy_version: v.policy_version,
+            finished: v.finished,
+            pairs: v.pairs.len() as u64,
+            refused: count(ProbeAnswer::Refused),
+            admitted: count(ProbeAnswer::Admitted),
+            no_answer: count(ProbeAnswer::NoAnswer),
+            unprobed: v.unprobed,
+            failures: v
+                .failures()
+                .map(|p| format!("{} -> {}:{}", p.source, p.target, p.port))
+                .collect(),
+        });
+    }
+    recorded.map(|record| {
+        let number = |name: &str| {
+            record
+                .details
+                .get(name)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        TestSummary {
+            id: record.subject.clone(),
+            // The record is made when the run finished.
+            at: unix_rfc3339(record.time),
+            by: record.actor.clone(),
+            policy_version: number("policy_version"),
+            finished: true,
+            pairs: number("pairs"),
+            refused: number("refused"),
+            admitted: number("admitted"),
+            no_answer: number("no_answer"),
+            unprobed: number("unprobed"),
+            failures: record
+                .details
+                .get("failures")
+                .map(|f| {
+                    f.split(", ")
+                        .filter(|p| !p.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    })
+}
+
+/// When run `v` started, Unix seconds (0 when its time does not parse).
+fn started(v: &sidewall_policies::wire::report::Verification) -> i64 {
+    time::OffsetDateTime::parse(
+        &v.started_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_or(0, |t| t.unix_timestamp())
 }
 
 /// Section 6: the CA rotation steps of the period, from the audit trail.
