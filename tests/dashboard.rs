@@ -717,6 +717,14 @@ fn a_report_counts_what_sidecars_reported_before_a_restart() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["segmentation"]["denied_attempts"], 3, "{report}");
+    // The three sidecars applied version 1 before the restart, and the report still says so.
+    let applied: Vec<&str> = report["changes"]["policy_versions"][0]["applied_by_sidecars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(applied, ["api-1", "db-1", "frontend-1"], "{report}");
     let flows: Vec<String> = report["observed"]["flows"]
         .as_array()
         .unwrap()

@@ -229,7 +229,8 @@ pub(crate) async fn build(api: &Api, by: &str, since: i64, now: i64) -> Result<R
     let trail = crate::server::read_trail(api)
         .await
         .map_err(StoreError::unavailable)?;
-    let policy_versions = policy_changes(api, version, &trail, since, now).await?;
+    let policy_versions =
+        policy_changes(api, (version, &counted.applied), &trail, since, now).await?;
     let audit_trail = audit_summary(api, &trail, since, now);
     let control_plane = api
         .ca()
@@ -533,7 +534,7 @@ async fn workloads(
 /// Policy versions applied in the period, with what the audit trail says each changed.
 async fn policy_changes(
     api: &Api,
-    in_force: u64,
+    (in_force, stored): (u64, &AppliedBy),
     trail: &[sidewall_policies::wire::operator::AuditRecord],
     since: i64,
     now: i64,
@@ -569,19 +570,33 @@ async fn policy_changes(
             changed: detail("changed"),
             set_sha256: detail("set_sha256"),
             in_force: version.version == in_force,
-            applied_by_sidecars: api
-                .distribution
-                .rollout(version.version)
-                .into_iter()
-                .map(|(instance, identity, at)| SidecarApplied {
-                    identity,
-                    instance,
-                    at: unix_rfc3339(at),
-                })
-                .collect(),
+            applied_by_sidecars: applied_by(api, stored, version.version),
         });
     }
     Ok(changes)
+}
+
+/// When each sidecar first applied each policy version (version → instance → identity, at).
+type AppliedBy = BTreeMap<u64, BTreeMap<String, (String, i64)>>;
+
+/// Which sidecars applied policy `version` and when: what this process saw, and what every
+/// process wrote to its daily roll-ups (before a restart, at another replica), the earliest
+/// time of each sidecar.
+fn applied_by(api: &Api, stored: &AppliedBy, version: u64) -> Vec<SidecarApplied> {
+    let mut first: BTreeMap<String, (String, i64)> =
+        stored.get(&version).cloned().unwrap_or_default();
+    for (instance, identity, at) in api.distribution.rollout(version) {
+        let entry = first.entry(instance).or_insert((identity, at));
+        entry.1 = entry.1.min(at);
+    }
+    first
+        .into_iter()
+        .map(|(instance, (identity, at))| SidecarApplied {
+            identity,
+            instance,
+            at: unix_rfc3339(at),
+        })
+        .collect()
 }
 
 /// The trail's head and whether it verifies (links, hashes, signed checkpoints).

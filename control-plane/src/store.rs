@@ -223,6 +223,22 @@ pub struct RollupRecord {
     /// Connections callers' sidecars refused that day before they left the caller.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<OutboundRow>,
+    /// When each sidecar first applied a policy version that day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedRow>,
+}
+
+/// When one sidecar first applied one policy version (for the report's change history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRow {
+    /// The policy version.
+    pub version: u64,
+    /// The sidecar process.
+    pub instance: String,
+    /// Its identity.
+    pub identity: String,
+    /// When it applied it, Unix seconds.
+    pub at: i64,
 }
 
 impl RollupRecord {

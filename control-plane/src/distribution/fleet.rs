@@ -295,6 +295,12 @@ impl Distribution {
             .max_by_key(|(_, (generation, _))| *generation)
             .map(|(version, _)| *version);
         if let (true, Some(version)) = (newly_applied, carried) {
+            // Kept by day in the store too, so that a report after a restart still says when.
+            lock(&self.rollups).add_applied(
+                (version, instance, identity.as_str()),
+                now_unix(),
+                self.started,
+            );
             let mut rollouts = lock(&self.rollouts);
             let instances = rollouts.entry(version).or_default();
             if instances.len() < ROLLOUT_INSTANCES {

@@ -16,7 +16,7 @@ use sidewall_policies::wire::operator::{FlowKey, FlowRow, FlowStats};
 use sidewall_policies::wire::{OutboundReason, OutboundRefusal, PlaintextUse, TlsUse};
 
 use super::flows::Transport;
-use crate::store::{OutboundRow, RollupRecord, TransportRow};
+use crate::store::{AppliedRow, OutboundRow, RollupRecord, TransportRow};
 
 /// Seconds in a roll-up's day (UTC, as Unix time counts them).
 pub const DAY: i64 = 86_400;
@@ -39,6 +39,7 @@ enum Slot {
     Flow(FlowKey),
     Transport(String),
     Outbound(OutboundKey),
+    Applied((u64, String)),
 }
 
 /// A caller, why its sidecar refused, the target and the port.
@@ -56,6 +57,8 @@ struct Day {
     transport: HashMap<String, (Transport, u32)>,
     /// Each caller-side refusal's (count, last seen) and chunk.
     outbound: HashMap<OutboundKey, ((u64, i64), u32)>,
+    /// When each (policy version, sidecar instance) was first applied: (identity, at), chunk.
+    applied: HashMap<(u64, String), ((String, i64), u32)>,
     per_target: HashMap<String, usize>,
     /// Entries in the order they came: entry `i` is in chunk `i / CHUNK`.
     slots: Vec<Slot>,
@@ -71,6 +74,7 @@ impl Day {
             flows: HashMap::new(),
             transport: HashMap::new(),
             outbound: HashMap::new(),
+            applied: HashMap::new(),
             per_target: HashMap::new(),
             slots: Vec::new(),
             dirty: BTreeMap::new(),
@@ -105,6 +109,7 @@ impl Day {
             flows: Vec::new(),
             transport: Vec::new(),
             outbound: Vec::new(),
+            applied: Vec::new(),
         };
         for slot in self.slots.get(start..end).unwrap_or_default() {
             match slot {
@@ -119,6 +124,16 @@ impl Day {
                 Slot::Transport(identity) => {
                     if let Some((counts, _)) = self.transport.get(identity) {
                         record.transport.push(transport_row(identity, counts));
+                    }
+                }
+                Slot::Applied(key) => {
+                    if let Some(((identity, at), _)) = self.applied.get(key) {
+                        record.applied.push(AppliedRow {
+                            version: key.0,
+                            instance: key.1.clone(),
+                            identity: identity.clone(),
+                            at: *at,
+                        });
                     }
                 }
                 Slot::Outbound(key) => {
@@ -278,6 +293,26 @@ impl Rollups {
         }
     }
 
+    /// Records that sidecar `instance` of `identity` applied policy `version` at `now` (the
+    /// first time only).
+    pub(super) fn add_applied(
+        &mut self,
+        (version, instance, identity): (u64, &str, &str),
+        now: i64,
+        started: i64,
+    ) {
+        let (day, change) = self.today(now, started);
+        let key = (version, instance.to_owned());
+        if day.applied.contains_key(&key) {
+            return;
+        }
+        let Some(chunk) = day.place(identity, Slot::Applied(key.clone())) else {
+            return;
+        };
+        day.applied.insert(key, ((identity.to_owned(), now), chunk));
+        day.dirty.insert(chunk, change);
+    }
+
     /// The chunks changed since they were last written.
     pub(super) fn pending(&self, process: &str, replica: &str) -> Vec<Pending> {
         self.days
@@ -331,6 +366,9 @@ pub struct Merged {
     pub transport: BTreeMap<String, Transport>,
     /// Each caller-side refusal's count.
     pub outbound: BTreeMap<OutboundKey, u64>,
+    /// When each sidecar first applied each policy version: version → instance → (identity,
+    /// Unix seconds).
+    pub applied: BTreeMap<u64, BTreeMap<String, (String, i64)>>,
     /// The earliest time counted (the start of the first day with counts, or when counting
     /// began that day).
     pub from: Option<i64>,
@@ -358,6 +396,15 @@ pub fn merge(records: Vec<RollupRecord>, since: i64) -> Merged {
                     entry.last_denial = stats.last_denial;
                 }
             }
+        }
+        for row in record.applied {
+            let first = merged
+                .applied
+                .entry(row.version)
+                .or_default()
+                .entry(row.instance)
+                .or_insert((row.identity, row.at));
+            first.1 = first.1.min(row.at);
         }
         for row in record.outbound {
             if row.last_seen < since || row.reason == OutboundReason::Other {
@@ -405,6 +452,31 @@ mod tests {
             allow: count,
             ..FlowStats::default()
         }
+    }
+
+    #[test]
+    fn the_first_apply_of_a_version_is_kept_and_merged_across_processes() {
+        let start = 20_000 * DAY + 3_600;
+        let mut a = Rollups::default();
+        a.add_applied((7, "web-1", "spiffe://td/web"), start + 5, start);
+        a.add_applied((7, "web-1", "spiffe://td/web"), start + 9, start);
+        let mut b = Rollups::default();
+        // The same sidecar reconnected to another process after a restart: re-acked later.
+        b.add_applied((7, "web-1", "spiffe://td/web"), start + 60, start + 50);
+        b.add_applied((8, "web-1", "spiffe://td/web"), start + 70, start + 50);
+        let records: Vec<RollupRecord> = a
+            .pending("a", "r")
+            .into_iter()
+            .chain(b.pending("b", "r"))
+            .map(|p| p.record)
+            .collect();
+        assert_eq!(records[0].applied.len(), 1, "the first apply only");
+        let merged = merge(records, start);
+        assert_eq!(
+            merged.applied[&7]["web-1"],
+            ("spiffe://td/web".to_owned(), start + 5)
+        );
+        assert_eq!(merged.applied[&8]["web-1"].1, start + 70);
     }
 
     #[test]

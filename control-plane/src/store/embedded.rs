@@ -729,6 +729,7 @@ mod tests {
             flows: Vec::new(),
             transport: Vec::new(),
             outbound: Vec::new(),
+            applied: Vec::new(),
         }
     }
 
