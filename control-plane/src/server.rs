@@ -222,7 +222,7 @@ fn write_files(data_dir: &Path, ca: &CaSet) -> Result<(), StartError> {
         ca.trust_bundle_pem().as_bytes(),
         0o644,
     )?;
-    let retired = ca.record().map(|r| r.retired.concat()).unwrap_or_default();
+    let retired = ca.retired_pem();
     if !retired.is_empty() {
         write_private(
             &crate::data_dir::retired_roots_path(data_dir),

@@ -436,7 +436,11 @@ pub(super) async fn rotate(
             .as_ref()
             .map(|p| p.root_pem.clone())
             .unwrap_or_default(),
-        Step::Retire => record.retired.last().cloned().unwrap_or_default(),
+        Step::Retire => record
+            .retired
+            .last()
+            .map(|r| r.root_pem.clone())
+            .unwrap_or_default(),
     };
     if forced {
         tracing::warn!(step = step.as_str(), blockers = blockers.len(), %operator, "CA rotation step FORCED past what blocked it");

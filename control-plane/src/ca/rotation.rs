@@ -160,10 +160,12 @@ pub struct CaRecord {
     /// Whether it was forced past what blocked it.
     #[serde(default)]
     pub forced: bool,
-    /// Roots retired by earlier stages, PEM: no longer trusted for anything but checking
-    /// what they signed in the past (audit checkpoints).
+    /// CAs retired by earlier stages: no longer trusted for anything but checking what they
+    /// signed in the past (audit checkpoints). Kept whole, keys included, so that a root cannot
+    /// be slipped in here: each is opened (its certificates authenticated by its keys) before
+    /// its root is used.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub retired: Vec<String>,
+    pub retired: Vec<CaEntry>,
 }
 
 impl CaRecord {
@@ -308,6 +310,8 @@ pub struct CaSet {
     previous: Option<Authority>,
     record: Option<CaRecord>,
     bundle_pem: String,
+    /// The retired roots, PEM, each authenticated by opening its CA.
+    retired_pem: String,
 }
 
 impl CaSet {
@@ -320,6 +324,7 @@ impl CaSet {
             previous: None,
             record: None,
             bundle_pem,
+            retired_pem: String::new(),
         }
     }
 
@@ -335,11 +340,16 @@ impl CaSet {
                 .map(|entry| home.open(trust_domain, entry))
                 .transpose()
         };
+        let mut retired_pem = String::new();
+        for entry in &record.retired {
+            retired_pem.push_str(home.open(trust_domain, entry)?.trust_bundle_pem());
+        }
         Ok(Self {
             signing: home.open(trust_domain, &record.current)?,
             next: open(&record.next)?,
             previous: open(&record.previous)?,
             bundle_pem: record.roots().concat(),
+            retired_pem,
             record: Some(record),
         })
     }
@@ -387,11 +397,12 @@ impl CaSet {
     /// Every root trusted now or retired, PEM: for checking audit checkpoints signed before
     /// a rotation, never for a peer.
     pub fn history_bundle_pem(&self) -> String {
-        let mut pem = self.bundle_pem.clone();
-        for root in self.record.iter().flat_map(|r| &r.retired) {
-            pem.push_str(root);
-        }
-        pem
+        format!("{}{}", self.bundle_pem, self.retired_pem)
+    }
+
+    /// The retired roots, PEM (authenticated), for `retired-roots.pem`.
+    pub fn retired_pem(&self) -> &str {
+        &self.retired_pem
     }
 
     /// Every trusted root, DER.
@@ -528,7 +539,7 @@ impl CaSet {
             }
             Step::Retire => {
                 let previous = record.previous.take()?;
-                record.retired.push(previous.root_pem);
+                record.retired.push(previous);
                 record.cross_pem = None;
             }
         }
@@ -670,7 +681,13 @@ mod tests {
         assert_eq!(retired.roots().len(), 1);
         assert_eq!(retired.retired.len(), 1);
         assert!(retired.cross_pem.is_none());
+        // A root slipped into the retired list (another CA's certificate beside the retired
+        // CA's keys) is refused, not trusted for checkpoints.
+        let mut slipped = retired.clone();
+        slipped.retired[0].root_pem = super::super::generate_material(&td).unwrap().root_pem;
+        assert!(CaSet::from_record(&td, slipped, &home).is_err());
         let set = CaSet::from_record(&td, retired, &home).unwrap();
+        assert!(set.retired_pem().contains("BEGIN CERTIFICATE"));
         assert!(!set.trusts_root(&old_root));
         assert!(set.history_bundle_pem().len() > set.trust_bundle_pem().len());
         let serving = set
