@@ -195,8 +195,10 @@ pub async fn maintain(
 ) {
     let mut backoff = BACKOFF.0;
     // When the snapshot names a signing CA other than the one that signed this certificate
-    // (a CA rotation's activate stage): that CA, and when to renew early.
-    let mut early: Option<(String, i64)> = None;
+    // (a CA rotation's activate stage): that CA, the certificate's serial, and when to renew
+    // early. A new certificate that still differs (from a replica that had not followed yet)
+    // waits its own spread again rather than renewing at once, over and over.
+    let mut early: Option<(String, String, i64)> = None;
     // The key a join asks a certificate for, kept until a join succeeds: if an answer is lost
     // after the control plane redeemed the token for it, the retry asks for the same key, which
     // the token accepts again; a new key would find a single-use token used up.
@@ -211,14 +213,16 @@ pub async fn maintain(
         early = match (&current, signing) {
             (Some(credential), Some(signing)) if signing != credential.issuer_sha256 => {
                 match early.take() {
-                    Some((ca, at)) if ca == signing => Some((ca, at)),
+                    Some((ca, serial, at)) if ca == signing && serial == credential.svid.serial => {
+                        Some((ca, serial, at))
+                    }
                     _ => {
-                        let delay = credential.early_renewal_delay();
+                        let delay = credential.early_renewal_delay().max(1);
                         tracing::info!(
                             renew_in_s = delay,
                             "the control plane signs with a new CA now: renewing early"
                         );
-                        Some((signing, now_unix() + delay))
+                        Some((signing, credential.svid.serial.clone(), now_unix() + delay))
                     }
                 }
             }
@@ -226,7 +230,7 @@ pub async fn maintain(
         };
         let wait = match &current {
             Some(credential) => {
-                let at = early.as_ref().map_or(credential.renew_at(), |(_, at)| {
+                let at = early.as_ref().map_or(credential.renew_at(), |(_, _, at)| {
                     credential.renew_at().min(*at)
                 });
                 Duration::from_secs(u64::try_from(at - now_unix()).unwrap_or(0))
