@@ -255,6 +255,20 @@ mod tests {
     use super::*;
     use sidewall_policies::wire::report::VerificationPair;
 
+    /// A run `run-1` of these pairs, just started.
+    fn run_of(pairs: Vec<VerificationPair>) -> Verification {
+        Verification {
+            id: "run-1".into(),
+            started_by: "admin".into(),
+            started_at: String::new(),
+            policy_version: 1,
+            finished: false,
+            unprobed: 0,
+            pairs,
+            unordered_answers: 0,
+        }
+    }
+
     fn probe(target: &str) -> Probe {
         Probe {
             run: "run-1".into(),
@@ -270,23 +284,14 @@ mod tests {
     fn answers_to_probes_never_ordered_are_counted_not_taken() {
         let distribution = Distribution::for_tests();
         let source = "spiffe://sidewall.local/batch";
-        let verification = Verification {
-            id: "run-1".into(),
-            started_by: "admin".into(),
-            started_at: String::new(),
-            policy_version: 1,
-            finished: false,
-            unprobed: 0,
-            pairs: vec![VerificationPair {
-                source: source.into(),
-                instance: "batch-1".into(),
-                target: "spiffe://sidewall.local/api".into(),
-                endpoint: "10.0.0.7:4643".into(),
-                port: 8080,
-                answer: ProbeAnswer::Pending,
-            }],
-            unordered_answers: 0,
-        };
+        let verification = run_of(vec![VerificationPair {
+            source: source.into(),
+            instance: "batch-1".into(),
+            target: "spiffe://sidewall.local/api".into(),
+            endpoint: "10.0.0.7:4643".into(),
+            port: 8080,
+            answer: ProbeAnswer::Pending,
+        }]);
         distribution
             .start_verification(verification, HashMap::new(), 1_000, 0)
             .unwrap();
@@ -323,19 +328,10 @@ mod tests {
             port: 8080,
             answer: ProbeAnswer::Pending,
         };
-        let verification = Verification {
-            id: "run-1".into(),
-            started_by: "admin".into(),
-            started_at: String::new(),
-            policy_version: 1,
-            finished: false,
-            unprobed: 0,
-            pairs: vec![
-                pair("web-1", "spiffe://sidewall.local/api"),
-                pair("web-1", "spiffe://sidewall.local/db"),
-            ],
-            unordered_answers: 0,
-        };
+        let verification = run_of(vec![
+            pair("web-1", "spiffe://sidewall.local/api"),
+            pair("web-1", "spiffe://sidewall.local/db"),
+        ]);
         let shared = SharedRun {
             verification: verification.clone(),
             deadline: 100,
