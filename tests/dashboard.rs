@@ -306,7 +306,8 @@ fn the_signed_report_states_what_the_mesh_did() {
             "/v1/acks",
             Some(
                 &json!({"instance": api.instance(), "version": watches[1].snapshot["version"],
-                         "status": "applied", "sidecar": {"version": "9".repeat(65)}}),
+                         "status": "applied", "sidecar": {"version": "9".repeat(65)},
+                         "certificate_serial": "not hex"}),
             ),
         ))
         .unwrap();
@@ -318,12 +319,14 @@ fn the_signed_report_states_what_the_mesh_did() {
         {"peer": frontend.identity, "port": 8080, "protocol": "http", "method": "GET", "path": "/v2/items", "count": 1, "allow": 1},
     ])));
     let (_, metrics) = http_get(cp.admin_port, "/metrics");
-    assert!(
-        metrics.contains(
-            r#"sidewall_control_plane_refusals_total{route="acks",reason="sidecar_facts_invalid"} 1"#
-        ),
-        "{metrics}"
-    );
+    for reason in ["sidecar_facts_invalid", "certificate_serial_invalid"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"sidewall_control_plane_refusals_total{{route="acks",reason="{reason}"}} 1"#
+            )),
+            "{metrics}"
+        );
+    }
 
     let out = dir.path().join("report");
     let (status, said) = http_get(cp.ui_port, "/report");

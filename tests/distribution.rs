@@ -2743,48 +2743,34 @@ fn verify_segmentation_names_the_pairs_a_target_lets_through() {
         format!("{TD}/batch -> {TD}/api:8080")
     );
 
-    // The report's section 2 shows the newest test.
-    let out = mesh.path().join("report");
-    let run = mesh.cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    let test = &report["segmentation"]["last_test"];
-    assert_eq!(test["finished"], true, "{test}");
-    assert_eq!(
-        (test["pairs"].as_u64(), test["admitted"].as_u64()),
-        (Some(1), Some(1)),
-        "{test}"
-    );
-    assert_eq!(
-        test["failures"],
-        serde_json::json!([format!("{TD}/batch -> {TD}/api:8080")])
-    );
-    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    // The report's section 2 shows the newest test, and again after a control-plane restart
+    // (then from the audit trail): the same run, finished, its one pair admitted and named.
+    let last_test = |mesh: &Mesh, name: &str| -> serde_json::Value {
+        let out = mesh.path().join(name);
+        let run = mesh.cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        let test = report["segmentation"]["last_test"].clone();
+        assert_eq!(
+            (
+                test["pairs"].as_u64(),
+                test["admitted"].as_u64(),
+                test["finished"].as_bool()
+            ),
+            (Some(1), Some(1), Some(true)),
+            "{test}"
+        );
+        assert_eq!(
+            test["failures"],
+            serde_json::json!([format!("{TD}/batch -> {TD}/api:8080")])
+        );
+        test
+    };
+    let test = last_test(&mesh, "report");
+    let page = std::fs::read_to_string(mesh.path().join("report/report.html")).unwrap();
     assert!(page.contains("1 not refused: spiffe://sidewall.local/ns/demo/svc/batch -&gt; spiffe://sidewall.local/ns/demo/svc/api:8080"), "{page}");
-
-    // After a control-plane restart the newest test comes from the audit trail.
-    let id = test["id"].clone();
     assert_eq!(mesh.cp.stop(), Some(0));
     mesh.cp.restart(&["--config", config.to_str().unwrap()]);
-    let out = mesh.path().join("report-after-restart");
-    let run = mesh.cli(&["report", "--since", "1h", "--out", out.to_str().unwrap()]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    let test = &report["segmentation"]["last_test"];
-    assert_eq!(test["id"], id, "{test}");
-    assert_eq!(
-        (
-            test["pairs"].as_u64(),
-            test["admitted"].as_u64(),
-            test["finished"].as_bool()
-        ),
-        (Some(1), Some(1), Some(true)),
-        "{test}"
-    );
-    assert_eq!(
-        test["failures"],
-        serde_json::json!([format!("{TD}/batch -> {TD}/api:8080")])
-    );
+    assert_eq!(last_test(&mesh, "report-after-restart")["id"], test["id"]);
 }

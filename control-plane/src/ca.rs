@@ -350,12 +350,6 @@ impl Authority {
         &self.material
     }
 
-    /// SHA-256 of the intermediate certificate, lowercase hex: which CA signs a chain.
-    pub fn intermediate_fingerprint(&self) -> String {
-        CertificateDer::from_pem_slice(self.intermediate_pem.as_bytes())
-            .map_or_else(|_| String::new(), |der| crate::random::sha256_hex(&der))
-    }
-
     /// The intermediate certificate, PEM.
     pub fn intermediate_pem(&self) -> &str {
         &self.intermediate_pem

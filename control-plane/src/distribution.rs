@@ -56,6 +56,10 @@ struct State {
     version_generation: HashMap<u64, (u64, Instant)>,
     /// The CA set, once a rotation has begun.
     ca: Option<crate::ca::rotation::CaRecord>,
+    /// What every snapshot carries of it, derived once when it changes: the roots trusted
+    /// and the signing intermediate's fingerprint.
+    ca_roots: Vec<String>,
+    signing_ca: Option<String>,
     /// Generation at which the trust bundle or the signing CA last changed (in this process).
     ca_generation: u64,
 }
@@ -163,6 +167,8 @@ impl Distribution {
                 generation: 0,
                 version_generation: HashMap::new(),
                 ca: None,
+                ca_roots: Vec::new(),
+                signing_ca: None,
                 ca_generation: 0,
             }),
             replicated,
@@ -263,6 +269,11 @@ impl Distribution {
         state.registrations = loaded.registrations;
         state.revocations = to_revocations(&loaded.revocations);
         if loaded.ca != state.ca || first {
+            state.ca_roots = loaded
+                .ca
+                .as_ref()
+                .map_or_else(|| vec![self.bundle_pem.clone()], |ca| ca.roots());
+            state.signing_ca = loaded.ca.as_ref().map(|ca| ca.signing_ca());
             state.ca = loaded.ca;
             state.ca_generation = loaded.revision;
         }
@@ -359,14 +370,8 @@ impl Distribution {
             },
             workload: workload.clone(),
             policies: state.engine.set_for(workload),
-            trust_bundles: BTreeMap::from([(
-                self.trust_domain.clone(),
-                state
-                    .ca
-                    .as_ref()
-                    .map_or_else(|| vec![self.bundle_pem.clone()], |ca| ca.roots()),
-            )]),
-            signing_ca: state.ca.as_ref().map(|ca| ca.signing_ca()),
+            trust_bundles: BTreeMap::from([(self.trust_domain.clone(), state.ca_roots.clone())]),
+            signing_ca: state.signing_ca.clone(),
             revocations: state.revocations.clone(),
             directory: Registrations::new(&state.registrations)
                 .directory_for(&state.engine, workload),

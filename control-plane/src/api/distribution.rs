@@ -536,6 +536,19 @@ pub(super) async fn ack(
         tracing::warn!(%identity, instance = body.instance, why, "the sidecar facts of an ack are left out");
         sidecar = None;
     }
+    // Likewise a certificate serial that is not lowercase hex of at most 20 bytes.
+    let serial = body.certificate_serial.filter(|serial| {
+        let valid = !serial.is_empty()
+            && serial.len() <= 40
+            && serial
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            metrics::counter!(crate::metric::REFUSALS, "route" => "acks", "reason" => "certificate_serial_invalid").increment(1);
+            tracing::warn!(%identity, instance = body.instance, "the certificate serial of an ack is left out: not lowercase hex of at most 40 digits");
+        }
+        valid
+    });
     let rejection = match body.status {
         AckStatus::Unknown => {
             return Err(ApiError::bad_request(
@@ -560,7 +573,7 @@ pub(super) async fn ack(
         &identity,
         body.version.counter,
         rejection,
-        (body.certificate_expires_at, body.certificate_serial),
+        (body.certificate_expires_at, serial),
         sidecar,
     );
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))

@@ -266,11 +266,9 @@ impl Distribution {
             if expires_at.is_some() {
                 entry.certificate_expires_at = expires_at;
             }
-            // A serial is lowercase hex (at most 20 bytes); anything else is not kept.
-            if let Some(serial) = serial.filter(|s| {
-                !s.is_empty() && s.len() <= 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
-            }) {
-                entry.certificate_serial = Some(serial.to_ascii_lowercase());
+            // Checked by the API (lowercase hex, at most 20 bytes).
+            if serial.is_some() {
+                entry.certificate_serial = serial;
             }
             if sidecar.is_some() {
                 entry.sidecar = sidecar;
