@@ -1772,3 +1772,35 @@ fn audit_records(cp: &ControlPlaneProcess) -> Vec<sidewall_policies::wire::opera
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
 }
+
+/// A SIGTERM that comes as soon as the control plane says where it listens stops it cleanly
+/// (exit 0). The handler used to be installed only when the running server first waited for it,
+/// after `control-plane.json` was written, so an early SIGTERM killed the process outright:
+/// this test failed on that code (9 early signals in 15 killed it in a shell loop).
+#[test]
+fn a_sigterm_right_after_start_is_a_clean_shutdown() {
+    for attempt in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
+            .arg("control-plane")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--ui-listen", &format!("127.0.0.1:{}", free_port())])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !data.join("control-plane.json").exists() {
+            assert!(std::time::Instant::now() < deadline, "it never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "attempt {attempt}: {status}");
+    }
+}

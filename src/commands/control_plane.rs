@@ -192,6 +192,8 @@ async fn serve(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
+    // First, so that a signal during the start (the CA's creation among it) is a clean stop.
+    let shutdown = shutdown_signal();
     let (listen, admin_listen, ui_listen) = (config.listen, config.admin_listen, config.ui_listen);
     let prepared = server::prepare(config).await.context("cannot start")?;
     let api = tokio::net::TcpListener::bind(listen)
@@ -207,25 +209,34 @@ async fn serve(
         prepared,
         Listeners { api, admin, ui },
         metrics,
-        shutdown_signal(),
+        shutdown,
     )
     .await?;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a signal that comes while the server is still starting (after it
+/// wrote where it listens) is then a clean shutdown, not the default action's kill.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (terminate, interrupt) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let wait = |installed: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match installed {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch a shutdown signal");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = wait(terminate) => {}
+            () = wait(interrupt) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }

@@ -61,6 +61,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        let shutdown = super::control_plane::shutdown_signal();
         let listeners = match sidewall_proxy::bind(&config).await {
             Ok(listeners) => listeners,
             Err(error) => {
@@ -72,7 +73,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
             config,
             listeners,
             metrics,
-            super::control_plane::shutdown_signal(),
+            shutdown,
         )
         .await;
         ExitCode::SUCCESS
