@@ -1,23 +1,25 @@
 //! The Prometheus recorder both servers install: latencies as histograms with buckets (summaries
 //! are per process and cannot be aggregated into a fleet-wide p99), `sidewall_build_info`, and
-//! the `process_*` metrics Prometheus users expect, read from `/proc` every few seconds.
+//! the `process_*` metrics Prometheus users expect, read from `/proc` at each scrape (as the
+//! Prometheus client libraries do), so a scrape before and after a load test gives the CPU time
+//! spent in between to the clock tick.
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusBuilder;
 
 /// Latency buckets in seconds: 100 µs to 10 s.
 const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
 ];
 
-/// How often the `process_*` metrics are refreshed.
-const PROCESS_EVERY: Duration = Duration::from_secs(5);
-
 /// Installs the recorder for `component` (`proxy`, `control-plane`), with the help text of the
-/// component's metrics from `describe`; `None`, with a warning, if it cannot be installed (the
-/// admin listener then answers `/metrics` with 404).
-pub(crate) fn install(component: &'static str, describe: fn()) -> Option<PrometheusHandle> {
+/// component's metrics from `describe`, and returns what renders `/metrics`; `None`, with a
+/// warning, if it cannot be installed (the admin listener then answers `/metrics` with 404).
+pub(crate) fn install(
+    component: &'static str,
+    describe: fn(),
+) -> Option<Arc<dyn Fn() -> String + Send + Sync>> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&BUCKETS)
         .and_then(PrometheusBuilder::install_recorder)
@@ -27,21 +29,10 @@ pub(crate) fn install(component: &'static str, describe: fn()) -> Option<Prometh
     describe_process();
     metrics::gauge!("sidewall_build_info", "version" => env!("CARGO_PKG_VERSION"), "component" => component)
         .set(1.0);
-    sample_process();
-    let sampler = std::thread::Builder::new()
-        .name("process-metrics".into())
-        .spawn(|| {
-            loop {
-                // A thread of its own, not an executor's: sleeping blocks nothing else.
-                #[allow(clippy::disallowed_methods)]
-                std::thread::sleep(PROCESS_EVERY);
-                sample_process();
-            }
-        });
-    if let Err(error) = sampler {
-        eprintln!("warning: process metrics disabled: {error}");
-    }
-    Some(handle)
+    Some(Arc::new(move || {
+        sample_process();
+        handle.render()
+    }))
 }
 
 /// The help text of the metrics every component exports.

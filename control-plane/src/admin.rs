@@ -8,7 +8,6 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -40,7 +39,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// (`limits.requestTimeout`).
 pub async fn serve(
     listener: TcpListener,
-    metrics: Option<PrometheusHandle>,
+    metrics: Option<crate::metric::Render>,
     header_timeout: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -78,9 +77,7 @@ pub async fn serve(
                         }
                         "/ready" => text(StatusCode::OK, "ready\n".into()),
                         "/metrics" => match &metrics {
-                            Some(handle) => {
-                                reply(StatusCode::OK, METRICS_CONTENT_TYPE, handle.render())
-                            }
+                            Some(render) => reply(StatusCode::OK, METRICS_CONTENT_TYPE, render()),
                             None => text(StatusCode::NOT_FOUND, "metrics are not enabled\n".into()),
                         },
                         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),

@@ -3,6 +3,10 @@
 
 use metrics::{describe_counter, describe_gauge};
 
+/// What `/metrics` answers: the exposition text, rendered at each scrape (the binary refreshes
+/// the `process_*` gauges from `/proc` first, as Prometheus client libraries do).
+pub type Render = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
 /// API requests answered, by `route` and `status`.
 pub(crate) const REQUESTS: &str = "sidewall_control_plane_requests_total";
 /// Refused API requests, by `route` and `reason` (the error code).

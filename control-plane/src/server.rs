@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -319,7 +318,7 @@ pub struct Listeners {
 pub async fn run(
     prepared: Prepared,
     listeners: Listeners,
-    metrics: Option<PrometheusHandle>,
+    metrics: Option<crate::metric::Render>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let Prepared {

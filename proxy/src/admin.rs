@@ -9,7 +9,6 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -80,7 +79,7 @@ const MAX_CONNECTIONS: usize = 64;
 pub(crate) async fn serve(
     context: Arc<Context>,
     listener: TcpListener,
-    metrics: Option<PrometheusHandle>,
+    metrics: Option<crate::metric::Render>,
     mut stop: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -123,8 +122,8 @@ pub(crate) async fn serve(
                             ),
                         },
                         "/metrics" => match &metrics {
-                            Some(handle) => {
-                                reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+                            Some(render) => {
+                                reply(StatusCode::OK, "text/plain; version=0.0.4", render())
                             }
                             None => reply(
                                 StatusCode::NOT_FOUND,

@@ -3,6 +3,10 @@
 
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 
+/// What `/metrics` answers: the exposition text, rendered at each scrape (the binary refreshes
+/// the `process_*` gauges from `/proc` first, as Prometheus client libraries do).
+pub type Render = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Connections accepted, by `direction`.
 pub(crate) const CONNECTIONS_OPENED: &str = "sidewall_proxy_connections_opened_total";
 /// Connections open now, by `direction` (gauge).

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -119,7 +118,7 @@ async fn follow(
 pub async fn run(
     config: Config,
     listeners: Listeners,
-    metrics: Option<PrometheusHandle>,
+    metrics: Option<crate::metric::Render>,
     shutdown: impl Future<Output = ()>,
 ) {
     let config = Arc::new(config);

@@ -189,7 +189,7 @@ fn backup(command: BackupCommand, config: &Config) -> ExitCode {
 
 async fn serve(
     config: Config,
-    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    metrics: Option<sidewall_control_plane::metric::Render>,
 ) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
     // First, so that a signal during the start (the CA's creation among it) is a clean stop.
