@@ -108,6 +108,7 @@ pub(crate) fn plan(contender: Contender, env: &Env) -> Plan {
                 Err(reason) => Plan::Skip(reason.clone()),
             }
         }
+        Contender::Target => Plan::Skip("runs only in target mode (--target)".into()),
     }
 }
 
@@ -164,6 +165,7 @@ pub(crate) async fn start(contender: Contender, env: &Env) -> Result<Chain> {
         Contender::SidewallL4 => sidewall::start(env, &dir, "tcp", "shared")?,
         Contender::SidewallL4Dedicated => sidewall::start(env, &dir, "tcp", "perConnection")?,
         Contender::SidewallHttp => sidewall::start(env, &dir, "http", "shared")?,
+        Contender::Target => bail!("target mode starts nothing; its chain is the user's"),
     };
     wait_ready(&mut chain, Framing::of(contender), Duration::from_secs(30)).await?;
     Ok(chain)

@@ -1,6 +1,7 @@
 //! Just enough HTTP/1.1 for the `sidewall-http` chain, whose inbound port parses every request:
 //! `POST /echo` with a `content-length` body is answered `200` with the same body (keep-alive);
-//! `POST /sink` with a huge `content-length` is read and counted until the connection closes.
+//! `POST /sink` with a huge `content-length` is read and counted until the connection closes;
+//! `GET /count` is answered with the count so far (target mode).
 //! Only the framing the load generator and the sidecar produce is understood: a head ended by
 //! an empty line, `content-length` bodies, no chunking.
 
@@ -26,6 +27,11 @@ pub(crate) fn request(path: &str, body: &[u8]) -> Vec<u8> {
 pub(crate) fn sink_head() -> Vec<u8> {
     format!("POST /sink HTTP/1.1\r\nhost: b.bench.local\r\ncontent-length: {SINK_LENGTH}\r\n\r\n")
         .into_bytes()
+}
+
+/// The request for the count of bytes sunk so far (target mode).
+pub(crate) fn count_request() -> Vec<u8> {
+    b"GET /count HTTP/1.1\r\nhost: b.bench.local\r\n\r\n".to_vec()
 }
 
 /// The head of a `200` response with a body of `length` bytes.

@@ -13,6 +13,8 @@
 //!   (median, min, max), the machine, `report.json` and `report.md` with ratios to `direct`.
 //! - [`goals`]: Sidewall's goals from the issue, judged on a summary.
 //! - [`plot`]: one SVG bar chart per (workload, metric).
+//! - [`exposition`]: Prometheus text read into samples, and what changed between two scrapes
+//!   (target mode's "where time went").
 //! - [`unbuffered`]: the copy loop on rustls' unbuffered API, measured against the sidecar's
 //!   buffered one by the criterion benchmark.
 //!
@@ -20,6 +22,7 @@
 //!
 //! Timings are never asserted in tests: a test checks the arithmetic and the shapes.
 
+pub mod exposition;
 pub mod floor;
 pub mod goals;
 pub mod host;

@@ -133,7 +133,10 @@ impl Framing {
         }
     }
 
-    /// Sends `request` and reads a response of `payload` bytes.
+    /// Sends `request` and reads a response of `payload` bytes: in raw bytes the echo of the
+    /// request's payload (anything else, an HTTP error page from a port that speaks HTTP for
+    /// instance, is an error), within [`EXCHANGE_TIMEOUT`] (a deployment that swallows the
+    /// request fails the workload instead of stalling the run).
     pub(crate) async fn exchange(
         self,
         stream: &mut TcpStream,
@@ -141,28 +144,56 @@ impl Framing {
         payload: usize,
         buffer: &mut Vec<u8>,
     ) -> std::io::Result<()> {
-        stream.write_all(request).await?;
-        match self {
-            Framing::Raw => {
-                buffer.resize(payload, 0);
-                stream.read_exact(&mut buffer[..payload]).await?;
+        let one = async {
+            stream.write_all(request).await?;
+            match self {
+                Framing::Raw => {
+                    buffer.resize(payload, 0);
+                    stream.read_exact(&mut buffer[..payload]).await?;
+                    if request.get(request.len().saturating_sub(payload)..) != Some(&buffer[..]) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the answer is not the echo of the request",
+                        ));
+                    }
+                }
+                Framing::Http => http1::read_response(stream, buffer, payload).await?,
             }
-            Framing::Http => http1::read_response(stream, buffer, payload).await?,
-        }
-        Ok(())
+            Ok(())
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, one)
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {EXCHANGE_TIMEOUT:?}"),
+                ))
+            })
     }
 }
 
+/// What a bulk workload reads at both ends of its window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reading {
+    /// Bytes the server has received so far.
+    pub(crate) sunk: u64,
+    /// CPU seconds the proxies have spent so far (None: no proxy, or not known).
+    pub(crate) cpu: Option<f64>,
+}
+
 /// `streams` connections write as fast as they can; throughput is what the server received
-/// in the window. `cpu` reads the proxies' CPU seconds (None: no proxy).
-pub(crate) async fn throughput(
+/// in the window, as `read` tells at its start and end.
+pub(crate) async fn throughput<F, R>(
     framing: Framing,
     target: SocketAddr,
     streams: usize,
     window: Window,
-    sunk: &AtomicU64,
-    cpu: impl Fn() -> Option<f64>,
-) -> Result<Bulk> {
+    read: F,
+) -> Result<Bulk>
+where
+    F: Fn() -> R,
+    R: std::future::Future<Output = Result<Reading>>,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = JoinSet::new();
     for _ in 0..streams {
@@ -180,20 +211,20 @@ pub(crate) async fn throughput(
     if let Some(Ok(Err(error))) = writers.try_join_next() {
         return Err(error.context("bulk stream failed"));
     }
-    let (bytes_before, cpu_before, start) = (sunk.load(Ordering::Relaxed), cpu(), Instant::now());
+    let (before, start) = (read().await?, Instant::now());
     tokio::time::sleep(window.duration).await;
-    let (bytes_after, cpu_after) = (sunk.load(Ordering::Relaxed), cpu());
+    let after = read().await?;
     let seconds = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     if let Some(Ok(Err(error))) = writers.try_join_next() {
         return Err(error.context("bulk stream failed"));
     }
     writers.abort_all();
-    let bytes = bytes_after.saturating_sub(bytes_before) as f64;
+    let bytes = after.sunk.saturating_sub(before.sunk) as f64;
     if bytes == 0.0 {
         bail!("nothing reached the server in {seconds:.1} s");
     }
-    let cpu_s_per_gb = match (cpu_before, cpu_after) {
+    let cpu_s_per_gb = match (before.cpu, after.cpu) {
         (Some(before), Some(after)) => Some((after - before) / (bytes / 1e9)),
         _ => None,
     };
@@ -470,7 +501,13 @@ mod tests {
             duration: Duration::from_millis(100),
         };
         for framing in [Framing::Raw, Framing::Http] {
-            let bulk = throughput(framing, server.addr, 2, window, &server.sunk, || None)
+            let read = || async {
+                Ok(Reading {
+                    sunk: server.sunk.load(Ordering::Relaxed),
+                    cpu: None,
+                })
+            };
+            let bulk = throughput(framing, server.addr, 2, window, read)
                 .await
                 .unwrap();
             assert!(bulk.gbps > 0.0 && bulk.cpu_s_per_gb.is_none());

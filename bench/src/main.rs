@@ -5,6 +5,8 @@
 //! cargo run --release -p sidewall-bench -- [--quick] [--only CONTENDER] [--out DIR]
 //!                                          [--rounds N] [--sidewall PATH] [--workloads W]
 //! cargo run --release -p sidewall-bench -- compare A B   # two report directories
+//! sidewall-bench serve --listen ADDR                     # the app for target mode
+//! sidewall-bench --target HOST:PORT [--direct HOST:PORT] [--metrics URL]… [--http]
 //! ```
 //!
 //! - [`runner`]: rounds of (start contender → every workload → stop), then the report.
@@ -15,6 +17,7 @@
 //! - [`server`]: the in-process echo/sink server at the end of every chain.
 //! - [`procs`]: child processes in their own groups, CPU and RSS from `/proc`, stopping.
 //! - [`progress`]: the progress line.
+//! - [`target`]: target mode, a user's own deployment loaded instead of the chains started here.
 //!
 //! The library (`src/lib.rs`) holds the names, the certificates, the report and the plots.
 
@@ -32,6 +35,7 @@ mod procs;
 mod progress;
 mod runner;
 mod server;
+mod target;
 
 /// Benchmark Sidewall's data path against direct connections and peer proxies.
 #[derive(Parser)]
@@ -47,6 +51,24 @@ struct Cli {
     /// haproxy, nginx, stunnel, sidewall-l4, sidewall-l4-dedicated, sidewall-http.
     #[arg(long, value_name = "CONTENDER", value_delimiter = ',')]
     only: Vec<String>,
+    /// Load your own deployment instead of the chains this harness starts: HOST:PORT is where
+    /// your client connects (a sidecar's outbound route, or a port behind a sidecar), and the
+    /// app behind it must be `sidewall-bench serve`. The report calls it `target`.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["only", "sidewall"])]
+    target: Option<String>,
+    /// With --target: the same `sidewall-bench serve` reached without the deployment, measured
+    /// in the same run as `direct`, so every figure of `target` has its ratio to it.
+    #[arg(long, value_name = "HOST:PORT", requires = "target")]
+    direct: Option<String>,
+    /// With --target: a sidecar's metrics (its admin listener, e.g.
+    /// http://127.0.0.1:4691/metrics), scraped before and after every workload; repeat for each
+    /// sidecar on the path. The report lists what changed and takes CPU and memory from them.
+    #[arg(long, value_name = "URL", requires = "target")]
+    metrics: Vec<String>,
+    /// With --target: speak HTTP/1.1 (POST /echo, POST /sink, GET /count, host b.bench.local)
+    /// for a port the sidecar declares `protocol: http`; the policy must allow them.
+    #[arg(long, requires = "target")]
+    http: bool,
     /// Where report.md, report.json and plots/ go. Default: bench/results/<timestamp>/.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -72,6 +94,14 @@ enum Command {
         a: PathBuf,
         /// The later report.
         b: PathBuf,
+    },
+    /// Serve the app that target mode loads: echo, sink and the count of bytes sunk, in raw
+    /// bytes and HTTP/1.1 on one port. Put it behind your sidecar, then run
+    /// `sidewall-bench --target` against the sidecar.
+    Serve {
+        /// Where to listen.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
     },
     /// The copy-baseline hop (started by the harness itself).
     #[command(hide = true)]
@@ -119,6 +149,72 @@ fn compare(a: &std::path::Path, b: &std::path::Path) -> ExitCode {
     }
 }
 
+/// `--target` and its companions, checked.
+fn target_options(given: &str, cli: &Cli) -> Result<target::Target, String> {
+    let entry = target::resolve("--target", given)?;
+    let direct = match &cli.direct {
+        Some(direct) => Some((direct.clone(), target::resolve("--direct", direct)?)),
+        None => None,
+    };
+    let metrics = cli
+        .metrics
+        .iter()
+        .map(|url| target::Endpoint::parse(url))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(target::Target {
+        given: given.to_owned(),
+        entry,
+        direct,
+        framing: if cli.http {
+            load::Framing::Http
+        } else {
+            load::Framing::Raw
+        },
+        metrics,
+    })
+}
+
+/// `serve`: the server until SIGTERM or Ctrl-C.
+fn serve(listen: SocketAddr) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, usize::from))
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match server::Server::bind(listen).await {
+            Ok(server) => server,
+            Err(error) => {
+                eprintln!("error: cannot listen on {listen}: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    eprintln!("error: cannot watch SIGTERM: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        println!(
+            "serving echo, sink and count on {} (raw bytes and HTTP/1.1)",
+            server.addr
+        );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
 /// The command line as a user would type it again.
 fn command_line() -> String {
     let release = std::env::current_exe()
@@ -147,6 +243,7 @@ fn main() -> ExitCode {
             };
         }
         Some(Command::Compare { a, b }) => return compare(&a, &b),
+        Some(Command::Serve { listen }) => return serve(listen),
         None => {}
     }
     let mut only = Vec::new();
@@ -169,7 +266,18 @@ fn main() -> ExitCode {
             }
         }
     }
+    let target = match &cli.target {
+        Some(given) => match target_options(given, &cli) {
+            Ok(target) => Some(target),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let options = runner::Options {
+        target,
         workloads,
         quick: cli.quick,
         only,

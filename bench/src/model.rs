@@ -27,6 +27,10 @@ pub enum Contender {
     SidewallL4Dedicated,
     /// Two Sidewall sidecars forwarding HTTP with per-request authorization.
     SidewallHttp,
+    /// A user's own deployment (`--target HOST:PORT`): whatever stands between that address
+    /// and the `sidewall-bench serve` app behind it. Not in [`Contender::ALL`]: it runs only in
+    /// target mode, beside `direct` (`--direct`) and nothing else.
+    Target,
 }
 
 impl Contender {
@@ -58,18 +62,23 @@ impl Contender {
             Contender::SidewallL4 => "sidewall-l4",
             Contender::SidewallL4Dedicated => "sidewall-l4-dedicated",
             Contender::SidewallHttp => "sidewall-http",
+            Contender::Target => "target",
         }
     }
 
-    /// The contender called `name`.
+    /// The contender called `name` (`target` included).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain([Contender::Target])
+            .find(|c| c.name() == name)
     }
 
     /// `plain` for the baselines, `mtls` for everything that encrypts between its hops.
     pub fn mode(self) -> Mode {
         match self {
             Contender::Direct | Contender::CopyBaseline | Contender::SpliceBaseline => Mode::Plain,
+            Contender::Target => Mode::Deployment,
             _ => Mode::Mtls,
         }
     }
@@ -101,6 +110,8 @@ pub enum Mode {
     Plain,
     /// TLS 1.3 with certificates both ways.
     Mtls,
+    /// Whatever the user's deployment does between the address given and its app.
+    Deployment,
 }
 
 impl Mode {
@@ -109,6 +120,7 @@ impl Mode {
         match self {
             Mode::Plain => "plain",
             Mode::Mtls => "mtls",
+            Mode::Deployment => "deployment",
         }
     }
 }
@@ -269,5 +281,7 @@ mod tests {
             assert_eq!(Metric::from_name(m.name()), Some(m));
         }
         assert_eq!(Contender::from_name("envoy"), None);
+        assert_eq!(Contender::from_name("target"), Some(Contender::Target));
+        assert!(!Contender::ALL.contains(&Contender::Target));
     }
 }

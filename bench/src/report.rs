@@ -277,6 +277,39 @@ pub struct Report {
     /// The crypto floor measured in the run (absent from reports made before it was).
     #[serde(default)]
     pub crypto: Option<crate::floor::CryptoFloor>,
+    /// In target mode (`--target`): what was loaded and what its sidecars' metrics said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetRun>,
+}
+
+/// A run against a user's deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetRun {
+    /// `--target`, as given.
+    pub target: String,
+    /// `--direct`, as given: the same app without the deployment in between.
+    pub direct: Option<String>,
+    /// `raw` or `http` (`--http`).
+    pub framing: String,
+    /// The `--metrics` endpoints, scraped before and after every workload.
+    pub metrics: Vec<String>,
+    /// What changed at each endpoint over each workload of each round.
+    pub scrapes: Vec<Scrape>,
+}
+
+/// What changed at one metrics endpoint over one workload on `target` (warm-up included).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scrape {
+    /// The endpoint's URL.
+    pub endpoint: String,
+    /// The workload.
+    pub workload: String,
+    /// The round, from 1.
+    pub round: u32,
+    /// Seconds between the two scrapes.
+    pub seconds: f64,
+    /// Every series that changed.
+    pub changes: Vec<crate::exposition::Change>,
 }
 
 impl Report {

@@ -2,8 +2,11 @@
 //! says what it is for. `S` (sink): read and discard until EOF, counting the bytes, which is
 //! how throughput is measured (bytes delivered, not bytes written). `E` (echo): write back
 //! whatever arrives until EOF, for request/response, connection rate and idle connections.
+//! `C` (count): the bytes sunk so far, 8 bytes big-endian, then close: how target mode reads
+//! what reached a server in another process (`sidewall-bench serve`) through the deployment.
 //! Anything else is HTTP/1.1 (the `sidewall-http` chain): `POST /sink` counts its body like `S`,
-//! `POST /echo` is answered with its own body, on a keep-alive connection ([`crate::http1`]).
+//! `GET /count` is answered with the count as `C` is, `POST /echo` with its own body, on a
+//! keep-alive connection ([`crate::http1`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +22,8 @@ use crate::http1;
 pub(crate) const SINK: u8 = b'S';
 /// The first byte of an echo connection.
 pub(crate) const ECHO: u8 = b'E';
+/// The first byte of a connection asking for the count of bytes sunk.
+pub(crate) const COUNT: u8 = b'C';
 
 /// A running server; stops when dropped.
 pub(crate) struct Server {
@@ -38,9 +43,18 @@ impl Drop for Server {
 impl Server {
     /// Binds 127.0.0.1 on a free port and serves.
     pub(crate) async fn start() -> std::io::Result<Self> {
-        let socket = tokio::net::TcpSocket::new_v4()?;
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Binds `addr` and serves.
+    pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
         socket.set_reuseaddr(true)?;
-        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        socket.bind(addr)?;
         // A deep backlog: connection-rate and idle workloads open connections in bursts.
         let listener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
@@ -67,6 +81,12 @@ async fn serve(mut stream: TcpStream, sunk: Arc<AtomicU64>) -> std::io::Result<(
     let kind = stream.read_u8().await?;
     match kind {
         SINK => sink(&mut stream, &sunk).await,
+        COUNT => {
+            stream
+                .write_all(&sunk.load(Ordering::Relaxed).to_be_bytes())
+                .await?;
+            stream.shutdown().await
+        }
         ECHO => {
             // Small: most echo connections sit idle, and 10,000 of them are held at once.
             let mut buffer = vec![0u8; 2048];
@@ -101,6 +121,12 @@ async fn http(mut stream: TcpStream, first: u8, sunk: &AtomicU64) -> std::io::Re
         if head.second_word() == "/sink" {
             sunk.fetch_add(buffer.len() as u64, Ordering::Relaxed);
             return sink(&mut stream, sunk).await;
+        }
+        if head.second_word() == "/count" {
+            let mut response = http1::response_head(8);
+            response.extend(sunk.load(Ordering::Relaxed).to_be_bytes());
+            stream.write_all(&response).await?;
+            continue;
         }
         let length = usize::try_from(head.content_length).unwrap_or(usize::MAX);
         if length > 1 << 20 {

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, Summary, best_peer, find, ratio};
+use super::{Report, Summary, TargetRun, best_peer, find, median, ratio};
 use crate::model::{Contender, Metric, Workload};
 
 /// A value with as many digits as it deserves.
@@ -82,6 +82,36 @@ fn header(out: &mut String, report: &Report) {
             ""
         }
     );
+    if let Some(target) = &report.target {
+        let direct = target.direct.as_deref().map_or_else(
+            || {
+                "no `--direct` was given, so no figure has a ratio to the app reached without it"
+                    .to_owned()
+            },
+            |d| format!("`direct` is the same app reached at `{d}`, without the deployment"),
+        );
+        let metrics = if target.metrics.is_empty() {
+            "no `--metrics` endpoint was given, so the report has no CPU, memory or sidecar \
+             counters"
+                .to_owned()
+        } else {
+            format!(
+                "the sidecars' metrics came from {}",
+                target
+                    .metrics
+                    .iter()
+                    .map(|m| format!("`{m}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        let _ = writeln!(
+            out,
+            "Target mode: `target` is the deployment at `{}`, loaded with {} framing; {direct}; \
+             {metrics}.\n",
+            target.target, target.framing,
+        );
+    }
     if let Some(floor) = &report.crypto {
         let _ = writeln!(
             out,
@@ -113,6 +143,9 @@ fn header(out: &mut String, report: &Report) {
 }
 
 fn goals(out: &mut String, report: &Report) {
+    if report.goals.is_empty() {
+        return;
+    }
     let _ = writeln!(out, "\n## Sidewall's goals (issue 8)\n");
     let _ = writeln!(
         out,
@@ -147,7 +180,14 @@ fn figures(out: &mut String, report: &Report) {
          cost), and the ratio to this machine's limit (above). `cpu_s_per_gb` counts both proxies (children included) per 10^9 bytes \
          delivered; `rss_mib` is per proxy (the pair's RSS / 2) before any load; \
          `rss_kib_per_conn` is the pair's RSS growth per idle connection. `direct` has no proxy, \
-         so these have no ratio to it.\n"
+         so these have no ratio to it.{}\n",
+        if report.target.is_some() {
+            " For `target` they come from the `process_*` metrics of the `--metrics` endpoints \
+             instead: CPU summed over the endpoints, `rss_mib` per endpoint, \
+             `rss_kib_per_conn` their growth per idle connection."
+        } else {
+            ""
+        }
     );
     for workload in Workload::ALL {
         let rows: Vec<&Summary> = report
@@ -188,12 +228,83 @@ fn figures(out: &mut String, report: &Report) {
     }
 }
 
+/// One table per `--metrics` endpoint: a row per series that changed, a column per workload,
+/// each cell the change over the workload (median over the rounds).
+fn where_time_went(out: &mut String, target: &TargetRun) {
+    if target.metrics.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## Where time went: the sidecars' metrics\n");
+    let _ = writeln!(
+        out,
+        "Each `--metrics` endpoint was scraped before and after every workload on `target` \
+         (warm-up included). A cell is the change over the workload, the median over the rounds; \
+         series that did not change are left out, and so are histogram buckets (`_sum` over \
+         `_count` is the mean). `process_cpu_seconds_total` is the CPU each sidecar spent; \
+         Sidewall counts a connection's bytes when it ends, and the second scrape waits for the \
+         workload's connections to close.\n"
+    );
+    for endpoint in &target.metrics {
+        let scrapes: Vec<_> = target
+            .scrapes
+            .iter()
+            .filter(|s| &s.endpoint == endpoint)
+            .collect();
+        let workloads: Vec<Workload> = Workload::ALL
+            .into_iter()
+            .filter(|w| scrapes.iter().any(|s| s.workload == w.name()))
+            .collect();
+        let mut series: Vec<&str> = scrapes
+            .iter()
+            .flat_map(|s| s.changes.iter().map(|c| c.series.as_str()))
+            .collect();
+        series.sort_unstable();
+        series.dedup();
+        let _ = writeln!(out, "### {endpoint}\n");
+        if series.is_empty() {
+            let _ = writeln!(out, "Nothing changed (or the endpoint was not reached).\n");
+            continue;
+        }
+        let names: Vec<&str> = workloads.iter().map(|w| w.name()).collect();
+        let _ = writeln!(out, "| series | {} |", names.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---|".repeat(names.len()));
+        for name in series {
+            let cells: Vec<String> = workloads
+                .iter()
+                .map(|w| {
+                    let deltas: Vec<f64> = scrapes
+                        .iter()
+                        .filter(|s| s.workload == w.name())
+                        .map(|s| {
+                            s.changes
+                                .iter()
+                                .find(|c| c.series == name)
+                                .map_or(0.0, |c| c.delta())
+                        })
+                        .collect();
+                    median(&deltas).map_or_else(|| "–".to_owned(), number)
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "| `{}` | {} |",
+                name.replace('|', "/"),
+                cells.join(" | ")
+            );
+        }
+        let _ = writeln!(out);
+    }
+}
+
 /// Renders the report as Markdown; `plots` are file names under `plots/`.
 pub fn markdown(report: &Report, plots: &[String]) -> String {
     let mut out = String::new();
     header(&mut out, report);
     goals(&mut out, report);
     figures(&mut out, report);
+    if let Some(target) = &report.target {
+        where_time_went(&mut out, target);
+    }
     if !report.notes.is_empty() {
         let _ = writeln!(out, "## Notes\n");
         for note in &report.notes {

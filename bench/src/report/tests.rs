@@ -291,6 +291,7 @@ fn the_markdown_shows_every_figure_with_its_ratio_to_direct() {
         rows,
         summary,
         crypto: None,
+        target: None,
     };
     let text = markdown(&report, &["throughput-1_gbps.svg".to_owned()]);
     assert!(text.contains("| haproxy | mtls | gbps | 4.00 Gbit/s | 4.00–4.00 | ×0.40 |  |"));
@@ -333,6 +334,7 @@ fn report_of(rows: &[(Contender, Workload, Metric, f64)], machine: Machine) -> R
         rows,
         summary,
         crypto: None,
+        target: None,
     }
 }
 
@@ -464,4 +466,77 @@ fn every_row_shows_its_ratio_to_the_limit_from_the_splice_baseline_and_the_crypt
         text.contains("seal 16.0 Gbit/s, open 16.0 Gbit/s"),
         "{text}"
     );
+}
+
+#[test]
+fn target_mode_says_what_was_loaded_and_where_time_went_per_sidecar() {
+    use crate::exposition::Change;
+    let change = |series: &str, before: f64, after: f64| Change {
+        series: series.into(),
+        before,
+        after,
+    };
+    let scrape = |workload: Workload, round: u32, changes: Vec<Change>| Scrape {
+        endpoint: "http://127.0.0.1:4691/metrics".into(),
+        workload: workload.name().into(),
+        round,
+        seconds: 1.5,
+        changes,
+    };
+    let mut report = report_of(
+        &[
+            (Contender::Direct, Workload::RrC1, Metric::Rps, 10_000.0),
+            (Contender::Target, Workload::RrC1, Metric::Rps, 5_000.0),
+        ],
+        Machine::describe(),
+    );
+    report.target = Some(TargetRun {
+        target: "127.0.0.1:15001".into(),
+        direct: Some("127.0.0.1:9000".into()),
+        framing: "raw".into(),
+        metrics: vec![
+            "http://127.0.0.1:4691/metrics".into(),
+            "http://127.0.0.1:4692/metrics".into(),
+        ],
+        scrapes: vec![
+            scrape(
+                Workload::RrC1,
+                1,
+                vec![change("process_cpu_seconds_total", 1.0, 1.5)],
+            ),
+            // A round in which the series did not move counts as 0 in the median.
+            scrape(Workload::RrC1, 2, vec![]),
+            scrape(
+                Workload::RrC1,
+                3,
+                vec![change("process_cpu_seconds_total", 2.0, 2.75)],
+            ),
+            scrape(
+                Workload::ConnectRate,
+                1,
+                vec![change("a{b=\"x|y\"}", 0.0, 2.0)],
+            ),
+        ],
+    });
+    let text = markdown(&report, &[]);
+    assert!(
+        text.contains("| target | deployment | rps | 5000 1/s | 5000–5000 | ×0.50 |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`target` is the deployment at `127.0.0.1:15001`, loaded with raw framing; `direct` is the same app reached at `127.0.0.1:9000`"),
+        "{text}"
+    );
+    assert!(text.contains("| series | rr-c1 | connect-rate |"), "{text}");
+    assert!(
+        text.contains("| `process_cpu_seconds_total` | 0.50 | 0.00 |"),
+        "{text}"
+    );
+    assert!(text.contains("| `a{b=\"x/y\"}` | 0.00 | 2.00 |"), "{text}");
+    // The endpoint no scrape answered for is named, with nothing to show.
+    assert!(
+        text.contains("### http://127.0.0.1:4692/metrics\n\nNothing changed"),
+        "{text}"
+    );
+    assert!(!text.contains("Sidewall's goals"), "{text}");
 }
