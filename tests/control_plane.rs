@@ -1778,6 +1778,7 @@ fn audit_records(cp: &ControlPlaneProcess) -> Vec<sidewall_policies::wire::opera
 /// after `control-plane.json` was written, so an early SIGTERM killed the process outright:
 /// this test failed on that code (9 early signals in 15 killed it in a shell loop).
 #[test]
+#[allow(clippy::disallowed_methods)] // a 1 ms poll of a file, outside any runtime
 fn a_sigterm_right_after_start_is_a_clean_shutdown() {
     for attempt in 0..5 {
         let dir = tempfile::tempdir().unwrap();

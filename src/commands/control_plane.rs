@@ -205,13 +205,7 @@ async fn serve(
     let ui = tokio::net::TcpListener::bind(ui_listen)
         .await
         .with_context(|| format!("cannot listen on {ui_listen}"))?;
-    server::run(
-        prepared,
-        Listeners { api, admin, ui },
-        metrics,
-        shutdown,
-    )
-    .await?;
+    server::run(prepared, Listeners { api, admin, ui }, metrics, shutdown).await?;
     Ok(())
 }
 
@@ -220,7 +214,10 @@ async fn serve(
 /// wrote where it listens) is then a clean shutdown, not the default action's kill.
 pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (terminate, interrupt) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let (terminate, interrupt) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
     async move {
         let wait = |installed: std::io::Result<tokio::signal::unix::Signal>| async move {
             match installed {

@@ -69,13 +69,7 @@ pub(crate) fn run(args: Args) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        sidewall_proxy::run(
-            config,
-            listeners,
-            metrics,
-            shutdown,
-        )
-        .await;
+        sidewall_proxy::run(config, listeners, metrics, shutdown).await;
         ExitCode::SUCCESS
     })
 }
