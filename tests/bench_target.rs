@@ -74,8 +74,9 @@ impl Drop for Serve {
     }
 }
 
-/// The mesh: control plane, `api` (inbound 8080 tcp and 8081 http, both to the app) and `web`
-/// (routes to both), web allowed on both ports.
+/// The mesh: control plane, `api` (inbound 8080 tcp and 8081 http, both to the app; run by the
+/// lean `sidewall-proxy`) and `web` (routes to both; `sidewall proxy`), web allowed on both
+/// ports.
 struct Mesh {
     dir: tempfile::TempDir,
     _cp: ControlPlaneProcess,
@@ -87,10 +88,11 @@ struct Mesh {
     http_route: u16,
 }
 
+/// A sidecar for `name`; `lean` runs it with `sidewall-proxy` instead of `sidewall proxy`.
 fn sidecar(
     dir: &Path,
     cp: &ControlPlaneProcess,
-    name: &str,
+    (name, lean): (&str, bool),
     ports: &str,
     routes: &str,
 ) -> ProxyProcess {
@@ -108,7 +110,11 @@ fn sidecar(
         dir.join(format!("state-{name}")).display(),
         free_port(),
     );
-    let proxy = ProxyProcess::start(dir, name, &config, admin);
+    let proxy = if lean {
+        ProxyProcess::start_lean(dir, name, &config, admin)
+    } else {
+        ProxyProcess::start(dir, name, &config, admin)
+    };
     proxy.wait_ready();
     proxy
 }
@@ -122,7 +128,8 @@ impl Mesh {
         let api = sidecar(
             dir.path(),
             &cp,
-            "api",
+            // The server side runs the lean binary: both serve the same mesh.
+            ("api", true),
             &format!(
                 "{{port: 8080, app: 127.0.0.1:{app}}}, {{port: 8081, protocol: http, app: 127.0.0.1:{app}}}"
             ),
@@ -132,7 +139,7 @@ impl Mesh {
         let web = sidecar(
             dir.path(),
             &cp,
-            "web",
+            ("web", false),
             "",
             &format!(
                 "{{listen: 127.0.0.1:{tcp_route}, service: {TD}/api, port: 8080}}, \

@@ -1805,3 +1805,68 @@ fn a_sigterm_right_after_start_is_a_clean_shutdown() {
         assert_eq!(status.code(), Some(0), "attempt {attempt}: {status}");
     }
 }
+
+/// `sidewall-proxy`, the sidecar alone, takes the flags and environment of `sidewall proxy`,
+/// accepts and refuses the same configurations with the same errors, and explains itself.
+/// (It serves traffic in `tests/bench_target.rs`, as the server side of that mesh.)
+#[test]
+fn the_lean_sidecar_binary_checks_configurations_as_sidewall_proxy_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(
+        &good,
+        "identity: spiffe://sidewall.local/ns/shop/svc/api\ncontrolPlane: {urls: [https://127.0.0.1:4600], tokenFile: t}\nstateDir: s\ninbound: {listen: 127.0.0.1:4643, ports: []}\nadmin: {listen: 127.0.0.1:4691}\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "identity: spiffe://sidewall.local/ns/shop/svc/api\ncontrolPlane: {urls: [https://127.0.0.1:4600], tokenFile: t}\nstateDir: s\ninbound: {listen: 127.0.0.1:4643, ports: []}\nadmin: {listen: 127.0.0.1:4691}\nworkerThreads: lots\n",
+    )
+    .unwrap();
+    let lean = |args: &[&str], env: Option<&std::path::Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sidewall-proxy"));
+        command.args(args);
+        if let Some(config) = env {
+            command.env("SIDEWALL_PROXY_CONFIG", config);
+        }
+        command.output().unwrap()
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    for file in [&good, &bad] {
+        let full = sidewall(["proxy", "--config", file.to_str().unwrap(), "--check"]);
+        let alone = lean(&["--config", file.to_str().unwrap(), "--check"], None);
+        assert_eq!(alone.status.code(), Some(full.code), "{}", text(&alone));
+        assert_eq!(text(&alone), format!("{}{}", full.stdout, full.stderr));
+    }
+    let from_env = lean(&["--check"], Some(&good));
+    assert!(from_env.status.success(), "{}", text(&from_env));
+
+    let help = lean(&["--help"], None);
+    assert!(help.status.success());
+    for needle in [
+        "--config FILE",
+        "SIDEWALL_PROXY_CONFIG",
+        "--check",
+        "--log-format",
+    ] {
+        assert!(text(&help).contains(needle), "{needle}: {}", text(&help));
+    }
+    let version = lean(&["--version"], None);
+    assert_eq!(
+        text(&version),
+        format!("sidewall-proxy {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let unknown = lean(&["--config", "x", "--verbose"], None);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown).contains("unexpected argument '--verbose'"));
+    let missing = lean(&[], None);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(text(&missing).contains("--config FILE is required"));
+}

@@ -280,13 +280,36 @@ pub(crate) struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    /// Writes `config` to `<dir>/<name>.yaml` and starts a sidecar with it.
+    /// Writes `config` to `<dir>/<name>.yaml` and starts a sidecar with it (`sidewall proxy`).
     pub(crate) fn start(dir: &Path, name: &str, config: &str, admin_port: u16) -> Self {
+        Self::start_with(
+            &[env!("CARGO_BIN_EXE_sidewall"), "proxy"],
+            dir,
+            name,
+            config,
+            admin_port,
+        )
+    }
+
+    /// The same with the lean binary, `sidewall-proxy`.
+    pub(crate) fn start_lean(dir: &Path, name: &str, config: &str, admin_port: u16) -> Self {
+        Self::start_with(
+            &[env!("CARGO_BIN_EXE_sidewall-proxy")],
+            dir,
+            name,
+            config,
+            admin_port,
+        )
+    }
+
+    /// `command` (program and arguments before `--config`) with `config`.
+    fn start_with(command: &[&str], dir: &Path, name: &str, config: &str, admin_port: u16) -> Self {
         let file = dir.join(format!("{name}.yaml"));
         std::fs::write(&file, config).unwrap();
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_sidewall"))
-            .args(["proxy", "--config"])
+        let child = Command::new(command[0])
+            .args(&command[1..])
+            .arg("--config")
             .arg(&file)
             .env("SIDEWALL_LOG", "info,sidewall_proxy=debug")
             .stderr(std::fs::File::create(&log).unwrap())

@@ -104,7 +104,16 @@ pub(crate) fn plan(contender: Contender, env: &Env) -> Plan {
         Contender::Haproxy | Contender::Nginx | Contender::Stunnel => peers::plan(contender),
         Contender::SidewallL4 | Contender::SidewallL4Dedicated | Contender::SidewallHttp => {
             match &env.sidewall {
-                Ok(binary) => Plan::Run(version_line(binary, &["--version"], "sidewall")),
+                Ok(binary) => {
+                    let size = std::fs::metadata(binary).map_or(0, |m| m.len());
+                    Plan::Run(version_line(binary, &["--version"], "sidewall").map(|v| {
+                        let name = binary.file_name().map_or_else(
+                            || binary.display().to_string(),
+                            |n| n.to_string_lossy().into_owned(),
+                        );
+                        format!("{v} ({name}, {:.1} MB as built)", size as f64 / 1e6)
+                    }))
+                }
                 Err(reason) => Plan::Skip(reason.clone()),
             }
         }

@@ -75,7 +75,8 @@ struct Cli {
     /// Rounds; contenders are interleaved within each. Default: 3 (1 with --quick).
     #[arg(long, value_name = "N")]
     rounds: Option<u32>,
-    /// The sidewall binary. Default: next to this executable, built there if missing.
+    /// The sidecar binary: `sidewall-proxy` (the lean one) or `sidewall`, to compare builds.
+    /// Default: `sidewall-proxy` next to this executable, built there if missing.
     #[arg(long, value_name = "PATH")]
     sidewall: Option<PathBuf>,
     /// Run only these workloads (for profiling one path; the report says so). Names:

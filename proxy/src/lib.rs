@@ -16,6 +16,9 @@
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/config`; [`metric`]: every metric's name and
 //!   help text.
 //! - [`redirect`]: the iptables rules of transparent mode (`sidewall iptables install`).
+//! - [`process`]: logging, the metrics recorder with the `process_*` gauges, the open-files
+//!   limit, shutdown signals, and `sidewall proxy` itself ([`process::run_sidecar`]), shared by
+//!   both binaries that run a sidecar.
 //!
 //! [`Context`] is what every task shares (`context.rs`); [`run`] (`sidecar.rs`) takes bound
 //! listeners and a shutdown future. It depends on `sidewall-policies` for
@@ -39,6 +42,7 @@ mod mux;
 pub mod outbound;
 mod pool;
 mod probe;
+pub mod process;
 pub mod redirect;
 pub mod snapshot;
 pub mod tls;

@@ -138,12 +138,12 @@ pub(crate) fn run(args: Args) -> ExitCode {
     if let Some(command) = args.backup {
         return backup(command, &config);
     }
-    crate::telemetry::raise_open_files_limit(
+    sidewall_proxy::process::raise_open_files_limit(
         sidewall_control_plane::server::MAX_CONNECTIONS as u64 + 256,
         "20000 API connections + 256",
     );
     let metrics =
-        crate::telemetry::install("control-plane", sidewall_control_plane::metric::describe);
+        sidewall_proxy::process::install("control-plane", sidewall_control_plane::metric::describe);
     super::run_on(Some(2), serve(config, metrics))
 }
 
@@ -193,7 +193,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     tracing::info!("starting: {}", config.summary());
     // First, so that a signal during the start (the CA's creation among it) is a clean stop.
-    let shutdown = shutdown_signal();
+    let shutdown = sidewall_proxy::process::shutdown_signal();
     let (listen, admin_listen, ui_listen) = (config.listen, config.admin_listen, config.ui_listen);
     let prepared = server::prepare(config).await.context("cannot start")?;
     let api = tokio::net::TcpListener::bind(listen)
@@ -207,33 +207,4 @@ async fn serve(
         .with_context(|| format!("cannot listen on {ui_listen}"))?;
     server::run(prepared, Listeners { api, admin, ui }, metrics, shutdown).await?;
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
-/// future is first polled: a signal that comes while the server is still starting (after it
-/// wrote where it listens) is then a clean shutdown, not the default action's kill.
-pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (terminate, interrupt) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    );
-    async move {
-        let wait = |installed: std::io::Result<tokio::signal::unix::Signal>| async move {
-            match installed {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot watch a shutdown signal");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            () = wait(terminate) => {}
-            () = wait(interrupt) => {}
-        }
-        tracing::info!("shutting down");
-    }
 }

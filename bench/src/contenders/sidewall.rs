@@ -1,4 +1,5 @@
-//! `sidewall-l4` and `sidewall-http`: two `sidewall proxy` processes, one worker thread each.
+//! `sidewall-l4` and `sidewall-http`: two sidecar processes (`sidewall-proxy`, the lean binary,
+//! unless `--sidewall` names another build), one worker thread each.
 //!
 //! ```text
 //! client → A's outbound route (127.0.0.1:front → service b, port 8080)
@@ -26,8 +27,9 @@ use crate::procs::Group;
 /// The service port B serves and A's route asks for.
 const PORT: u16 = 8080;
 
-/// Finds the `sidewall` binary: `explicit`, or next to this executable (the same
-/// `target/<profile>/`), building it there with cargo if it is missing.
+/// Finds the sidecar binary: `explicit` (`sidewall` or the lean `sidewall-proxy`), or the lean
+/// `sidewall-proxy` next to this executable (the same `target/<profile>/`), building it there
+/// with cargo if it is missing.
 pub(crate) fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = explicit {
         return if path.is_file() {
@@ -40,7 +42,7 @@ pub(crate) fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let dir = exe
         .parent()
         .ok_or_else(|| "this executable has no directory".to_owned())?;
-    let binary = dir.join("sidewall");
+    let binary = dir.join("sidewall-proxy");
     if binary.is_file() {
         return Ok(binary);
     }
@@ -49,9 +51,9 @@ pub(crate) fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let profile = if profile == "debug" { "dev" } else { profile };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    eprintln!("building the sidewall binary (profile {profile}) next to this one…");
+    eprintln!("building the sidewall-proxy binary (profile {profile}) next to this one…");
     let status = Command::new(cargo)
-        .args(["build", "--bin", "sidewall", "--profile", profile])
+        .args(["build", "--bin", "sidewall-proxy", "--profile", profile])
         .current_dir(&workspace)
         .status()
         .map_err(|e| format!("cannot run cargo to build sidewall: {e}"))?;
@@ -59,10 +61,19 @@ pub(crate) fn locate(explicit: Option<&Path>) -> Result<PathBuf, String> {
         Ok(binary)
     } else {
         Err(format!(
-            "sidewall is not at {} and `cargo build --bin sidewall --profile {profile}` did not put it there ({status})",
+            "sidewall-proxy is not at {} and `cargo build --bin sidewall-proxy --profile {profile}` did not put it there ({status})",
             binary.display()
         ))
     }
+}
+
+/// Whether `binary` is the lean `sidewall-proxy` (run as `sidewall-proxy --config`) rather than
+/// `sidewall` (`sidewall proxy --config`).
+pub(crate) fn is_lean(binary: &Path) -> bool {
+    binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("sidewall-proxy"))
 }
 
 /// Starts B, then A; `protocol` is B's port protocol, `tcp` or `http`; `connections` is A's
@@ -123,7 +134,10 @@ pub(super) fn start(env: &Env, dir: &Path, protocol: &str, connections: &str) ->
         let file = dir.join(format!("{name}.yaml"));
         std::fs::write(&file, config)?;
         let mut command = Command::new(binary);
-        command.arg("proxy").arg("--config").arg(&file);
+        if !is_lean(binary) {
+            command.arg("proxy");
+        }
+        command.arg("--config").arg(&file);
         group.spawn(name, command, &env.logs)?;
     }
     Ok(Chain {

@@ -1,12 +1,18 @@
-//! The Prometheus recorder both servers install: latencies as histograms with buckets (summaries
-//! are per process and cannot be aggregated into a fleet-wide p99), `sidewall_build_info`, and
-//! the `process_*` metrics Prometheus users expect, read from `/proc` at each scrape (as the
-//! Prometheus client libraries do), so a scrape before and after a load test gives the CPU time
-//! spent in between to the clock tick.
+//! What a process that runs a sidecar (or the control plane) needs from its host, shared by
+//! the `sidewall` binary and the lean `sidewall-proxy`: the log subscriber, the Prometheus
+//! recorder (latencies as histograms with buckets: summaries are per process and cannot be
+//! aggregated into a fleet-wide p99), `sidewall_build_info`, the `process_*` metrics Prometheus
+//! users expect, read from `/proc` at each scrape (as the Prometheus client libraries do, so a
+//! scrape before and after a load test gives the CPU time spent in between to the clock tick),
+//! the open-files limit, the shutdown signals, and [`run_sidecar`]: `sidewall proxy` itself.
 
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
+
+use crate::config::Config;
 
 /// Latency buckets in seconds: 100 µs to 10 s.
 const BUCKETS: [f64; 14] = [
@@ -16,10 +22,7 @@ const BUCKETS: [f64; 14] = [
 /// Installs the recorder for `component` (`proxy`, `control-plane`), with the help text of the
 /// component's metrics from `describe`, and returns what renders `/metrics`; `None`, with a
 /// warning, if it cannot be installed (the admin listener then answers `/metrics` with 404).
-pub(crate) fn install(
-    component: &'static str,
-    describe: fn(),
-) -> Option<Arc<dyn Fn() -> String + Send + Sync>> {
+pub fn install(component: &'static str, describe: fn()) -> Option<crate::metric::Render> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&BUCKETS)
         .and_then(PrometheusBuilder::install_recorder)
@@ -115,7 +118,7 @@ fn sample_process() {
 /// Raises the soft limit on open files to the hard limit (review L3: systemd's default soft
 /// limit of 1024 would make a few hundred connections fail with EMFILE), and warns when even
 /// that is below what the configured budgets may open (`needed` descriptors).
-pub(crate) fn raise_open_files_limit(needed: u64, budgets: &str) {
+pub fn raise_open_files_limit(needed: u64, budgets: &str) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;
@@ -141,4 +144,114 @@ pub(crate) fn raise_open_files_limit(needed: u64, budgets: &str) {
     } else {
         tracing::info!(limit, needed, "open-files limit");
     }
+}
+
+/// The log subscriber on stderr: `SIDEWALL_LOG` filters (default `info`); one JSON object per
+/// line with `json`, readable lines otherwise (with colours on a terminal).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIDEWALL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a signal that comes while the server is still starting (after it
+/// wrote where it listens) is then a clean shutdown, not the default action's kill. Call it
+/// inside the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (terminate, interrupt) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    async move {
+        let wait = |installed: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match installed {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch a shutdown signal");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = wait(terminate) => {}
+            () = wait(interrupt) => {}
+        }
+        tracing::info!("shutting down");
+    }
+}
+
+/// `sidewall proxy --config FILE [--check]` and `sidewall-proxy`: checks the configuration
+/// (exit 2 on an error, before any port is bound), or binds and runs the sidecar until a
+/// shutdown signal. Logging must be set up, and the crypto provider installed, by the caller.
+pub fn run_sidecar(path: &Path, check: bool) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!(
+            "{}: OK: {} with {} inbound port(s), {} route(s){}{}",
+            path.display(),
+            config.identity,
+            config.inbound.ports.len(),
+            config.outbound.routes.len(),
+            if config.outbound.transparent.is_some() {
+                ", transparent mode"
+            } else {
+                ""
+            },
+            if config.local.is_some() {
+                ", local snapshot"
+            } else {
+                ""
+            },
+        );
+        return ExitCode::SUCCESS;
+    }
+    // Each authenticated inbound and each outbound connection holds two descriptors (peer and
+    // app), a handshake one.
+    let limits = &config.limits;
+    raise_open_files_limit(
+        (4 * limits.max_connections + limits.max_handshakes + 64) as u64,
+        "2 x limits.maxConnections (inbound) + 2 x limits.maxConnections (outbound) + limits.maxHandshakes + 64",
+    );
+    let metrics = install("proxy", crate::metric::describe);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = shutdown_signal();
+        let listeners = match crate::bind(&config).await {
+            Ok(listeners) => listeners,
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::from(1);
+            }
+        };
+        crate::run(config, listeners, metrics, shutdown).await;
+        ExitCode::SUCCESS
+    })
 }
