@@ -175,18 +175,20 @@ fn target_options(given: &str, cli: &Cli) -> Result<target::Target, String> {
     })
 }
 
-/// `serve`: the server until SIGTERM or Ctrl-C.
-fn serve(listen: SocketAddr) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// A runtime with a worker per CPU; `None`, said on stderr, if it cannot start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(2, usize::from))
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        .map_err(|error| eprintln!("error: cannot start the runtime: {error}"))
+        .ok()
+}
+
+/// `serve`: the server until SIGTERM or Ctrl-C.
+fn serve(listen: SocketAddr) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let server = match server::Server::bind(listen).await {
@@ -287,16 +289,8 @@ fn main() -> ExitCode {
         sidewall: cli.sidewall,
         command: command_line(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, usize::from))
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let mut terminate =
