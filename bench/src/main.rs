@@ -185,6 +185,13 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
+/// SIGTERM, watched from now on (inside the runtime); `None`, said on stderr, if it cannot be.
+fn sigterm() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|error| eprintln!("error: cannot watch SIGTERM: {error}"))
+        .ok()
+}
+
 /// `serve`: the server until SIGTERM or Ctrl-C.
 fn serve(listen: SocketAddr) -> ExitCode {
     let Some(runtime) = runtime() else {
@@ -198,14 +205,9 @@ fn serve(listen: SocketAddr) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(error) => {
-                    eprintln!("error: cannot watch SIGTERM: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
+        let Some(mut terminate) = sigterm() else {
+            return ExitCode::FAILURE;
+        };
         println!(
             "serving echo, sink and count on {} (raw bytes and HTTP/1.1)",
             server.addr
@@ -293,14 +295,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(error) => {
-                    eprintln!("error: cannot watch SIGTERM: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
+        let Some(mut terminate) = sigterm() else {
+            return ExitCode::FAILURE;
+        };
         // Dropping the run (on a signal) drops every started process group: SIGKILL to each.
         tokio::select! {
             result = runner::run(options) => match result {

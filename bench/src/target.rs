@@ -145,7 +145,8 @@ pub(crate) async fn remote_count(framing: Framing, entry: SocketAddr) -> Result<
             match framing {
                 Framing::Raw => {
                     stream.write_all(&[COUNT]).await?;
-                    stream.read_to_end(&mut answer).await?;
+                    // Eight bytes are the answer; whatever else an app sends is not read on.
+                    (&mut stream).take(64).read_to_end(&mut answer).await?;
                 }
                 Framing::Http => {
                     stream.write_all(&http1::count_request()).await?;
